@@ -1,0 +1,50 @@
+# The two commands a fresh machine needs: `make demo` and `make test` (README).
+PYTHON ?= python3
+VENV := .venv
+SLIM := .venv-slim
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-fast test-main test-slow test-slim lint env slim-env mosquitto clean
+
+demo: env
+	$(VENV)/bin/edgefleet demo
+
+# Everything CI runs: lint, fast tests, slow tests, then the agent tests under tflite-runtime 2.14.
+test: env slim-env mosquitto lint test-main test-slow test-slim
+
+# The everyday loop (< ~10 min on 2 cores).
+test-fast: env mosquitto lint test-main
+
+test-main:
+	$(VENV)/bin/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow:
+	$(VENV)/bin/python -m pytest -m slow $(PYTEST_ARGS)
+
+test-slim:
+	$(SLIM)/bin/python -m pytest -m "agent and not slow" -p no:cacheprovider $(PYTEST_ARGS)
+
+lint: env
+	$(VENV)/bin/ruff check .
+
+env: $(VENV)/.installed
+slim-env: $(SLIM)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+$(SLIM)/.installed: pyproject.toml requirements/agent-tflite214.txt requirements/test-slim.txt
+	$(PYTHON) -m venv $(SLIM)
+	$(SLIM)/bin/pip install -q --upgrade pip
+	$(SLIM)/bin/pip install -q -r requirements/agent-tflite214.txt -r requirements/test-slim.txt
+	$(SLIM)/bin/pip install -q --no-deps -e .
+	touch $@
+
+mosquitto:
+	./scripts/ensure-mosquitto.sh
+
+clean:
+	rm -rf $(VENV) $(SLIM) .pytest_cache .ruff_cache *.egg-info

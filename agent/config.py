@@ -1,0 +1,161 @@
+"""Agent configuration (agent.toml): strict keys, every path and knob in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from agent.protocol import DEFAULT_ROOT, validate_device_id
+
+
+class ConfigError(ValueError):
+    """agent.toml is unreadable or holds an unknown, missing or mistyped key."""
+
+
+@dataclass(frozen=True)
+class PowerModelConfig:
+    """The profile's power model, used to estimate power where no sensor exists."""
+
+    idle_w: float = 2.0
+    active_w_per_core: float = 1.0
+    accelerator_active_w: float = 0.0
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Everything an agent needs to run: identity, broker, storage and measurement settings."""
+
+    device_id: str
+    data_dir: Path
+    broker: str = "mqtt://127.0.0.1:1883"
+    topic_root: str = DEFAULT_ROOT
+    profile: str | None = None
+    username: str | None = None
+    password: str | None = None
+    threads: int | None = None
+    benchmark_runs: int = 50
+    benchmark_warmup: int = 5
+    # Whole-download limit; a 8 MiB artifact moves in ~1.5 s, so 300 s only trips on a dead link.
+    fetch_timeout_s: float = 300.0
+    # Ask again for missing chunks after this much silence (repair of lost QoS1 deliveries).
+    repair_interval_s: float = 2.0
+    # A model whose first load + golden run takes longer than this is rejected.
+    selftest_timeout_s: float = 120.0
+    # Latency budget for the self-test, from the profile (0 = no budget).
+    latency_budget_ms: float = 0.0
+    # Memory budget for the self-test child's peak RSS, from the profile (0 = no budget).
+    memory_budget_mb: float = 0.0
+    power: PowerModelConfig = field(default_factory=PowerModelConfig)
+
+    def __post_init__(self) -> None:
+        """Validate the device id and numeric ranges."""
+        try:
+            validate_device_id(self.device_id)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {self.threads}")
+
+    @property
+    def models_dir(self) -> Path:
+        """Content-addressed model store."""
+        return self.data_dir / "models"
+
+    @property
+    def downloads_dir(self) -> Path:
+        """Partial downloads with their chunk bitmaps."""
+        return self.data_dir / "downloads"
+
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "device_id": (str,),
+    "data_dir": (str,),
+    "broker": (str,),
+    "topic_root": (str,),
+    "profile": (str,),
+    "username": (str,),
+    "password": (str,),
+    "threads": (int,),
+    "benchmark_runs": (int,),
+    "benchmark_warmup": (int,),
+    "fetch_timeout_s": (int, float),
+    "repair_interval_s": (int, float),
+    "selftest_timeout_s": (int, float),
+    "latency_budget_ms": (int, float),
+    "memory_budget_mb": (int, float),
+}
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> AgentConfig:
+    """Build an AgentConfig from parsed TOML, naming the file and key of anything wrong."""
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == "power":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: [power] must be a table")
+            known = {f.name for f in dataclasses.fields(PowerModelConfig)}
+            for pkey, pval in value.items():
+                if pkey not in known:
+                    raise ConfigError(f"{source}: unknown key 'power.{pkey}'")
+                if isinstance(pval, bool) or not isinstance(pval, (int, float)):
+                    raise ConfigError(f"{source}: 'power.{pkey}' must be a number")
+            kwargs["power"] = PowerModelConfig(**{k: float(v) for k, v in value.items()})
+            continue
+        if key not in _TYPES:
+            raise ConfigError(f"{source}: unknown key '{key}'")
+        if isinstance(value, bool) or not isinstance(value, _TYPES[key]):
+            names = " or ".join(t.__name__ for t in _TYPES[key])
+            raise ConfigError(f"{source}: '{key}' must be {names}, got {value!r}")
+        kwargs[key] = value
+    for required in ("device_id", "data_dir"):
+        if required not in kwargs:
+            raise ConfigError(f"{source}: missing key '{required}'")
+    kwargs["data_dir"] = Path(os.path.expanduser(kwargs["data_dir"]))
+    return AgentConfig(**kwargs)
+
+
+def load_config(path: Path) -> AgentConfig:
+    """Read agent.toml."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML ({exc})") from None
+    return config_from_dict(data, str(path))
+
+
+def dump_config(config: AgentConfig) -> str:
+    """Render a config as agent.toml text (used by the controller to write device bundles)."""
+    lines = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.name == "power" or value is None:
+            continue
+        if isinstance(value, Path):
+            value = str(value)
+        lines.append(f"{f.name} = {_toml_value(value)}")
+    lines.append("")
+    lines.append("[power]")
+    for f in dataclasses.fields(PowerModelConfig):
+        lines.append(f"{f.name} = {_toml_value(getattr(config.power, f.name))}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: object) -> str:
+    """Render one scalar as TOML."""
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{escaped}"'
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)

@@ -1,0 +1,119 @@
+"""The agent's MQTT session: paho 2.x with reconnect/backoff, last will, QoS1 publishes."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+log = logging.getLogger(__name__)
+
+# Reconnect backoff: retry quickly after a blip, but never hammer a broker that is down.
+RECONNECT_MIN_S = 1
+RECONNECT_MAX_S = 30
+# Keepalive: the broker declares the device offline (last will) after 1.5 × this many seconds.
+KEEPALIVE_S = 30
+# QoS1 messages in flight at once: enough to stream chunks, small enough for a tiny device.
+MAX_INFLIGHT = 20
+
+
+def parse_mqtt_url(url: str) -> tuple[str, int]:
+    """Split mqtt://host:port (tcp:// accepted, port 1883 by default); ValueError naming it."""
+    parts = urlsplit(url if "://" in url else f"mqtt://{url}")
+    if parts.scheme not in ("mqtt", "tcp"):
+        raise ValueError(f"unsupported broker URL scheme {parts.scheme!r} in {url!r}")
+    if not parts.hostname:
+        raise ValueError(f"broker URL {url!r} has no host")
+    return parts.hostname, parts.port or 1883
+
+
+MessageHandler = Callable[[str, bytes], None]
+
+
+class MqttSession:
+    """One paho client with a network thread, reconnecting forever with backoff."""
+
+    def __init__(
+        self,
+        url: str,
+        client_id: str,
+        *,
+        on_message: MessageHandler,
+        on_connect: Callable[[], None],
+        will: tuple[str, bytes] | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        clean_session: bool = True,
+        max_inflight: int = MAX_INFLIGHT,
+    ) -> None:
+        """Configure the client; nothing connects until start()."""
+        self.host, self.port = parse_mqtt_url(url)
+        self.connected = threading.Event()
+        self._on_message_cb = on_message
+        self._on_connect_cb = on_connect
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=paho.MQTTv311,
+            clean_session=clean_session,
+        )
+        self.client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
+        self.client.max_inflight_messages_set(max_inflight)
+        # Keep QoS1 messages queued while offline instead of refusing them.
+        self.client.max_queued_messages_set(0)
+        if username:
+            self.client.username_pw_set(username, password)
+        if will:
+            self.client.will_set(will[0], will[1], qos=1, retain=True)
+        self.client.on_connect = self._handle_connect
+        self.client.on_disconnect = self._handle_disconnect
+        self.client.on_message = self._handle_message
+
+    def start(self) -> None:
+        """Connect in the background; paho retries with backoff until the broker answers."""
+        self.client.connect_async(self.host, self.port, keepalive=KEEPALIVE_S)
+        self.client.loop_start()
+
+    def stop(self) -> None:
+        """Disconnect cleanly (no last will) and stop the network thread."""
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1) -> None:
+        """Queue a publish; QoS1 messages wait in paho's queue across a reconnect."""
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+            log.warning("publish to %s failed: %s", topic, paho.error_string(info.rc))
+
+    def subscribe(self, *topics: str) -> None:
+        """Subscribe at QoS1."""
+        self.client.subscribe([(t, 1) for t in topics])
+
+    def unsubscribe(self, *topics: str) -> None:
+        """Drop subscriptions."""
+        self.client.unsubscribe(list(topics))
+
+    def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
+        """Mark connected and let the owner (re)subscribe and announce itself."""
+        if reason_code.is_failure:
+            log.warning("broker refused connection: %s", reason_code)
+            return
+        log.info("connected to %s:%s", self.host, self.port)
+        self.connected.set()
+        self._on_connect_cb()
+
+    def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
+        """Mark disconnected; paho's loop reconnects with backoff."""
+        self.connected.clear()
+        log.info("disconnected (%s); reconnecting with backoff", reason_code)
+
+    def _handle_message(self, client, userdata, message) -> None:  # type: ignore[no-untyped-def]
+        """Hand the message to the owner; a handler bug must not kill the network thread."""
+        try:
+            self._on_message_cb(message.topic, bytes(message.payload))
+        except Exception:
+            log.exception("handler failed for %s", message.topic)

@@ -1,0 +1,60 @@
+"""The wire contract between controller and agents: topics, strict message types, limits.
+
+Standard library only: both sides read this one package (DESIGN.md, "Wire protocol").
+"""
+
+from __future__ import annotations
+
+from agent.protocol.errors import ProtocolError
+from agent.protocol.limits import (
+    DEFAULT_CHUNK_SIZE,
+    MAX_CHUNK_SIZE,
+    MAX_JSON_BYTES,
+    SCHEMA_VERSION,
+)
+from agent.protocol.messages import (
+    ArtifactRef,
+    BenchmarkReport,
+    Command,
+    Desired,
+    DeviceFacts,
+    Event,
+    Hello,
+    Manifest,
+    Need,
+    Status,
+    dump,
+    parse,
+)
+from agent.protocol.topics import (
+    DEFAULT_ROOT,
+    ParsedTopic,
+    Topics,
+    validate_device_id,
+    validate_sha256,
+)
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_ROOT",
+    "MAX_CHUNK_SIZE",
+    "MAX_JSON_BYTES",
+    "SCHEMA_VERSION",
+    "ArtifactRef",
+    "BenchmarkReport",
+    "Command",
+    "Desired",
+    "DeviceFacts",
+    "Event",
+    "Hello",
+    "Manifest",
+    "Need",
+    "ParsedTopic",
+    "ProtocolError",
+    "Status",
+    "Topics",
+    "dump",
+    "parse",
+    "validate_device_id",
+    "validate_sha256",
+]

@@ -1,0 +1,304 @@
+"""Message types of the wire protocol: frozen dataclasses that validate themselves."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Literal, TypeVar
+
+from agent.protocol.errors import ProtocolError
+from agent.protocol.limits import (
+    MAX_ARTIFACT_SIZE,
+    MAX_CHUNK_SIZE,
+    MAX_JSON_BYTES,
+    SCHEMA_VERSION,
+)
+from agent.protocol.schema import decode_dataclass, encode
+from agent.protocol.topics import validate_device_id, validate_sha256
+
+M = TypeVar("M")
+
+# Persisted agent update states (DESIGN.md, "Agent update flow").
+UpdateState = Literal[
+    "idle", "fetching", "verifying", "staged", "self-testing", "active", "failed", "rolled_back"
+]
+
+
+def _check_version(v: int) -> None:
+    """Refuse a schema version this code does not speak."""
+    if v != SCHEMA_VERSION:
+        raise ProtocolError(
+            f"$.v: unsupported schema version {v} (this side speaks {SCHEMA_VERSION})"
+        )
+
+
+def _non_negative(name: str, value: float) -> None:
+    """Refuse a negative count, size or duration."""
+    if value < 0:
+        raise ProtocolError(f"$.{name}: must be >= 0, got {value}")
+
+
+@dataclass(frozen=True)
+class DeviceFacts:
+    """Hardware and software facts an agent reports about its device."""
+
+    arch: str
+    system: str
+    cpu_count: int
+    ram_mb: int
+    runtime: str
+    runtime_version: str
+    python: str
+    delegates: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Hello:
+    """Registration sent by an agent on every connect."""
+
+    device_id: str
+    agent_version: str
+    facts: DeviceFacts
+    profile: str | None = None
+    ts: float = field(default_factory=time.time)
+    v: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        """Validate the device id and schema version."""
+        _check_version(self.v)
+        validate_device_id(self.device_id)
+
+
+@dataclass(frozen=True)
+class Status:
+    """Retained device status; the broker publishes the offline variant as the last will."""
+
+    device_id: str
+    online: bool
+    state: UpdateState = "idle"
+    model_sha256: str | None = None
+    previous_sha256: str | None = None
+    generation: int = 0
+    detail: str = ""
+    ts: float = field(default_factory=time.time)
+    v: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        """Validate ids and version."""
+        _check_version(self.v)
+        validate_device_id(self.device_id)
+        for sha in (self.model_sha256, self.previous_sha256):
+            if sha is not None:
+                validate_sha256(sha)
+        _non_negative("generation", self.generation)
+
+
+@dataclass(frozen=True)
+class ArtifactRef:
+    """Reference from desired state to an artifact's manifest."""
+
+    sha256: str
+    size: int
+    name: str
+    version: str
+
+    def __post_init__(self) -> None:
+        """Validate digest and size."""
+        validate_sha256(self.sha256)
+        if not 0 < self.size <= MAX_ARTIFACT_SIZE:
+            raise ProtocolError(f"$.artifact.size: out of range (1..{MAX_ARTIFACT_SIZE})")
+
+
+@dataclass(frozen=True)
+class Desired:
+    """Retained desired state of one device: which artifact, under which deployment/generation."""
+
+    generation: int
+    deployment_id: str
+    artifact: ArtifactRef | None
+    benchmark_runs: int = 50
+    benchmark_warmup: int = 5
+    ts: float = field(default_factory=time.time)
+    v: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        """Validate counters."""
+        _check_version(self.v)
+        if self.generation < 1:
+            raise ProtocolError(f"$.generation: must be >= 1, got {self.generation}")
+        _non_negative("benchmark_runs", self.benchmark_runs)
+        _non_negative("benchmark_warmup", self.benchmark_warmup)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Retained description of an artifact: size, chunking and per-chunk digests."""
+
+    sha256: str
+    size: int
+    chunk_size: int
+    chunk_sha256: tuple[str, ...]
+    name: str
+    version: str
+    recipe: str
+    profile: str | None = None
+    created: float = field(default_factory=time.time)
+    expires: float | None = None
+    v: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        """Check that size, chunk size and the chunk list agree."""
+        _check_version(self.v)
+        validate_sha256(self.sha256)
+        if not 0 < self.size <= MAX_ARTIFACT_SIZE:
+            raise ProtocolError(f"$.size: out of range (1..{MAX_ARTIFACT_SIZE})")
+        if not 0 < self.chunk_size <= MAX_CHUNK_SIZE:
+            raise ProtocolError(f"$.chunk_size: out of range (1..{MAX_CHUNK_SIZE})")
+        expected = -(-self.size // self.chunk_size)
+        if len(self.chunk_sha256) != expected:
+            raise ProtocolError(
+                f"$.chunk_sha256: {len(self.chunk_sha256)} digests for {expected} chunks"
+            )
+        for i, sha in enumerate(self.chunk_sha256):
+            try:
+                validate_sha256(sha)
+            except ProtocolError as exc:
+                raise ProtocolError(f"$.chunk_sha256[{i}]: {exc}") from None
+
+    @property
+    def chunk_count(self) -> int:
+        """Number of chunks."""
+        return len(self.chunk_sha256)
+
+    def chunk_length(self, index: int) -> int:
+        """Byte length of chunk `index` (the last one may be short)."""
+        if not 0 <= index < self.chunk_count:
+            raise ProtocolError(f"chunk index {index} out of range 0..{self.chunk_count - 1}")
+        return min(self.chunk_size, self.size - index * self.chunk_size)
+
+
+@dataclass(frozen=True)
+class BenchmarkReport:
+    """On-device measurement of a model, as TFLite's benchmark_model reports it."""
+
+    model_sha256: str
+    runtime: str
+    runtime_version: str
+    threads: int | None
+    runs: int
+    warmup: int
+    init_ms: float
+    first_inference_ms: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    std_ms: float
+    min_ms: float
+    max_ms: float
+    peak_rss_mb: float
+    rss_mb: float
+    power_w: float
+    energy_mj_per_inference: float
+    power_source: str
+    power_estimated: bool
+
+    def __post_init__(self) -> None:
+        """Validate the digest."""
+        validate_sha256(self.model_sha256)
+
+
+EventKind = Literal["update", "benchmark", "error", "rejected", "command"]
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something that happened on a device, tied to a deployment and generation when it has one."""
+
+    device_id: str
+    event_id: str
+    kind: EventKind
+    message: str
+    deployment_id: str | None = None
+    generation: int | None = None
+    state: UpdateState | None = None
+    model_sha256: str | None = None
+    benchmark: BenchmarkReport | None = None
+    ts: float = field(default_factory=time.time)
+    v: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        """Validate ids and version."""
+        _check_version(self.v)
+        validate_device_id(self.device_id)
+        if not 1 <= len(self.event_id) <= 64:
+            raise ProtocolError("$.event_id: must be 1-64 characters")
+        if self.model_sha256 is not None:
+            validate_sha256(self.model_sha256)
+
+
+@dataclass(frozen=True)
+class Command:
+    """One-shot command to a device; its id makes a repeated delivery have one effect."""
+
+    command_id: str
+    action: Literal["benchmark", "rollback", "resend_status"]
+    runs: int = 50
+    warmup: int = 5
+    ts: float = field(default_factory=time.time)
+    v: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        """Validate id and counters."""
+        _check_version(self.v)
+        if not 1 <= len(self.command_id) <= 64:
+            raise ProtocolError("$.command_id: must be 1-64 characters")
+        _non_negative("runs", self.runs)
+        _non_negative("warmup", self.warmup)
+
+
+@dataclass(frozen=True)
+class Need:
+    """Chunk indices of an artifact that one device still lacks."""
+
+    device_id: str
+    chunks: tuple[int, ...]
+    ts: float = field(default_factory=time.time)
+    v: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        """Validate the id and the indices."""
+        _check_version(self.v)
+        validate_device_id(self.device_id)
+        for i, n in enumerate(self.chunks):
+            if n < 0:
+                raise ProtocolError(f"$.chunks[{i}]: must be >= 0, got {n}")
+
+
+def parse(payload: bytes | bytearray | str, cls: type[M]) -> M:
+    """Parse one JSON message strictly: size cap first, then JSON, then every field."""
+    if len(payload) > MAX_JSON_BYTES:
+        raise ProtocolError(
+            f"message of {len(payload)} bytes exceeds the {MAX_JSON_BYTES}-byte cap"
+        )
+    try:
+        data = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"$: not valid JSON ({exc})") from None
+    if isinstance(data, dict):
+        if "v" not in data:
+            raise ProtocolError("$.v: missing field")
+        if data["v"] != SCHEMA_VERSION:
+            raise ProtocolError(
+                f"$.v: unsupported schema version {data['v']!r} (this side speaks {SCHEMA_VERSION})"
+            )
+    return decode_dataclass(data, cls)
+
+
+def dump(message: object) -> bytes:
+    """Serialize a message to compact JSON bytes, refusing one over the size cap."""
+    data = json.dumps(encode(message), separators=(",", ":"), allow_nan=False).encode()
+    if len(data) > MAX_JSON_BYTES:
+        raise ProtocolError(f"message of {len(data)} bytes exceeds the {MAX_JSON_BYTES}-byte cap")
+    return data

@@ -1,0 +1,84 @@
+"""Content-addressed artifact files on the controller, and the manifests that describe them."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from agent.protocol import DEFAULT_CHUNK_SIZE, Manifest, validate_sha256
+
+
+class ArtifactStore:
+    """`<root>/<sha256>.tflite`, written once, read by chunk."""
+
+    def __init__(self, root: Path) -> None:
+        """Create the store directory if needed."""
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, sha256: str) -> Path:
+        """Path of an artifact by digest."""
+        return self.root / f"{validate_sha256(sha256)}.tflite"
+
+    def add_file(self, source: Path) -> str:
+        """Copy a file into the store (atomically) and return its sha256."""
+        digest = hashlib.sha256()
+        fd, tmp = tempfile.mkstemp(prefix=".incoming.", dir=self.root)
+        try:
+            with source.open("rb") as src, os.fdopen(fd, "wb") as dst:
+                while block := src.read(1 << 20):
+                    digest.update(block)
+                    dst.write(block)
+                dst.flush()
+                os.fsync(dst.fileno())
+            sha = digest.hexdigest()
+            os.replace(tmp, self.path(sha))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return sha
+
+    def read_chunk(self, sha256: str, index: int, chunk_size: int) -> bytes:
+        """Bytes of chunk `index`."""
+        with self.path(sha256).open("rb") as fh:
+            fh.seek(index * chunk_size)
+            return fh.read(chunk_size)
+
+    def copy_out(self, sha256: str, target: Path) -> None:
+        """Copy an artifact out of the store."""
+        shutil.copyfile(self.path(sha256), target)
+
+
+def build_manifest(
+    path: Path,
+    *,
+    name: str,
+    version: str,
+    recipe: str,
+    profile: str | None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Manifest:
+    """Hash a file whole and per chunk into a Manifest."""
+    digest = hashlib.sha256()
+    chunks: list[str] = []
+    size = 0
+    with path.open("rb") as fh:
+        while block := fh.read(chunk_size):
+            digest.update(block)
+            chunks.append(hashlib.sha256(block).hexdigest())
+            size += len(block)
+    if size == 0:
+        raise ValueError(f"{path}: empty file is not a model")
+    return Manifest(
+        sha256=digest.hexdigest(),
+        size=size,
+        chunk_size=chunk_size,
+        chunk_sha256=tuple(chunks),
+        name=name,
+        version=version,
+        recipe=recipe,
+        profile=profile,
+    )

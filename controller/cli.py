@@ -1,0 +1,304 @@
+"""`edgefleet`: the fleet manager's command line (typer; every listing takes --json)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+import firmware_profiles
+from controller.fleet import Fleet, FleetError, default_home
+from controller.render import as_json, num, short, table
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="edgefleet: optimize models per device profile, roll them out over MQTT, measure them.",
+)
+devices_app = typer.Typer(no_args_is_help=True, help="Register, list, show and remove devices.")
+profiles_app = typer.Typer(no_args_is_help=True, help="Device profiles (firmware_profiles/).")
+deployments_app = typer.Typer(no_args_is_help=True, help="Direct deployments and their state.")
+app.add_typer(devices_app, name="devices")
+app.add_typer(profiles_app, name="profiles")
+app.add_typer(deployments_app, name="deployments")
+
+HomeOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--home", envvar="EDGEFLEET_HOME", help="data dir (default ~/.local/share/edgefleet)"
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="print JSON")]
+
+
+def _fleet(home: Path | None) -> Fleet:
+    """Open the fleet in the chosen data dir."""
+    return Fleet(home or default_home())
+
+
+def _fail(exc: Exception, code: int = 2) -> typer.Exit:
+    """Print a clear error and return the exit to raise."""
+    typer.echo(f"error: {exc}", err=True)
+    return typer.Exit(code)
+
+
+# ---------------------------------------------------------------------------- devices
+@devices_app.command("list")
+def devices_list(home: HomeOption = None, json_out: JsonOption = False) -> None:
+    """List devices with profile, state and current model."""
+    rows = _fleet(home).devices()
+    if json_out:
+        typer.echo(as_json(rows))
+        return
+    typer.echo(
+        table(
+            [
+                (
+                    d["id"],
+                    d["profile"] or "?",
+                    "online" if d["online"] else "offline",
+                    d["state"],
+                    short(d["model_sha256"]),
+                    d["runtime"] or "-",
+                    d["runtime_version"] or "-",
+                )
+                for d in rows
+            ],
+            ["DEVICE", "PROFILE", "LINK", "STATE", "MODEL", "RUNTIME", "VERSION"],
+        )
+    )
+
+
+@devices_app.command("show")
+def devices_show(
+    device_id: Annotated[str, typer.Argument(help="device id")],
+    home: HomeOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Show one device: facts, profile match, latest benchmarks and events."""
+    try:
+        detail = _fleet(home).device_detail(device_id)
+    except FleetError as exc:
+        raise _fail(exc) from None
+    if json_out:
+        typer.echo(as_json(detail))
+        return
+    for key in (
+        "id",
+        "profile",
+        "profile_reason",
+        "online",
+        "state",
+        "status_detail",
+        "model_sha256",
+        "previous_sha256",
+        "runtime",
+        "runtime_version",
+        "agent_version",
+    ):
+        typer.echo(f"{key:16} {detail[key]}")
+    typer.echo(f"{'facts':16} {detail['facts']}")
+    if detail["benchmarks"]:
+        typer.echo("\nbenchmarks:")
+        typer.echo(
+            table(
+                [
+                    (
+                        short(b["model_sha256"]),
+                        num(b["p50_ms"]),
+                        num(b["p99_ms"]),
+                        num(b["peak_rss_mb"], 1),
+                        num(b["power_w"]),
+                        b["power_source"],
+                    )
+                    for b in detail["benchmarks"]
+                ],
+                ["MODEL", "P50 MS", "P99 MS", "PEAK RSS MB", "POWER W", "SOURCE"],
+            )
+        )
+
+
+@devices_app.command("register")
+def devices_register(
+    device_id: Annotated[str, typer.Argument(help="device id ([A-Za-z0-9._-]{1,64})")],
+    profile: Annotated[str, typer.Option("--profile", "-p", help="profile id")],
+    home: HomeOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Register a device with an explicit profile before it connects."""
+    try:
+        row = _fleet(home).register_device(device_id, profile)
+    except FleetError as exc:
+        raise _fail(exc) from None
+    typer.echo(as_json(row) if json_out else f"registered {device_id} as {profile}")
+
+
+@devices_app.command("remove")
+def devices_remove(
+    device_id: Annotated[str, typer.Argument(help="device id")], home: HomeOption = None
+) -> None:
+    """Forget a device."""
+    try:
+        _fleet(home).remove_device(device_id)
+    except FleetError as exc:
+        raise _fail(exc) from None
+    typer.echo(f"removed {device_id}")
+
+
+# ---------------------------------------------------------------------------- profiles
+@profiles_app.command("list")
+def profiles_list(json_out: JsonOption = False) -> None:
+    """List device profiles."""
+    profiles = firmware_profiles.load_all()
+    if json_out:
+        typer.echo(as_json([p.to_dict() for p in profiles.values()]))
+        return
+    typer.echo(
+        table(
+            [
+                (
+                    p.id,
+                    p.device_class,
+                    p.name,
+                    f"{p.runtime.name} {p.runtime.version}",
+                    p.compiler.kind,
+                    p.quantization.preferred,
+                )
+                for p in profiles.values()
+            ],
+            ["PROFILE", "CLASS", "NAME", "RUNTIME", "COMPILER", "PREFERRED"],
+        )
+    )
+
+
+@profiles_app.command("show")
+def profiles_show(
+    profile_id: Annotated[str, typer.Argument(help="profile id")], json_out: JsonOption = False
+) -> None:
+    """Show one profile with the source of each figure."""
+    try:
+        profile = firmware_profiles.load(profile_id)
+    except firmware_profiles.ProfileError as exc:
+        raise _fail(exc) from None
+    typer.echo(as_json(profile.to_dict()))
+
+
+# ---------------------------------------------------------------------------- deploy
+@app.command()
+def deploy(
+    model: Annotated[Path, typer.Argument(help="a .tflite file")],
+    to: Annotated[list[str] | None, typer.Option("--to", help="device id (repeatable)")] = None,
+    profile: Annotated[
+        str | None, typer.Option("--profile", help="every device of a profile")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="model name (default: file stem)")] = None,
+    version: Annotated[str | None, typer.Option(help="model version (default: sha prefix)")] = None,
+    home: HomeOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Direct deployment of a .tflite to devices (staged rollouts: `edgefleet rollout`)."""
+    try:
+        result = _fleet(home).deploy(model, devices=to, profile=profile, name=name, version=version)
+    except FleetError as exc:
+        raise _fail(exc) from None
+    if json_out:
+        typer.echo(as_json(result))
+    else:
+        typer.echo(
+            f"deployment {result['id']}: {len(result['devices'])} device(s); "
+            f"a running `edgefleet up` publishes it"
+        )
+
+
+@deployments_app.command("show")
+def deployments_show(
+    deployment_id: Annotated[str, typer.Argument(help="deployment id")],
+    home: HomeOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Show a deployment and each device's progress."""
+    try:
+        dep = _fleet(home).deployment(deployment_id)
+    except FleetError as exc:
+        raise _fail(exc) from None
+    if json_out:
+        typer.echo(as_json(dep))
+        return
+    typer.echo(f"{dep['id']}  target {dep['target']}")
+    typer.echo(
+        table(
+            [
+                (d["device_id"], d["generation"], d["state"], d["detail"][:60])
+                for d in dep["devices"]
+            ],
+            ["DEVICE", "GEN", "STATE", "DETAIL"],
+        )
+    )
+
+
+# ---------------------------------------------------------------------------- service
+@app.command()
+def up(
+    broker: Annotated[
+        str | None, typer.Option(help="mqtt://host:port of an existing broker")
+    ] = None,
+    host: Annotated[str, typer.Option(help="embedded broker address")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="embedded broker port (0 = any free port)")] = 1883,
+    topic_root: Annotated[str, typer.Option(help="MQTT topic root")] = "edgefleet/v1",
+    home: HomeOption = None,
+) -> None:
+    """Run the controller (and an embedded broker unless --broker is given) until interrupted."""
+    from controller.broker import BrokerError, start_embedded
+    from controller.service import ControllerService
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    home = home or default_home()
+    handle = None
+    if broker is None:
+        try:
+            handle = start_embedded(home / "broker", host=host, port=port)
+        except BrokerError as exc:
+            raise _fail(exc) from None
+        broker = handle.url
+        typer.echo(f"embedded {handle.kind} broker on {broker}", err=True)
+    service = ControllerService(home, broker, topic_root=topic_root)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    service.start()
+    typer.echo(f"controller running (data in {home}); Ctrl-C to stop", err=True)
+    try:
+        stop.wait()
+    finally:
+        service.stop()
+        if handle:
+            handle.stop()
+
+
+@app.command()
+def demo(
+    devices: Annotated[int, typer.Option(min=1, max=50, help="number of agents")] = 3,
+    json_out: JsonOption = False,
+    keep: Annotated[bool, typer.Option(help="keep the demo data dir")] = False,
+) -> None:
+    """Embedded broker + controller + N real agents + a real model, end to end."""
+    from controller.demo import run_demo
+
+    code = run_demo(devices=devices, json_out=json_out, keep=keep)
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

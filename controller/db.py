@@ -1,0 +1,167 @@
+"""Controller storage: SQLite (WAL) with versioned migrations, one connection per thread."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+# Ordered migrations; the index + 1 is the schema version. Never edit one that has shipped.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE devices (
+        id TEXT PRIMARY KEY,
+        profile TEXT,
+        profile_reason TEXT NOT NULL DEFAULT '',
+        declared_profile TEXT,
+        facts TEXT NOT NULL DEFAULT '{}',
+        agent_version TEXT,
+        runtime TEXT,
+        runtime_version TEXT,
+        online INTEGER NOT NULL DEFAULT 0,
+        state TEXT NOT NULL DEFAULT 'unknown',
+        status_detail TEXT NOT NULL DEFAULT '',
+        model_sha256 TEXT,
+        previous_sha256 TEXT,
+        reported_generation INTEGER NOT NULL DEFAULT 0,
+        desired_generation INTEGER NOT NULL DEFAULT 0,
+        desired_sha256 TEXT,
+        desired_deployment_id TEXT,
+        published_generation INTEGER NOT NULL DEFAULT 0,
+        registered_by TEXT NOT NULL,
+        registered_at REAL NOT NULL,
+        last_seen REAL
+    );
+    CREATE TABLE models (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL,
+        version TEXT NOT NULL,
+        source TEXT NOT NULL DEFAULT '',
+        created REAL NOT NULL,
+        UNIQUE (name, version)
+    );
+    CREATE TABLE artifacts (
+        sha256 TEXT PRIMARY KEY,
+        model_id INTEGER NOT NULL REFERENCES models(id),
+        recipe TEXT NOT NULL,
+        profile TEXT,
+        size INTEGER NOT NULL,
+        chunk_size INTEGER NOT NULL,
+        manifest TEXT NOT NULL,
+        created REAL NOT NULL
+    );
+    CREATE TABLE deployments (
+        id TEXT PRIMARY KEY,
+        model_id INTEGER NOT NULL REFERENCES models(id),
+        target TEXT NOT NULL,
+        created REAL NOT NULL
+    );
+    CREATE TABLE deployment_devices (
+        deployment_id TEXT NOT NULL REFERENCES deployments(id),
+        device_id TEXT NOT NULL,
+        artifact_sha256 TEXT NOT NULL REFERENCES artifacts(sha256),
+        generation INTEGER NOT NULL,
+        state TEXT NOT NULL DEFAULT 'pending',
+        detail TEXT NOT NULL DEFAULT '',
+        updated REAL NOT NULL,
+        PRIMARY KEY (deployment_id, device_id)
+    );
+    CREATE TABLE benchmarks (
+        id INTEGER PRIMARY KEY,
+        event_id TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        model_sha256 TEXT NOT NULL,
+        deployment_id TEXT,
+        p50_ms REAL NOT NULL,
+        p90_ms REAL NOT NULL,
+        p99_ms REAL NOT NULL,
+        peak_rss_mb REAL NOT NULL,
+        power_w REAL NOT NULL,
+        energy_mj_per_inference REAL NOT NULL,
+        power_source TEXT NOT NULL,
+        report TEXT NOT NULL,
+        ts REAL NOT NULL,
+        UNIQUE (device_id, event_id)
+    );
+    CREATE INDEX benchmarks_device ON benchmarks (device_id, ts);
+    CREATE TABLE events (
+        device_id TEXT NOT NULL,
+        event_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        deployment_id TEXT,
+        generation INTEGER,
+        state TEXT,
+        message TEXT NOT NULL,
+        ts REAL NOT NULL,
+        received REAL NOT NULL,
+        PRIMARY KEY (device_id, event_id)
+    );
+    CREATE INDEX events_deployment ON events (deployment_id);
+    """,
+)
+
+
+class Database:
+    """One SQLite connection (use one per thread) with migrations applied on open."""
+
+    def __init__(self, path: Path) -> None:
+        """Open (creating if needed) the database and bring its schema up to date."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves so batches are one transaction.
+        self.conn = sqlite3.connect(path, isolation_level=None, timeout=30.0)
+        self.conn.row_factory = sqlite3.Row
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        # NORMAL is durable across application crashes in WAL mode, and much faster than FULL.
+        self.conn.execute("PRAGMA synchronous=NORMAL")
+        self.conn.execute("PRAGMA foreign_keys=ON")
+        self.migrate()
+
+    def migrate(self) -> int:
+        """Apply every migration newer than the stored user_version; return the version."""
+        with self.transaction():
+            current = self.conn.execute("PRAGMA user_version").fetchone()[0]
+            for version, script in enumerate(MIGRATIONS[current:], start=current + 1):
+                for statement in script.split(";"):
+                    if statement.strip():
+                        self.conn.execute(statement)
+                self.conn.execute(f"PRAGMA user_version={version}")
+        return len(MIGRATIONS)
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE … COMMIT, rolled back on error (IMMEDIATE avoids upgrade deadlocks)."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        """Rows as dicts."""
+        return [dict(row) for row in self.conn.execute(sql, params).fetchall()]
+
+    def query_one(self, sql: str, params: tuple[Any, ...] = ()) -> dict[str, Any] | None:
+        """First row as a dict, or None."""
+        row = self.conn.execute(sql, params).fetchone()
+        return dict(row) if row else None
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.conn.close()
+
+
+def now() -> float:
+    """Wall-clock timestamp stored in the database."""
+    return time.time()
+
+
+def to_json(value: Any) -> str:
+    """Compact JSON for TEXT columns."""
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)

@@ -1,0 +1,256 @@
+"""`edgefleet demo`: embedded broker, controller and N real agent processes, end to end."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+import firmware_profiles
+from agent.config import AgentConfig, PowerModelConfig, dump_config
+from controller.fleet import Fleet
+from controller.render import as_json, num, short, table
+
+# Profiles the demo agents declare, in turn: a board, a phone, a gateway, an NPU board.
+DEMO_PROFILES = ("rpi4", "pixel-8", "x86-64-gateway", "imx93", "rpi5", "jetson-orin-nano-cpu")
+# Generous limits for a cold machine: TF import + training happen before these start.
+REGISTER_TIMEOUT_S = 60.0
+DEPLOY_TIMEOUT_S = 180.0
+# Benchmark settings the demo agents use: enough runs for a meaningful p99.
+DEMO_RUNS = 100
+
+
+def cache_dir() -> Path:
+    """Where the demo keeps its trained model between runs."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "edgefleet"
+
+
+class Progress:
+    """Timestamped progress lines on stderr, so stdout stays the table or the JSON."""
+
+    def __init__(self) -> None:
+        """Start the clock."""
+        self.t0 = time.monotonic()
+
+    def __call__(self, message: str) -> None:
+        """Print one progress line."""
+        typer.echo(f"[{time.monotonic() - self.t0:6.1f}s] {message}", err=True)
+
+
+def write_agent_config(root: Path, device_id: str, profile_id: str, broker: str) -> Path:
+    """Write an agent.toml for one demo device, with its profile's power model."""
+    profile = firmware_profiles.load(profile_id)
+    config = AgentConfig(
+        device_id=device_id,
+        data_dir=root / device_id,
+        broker=broker,
+        profile=profile_id,
+        threads=1,
+        benchmark_runs=DEMO_RUNS,
+        power=PowerModelConfig(
+            idle_w=profile.power.idle_w,
+            active_w_per_core=profile.power.active_w_per_core,
+            accelerator_active_w=profile.power.accelerator_active_w,
+        ),
+    )
+    path = root / f"{device_id}.toml"
+    path.write_text(dump_config(config))
+    return path
+
+
+def start_agent(config_path: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    """Start one real agent process (the same code a device runs)."""
+    log = log_path.open("wb")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "run", "--config", str(config_path)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+
+
+def stop_processes(procs: list[subprocess.Popen[bytes]], timeout: float = 5.0) -> None:
+    """SIGTERM every process we started, then SIGKILL what is still alive."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def wait_registered(fleet: Fleet, ids: list[str], progress: Progress) -> list[str]:
+    """Wait until every agent said hello and is online; return the ids still missing."""
+    deadline = time.monotonic() + REGISTER_TIMEOUT_S
+    while time.monotonic() < deadline:
+        online = {d["id"] for d in fleet.devices() if d["online"]}
+        missing = [i for i in ids if i not in online]
+        if not missing:
+            progress(f"{len(ids)} agent(s) registered")
+            return []
+        time.sleep(0.2)
+    return missing
+
+
+def wait_deployment(fleet: Fleet, deployment_id: str, progress: Progress) -> dict[str, Any]:
+    """Follow a deployment until every device succeeded or failed, showing state changes."""
+    deadline = time.monotonic() + DEPLOY_TIMEOUT_S
+    seen: dict[str, str] = {}
+    while True:
+        dep = fleet.deployment(deployment_id)
+        for d in dep["devices"]:
+            device = fleet.device(d["device_id"])
+            label = f"{d['state']}/{device['state']}"
+            if seen.get(d["device_id"]) != label:
+                seen[d["device_id"]] = label
+                progress(f"{d['device_id']}: deployment {d['state']}, agent {device['state']}")
+        if all(d["state"] in ("succeeded", "failed") for d in dep["devices"]):
+            return dep
+        if time.monotonic() > deadline:
+            return dep
+        time.sleep(0.2)
+
+
+def result_rows(fleet: Fleet, dep: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per device: identity, model and the benchmark it reported for this deployment."""
+    rows = []
+    for d in dep["devices"]:
+        device = fleet.device(d["device_id"])
+        bench = next(
+            (b for b in fleet.benchmarks(d["device_id"], 50) if b["deployment_id"] == dep["id"]),
+            None,
+        )
+        rows.append(
+            {
+                "device": d["device_id"],
+                "profile": device["profile"],
+                "runtime": f"{device['runtime']} {device['runtime_version']}",
+                "model_sha256": device["model_sha256"],
+                "deployment_state": d["state"],
+                "detail": d["detail"],
+                "benchmark": bench,
+            }
+        )
+    return rows
+
+
+def print_rows(rows: list[dict[str, Any]]) -> None:
+    """The demo's table: one line per device."""
+    lines = []
+    for r in rows:
+        b = r["benchmark"] or {}
+        power = (
+            f"{num(b.get('power_w'))} W / {num(b.get('energy_mj_per_inference'), 3)} mJ"
+            if b
+            else "-"
+        )
+        source = (
+            b.get("power_source", "-") + (" (estimated)" if b.get("power_estimated") else "")
+            if b
+            else r["detail"][:40]
+        )
+        lines.append(
+            (
+                r["device"],
+                r["profile"],
+                r["runtime"],
+                short(r["model_sha256"]),
+                num(b.get("p50_ms"), 3),
+                num(b.get("p99_ms"), 3),
+                num(b.get("peak_rss_mb"), 1),
+                power,
+                source,
+            )
+        )
+    typer.echo(
+        table(
+            lines,
+            [
+                "DEVICE",
+                "PROFILE",
+                "RUNTIME",
+                "MODEL",
+                "P50 MS",
+                "P99 MS",
+                "PEAK RSS MB",
+                "POWER / ENERGY PER INF",
+                "POWER SOURCE",
+            ],
+        )
+    )
+
+
+def run_demo(*, devices: int = 3, json_out: bool = False, keep: bool = False) -> int:
+    """Run the whole demo; return the process exit code (non-zero if any device failed)."""
+    from controller.broker import start_embedded
+    from controller.service import ControllerService
+    from converters.digits import digits_tflite
+
+    progress = Progress()
+    home = Path(tempfile.mkdtemp(prefix="edgefleet-demo-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    broker = service = None
+    try:
+        progress("building the digits CNN (trained and converted on first run, then cached)")
+        model = digits_tflite(cache_dir(), recipe="int8")
+        progress(f"model ready: {model.name} ({model.stat().st_size / 1024:.1f} KiB, int8)")
+        broker = start_embedded(home / "broker")
+        progress(f"embedded {broker.kind} broker on {broker.url}")
+        service = ControllerService(home, broker.url)
+        service.start()
+        ids = [f"demo-{i + 1}" for i in range(devices)]
+        for device_id, profile in zip(ids, itertools.cycle(DEMO_PROFILES), strict=False):
+            cfg = write_agent_config(home / "agents", device_id, profile, broker.url)
+            procs.append(start_agent(cfg, home / "agents" / f"{device_id}.log"))
+        progress(f"started {devices} agent process(es); waiting for their hello")
+        fleet = Fleet(home)
+        missing = wait_registered(fleet, ids, progress)
+        if missing:
+            progress(f"agents never registered: {', '.join(missing)} (logs in {home / 'agents'})")
+            keep = True
+            return 1
+        dep = fleet.deploy(model, devices=ids, name="digits-cnn")
+        progress(
+            f"deployment {dep['id']} of {short(dep['devices'][0]['artifact_sha256'])} "
+            f"to {len(ids)} device(s)"
+        )
+        dep = wait_deployment(fleet, dep["id"], progress)
+        rows = result_rows(fleet, dep)
+        if json_out:
+            typer.echo(as_json({"deployment": dep["id"], "devices": rows}))
+        else:
+            print_rows(rows)
+        failed = [r for r in rows if r["deployment_state"] != "succeeded"]
+        if failed:
+            keep = True
+            progress(f"{len(failed)} device(s) failed; logs kept in {home / 'agents'}")
+            return 1
+        progress(
+            f"egress: {service.bytes_published} chunk bytes published for a "
+            f"{model.stat().st_size}-byte model to {devices} device(s)"
+        )
+        return 0
+    finally:
+        stop_processes(procs)
+        if service:
+            service.stop()
+        if broker:
+            broker.stop()
+        if keep:
+            typer.echo(f"demo data kept in {home}", err=True)
+        else:
+            shutil.rmtree(home, ignore_errors=True)

@@ -1,0 +1,214 @@
+"""The controller service: ingests device messages, reconciles desired state, serves chunks."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from agent.mqtt import MqttSession
+from agent.protocol import (
+    DEFAULT_ROOT,
+    Event,
+    Hello,
+    Manifest,
+    Need,
+    ProtocolError,
+    Status,
+    Topics,
+    dump,
+    parse,
+)
+from controller.fleet import Fleet
+
+log = logging.getLogger(__name__)
+
+# How often desired state is reconciled into retained MQTT messages.
+RECONCILE_INTERVAL_S = 0.5
+# Requests for chunks are gathered this long before publishing, so devices that start together
+# share one publication of each chunk (egress ≈ one artifact size per wave, not per device).
+NEED_COALESCE_S = 0.25
+# Most messages handled per database transaction: batching keeps SQLite fast under fan-in.
+MAX_BATCH = 500
+# QoS1 publishes in flight: high enough to stream a wave of chunks without stalling on PUBACKs.
+CONTROLLER_INFLIGHT = 200
+
+
+class ControllerService:
+    """Runs in its own thread: one MQTT session, one database connection, one reconcile loop."""
+
+    def __init__(
+        self,
+        home: Path,
+        broker_url: str,
+        *,
+        topic_root: str = DEFAULT_ROOT,
+        client_id: str = "edgefleet-controller",
+        username: str | None = None,
+        password: str | None = None,
+    ) -> None:
+        """Prepare the session; start() connects and begins the loop."""
+        self.home = home
+        self.topics = Topics(topic_root)
+        self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self._stop = threading.Event()
+        self._reconnected = threading.Event()
+        self.ready = threading.Event()
+        self.rejected = 0
+        self.chunks_published = 0
+        self.bytes_published = 0
+        self._thread: threading.Thread | None = None
+        # clean_session=False with a fixed client id: the broker queues device events for us
+        # while the controller restarts, so a restart loses nothing.
+        self.session = MqttSession(
+            broker_url,
+            client_id,
+            on_message=self._on_message,
+            on_connect=self._on_connect,
+            username=username,
+            password=password,
+            clean_session=False,
+            max_inflight=CONTROLLER_INFLIGHT,
+        )
+
+    def start(self) -> None:
+        """Connect and start the service thread."""
+        self._thread = threading.Thread(target=self._run, name="edgefleet-controller", daemon=True)
+        self._thread.start()
+        self.session.start()
+
+    def stop(self) -> None:
+        """Stop the loop and disconnect."""
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+        self.session.stop()
+
+    def _on_connect(self) -> None:
+        """Subscribe to every device's inbound channels and artifact repair requests."""
+        t = self.topics
+        self.session.subscribe(
+            t.all_devices("hello"),
+            t.all_devices("status"),
+            t.all_devices("events"),
+            t.all_needs(),
+        )
+        self._reconnected.set()
+        self.ready.set()
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        """Hand a message to the service thread (paho's thread must not touch the database)."""
+        self._inbox.put((topic, payload))
+
+    def _run(self) -> None:
+        """Service loop: drain the inbox in batches, reconcile, publish requested chunks."""
+        fleet = Fleet(self.home)
+        needs: dict[str, set[int]] = defaultdict(set)
+        first_need: dict[str, float] = {}
+        next_reconcile = 0.0
+        try:
+            while not self._stop.is_set():
+                batch = self._drain(timeout=0.05)
+                for topic, payload in batch:
+                    self._handle(fleet, topic, payload, needs, first_need)
+                if self._reconnected.is_set():
+                    # Retained state may be gone (broker restart without persistence): resend.
+                    self._reconnected.clear()
+                    fleet.republish_all()
+                    next_reconcile = 0.0
+                if time.monotonic() >= next_reconcile:
+                    self._reconcile(fleet)
+                    next_reconcile = time.monotonic() + RECONCILE_INTERVAL_S
+                self._serve_chunks(fleet, needs, first_need)
+        except Exception:
+            log.exception("controller loop crashed")
+            raise
+        finally:
+            fleet.close()
+
+    def _drain(self, timeout: float) -> list[tuple[str, bytes]]:
+        """Up to MAX_BATCH queued messages, waiting at most `timeout` for the first."""
+        try:
+            batch = [self._inbox.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+        while len(batch) < MAX_BATCH:
+            try:
+                batch.append(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _handle(
+        self,
+        fleet: Fleet,
+        topic: str,
+        payload: bytes,
+        needs: dict[str, set[int]],
+        first_need: dict[str, float],
+    ) -> None:
+        """Parse and apply one inbound message; reject bad input with a counted log line."""
+        try:
+            parsed = self.topics.parse(topic)
+            if parsed.channel == "hello":
+                hello = parse(payload, Hello)
+                _same_device(hello.device_id, parsed.ident)
+                fleet.record_hello(hello)
+            elif parsed.channel == "status":
+                if not payload:
+                    return  # a cleared retained message
+                status = parse(payload, Status)
+                _same_device(status.device_id, parsed.ident)
+                fleet.record_status(status)
+            elif parsed.channel == "events":
+                event = parse(payload, Event)
+                _same_device(event.device_id, parsed.ident)
+                fleet.record_event(event)
+            elif parsed.channel == "need":
+                need = parse(payload, Need)
+                manifest = fleet.manifest(parsed.ident)
+                valid = {i for i in need.chunks if 0 <= i < manifest.chunk_count}
+                needs[parsed.ident] |= valid
+                first_need.setdefault(parsed.ident, time.monotonic())
+        except (ProtocolError, ValueError) as exc:
+            self.rejected += 1
+            log.warning("rejected message on %s: %s", topic, exc)
+
+    def _reconcile(self, fleet: Fleet) -> None:
+        """Publish manifests and desired states that the database has and the broker lacks."""
+        published_manifests: set[str] = set()
+        for device_id, desired, manifest in fleet.unpublished_desired():
+            if manifest.sha256 not in published_manifests:
+                self._publish_manifest(manifest)
+                published_manifests.add(manifest.sha256)
+            self.session.publish(self.topics.desired(device_id), dump(desired), retain=True)
+            fleet.mark_published(device_id, desired.generation)
+            log.info("desired generation %d -> %s", desired.generation, device_id)
+
+    def _publish_manifest(self, manifest: Manifest) -> None:
+        """Retained manifest, so a device that connects later still finds it."""
+        self.session.publish(self.topics.manifest(manifest.sha256), dump(manifest), retain=True)
+
+    def _serve_chunks(
+        self, fleet: Fleet, needs: dict[str, set[int]], first_need: dict[str, float]
+    ) -> None:
+        """Publish each requested chunk once per coalescing window, on the artifact's topic."""
+        due = [sha for sha, t0 in first_need.items() if time.monotonic() - t0 >= NEED_COALESCE_S]
+        for sha in due:
+            indices = sorted(needs.pop(sha, set()))
+            del first_need[sha]
+            manifest = fleet.manifest(sha)
+            for index in indices:
+                data = fleet.artifacts.read_chunk(sha, index, manifest.chunk_size)
+                self.session.publish(self.topics.chunk(sha, index), data)
+                self.chunks_published += 1
+                self.bytes_published += len(data)
+
+
+def _same_device(claimed: str, topic_id: str) -> None:
+    """A message must be about the device whose topic carries it."""
+    if claimed != topic_id:
+        raise ProtocolError(f"$.device_id: {claimed!r} does not match topic device {topic_id!r}")

@@ -1,0 +1,158 @@
+"""End-to-end fixtures: a real controller service and real agent processes on a real broker."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from agent.config import AgentConfig, dump_config
+from controller.broker import BrokerHandle
+from controller.fleet import Fleet
+from controller.service import ControllerService
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+T = TypeVar("T")
+
+
+def wait_until(predicate: Callable[[], T], timeout: float, what: str) -> T:
+    """Poll `predicate` until it returns something truthy; fail naming `what` on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}", pytrace=False)
+        time.sleep(0.1)
+
+
+@pytest.fixture(params=["mosquitto", "amqtt"])
+def e2e_broker(request: pytest.FixtureRequest) -> BrokerHandle:
+    """A real broker per test; amqtt only where it is installed (not in the slim device env)."""
+    if request.param == "amqtt" and importlib.util.find_spec("amqtt") is None:
+        pytest.skip("amqtt is not installed in this environment (slim agent env)")
+    handle: BrokerHandle = request.getfixturevalue(f"{request.param}_broker")
+    return handle
+
+
+@dataclass
+class RunningController:
+    """A controller service plus a Fleet handle on the same data dir for assertions."""
+
+    service: ControllerService
+    fleet: Fleet
+    home: Path
+
+
+@pytest.fixture
+def controller(
+    e2e_broker: BrokerHandle, topic_root: str, tmp_path: Path
+) -> Iterator[RunningController]:
+    """The real controller service on the test's broker and topic root."""
+    home = tmp_path / "controller"
+    service = ControllerService(
+        home, e2e_broker.url, topic_root=topic_root, client_id=f"ctl-{topic_root.split('/')[1]}"
+    )
+    service.start()
+    assert service.ready.wait(15), "controller did not connect to the broker"
+    fleet = Fleet(home)
+    try:
+        yield RunningController(service, fleet, home)
+    finally:
+        fleet.close()
+        service.stop()
+
+
+@dataclass
+class AgentProcess:
+    """One real `edgefleet-agent run` process, started and killed by PID."""
+
+    config: AgentConfig
+    config_path: Path
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+    env: dict[str, str] = field(default_factory=dict)
+
+    def start(self) -> None:
+        """Start (or restart) the agent process."""
+        self.starts += 1
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "agent.cli",
+                "run",
+                "--config",
+                str(self.config_path),
+                "--log-level",
+                "DEBUG",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
+        )
+
+    def kill(self) -> None:
+        """SIGKILL by PID, as a power loss would."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def terminate(self) -> None:
+        """SIGTERM and wait; SIGKILL if it hangs."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    @property
+    def alive(self) -> bool:
+        """True while the process runs."""
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self) -> str:
+        """The agent's log so far (for failure messages)."""
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def start_agent(
+    e2e_broker: BrokerHandle, topic_root: str, tmp_path: Path
+) -> Iterator[Callable[..., AgentProcess]]:
+    """Factory: start_agent(device_id, **config) -> a running AgentProcess, stopped at teardown."""
+    agents: list[AgentProcess] = []
+
+    def start(device_id: str, **overrides: Any) -> AgentProcess:
+        config = AgentConfig(
+            device_id=device_id,
+            data_dir=tmp_path / "agents" / device_id,
+            broker=e2e_broker.url,
+            topic_root=topic_root,
+            **{"profile": "rpi4", "threads": 1, **overrides},
+        )
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        path = config.data_dir.parent / f"{device_id}.toml"
+        path.write_text(dump_config(config))
+        agent = AgentProcess(config, path, config.data_dir.parent / f"{device_id}.log")
+        agent.start()
+        agents.append(agent)
+        return agent
+
+    yield start
+    for agent in agents:
+        agent.terminate()

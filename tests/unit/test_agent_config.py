@@ -1,0 +1,64 @@
+"""agent.toml: strict keys, clear errors naming file and key, round trip through dump_config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.config import AgentConfig, ConfigError, PowerModelConfig, dump_config, load_config
+from agent.mqtt import parse_mqtt_url
+
+pytestmark = pytest.mark.agent
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    cfg = AgentConfig(
+        device_id="d-1",
+        data_dir=tmp_path / "data",
+        broker="mqtt://127.0.0.1:1999",
+        profile="rpi4",
+        threads=2,
+        power=PowerModelConfig(2.7, 0.9, 0.0),
+    )
+    path = tmp_path / "agent.toml"
+    path.write_text(dump_config(cfg))
+    assert load_config(path) == cfg
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('device_id = "d"\ndata_dir = "/x"\nbogus = 1\n', "unknown key 'bogus'"),
+        ('data_dir = "/x"\n', "missing key 'device_id'"),
+        ('device_id = "d"\ndata_dir = "/x"\nthreads = "2"\n', "'threads' must be int"),
+        ('device_id = "a/b"\ndata_dir = "/x"\n', "Invalid device id"),
+        ('device_id = "d"\ndata_dir = "/x"\n[power]\nwatts = 3\n', "unknown key 'power.watts'"),
+        ('device_id = "d"\ndata_dir = "/x"\nthreads = 0\n', "threads must be >= 1"),
+        ("device_id = \n", "invalid TOML"),
+    ],
+)
+def test_bad_config_names_the_problem(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [("mqtt://127.0.0.1:1999", ("127.0.0.1", 1999)), ("tcp://h", ("h", 1883)), ("h:12", ("h", 12))],
+)
+def test_parse_mqtt_url(url: str, expected: tuple[str, int]) -> None:
+    assert parse_mqtt_url(url) == expected
+
+
+@pytest.mark.parametrize("url", ["http://h:1", "mqtt://:1"])
+def test_parse_mqtt_url_rejects(url: str) -> None:
+    with pytest.raises(ValueError):
+        parse_mqtt_url(url)

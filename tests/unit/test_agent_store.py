@@ -1,0 +1,173 @@
+"""Agent storage: content-addressed models, atomic pointers, resumable chunked downloads."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from agent.download import ChunkRejected, Download
+from agent.protocol import Manifest
+from agent.state import (
+    MAX_SELFTEST_ATTEMPTS,
+    RESTORE,
+    TRANSITIONS,
+    TransitionError,
+    UpdateStateFile,
+)
+from agent.store import ModelStore, sha256_file
+
+pytestmark = pytest.mark.agent
+
+
+def _manifest(data: bytes, chunk_size: int = 1000) -> Manifest:
+    """Manifest for in-memory bytes."""
+    chunks = tuple(
+        hashlib.sha256(data[i : i + chunk_size]).hexdigest()
+        for i in range(0, len(data), chunk_size)
+    )
+    return Manifest(
+        sha256=hashlib.sha256(data).hexdigest(),
+        size=len(data),
+        chunk_size=chunk_size,
+        chunk_sha256=chunks,
+        name="m",
+        version="1",
+        recipe="fp32",
+    )
+
+
+def _put(store: ModelStore, tmp_path: Path, data: bytes) -> str:
+    """Add bytes to the store through the verified path."""
+    src = tmp_path / "incoming"
+    src.write_bytes(data)
+    sha = hashlib.sha256(data).hexdigest()
+    store.add_verified(sha, src)
+    return sha
+
+
+def test_store_activate_keeps_previous_and_prunes_older(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "models")
+    a, b, c = (_put(store, tmp_path, bytes([i]) * 100) for i in range(3))
+    store.activate(a)
+    store.activate(b)
+    assert store.pointers().current == b and store.pointers().previous == a
+    store.activate(c)
+    assert store.pointers().current == c and store.pointers().previous == b
+    assert not store.has(a), "the model that fell off the previous slot is pruned"
+    assert store.has(b) and store.has(c)
+
+
+def test_store_discard_keeps_referenced_models(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "models")
+    a, b = (_put(store, tmp_path, bytes([i]) * 10) for i in range(2))
+    store.activate(a)
+    store.discard(a)
+    store.discard(b)
+    assert store.has(a), "the current model is never discarded"
+    assert not store.has(b)
+
+
+def test_store_rollback_swaps_pointers(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "models")
+    a, b = (_put(store, tmp_path, bytes([i]) * 10) for i in range(2))
+    store.activate(a)
+    store.activate(b)
+    store.rollback()
+    assert store.pointers().current == a and store.pointers().previous == b
+
+
+def test_store_refuses_rollback_without_previous(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "models")
+    store.activate(_put(store, tmp_path, b"x" * 10))
+    with pytest.raises(FileNotFoundError, match="no previous model"):
+        store.rollback()
+
+
+def test_store_rejects_digest_mismatch(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "models")
+    src = tmp_path / "f"
+    src.write_bytes(b"hello")
+    with pytest.raises(ValueError, match="sha256 mismatch"):
+        store.add_verified("00" * 32, src)
+    assert src.exists(), "a rejected file is not moved into the store"
+
+
+def test_pointer_file_is_replaced_atomically(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "models")
+    sha = _put(store, tmp_path, b"m" * 10)
+    store.activate(sha)
+    assert json.loads((tmp_path / "models" / "pointers.json").read_text())["current"] == sha
+    assert not list((tmp_path / "models").glob(".pointers.json.*")), "no temp file left behind"
+
+
+def test_download_assembles_and_verifies(tmp_path: Path) -> None:
+    data = bytes(range(256)) * 20
+    manifest = _manifest(data)
+    dl = Download(manifest, tmp_path)
+    for i in reversed(range(manifest.chunk_count)):
+        dl.accept(i, data[i * 1000 : (i + 1) * 1000])
+    assert dl.complete and dl.missing() == []
+    assert sha256_file(dl.part_path) == manifest.sha256
+
+
+def test_download_rejects_corrupt_chunk_and_keeps_asking(tmp_path: Path) -> None:
+    data = b"abc" * 1000
+    manifest = _manifest(data)
+    dl = Download(manifest, tmp_path)
+    bad = bytearray(data[:1000])
+    bad[17] ^= 0xFF
+    with pytest.raises(ChunkRejected, match="sha256 mismatch"):
+        dl.accept(0, bytes(bad))
+    assert 0 in dl.missing()
+    with pytest.raises(ChunkRejected, match="bytes, expected"):
+        dl.accept(0, data[:999])
+    with pytest.raises(ChunkRejected, match="out of range"):
+        dl.accept(99, b"x")
+
+
+def test_download_duplicate_chunk_is_a_no_op(tmp_path: Path) -> None:
+    data = b"q" * 2500
+    dl = Download(_manifest(data), tmp_path)
+    assert dl.accept(1, data[1000:2000]) is True
+    assert dl.accept(1, data[1000:2000]) is False
+
+
+def test_download_resumes_from_bitmap_after_restart(tmp_path: Path) -> None:
+    data = bytes(range(200)) * 100  # 20 chunks of 1000
+    manifest = _manifest(data)
+    dl = Download(manifest, tmp_path)
+    for i in range(Download.BITMAP_EVERY):
+        dl.accept(i, data[i * 1000 : (i + 1) * 1000])
+    resumed = Download(manifest, tmp_path)  # a new process after a crash
+    assert resumed.missing() == list(range(Download.BITMAP_EVERY, manifest.chunk_count))
+
+
+def test_download_ignores_bitmap_of_another_manifest(tmp_path: Path) -> None:
+    data = b"z" * 3000
+    dl = Download(_manifest(data), tmp_path)
+    for i in range(3):
+        dl.accept(i, data[i * 1000 : (i + 1) * 1000])
+    other = _manifest(data, chunk_size=1500)
+    assert Download(other, tmp_path).missing() == [0, 1]
+
+
+def test_state_transitions_are_persisted(tmp_path: Path) -> None:
+    path = tmp_path / "update.json"
+    state = UpdateStateFile(path)
+    state.transition("fetching", generation=2, sha256="ab" * 32)
+    reloaded = UpdateStateFile(path)
+    assert reloaded.record.state == "fetching" and reloaded.record.generation == 2
+
+
+def test_illegal_transition_raises(tmp_path: Path) -> None:
+    state = UpdateStateFile(tmp_path / "update.json")
+    with pytest.raises(TransitionError, match="idle -> self-testing"):
+        state.transition("self-testing")
+
+
+def test_every_state_has_a_restore_rule() -> None:
+    assert set(RESTORE) == set(TRANSITIONS)
+    assert MAX_SELFTEST_ATTEMPTS >= 2
