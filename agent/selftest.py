@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ def _child(model: Path, threads: int | None) -> dict[str, object]:
     """Load, allocate and run the model on deterministic inputs; report finiteness and cost."""
     import numpy as np
 
+    from agent.memory import peak_rss_mb
     from agent.runtime import ModelLoadError, load_interpreter, random_inputs, run_once
 
     try:
@@ -49,7 +49,7 @@ def _child(model: Path, threads: int | None) -> dict[str, object]:
     for i, out in enumerate(outputs):
         if out.dtype.kind == "f" and not bool(np.all(np.isfinite(out))):
             return {"ok": False, "reason": f"output {i} is not finite (NaN or Inf)"}
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    peak_mb = peak_rss_mb()
     return {
         "ok": True,
         "reason": "",

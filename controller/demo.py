@@ -62,6 +62,7 @@ def write_agent_config(root: Path, device_id: str, profile_id: str, broker: str)
             accelerator_active_w=profile.power.accelerator_active_w,
         ),
     )
+    root.mkdir(parents=True, exist_ok=True)
     path = root / f"{device_id}.toml"
     path.write_text(dump_config(config))
     return path

@@ -1,0 +1,108 @@
+"""Both command lines through typer's CliRunner, plus one real subprocess --help each."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from agent.cli import app as agent_app
+from controller.cli import app
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+runner = CliRunner()
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> list[str]:
+    """--home option pointing at a fresh data dir."""
+    return ["--home", str(tmp_path / "home")]
+
+
+def test_register_list_show_remove(home: list[str]) -> None:
+    result = runner.invoke(app, ["devices", "register", "pi-1", "--profile", "rpi4", *home])
+    assert result.exit_code == 0, result.output
+    listed = runner.invoke(app, ["devices", "list", "--json", *home])
+    assert [d["id"] for d in json.loads(listed.output)] == ["pi-1"]
+    table = runner.invoke(app, ["devices", "list", *home])
+    assert "pi-1" in table.output and "rpi4" in table.output and "offline" in table.output
+    shown = runner.invoke(app, ["devices", "show", "pi-1", "--json", *home])
+    assert json.loads(shown.output)["profile"] == "rpi4"
+    assert runner.invoke(app, ["devices", "remove", "pi-1", *home]).exit_code == 0
+    assert json.loads(runner.invoke(app, ["devices", "list", "--json", *home]).output) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["devices", "show", "ghost"], "unknown device 'ghost'"),
+        (["devices", "remove", "ghost"], "unknown device 'ghost'"),
+        (["devices", "register", "pi-1", "--profile", "nope"], "nope"),
+        (["devices", "register", "a/b", "--profile", "rpi4"], "Invalid device id"),
+        (["deploy", str(DATA / "tiny_fp32.tflite"), "--to", "ghost"], "unknown device"),
+        (["deploy", str(DATA / "tiny_fp32.tflite"), "--profile", "nope"], "nope"),
+        (["deployments", "show", "dep-x"], "unknown deployment"),
+    ],
+)
+def test_bad_input_exits_2_with_a_clear_error(home: list[str], args: list[str], message: str) -> None:
+    result = runner.invoke(app, [*args, *home])
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+def test_deploy_and_show_deployment(home: list[str]) -> None:
+    runner.invoke(app, ["devices", "register", "pi-1", "--profile", "rpi4", *home])
+    result = runner.invoke(
+        app, ["deploy", str(DATA / "tiny_fp32.tflite"), "--to", "pi-1", "--json", *home]
+    )
+    assert result.exit_code == 0, result.output
+    dep = json.loads(result.output)
+    assert dep["devices"][0]["state"] == "pending"
+    shown = runner.invoke(app, ["deployments", "show", dep["id"], *home])
+    assert "pi-1" in shown.output and "pending" in shown.output
+
+
+def test_profiles_list_and_show() -> None:
+    listed = json.loads(runner.invoke(app, ["profiles", "list", "--json"]).output)
+    assert {"rpi4", "pixel-8", "imx93"} <= {p["id"] for p in listed}
+    shown = runner.invoke(app, ["profiles", "show", "imx93"])
+    assert shown.exit_code == 0 and json.loads(shown.output)["compiler"]["kind"] == "vela"
+    assert runner.invoke(app, ["profiles", "show", "nope"]).exit_code == 2
+
+
+@pytest.mark.agent
+def test_agent_benchmark_json() -> None:
+    result = runner.invoke(
+        agent_app, ["benchmark", str(DATA / "tiny_int8.tflite"), "--runs", "20", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["runs"] == 20 and 0 < data["p50_ms"] <= data["p99_ms"]
+    assert data["power_source"] == "estimated"
+
+
+@pytest.mark.agent
+@pytest.mark.parametrize("name", ["garbage.tflite", "empty.tflite", "truncated.tflite"])
+def test_agent_benchmark_bad_model(name: str) -> None:
+    result = runner.invoke(agent_app, ["benchmark", str(DATA / name)])
+    assert result.exit_code == 1
+    assert "does not load" in result.output
+
+
+@pytest.mark.agent
+def test_agent_run_with_bad_config_exits_2(tmp_path: Path) -> None:
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text('device_id = "d"\ndata_dir = "/tmp/x"\nwhat = 1\n')
+    result = runner.invoke(agent_app, ["run", "--config", str(cfg)])
+    assert result.exit_code == 2 and "unknown key 'what'" in result.output
+
+
+@pytest.mark.parametrize("module", ["controller.cli", "agent.cli"])
+def test_help_in_a_real_subprocess(module: str) -> None:
+    out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True,
+                         text=True, timeout=60, check=True)
+    assert "Usage" in out.stdout

@@ -1,0 +1,136 @@
+"""Fleet service layer on a real SQLite file: registry, deployments, ingest, migrations."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.protocol import BenchmarkReport, DeviceFacts, Event, Hello, Status
+from controller.db import MIGRATIONS, Database
+from controller.fleet import Fleet, FleetError
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+FACTS = DeviceFacts("aarch64", "Linux", 4, 3792, "tflite-runtime", "2.14.0", "3.11.2")
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Fleet:
+    """A fleet in a fresh data dir."""
+    return Fleet(tmp_path / "home")
+
+
+def test_database_is_wal_and_migrated(tmp_path: Path) -> None:
+    db = Database(tmp_path / "x.db")
+    assert db.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert db.conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    db.close()
+    again = Database(tmp_path / "x.db")  # re-opening applies nothing twice
+    assert again.migrate() == len(MIGRATIONS)
+
+
+def test_register_validates_id_and_profile(fleet: Fleet) -> None:
+    with pytest.raises(FleetError, match="Invalid device id"):
+        fleet.register_device("bad/id", "rpi4")
+    with pytest.raises(FleetError, match="no-such-board"):
+        fleet.register_device("d1", "no-such-board")
+    row = fleet.register_device("d1", "rpi4")
+    assert row["profile"] == "rpi4" and row["registered_by"] == "cli"
+
+
+def test_unknown_device_is_a_clear_error(fleet: Fleet) -> None:
+    with pytest.raises(FleetError, match="unknown device 'ghost'"):
+        fleet.device("ghost")
+    with pytest.raises(FleetError, match="unknown device"):
+        fleet.remove_device("ghost")
+
+
+def test_hello_registers_and_matches_profile(fleet: Fleet) -> None:
+    fleet.record_hello(Hello(device_id="d2", agent_version="0.1.0", facts=FACTS))
+    row = fleet.device("d2")
+    assert row["online"] and row["runtime_version"] == "2.14.0"
+    assert row["profile"] == "rpi4", row["profile_reason"]
+    assert row["facts"]["cpu_count"] == 4
+
+
+def test_operator_profile_wins_over_declared(fleet: Fleet) -> None:
+    fleet.register_device("d3", "rpi5")
+    fleet.record_hello(Hello(device_id="d3", agent_version="0.1.0", facts=FACTS, profile="rpi4"))
+    assert fleet.device("d3")["profile"] == "rpi5"
+
+
+def test_deploy_sets_desired_generation_and_supersedes(fleet: Fleet) -> None:
+    fleet.register_device("d1", "rpi4")
+    first = fleet.deploy(DATA / "tiny_fp32.tflite", devices=["d1"])
+    second = fleet.deploy(DATA / "tiny_int8.tflite", devices=["d1"])
+    assert fleet.device("d1")["desired_generation"] == 2
+    assert fleet.deployment(first["id"])["devices"][0]["state"] == "superseded"
+    pending = fleet.unpublished_desired()
+    assert [(d, desired.generation) for d, desired, _ in pending] == [("d1", 2)]
+    assert pending[0][1].deployment_id == second["id"]
+    fleet.mark_published("d1", 2)
+    assert fleet.unpublished_desired() == []
+    fleet.republish_all()
+    assert len(fleet.unpublished_desired()) == 1
+
+
+def test_deploy_by_profile_and_bad_targets(fleet: Fleet) -> None:
+    fleet.register_device("a", "rpi4")
+    fleet.register_device("b", "rpi5")
+    dep = fleet.deploy(DATA / "tiny_fp32.tflite", profile="rpi4")
+    assert [d["device_id"] for d in dep["devices"]] == ["a"]
+    with pytest.raises(FleetError, match="choose the target"):
+        fleet.deploy(DATA / "tiny_fp32.tflite")
+    with pytest.raises(FleetError, match="no registered device has profile 'pixel-8'"):
+        fleet.deploy(DATA / "tiny_fp32.tflite", profile="pixel-8")
+    with pytest.raises(FleetError, match="no such file"):
+        fleet.deploy(DATA / "missing.tflite", devices=["a"])
+    with pytest.raises(FleetError, match="not a TFLite model"):
+        fleet.deploy(DATA / "garbage.tflite", devices=["a"])
+    with pytest.raises(FleetError, match="empty file"):
+        fleet.deploy(DATA / "empty.tflite", devices=["a"], check=False)
+
+
+def test_events_are_stored_once_and_drive_deployment_state(fleet: Fleet) -> None:
+    fleet.register_device("d1", "rpi4")
+    dep = fleet.deploy(DATA / "tiny_fp32.tflite", devices=["d1"])
+    sha = dep["devices"][0]["artifact_sha256"]
+    report = BenchmarkReport(sha, "litert", "2.3.0", 1, 50, 5, 2.0, 0.5, 0.1, 0.2, 0.3, 0.12,
+                             0.01, 0.09, 0.4, 50.0, 48.0, 3.0, 0.3, "estimated", True)
+    event = Event(device_id="d1", event_id="e1", kind="benchmark", message="done",
+                  deployment_id=dep["id"], generation=1, state="active", model_sha256=sha,
+                  benchmark=report)
+    assert fleet.record_event(event) is True
+    assert fleet.record_event(event) is False, "a redelivered event is stored once"
+    assert fleet.deployment(dep["id"])["devices"][0]["state"] == "succeeded"
+    assert len(fleet.benchmarks("d1")) == 1
+
+
+def test_offline_status_only_flips_online(fleet: Fleet) -> None:
+    fleet.record_hello(Hello(device_id="d1", agent_version="0.1.0", facts=FACTS))
+    sha = "cd" * 32
+    fleet.record_status(Status(device_id="d1", online=True, state="active", model_sha256=sha))
+    fleet.record_status(Status(device_id="d1", online=False, state="idle"))
+    row = fleet.device("d1")
+    assert not row["online"] and row["model_sha256"] == sha and row["state"] == "active"
+
+
+def test_wal_allows_a_reader_while_a_writer_holds_a_transaction(tmp_path: Path) -> None:
+    writer = Fleet(tmp_path / "h")
+    reader = Fleet(tmp_path / "h")
+    writer.register_device("d1", "rpi4")
+    with writer.db.transaction() as tx:
+        tx.execute("UPDATE devices SET state = 'busy' WHERE id = 'd1'")
+        started = time.monotonic()
+        assert reader.device("d1")["state"] == "unknown"
+        assert time.monotonic() - started < 1.0
+    assert reader.device("d1")["state"] == "busy"
+
+
+def test_failed_transaction_rolls_back(fleet: Fleet) -> None:
+    with pytest.raises(sqlite3.IntegrityError), fleet.db.transaction() as tx:
+        tx.execute("INSERT INTO devices (id, registered_by, registered_at) VALUES ('x', 'cli', 1)")
+        tx.execute("INSERT INTO devices (id, registered_by, registered_at) VALUES ('x', 'cli', 1)")
+    assert fleet.devices() == []
