@@ -150,6 +150,22 @@ def devices_remove(
     typer.echo(f"removed {device_id}")
 
 
+@devices_app.command("benchmark")
+def devices_benchmark(
+    device_id: Annotated[str, typer.Argument(help="device id")],
+    runs: Annotated[int, typer.Option(min=1, help="timed invocations")] = 50,
+    warmup: Annotated[int, typer.Option(min=0, help="untimed invocations first")] = 5,
+    home: HomeOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Ask a device to benchmark its active model now (a running `edgefleet up` sends it)."""
+    try:
+        command_id = _fleet(home).send_command(device_id, "benchmark", runs=runs, warmup=warmup)
+    except FleetError as exc:
+        raise _fail(exc) from None
+    typer.echo(as_json({"command_id": command_id}) if json_out else f"queued {command_id}")
+
+
 # ---------------------------------------------------------------------------- profiles
 @profiles_app.command("list")
 def profiles_list(json_out: JsonOption = False) -> None:

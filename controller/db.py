@@ -102,6 +102,20 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX events_deployment ON events (deployment_id);
     """,
+    """
+    CREATE TABLE commands (
+        id TEXT PRIMARY KEY,
+        device_id TEXT NOT NULL,
+        action TEXT NOT NULL,
+        runs INTEGER NOT NULL DEFAULT 50,
+        warmup INTEGER NOT NULL DEFAULT 5,
+        created REAL NOT NULL,
+        published REAL,
+        completed REAL,
+        result TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX commands_unpublished ON commands (published) WHERE published IS NULL;
+    """,
 )
 
 

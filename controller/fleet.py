@@ -12,6 +12,7 @@ from typing import Any
 import firmware_profiles
 from agent.protocol import (
     ArtifactRef,
+    Command,
     Desired,
     Event,
     Hello,
@@ -291,6 +292,44 @@ class Fleet:
         with self.db.transaction() as tx:
             tx.execute("UPDATE devices SET published_generation = 0")
 
+    # ------------------------------------------------------------------ commands
+    def send_command(self, device_id: str, action: str, *, runs: int = 50, warmup: int = 5) -> str:
+        """Queue a one-shot command (benchmark, rollback, resend_status); the service sends it."""
+        self.device(device_id)
+        command = Command(
+            command_id=f"cmd-{uuid.uuid4().hex[:12]}", action=action, runs=runs, warmup=warmup
+        )  # type: ignore[arg-type]
+        with self.db.transaction() as tx:
+            tx.execute(
+                "INSERT INTO commands (id, device_id, action, runs, warmup, created) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (command.command_id, device_id, action, runs, warmup, now()),
+            )
+        return command.command_id
+
+    def command(self, command_id: str) -> dict[str, Any]:
+        """One command with its state."""
+        row = self.db.query_one("SELECT * FROM commands WHERE id = ?", (command_id,))
+        if row is None:
+            raise FleetError(f"unknown command {command_id!r}")
+        return row
+
+    def unpublished_commands(self) -> list[tuple[str, Command]]:
+        """Commands not yet handed to the broker, oldest first."""
+        rows = self.db.query("SELECT * FROM commands WHERE published IS NULL ORDER BY created")
+        return [
+            (
+                r["device_id"],
+                Command(command_id=r["id"], action=r["action"], runs=r["runs"], warmup=r["warmup"]),
+            )
+            for r in rows
+        ]
+
+    def mark_command_published(self, command_id: str) -> None:
+        """Record that a command was published."""
+        with self.db.transaction() as tx:
+            tx.execute("UPDATE commands SET published = ? WHERE id = ?", (now(), command_id))
+
     # ------------------------------------------------------------------ ingest
     def record_hello(self, hello: Hello) -> None:
         """Register or refresh a device from its hello, matching it to a profile."""
@@ -377,6 +416,11 @@ class Fleet:
             if not inserted:
                 return False
             tx.execute("UPDATE devices SET last_seen = ? WHERE id = ?", (now(), event.device_id))
+            if event.kind == "command":
+                tx.execute(
+                    "UPDATE commands SET completed = ?, result = ? WHERE id = ? AND device_id = ?",
+                    (now(), event.message, event.event_id, event.device_id),
+                )
             if event.deployment_id and event.generation is not None:
                 new_state = {"error": "failed"}.get(event.kind)
                 if event.kind == "update" and event.state == "active":

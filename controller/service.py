@@ -187,6 +187,9 @@ class ControllerService:
             self.session.publish(self.topics.desired(device_id), dump(desired), retain=True)
             fleet.mark_published(device_id, desired.generation)
             log.info("desired generation %d -> %s", desired.generation, device_id)
+        for device_id, command in fleet.unpublished_commands():
+            self.session.publish(self.topics.cmd(device_id), dump(command))
+            fleet.mark_command_published(command.command_id)
 
     def _publish_manifest(self, manifest: Manifest) -> None:
         """Retained manifest, so a device that connects later still finds it."""
