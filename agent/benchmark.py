@@ -233,7 +233,7 @@ def format_result(result: BenchmarkResult) -> str:
     """Human summary in the spirit of benchmark_model's closing lines."""
     r = result
     threads = "runtime default" if r.threads is None else str(r.threads)
-    estimated = ", estimated" if r.power_estimated else ""
+    estimated = ", estimated" if r.power_estimated and r.power_source != "estimated" else ""
     rows = [
         ("Model", f"{Path(r.model_path).name} ({r.model_bytes} bytes)"),
         ("sha256", r.model_sha256),

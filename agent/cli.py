@@ -1,32 +1,71 @@
-"""`edgefleet-agent`: run the on-device daemon, or benchmark a model standalone."""
+"""`edgefleet-agent`: run the on-device daemon, or benchmark a model standalone.
+
+argparse, not typer: typer 0.29 imports pydantic when an app runs, which costs a device
+several MB of RSS for two subcommands (docs/agent.md). The controller CLI uses typer.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+import os
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
 
-import typer
-
+from agent import __version__
 from agent.config import ConfigError, load_config
 
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    help="edgefleet on-device agent: follows desired state over MQTT and measures models.",
-)
+
+def _positive(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
-@app.command()
-def run(
-    config: Annotated[
-        Path, typer.Option("--config", "-c", envvar="EDGEFLEET_AGENT_CONFIG", help="agent.toml")
-    ] = Path("agent.toml"),
-    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
-) -> None:
+def _non_negative(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The agent's command line."""
+    parser = argparse.ArgumentParser(
+        prog="edgefleet-agent",
+        description="edgefleet on-device agent: follows desired state over MQTT, measures models.",
+    )
+    parser.add_argument("--version", action="version", version=f"edgefleet-agent {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the agent daemon until SIGTERM/SIGINT")
+    run.add_argument(
+        "--config",
+        "-c",
+        type=Path,
+        default=Path(os.environ.get("EDGEFLEET_AGENT_CONFIG", "agent.toml")),
+        help="agent.toml (env EDGEFLEET_AGENT_CONFIG; default ./agent.toml)",
+    )
+    run.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING")
+
+    bench = sub.add_parser(
+        "benchmark", help="measure a model like benchmark_model: init, percentiles, memory, power"
+    )
+    bench.add_argument("model", type=Path, help="a .tflite file")
+    bench.add_argument("--runs", type=_positive, default=50, help="timed invocations")
+    bench.add_argument("--warmup", type=_non_negative, default=5, help="untimed invocations first")
+    bench.add_argument("--threads", type=_positive, default=None, help="interpreter threads")
+    bench.add_argument("--json", dest="as_json", action="store_true", help="print JSON")
+    return parser
+
+
+def run(config: Path, log_level: str) -> int:
     """Run the agent daemon until SIGTERM/SIGINT."""
     from agent.daemon import Agent
 
@@ -36,44 +75,44 @@ def run(
     try:
         cfg = load_config(config)
     except ConfigError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     agent = Agent(cfg)
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())
     signal.signal(signal.SIGINT, lambda *_: agent.stop())
     agent.run()
+    return 0
 
 
-@app.command()
-def benchmark(
-    model: Annotated[Path, typer.Argument(help="a .tflite file")],
-    runs: Annotated[int, typer.Option(min=1, help="timed invocations")] = 50,
-    warmup: Annotated[int, typer.Option(min=0, help="untimed invocations first")] = 5,
-    threads: Annotated[int | None, typer.Option(min=1, help="interpreter threads")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
-) -> None:
-    """Measure a model like benchmark_model: init, first run, percentiles, memory, power."""
+def benchmark(model: Path, runs: int, warmup: int, threads: int | None, as_json: bool) -> int:
+    """Benchmark one model file and print the result."""
     from agent.benchmark import benchmark_model, format_result
     from agent.runtime import ModelLoadError
 
     if not model.is_file():
-        typer.echo(f"error: {model}: no such file", err=True)
-        raise typer.Exit(2)
+        print(f"error: {model}: no such file", file=sys.stderr)
+        return 2
     try:
         result = benchmark_model(model, runs=runs, warmup=warmup, threads=threads)
     except ModelLoadError as exc:
-        typer.echo(f"error: model does not load: {exc}", err=True)
-        raise typer.Exit(1) from None
-    if as_json:
-        typer.echo(json.dumps(result.to_dict(), indent=2))
-    else:
-        typer.echo(format_result(result))
+        print(f"error: model does not load: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result.to_dict(), indent=2) if as_json else format_result(result))
+    return 0
 
 
-def main() -> None:
-    """Console-script entry point."""
-    app()
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console-script entry point; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    if args.command == "run":
+        return run(args.config, args.log_level)
+    return benchmark(args.model, args.runs, args.warmup, args.threads, args.as_json)
+
+
+def console_main() -> None:
+    """Console-script wrapper: exit with main()'s code."""
+    sys.exit(main())
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

@@ -15,6 +15,7 @@ from agent.benchmark import benchmark_interpreter
 from agent.config import AgentConfig
 from agent.download import ChunkRejected, Download
 from agent.facts import device_facts
+from agent.memory import release_memory
 from agent.mqtt import MqttSession
 from agent.power import PowerModel, detect_power_source
 from agent.protocol import (
@@ -114,6 +115,7 @@ class Agent:
                     self._apply_desired(item)
                 else:
                     self._run_command(item)
+                release_memory()
         finally:
             self.session.publish(
                 self.topics.status(self.config.device_id),

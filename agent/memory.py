@@ -43,3 +43,23 @@ def rss_mb() -> float:
     import psutil
 
     return psutil.Process().memory_info().rss / (1024.0 * 1024.0)
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc malloc_trim).
+
+    Downloads leave the heap fragmented with freed chunk buffers; on a device with little RAM an
+    idle agent should not keep them. A no-op where glibc is not the allocator.
+    """
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    libc_name = ctypes.util.find_library("c") if sys.platform == "linux" else None
+    if not libc_name:
+        return
+    try:
+        ctypes.CDLL(libc_name).malloc_trim(0)
+    except (OSError, AttributeError):
+        return

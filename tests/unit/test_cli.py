@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from agent.cli import app as agent_app
+from agent.cli import main as agent_main
 from controller.cli import app
 
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -48,7 +48,9 @@ def test_register_list_show_remove(home: list[str]) -> None:
         (["deployments", "show", "dep-x"], "unknown deployment"),
     ],
 )
-def test_bad_input_exits_2_with_a_clear_error(home: list[str], args: list[str], message: str) -> None:
+def test_bad_input_exits_2_with_a_clear_error(
+    home: list[str], args: list[str], message: str
+) -> None:
     result = runner.invoke(app, [*args, *home])
     assert result.exit_code == 2
     assert message in result.output
@@ -75,34 +77,57 @@ def test_profiles_list_and_show() -> None:
 
 
 @pytest.mark.agent
-def test_agent_benchmark_json() -> None:
-    result = runner.invoke(
-        agent_app, ["benchmark", str(DATA / "tiny_int8.tflite"), "--runs", "20", "--json"]
-    )
-    assert result.exit_code == 0, result.output
-    data = json.loads(result.output)
+def test_agent_benchmark_json(capsys: pytest.CaptureFixture[str]) -> None:
+    code = agent_main(["benchmark", str(DATA / "tiny_int8.tflite"), "--runs", "20", "--json"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    data = json.loads(out)
     assert data["runs"] == 20 and 0 < data["p50_ms"] <= data["p99_ms"]
     assert data["power_source"] == "estimated"
 
 
 @pytest.mark.agent
-@pytest.mark.parametrize("name", ["garbage.tflite", "empty.tflite", "truncated.tflite"])
-def test_agent_benchmark_bad_model(name: str) -> None:
-    result = runner.invoke(agent_app, ["benchmark", str(DATA / name)])
-    assert result.exit_code == 1
-    assert "does not load" in result.output
+def test_agent_benchmark_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert agent_main(["benchmark", str(DATA / "tiny_fp32.tflite"), "--runs", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "p50" in out and "p99" in out and "estimated" in out
 
 
 @pytest.mark.agent
-def test_agent_run_with_bad_config_exits_2(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["garbage.tflite", "empty.tflite", "truncated.tflite"])
+def test_agent_benchmark_bad_model(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert agent_main(["benchmark", str(DATA / name)]) == 1
+    assert "does not load" in capsys.readouterr().err
+
+
+@pytest.mark.agent
+def test_agent_benchmark_missing_file(capsys: pytest.CaptureFixture[str]) -> None:
+    assert agent_main(["benchmark", str(DATA / "nope.tflite")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+@pytest.mark.agent
+@pytest.mark.parametrize("args", [["benchmark", "m.tflite", "--runs", "0"], ["explode"], []])
+def test_agent_bad_arguments_exit_2(args: list[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        agent_main(args)
+    assert exc.value.code == 2
+
+
+@pytest.mark.agent
+def test_agent_run_with_bad_config_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     cfg = tmp_path / "agent.toml"
     cfg.write_text('device_id = "d"\ndata_dir = "/tmp/x"\nwhat = 1\n')
-    result = runner.invoke(agent_app, ["run", "--config", str(cfg)])
-    assert result.exit_code == 2 and "unknown key 'what'" in result.output
+    assert agent_main(["run", "--config", str(cfg)]) == 2
+    assert "unknown key 'what'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("module", ["controller.cli", "agent.cli"])
-def test_help_in_a_real_subprocess(module: str) -> None:
-    out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True,
-                         text=True, timeout=60, check=True)
-    assert "Usage" in out.stdout
+@pytest.mark.parametrize("script", ["edgefleet", "edgefleet-agent"])
+def test_help_of_the_installed_console_script(script: str) -> None:
+    exe = Path(sys.executable).parent / script
+    out = subprocess.run(
+        [str(exe), "--help"], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert "usage" in out.stdout.lower()
