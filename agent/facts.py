@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes.util
 import platform
+import struct
 
 import psutil
 
@@ -29,11 +30,26 @@ def detect_delegates() -> tuple[str, ...]:
     return tuple(found)
 
 
+def userland_arch(machine: str | None = None, pointer_bytes: int | None = None) -> str:
+    """The architecture our binaries run as: a 32-bit userland on a 64-bit kernel is armv7l.
+
+    platform.machine() reports the kernel (aarch64 on Raspberry Pi OS 32-bit with the default
+    64-bit kernel); wheels, runtimes and profiles care about the userland.
+    """
+    machine = machine or platform.machine()
+    pointer_bytes = pointer_bytes or struct.calcsize("P")
+    if pointer_bytes == 4 and machine in ("aarch64", "arm64", "armv8l"):
+        return "armv7l"
+    if pointer_bytes == 4 and machine == "x86_64":
+        return "i686"
+    return machine
+
+
 def device_facts() -> DeviceFacts:
     """Collect arch, OS, cores, RAM, the TFLite runtime and delegates."""
     info = runtime_info()
     return DeviceFacts(
-        arch=platform.machine(),
+        arch=userland_arch(),
         system=platform.system(),
         cpu_count=psutil.cpu_count(logical=True) or 1,
         ram_mb=int(psutil.virtual_memory().total // (1024 * 1024)),

@@ -47,6 +47,14 @@ class Fleet:
         self.home = home
         self.db = Database(home / "edgefleet.db")
         self.artifacts = ArtifactStore(home / "artifacts")
+        self._profiles: dict[str, firmware_profiles.Profile] | None = None
+
+    @property
+    def profiles(self) -> dict[str, firmware_profiles.Profile]:
+        """Profiles loaded once per Fleet (matching runs on every hello)."""
+        if self._profiles is None:
+            self._profiles = firmware_profiles.load_all()
+        return self._profiles
 
     def close(self) -> None:
         """Release the database connection."""
@@ -347,7 +355,8 @@ class Fleet:
                     "ram_mb": hello.facts.ram_mb,
                     "declared_profile": hello.profile,
                     "delegates": list(hello.facts.delegates),
-                }
+                },
+                self.profiles,
             )
         with self.db.transaction() as tx:
             tx.execute(

@@ -62,3 +62,19 @@ def test_parse_mqtt_url(url: str, expected: tuple[str, int]) -> None:
 def test_parse_mqtt_url_rejects(url: str) -> None:
     with pytest.raises(ValueError):
         parse_mqtt_url(url)
+
+
+@pytest.mark.parametrize(
+    ("machine", "pointer", "expected"),
+    [
+        ("aarch64", 8, "aarch64"),
+        ("aarch64", 4, "armv7l"),
+        ("armv7l", 4, "armv7l"),
+        ("x86_64", 8, "x86_64"),
+        ("x86_64", 4, "i686"),
+    ],
+)
+def test_userland_arch(machine: str, pointer: int, expected: str) -> None:
+    from agent.facts import userland_arch
+
+    assert userland_arch(machine, pointer) == expected

@@ -1,0 +1,142 @@
+"""`edgefleet up` as a real process: clear port errors, and a restart that loses nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.protocol import Command, Topics, dump
+from controller.broker import BrokerHandle
+from controller.fleet import Fleet
+from tests.e2e.conftest import DATA, AgentProcess, wait_until
+
+pytestmark = [pytest.mark.e2e]
+
+EDGEFLEET = str(Path(sys.executable).parent / "edgefleet")
+
+
+@pytest.fixture
+def e2e_broker(mosquitto_broker: BrokerHandle) -> BrokerHandle:
+    """mosquitto only: the restart test needs a persistent session, which amqtt drops."""
+    return mosquitto_broker
+
+
+class ControllerProcess:
+    """`edgefleet up --broker URL` in its own process, stopped by PID."""
+
+    def __init__(self, home: Path, broker: BrokerHandle, topic_root: str, log: Path) -> None:
+        """Remember how to start it."""
+        self.args = [
+            EDGEFLEET,
+            "up",
+            "--broker",
+            broker.url,
+            "--topic-root",
+            topic_root,
+            "--home",
+            str(home),
+        ]
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start the process."""
+        self.proc = subprocess.Popen(
+            self.args, stdout=self.log.open("ab"), stderr=subprocess.STDOUT
+        )
+
+    def stop(self) -> int:
+        """SIGTERM by PID and wait for a clean exit."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGTERM)
+        return self.proc.wait(15)
+
+
+@pytest.fixture
+def controller_process(
+    e2e_broker: BrokerHandle, topic_root: str, tmp_path: Path
+) -> Iterator[ControllerProcess]:
+    """A controller process on the test broker; stopped at teardown if still running."""
+    ctl = ControllerProcess(tmp_path / "ctl", e2e_broker, topic_root, tmp_path / "ctl.log")
+    ctl.start()
+    yield ctl
+    if ctl.proc is not None and ctl.proc.poll() is None:
+        ctl.proc.kill()
+        ctl.proc.wait()
+
+
+def test_up_refuses_a_taken_port_with_a_clear_error(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        out = subprocess.run(
+            [EDGEFLEET, "up", "--port", str(port), "--home", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert out.returncode == 2
+    assert f"port {port}" in out.stderr and "already in use" in out.stderr
+
+
+def test_controller_restart_loses_no_event(
+    controller_process: ControllerProcess,
+    start_agent: Callable[..., AgentProcess],
+    mqtt_probe: Any,
+    e2e_broker: BrokerHandle,
+    topic_root: str,
+    tmp_path: Path,
+) -> None:
+    fleet = Fleet(tmp_path / "ctl")
+    agent = start_agent("dev-r")
+    wait_until(
+        lambda: any(d["id"] == "dev-r" and d["online"] for d in fleet.devices()),
+        30,
+        "hello through the controller process",
+    )
+    # Deploy through the real CLI into the same data dir; the running controller publishes it.
+    deploy = subprocess.run(
+        [
+            EDGEFLEET,
+            "deploy",
+            str(DATA / "tiny_int8.tflite"),
+            "--to",
+            "dev-r",
+            "--home",
+            str(tmp_path / "ctl"),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert deploy.returncode == 0, deploy.stderr
+    wait_until(lambda: len(fleet.benchmarks("dev-r")) == 1, 60, "first benchmark")
+
+    assert controller_process.stop() == 0, controller_process.log.read_text()[-2000:]
+    # While the controller is down, the device reports a benchmark (a command sent directly).
+    probe = mqtt_probe(e2e_broker)
+    command = Command(command_id="while-down", action="benchmark", runs=10)
+    probe.publish(Topics(topic_root).cmd("dev-r"), dump(command))
+    events = f"{topic_root}/devices/dev-r/events"
+    probe.subscribe(events)
+    probe.wait_for(events, lambda m: b'"kind":"benchmark"' in m.payload, timeout=30)
+    assert len(fleet.benchmarks("dev-r")) == 1, "nothing stored while the controller is down"
+
+    controller_process.start()
+    wait_until(
+        lambda: len(fleet.benchmarks("dev-r")) == 2,
+        30,
+        "the event queued by the broker during the restart",
+    )
+    assert fleet.benchmarks("dev-r")[0]["runs"] == 10
+    assert agent.alive
