@@ -13,6 +13,7 @@ import typer
 
 import firmware_profiles
 from controller.fleet import Fleet, FleetError, default_home
+from controller.optimize_cmd import optimize
 from controller.render import as_json, num, short, table
 
 app = typer.Typer(
@@ -26,6 +27,7 @@ deployments_app = typer.Typer(no_args_is_help=True, help="Direct deployments and
 app.add_typer(devices_app, name="devices")
 app.add_typer(profiles_app, name="profiles")
 app.add_typer(deployments_app, name="deployments")
+app.command()(optimize)
 
 HomeOption = Annotated[
     Path | None,
