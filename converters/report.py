@@ -1,0 +1,115 @@
+"""What optimize() returns: per-profile and per-variant reports, and progress events."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from converters.checks import CheckResult
+from converters.compilers import CompileResult
+from converters.evaluate import Evaluation
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """One step of the run, for a live table: profile, stage, recipe and a short message."""
+
+    profile: str
+    stage: str
+    recipe: str | None = None
+    message: str = ""
+
+
+ProgressCallback = Callable[[ProgressEvent], None]
+
+
+@dataclass
+class VariantReport:
+    """One recipe tried for one profile: what happened to it and why."""
+
+    recipe: str
+    variant: str = ""  # the built variant: the recipe, or e.g. "dynamic-pt" for old runtimes
+    status: str = "pending"  # selected | rejected | failed
+    reason: str = ""
+    latency_ms: float | None = None
+    latency_source: str | None = None  # host | vela
+    evaluation: Evaluation | None = None
+    checks: list[CheckResult] = field(default_factory=list)
+    compiled: CompileResult | None = None
+    artifact: Path | None = None
+    manifest: Path | None = None
+    golden: Path | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form."""
+        return {
+            "recipe": self.recipe,
+            "variant": self.variant or self.recipe,
+            "status": self.status,
+            "reason": self.reason,
+            "latency_ms": self.latency_ms,
+            "latency_source": self.latency_source,
+            "evaluation": self.evaluation.to_dict() if self.evaluation else None,
+            "checks": [c.to_dict() for c in self.checks],
+            "compiler": self.compiled.to_dict() if self.compiled else None,
+            "artifact": str(self.artifact) if self.artifact else None,
+            "manifest": str(self.manifest) if self.manifest else None,
+            "golden": str(self.golden) if self.golden else None,
+        }
+
+
+@dataclass
+class ProfileReport:
+    """The outcome for one profile: the selected variant, or why there is none."""
+
+    profile: str
+    status: str = "pending"  # ok | no_variant | error
+    error: str | None = None
+    variants: list[VariantReport] = field(default_factory=list)
+
+    @property
+    def selected(self) -> VariantReport | None:
+        """The variant chosen for this profile, if any."""
+        return next((v for v in self.variants if v.status == "selected"), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form."""
+        chosen = self.selected
+        return {
+            "profile": self.profile,
+            "status": self.status,
+            "error": self.error,
+            "selected": chosen.recipe if chosen else None,
+            "variants": [v.to_dict() for v in self.variants],
+        }
+
+
+@dataclass
+class OptimizeReport:
+    """Everything `edgefleet optimize` prints: one ProfileReport per profile."""
+
+    model: Path
+    out_dir: Path
+    max_accuracy_drop: float
+    profiles: list[ProfileReport] = field(default_factory=list)
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when every profile got an artifact."""
+        return all(p.status == "ok" for p in self.profiles)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form for `--json`."""
+        return {
+            "model": str(self.model),
+            "out_dir": str(self.out_dir),
+            "max_accuracy_drop": self.max_accuracy_drop,
+            "ok": self.ok,
+            "seconds": round(self.seconds, 3),
+            "notes": list(self.notes),
+            "profiles": [p.to_dict() for p in self.profiles],
+        }

@@ -1,0 +1,80 @@
+"""`edgefleet demo` as a user runs it: real broker, controller, agent processes and CNN."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+EDGEFLEET = str(Path(sys.executable).parent / "edgefleet")
+
+
+def _demo_processes() -> list[psutil.Process]:
+    """Agent processes started by a demo (their configs live in an edgefleet-demo-* dir)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if "agent.cli" in cmdline and "edgefleet-demo-" in cmdline:
+            found.append(proc)
+    return found
+
+
+def test_demo_json_reports_every_device_and_cleans_up() -> None:
+    before = {p.pid for p in _demo_processes()}
+    out = subprocess.run(
+        [EDGEFLEET, "demo", "--devices", "3", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    data = json.loads(out.stdout)
+    rows = data["devices"]
+    assert [r["device"] for r in rows] == ["demo-1", "demo-2", "demo-3"]
+    assert len({r["profile"] for r in rows}) == 3, "each agent declares its own profile"
+    shas = {r["model_sha256"] for r in rows}
+    assert len(shas) == 1 and None not in shas
+    for row in rows:
+        bench = row["benchmark"]
+        assert row["deployment_state"] == "succeeded"
+        assert 0 < bench["p50_ms"] <= bench["p99_ms"]
+        assert 0 < bench["peak_rss_mb"] < 400, "peak RSS is the agent's own, not its parent's"
+        assert bench["power_source"] == "estimated" and bench["energy_mj_per_inference"] > 0
+    assert "registered" in out.stderr and "egress" in out.stderr, "progress is shown"
+    leftovers = [p for p in _demo_processes() if p.pid not in before]
+    assert leftovers == [], f"demo left processes running: {leftovers}"
+
+
+def test_demo_table_output() -> None:
+    out = subprocess.run(
+        [EDGEFLEET, "demo", "--devices", "1"], capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    header = out.stdout.splitlines()[0]
+    for column in (
+        "DEVICE",
+        "PROFILE",
+        "RUNTIME",
+        "MODEL",
+        "P50 MS",
+        "P99 MS",
+        "PEAK RSS MB",
+        "POWER SOURCE",
+    ):
+        assert column in header
+    assert "demo-1" in out.stdout
+
+
+def test_demo_rejects_a_bad_device_count() -> None:
+    out = subprocess.run(
+        [EDGEFLEET, "demo", "--devices", "0"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 2
