@@ -95,6 +95,7 @@ class Agent:
         self._manifests: dict[str, Manifest] = {}
         self._manifest_arrived = threading.Condition()
         self._download: Download | None = None
+        self._fetching_sha: str | None = None
         self._serving: Any = None
         self._serving_sha: str | None = None
         self._serving_init_ms = 0.0
@@ -120,18 +121,25 @@ class Agent:
                     item = self._work.get(timeout=0.2)
                 except queue.Empty:
                     continue
-                if isinstance(item, Desired):
-                    self._apply_desired(item)
-                else:
-                    self._run_command(item)
+                try:
+                    if isinstance(item, Desired):
+                        self._apply_desired(item)
+                    else:
+                        self._run_command(item)
+                except Exception as exc:  # one bad item must not take the agent down
+                    log.exception("work item failed")
+                    if isinstance(item, Desired):
+                        self._fail(item, f"internal error: {type(item).__name__}: {exc}")
+                    else:
+                        self._emit("error", f"command {item.command_id} failed: {exc}")
                 release_memory()
         finally:
             self.session.publish(
                 self.topics.status(self.config.device_id),
                 dump(self._status(online=False)),
                 retain=True,
+                wait_s=2.0,
             )
-            time.sleep(0.2)
             self.session.stop()
 
     def stop(self) -> None:
@@ -143,16 +151,30 @@ class Agent:
         record = self.state.record
         log.info("saved state %s: %s", record.state, RESTORE.get(record.state, "?"))
         if record.state == "self-testing" and record.selftest_attempts >= MAX_SELFTEST_ATTEMPTS:
-            self.state.transition(
-                "failed",
-                applied_generation=record.generation,
-                detail=f"self-test crashed the agent {record.selftest_attempts} times; giving up",
-            )
+            reason = f"self-test crashed the agent {record.selftest_attempts} times; giving up"
+            self.state.transition("failed", applied_generation=record.generation, detail=reason)
+            # Told to the controller once connected (QoS1 waits in paho's queue until then).
+            self._emit_record_error(reason)
         elif record.state in ("fetching", "verifying", "staged", "self-testing"):
             # The retained desired state is delivered again on subscribe and drives the resume;
             # the chunk bitmap on disk keeps what was already downloaded.
             self.state.update(detail=f"interrupted in {record.state}; resuming")
         self._load_serving()
+
+    def _emit_record_error(self, reason: str) -> None:
+        """Send an error event for the saved update record (deployment and generation)."""
+        record = self.state.record
+        event = Event(
+            device_id=self.config.device_id,
+            event_id=uuid.uuid4().hex,
+            kind="error",
+            message=reason,
+            deployment_id=record.deployment_id,
+            generation=record.generation,
+            state="failed",
+            model_sha256=self._serving_sha,
+        )
+        self.session.publish(self.topics.events(self.config.device_id), dump(event))
 
     def _load_serving(self) -> None:
         """Load the current model into the serving interpreter, falling back to the previous."""
@@ -182,9 +204,14 @@ class Agent:
         """(Re)subscribe, announce facts and status."""
         device = self.config.device_id
         self.session.subscribe(self.topics.desired(device), self.topics.cmd(device))
-        if self._download is not None:
-            sha = self._download.manifest.sha256
+        if self._fetching_sha is not None:
+            sha = self._fetching_sha
             self.session.subscribe(self.topics.manifest(sha), self.topics.chunks_filter(sha))
+        self._announce()
+
+    def _announce(self) -> None:
+        """Publish hello (facts) and the retained status."""
+        device = self.config.device_id
         hello = Hello(
             device_id=device,
             agent_version=__version__,
@@ -252,6 +279,10 @@ class Agent:
             )
             self._publish_status()
             self._emit("update", "already in desired state", desired=desired)
+            if self._serving_sha:
+                self._benchmark_and_report(
+                    desired.benchmark_runs, desired.benchmark_warmup, desired
+                )
             return
         try:
             self._update(desired)
@@ -269,7 +300,8 @@ class Agent:
             "generation": desired.generation,
             "sha256": sha,
         }
-        if self.state.record.sha256 != sha:
+        record = self.state.record
+        if record.sha256 != sha or record.generation != desired.generation:
             common["selftest_attempts"] = 0  # type: ignore[assignment]
         if not self.store.has(sha):
             self._step("fetching", desired, **common)
@@ -327,9 +359,10 @@ class Agent:
         assert desired.artifact is not None
         sha = desired.artifact.sha256
         deadline = time.monotonic() + self.config.fetch_timeout_s
+        self._fetching_sha = sha  # so a reconnect re-subscribes even before the manifest came
         self.session.subscribe(self.topics.manifest(sha))
         try:
-            manifest = self._wait_manifest(sha, deadline)
+            manifest = self._wait_manifest(sha, deadline, desired.generation)
             if manifest.size != desired.artifact.size:
                 raise UpdateFailed(
                     f"manifest size {manifest.size} != desired size {desired.artifact.size}"
@@ -353,19 +386,24 @@ class Agent:
                 self._wait_for_progress(download, deadline)
         finally:
             self._download = None
+            self._fetching_sha = None
             self.session.unsubscribe(self.topics.manifest(sha), self.topics.chunks_filter(sha))
 
     def _wait_for_progress(self, download: Download, deadline: float) -> None:
         """Wait while chunks keep arriving; return after repair_interval_s of silence."""
-        while not download.complete and time.monotonic() < deadline:
-            download.progress.clear()
+        while time.monotonic() < deadline:
+            download.progress.clear()  # before the check, so a chunk in between is not missed
+            if download.complete:
+                return
             if not download.progress.wait(self.config.repair_interval_s):
                 return
 
-    def _wait_manifest(self, sha: str, deadline: float) -> Manifest:
+    def _wait_manifest(self, sha: str, deadline: float, generation: int) -> Manifest:
         """Block until the retained manifest for `sha` arrived (or the deadline passes)."""
         with self._manifest_arrived:
             while sha not in self._manifests:
+                if self._latest_generation > generation or self._stop.is_set():
+                    raise Superseded()
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise UpdateFailed(f"manifest for {sha[:12]} never arrived")
@@ -390,7 +428,7 @@ class Agent:
         if command.action == "benchmark":
             self._benchmark_and_report(command.runs, command.warmup, None)
         elif command.action == "resend_status":
-            self._publish_status()
+            self._announce()  # hello + status: the controller may have missed our hello
         elif command.action == "rollback":
             try:
                 self.store.rollback()

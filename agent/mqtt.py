@@ -83,11 +83,24 @@ class MqttSession:
         self.client.disconnect()
         self.client.loop_stop()
 
-    def publish(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1) -> None:
-        """Queue a publish; QoS1 messages wait in paho's queue across a reconnect."""
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        retain: bool = False,
+        qos: int = 1,
+        wait_s: float = 0.0,
+    ) -> None:
+        """Queue a publish (QoS1 waits in paho's queue across a reconnect); optionally await it."""
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             log.warning("publish to %s failed: %s", topic, paho.error_string(info.rc))
+        elif wait_s and self.connected.is_set():
+            try:
+                info.wait_for_publish(wait_s)
+            except (RuntimeError, ValueError):
+                log.warning("publish to %s not acknowledged within %.1f s", topic, wait_s)
 
     def subscribe(self, *topics: str) -> None:
         """Subscribe at QoS1."""

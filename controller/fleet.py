@@ -19,6 +19,7 @@ from agent.protocol import (
     Manifest,
     ProtocolError,
     Status,
+    dump,
     parse,
     validate_device_id,
 )
@@ -88,6 +89,10 @@ class Fleet:
         """All devices, ordered by id."""
         return [_device_row(r) for r in self.db.query("SELECT * FROM devices ORDER BY id")]
 
+    def has_device(self, device_id: str) -> bool:
+        """True when the device is in the registry."""
+        return self.db.query_one("SELECT 1 FROM devices WHERE id = ?", (device_id,)) is not None
+
     def device(self, device_id: str) -> dict[str, Any]:
         """One device, or FleetError naming the id."""
         row = self.db.query_one("SELECT * FROM devices WHERE id = ?", (device_id,))
@@ -141,7 +146,8 @@ class Fleet:
         if not model_path.is_file():
             raise FleetError(f"{model_path}: no such file")
         if check:
-            head = model_path.open("rb").read(8)
+            with model_path.open("rb") as fh:
+                head = fh.read(8)
             if head[4:8] != TFLITE_IDENTIFIER:
                 raise FleetError(f"{model_path}: not a TFLite model (no 'TFL3' identifier)")
         try:
@@ -150,6 +156,10 @@ class Fleet:
             )
         except ValueError as exc:
             raise FleetError(str(exc)) from None
+        try:
+            dump(manifest)  # the manifest must fit the protocol's message cap to be published
+        except ProtocolError as exc:
+            raise FleetError(f"{model_path}: too large to distribute: {exc}") from None
         self.artifacts.add_file(model_path)
         with self.db.transaction() as tx:
             tx.execute(
@@ -222,12 +232,13 @@ class Fleet:
                 (deployment_id, model_id, target, ts),
             )
             for device_id in targets:
-                generation = (
-                    tx.execute(
-                        "SELECT desired_generation FROM devices WHERE id = ?", (device_id,)
-                    ).fetchone()[0]
-                    + 1
-                )
+                # Monotonic even when the device row was recreated or the database is new: the
+                # agent ignores generations <= the last one it applied, so never go back.
+                previous = tx.execute(
+                    "SELECT MAX(desired_generation, reported_generation) FROM devices WHERE id = ?",
+                    (device_id,),
+                ).fetchone()[0]
+                generation = max(previous + 1, int(ts * 1000))
                 tx.execute(
                     "UPDATE devices SET desired_generation = ?, desired_sha256 = ?, "
                     "desired_deployment_id = ? WHERE id = ?",
@@ -235,7 +246,7 @@ class Fleet:
                 )
                 tx.execute(
                     "UPDATE deployment_devices SET state = 'superseded', updated = ? "
-                    "WHERE device_id = ? AND state IN ('pending', 'in_progress')",
+                    "WHERE device_id = ? AND state IN ('pending', 'in_progress', 'activated')",
                     (ts, device_id),
                 )
                 tx.execute(

@@ -6,12 +6,14 @@ import logging
 import queue
 import threading
 import time
+import uuid
 from collections import defaultdict
 from pathlib import Path
 
 from agent.mqtt import MqttSession
 from agent.protocol import (
     DEFAULT_ROOT,
+    Command,
     Event,
     Hello,
     Manifest,
@@ -33,6 +35,8 @@ RECONCILE_INTERVAL_S = 0.5
 NEED_COALESCE_S = 0.25
 # Most messages handled per database transaction: batching keeps SQLite fast under fan-in.
 MAX_BATCH = 500
+# Ask an unknown device to announce itself at most this often.
+ANNOUNCE_RETRY_S = 10.0
 # QoS1 publishes in flight: high enough to stream a wave of chunks without stalling on PUBACKs.
 CONTROLLER_INFLIGHT = 200
 
@@ -58,6 +62,8 @@ class ControllerService:
         self._reconnected = threading.Event()
         self.ready = threading.Event()
         self.rejected = 0
+        self._announce_asked: dict[str, float] = {}
+        self.errors = 0
         self.chunks_published = 0
         self.bytes_published = 0
         self._thread: threading.Thread | None = None
@@ -113,15 +119,23 @@ class ControllerService:
             while not self._stop.is_set():
                 batch = self._drain(timeout=0.05)
                 for topic, payload in batch:
-                    self._handle(fleet, topic, payload, needs, first_need)
+                    try:
+                        self._handle(fleet, topic, payload, needs, first_need)
+                    except Exception:  # a bad message or a DB hiccup must not stop ingest
+                        self.errors += 1
+                        log.exception("failed to handle a message on %s", topic)
                 if self._reconnected.is_set():
                     # Retained state may be gone (broker restart without persistence): resend.
                     self._reconnected.clear()
                     fleet.republish_all()
                     next_reconcile = 0.0
                 if time.monotonic() >= next_reconcile:
-                    self._reconcile(fleet)
                     next_reconcile = time.monotonic() + RECONCILE_INTERVAL_S
+                    try:
+                        self._reconcile(fleet)
+                    except Exception:  # retried on the next tick; never kills the loop
+                        self.errors += 1
+                        log.exception("reconcile failed")
                 self._serve_chunks(fleet, needs, first_need)
         except Exception:
             log.exception("controller loop crashed")
@@ -162,6 +176,8 @@ class ControllerService:
                     return  # a cleared retained message
                 status = parse(payload, Status)
                 _same_device(status.device_id, parsed.ident)
+                if not fleet.has_device(status.device_id):
+                    self._ask_to_announce(status.device_id)
                 fleet.record_status(status)
             elif parsed.channel == "events":
                 event = parse(payload, Event)
@@ -176,6 +192,16 @@ class ControllerService:
         except (ProtocolError, ValueError) as exc:
             self.rejected += 1
             log.warning("rejected message on %s: %s", topic, exc)
+
+    def _ask_to_announce(self, device_id: str) -> None:
+        """A device we only know from its retained status lost its hello (it connected before
+        our first subscription existed): ask it to announce itself again."""
+        now = time.monotonic()
+        if now - self._announce_asked.get(device_id, -ANNOUNCE_RETRY_S) < ANNOUNCE_RETRY_S:
+            return
+        self._announce_asked[device_id] = now
+        command = Command(command_id=f"announce-{uuid.uuid4().hex[:12]}", action="resend_status")
+        self.session.publish(self.topics.cmd(device_id), dump(command))
 
     def _reconcile(self, fleet: Fleet) -> None:
         """Publish manifests and desired states that the database has and the broker lacks."""
@@ -203,12 +229,16 @@ class ControllerService:
         for sha in due:
             indices = sorted(needs.pop(sha, set()))
             del first_need[sha]
-            manifest = fleet.manifest(sha)
-            for index in indices:
-                data = fleet.artifacts.read_chunk(sha, index, manifest.chunk_size)
-                self.session.publish(self.topics.chunk(sha, index), data)
-                self.chunks_published += 1
-                self.bytes_published += len(data)
+            try:
+                manifest = fleet.manifest(sha)
+                for index in indices:
+                    data = fleet.artifacts.read_chunk(sha, index, manifest.chunk_size)
+                    self.session.publish(self.topics.chunk(sha, index), data)
+                    self.chunks_published += 1
+                    self.bytes_published += len(data)
+            except Exception:  # e.g. the artifact file vanished: log, keep serving the rest
+                self.errors += 1
+                log.exception("cannot serve chunks of %s", sha[:12])
 
 
 def _same_device(claimed: str, topic_id: str) -> None:

@@ -127,7 +127,8 @@ class Desired:
         _check_version(self.v)
         if self.generation < 1:
             raise ProtocolError(f"$.generation: must be >= 1, got {self.generation}")
-        _non_negative("benchmark_runs", self.benchmark_runs)
+        if self.benchmark_runs < 1:
+            raise ProtocolError(f"$.benchmark_runs: must be >= 1, got {self.benchmark_runs}")
         _non_negative("benchmark_warmup", self.benchmark_warmup)
 
 
@@ -254,7 +255,8 @@ class Command:
         _check_version(self.v)
         if not 1 <= len(self.command_id) <= 64:
             raise ProtocolError("$.command_id: must be 1-64 characters")
-        _non_negative("runs", self.runs)
+        if self.runs < 1:
+            raise ProtocolError(f"$.runs: must be >= 1, got {self.runs}")
         _non_negative("warmup", self.warmup)
 
 

@@ -140,3 +140,34 @@ def test_controller_restart_loses_no_event(
     )
     assert fleet.benchmarks("dev-r")[0]["runs"] == 10
     assert agent.alive
+
+
+def test_agent_that_connected_before_the_controller_is_still_registered(
+    e2e_broker: BrokerHandle,
+    start_agent: Callable[..., AgentProcess],
+    mqtt_probe: Any,
+    topic_root: str,
+    tmp_path: Path,
+) -> None:
+    """Its hello went nowhere (no controller session yet); its retained status is enough."""
+    start_agent("early-bird")
+    probe = mqtt_probe(e2e_broker)
+    status = f"{topic_root}/devices/early-bird/status"
+    probe.subscribe(status)
+    probe.wait_for(status, lambda m: b'"online":true' in m.payload, timeout=30)
+    ctl = ControllerProcess(tmp_path / "late", e2e_broker, topic_root, tmp_path / "late.log")
+    ctl.start()
+    fleet = Fleet(tmp_path / "late")
+    try:
+        row = wait_until(
+            lambda: (
+                fleet.has_device("early-bird")
+                and fleet.device("early-bird")["facts"]
+                and fleet.device("early-bird")
+            ),
+            30,
+            "registration of an agent older than us",
+        )
+        assert row["online"] and row["runtime"]
+    finally:
+        ctl.stop()

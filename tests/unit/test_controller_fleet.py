@@ -65,15 +65,47 @@ def test_deploy_sets_desired_generation_and_supersedes(fleet: Fleet) -> None:
     fleet.register_device("d1", "rpi4")
     first = fleet.deploy(DATA / "tiny_fp32.tflite", devices=["d1"])
     second = fleet.deploy(DATA / "tiny_int8.tflite", devices=["d1"])
-    assert fleet.device("d1")["desired_generation"] == 2
+    gen1 = fleet.deployment(first["id"])["devices"][0]["generation"]
+    gen2 = fleet.device("d1")["desired_generation"]
+    assert gen2 > gen1 > 0
     assert fleet.deployment(first["id"])["devices"][0]["state"] == "superseded"
     pending = fleet.unpublished_desired()
-    assert [(d, desired.generation) for d, desired, _ in pending] == [("d1", 2)]
+    assert [(d, desired.generation) for d, desired, _ in pending] == [("d1", gen2)]
     assert pending[0][1].deployment_id == second["id"]
-    fleet.mark_published("d1", 2)
+    fleet.mark_published("d1", gen2)
     assert fleet.unpublished_desired() == []
     fleet.republish_all()
     assert len(fleet.unpublished_desired()) == 1
+
+
+def test_generation_never_goes_back_after_remove_or_a_new_database(tmp_path: Path) -> None:
+    """The agent ignores generations <= the last applied one; a reset would lose deployments."""
+    old = Fleet(tmp_path / "old")
+    old.register_device("d1", "rpi4")
+    old.deploy(DATA / "tiny_fp32.tflite", devices=["d1"])
+    old.deploy(DATA / "tiny_int8.tflite", devices=["d1"])
+    applied = old.device("d1")["desired_generation"]
+    old.remove_device("d1")
+    old.register_device("d1", "rpi4")
+    old.deploy(DATA / "tiny_fp32.tflite", devices=["d1"])
+    assert old.device("d1")["desired_generation"] > applied
+    new = Fleet(tmp_path / "new")
+    new.register_device("d1", "rpi4")
+    new.deploy(DATA / "tiny_fp32.tflite", devices=["d1"])
+    assert new.device("d1")["desired_generation"] > applied
+
+
+def test_oversized_artifact_is_refused_before_it_can_poison_the_reconcile_loop(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    big = tmp_path / "big.tflite"
+    with big.open("wb") as fh:
+        fh.write((DATA / "tiny_fp32.tflite").read_bytes())
+        fh.truncate(300 * 1024 * 1024)  # sparse: 300 MiB -> manifest over the message cap
+    fleet.register_device("d1", "rpi4")
+    with pytest.raises(FleetError, match="too large to distribute"):
+        fleet.deploy(big, devices=["d1"])
+    assert fleet.unpublished_desired() == []
 
 
 def test_deploy_by_profile_and_bad_targets(fleet: Fleet) -> None:
@@ -97,11 +129,41 @@ def test_events_are_stored_once_and_drive_deployment_state(fleet: Fleet) -> None
     fleet.register_device("d1", "rpi4")
     dep = fleet.deploy(DATA / "tiny_fp32.tflite", devices=["d1"])
     sha = dep["devices"][0]["artifact_sha256"]
-    report = BenchmarkReport(sha, "litert", "2.3.0", 1, 50, 5, 2.0, 0.5, 0.1, 0.2, 0.3, 0.12,
-                             0.01, 0.09, 0.4, 50.0, 48.0, 3.0, 0.3, "estimated", True)
-    event = Event(device_id="d1", event_id="e1", kind="benchmark", message="done",
-                  deployment_id=dep["id"], generation=1, state="active", model_sha256=sha,
-                  benchmark=report)
+    generation = dep["devices"][0]["generation"]
+    report = BenchmarkReport(
+        sha,
+        "litert",
+        "2.3.0",
+        1,
+        50,
+        5,
+        2.0,
+        0.5,
+        0.1,
+        0.2,
+        0.3,
+        0.12,
+        0.01,
+        0.09,
+        0.4,
+        50.0,
+        48.0,
+        3.0,
+        0.3,
+        "estimated",
+        True,
+    )
+    event = Event(
+        device_id="d1",
+        event_id="e1",
+        kind="benchmark",
+        message="done",
+        deployment_id=dep["id"],
+        generation=generation,
+        state="active",
+        model_sha256=sha,
+        benchmark=report,
+    )
     assert fleet.record_event(event) is True
     assert fleet.record_event(event) is False, "a redelivered event is stored once"
     assert fleet.deployment(dep["id"])["devices"][0]["state"] == "succeeded"
