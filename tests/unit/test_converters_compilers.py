@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,15 +13,6 @@ from converters.compilers.vela import VelaCompiler, parse_summary_csv, parse_vel
 from converters.digits import digits_tflite
 from converters.errors import CompilerError
 from converters.tflite_inspect import inspect_tflite
-
-
-@pytest.fixture(scope="module")
-def cache_dir() -> Path:
-    """The shared converters test cache."""
-    default = Path(tempfile.gettempdir()) / "edgefleet-test-cache"
-    path = Path(os.environ.get("EDGEFLEET_TEST_CACHE") or default)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def test_registry() -> None:

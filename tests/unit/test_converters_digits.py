@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -11,15 +9,6 @@ import pytest
 
 from converters.digits import digits_keras, digits_tflite, load_digits_dataset, train_digits_cnn
 from converters.interpreter import load_host_model
-
-
-@pytest.fixture(scope="module")
-def cache_dir() -> Path:
-    """A per-machine cache shared by the converters tests (keys include code and TF versions)."""
-    default = Path(tempfile.gettempdir()) / "edgefleet-test-cache"
-    path = Path(os.environ.get("EDGEFLEET_TEST_CACHE") or default)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def test_dataset_shapes_dtypes_and_range() -> None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,15 +19,6 @@ from converters.evaluate import (
     write_golden,
 )
 from converters.interpreter import load_host_model
-
-
-@pytest.fixture(scope="module")
-def cache_dir() -> Path:
-    """The shared converters test cache."""
-    default = Path(tempfile.gettempdir()) / "edgefleet-test-cache"
-    path = Path(os.environ.get("EDGEFLEET_TEST_CACHE") or default)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -24,15 +22,6 @@ from converters.interpreter import load_host_model
 from converters.recipes import RECIPES
 from converters.requantize import TFLITE_RECIPES, requantize_tflite
 from converters.tflite_inspect import inspect_bytes
-
-
-@pytest.fixture(scope="module")
-def cache_dir() -> Path:
-    """The shared converters test cache."""
-    default = Path(tempfile.gettempdir()) / "edgefleet-test-cache"
-    path = Path(os.environ.get("EDGEFLEET_TEST_CACHE") or default)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def test_detect_format(tmp_path: Path, cache_dir: Path) -> None:

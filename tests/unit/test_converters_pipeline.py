@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,15 +20,6 @@ from converters.evaluate import verify_golden
 from converters.manifest import MANIFEST_SCHEMA
 from converters.pipeline import LATENCY_TIE, optimize
 from converters.report import ProgressEvent
-
-
-@pytest.fixture(scope="module")
-def cache_dir() -> Path:
-    """The shared converters test cache."""
-    default = Path(tempfile.gettempdir()) / "edgefleet-test-cache"
-    path = Path(os.environ.get("EDGEFLEET_TEST_CACHE") or default)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def narrowed(profile_id: str, *allowed: str) -> firmware_profiles.Profile:

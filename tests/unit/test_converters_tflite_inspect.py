@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,15 +13,6 @@ from converters.digits import digits_tflite
 from converters.errors import InspectError
 from converters.interpreter import load_host_model
 from converters.tflite_inspect import inspect_bytes, inspect_tflite
-
-
-@pytest.fixture(scope="module")
-def cache_dir() -> Path:
-    """The shared converters test cache."""
-    default = Path(tempfile.gettempdir()) / "edgefleet-test-cache"
-    path = Path(os.environ.get("EDGEFLEET_TEST_CACHE") or default)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def test_ops_match_the_interpreter(cache_dir: Path) -> None:
