@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
 import os
 import uuid
@@ -137,12 +137,15 @@ class Fleet:
         model_path: Path,
         *,
         name: str,
-        version: str,
+        version: str | None = None,
         recipe: str = "as-is",
         profile: str | None = None,
         check: bool = True,
     ) -> Manifest:
-        """Store a .tflite file as an artifact of model name:version and return its manifest."""
+        """Store a .tflite file as an artifact of model name:version and return its manifest.
+
+        Without a version, the first 12 hex digits of the file's sha256 are used.
+        """
         if not model_path.is_file():
             raise FleetError(f"{model_path}: no such file")
         if check:
@@ -152,15 +155,20 @@ class Fleet:
                 raise FleetError(f"{model_path}: not a TFLite model (no 'TFL3' identifier)")
         try:
             manifest = build_manifest(
-                model_path, name=name, version=version, recipe=recipe, profile=profile
+                model_path, name=name, version=version or "", recipe=recipe, profile=profile
             )
         except ValueError as exc:
             raise FleetError(str(exc)) from None
+        if not version:
+            version = manifest.sha256[:12]
+            manifest = dataclasses.replace(manifest, version=version)
         try:
             dump(manifest)  # the manifest must fit the protocol's message cap to be published
         except ProtocolError as exc:
             raise FleetError(f"{model_path}: too large to distribute: {exc}") from None
-        self.artifacts.add_file(model_path)
+        stored = self.artifacts.add_file(model_path)
+        if stored != manifest.sha256:
+            raise FleetError(f"{model_path}: changed while it was being added; try again")
         with self.db.transaction() as tx:
             tx.execute(
                 "INSERT INTO models (name, version, source, created) VALUES (?, ?, ?, ?) "
@@ -213,12 +221,12 @@ class Fleet:
                 raise FleetError(f"no registered device has profile {profile!r}")
         else:
             targets = [self.device(d)["id"] for d in devices or []]
-        if not model_path.is_file():
-            raise FleetError(f"{model_path}: no such file")
-        name = name or model_path.stem
-        version = version or _file_sha256(model_path)[:12]
         manifest = self.add_artifact(
-            model_path, name=name, version=version, profile=profile, check=check
+            model_path,
+            name=name or model_path.stem,
+            version=version,
+            profile=profile,
+            check=check,
         )
         deployment_id = f"dep-{uuid.uuid4().hex[:12]}"
         ts = now()
@@ -485,15 +493,6 @@ class Fleet:
                     ),
                 )
         return True
-
-
-def _file_sha256(path: Path) -> str:
-    """Hex sha256 of a file."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _device_row(row: dict[str, Any]) -> dict[str, Any]:
