@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes.util
+import functools
 import platform
 import struct
 
@@ -21,8 +22,13 @@ _DELEGATE_LIBRARIES = {
 }
 
 
+@functools.cache
 def detect_delegates() -> tuple[str, ...]:
-    """Delegates whose libraries are installed on this device (XNNPACK on CPU is always there)."""
+    """Delegates whose libraries are installed on this device (XNNPACK on CPU is always there).
+
+    Looked up once per process: find_library spawns ldconfig, and hello is sent on every
+    reconnect from paho's network thread. A delegate installed later shows after a restart.
+    """
     found = ["xnnpack"]
     for name, library in _DELEGATE_LIBRARIES.items():
         if ctypes.util.find_library(library):

@@ -7,6 +7,10 @@ belongs to the current address space and starts afresh at exec; it is used when 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
+import gc
 import resource
 import sys
 from pathlib import Path
@@ -45,21 +49,26 @@ def rss_mb() -> float:
     return psutil.Process().memory_info().rss / (1024.0 * 1024.0)
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """glibc, looked up once (find_library runs ldconfig in a subprocess), or None elsewhere."""
+    name = ctypes.util.find_library("c") if sys.platform == "linux" else None
+    if not name:
+        return None
+    try:
+        libc = ctypes.CDLL(name)
+    except OSError:
+        return None
+    return libc if hasattr(libc, "malloc_trim") else None
+
+
 def release_memory() -> None:
     """Collect garbage and hand freed heap pages back to the OS (glibc malloc_trim).
 
     Downloads leave the heap fragmented with freed chunk buffers; on a device with little RAM an
     idle agent should not keep them. A no-op where glibc is not the allocator.
     """
-    import ctypes
-    import ctypes.util
-    import gc
-
     gc.collect()
-    libc_name = ctypes.util.find_library("c") if sys.platform == "linux" else None
-    if not libc_name:
-        return
-    try:
-        ctypes.CDLL(libc_name).malloc_trim(0)
-    except (OSError, AttributeError):
-        return
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)

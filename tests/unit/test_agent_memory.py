@@ -33,3 +33,12 @@ def test_child_peak_is_not_inherited_from_a_big_parent() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert float(out.stdout) < 200, "the child's peak must not include the parent's 300 MiB"
     del ballast
+
+
+def test_release_memory_runs_and_looks_libc_up_once() -> None:
+    from agent.memory import _libc, release_memory
+
+    _libc.cache_clear()
+    release_memory()
+    release_memory()
+    assert _libc.cache_info().misses == 1
