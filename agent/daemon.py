@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import queue
 import threading
@@ -40,14 +39,6 @@ from agent.state import MAX_SELFTEST_ATTEMPTS, RESTORE, UpdateStateFile
 from agent.store import ModelStore, sha256_file
 
 log = logging.getLogger(__name__)
-
-# Fields of the wire BenchmarkReport that the timing loop measures (the rest are identity).
-_REPORT_FIELDS = frozenset(f.name for f in dataclasses.fields(BenchmarkReport)) - {
-    "model_sha256",
-    "runtime",
-    "runtime_version",
-    "threads",
-}
 
 
 class UpdateFailed(Exception):
@@ -452,13 +443,12 @@ class Agent:
             power_source=source,
             init_ms=self._serving_init_ms,
         )
-        measured = {k: v for k, v in result.items() if k in _REPORT_FIELDS}
         report = BenchmarkReport(
             model_sha256=self._serving_sha,
             runtime=self.runtime.name,
             runtime_version=self.runtime.version,
             threads=self.config.threads,
-            **measured,  # type: ignore[arg-type]
+            **result,  # type: ignore[arg-type]
         )
         self._emit("benchmark", "benchmark finished", desired=desired, benchmark=report)
 

@@ -201,3 +201,15 @@ def test_format_result_shows_the_numbers() -> None:
         "mJ/inference",
     ):
         assert needle in text
+
+
+def test_timing_fields_are_exactly_the_measured_fields_of_the_wire_report() -> None:
+    """The agent passes benchmark_interpreter's dict straight into BenchmarkReport."""
+    import dataclasses
+
+    from agent.benchmark import InterpreterBenchmark
+    from agent.protocol import BenchmarkReport
+
+    identity = {"model_sha256", "runtime", "runtime_version", "threads"}
+    wire = {f.name for f in dataclasses.fields(BenchmarkReport)} - identity
+    assert set(InterpreterBenchmark.__annotations__) == wire
