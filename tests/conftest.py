@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from controller.broker import BrokerHandle, find_mosquitto, start_amqtt, start_mosquitto
+from controller.broker import BrokerHandle, find_mosquitto, start_mosquitto
+from controller.broker_amqtt import start_amqtt
 from tests.mqtt_helpers import MqttProbe
 
 MqttProbeFactory = Callable[..., MqttProbe]

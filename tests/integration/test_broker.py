@@ -22,11 +22,11 @@ from controller.broker import (
     PortInUseError,
     free_port,
     parse_broker_url,
-    start_amqtt,
     start_embedded,
     start_mosquitto,
     wait_for_port,
 )
+from controller.broker_amqtt import start_amqtt
 from tests.mqtt_helpers import LastWill, MqttProbe, wait_until
 
 pytestmark = pytest.mark.integration
