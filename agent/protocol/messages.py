@@ -111,6 +111,20 @@ class ArtifactRef:
 
 
 @dataclass(frozen=True)
+class GoldenRef:
+    """Golden inputs and expected outputs (.npz) shipped as their own content-addressed blob."""
+
+    sha256: str
+    size: int
+
+    def __post_init__(self) -> None:
+        """Validate digest and size."""
+        validate_sha256(self.sha256)
+        if not 0 < self.size <= MAX_ARTIFACT_SIZE:
+            raise ProtocolError(f"$.golden.size: out of range (1..{MAX_ARTIFACT_SIZE})")
+
+
+@dataclass(frozen=True)
 class Desired:
     """Retained desired state of one device: which artifact, under which deployment/generation."""
 
@@ -119,17 +133,23 @@ class Desired:
     artifact: ArtifactRef | None
     benchmark_runs: int = 50
     benchmark_warmup: int = 5
+    # The device profile's self-test budgets (0 = none); the agent applies the tighter of these
+    # and its own configured budgets before it commits a model.
+    latency_budget_ms: float = 0.0
+    memory_budget_mb: float = 0.0
     ts: float = field(default_factory=time.time)
     v: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
-        """Validate counters."""
+        """Validate counters and budgets."""
         _check_version(self.v)
         if self.generation < 1:
             raise ProtocolError(f"$.generation: must be >= 1, got {self.generation}")
         if self.benchmark_runs < 1:
             raise ProtocolError(f"$.benchmark_runs: must be >= 1, got {self.benchmark_runs}")
         _non_negative("benchmark_warmup", self.benchmark_warmup)
+        _non_negative("latency_budget_ms", self.latency_budget_ms)
+        _non_negative("memory_budget_mb", self.memory_budget_mb)
 
 
 @dataclass(frozen=True)
@@ -144,6 +164,7 @@ class Manifest:
     version: str
     recipe: str
     profile: str | None = None
+    golden: GoldenRef | None = None
     created: float = field(default_factory=time.time)
     expires: float | None = None
     v: int = SCHEMA_VERSION
@@ -193,6 +214,7 @@ class BenchmarkReport:
     first_inference_ms: float
     p50_ms: float
     p90_ms: float
+    p95_ms: float
     p99_ms: float
     mean_ms: float
     std_ms: float
@@ -224,6 +246,9 @@ class Event:
     deployment_id: str | None = None
     generation: int | None = None
     state: UpdateState | None = None
+    # For errors: the update state the failure happened in (fetching = download, verifying,
+    # self-testing = load/self-test), so the controller can tell transient from final failures.
+    stage: UpdateState | None = None
     model_sha256: str | None = None
     benchmark: BenchmarkReport | None = None
     ts: float = field(default_factory=time.time)

@@ -28,8 +28,8 @@ DATA = Path(__file__).resolve().parents[1] / "data"
 # The wire format (agent/protocol BenchmarkReport) parses these names strictly: keep them exact.
 RESULT_FIELDS = [
     "model_path", "model_sha256", "model_bytes", "runtime", "runtime_version", "threads",
-    "runs", "warmup", "init_ms", "first_inference_ms", "p50_ms", "p90_ms", "p99_ms", "mean_ms",
-    "std_ms", "min_ms", "max_ms", "peak_rss_mb", "rss_mb", "power_w",
+    "runs", "warmup", "init_ms", "first_inference_ms", "p50_ms", "p90_ms", "p95_ms", "p99_ms",
+    "mean_ms", "std_ms", "min_ms", "max_ms", "peak_rss_mb", "rss_mb", "power_w",
     "energy_mj_per_inference", "power_source", "power_estimated",
 ]  # fmt: skip
 
@@ -103,7 +103,7 @@ def test_benchmark_model_fields_are_sane(name: str) -> None:
     )
     assert (result.threads, result.runs, result.warmup) == (1, 30, 3)
     assert result.init_ms > 0 and result.first_inference_ms > 0
-    assert 0 < result.min_ms <= result.p50_ms <= result.p90_ms <= result.p99_ms <= result.max_ms
+    assert 0 < result.min_ms <= result.p50_ms <= result.p90_ms <= result.p95_ms <= result.p99_ms <= result.max_ms
     assert result.min_ms <= result.mean_ms <= result.max_ms
     assert result.std_ms >= 0
     assert result.peak_rss_mb >= result.rss_mb > 1.0
@@ -158,7 +158,7 @@ def test_statistics_match_numpy_on_known_latencies(
     expected = np.arange(4, 24, dtype=np.float64)  # invokes 4..23 are the timed ones
     assert result["first_inference_ms"] == pytest.approx(1.0)
     assert result["min_ms"] == pytest.approx(4.0) and result["max_ms"] == pytest.approx(23.0)
-    for key, q in (("p50_ms", 50), ("p90_ms", 90), ("p99_ms", 99)):
+    for key, q in (("p50_ms", 50), ("p90_ms", 90), ("p95_ms", 95), ("p99_ms", 99)):
         assert result[key] == pytest.approx(float(np.percentile(expected, q)))  # type: ignore[literal-required]
     assert result["mean_ms"] == pytest.approx(expected.mean())
     assert result["std_ms"] == pytest.approx(expected.std())

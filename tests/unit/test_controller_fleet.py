@@ -141,6 +141,7 @@ def test_events_are_stored_once_and_drive_deployment_state(fleet: Fleet) -> None
         0.5,
         0.1,
         0.2,
+        0.25,
         0.3,
         0.12,
         0.01,
