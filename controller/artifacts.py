@@ -12,16 +12,18 @@ from agent.protocol import DEFAULT_CHUNK_SIZE, Manifest, validate_sha256
 
 
 class ArtifactStore:
-    """`<root>/<sha256>.tflite`, written once, read by chunk."""
+    """`<root>/<sha256>` blobs (models and their golden data), written once, read by chunk."""
 
     def __init__(self, root: Path) -> None:
-        """Create the store directory if needed."""
+        """Create the store directory if needed (and rename blobs of the old `.tflite` layout)."""
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
+        for old in self.root.glob("*.tflite"):
+            os.replace(old, self.root / old.stem)
 
     def path(self, sha256: str) -> Path:
-        """Path of an artifact by digest."""
-        return self.root / f"{validate_sha256(sha256)}.tflite"
+        """Path of a blob by digest."""
+        return self.root / validate_sha256(sha256)
 
     def add_file(self, source: Path) -> str:
         """Copy a file into the store (atomically) and return its sha256."""
@@ -50,6 +52,22 @@ class ArtifactStore:
     def copy_out(self, sha256: str, target: Path) -> None:
         """Copy an artifact out of the store."""
         shutil.copyfile(self.path(sha256), target)
+
+
+GOLDEN_KEYS = ("inputs", "outputs", "atol")
+
+
+def check_golden(path: Path) -> None:
+    """Refuse a golden file the agent's self-test could not use (not an .npz, keys missing)."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: golden data must be an .npz file (numpy.savez)")
+    with zipfile.ZipFile(path) as zf:
+        names = {n.removesuffix(".npy") for n in zf.namelist()}
+    missing = [k for k in GOLDEN_KEYS if k not in names]
+    if missing:
+        raise ValueError(f"{path}: golden .npz lacks {', '.join(missing)} (needs {GOLDEN_KEYS})")
 
 
 def build_manifest(

@@ -116,6 +116,28 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX commands_unpublished ON commands (published) WHERE published IS NULL;
     """,
+    # Rollouts are deployments with a policy: waves, failure threshold, gates, timeout, retries.
+    # A plain `deploy` is a rollout of one wave with no gates and no retries.
+    """
+    ALTER TABLE deployments ADD COLUMN kind TEXT NOT NULL DEFAULT 'deploy';
+    ALTER TABLE deployments ADD COLUMN policy TEXT NOT NULL DEFAULT '{}';
+    ALTER TABLE deployments ADD COLUMN state TEXT NOT NULL DEFAULT 'running';
+    ALTER TABLE deployments ADD COLUMN wave INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE deployments ADD COLUMN reason TEXT NOT NULL DEFAULT '';
+    ALTER TABLE deployments ADD COLUMN updated REAL;
+    ALTER TABLE deployment_devices ADD COLUMN position INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE deployment_devices ADD COLUMN wave INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE deployment_devices ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE deployment_devices ADD COLUMN deadline REAL;
+    ALTER TABLE deployment_devices ADD COLUMN previous_sha256 TEXT;
+    ALTER TABLE deployment_devices ADD COLUMN baseline TEXT;
+    ALTER TABLE deployment_devices ADD COLUMN result TEXT;
+    ALTER TABLE deployment_devices ADD COLUMN stage TEXT;
+    CREATE INDEX deployment_devices_device ON deployment_devices (device_id, generation);
+    CREATE INDEX deployments_active ON deployments (state) WHERE state IN ('running', 'paused');
+    ALTER TABLE artifacts ADD COLUMN kind TEXT NOT NULL DEFAULT 'model';
+    ALTER TABLE artifacts ADD COLUMN golden_sha256 TEXT
+    """,
 )
 
 

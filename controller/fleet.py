@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import os
 import uuid
@@ -15,6 +16,7 @@ from agent.protocol import (
     Command,
     Desired,
     Event,
+    GoldenRef,
     Hello,
     Manifest,
     ProtocolError,
@@ -24,15 +26,18 @@ from agent.protocol import (
     validate_device_id,
 )
 from agent.protocol.schema import encode
-from controller.artifacts import ArtifactStore, build_manifest
+from controller.artifacts import ArtifactStore, build_manifest, check_golden
 from controller.db import Database, now, to_json
+from controller.errors import FleetError
+from controller.policy import Policy
+from controller.rollout import Rollouts, deploy_policy
 
 # Offset 4 of every TFLite flatbuffer holds this file identifier (schema.fbs: file_identifier).
 TFLITE_IDENTIFIER = b"TFL3"
+# What `edgefleet optimize` writes beside each selected artifact (converters/manifest.py).
+CONVERTER_MANIFEST_SCHEMA = "edgefleet.artifact-manifest/v1"
 
-
-class FleetError(ValueError):
-    """A request about an unknown device, profile, model or deployment, or bad input."""
+__all__ = ["Fleet", "FleetError", "default_home"]
 
 
 def default_home() -> Path:
@@ -48,6 +53,7 @@ class Fleet:
         self.home = home
         self.db = Database(home / "edgefleet.db")
         self.artifacts = ArtifactStore(home / "artifacts")
+        self.rollouts = Rollouts(self)
         self._profiles: dict[str, firmware_profiles.Profile] | None = None
 
     @property
@@ -140,11 +146,13 @@ class Fleet:
         version: str | None = None,
         recipe: str = "as-is",
         profile: str | None = None,
+        golden: Path | None = None,
         check: bool = True,
     ) -> Manifest:
-        """Store a .tflite file as an artifact of model name:version and return its manifest.
+        """Store a .tflite file (and its golden .npz) as an artifact of model name:version.
 
-        Without a version, the first 12 hex digits of the file's sha256 are used.
+        Without a version, the first 12 hex digits of the file's sha256 are used. The golden
+        file travels as its own content-addressed blob that the manifest points to.
         """
         if not model_path.is_file():
             raise FleetError(f"{model_path}: no such file")
@@ -153,7 +161,15 @@ class Fleet:
                 head = fh.read(8)
             if head[4:8] != TFLITE_IDENTIFIER:
                 raise FleetError(f"{model_path}: not a TFLite model (no 'TFL3' identifier)")
+        if profile is not None:
+            self._profile(profile)
+        golden_manifest = None
         try:
+            if golden is not None:
+                check_golden(golden)
+                golden_manifest = build_manifest(
+                    golden, name=name, version=version or "", recipe="golden", profile=profile
+                )
             manifest = build_manifest(
                 model_path, name=name, version=version or "", recipe=recipe, profile=profile
             )
@@ -161,14 +177,25 @@ class Fleet:
             raise FleetError(str(exc)) from None
         if not version:
             version = manifest.sha256[:12]
-            manifest = dataclasses.replace(manifest, version=version)
+        manifest = dataclasses.replace(
+            manifest,
+            version=version,
+            golden=GoldenRef(golden_manifest.sha256, golden_manifest.size)
+            if golden_manifest
+            else None,
+        )
+        if golden_manifest is not None:
+            golden_manifest = dataclasses.replace(golden_manifest, version=version)
         try:
             dump(manifest)  # the manifest must fit the protocol's message cap to be published
         except ProtocolError as exc:
             raise FleetError(f"{model_path}: too large to distribute: {exc}") from None
-        stored = self.artifacts.add_file(model_path)
-        if stored != manifest.sha256:
-            raise FleetError(f"{model_path}: changed while it was being added; try again")
+        blobs = [(model_path, manifest, "model")]
+        if golden is not None and golden_manifest is not None:
+            blobs.append((golden, golden_manifest, "golden"))
+        for path, blob_manifest, _ in blobs:
+            if self.artifacts.add_file(path) != blob_manifest.sha256:
+                raise FleetError(f"{path}: changed while it was being added; try again")
         with self.db.transaction() as tx:
             tx.execute(
                 "INSERT INTO models (name, version, source, created) VALUES (?, ?, ?, ?) "
@@ -178,21 +205,102 @@ class Fleet:
             model_id = tx.execute(
                 "SELECT id FROM models WHERE name = ? AND version = ?", (name, version)
             ).fetchone()[0]
-            tx.execute(
-                "INSERT INTO artifacts (sha256, model_id, recipe, profile, size, chunk_size, "
-                "manifest, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(sha256) DO NOTHING",
-                (
-                    manifest.sha256,
-                    model_id,
-                    recipe,
-                    profile,
-                    manifest.size,
-                    manifest.chunk_size,
-                    to_json(encode(manifest)),
-                    now(),
-                ),
-            )
+            for _, blob_manifest, kind in reversed(blobs):  # the golden row first
+                tx.execute(
+                    "INSERT INTO artifacts (sha256, model_id, recipe, profile, size, chunk_size, "
+                    "manifest, created, kind, golden_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT(sha256) DO UPDATE SET manifest = excluded.manifest, "
+                    "golden_sha256 = excluded.golden_sha256 "
+                    "WHERE excluded.golden_sha256 IS NOT NULL",
+                    (
+                        blob_manifest.sha256,
+                        model_id,
+                        blob_manifest.recipe,
+                        profile,
+                        blob_manifest.size,
+                        blob_manifest.chunk_size,
+                        to_json(encode(blob_manifest)),
+                        now(),
+                        kind,
+                        manifest.golden.sha256 if kind == "model" and manifest.golden else None,
+                    ),
+                )
         return manifest
+
+    def add_model(
+        self,
+        path: Path,
+        *,
+        name: str,
+        version: str,
+        profile: str | None = None,
+        golden: Path | None = None,
+    ) -> dict[str, Any]:
+        """Register model name:version from one .tflite or from an `optimize` output directory.
+
+        A directory contributes one artifact per profile, read from the `*.manifest.json`
+        files `edgefleet optimize` writes (each checked against its artifact's sha256).
+        """
+        if path.is_dir():
+            if golden is not None or profile is not None:
+                raise FleetError("--golden/--profile apply to a single .tflite, not a directory")
+            found = sorted(path.glob("*/*.manifest.json"))
+            if not found:
+                raise FleetError(f"{path}: no */*.manifest.json (run `edgefleet optimize` first)")
+            for manifest_path in found:
+                doc = _read_converter_manifest(manifest_path)
+                artifact = manifest_path.parent / doc["file"]
+                golden_path = (
+                    manifest_path.parent / doc["golden"]["file"] if doc.get("golden") else None
+                )
+                added = self.add_artifact(
+                    artifact,
+                    name=name,
+                    version=version,
+                    recipe=str(doc["recipe"]),
+                    profile=str(doc["profile"]),
+                    golden=golden_path,
+                )
+                if added.sha256 != doc["sha256"]:
+                    raise FleetError(f"{artifact}: sha256 differs from {manifest_path.name}")
+        else:
+            self.add_artifact(path, name=name, version=version, profile=profile, golden=golden)
+        return self.model(f"{name}:{version}")
+
+    def model(self, ref: str) -> dict[str, Any]:
+        """A model by `name:version` (or `name` = its newest version) with its artifacts."""
+        name, _, version = ref.partition(":")
+        if version:
+            row = self.db.query_one(
+                "SELECT * FROM models WHERE name = ? AND version = ?", (name, version)
+            )
+        else:
+            row = self.db.query_one(
+                "SELECT * FROM models WHERE name = ? ORDER BY created DESC, id DESC LIMIT 1",
+                (name,),
+            )
+        if row is None:
+            raise FleetError(f"unknown model {ref!r} (see `edgefleet models list`)")
+        row["artifacts"] = self.db.query(
+            "SELECT sha256, recipe, profile, size, golden_sha256, created FROM artifacts "
+            "WHERE model_id = ? AND kind = 'model' ORDER BY profile",
+            (row["id"],),
+        )
+        return row
+
+    def models(self) -> list[dict[str, Any]]:
+        """Every model version with the profiles it has artifacts for."""
+        rows = self.db.query("SELECT * FROM models ORDER BY name, created")
+        for r in rows:
+            r["profiles"] = [
+                p or "*"
+                for (p,) in self.db.conn.execute(
+                    "SELECT profile FROM artifacts WHERE model_id = ? AND kind = 'model' "
+                    "ORDER BY profile",
+                    (r["id"],),
+                )
+            ]
+        return rows
 
     def manifest(self, sha256: str) -> Manifest:
         """The stored manifest of an artifact."""
@@ -209,9 +317,10 @@ class Fleet:
         profile: str | None = None,
         name: str | None = None,
         version: str | None = None,
+        golden: Path | None = None,
         check: bool = True,
     ) -> dict[str, Any]:
-        """Direct deployment: set the desired state of the chosen devices to this model."""
+        """Direct deployment: one wave, no gates; every chosen device gets this exact file."""
         if bool(devices) == bool(profile):
             raise FleetError("choose the target: --to DEVICE (repeatable) or --profile PROFILE")
         if profile:
@@ -226,67 +335,96 @@ class Fleet:
             name=name or model_path.stem,
             version=version,
             profile=profile,
+            golden=golden,
             check=check,
         )
-        deployment_id = f"dep-{uuid.uuid4().hex[:12]}"
-        ts = now()
-        with self.db.transaction() as tx:
-            model_id = tx.execute(
-                "SELECT model_id FROM artifacts WHERE sha256 = ?", (manifest.sha256,)
-            ).fetchone()[0]
-            target = f"profile:{profile}" if profile else "devices:" + ",".join(targets)
-            tx.execute(
-                "INSERT INTO deployments (id, model_id, target, created) VALUES (?, ?, ?, ?)",
-                (deployment_id, model_id, target, ts),
-            )
-            for device_id in targets:
-                # Monotonic even when the device row was recreated or the database is new: the
-                # agent ignores generations <= the last one it applied, so never go back.
-                previous = tx.execute(
-                    "SELECT MAX(desired_generation, reported_generation) FROM devices WHERE id = ?",
-                    (device_id,),
-                ).fetchone()[0]
-                generation = max(previous + 1, int(ts * 1000))
-                tx.execute(
-                    "UPDATE devices SET desired_generation = ?, desired_sha256 = ?, "
-                    "desired_deployment_id = ? WHERE id = ?",
-                    (generation, manifest.sha256, deployment_id, device_id),
-                )
-                tx.execute(
-                    "UPDATE deployment_devices SET state = 'superseded', updated = ? "
-                    "WHERE device_id = ? AND state IN ('pending', 'in_progress', 'activated')",
-                    (ts, device_id),
-                )
-                tx.execute(
-                    "INSERT INTO deployment_devices (deployment_id, device_id, artifact_sha256, "
-                    "generation, state, updated) VALUES (?, ?, ?, ?, 'pending', ?)",
-                    (deployment_id, device_id, manifest.sha256, generation, ts),
-                )
+        model_id = self._model_id_of(manifest.sha256)
+        target = f"profile:{profile}" if profile else "devices:" + ",".join(targets)
+        deployment_id = self.rollouts.create(
+            kind="deploy",
+            model_id=model_id,
+            target=target,
+            policy=deploy_policy(),
+            assignments=[(d, manifest.sha256, "") for d in targets],
+        )
         return self.deployment(deployment_id)
 
-    def deployment(self, deployment_id: str) -> dict[str, Any]:
-        """A deployment with the state of each of its devices."""
-        row = self.db.query_one("SELECT * FROM deployments WHERE id = ?", (deployment_id,))
-        if row is None:
-            raise FleetError(f"unknown deployment {deployment_id!r}")
-        row["devices"] = self.db.query(
-            "SELECT device_id, artifact_sha256, generation, state, detail, updated "
-            "FROM deployment_devices WHERE deployment_id = ? ORDER BY device_id",
-            (deployment_id,),
+    def start_rollout(self, model_ref: str, selector: str, policy: Policy) -> dict[str, Any]:
+        """Staged rollout of model NAME[:VER] to the devices `selector` picks, per `policy`."""
+        model = self.model(model_ref)
+        by_profile = {a["profile"]: a["sha256"] for a in model["artifacts"]}
+        assignments: list[tuple[str, str | None, str]] = []
+        for device in self.select(selector):
+            sha = by_profile.get(device["profile"]) or by_profile.get(None)
+            why = "" if sha else f"no artifact of {model_ref} for profile {device['profile']!r}"
+            assignments.append((device["id"], sha, why))
+        if assignments and not any(sha for _, sha, _ in assignments):
+            profiles = sorted({str(d) for d in by_profile})
+            raise FleetError(
+                f"{model_ref} has artifacts for {', '.join(profiles)}; none of the "
+                f"{len(assignments)} selected devices has one of those profiles"
+            )
+        rollout_id = self.rollouts.create(
+            kind="rollout",
+            model_id=model["id"],
+            target=selector,
+            policy=policy,
+            assignments=assignments,
         )
-        return row
+        return self.deployment(rollout_id)
+
+    def select(self, selector: str) -> list[dict[str, Any]]:
+        """Devices matching `all`, `profile:P`, `device:ID` or an id glob; comma = union."""
+        devices = self.devices()
+        chosen: dict[str, dict[str, Any]] = {}
+        for term in (t.strip() for t in selector.split(",")):
+            if not term:
+                raise FleetError(f"--to: empty term in {selector!r}")
+            kind, _, value = term.partition(":")
+            if term == "all":
+                matched = devices
+            elif kind == "profile" and value:
+                self._profile(value)
+                matched = [d for d in devices if d["profile"] == value]
+            elif kind == "device" and value:
+                matched = [self.device(value)]
+            elif ":" not in term:
+                matched = [d for d in devices if fnmatch.fnmatchcase(d["id"], term)]
+            else:
+                raise FleetError(
+                    f"--to: {term!r} is not all, profile:P, device:ID or a device-id glob"
+                )
+            chosen.update((d["id"], d) for d in matched)
+        return [chosen[k] for k in sorted(chosen)]
+
+    def _model_id_of(self, sha256: str) -> int:
+        """Model id an artifact belongs to."""
+        row = self.db.query_one("SELECT model_id FROM artifacts WHERE sha256 = ?", (sha256,))
+        if row is None:
+            raise FleetError(f"unknown artifact {sha256}")
+        return int(row["model_id"])
+
+    def deployment(self, deployment_id: str) -> dict[str, Any]:
+        """A deployment or rollout with the state of each of its devices."""
+        return self.rollouts.status(deployment_id)
 
     # ------------------------------------------------------------------ desired state (reconcile)
-    def unpublished_desired(self) -> list[tuple[str, Desired, Manifest]]:
-        """Devices whose desired generation has not been published yet, with what to publish."""
+    def unpublished_desired(self) -> list[tuple[str, Desired, list[Manifest]]]:
+        """Devices whose desired generation is not published yet: desired state + manifests."""
         rows = self.db.query(
-            "SELECT d.id, d.desired_generation, d.desired_sha256, d.desired_deployment_id, "
-            "a.manifest FROM devices d JOIN artifacts a ON a.sha256 = d.desired_sha256 "
+            "SELECT d.id, d.profile, d.desired_generation, d.desired_deployment_id, a.manifest, "
+            "g.manifest AS golden, p.policy FROM devices d "
+            "LEFT JOIN artifacts a ON a.sha256 = d.desired_sha256 "
+            "LEFT JOIN artifacts g ON g.sha256 = a.golden_sha256 "
+            "LEFT JOIN deployments p ON p.id = d.desired_deployment_id "
             "WHERE d.desired_generation > d.published_generation"
         )
         out = []
         for r in rows:
-            manifest = parse(r["manifest"], Manifest)
+            manifests = [parse(m, Manifest) for m in (r["golden"], r["manifest"]) if m]
+            manifest = manifests[-1] if r["manifest"] else None
+            profile = self.profiles.get(r["profile"] or "")
+            policy = Policy.from_json(json.loads(r["policy"] or "{}"))
             desired = Desired(
                 generation=r["desired_generation"],
                 deployment_id=r["desired_deployment_id"],
@@ -295,9 +433,14 @@ class Fleet:
                     size=manifest.size,
                     name=manifest.name,
                     version=manifest.version,
-                ),
+                )
+                if manifest
+                else None,
+                benchmark_runs=policy.benchmark_runs,
+                latency_budget_ms=profile.budgets.latency_ms if profile else 0.0,
+                memory_budget_mb=profile.budgets.peak_rss_mb if profile else 0.0,
             )
-            out.append((r["id"], desired, manifest))
+            out.append((r["id"], desired, manifests))
         return out
 
     def mark_published(self, device_id: str, generation: int) -> None:
@@ -449,26 +592,6 @@ class Fleet:
                     "UPDATE commands SET completed = ?, result = ? WHERE id = ? AND device_id = ?",
                     (now(), event.message, event.event_id, event.device_id),
                 )
-            if event.deployment_id and event.generation is not None:
-                new_state = {"error": "failed"}.get(event.kind)
-                if event.kind == "update" and event.state == "active":
-                    new_state = "activated"
-                if event.kind == "benchmark":
-                    new_state = "succeeded"
-                if new_state:
-                    tx.execute(
-                        "UPDATE deployment_devices SET state = ?, detail = ?, updated = ? "
-                        "WHERE deployment_id = ? AND device_id = ? AND generation = ? "
-                        "AND state NOT IN ('succeeded', 'failed', 'superseded')",
-                        (
-                            new_state,
-                            event.message,
-                            now(),
-                            event.deployment_id,
-                            event.device_id,
-                            event.generation,
-                        ),
-                    )
             if event.benchmark is not None:
                 b = event.benchmark
                 tx.execute(
@@ -492,6 +615,7 @@ class Fleet:
                         event.ts,
                     ),
                 )
+            self.rollouts.on_event(tx, event)
         return True
 
 
@@ -501,3 +625,19 @@ def _device_row(row: dict[str, Any]) -> dict[str, Any]:
     row["facts"] = json.loads(row.get("facts") or "{}")
     row["online"] = bool(row["online"])
     return row
+
+
+def _read_converter_manifest(path: Path) -> dict[str, Any]:
+    """A converters manifest.json, checked for the fields `models add` reads."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise FleetError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("schema") != CONVERTER_MANIFEST_SCHEMA:
+        raise FleetError(
+            f"{path}: not an edgefleet artifact manifest ({CONVERTER_MANIFEST_SCHEMA})"
+        )
+    for key in ("file", "sha256", "recipe", "profile"):
+        if not isinstance(doc.get(key), str):
+            raise FleetError(f"{path}: field {key!r} missing or not a string")
+    return doc

@@ -204,12 +204,15 @@ class ControllerService:
         self.session.publish(self.topics.cmd(device_id), dump(command))
 
     def _reconcile(self, fleet: Fleet) -> None:
-        """Publish manifests and desired states that the database has and the broker lacks."""
+        """Advance rollouts, then publish the manifests, desired states and commands pending."""
+        for note in fleet.rollouts.tick():
+            log.info("%s", note)
         published_manifests: set[str] = set()
-        for device_id, desired, manifest in fleet.unpublished_desired():
-            if manifest.sha256 not in published_manifests:
-                self._publish_manifest(manifest)
-                published_manifests.add(manifest.sha256)
+        for device_id, desired, manifests in fleet.unpublished_desired():
+            for manifest in manifests:  # the golden blob's manifest before the model's
+                if manifest.sha256 not in published_manifests:
+                    self._publish_manifest(manifest)
+                    published_manifests.add(manifest.sha256)
             self.session.publish(self.topics.desired(device_id), dump(desired), retain=True)
             fleet.mark_published(device_id, desired.generation)
             log.info("desired generation %d -> %s", desired.generation, device_id)

@@ -1,0 +1,596 @@
+"""Rollout engine: waves, per-device timeouts and retries, gates, abort and rollback.
+
+All state lives in the database (deployments + deployment_devices), so a controller restart
+loses nothing: `tick()` is idempotent and is called by the service's reconcile loop. Events
+from devices are applied at ingest (`on_event`, inside Fleet.record_event's transaction).
+
+Device states: waiting → (baselining) → pending → in_progress → activated → succeeded, or
+failed / gate_failed / retrying; after an abort or rollback: cancelled, rolling_back,
+rolled_back, rollback_failed; superseded when a newer deployment takes the device; skipped when
+the model has no artifact for the device's profile.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from agent.protocol import Event
+from controller.db import now, to_json
+from controller.policy import Policy, PolicyError, Threshold, Wave
+
+if TYPE_CHECKING:
+    from controller.fleet import Fleet
+
+# Device states that end a device's part in a wave (it no longer holds the wave back).
+DONE = frozenset(
+    {
+        "succeeded",
+        "failed",
+        "gate_failed",
+        "skipped",
+        "superseded",
+        "cancelled",
+        "rolled_back",
+        "rollback_failed",
+        "rolling_back",
+    }
+)
+# Device states that count as executed for the failure threshold, and which of them failed.
+EXECUTED = frozenset({"succeeded", "failed", "gate_failed"})
+FAILED = frozenset({"failed", "gate_failed"})
+# The desired state of these devices points at the rollout's artifact.
+IN_FLIGHT = ("pending", "in_progress", "activated", "retrying")
+# Update stages where a failure is worth retrying (transport), unlike a self-test verdict.
+RETRIABLE_STAGES = frozenset({"fetching", "verifying", "idle"})
+# How long to wait for a baseline benchmark before starting a device without one.
+BASELINE_WAIT_S = 120.0
+ROLLOUT_STATES = ("running", "paused", "completed", "aborted", "rolled_back")
+
+
+class Rollouts:
+    """Creates and drives rollouts; every method is one or a few short transactions."""
+
+    def __init__(self, fleet: Fleet) -> None:
+        """Work on `fleet`'s database."""
+        self.fleet = fleet
+        self.db = fleet.db
+
+    # ------------------------------------------------------------------ creation
+    def create(
+        self,
+        *,
+        kind: str,
+        model_id: int,
+        target: str,
+        policy: Policy,
+        assignments: list[tuple[str, str | None, str]],
+    ) -> str:
+        """Persist a rollout over (device, artifact sha or None, reason) and start wave 0."""
+        if not assignments:
+            raise PolicyError(f"no device matches {target!r}")
+        rollout_id = f"{'ro' if kind == 'rollout' else 'dep'}-{uuid.uuid4().hex[:12]}"
+        # A stable pseudo-random order spreads profiles and device ids over the waves.
+        order = sorted(
+            assignments,
+            key=lambda a: hashlib.sha256(f"{rollout_id}/{a[0]}".encode()).hexdigest(),
+        )
+        bounds = [w.size(len(order)) for w in policy.waves]
+        ts = now()
+        with self.db.transaction() as tx:
+            tx.execute(
+                "INSERT INTO deployments (id, model_id, target, created, kind, policy, state, "
+                "wave, updated) VALUES (?, ?, ?, ?, ?, ?, 'running', 0, ?)",
+                (rollout_id, model_id, target, ts, kind, to_json(policy.to_json()), ts),
+            )
+            for position, (device_id, sha, reason) in enumerate(order):
+                wave = next(i for i, b in enumerate(bounds) if position < b)
+                tx.execute(
+                    "INSERT INTO deployment_devices (deployment_id, device_id, artifact_sha256, "
+                    "generation, state, detail, updated, position, wave) "
+                    "VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?)",
+                    (
+                        rollout_id,
+                        device_id,
+                        sha or "",
+                        "waiting" if sha else "skipped",
+                        reason,
+                        ts,
+                        position,
+                        wave,
+                    ),
+                )
+            self._start_wave(tx, rollout_id, 0, policy)
+        return rollout_id
+
+    def _start_wave(
+        self, tx: sqlite3.Connection, rollout_id: str, wave: int, policy: Policy
+    ) -> None:
+        """Give every waiting device of `wave` its desired state (or ask for a baseline first)."""
+        tx.execute(
+            "UPDATE deployments SET wave = ?, updated = ? WHERE id = ?", (wave, now(), rollout_id)
+        )
+        rows = tx.execute(
+            "SELECT dd.device_id, dd.artifact_sha256, d.model_sha256 FROM deployment_devices dd "
+            "LEFT JOIN devices d ON d.id = dd.device_id "
+            "WHERE dd.deployment_id = ? AND dd.wave = ? AND dd.state = 'waiting'",
+            (rollout_id, wave),
+        ).fetchall()
+        for device_id, sha, current in rows:
+            baseline = _latest_benchmark(tx, device_id, current) if current else None
+            tx.execute(
+                "UPDATE deployment_devices SET previous_sha256 = ?, baseline = ? "
+                "WHERE deployment_id = ? AND device_id = ?",
+                (current, to_json(baseline) if baseline else None, rollout_id, device_id),
+            )
+            if policy.needs_baseline and current and baseline is None and current != sha:
+                self._ask_baseline(tx, rollout_id, device_id)
+            else:
+                self._assign(tx, rollout_id, device_id, sha, policy, "pending")
+
+    def _ask_baseline(self, tx: sqlite3.Connection, rollout_id: str, device_id: str) -> None:
+        """Queue a benchmark of the device's current model, the baseline for regression gates."""
+        command_id = f"cmd-{uuid.uuid4().hex[:12]}"
+        ts = now()
+        tx.execute(
+            "INSERT INTO commands (id, device_id, action, runs, warmup, created) "
+            "VALUES (?, ?, 'benchmark', 50, 5, ?)",
+            (command_id, device_id, ts),
+        )
+        tx.execute(
+            "UPDATE deployment_devices SET state = 'baselining', deadline = ?, updated = ?, "
+            "detail = ? WHERE deployment_id = ? AND device_id = ?",
+            (
+                ts + BASELINE_WAIT_S,
+                ts,
+                f"measuring the current model first ({command_id})",
+                rollout_id,
+                device_id,
+            ),
+        )
+
+    def _assign(
+        self,
+        tx: sqlite3.Connection,
+        rollout_id: str,
+        device_id: str,
+        sha: str | None,
+        policy: Policy,
+        state: str,
+        detail: str = "",
+    ) -> int:
+        """Point the device's desired state at `sha` under a new generation; supersede others."""
+        ts = now()
+        generation = set_desired(tx, device_id, sha, rollout_id)
+        tx.execute(
+            "UPDATE deployment_devices SET state = 'superseded', updated = ? "
+            "WHERE device_id = ? AND deployment_id != ? AND state NOT IN "
+            "('succeeded', 'failed', 'gate_failed', 'skipped', 'superseded', 'cancelled', "
+            "'rolled_back', 'rollback_failed')",
+            (ts, device_id, rollout_id),
+        )
+        tx.execute(
+            "UPDATE deployment_devices SET generation = ?, state = ?, deadline = ?, updated = ?, "
+            "detail = ? WHERE deployment_id = ? AND device_id = ?",
+            (generation, state, ts + policy.device_timeout_s, ts, detail, rollout_id, device_id),
+        )
+        return generation
+
+    # ------------------------------------------------------------------ ingest
+    def on_event(self, tx: sqlite3.Connection, event: Event) -> None:
+        """Apply a device event to its rollout row (same transaction as storing the event)."""
+        if not event.deployment_id or event.generation is None:
+            return
+        row = tx.execute(
+            "SELECT dd.state, dd.attempts, dd.baseline, dd.previous_sha256, d.policy, d.state "
+            "FROM deployment_devices dd JOIN deployments d ON d.id = dd.deployment_id "
+            "WHERE dd.deployment_id = ? AND dd.device_id = ? AND dd.generation = ?",
+            (event.deployment_id, event.device_id, event.generation),
+        ).fetchone()
+        if row is None:
+            return  # an old generation (retried since) or an unknown deployment
+        state, attempts, baseline, previous, policy_json, _ = row
+        policy = Policy.from_json(json.loads(policy_json))
+        key = (event.deployment_id, event.device_id)
+        if state == "rolling_back":
+            if event.kind == "update" and event.state == "active":
+                self._set_row(tx, key, "rolled_back", f"back on {_short(previous)}")
+            elif event.kind == "error":
+                self._set_row(tx, key, "rollback_failed", event.message)
+            return
+        if state not in ("pending", "in_progress", "activated"):
+            return
+        if event.kind == "update" and event.state == "active":
+            self._set_row(tx, key, "activated", event.message)
+        elif event.kind == "error":
+            stage = event.stage
+            tx.execute(
+                "UPDATE deployment_devices SET stage = ? WHERE deployment_id = ? AND device_id = ?",
+                (stage, *key),
+            )
+            if (stage in RETRIABLE_STAGES or stage is None) and attempts < policy.retries:
+                self._set_row(tx, key, "retrying", f"attempt {attempts + 1}: {event.message}")
+            else:
+                self._set_row(tx, key, "failed", event.message)
+        elif event.kind == "benchmark" and event.benchmark is not None:
+            report = _report_dict(event)
+            base = json.loads(baseline) if baseline else None
+            violations = [v for g in policy.gates if (v := g.violation(report, base))]
+            tx.execute(
+                "UPDATE deployment_devices SET result = ? "
+                "WHERE deployment_id = ? AND device_id = ?",
+                (to_json(report), *key),
+            )
+            if violations:
+                self._set_row(tx, key, "gate_failed", "; ".join(violations))
+                self._roll_back_device(tx, key, previous, policy, "gate_failed")
+            else:
+                note = ""
+                if policy.needs_baseline and base is None:
+                    note = "no baseline for the previous model: regression gates not judged"
+                self._set_row(tx, key, "succeeded", note or "gates passed")
+
+    @staticmethod
+    def _set_row(
+        tx: sqlite3.Connection, key: tuple[str, str], state: str, detail: str = ""
+    ) -> None:
+        """Set one device row's state and detail."""
+        tx.execute(
+            "UPDATE deployment_devices SET state = ?, detail = ?, updated = ? "
+            "WHERE deployment_id = ? AND device_id = ?",
+            (state, detail[:2000], now(), *key),
+        )
+
+    def _roll_back_device(
+        self,
+        tx: sqlite3.Connection,
+        key: tuple[str, str],
+        previous: str | None,
+        policy: Policy,
+        state: str,
+    ) -> None:
+        """Point a device back at the model it ran before this rollout (same rollout id)."""
+        rollout_id, device_id = key
+        known = (
+            previous
+            and tx.execute("SELECT 1 FROM artifacts WHERE sha256 = ?", (previous,)).fetchone()
+        )
+        if previous and not known:
+            # The controller never had that file: the agent still has it as `previous`.
+            tx.execute(
+                "INSERT INTO commands (id, device_id, action, runs, warmup, created) "
+                "VALUES (?, ?, 'rollback', 1, 0, ?)",
+                (f"cmd-{uuid.uuid4().hex[:12]}", device_id, now()),
+            )
+            return
+        detail = tx.execute(
+            "SELECT detail FROM deployment_devices WHERE deployment_id = ? AND device_id = ?", key
+        ).fetchone()[0]
+        if not previous:
+            detail = f"{detail}; no previous model to return to".lstrip("; ")
+        self._assign(tx, rollout_id, device_id, previous, policy, state, detail)
+
+    # ------------------------------------------------------------------ reconcile
+    def tick(self) -> list[str]:
+        """Advance every running rollout one step; return what happened (for the log)."""
+        notes: list[str] = []
+        for row in self.db.query("SELECT * FROM deployments WHERE state IN ('running', 'paused')"):
+            with self.db.transaction() as tx:
+                notes += self._tick_one(tx, row)
+        return notes
+
+    def _tick_one(self, tx: sqlite3.Connection, rollout: dict[str, Any]) -> list[str]:
+        """Baselines, retries, timeouts, the failure threshold and wave advance of one rollout."""
+        rid, running = rollout["id"], rollout["state"] == "running"
+        # Re-read inside the transaction: a CLI pause/abort may have landed since the query.
+        current = tx.execute("SELECT state FROM deployments WHERE id = ?", (rid,)).fetchone()
+        if current is None or current[0] not in ("running", "paused"):
+            return []
+        running = current[0] == "running"
+        policy = Policy.from_json(json.loads(rollout["policy"]))
+        ts = now()
+        notes: list[str] = []
+        rows = tx.execute(
+            "SELECT device_id, artifact_sha256, state, attempts, deadline, previous_sha256, "
+            "generation, wave FROM deployment_devices WHERE deployment_id = ?",
+            (rid,),
+        ).fetchall()
+        for device_id, sha, state, attempts, deadline, previous, _gen, _wave in rows:
+            key = (rid, device_id)
+            if state == "baselining" and running:
+                baseline = _latest_benchmark(tx, device_id, previous, since=ts - BASELINE_WAIT_S)
+                if baseline is not None or (deadline and ts > deadline):
+                    detail = "" if baseline else "no baseline measured in time"
+                    tx.execute(
+                        "UPDATE deployment_devices SET baseline = ? "
+                        "WHERE deployment_id = ? AND device_id = ?",
+                        (to_json(baseline) if baseline else None, *key),
+                    )
+                    self._assign(tx, rid, device_id, sha, policy, "pending", detail)
+            elif state == "retrying" and running:
+                tx.execute(
+                    "UPDATE deployment_devices SET attempts = attempts + 1 "
+                    "WHERE deployment_id = ? AND device_id = ?",
+                    key,
+                )
+                prior = tx.execute(
+                    "SELECT detail FROM deployment_devices WHERE deployment_id = ? "
+                    "AND device_id = ?",
+                    key,
+                ).fetchone()[0]
+                self._assign(tx, rid, device_id, sha, policy, "pending", prior)
+                notes.append(f"{rid}: retry {attempts + 1} of {device_id}")
+            elif state in ("pending", "in_progress", "activated") and deadline and ts > deadline:
+                why = f"timed out after {policy.device_timeout_s:g} s in state {state}"
+                if attempts < policy.retries:
+                    self._set_row(tx, key, "retrying", f"attempt {attempts + 1}: {why}")
+                else:
+                    self._set_row(tx, key, "failed", why)
+                    notes.append(f"{rid}: {device_id} {why}")
+            elif state == "rolling_back" and deadline and ts > deadline:
+                self._set_row(tx, key, "rollback_failed", "rollback timed out")
+        counts = _counts(tx, rid)
+        executed = sum(counts.get(s, 0) for s in EXECUTED)
+        failures = sum(counts.get(s, 0) for s in FAILED)
+        if executed >= policy.min_executed and policy.max_failures.exceeded(failures, executed):
+            reason = (
+                f"{failures} of {executed} executed devices failed "
+                f"(threshold {policy.max_failures.label()}, minimum executed {policy.min_executed})"
+            )
+            self._stop(tx, rid, "aborted", reason, policy, include_succeeded=True)
+            return [*notes, f"{rid}: aborted: {reason}"]
+        if not running:
+            return notes
+        wave = rollout["wave"]
+        open_in_wave = tx.execute(
+            "SELECT COUNT(*) FROM deployment_devices WHERE deployment_id = ? AND wave <= ? "
+            f"AND state NOT IN ({','.join('?' * len(DONE))})",
+            (rid, wave, *sorted(DONE)),
+        ).fetchone()[0]
+        if open_in_wave:
+            return notes
+        if wave + 1 < len(policy.waves):
+            self._start_wave(tx, rid, wave + 1, policy)
+            return [*notes, f"{rid}: wave {wave + 1} started"]
+        tx.execute(
+            "UPDATE deployments SET state = 'completed', reason = ?, updated = ? WHERE id = ?",
+            (_summary(counts), now(), rid),
+        )
+        return [*notes, f"{rid}: completed ({_summary(counts)})"]
+
+    # ------------------------------------------------------------------ operator actions
+    def pause(self, rollout_id: str) -> dict[str, Any]:
+        """Start no new devices or waves; devices already updating finish."""
+        return self._set_state(rollout_id, "paused", allowed=("running",))
+
+    def resume(self, rollout_id: str) -> dict[str, Any]:
+        """Continue a paused rollout."""
+        return self._set_state(rollout_id, "running", allowed=("paused",))
+
+    def abort(self, rollout_id: str, reason: str = "aborted by operator") -> dict[str, Any]:
+        """Stop and roll back every device this rollout changed."""
+        row = self._get(rollout_id)
+        if row["state"] not in ("running", "paused"):
+            raise PolicyError(
+                f"rollout {rollout_id} is {row['state']}; only a running or paused "
+                "rollout can be aborted (use `rollout rollback`)"
+            )
+        with self.db.transaction() as tx:
+            self._stop(
+                tx,
+                rollout_id,
+                "aborted",
+                reason,
+                Policy.from_json(json.loads(row["policy"])),
+                include_succeeded=True,
+            )
+        return self.status(rollout_id)
+
+    def rollback(self, rollout_id: str, reason: str = "rolled back by operator") -> dict[str, Any]:
+        """Return every device of the rollout to its previous model, even after completion."""
+        row = self._get(rollout_id)
+        if row["state"] == "rolled_back":
+            raise PolicyError(f"rollout {rollout_id} is already rolled back")
+        with self.db.transaction() as tx:
+            self._stop(
+                tx,
+                rollout_id,
+                "rolled_back",
+                reason,
+                Policy.from_json(json.loads(row["policy"])),
+                include_succeeded=True,
+            )
+        return self.status(rollout_id)
+
+    def _stop(
+        self,
+        tx: sqlite3.Connection,
+        rollout_id: str,
+        state: str,
+        reason: str,
+        policy: Policy,
+        *,
+        include_succeeded: bool,
+    ) -> None:
+        """End a rollout: cancel devices not started, roll back the ones it changed."""
+        tx.execute(
+            "UPDATE deployments SET state = ?, reason = ?, updated = ? WHERE id = ?",
+            (state, reason, now(), rollout_id),
+        )
+        tx.execute(
+            "UPDATE deployment_devices SET state = 'cancelled', updated = ?, detail = ? "
+            "WHERE deployment_id = ? AND state IN ('waiting', 'baselining')",
+            (now(), reason, rollout_id),
+        )
+        targets = [*IN_FLIGHT, *(("succeeded",) if include_succeeded else ())]
+        rows = tx.execute(
+            "SELECT device_id, previous_sha256 FROM deployment_devices WHERE deployment_id = ? "
+            f"AND state IN ({','.join('?' * len(targets))})",
+            (rollout_id, *targets),
+        ).fetchall()
+        for device_id, previous in rows:
+            self._set_row(tx, (rollout_id, device_id), "rolling_back", reason)
+            self._roll_back_device(tx, (rollout_id, device_id), previous, policy, "rolling_back")
+
+    def _set_state(
+        self, rollout_id: str, state: str, *, allowed: tuple[str, ...]
+    ) -> dict[str, Any]:
+        """Guarded state change of a rollout."""
+        row = self._get(rollout_id)
+        if row["state"] not in allowed:
+            raise PolicyError(f"rollout {rollout_id} is {row['state']}, not {' or '.join(allowed)}")
+        with self.db.transaction() as tx:
+            tx.execute(
+                "UPDATE deployments SET state = ?, updated = ? WHERE id = ?",
+                (state, now(), rollout_id),
+            )
+        return self.status(rollout_id)
+
+    # ------------------------------------------------------------------ reading
+    def _get(self, rollout_id: str) -> dict[str, Any]:
+        """The deployments row, or PolicyError naming the id."""
+        row = self.db.query_one("SELECT * FROM deployments WHERE id = ?", (rollout_id,))
+        if row is None:
+            raise PolicyError(
+                f"unknown deployment or rollout {rollout_id!r} (see `edgefleet rollout status`)"
+            )
+        return row
+
+    def status(self, rollout_id: str) -> dict[str, Any]:
+        """A rollout with its policy, counts per state, per-wave progress and devices."""
+        row = self._get(rollout_id)
+        policy = Policy.from_json(json.loads(row["policy"]))
+        devices = self.db.query(
+            "SELECT device_id, wave, artifact_sha256, previous_sha256, generation, state, "
+            "attempts, stage, detail, result, updated FROM deployment_devices "
+            "WHERE deployment_id = ? ORDER BY position",
+            (rollout_id,),
+        )
+        for d in devices:
+            d["result"] = json.loads(d["result"]) if d["result"] else None
+        counts: dict[str, int] = {}
+        for d in devices:
+            counts[d["state"]] = counts.get(d["state"], 0) + 1
+        waves = []
+        for i, wave in enumerate(policy.waves):
+            members = [d for d in devices if d["wave"] == i]
+            waves.append(
+                {
+                    "wave": i,
+                    "size": wave.label(),
+                    "devices": len(members),
+                    "done": sum(d["state"] in DONE for d in members),
+                    "succeeded": sum(d["state"] == "succeeded" for d in members),
+                    "failed": sum(d["state"] in FAILED for d in members),
+                }
+            )
+        model = self.db.query_one(
+            "SELECT name, version FROM models WHERE id = ?", (row["model_id"],)
+        )
+        return {
+            "id": row["id"],
+            "kind": row["kind"],
+            "model": f"{model['name']}:{model['version']}" if model else None,
+            "target": row["target"],
+            "state": row["state"],
+            "reason": row["reason"],
+            "wave": row["wave"],
+            "created": row["created"],
+            "updated": row["updated"],
+            "policy": policy.describe(),
+            "counts": counts,
+            "waves": waves,
+            "devices": devices,
+        }
+
+    def list(self) -> list[dict[str, Any]]:
+        """Every rollout and deployment, newest first, with counts per device state."""
+        rows = self.db.query(
+            "SELECT d.id, d.kind, d.state, d.wave, d.target, d.created, d.reason, "
+            "m.name || ':' || m.version AS model FROM deployments d "
+            "JOIN models m ON m.id = d.model_id ORDER BY d.created DESC"
+        )
+        for r in rows:
+            r["counts"] = {
+                s: n
+                for s, n in self.db.conn.execute(
+                    "SELECT state, COUNT(*) FROM deployment_devices WHERE deployment_id = ? "
+                    "GROUP BY state",
+                    (r["id"],),
+                )
+            }
+        return rows
+
+
+def set_desired(tx: sqlite3.Connection, device_id: str, sha: str | None, deployment_id: str) -> int:
+    """Write a device's desired state under a generation newer than any it has seen."""
+    # Monotonic even when the device row was recreated or the database is new: the agent
+    # ignores generations <= the last one it applied, so never go back.
+    previous = tx.execute(
+        "SELECT MAX(desired_generation, reported_generation) FROM devices WHERE id = ?",
+        (device_id,),
+    ).fetchone()
+    generation = max((previous[0] if previous else 0) + 1, int(now() * 1000))
+    tx.execute(
+        "UPDATE devices SET desired_generation = ?, desired_sha256 = ?, "
+        "desired_deployment_id = ? WHERE id = ?",
+        (generation, sha, deployment_id, device_id),
+    )
+    return generation
+
+
+def _latest_benchmark(
+    tx: sqlite3.Connection, device_id: str, sha: str | None, since: float = 0.0
+) -> dict[str, Any] | None:
+    """The newest benchmark report of `sha` on this device (received after `since`)."""
+    if not sha:
+        return None
+    row = tx.execute(
+        "SELECT report FROM benchmarks WHERE device_id = ? AND model_sha256 = ? AND ts >= ? "
+        "ORDER BY ts DESC LIMIT 1",
+        (device_id, sha, since),
+    ).fetchone()
+    return json.loads(row[0]) if row else None
+
+
+def _report_dict(event: Event) -> dict[str, Any]:
+    """The benchmark fields the gates read."""
+    from agent.protocol.schema import encode
+
+    return dict(encode(event.benchmark))
+
+
+def _counts(tx: sqlite3.Connection, rollout_id: str) -> dict[str, int]:
+    """Devices per state in one rollout."""
+    return dict(
+        tx.execute(
+            "SELECT state, COUNT(*) FROM deployment_devices WHERE deployment_id = ? GROUP BY state",
+            (rollout_id,),
+        ).fetchall()
+    )
+
+
+def _summary(counts: dict[str, int]) -> str:
+    """`3 succeeded, 1 failed`."""
+    return ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+
+
+def _short(sha: str | None) -> str:
+    """First 12 hex digits, or 'nothing'."""
+    return sha[:12] if sha else "nothing"
+
+
+def deploy_policy(benchmark_runs: int = 50) -> Policy:
+    """A direct deployment: everything at once, no gates, never aborts on failures."""
+    return Policy(
+        waves=(Wave(percent=100.0),),
+        max_failures=Threshold(percent=100.0),
+        min_executed=1,
+        gates=(),
+        device_timeout_s=24 * 3600.0,
+        retries=0,
+        benchmark_runs=benchmark_runs,
+    )
