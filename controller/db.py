@@ -125,18 +125,44 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE deployments ADD COLUMN wave INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE deployments ADD COLUMN reason TEXT NOT NULL DEFAULT '';
     ALTER TABLE deployments ADD COLUMN updated REAL;
-    ALTER TABLE deployment_devices ADD COLUMN position INTEGER NOT NULL DEFAULT 0;
-    ALTER TABLE deployment_devices ADD COLUMN wave INTEGER NOT NULL DEFAULT 0;
-    ALTER TABLE deployment_devices ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
-    ALTER TABLE deployment_devices ADD COLUMN deadline REAL;
-    ALTER TABLE deployment_devices ADD COLUMN previous_sha256 TEXT;
-    ALTER TABLE deployment_devices ADD COLUMN baseline TEXT;
-    ALTER TABLE deployment_devices ADD COLUMN result TEXT;
-    ALTER TABLE deployment_devices ADD COLUMN stage TEXT;
+    CREATE TABLE deployment_devices_v3 (
+        deployment_id TEXT NOT NULL REFERENCES deployments(id),
+        device_id TEXT NOT NULL,
+        artifact_sha256 TEXT REFERENCES artifacts(sha256),
+        generation INTEGER NOT NULL,
+        state TEXT NOT NULL DEFAULT 'pending',
+        detail TEXT NOT NULL DEFAULT '',
+        updated REAL NOT NULL,
+        position INTEGER NOT NULL DEFAULT 0,
+        wave INTEGER NOT NULL DEFAULT 0,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        deadline REAL,
+        previous_sha256 TEXT,
+        baseline TEXT,
+        result TEXT,
+        stage TEXT,
+        PRIMARY KEY (deployment_id, device_id)
+    );
+    INSERT INTO deployment_devices_v3 (deployment_id, device_id, artifact_sha256, generation,
+        state, detail, updated)
+        SELECT deployment_id, device_id, artifact_sha256, generation, state, detail, updated
+        FROM deployment_devices;
+    DROP TABLE deployment_devices;
+    ALTER TABLE deployment_devices_v3 RENAME TO deployment_devices;
     CREATE INDEX deployment_devices_device ON deployment_devices (device_id, generation);
     CREATE INDEX deployments_active ON deployments (state) WHERE state IN ('running', 'paused');
     ALTER TABLE artifacts ADD COLUMN kind TEXT NOT NULL DEFAULT 'model';
-    ALTER TABLE artifacts ADD COLUMN golden_sha256 TEXT
+    ALTER TABLE artifacts ADD COLUMN golden_sha256 TEXT;
+    CREATE TABLE model_artifacts (
+        model_id INTEGER NOT NULL REFERENCES models(id),
+        sha256 TEXT NOT NULL REFERENCES artifacts(sha256),
+        profile TEXT,
+        recipe TEXT NOT NULL,
+        created REAL NOT NULL,
+        PRIMARY KEY (model_id, sha256)
+    );
+    INSERT INTO model_artifacts (model_id, sha256, profile, recipe, created)
+        SELECT model_id, sha256, profile, recipe, created FROM artifacts
     """,
 )
 

@@ -225,6 +225,13 @@ class Fleet:
                         manifest.golden.sha256 if kind == "model" and manifest.golden else None,
                     ),
                 )
+            # The same file may serve several models (or profiles): the link is its own row.
+            tx.execute(
+                "INSERT INTO model_artifacts (model_id, sha256, profile, recipe, created) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET profile = excluded.profile, "
+                "recipe = excluded.recipe",
+                (model_id, manifest.sha256, profile, recipe, now()),
+            )
         return manifest
 
     def add_model(
@@ -282,8 +289,9 @@ class Fleet:
         if row is None:
             raise FleetError(f"unknown model {ref!r} (see `edgefleet models list`)")
         row["artifacts"] = self.db.query(
-            "SELECT sha256, recipe, profile, size, golden_sha256, created FROM artifacts "
-            "WHERE model_id = ? AND kind = 'model' ORDER BY profile",
+            "SELECT a.sha256, l.recipe, l.profile, a.size, a.golden_sha256, l.created "
+            "FROM model_artifacts l JOIN artifacts a ON a.sha256 = l.sha256 "
+            "WHERE l.model_id = ? ORDER BY l.profile, l.created",
             (row["id"],),
         )
         return row
@@ -295,8 +303,7 @@ class Fleet:
             r["profiles"] = [
                 p or "*"
                 for (p,) in self.db.conn.execute(
-                    "SELECT profile FROM artifacts WHERE model_id = ? AND kind = 'model' "
-                    "ORDER BY profile",
+                    "SELECT profile FROM model_artifacts WHERE model_id = ? ORDER BY profile",
                     (r["id"],),
                 )
             ]
@@ -338,7 +345,7 @@ class Fleet:
             golden=golden,
             check=check,
         )
-        model_id = self._model_id_of(manifest.sha256)
+        model_id = self.model(f"{manifest.name}:{manifest.version}")["id"]
         target = f"profile:{profile}" if profile else "devices:" + ",".join(targets)
         deployment_id = self.rollouts.create(
             kind="deploy",
@@ -396,13 +403,6 @@ class Fleet:
                 )
             chosen.update((d["id"], d) for d in matched)
         return [chosen[k] for k in sorted(chosen)]
-
-    def _model_id_of(self, sha256: str) -> int:
-        """Model id an artifact belongs to."""
-        row = self.db.query_one("SELECT model_id FROM artifacts WHERE sha256 = ?", (sha256,))
-        if row is None:
-            raise FleetError(f"unknown artifact {sha256}")
-        return int(row["model_id"])
 
     def deployment(self, deployment_id: str) -> dict[str, Any]:
         """A deployment or rollout with the state of each of its devices."""

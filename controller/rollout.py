@@ -95,7 +95,7 @@ class Rollouts:
                     (
                         rollout_id,
                         device_id,
-                        sha or "",
+                        sha,
                         "waiting" if sha else "skipped",
                         reason,
                         ts,

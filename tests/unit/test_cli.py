@@ -46,6 +46,13 @@ def test_register_list_show_remove(home: list[str]) -> None:
         (["deploy", str(DATA / "tiny_fp32.tflite"), "--to", "ghost"], "unknown device"),
         (["deploy", str(DATA / "tiny_fp32.tflite"), "--profile", "nope"], "nope"),
         (["deployments", "show", "dep-x"], "unknown deployment"),
+        (
+            ["models", "add", str(DATA / "garbage.tflite"), "--name", "m", "--version", "1"],
+            "not a TFLite model",
+        ),
+        (["rollout", "start", "ghost:1"], "unknown model 'ghost:1'"),
+        (["rollout", "status", "ro-x"], "unknown deployment or rollout 'ro-x'"),
+        (["rollout", "pause", "ro-x"], "unknown deployment or rollout 'ro-x'"),
     ],
 )
 def test_bad_input_exits_2_with_a_clear_error(
@@ -66,6 +73,42 @@ def test_deploy_and_show_deployment(home: list[str]) -> None:
     assert dep["devices"][0]["state"] == "pending"
     shown = runner.invoke(app, ["deployments", "show", dep["id"], *home])
     assert "pi-1" in shown.output and "pending" in shown.output
+
+
+def test_models_and_rollout_lifecycle(home: list[str]) -> None:
+    for i in range(4):
+        runner.invoke(app, ["devices", "register", f"pi-{i}", "--profile", "rpi4", *home])
+    added = runner.invoke(
+        app,
+        ["models", "add", str(DATA / "tiny_int8.tflite"), "--name", "cnn", "--version", "2",
+         "--profile", "rpi4", "--json", *home],
+    )  # fmt: skip
+    assert added.exit_code == 0, added.output
+    assert json.loads(added.output)["artifacts"][0]["profile"] == "rpi4"
+    listed = runner.invoke(app, ["models", "list", *home])
+    assert "cnn" in listed.output and "rpi4" in listed.output
+    bad = runner.invoke(app, ["rollout", "start", "cnn:2", "--gate", "p95_ms>=3", *home])
+    assert bad.exit_code == 2 and "METRIC<=NUMBER" in bad.output
+    started = runner.invoke(
+        app,
+        ["rollout", "start", "cnn:2", "--to", "pi-*", "--waves", "25,100", "--gate",
+         "p95_ms<=50", "--gate", "p95_regression<=10%", "--max-failures", "1", "--json", *home],
+    )  # fmt: skip
+    assert started.exit_code == 0, started.output
+    ro = json.loads(started.output)
+    assert ro["policy"]["gates"] == ["p95_ms<=50", "p95_regression<=10%"]
+    assert [w["devices"] for w in ro["waves"]] == [1, 3]
+    shown = runner.invoke(app, ["rollout", "status", ro["id"], *home])
+    assert "p95_ms<=50" in shown.output and "WAVE" in shown.output
+    assert ro["id"] in runner.invoke(app, ["rollout", "status", *home]).output
+    for action, state in (("pause", "paused"), ("resume", "running"), ("abort", "aborted")):
+        result = runner.invoke(app, ["rollout", action, ro["id"], "--json", *home])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.output)["state"] == state
+    again = runner.invoke(app, ["rollout", "resume", ro["id"], *home])
+    assert again.exit_code == 2 and "is aborted, not paused" in again.output
+    rolled = runner.invoke(app, ["rollout", "rollback", ro["id"], *home])
+    assert rolled.exit_code == 0 and "rolled_back" in rolled.output
 
 
 def test_profiles_list_and_show() -> None:
