@@ -215,6 +215,9 @@ class Rollouts:
                 self._set_row(tx, key, "retrying", f"attempt {attempts + 1}: {event.message}")
             else:
                 self._set_row(tx, key, "failed", event.message)
+                # The agent kept its model; make the desired state say so too, so a reinstalled
+                # device does not pick the failed artifact up again.
+                self._roll_back_device(tx, key, previous, policy, "failed")
         elif event.kind == "benchmark" and event.benchmark is not None:
             report = _report_dict(event)
             base = json.loads(baseline) if baseline else None
@@ -329,6 +332,8 @@ class Rollouts:
                     self._set_row(tx, key, "retrying", f"attempt {attempts + 1}: {why}")
                 else:
                     self._set_row(tx, key, "failed", why)
+                    # An offline device must not install the artifact when it comes back.
+                    self._roll_back_device(tx, key, previous, policy, "failed")
                     notes.append(f"{rid}: {device_id} {why}")
             elif state == "rolling_back" and deadline and ts > deadline:
                 self._set_row(tx, key, "rollback_failed", "rollback timed out")

@@ -308,6 +308,11 @@ def test_timeouts_retry_then_fail_and_the_device_is_pointed_back(fleet: Fleet) -
     fleet.rollouts.tick()
     row = FakeDevices(fleet).row(ro, "d0")
     assert row["state"] == "failed" and "timed out after 0.05 s in state pending" in row["detail"]
+    old_sha = fleet.model("digits:0")["artifacts"][0]["sha256"]
+    desired = {d: dv for d, dv, _ in fleet.unpublished_desired()}
+    assert desired["d0"].artifact and desired["d0"].artifact.sha256 == old_sha, (
+        "a device that timed out must not install the artifact when it returns"
+    )
     fleet.rollouts.tick()
     assert fleet.deployment(ro)["state"] == "completed"
 
