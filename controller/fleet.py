@@ -544,6 +544,13 @@ class Fleet:
                     now(),
                 ),
             )
+            # Commands sent while the device was away were lost with its clean session: send
+            # them again (the agent runs each command id once).
+            tx.execute(
+                "UPDATE commands SET published = NULL WHERE device_id = ? "
+                "AND published IS NOT NULL AND completed IS NULL",
+                (hello.device_id,),
+            )
 
     def record_status(self, status: Status) -> None:
         """Apply a device's retained status (the offline last will only flips `online`)."""

@@ -197,3 +197,18 @@ def test_failed_transaction_rolls_back(fleet: Fleet) -> None:
         tx.execute("INSERT INTO devices (id, registered_by, registered_at) VALUES ('x', 'cli', 1)")
         tx.execute("INSERT INTO devices (id, registered_by, registered_at) VALUES ('x', 'cli', 1)")
     assert fleet.devices() == []
+
+
+def test_unanswered_commands_are_sent_again_when_the_device_says_hello(fleet: Fleet) -> None:
+    fleet.register_device("d1", "rpi4")
+    command_id = fleet.send_command("d1", "benchmark")
+    fleet.mark_command_published(command_id)
+    assert fleet.unpublished_commands() == []
+    fleet.record_hello(Hello(device_id="d1", agent_version="0.1.0", facts=FACTS))
+    assert [c.command_id for _, c in fleet.unpublished_commands()] == [command_id]
+    fleet.mark_command_published(command_id)
+    fleet.record_event(
+        Event(device_id="d1", event_id=command_id, kind="command", message="benchmark done")
+    )
+    fleet.record_hello(Hello(device_id="d1", agent_version="0.1.0", facts=FACTS))
+    assert fleet.unpublished_commands() == [], "an answered command is not sent again"
