@@ -17,6 +17,7 @@ import typer
 import firmware_profiles
 from agent.config import AgentConfig, PowerModelConfig, dump_config
 from controller.fleet import Fleet
+from controller.policy import Gate, Policy, Threshold, parse_waves
 from controller.render import as_json, num, short, table
 
 # Profiles the demo agents declare, in turn: a board, a phone, a gateway, an NPU board.
@@ -26,6 +27,15 @@ REGISTER_TIMEOUT_S = 60.0
 DEPLOY_TIMEOUT_S = 180.0
 # Benchmark settings the demo agents use: enough runs for a meaningful p99.
 DEMO_RUNS = 100
+# The demo's rollout: one canary device, then the rest; any failure or gate violation aborts.
+DEMO_POLICY = Policy(
+    waves=parse_waves("1d,100"),
+    max_failures=Threshold(count=0),
+    gates=(Gate("p95_ms", 100.0), Gate("peak_rss_mb", 768.0)),
+    device_timeout_s=DEPLOY_TIMEOUT_S,
+    retries=1,
+    benchmark_runs=DEMO_RUNS,
+)
 
 
 def cache_dir() -> Path:
@@ -108,20 +118,24 @@ def wait_registered(fleet: Fleet, ids: list[str], progress: Progress) -> list[st
 
 
 def wait_deployment(fleet: Fleet, deployment_id: str, progress: Progress) -> dict[str, Any]:
-    """Follow a deployment until every device succeeded or failed, showing state changes."""
+    """Follow a rollout until it completes or aborts, showing each state change."""
     deadline = time.monotonic() + DEPLOY_TIMEOUT_S
     seen: dict[str, str] = {}
+    wave = -1
     while True:
         dep = fleet.deployment(deployment_id)
+        if dep["wave"] != wave:
+            wave = dep["wave"]
+            members = [d["device_id"] for d in dep["devices"] if d["wave"] == wave]
+            progress(f"wave {wave} ({dep['waves'][wave]['size']}): {', '.join(members)}")
         for d in dep["devices"]:
             device = fleet.device(d["device_id"])
             label = f"{d['state']}/{device['state']}"
             if seen.get(d["device_id"]) != label:
                 seen[d["device_id"]] = label
-                progress(f"{d['device_id']}: deployment {d['state']}, agent {device['state']}")
-        if all(d["state"] in ("succeeded", "failed") for d in dep["devices"]):
-            return dep
-        if time.monotonic() > deadline:
+                progress(f"{d['device_id']}: rollout {d['state']}, agent {device['state']}")
+        if dep["state"] not in ("running", "paused") or time.monotonic() > deadline:
+            progress(f"rollout {dep['state']} {dep['reason']}".rstrip())
             return dep
         time.sleep(0.2)
 
@@ -129,7 +143,7 @@ def wait_deployment(fleet: Fleet, deployment_id: str, progress: Progress) -> dic
 def result_rows(fleet: Fleet, dep: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per device: identity, model and the benchmark it reported for this deployment."""
     rows = []
-    for d in dep["devices"]:
+    for d in sorted(dep["devices"], key=lambda d: d["device_id"]):
         device = fleet.device(d["device_id"])
         bench = next(
             (b for b in fleet.benchmarks(d["device_id"], 50) if b["deployment_id"] == dep["id"]),
@@ -160,7 +174,12 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
             else "-"
         )
         source = (
-            b.get("power_source", "-") + (" (estimated)" if b.get("power_estimated") else "")
+            b.get("power_source", "-")
+            + (
+                " (estimated)"
+                if b.get("power_estimated") and "estimated" not in b.get("power_source", "")
+                else ""
+            )
             if b
             else r["detail"][:40]
         )
@@ -199,7 +218,8 @@ def run_demo(*, devices: int = 3, json_out: bool = False, keep: bool = False) ->
     """Run the whole demo; return the process exit code (non-zero if any device failed)."""
     from controller.broker import start_embedded
     from controller.service import ControllerService
-    from converters.digits import digits_tflite
+    from converters.digits import digits_tflite, load_digits_dataset
+    from converters.evaluate import write_golden
 
     progress = Progress()
     home = Path(tempfile.mkdtemp(prefix="edgefleet-demo-"))
@@ -224,15 +244,19 @@ def run_demo(*, devices: int = 3, json_out: bool = False, keep: bool = False) ->
             progress(f"agents never registered: {', '.join(missing)} (logs in {home / 'agents'})")
             keep = True
             return 1
-        dep = fleet.deploy(model, devices=ids, name="digits-cnn")
+        golden = write_golden(model, load_digits_dataset().x_val, home / "digits.golden.npz")
+        fleet.add_model(model, name="digits-cnn", version="1", golden=golden)
+        dep = fleet.start_rollout("digits-cnn:1", ",".join(ids), DEMO_POLICY)
         progress(
-            f"deployment {dep['id']} of {short(dep['devices'][0]['artifact_sha256'])} "
-            f"to {len(ids)} device(s)"
+            f"rollout {dep['id']} of {short(dep['devices'][0]['artifact_sha256'])} (with golden "
+            f"data for the self-test) to {len(ids)} device(s), waves "
+            f"{', '.join(w['size'] for w in dep['waves'])}, gates "
+            f"{', '.join(dep['policy']['gates'])}"
         )
         dep = wait_deployment(fleet, dep["id"], progress)
         rows = result_rows(fleet, dep)
         if json_out:
-            typer.echo(as_json({"deployment": dep["id"], "devices": rows}))
+            typer.echo(as_json({"deployment": dep["id"], "state": dep["state"], "devices": rows}))
         else:
             print_rows(rows)
         failed = [r for r in rows if r["deployment_state"] != "succeeded"]

@@ -38,6 +38,7 @@ def test_demo_json_reports_every_device_and_cleans_up() -> None:
     assert out.returncode == 0, out.stderr[-4000:]
     data = json.loads(out.stdout)
     rows = data["devices"]
+    assert data["state"] == "completed"
     assert [r["device"] for r in rows] == ["demo-1", "demo-2", "demo-3"]
     assert len({r["profile"] for r in rows}) == 3, "each agent declares its own profile"
     shas = {r["model_sha256"] for r in rows}
@@ -45,6 +46,7 @@ def test_demo_json_reports_every_device_and_cleans_up() -> None:
     for row in rows:
         bench = row["benchmark"]
         assert row["deployment_state"] == "succeeded"
+        assert bench["runs"] == 100, "the demo's rollout policy sets the benchmark runs"
         assert 0 < bench["p50_ms"] <= bench["p99_ms"]
         assert 0 < bench["peak_rss_mb"] < 400, "peak RSS is the agent's own, not its parent's"
         assert bench["power_source"] == "estimated" and bench["energy_mj_per_inference"] > 0
