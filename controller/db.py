@@ -153,6 +153,7 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX deployments_active ON deployments (state) WHERE state IN ('running', 'paused');
     ALTER TABLE artifacts ADD COLUMN kind TEXT NOT NULL DEFAULT 'model';
     ALTER TABLE artifacts ADD COLUMN golden_sha256 TEXT;
+    ALTER TABLE artifacts ADD COLUMN chunks_retained INTEGER NOT NULL DEFAULT 0;
     CREATE TABLE model_artifacts (
         model_id INTEGER NOT NULL REFERENCES models(id),
         sha256 TEXT NOT NULL REFERENCES artifacts(sha256),

@@ -443,6 +443,33 @@ class Fleet:
             out.append((r["id"], desired, manifests))
         return out
 
+    def set_chunks_retained(self, sha256: str, retained: bool) -> None:
+        """Record whether the broker holds this artifact's chunks as retained messages."""
+        with self.db.transaction() as tx:
+            tx.execute(
+                "UPDATE artifacts SET chunks_retained = ? WHERE sha256 = ?",
+                (int(retained), sha256),
+            )
+
+    def chunks_retained(self) -> set[str]:
+        """Artifacts whose chunks the broker holds retained."""
+        return {
+            r["sha256"]
+            for r in self.db.query("SELECT sha256 FROM artifacts WHERE chunks_retained = 1")
+        }
+
+    def artifacts_in_use(self) -> set[str]:
+        """Artifacts (and their golden blobs) that a device may still need to download."""
+        rows = self.db.query(
+            "SELECT DISTINCT a.sha256, a.golden_sha256 FROM deployment_devices dd "
+            "JOIN artifacts a ON a.sha256 = dd.artifact_sha256 "
+            "WHERE dd.state IN ('waiting', 'baselining', 'pending', 'in_progress', 'retrying') "
+            "UNION SELECT DISTINCT a.sha256, a.golden_sha256 FROM devices d "
+            "JOIN artifacts a ON a.sha256 = d.desired_sha256 "
+            "WHERE d.desired_generation > d.reported_generation"
+        )
+        return {sha for r in rows for sha in (r["sha256"], r["golden_sha256"]) if sha}
+
     def mark_published(self, device_id: str, generation: int) -> None:
         """Record that a desired generation reached the broker (retained)."""
         with self.db.transaction() as tx:

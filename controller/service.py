@@ -8,6 +8,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 
 from agent.mqtt import MqttSession
@@ -39,6 +40,8 @@ MAX_BATCH = 500
 ANNOUNCE_RETRY_S = 10.0
 # QoS1 publishes in flight: high enough to stream a wave of chunks without stalling on PUBACKs.
 CONTROLLER_INFLIGHT = 200
+# How often retained chunks of artifacts nobody needs any more are cleared from the broker.
+RETAINED_SWEEP_S = 30.0
 
 
 class ControllerService:
@@ -67,6 +70,7 @@ class ControllerService:
         self.chunks_published = 0
         self.bytes_published = 0
         self._thread: threading.Thread | None = None
+        self.retained_sweep_s = RETAINED_SWEEP_S
         # clean_session=False with a fixed client id: the broker queues device events for us
         # while the controller restarts, so a restart loses nothing.
         self.session = MqttSession(
@@ -115,6 +119,7 @@ class ControllerService:
         needs: dict[str, set[int]] = defaultdict(set)
         first_need: dict[str, float] = {}
         next_reconcile = 0.0
+        last_sweep = time.monotonic()
         try:
             while not self._stop.is_set():
                 batch = self._drain(timeout=0.05)
@@ -137,6 +142,13 @@ class ControllerService:
                         self.errors += 1
                         log.exception("reconcile failed")
                 self._serve_chunks(fleet, needs, first_need)
+                if time.monotonic() - last_sweep >= self.retained_sweep_s:
+                    last_sweep = time.monotonic()
+                    try:
+                        self._sweep_retained(fleet)
+                    except Exception:
+                        self.errors += 1
+                        log.exception("clearing retained chunks failed")
         except Exception:
             log.exception("controller loop crashed")
             raise
@@ -208,11 +220,16 @@ class ControllerService:
         for note in fleet.rollouts.tick():
             log.info("%s", note)
         published_manifests: set[str] = set()
+        retained = fleet.chunks_retained()
         for device_id, desired, manifests in fleet.unpublished_desired():
             for manifest in manifests:  # the golden blob's manifest before the model's
                 if manifest.sha256 not in published_manifests:
                     self._publish_manifest(manifest)
                     published_manifests.add(manifest.sha256)
+                if manifest.sha256 not in retained:
+                    self._publish_chunks(fleet, manifest, range(manifest.chunk_count))
+                    fleet.set_chunks_retained(manifest.sha256, True)
+                    retained.add(manifest.sha256)
             self.session.publish(self.topics.desired(device_id), dump(desired), retain=True)
             fleet.mark_published(device_id, desired.generation)
             log.info("desired generation %d -> %s", desired.generation, device_id)
@@ -224,6 +241,16 @@ class ControllerService:
         """Retained manifest, so a device that connects later still finds it."""
         self.session.publish(self.topics.manifest(manifest.sha256), dump(manifest), retain=True)
 
+    def _publish_chunks(self, fleet: Fleet, manifest: Manifest, indices: Iterable[int]) -> None:
+        """Publish chunks retained on the artifact's topic: the broker keeps one copy and hands
+        it to every device that subscribes, in any wave, so egress is one artifact per rollout."""
+        sha = manifest.sha256
+        for index in indices:
+            data = fleet.artifacts.read_chunk(sha, index, manifest.chunk_size)
+            self.session.publish(self.topics.chunk(sha, index), data, retain=True)
+            self.chunks_published += 1
+            self.bytes_published += len(data)
+
     def _serve_chunks(
         self, fleet: Fleet, needs: dict[str, set[int]], first_need: dict[str, float]
     ) -> None:
@@ -233,15 +260,19 @@ class ControllerService:
             indices = sorted(needs.pop(sha, set()))
             del first_need[sha]
             try:
-                manifest = fleet.manifest(sha)
-                for index in indices:
-                    data = fleet.artifacts.read_chunk(sha, index, manifest.chunk_size)
-                    self.session.publish(self.topics.chunk(sha, index), data)
-                    self.chunks_published += 1
-                    self.bytes_published += len(data)
+                self._publish_chunks(fleet, fleet.manifest(sha), indices)
             except Exception:  # e.g. the artifact file vanished: log, keep serving the rest
                 self.errors += 1
                 log.exception("cannot serve chunks of %s", sha[:12])
+
+    def _sweep_retained(self, fleet: Fleet) -> None:
+        """Clear the retained chunks of artifacts no device still has to download."""
+        for sha in fleet.chunks_retained() - fleet.artifacts_in_use():
+            manifest = fleet.manifest(sha)
+            for index in range(manifest.chunk_count):
+                self.session.publish(self.topics.chunk(sha, index), b"", retain=True)
+            fleet.set_chunks_retained(sha, False)
+            log.info("cleared the retained chunks of %s", sha[:12])
 
 
 def _same_device(claimed: str, topic_id: str) -> None:
