@@ -420,8 +420,13 @@ class Fleet:
             "WHERE d.desired_generation > d.published_generation"
         )
         out = []
+        parsed: dict[str, Manifest] = {}  # a wave shares one artifact: parse its manifest once
         for r in rows:
-            manifests = [parse(m, Manifest) for m in (r["golden"], r["manifest"]) if m]
+            manifests = [
+                parsed.get(m) or parsed.setdefault(m, parse(m, Manifest))
+                for m in (r["golden"], r["manifest"])
+                if m
+            ]
             manifest = manifests[-1] if r["manifest"] else None
             profile = self.profiles.get(r["profile"] or "")
             policy = Policy.from_json(json.loads(r["policy"] or "{}"))
@@ -472,16 +477,21 @@ class Fleet:
 
     def mark_published(self, device_id: str, generation: int) -> None:
         """Record that a desired generation reached the broker (retained)."""
+        self.mark_published_many([(device_id, generation)])
+
+    def mark_published_many(self, published: list[tuple[str, int]]) -> None:
+        """mark_published for many devices in one transaction (a wave of 1,000 is one commit)."""
+        ts = now()
         with self.db.transaction() as tx:
-            tx.execute(
+            tx.executemany(
                 "UPDATE devices SET published_generation = MAX(published_generation, ?) "
                 "WHERE id = ?",
-                (generation, device_id),
+                [(generation, device_id) for device_id, generation in published],
             )
-            tx.execute(
+            tx.executemany(
                 "UPDATE deployment_devices SET state = 'in_progress', updated = ? "
                 "WHERE device_id = ? AND generation = ? AND state = 'pending'",
-                (now(), device_id, generation),
+                [(ts, device_id, generation) for device_id, generation in published],
             )
 
     def republish_all(self) -> None:

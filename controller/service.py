@@ -221,6 +221,7 @@ class ControllerService:
             log.info("%s", note)
         published_manifests: set[str] = set()
         retained = fleet.chunks_retained()
+        published: list[tuple[str, int]] = []
         for device_id, desired, manifests in fleet.unpublished_desired():
             for manifest in manifests:  # the golden blob's manifest before the model's
                 if manifest.sha256 not in published_manifests:
@@ -231,8 +232,11 @@ class ControllerService:
                     fleet.set_chunks_retained(manifest.sha256, True)
                     retained.add(manifest.sha256)
             self.session.publish(self.topics.desired(device_id), dump(desired), retain=True)
-            fleet.mark_published(device_id, desired.generation)
-            log.info("desired generation %d -> %s", desired.generation, device_id)
+            published.append((device_id, desired.generation))
+            log.debug("desired generation %d -> %s", desired.generation, device_id)
+        if published:
+            fleet.mark_published_many(published)
+            log.info("published the desired state of %d device(s)", len(published))
         for device_id, command in fleet.unpublished_commands():
             self.session.publish(self.topics.cmd(device_id), dump(command))
             fleet.mark_command_published(command.command_id)
