@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -171,3 +172,64 @@ def test_agent_that_connected_before_the_controller_is_still_registered(
         assert row["online"] and row["runtime"]
     finally:
         ctl.stop()
+
+
+def test_rollout_survives_a_controller_sigkill_between_waves(
+    controller_process: ControllerProcess,
+    start_agent: Callable[..., AgentProcess],
+    tmp_path: Path,
+) -> None:
+    """`rollout start` through the CLI; the controller dies by SIGKILL after wave 0 and is
+    restarted: the rollout finishes, and every device has exactly one verdict."""
+    home = tmp_path / "ctl"
+    fleet = Fleet(home)
+    devices = ["kill-a", "kill-b", "kill-c"]
+    for device in devices:
+        start_agent(device, profile="rpi4")
+    wait_until(
+        lambda: {d["id"] for d in fleet.devices() if d["online"] and d["facts"]} >= set(devices),
+        30,
+        "hello from every agent",
+    )
+
+    def cli(*args: str) -> Any:
+        out = subprocess.run(
+            [EDGEFLEET, *args, "--home", str(home), "--json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    cli("models", "add", str(DATA / "tiny_int8.tflite"), "--name", "m", "--version", "1")
+    rollout = cli(
+        "rollout", "start", "m:1", "--to", "kill-*", "--waves", "1d,100",
+        "--max-failures", "0", "--device-timeout", "2m", "--gate", "p95_ms<=1000",
+    )  # fmt: skip
+    first = next(d["device_id"] for d in rollout["devices"] if d["wave"] == 0)
+    wait_until(
+        lambda: (
+            fleet.deployment(rollout["id"])["wave"] == 1
+            or any(d["state"] == "succeeded" for d in fleet.deployment(rollout["id"])["devices"])
+        ),
+        60,
+        f"the canary {first} to succeed",
+    )
+    assert controller_process.proc is not None
+    os.kill(controller_process.proc.pid, signal.SIGKILL)
+    controller_process.proc.wait(10)
+    controller_process.start()
+    final = wait_until(
+        lambda: (r := cli("rollout", "status", rollout["id"]))["state"] != "running" and r,
+        90,
+        "the rollout to finish after the restart",
+    )
+    assert final["state"] == "completed", final
+    assert final["counts"] == {"succeeded": 3}
+    verdicts = fleet.db.query(
+        "SELECT device_id, COUNT(*) AS n FROM events WHERE deployment_id = ? "
+        "AND kind = 'benchmark' GROUP BY device_id",
+        (rollout["id"],),
+    )
+    assert {r["device_id"]: r["n"] for r in verdicts} == dict.fromkeys(devices, 1)
