@@ -513,6 +513,9 @@ def up(
     host: Annotated[str, typer.Option(help="embedded broker address")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="embedded broker port (0 = any free port)")] = 1883,
     topic_root: Annotated[str, typer.Option(help="MQTT topic root")] = "edgefleet/v1",
+    stats_interval: Annotated[
+        float, typer.Option(min=0.1, help="seconds between stats lines in the log")
+    ] = 60.0,
     home: HomeOption = None,
 ) -> None:
     """Run the controller (and an embedded broker unless --broker is given) until interrupted."""
@@ -531,7 +534,9 @@ def up(
             raise _fail(exc) from None
         broker = handle.url
         typer.echo(f"embedded {handle.kind} broker on {broker}", err=True)
-    service = ControllerService(home, broker, topic_root=topic_root)
+    service = ControllerService(
+        home, broker, topic_root=topic_root, stats_interval_s=stats_interval
+    )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -56,6 +56,7 @@ class ControllerService:
         client_id: str = "edgefleet-controller",
         username: str | None = None,
         password: str | None = None,
+        stats_interval_s: float = 60.0,
     ) -> None:
         """Prepare the session; start() connects and begins the loop."""
         self.home = home
@@ -71,6 +72,7 @@ class ControllerService:
         self.bytes_published = 0
         self._thread: threading.Thread | None = None
         self.retained_sweep_s = RETAINED_SWEEP_S
+        self.stats_interval_s = stats_interval_s
         # clean_session=False with a fixed client id: the broker queues device events for us
         # while the controller restarts, so a restart loses nothing.
         self.session = MqttSession(
@@ -119,7 +121,7 @@ class ControllerService:
         needs: dict[str, set[int]] = defaultdict(set)
         first_need: dict[str, float] = {}
         next_reconcile = 0.0
-        last_sweep = time.monotonic()
+        last_sweep = last_stats = time.monotonic()
         try:
             while not self._stop.is_set():
                 batch = self._drain(timeout=0.05)
@@ -142,8 +144,18 @@ class ControllerService:
                         self.errors += 1
                         log.exception("reconcile failed")
                 self._serve_chunks(fleet, needs, first_need)
+                if time.monotonic() - last_stats >= self.stats_interval_s:
+                    last_stats = time.monotonic()
+                    log.info(
+                        "stats: %d chunk bytes published (%d chunks), %d rejected messages, "
+                        "%d errors",
+                        self.bytes_published,
+                        self.chunks_published,
+                        self.rejected,
+                        self.errors,
+                    )
                 if time.monotonic() - last_sweep >= self.retained_sweep_s:
-                    last_sweep = time.monotonic()
+                    last_sweep = last_stats = time.monotonic()
                     try:
                         self._sweep_retained(fleet)
                     except Exception:
