@@ -31,10 +31,14 @@ lint: env
 env: $(VENV)/.installed
 slim-env: $(SLIM)/.installed
 
+# The prune extra goes in with --no-deps, tf-keras matched to the installed TF: its declared deps
+# would put `tensorflow` on top of tensorflow-cpu and downgrade absl-py (docs/converters.md).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[dev]'
+	$(VENV)/bin/python -m converters.prune --requirements > $(VENV)/prune-requirements.txt
+	$(VENV)/bin/pip install -q --no-deps -r $(VENV)/prune-requirements.txt
 	touch $@
 
 $(SLIM)/.installed: pyproject.toml requirements/agent-tflite214.txt requirements/test-slim.txt

@@ -23,6 +23,12 @@ def _profiles(selector: str) -> list[firmware_profiles.Profile]:
         raise typer.Exit(2) from None
 
 
+# converters.prune.DEFAULT_SPARSITY / DEFAULT_EPOCHS, repeated so that the CLI starts without
+# numpy (a test keeps them equal).
+PRUNE_SPARSITY = 0.5
+PRUNE_EPOCHS = 4
+
+
 def _progress(event: Any) -> None:
     """One progress line per pipeline step, on stderr."""
     recipe = f" {event.recipe}" if event.recipe else ""
@@ -34,7 +40,7 @@ def _variant_rows(report: Any) -> list[tuple[object, ...]]:
     rows = []
     for prof in report.profiles:
         if not prof.variants:
-            rows.append((prof.profile, "-", prof.status, "-", "-", "-", prof.error or ""))
+            rows.append((prof.profile, "-", prof.status, "-", "-", "-", "-", "-", prof.error or ""))
         for v in prof.variants:
             ev = v.evaluation
             accuracy = (
@@ -43,6 +49,10 @@ def _variant_rows(report: Any) -> list[tuple[object, ...]]:
                 else (f"agree {num(100 * ev.top1_agreement, 1)}" if ev else "-")
             )
             size = f"{ev.size_bytes / 1024:.1f}" if ev else "-"
+            gz = f"{ev.compressed_bytes / 1024:.1f}" if ev and ev.compressed_bytes else "-"
+            sparse = (
+                num(100 * ev.weight_sparsity, 1) if ev and ev.weight_sparsity is not None else "-"
+            )
             latency = f"{num(v.latency_ms, 3)} ({v.latency_source})" if v.latency_ms else "-"
             rows.append(
                 (
@@ -50,6 +60,8 @@ def _variant_rows(report: Any) -> list[tuple[object, ...]]:
                     v.variant or v.recipe,
                     v.status,
                     size,
+                    gz,
+                    sparse,
                     accuracy,
                     latency,
                     v.reason[:70],
@@ -69,6 +81,19 @@ def optimize(
         float, typer.Option(help="accuracy budget in percentage points vs fp32")
     ] = 1.0,
     out: Annotated[Path, typer.Option(help="output directory")] = Path("artifacts"),
+    train: Annotated[
+        Path | None,
+        typer.Option(
+            help="training data (.npz/dir with x and y): also try TF-MOT magnitude-pruned "
+            "variants (needs the prune extra)"
+        ),
+    ] = None,
+    prune_sparsity: Annotated[
+        float, typer.Option(help="target share of zero weights for --train pruning")
+    ] = PRUNE_SPARSITY,
+    prune_epochs: Annotated[
+        int, typer.Option(help="fine-tuning epochs while pruning (--train)")
+    ] = PRUNE_EPOCHS,
     check: Annotated[
         bool, typer.Option("--check", help="only run the checks on a .tflite")
     ] = False,
@@ -96,6 +121,9 @@ def optimize(
             max_accuracy_drop=max_accuracy_drop,
             out_dir=out,
             progress=_progress,
+            train=train,
+            prune_sparsity=prune_sparsity,
+            prune_epochs=prune_epochs,
         )
     except (ConverterError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -106,12 +134,34 @@ def optimize(
         typer.echo(
             table(
                 _variant_rows(report),
-                ["PROFILE", "VARIANT", "STATUS", "KIB", "ACCURACY %", "LATENCY MS", "WHY"],
+                [
+                    "PROFILE",
+                    "VARIANT",
+                    "STATUS",
+                    "KIB",
+                    "GZIP KIB",
+                    "ZEROS %",
+                    "ACCURACY %",
+                    "LATENCY MS",
+                    "WHY",
+                ],
             )
         )
         for note in report.notes:
             typer.echo(f"note: {note}")
+        if report.pruning:
+            typer.echo(_pruning_line(report.pruning))
     raise typer.Exit(0 if report.ok else 1)
+
+
+def _pruning_line(pruning: dict[str, Any]) -> str:
+    """One line summing up the --train pruning run: target, reached, time."""
+    layers = ", ".join(f"{k} {100 * v:.0f}%" for k, v in pruning["layer_sparsity"].items())
+    return (
+        f"pruning: target {100 * pruning['target_sparsity']:.0f}%, pruned kernels "
+        f"{100 * pruning['kernel_sparsity']:.1f}% zero ({layers}); {pruning['epochs']} epochs, "
+        f"train accuracy {100 * pruning['train_accuracy']:.1f}%, {pruning['seconds']:.0f} s"
+    )
 
 
 def _check(model: Path, profiles: list[firmware_profiles.Profile], json_out: bool) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +71,6 @@ def load_samples(path: Path) -> Samples:
             return _from_npz(p)
     except ModelInputError:
         raise
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:  # np.load's failures
         raise ModelInputError(f"Cannot read data file {p}: {exc}") from exc
     raise ModelInputError(f"Unsupported data file {p}: expected .npy, .npz or a directory")

@@ -29,3 +29,7 @@ class InspectError(ConverterError):
 
 class GoldenMismatchError(ConverterError):
     """A model's outputs on its golden inputs differ from the stored ones beyond tolerance."""
+
+
+class PruningError(ConverterError):
+    """Magnitude pruning (--train) cannot run here (missing extra, unsupported model) or failed."""

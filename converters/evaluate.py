@@ -11,6 +11,7 @@ import numpy as np
 
 from converters.errors import GoldenMismatchError
 from converters.interpreter import HostModel, load_host_model
+from converters.sparsity import compressed_size, weight_sparsity
 
 # Latency sampling: at least this many timed runs, more until this much time has been spent,
 # never more than the cap (keeps MobileNet-sized fp32 models under ~2 s per variant).
@@ -40,6 +41,9 @@ class Evaluation:
     latency_ms_median: float
     latency_ms_p95: float
     latency_runs: int
+    # Measured from the file: gzip -9 size, and the zero share of its kernels (pruning shows here).
+    compressed_bytes: int | None = None
+    weight_sparsity: float | None = None
 
     @property
     def accuracy_drop_points(self) -> float | None:
@@ -130,10 +134,10 @@ def evaluate_variant(
     if y_val is not None and reference_accuracy is None:
         reference_accuracy = top1_accuracy(reference_outputs, y_val)
     median, p95, runs = host_latency(host, x_val)
-    size = len(model) if isinstance(model, bytes | bytearray) else Path(model).stat().st_size
+    data = bytes(model) if isinstance(model, bytes | bytearray) else Path(model).read_bytes()
     return Evaluation(
         samples=int(x_val.shape[0]),
-        size_bytes=size,
+        size_bytes=len(data),
         accuracy=accuracy,
         reference_accuracy=reference_accuracy if y_val is not None else None,
         top1_agreement=agreement,
@@ -142,6 +146,8 @@ def evaluate_variant(
         latency_ms_median=median,
         latency_ms_p95=p95,
         latency_runs=runs,
+        compressed_bytes=compressed_size(data),
+        weight_sparsity=weight_sparsity(data).weight_sparsity,
     )
 
 

@@ -13,7 +13,7 @@ from converters._files import atomic_write_bytes
 from converters.checks import blocking_failures, run_checks
 from converters.compilers import get_compiler
 from converters.datasets import Samples, load_samples
-from converters.errors import ConverterError
+from converters.errors import ConverterError, ModelInputError
 from converters.evaluate import (
     Evaluation,
     evaluate_variant,
@@ -23,6 +23,16 @@ from converters.evaluate import (
 from converters.inputs import ORIGINAL, convert_model, detect_format, prepare_source, recipes_for
 from converters.interpreter import load_host_model
 from converters.manifest import ArtifactManifest, source_sha256
+from converters.prune import (
+    DEFAULT_EPOCHS,
+    DEFAULT_SPARSITY,
+    PruneResult,
+    check_sparsity,
+    load_training_data,
+    prune_keras_model,
+    pruned_suffix,
+    require_pruning,
+)
 from converters.recipes import PER_CHANNEL_DENSE_MIN_RUNTIME
 from converters.report import (
     OptimizeReport,
@@ -36,6 +46,8 @@ from converters.tflite_inspect import inspect_bytes
 
 # Variant key suffix of the dynamic recipe with per-tensor Dense weights (FC v9, runtime ≥ 2.3).
 PER_TENSOR_SUFFIX = "-pt"
+# Separates a recipe from the pruning tag in variant names: "int8+pruned50", "dynamic-pt+pruned50".
+PRUNED_SEPARATOR = "+"
 # Latencies within 5 % of the fastest are a tie: repeated interleaved host timings of the same
 # digits model on this 2-core machine vary by about 3 %.
 LATENCY_TIE = 0.05
@@ -51,6 +63,16 @@ class _Variant:
     path: Path | None = None
     error: str | None = None
     evaluation: Evaluation | None = None
+
+
+def base_recipe(variant: str) -> str:
+    """The converter recipe of a variant name: 'dynamic-pt+pruned50' → 'dynamic'."""
+    return variant.partition(PRUNED_SEPARATOR)[0].removesuffix(PER_TENSOR_SUFFIX)
+
+
+def is_pruned(variant: str) -> bool:
+    """Whether a variant name denotes the pruned model ('int8+pruned50')."""
+    return PRUNED_SEPARATOR in variant
 
 
 def _as_samples(data: np.ndarray | Samples | Path | str | None) -> Samples | None:
@@ -89,6 +111,21 @@ class _Run:
         self.reference_recipe = ORIGINAL if self.fmt == "tflite" else "fp32"
         self.reference_outputs: np.ndarray | None = None
         self.val_x: np.ndarray | None = None
+        self.pruning: PruneResult | None = None
+        self.pruned_tag = ""
+
+    def prune(self, train: Samples, sparsity: float, epochs: int) -> PruneResult:
+        """Prune the Keras source once (TF-MOT, child process); adds the +prunedNN variants."""
+        self.emit("*", "prune", None, f"target sparsity {sparsity:g}, {epochs} epochs")
+        out = self.out_dir / "_work" / f"{self.stem}{pruned_suffix(sparsity)}.keras"
+        self.pruning = prune_keras_model(self.source, train, out, sparsity=sparsity, epochs=epochs)
+        self.pruned_tag = pruned_suffix(sparsity)
+        self.notes.append(
+            f"pruned with TF-MOT to {self.pruning.kernel_sparsity:.3f} kernel sparsity "
+            f"(target {sparsity:g}, {epochs} fine-tuning epochs in a tf_keras child process); "
+            "+pruned variants are compared with the unpruned fp32"
+        )
+        return self.pruning
 
     def emit(self, profile: str, stage: str, recipe: str | None = None, message: str = "") -> None:
         """Report progress to the callback, if any."""
@@ -98,17 +135,21 @@ class _Run:
     def _convert(self, key: str, profile: str) -> _Variant:
         """Convert variant `key` once (shared by all profiles); failures are kept, not raised.
 
-        Keys are recipes, plus "dynamic-pt": the dynamic recipe with per-tensor Dense weights.
+        Keys are recipes, plus "dynamic-pt": the dynamic recipe with per-tensor Dense weights,
+        and either with "+prunedNN": the same recipe applied to the pruned model.
         """
         if key not in self.variants:
-            recipe = key.removesuffix(PER_TENSOR_SUFFIX)
+            recipe = base_recipe(key)
+            per_tensor = key.partition(PRUNED_SEPARATOR)[0] != recipe
+            source = self.source
+            if is_pruned(key):
+                assert self.pruning is not None
+                source = self.pruning.model_path
             self.emit(profile, "convert", key)
             var = _Variant(key)
             try:
                 calib = self.calib.x if self.calib is not None else None
-                data = convert_model(
-                    self.source, recipe, calib=calib, per_tensor_dense=key != recipe
-                )
+                data = convert_model(source, recipe, calib=calib, per_tensor_dense=per_tensor)
                 var.path = atomic_write_bytes(
                     self.out_dir / "variants" / f"{self.stem}-{key}.tflite", data
                 )
@@ -140,6 +181,14 @@ class _Run:
         labels = self.val.y if self.val is not None else None
         return evaluate_variant(path, self.val_x, self.reference_outputs, y_val=labels)
 
+    def variant_metrics(self, variant: str) -> dict[str, Any]:
+        """Extra manifest/report metrics of a variant: the pruning run behind a +pruned one."""
+        if not is_pruned(variant) or self.pruning is None:
+            return {}
+        info = self.pruning.to_dict()
+        keep = ("target_sparsity", "kernel_sparsity", "layer_sparsity", "epochs", "tools")
+        return {"pruning": {k: info[k] for k in keep}}
+
     def _validation_inputs(self, reference: Path) -> np.ndarray:
         """--val inputs, else the calibration inputs, else random inputs of the model's shape."""
         if self.val is not None:
@@ -153,13 +202,18 @@ class _Run:
         return rng.random((RANDOM_VAL_SAMPLES, *shape), dtype=np.float32)
 
     def candidates(self, profile: Any) -> list[str]:
-        """Recipes to try for a profile: the allowed ones that apply to this model's format."""
+        """Recipes to try for a profile: the allowed ones that apply to this model's format.
+
+        With pruning, each is also tried on the pruned model ("int8+pruned50").
+        """
         applicable = recipes_for(self.model_path)
         chosen = [r for r in profile.quantization.allowed if r in applicable]
         if self.fmt == "tflite":
             chosen.insert(0, ORIGINAL)
+        if self.pruned_tag:
+            chosen += [r + self.pruned_tag for r in chosen if r != ORIGINAL]
         preferred = profile.quantization.preferred
-        return sorted(chosen, key=lambda r: (r != preferred, chosen.index(r)))
+        return sorted(chosen, key=lambda r: (base_recipe(r) != preferred, chosen.index(r)))
 
     def within_budget(self, ev: Evaluation) -> tuple[bool, str]:
         """Accuracy drop (with labels) or top-1 disagreement (without) against the budget."""
@@ -171,11 +225,12 @@ class _Run:
 
     def variant_key(self, profile: Any, recipe: str) -> str:
         """The variant to build: 'dynamic' becomes per-tensor Dense for runtimes before 2.17."""
-        if recipe != "dynamic" or self.fmt == "tflite":
+        base, sep, tag = recipe.partition(PRUNED_SEPARATOR)
+        if base != "dynamic" or self.fmt == "tflite":
             return recipe
         have = tflite_compat_version(profile.runtime.name, profile.runtime.version)
         if have is not None and not version_at_least(have, PER_CHANNEL_DENSE_MIN_RUNTIME):
-            return recipe + PER_TENSOR_SUFFIX
+            return base + PER_TENSOR_SUFFIX + sep + tag
         return recipe
 
     def try_variant(self, profile: Any, recipe: str) -> VariantReport:
@@ -188,6 +243,7 @@ class _Run:
             rep.status, rep.reason = "failed", f"{stage} failed: {var.error}"
             return rep
         rep.evaluation = var.evaluation
+        rep.extra_metrics = self.variant_metrics(key)
         compile_dir = self.out_dir / profile.id / "compile" / recipe
         try:
             self.emit(profile.id, "compile", recipe, profile.compiler.kind)
@@ -256,12 +312,26 @@ class _Run:
             """Artifact size in bytes."""
             return r.evaluation.size_bytes if r.evaluation else 0
 
-        best = min(tied, key=lambda r: (r.recipe != preferred, size(r), r.latency_ms or 0.0))
+        def compressed(r: VariantReport) -> int:
+            """Artifact size after gzip -9."""
+            return (r.evaluation.compressed_bytes or 0) if r.evaluation else 0
+
+        # gzip size before raw size: across recipes both rank alike, but a pruned variant's raw
+        # size equals its unpruned twin's (± alignment bytes) and only compression shows its gain.
+        best = min(
+            tied,
+            key=lambda r: (
+                base_recipe(r.recipe) != preferred,
+                compressed(r),
+                size(r),
+                r.latency_ms or 0.0,
+            ),
+        )
         best.status = "selected"
         why = "fastest" if best.latency_ms == fastest else "preferred/smallest within the tie"
         best.reason = (
             f"{why} passing variant: {best.latency_ms:.4f} ms ({best.latency_source}), "
-            f"{size(best)} bytes, {best.reason}"
+            f"{size(best)} bytes ({compressed(best)} gzip), {best.reason}"
         )
         for other in passing:
             if other is best:
@@ -272,7 +342,7 @@ class _Run:
             elif other in tied:
                 other.reason = (
                     f"tied on latency ({other.latency_ms:.4f} ms vs {best.latency_ms:.4f} ms) "
-                    f"and {best.recipe} is preferred or smaller"
+                    f"and {best.recipe} is preferred or smaller (gzip, then raw)"
                 )
             else:
                 other.reason = (
@@ -303,6 +373,7 @@ class _Run:
             source_sha256=self.source_sha,
             metrics={
                 **chosen.evaluation.to_dict(),
+                **chosen.extra_metrics,
                 "latency_ms": chosen.latency_ms,
                 "latency_source": chosen.latency_source,
             },
@@ -358,6 +429,27 @@ def _tool_versions() -> dict[str, str]:
     return out
 
 
+def _training_samples(
+    model_path: Path, train: np.ndarray | Samples | Path | None, sparsity: float, epochs: int
+) -> Samples | None:
+    """Validate --train and its options before any work: Keras model, labels, the prune extra."""
+    if train is None:
+        return None
+    check_sparsity(sparsity)
+    if epochs < 1:
+        raise ValueError(f"prune epochs must be ≥ 1, got {epochs}")
+    fmt = detect_format(model_path)
+    if fmt != "keras":
+        raise ModelInputError(
+            f"--train prunes Keras models (.keras/.h5) only; {model_path} is a {fmt} model"
+        )
+    if isinstance(train, np.ndarray):
+        raise ModelInputError("--train needs labels: pass Samples(x, y) or an .npz with x and y")
+    samples = load_training_data(train)
+    require_pruning()
+    return samples
+
+
 def optimize(
     model_path: Path,
     profiles: list[Any],
@@ -367,19 +459,27 @@ def optimize(
     max_accuracy_drop: float = 1.0,
     out_dir: Path,
     progress: ProgressCallback | None = None,
+    train: np.ndarray | Samples | Path | None = None,
+    prune_sparsity: float = DEFAULT_SPARSITY,
+    prune_epochs: int = DEFAULT_EPOCHS,
 ) -> OptimizeReport:
     """Build the best artifact for each profile; one profile's failure does not stop the others.
 
     `max_accuracy_drop` is in percentage points of top-1 accuracy when `val` has labels, else of
-    top-1 disagreement with the reference. Raises only for problems with the model or data
-    themselves (ModelInputError); everything per profile is reported in the result.
+    top-1 disagreement with the reference. With `train` (inputs + labels) the Keras model is also
+    magnitude-pruned to `prune_sparsity` (TF-MOT, child process) and every recipe is tried on it
+    too. Raises only for problems with the model or data themselves (ModelInputError) or with
+    pruning (PruningError); everything per profile is reported in the result.
     """
     if max_accuracy_drop < 0:
         raise ValueError(f"max_accuracy_drop must be ≥ 0, got {max_accuracy_drop}")
+    train_samples = _training_samples(Path(model_path), train, prune_sparsity, prune_epochs)
     started = time.perf_counter()
     run = _Run(Path(model_path), Path(out_dir), _as_samples(calib), _as_samples(val),
                max_accuracy_drop, progress)  # fmt: skip
     report = OptimizeReport(Path(model_path), Path(out_dir), max_accuracy_drop)
+    if train_samples is not None:
+        report.pruning = run.prune(train_samples, prune_sparsity, prune_epochs).to_dict()
     for profile in profiles:
         try:
             report.profiles.append(run.run_profile(profile))

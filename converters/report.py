@@ -41,6 +41,7 @@ class VariantReport:
     artifact: Path | None = None
     manifest: Path | None = None
     golden: Path | None = None
+    extra_metrics: dict[str, Any] = field(default_factory=dict)  # e.g. the pruning behind it
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""
@@ -57,6 +58,7 @@ class VariantReport:
             "artifact": str(self.artifact) if self.artifact else None,
             "manifest": str(self.manifest) if self.manifest else None,
             "golden": str(self.golden) if self.golden else None,
+            **self.extra_metrics,
         }
 
 
@@ -96,6 +98,7 @@ class OptimizeReport:
     profiles: list[ProfileReport] = field(default_factory=list)
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    pruning: dict[str, Any] | None = None  # PruneResult.to_dict() when --train was given
 
     @property
     def ok(self) -> bool:
@@ -111,5 +114,6 @@ class OptimizeReport:
             "ok": self.ok,
             "seconds": round(self.seconds, 3),
             "notes": list(self.notes),
+            "pruning": self.pruning,
             "profiles": [p.to_dict() for p in self.profiles],
         }
