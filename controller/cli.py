@@ -15,6 +15,7 @@ import firmware_profiles
 from controller.fleet import Fleet, FleetError, default_home
 from controller.optimize_cmd import optimize
 from controller.render import as_json, num, short, table
+from controller.simulate import simulate_command
 
 app = typer.Typer(
     add_completion=False,
@@ -34,6 +35,7 @@ app.add_typer(deployments_app, name="deployments")
 app.add_typer(models_app, name="models")
 app.add_typer(rollout_app, name="rollout")
 app.command()(optimize)
+app.command("simulate")(simulate_command)
 
 HomeOption = Annotated[
     Path | None,

@@ -182,6 +182,7 @@ class Database:
         # NORMAL is durable across application crashes in WAL mode, and much faster than FULL.
         self.conn.execute("PRAGMA synchronous=NORMAL")
         self.conn.execute("PRAGMA foreign_keys=ON")
+        self._savepoints = 0
         self.migrate()
 
     def migrate(self) -> int:
@@ -197,7 +198,23 @@ class Database:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE … COMMIT, rolled back on error (IMMEDIATE avoids upgrade deadlocks)."""
+        """BEGIN IMMEDIATE … COMMIT, rolled back on error (IMMEDIATE avoids upgrade deadlocks).
+
+        Inside an open transaction it is a SAVEPOINT instead: the service wraps a batch of
+        messages in one transaction, and one bad message rolls back only its own changes.
+        """
+        if self.conn.in_transaction:
+            self._savepoints += 1
+            name = f"sp{self._savepoints}"
+            self.conn.execute(f"SAVEPOINT {name}")
+            try:
+                yield self.conn
+            except BaseException:
+                self.conn.execute(f"ROLLBACK TO {name}")
+                self.conn.execute(f"RELEASE {name}")
+                raise
+            self.conn.execute(f"RELEASE {name}")
+            return
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             yield self.conn

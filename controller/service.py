@@ -125,12 +125,16 @@ class ControllerService:
         try:
             while not self._stop.is_set():
                 batch = self._drain(timeout=0.05)
-                for topic, payload in batch:
-                    try:
-                        self._handle(fleet, topic, payload, needs, first_need)
-                    except Exception:  # a bad message or a DB hiccup must not stop ingest
-                        self.errors += 1
-                        log.exception("failed to handle a message on %s", topic)
+                if batch:
+                    # One commit per batch (each message is a savepoint): under fan-in from a
+                    # thousand devices, a commit per message would be the bottleneck.
+                    with fleet.db.transaction():
+                        for topic, payload in batch:
+                            try:
+                                self._handle(fleet, topic, payload, needs, first_need)
+                            except Exception:  # a bad message must not stop ingest
+                                self.errors += 1
+                                log.exception("failed to handle a message on %s", topic)
                 if self._reconnected.is_set():
                     # Retained state may be gone (broker restart without persistence): resend.
                     self._reconnected.clear()

@@ -212,3 +212,17 @@ def test_unanswered_commands_are_sent_again_when_the_device_says_hello(fleet: Fl
     )
     fleet.record_hello(Hello(device_id="d1", agent_version="0.1.0", facts=FACTS))
     assert fleet.unpublished_commands() == [], "an answered command is not sent again"
+
+
+def test_nested_transaction_is_a_savepoint(tmp_path: Path) -> None:
+    db = Database(tmp_path / "x.db")
+    db.conn.execute("CREATE TABLE t (v INTEGER)")
+    with db.transaction() as tx:
+        tx.execute("INSERT INTO t VALUES (1)")
+        with pytest.raises(ZeroDivisionError), db.transaction() as inner:
+            inner.execute("INSERT INTO t VALUES (2)")
+            _ = 1 / 0
+        with db.transaction() as inner:
+            inner.execute("INSERT INTO t VALUES (3)")
+    assert [r[0] for r in db.conn.execute("SELECT v FROM t ORDER BY v")] == [1, 3]
+    assert not db.conn.in_transaction
