@@ -29,8 +29,11 @@ from controller.fleet import Fleet
 
 log = logging.getLogger(__name__)
 
-# How often desired state is reconciled into retained MQTT messages.
+# How often desired state is reconciled into retained MQTT messages when nothing happens...
 RECONCILE_INTERVAL_S = 0.5
+# ...and the shortest gap between reconciles when something did: a CLI commit (seen through
+# SQLite's data_version) or an ingested batch that may finish a wave.
+RECONCILE_MIN_GAP_S = 0.05
 # Requests for chunks are gathered this long before publishing, so devices that start together
 # share one publication of each chunk (egress ≈ one artifact size per wave, not per device).
 NEED_COALESCE_S = 0.25
@@ -120,11 +123,16 @@ class ControllerService:
         fleet = Fleet(self.home)
         needs: dict[str, set[int]] = defaultdict(set)
         first_need: dict[str, float] = {}
-        next_reconcile = 0.0
+        next_reconcile = last_reconcile = 0.0
         last_sweep = last_stats = time.monotonic()
+        data_version = -1
         try:
             while not self._stop.is_set():
                 batch = self._drain(timeout=0.05)
+                # Another process (the CLI) committed: its rollout should not wait for the tick.
+                version = fleet.db.conn.execute("PRAGMA data_version").fetchone()[0]
+                dirty = bool(batch) or version != data_version
+                data_version = version
                 if batch:
                     # One commit per batch (each message is a savepoint): under fan-in from a
                     # thousand devices, a commit per message would be the bottleneck.
@@ -140,8 +148,10 @@ class ControllerService:
                     self._reconnected.clear()
                     fleet.republish_all()
                     next_reconcile = 0.0
-                if time.monotonic() >= next_reconcile:
-                    next_reconcile = time.monotonic() + RECONCILE_INTERVAL_S
+                now = time.monotonic()
+                if now >= next_reconcile or (dirty and now - last_reconcile >= RECONCILE_MIN_GAP_S):
+                    last_reconcile = now
+                    next_reconcile = now + RECONCILE_INTERVAL_S
                     try:
                         self._reconcile(fleet)
                     except Exception:  # retried on the next tick; never kills the loop
