@@ -248,7 +248,12 @@ def format_result(result: BenchmarkResult) -> str:
             "Latency",
             " ".join(
                 f"{name} {_duration(v)}"
-                for name, v in (("p50", r.p50_ms), ("p90", r.p90_ms), ("p95", r.p95_ms), ("p99", r.p99_ms))
+                for name, v in (
+                    ("p50", r.p50_ms),
+                    ("p90", r.p90_ms),
+                    ("p95", r.p95_ms),
+                    ("p99", r.p99_ms),
+                )
             ),
         ),
         (

@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(config: Path, log_level: str) -> int:
     """Run the agent daemon until SIGTERM/SIGINT."""
     from agent.daemon import Agent
+    from agent.failpoint import FailpointError
 
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -77,7 +78,11 @@ def run(config: Path, log_level: str) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    agent = Agent(cfg)
+    try:
+        agent = Agent(cfg)
+    except FailpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())
     signal.signal(signal.SIGINT, lambda *_: agent.stop())
     agent.run()

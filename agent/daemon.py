@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import threading
@@ -13,20 +14,19 @@ from typing import Any
 from agent import __version__
 from agent.benchmark import benchmark_interpreter
 from agent.config import AgentConfig
-from agent.download import ChunkRejected, Download
 from agent.facts import device_facts
+from agent.fetch import Fetcher
+from agent.fsutil import CorruptFileError
 from agent.memory import release_memory
 from agent.mqtt import MqttSession
 from agent.power import PowerModel, detect_power_source
 from agent.protocol import (
-    MAX_CHUNK_SIZE,
     BenchmarkReport,
     Command,
     Desired,
     Event,
     Hello,
     Manifest,
-    Need,
     ProtocolError,
     Status,
     Topics,
@@ -34,19 +34,32 @@ from agent.protocol import (
     parse,
 )
 from agent.runtime import ModelLoadError, load_interpreter, runtime_info
-from agent.selftest import run_selftest
-from agent.state import MAX_SELFTEST_ATTEMPTS, RESTORE, UpdateStateFile
-from agent.store import ModelStore, sha256_file
+from agent.selftest import run_selftest, tighter_budget
+from agent.staging import ArtifactStager
+from agent.state import (
+    MAX_SELFTEST_ATTEMPTS,
+    RESTORE,
+    TERMINAL,
+    SeenCommands,
+    Superseded,
+    UpdateFailed,
+    UpdateStateFile,
+)
+from agent.store import ModelStore
 
 log = logging.getLogger(__name__)
 
+__all__ = ["Agent", "Counters", "Superseded", "UpdateFailed"]
 
-class UpdateFailed(Exception):
-    """An update step failed; the message is what the controller and the operator read."""
+# How long the work thread waits for the broker to acknowledge a terminal event before it
+# leaves it marked unsent (re-sent, same event id, on the next connect or start).
+REPORT_ACK_WAIT_S = 10.0
+# Event ids are 1-64 characters (protocol); longer derived ids are shortened by hashing.
+_MAX_EVENT_ID = 64
 
 
-class Superseded(Exception):
-    """A newer desired generation arrived while this update was running."""
+class ReportOutcome:
+    """Work item: send the recorded generation's result if the broker has not acknowledged it."""
 
 
 @dataclass
@@ -54,13 +67,20 @@ class Counters:
     """What the agent counted since start (rejected input must be visible, not silent)."""
 
     rejected_messages: int = 0
-    rejected_chunks: int = 0
     reasons: list[str] = field(default_factory=list)
 
     def reject(self, reason: str) -> None:
         """Count a rejection and keep the last few reasons."""
         self.rejected_messages += 1
         self.reasons = [*self.reasons[-9:], reason]
+
+
+def derived_event_id(base: str, suffix: str) -> str:
+    """`base-suffix`, hashed down to the protocol's 64 characters when longer (stable)."""
+    text = f"{base}-{suffix}"
+    if len(text) <= _MAX_EVENT_ID:
+        return text
+    return f"{hashlib.sha256(base.encode()).hexdigest()[:40]}-{suffix}"[:_MAX_EVENT_ID]
 
 
 class Agent:
@@ -73,6 +93,7 @@ class Agent:
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = ModelStore(config.models_dir)
         self.state = UpdateStateFile(config.data_dir / "update.json")
+        self.seen_commands = SeenCommands(config.data_dir / "commands.json")
         self.counters = Counters()
         self.runtime = runtime_info()
         self.power_model = PowerModel(
@@ -80,17 +101,12 @@ class Agent:
             active_w_per_core=config.power.active_w_per_core,
             accelerator_active_w=config.power.accelerator_active_w,
         )
-        self._work: queue.Queue[Desired | Command] = queue.Queue()
+        self._work: queue.Queue[Desired | Command | ReportOutcome] = queue.Queue()
         self._stop = threading.Event()
         self._latest_generation = 0
-        self._manifests: dict[str, Manifest] = {}
-        self._manifest_arrived = threading.Condition()
-        self._download: Download | None = None
-        self._fetching_sha: str | None = None
         self._serving: Any = None
         self._serving_sha: str | None = None
         self._serving_init_ms = 0.0
-        self._seen_commands: set[str] = set()
         self.session = MqttSession(
             config.broker,
             config.device_id,
@@ -100,6 +116,14 @@ class Agent:
             username=config.username,
             password=config.password,
         )
+        self.fetcher = Fetcher(
+            self.session,
+            self.topics,
+            config.device_id,
+            config.downloads_dir,
+            config.repair_interval_s,
+        )
+        self.stager = ArtifactStager(self.store, self.fetcher, config.downloads_dir)
 
     # ----------------------------------------------------------------- lifecycle
     def run(self) -> None:
@@ -115,14 +139,13 @@ class Agent:
                 try:
                     if isinstance(item, Desired):
                         self._apply_desired(item)
-                    else:
+                    elif isinstance(item, Command):
                         self._run_command(item)
+                    else:
+                        self._report_outcome()
                 except Exception as exc:  # one bad item must not take the agent down
                     log.exception("work item failed")
-                    if isinstance(item, Desired):
-                        self._fail(item, f"internal error: {type(item).__name__}: {exc}")
-                    else:
-                        self._emit("error", f"command {item.command_id} failed: {exc}")
+                    self._internal_error(item, exc)
                 release_memory()
         finally:
             self.session.publish(
@@ -138,34 +161,61 @@ class Agent:
         self._stop.set()
 
     def restore(self) -> None:
-        """Recover from the saved state (RESTORE table) and load the current model to serve."""
+        """Recover from the saved state (RESTORE table) and load the current model to serve.
+
+        Damaged state files are quarantined and reported, never fatal: a device that cannot
+        read its own bookkeeping must still serve and still take the next deployment.
+        """
+        for problem in (self.state.problem, self.seen_commands.problem):
+            if problem:
+                self._report_problem(problem)
         record = self.state.record
+        try:
+            self.store.pointers()
+        except CorruptFileError:
+            hint = record.sha256 if record.state == "active" else None
+            self._report_problem(self.store.rebuild_pointers(hint))
         log.info("saved state %s: %s", record.state, RESTORE.get(record.state, "?"))
         if record.state == "self-testing" and record.selftest_attempts >= MAX_SELFTEST_ATTEMPTS:
             reason = f"self-test crashed the agent {record.selftest_attempts} times; giving up"
-            self.state.transition("failed", applied_generation=record.generation, detail=reason)
-            # Told to the controller once connected (QoS1 waits in paho's queue until then).
-            self._emit_record_error(reason)
+            self.state.transition(
+                "failed",
+                applied_generation=record.generation,
+                stage="self-testing",
+                reported=False,
+                detail=reason,
+            )
+            log.error("%s", reason)  # reported once connected (ReportOutcome)
         elif record.state in ("fetching", "verifying", "staged", "self-testing"):
             # The retained desired state is delivered again on subscribe and drives the resume;
             # the chunk bitmap on disk keeps what was already downloaded.
             self.state.update(detail=f"interrupted in {record.state}; resuming")
         self._load_serving()
-
-    def _emit_record_error(self, reason: str) -> None:
-        """Send an error event for the saved update record (deployment and generation)."""
         record = self.state.record
-        event = Event(
-            device_id=self.config.device_id,
-            event_id=uuid.uuid4().hex,
-            kind="error",
-            message=reason,
-            deployment_id=record.deployment_id,
-            generation=record.generation,
-            state="failed",
-            model_sha256=self._serving_sha,
-        )
-        self.session.publish(self.topics.events(self.config.device_id), dump(event))
+        if (
+            record.state == "active"
+            and record.sha256 is not None
+            and record.sha256 != self._serving_sha
+        ):
+            # The committed model no longer loads (_load_serving fell back to the previous one).
+            reason = f"activated model {record.sha256[:12]} no longer loads; serving the previous"
+            if record.reported:
+                self.state.transition("rolled_back", detail=reason)
+            else:  # its activation never reached the controller: report a failure instead
+                self.state.transition("failed", stage="active", reported=False, detail=reason)
+        if self.state.problem is not None:
+            # A fresh record: follow what the store serves; the retained desired re-drives the rest.
+            serving = self._serving_sha
+            self.state.transition(
+                "active" if serving else "idle",
+                sha256=serving,
+                detail="update.json was corrupt and was rebuilt from the model store",
+            )
+
+    def _report_problem(self, message: str) -> None:
+        """Log and report a local problem (queued until connected); the agent keeps running."""
+        log.error("%s", message)
+        self._emit("error", message)
 
     def _load_serving(self) -> None:
         """Load the current model into the serving interpreter, falling back to the previous."""
@@ -190,15 +240,26 @@ class Agent:
         self._serving_init_ms = (time.perf_counter() - started) * 1000.0
         self._serving, self._serving_sha = interpreter, sha
 
+    def _internal_error(self, item: Desired | Command | ReportOutcome, exc: Exception) -> None:
+        """Report an unexpected exception; fail the update unless its generation already ended."""
+        text = f"internal error: {type(exc).__name__}: {exc}"
+        record = self.state.record
+        if isinstance(item, Desired) and item.generation > record.applied_generation:
+            self._fail(item, text)
+        elif isinstance(item, Command):
+            self._emit("error", f"command {item.command_id} failed: {text}")
+        else:
+            self._emit("error", text)
+
     # ----------------------------------------------------------------- MQTT input
     def _on_connect(self) -> None:
-        """(Re)subscribe, announce facts and status."""
+        """(Re)subscribe, announce facts and status, and re-send an unacknowledged result."""
         device = self.config.device_id
-        self.session.subscribe(self.topics.desired(device), self.topics.cmd(device))
-        if self._fetching_sha is not None:
-            sha = self._fetching_sha
-            self.session.subscribe(self.topics.manifest(sha), self.topics.chunks_filter(sha))
+        self.session.subscribe(
+            self.topics.desired(device), self.topics.cmd(device), *self.fetcher.subscriptions()
+        )
         self._announce()
+        self._work.put(ReportOutcome())
 
     def _announce(self) -> None:
         """Publish hello (facts) and the retained status."""
@@ -217,14 +278,14 @@ class Agent:
         try:
             parsed = self.topics.parse(topic)
             if parsed.kind == "artifact" and parsed.channel == "chunks":
-                self._on_chunk(parsed.ident, parsed.index or 0, payload)
+                self.fetcher.on_chunk(parsed.ident, parsed.index or 0, payload)
             elif parsed.kind == "artifact" and parsed.channel == "manifest":
+                if not payload:
+                    return  # a cleared retained manifest
                 manifest = parse(payload, Manifest)
                 if manifest.sha256 != parsed.ident:
                     raise ProtocolError("$.sha256: does not match the manifest topic")
-                with self._manifest_arrived:
-                    self._manifests[manifest.sha256] = manifest
-                    self._manifest_arrived.notify_all()
+                self.fetcher.on_manifest(manifest)
             elif parsed.channel == "desired":
                 desired = parse(payload, Desired)
                 self._latest_generation = max(self._latest_generation, desired.generation)
@@ -235,19 +296,6 @@ class Agent:
             self.counters.reject(f"{topic}: {exc}")
             log.warning("rejected message on %s: %s", topic, exc)
             self._emit("rejected", f"rejected message on {topic}: {exc}")
-
-    def _on_chunk(self, sha256: str, index: int, payload: bytes) -> None:
-        """Verify and store one chunk of the artifact being downloaded."""
-        download = self._download
-        if download is None or download.manifest.sha256 != sha256:
-            return
-        if len(payload) > MAX_CHUNK_SIZE:
-            raise ProtocolError(f"chunk {index} of {len(payload)} bytes exceeds {MAX_CHUNK_SIZE}")
-        try:
-            download.accept(index, payload)
-        except ChunkRejected as exc:
-            self.counters.rejected_chunks += 1
-            log.warning("rejected chunk: %s (will ask again)", exc)
 
     # ----------------------------------------------------------------- desired state
     def _apply_desired(self, desired: Desired) -> None:
@@ -261,19 +309,26 @@ class Agent:
             return
         artifact = desired.artifact
         if artifact is None or artifact.sha256 == self._serving_sha:
+            serving = self._serving_sha
             self.state.transition(
-                "active" if self._serving_sha else "idle",
+                "active" if serving else "idle",
                 deployment_id=desired.deployment_id,
                 generation=desired.generation,
                 applied_generation=desired.generation,
+                sha256=serving,
+                selftest_attempts=0,
+                stage=None,
+                reported=False,
+                benchmarked=False,
+                benchmark_runs=desired.benchmark_runs,
+                benchmark_warmup=desired.benchmark_warmup,
                 detail="already in desired state",
             )
             self._publish_status()
-            self._emit("update", "already in desired state", desired=desired)
-            if self._serving_sha:
-                self._benchmark_and_report(
-                    desired.benchmark_runs, desired.benchmark_warmup, desired
-                )
+            if serving:
+                self._report_outcome()
+            else:
+                self._emit("update", "already in desired state", desired=desired, suffix="idle")
             return
         try:
             self._update(desired)
@@ -282,32 +337,33 @@ class Agent:
         except UpdateFailed as exc:
             self._fail(desired, str(exc))
 
+    def _cancelled(self, desired: Desired) -> bool:
+        """True when a newer generation arrived or the agent is stopping."""
+        return self._latest_generation > desired.generation or self._stop.is_set()
+
     def _update(self, desired: Desired) -> None:
         """fetching → verifying → staged → self-testing → active, persisted at every step."""
         assert desired.artifact is not None
         sha = desired.artifact.sha256
-        common = {
+        record = self.state.record
+        changes: dict[str, Any] = {
             "deployment_id": desired.deployment_id,
             "generation": desired.generation,
             "sha256": sha,
+            "stage": None,
+            "reported": False,
+            "benchmarked": False,
+            "benchmark_runs": desired.benchmark_runs,
+            "benchmark_warmup": desired.benchmark_warmup,
         }
-        record = self.state.record
         if record.sha256 != sha or record.generation != desired.generation:
-            common["selftest_attempts"] = 0  # type: ignore[assignment]
-        if not self.store.has(sha):
-            self._step("fetching", desired, **common)
-            part = self._fetch(desired)
-            self._step("verifying", desired)
-            actual = sha256_file(part.part_path)
-            if actual != sha:
-                part.forget_bitmap()
-                part.discard()
-                raise UpdateFailed(f"verification failed: assembled file has sha256 {actual}")
-            self.store.add_verified(sha, part.part_path)
-            part.discard()
-        else:
-            self._step("fetching", desired, **common)
-            self._step("verifying", desired)
+            changes["selftest_attempts"] = 0
+        self._step("fetching", desired, **changes)
+        fetched = self.stager.fetch(
+            desired.artifact, self.config.fetch_timeout_s, lambda: self._cancelled(desired)
+        )
+        self._step("verifying", desired)
+        self.stager.verify(fetched)
         self._step("staged", desired)
         self._step(
             "self-testing", desired, selftest_attempts=self.state.record.selftest_attempts + 1
@@ -316,8 +372,11 @@ class Agent:
             self.store.path(sha),
             threads=self.config.threads,
             timeout_s=self.config.selftest_timeout_s,
-            latency_budget_ms=self.config.latency_budget_ms,
-            memory_budget_mb=self.config.memory_budget_mb,
+            golden=self.store.golden_path(sha) if fetched.golden else None,
+            latency_budget_ms=tighter_budget(
+                self.config.latency_budget_ms, desired.latency_budget_ms
+            ),
+            memory_budget_mb=tighter_budget(self.config.memory_budget_mb, desired.memory_budget_mb),
         )
         if not result.ok:
             raise UpdateFailed(f"self-test failed: {result.reason}")
@@ -331,93 +390,97 @@ class Agent:
             "active",
             applied_generation=desired.generation,
             selftest_attempts=0,
-            detail=f"self-test {result.latency_ms:.2f} ms, peak RSS {result.peak_rss_mb:.1f} MB",
+            detail=(
+                f"self-test {result.latency_ms:.2f} ms, peak RSS {result.peak_rss_mb:.1f} MB; "
+                f"{result.detail}"
+            ),
         )
         self._publish_status()
-        self._emit("update", "activated", desired=desired)
-        self._benchmark_and_report(desired.benchmark_runs, desired.benchmark_warmup, desired)
+        self._report_outcome()
 
     def _step(self, state: str, desired: Desired, **changes: Any) -> None:
-        """Persist a transition, then tell the controller."""
-        if self._latest_generation > desired.generation:
+        """Persist a transition, then tell the controller (event id g<generation>-<state>)."""
+        if self._cancelled(desired):
             raise Superseded()
         self.state.transition(state, **changes)
         self._publish_status()
-        self._emit("update", state, desired=desired)
-
-    def _fetch(self, desired: Desired) -> Download:
-        """Get the manifest, then chunks fanned out on the artifact topic, asking for gaps."""
-        assert desired.artifact is not None
-        sha = desired.artifact.sha256
-        deadline = time.monotonic() + self.config.fetch_timeout_s
-        self._fetching_sha = sha  # so a reconnect re-subscribes even before the manifest came
-        self.session.subscribe(self.topics.manifest(sha))
-        try:
-            manifest = self._wait_manifest(sha, deadline, desired.generation)
-            if manifest.size != desired.artifact.size:
-                raise UpdateFailed(
-                    f"manifest size {manifest.size} != desired size {desired.artifact.size}"
-                )
-            download = Download(manifest, self.config.downloads_dir)
-            self._download = download
-            self.session.subscribe(self.topics.chunks_filter(sha))
-            while True:
-                missing = download.missing()
-                if not missing:
-                    return download
-                if time.monotonic() > deadline:
-                    raise UpdateFailed(
-                        f"download timed out: {len(missing)} of {manifest.chunk_count} chunks "
-                        "missing"
-                    )
-                if self._latest_generation > desired.generation or self._stop.is_set():
-                    raise Superseded()
-                need = Need(device_id=self.config.device_id, chunks=tuple(missing))
-                self.session.publish(self.topics.need(sha), dump(need))
-                self._wait_for_progress(download, deadline)
-        finally:
-            self._download = None
-            self._fetching_sha = None
-            self.session.unsubscribe(self.topics.manifest(sha), self.topics.chunks_filter(sha))
-
-    def _wait_for_progress(self, download: Download, deadline: float) -> None:
-        """Wait while chunks keep arriving; return after repair_interval_s of silence."""
-        while time.monotonic() < deadline:
-            download.progress.clear()  # before the check, so a chunk in between is not missed
-            if download.complete:
-                return
-            if not download.progress.wait(self.config.repair_interval_s):
-                return
-
-    def _wait_manifest(self, sha: str, deadline: float, generation: int) -> Manifest:
-        """Block until the retained manifest for `sha` arrived (or the deadline passes)."""
-        with self._manifest_arrived:
-            while sha not in self._manifests:
-                if self._latest_generation > generation or self._stop.is_set():
-                    raise Superseded()
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise UpdateFailed(f"manifest for {sha[:12]} never arrived")
-                self._manifest_arrived.wait(min(remaining, 1.0))
-            return self._manifests[sha]
+        self._emit("update", state, desired=desired, suffix=state)
 
     def _fail(self, desired: Desired, reason: str) -> None:
-        """Record a failed update; the previous model keeps serving."""
+        """Record a failed update (stage = the state it failed in); the previous model serves on."""
         log.error("update to generation %d failed: %s", desired.generation, reason)
-        if desired.artifact is not None:
-            self.store.discard(desired.artifact.sha256)
-        self.state.transition("failed", applied_generation=desired.generation, detail=reason)
+        record = self.state.record
+        mine = record.generation == desired.generation and record.state not in TERMINAL
+        stage = record.state if mine else "idle"
+        artifact = desired.artifact
+        if artifact is not None and artifact.sha256 != self._serving_sha:
+            self.store.discard(artifact.sha256)
+        self.state.transition(
+            "failed",
+            deployment_id=desired.deployment_id,
+            generation=desired.generation,
+            sha256=artifact.sha256 if artifact else None,
+            applied_generation=desired.generation,
+            stage=stage,
+            reported=False,
+            benchmarked=False,
+            detail=reason,
+        )
         self._publish_status()
-        self._emit("error", reason, desired=desired)
+        self._report_outcome()
+
+    # ----------------------------------------------------------------- exactly-once results
+    def _report_outcome(self) -> None:
+        """Send the recorded generation's result (and benchmark) until the broker acknowledges it.
+
+        Event ids are deterministic (g<generation>-active / -failed / -benchmark) and the
+        controller dedupes by (device, event id), so re-sending after a crash or a reconnect
+        yields exactly one terminal result per generation.
+        """
+        r = self.state.record
+        if r.deployment_id is None or r.generation < 1 or r.applied_generation != r.generation:
+            return
+        dep, gen = r.deployment_id, r.generation
+        if r.state == "failed" and not r.reported:
+            if self._emit(
+                "error",
+                r.detail,
+                deployment_id=dep,
+                generation=gen,
+                suffix="failed",
+                stage=r.stage,
+                wait=True,
+            ):
+                self.state.update(reported=True)
+        elif r.state == "active":
+            if not r.reported:
+                message = f"activated ({r.detail})" if r.detail else "activated"
+                if not self._emit(
+                    "update", message, deployment_id=dep, generation=gen, suffix="active", wait=True
+                ):
+                    return  # the next connect re-sends it, same id
+                r = self.state.update(reported=True)
+            due = not r.benchmarked and r.sha256 is not None and r.sha256 == self._serving_sha
+            if due and self._benchmark_and_report(
+                r.benchmark_runs,
+                r.benchmark_warmup,
+                deployment_id=dep,
+                generation=gen,
+                suffix="benchmark",
+                wait=True,
+            ):
+                self.state.update(benchmarked=True)
 
     # ----------------------------------------------------------------- commands
     def _run_command(self, command: Command) -> None:
-        """Run a one-shot command once per command id."""
-        if command.command_id in self._seen_commands:
+        """Run a one-shot command once per command id (remembered across restarts)."""
+        if not self.seen_commands.add(command.command_id):
+            log.info("ignoring repeated command %s", command.command_id)
             return
-        self._seen_commands.add(command.command_id)
         if command.action == "benchmark":
-            self._benchmark_and_report(command.runs, command.warmup, None)
+            self._benchmark_and_report(
+                command.runs, command.warmup, event_id=derived_event_id(command.command_id, "bench")
+            )
         elif command.action == "resend_status":
             self._announce()  # hello + status: the controller may have missed our hello
         elif command.action == "rollback":
@@ -426,23 +489,55 @@ class Agent:
                 self._load_serving()
                 self.state.transition("rolled_back", detail=f"rolled back by {command.command_id}")
             except FileNotFoundError as exc:
-                self._emit("error", f"rollback refused: {exc}")
+                self._emit(
+                    "error",
+                    f"rollback refused: {exc}",
+                    event_id=derived_event_id(command.command_id, "error"),
+                )
             self._publish_status()
-        self._emit("command", f"{command.action} done", command_id=command.command_id)
+        self._emit("command", f"{command.action} done", event_id=command.command_id)
 
-    def _benchmark_and_report(self, runs: int, warmup: int, desired: Desired | None) -> None:
-        """Benchmark the serving model and send the result as a benchmark event."""
+    def _benchmark_and_report(
+        self,
+        runs: int,
+        warmup: int,
+        *,
+        deployment_id: str | None = None,
+        generation: int | None = None,
+        suffix: str | None = None,
+        event_id: str | None = None,
+        wait: bool = False,
+    ) -> bool:
+        """Benchmark the serving model and send a benchmark event; True once acknowledged."""
         if self._serving is None or self._serving_sha is None:
-            self._emit("error", "benchmark requested but no model is active", desired=desired)
-            return
+            return self._emit(
+                "error",
+                "benchmark requested but no model is active",
+                deployment_id=deployment_id,
+                generation=generation,
+                wait=wait,
+            )
         source = detect_power_source(power_model=self.power_model, threads=self.config.threads or 1)
-        result = benchmark_interpreter(
-            self._serving,
-            runs=runs,
-            warmup=warmup,
-            power_source=source,
-            init_ms=self._serving_init_ms,
-        )
+        try:
+            result = benchmark_interpreter(
+                self._serving,
+                runs=runs,
+                warmup=warmup,
+                power_source=source,
+                init_ms=self._serving_init_ms,
+            )
+        except Exception as exc:  # a runtime error must not fail an already activated update
+            log.exception("benchmark failed")
+            return self._emit(
+                "error",
+                f"benchmark failed: {type(exc).__name__}: {exc}",
+                deployment_id=deployment_id,
+                generation=generation,
+                suffix=f"{suffix}-error" if suffix else None,
+                event_id=derived_event_id(event_id, "error") if event_id else None,
+                stage="active",
+                wait=wait,
+            )
         report = BenchmarkReport(
             model_sha256=self._serving_sha,
             runtime=self.runtime.name,
@@ -450,19 +545,32 @@ class Agent:
             threads=self.config.threads,
             **result,  # type: ignore[arg-type]
         )
-        self._emit("benchmark", "benchmark finished", desired=desired, benchmark=report)
+        return self._emit(
+            "benchmark",
+            "benchmark finished",
+            deployment_id=deployment_id,
+            generation=generation,
+            benchmark=report,
+            suffix=suffix,
+            event_id=event_id,
+            wait=wait,
+        )
 
     # ----------------------------------------------------------------- output
     def _status(self, *, online: bool) -> Status:
         """Current status message."""
         record = self.state.record
-        pointers = self.store.pointers()
+        try:
+            pointers = self.store.pointers()
+            current, previous = pointers.current, pointers.previous
+        except CorruptFileError:
+            current = previous = None  # rebuilt by restore(); until then claim nothing
         return Status(
             device_id=self.config.device_id,
             online=online,
             state=record.state,  # type: ignore[arg-type]
-            model_sha256=self._serving_sha if online else pointers.current,
-            previous_sha256=pointers.previous,
+            model_sha256=self._serving_sha if online else current,
+            previous_sha256=previous,
             generation=record.applied_generation,
             detail=record.detail[:500],
         )
@@ -479,19 +587,36 @@ class Agent:
         message: str,
         *,
         desired: Desired | None = None,
+        deployment_id: str | None = None,
+        generation: int | None = None,
+        suffix: str | None = None,
+        event_id: str | None = None,
+        stage: str | None = None,
         benchmark: BenchmarkReport | None = None,
-        command_id: str | None = None,
-    ) -> None:
-        """Publish an event tied to the current deployment."""
+        wait: bool = False,
+    ) -> bool:
+        """Publish an event; with `suffix` its id is g<generation>-<suffix>, stable across restarts.
+
+        Returns True when `wait` is set and the broker acknowledged the event.
+        """
+        if desired is not None:
+            deployment_id, generation = desired.deployment_id, desired.generation
+        if event_id is None and suffix is not None and generation is not None:
+            event_id = f"g{generation}-{suffix}"
         event = Event(
             device_id=self.config.device_id,
-            event_id=command_id or uuid.uuid4().hex,
+            event_id=event_id or uuid.uuid4().hex,
             kind=kind,  # type: ignore[arg-type]
             message=message[:4000],
-            deployment_id=desired.deployment_id if desired else None,
-            generation=desired.generation if desired else None,
+            deployment_id=deployment_id,
+            generation=generation,
             state=self.state.record.state,  # type: ignore[arg-type]
+            stage=stage,  # type: ignore[arg-type]
             model_sha256=self._serving_sha,
             benchmark=benchmark,
         )
-        self.session.publish(self.topics.events(self.config.device_id), dump(event))
+        return self.session.publish(
+            self.topics.events(self.config.device_id),
+            dump(event),
+            wait_s=REPORT_ACK_WAIT_S if wait else 0.0,
+        )

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import threading
 from pathlib import Path
 
-from agent.fsutil import atomic_write_json, read_json
+from agent.fsutil import CorruptFileError, atomic_write_json, read_json
 from agent.protocol import Manifest, ProtocolError
+
+log = logging.getLogger(__name__)
+
+_PART_SUFFIX = ".part"
+_BITMAP_SUFFIX = ".chunks.json"
 
 
 class ChunkRejected(ValueError):
@@ -26,22 +32,38 @@ class Download:
         """Open (or resume) the partial file for `manifest` in `directory`."""
         self.manifest = manifest
         directory.mkdir(parents=True, exist_ok=True)
-        self.part_path = directory / f"{manifest.sha256}.part"
-        self._bitmap_path = directory / f"{manifest.sha256}.chunks.json"
+        self.part_path = directory / f"{manifest.sha256}{_PART_SUFFIX}"
+        self._bitmap_path = directory / f"{manifest.sha256}{_BITMAP_SUFFIX}"
         self._lock = threading.Lock()
         self._unsaved = 0
         self.progress = threading.Event()
-        saved = read_json(self._bitmap_path, default=None)
-        if saved and saved.get("manifest_chunks") == list(manifest.chunk_sha256):
-            self.have: set[int] = {
-                i for i in saved.get("have", []) if 0 <= i < manifest.chunk_count
-            }
-        else:
-            self.have = set()
+        self.have: set[int] = self._load_bitmap()
         if not self.part_path.exists() or self.part_path.stat().st_size != manifest.size:
             with self.part_path.open("wb") as fh:
                 fh.truncate(manifest.size)
             self.have = set()
+        # Chunks already on disk when this download (re)started: what a resume saved.
+        self.resumed = len(self.have)
+
+    def _load_bitmap(self) -> set[int]:
+        """Verified chunk indices saved for this manifest; empty if none, foreign or corrupt."""
+        try:
+            saved = read_json(self._bitmap_path, default=None)
+        except CorruptFileError as exc:
+            log.warning("%s; downloading every chunk again", exc)
+            return set()
+        if not isinstance(saved, dict) or saved.get("manifest_chunks") != list(
+            self.manifest.chunk_sha256
+        ):
+            return set()
+        have = saved.get("have", [])
+        if not isinstance(have, list):
+            return set()
+        return {
+            i
+            for i in have
+            if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.manifest.chunk_count
+        }
 
     def missing(self) -> list[int]:
         """Chunk indices not yet verified."""
@@ -80,6 +102,12 @@ class Download:
         self.progress.set()
         return True
 
+    def flush(self) -> None:
+        """Persist chunks not yet in the saved bitmap (when a fetch ends, failed or not)."""
+        with self._lock:
+            if self._unsaved and self.part_path.exists():
+                self._save_locked()
+
     def _save_locked(self) -> None:
         """Persist the bitmap (caller holds the lock)."""
         with self.part_path.open("rb") as fh:
@@ -100,3 +128,17 @@ class Download:
         with self._lock:
             self.have = set()
             self._bitmap_path.unlink(missing_ok=True)
+
+
+def prune_partials(directory: Path, keep: set[str]) -> list[str]:
+    """Delete partial files and bitmaps of artifacts other than `keep` (superseded downloads)."""
+    if not directory.is_dir():
+        return []
+    removed = []
+    for path in directory.iterdir():
+        name = path.name
+        for suffix in (_PART_SUFFIX, _BITMAP_SUFFIX):
+            if name.endswith(suffix) and name[: -len(suffix)] not in keep:
+                path.unlink(missing_ok=True)
+                removed.append(name)
+    return removed

@@ -8,6 +8,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+# Suffix of a state file that could not be read: kept for a post-mortem, never read again.
+CORRUPT_SUFFIX = ".corrupt"
+
+
+class CorruptFileError(ValueError):
+    """A state file exists but does not hold what it should (bad JSON, wrong fields or types)."""
+
 
 def fsync_dir(directory: Path) -> None:
     """Flush a directory entry so a rename inside it survives power loss."""
@@ -40,8 +47,20 @@ def atomic_write_json(path: Path, data: Any) -> None:
 
 
 def read_json(path: Path, default: Any = None) -> Any:
-    """Read a JSON file, or return `default` when it does not exist."""
+    """Read a JSON file, `default` when it does not exist, CorruptFileError when it is not JSON."""
     try:
-        return json.loads(path.read_bytes())
+        raw = path.read_bytes()
     except FileNotFoundError:
         return default
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptFileError(f"{path}: not valid JSON ({exc})") from None
+
+
+def quarantine(path: Path) -> Path:
+    """Move a corrupt file aside as `<name>.corrupt` (replacing an older one) and return it."""
+    target = path.with_name(path.name + CORRUPT_SUFFIX)
+    os.replace(path, target)
+    fsync_dir(path.parent)
+    return target

@@ -91,16 +91,24 @@ class MqttSession:
         retain: bool = False,
         qos: int = 1,
         wait_s: float = 0.0,
-    ) -> None:
-        """Queue a publish (QoS1 waits in paho's queue across a reconnect); optionally await it."""
+    ) -> bool:
+        """Queue a publish (QoS1 waits in paho's queue across a reconnect); optionally await it.
+
+        Returns True only when `wait_s` was given and the broker acknowledged the message in
+        time, so a caller can persist "sent" only for what really reached the broker.
+        """
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
             log.warning("publish to %s failed: %s", topic, paho.error_string(info.rc))
         elif wait_s and self.connected.is_set():
             try:
                 info.wait_for_publish(wait_s)
-            except (RuntimeError, ValueError):
-                log.warning("publish to %s not acknowledged within %.1f s", topic, wait_s)
+                if info.is_published():
+                    return True
+            except (RuntimeError, ValueError):  # not sent on this connection
+                pass
+            log.warning("publish to %s not acknowledged within %.1f s", topic, wait_s)
+        return False
 
     def subscribe(self, *topics: str) -> None:
         """Subscribe at QoS1."""

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
-from agent.fsutil import atomic_write_json, read_json
+from agent.failpoint import FailpointHook
+from agent.fsutil import CorruptFileError, atomic_write_json, quarantine, read_json
+
+log = logging.getLogger(__name__)
 
 # Allowed transitions (Mender-style): anything else is a bug and raises.
 TRANSITIONS: dict[str, frozenset[str]] = {
@@ -24,8 +31,8 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 # What to do after a restart found the agent in each saved state.
 RESTORE: dict[str, str] = {
     "idle": "nothing to recover",
-    "active": "nothing to recover",
-    "failed": "nothing to recover",
+    "active": "re-send the activation and its benchmark unless the broker acknowledged them",
+    "failed": "re-send the failure unless the broker acknowledged it",
     "rolled_back": "nothing to recover",
     "fetching": "resume the download from the chunk bitmap",
     "verifying": "re-verify the assembled file (fetch again if it fails)",
@@ -38,9 +45,21 @@ MAX_SELFTEST_ATTEMPTS = 3
 
 TERMINAL = frozenset({"active", "failed", "rolled_back", "idle"})
 
+# Command ids remembered across restarts: far more than a controller has in flight for one
+# device, and the file stays ~40 KB.
+MAX_SEEN_COMMANDS = 1000
+
 
 class TransitionError(RuntimeError):
     """A transition the state table does not allow."""
+
+
+class UpdateFailed(Exception):
+    """An update step failed; the message is what the controller and the operator read."""
+
+
+class Superseded(Exception):
+    """A newer desired generation arrived while this update was running."""
 
 
 @dataclass(frozen=True)
@@ -55,16 +74,73 @@ class UpdateRecord:
     selftest_attempts: int = 0
     detail: str = ""
     updated: float = 0.0
+    # For `failed`: the state the failure happened in (Event.stage).
+    stage: str | None = None
+    # The broker acknowledged the terminal event (activated / failed) of `generation`.
+    reported: bool = False
+    # The broker acknowledged the post-activation benchmark of `generation`.
+    benchmarked: bool = False
+    # The desired state's benchmark settings, for a benchmark re-run after a restart.
+    benchmark_runs: int = 50
+    benchmark_warmup: int = 5
+
+
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "state": (str,),
+    "deployment_id": (str, type(None)),
+    "generation": (int,),
+    "sha256": (str, type(None)),
+    "applied_generation": (int,),
+    "selftest_attempts": (int,),
+    "detail": (str,),
+    "updated": (int, float),
+    "stage": (str, type(None)),
+    "reported": (bool,),
+    "benchmarked": (bool,),
+    "benchmark_runs": (int,),
+    "benchmark_warmup": (int,),
+}
+
+
+def record_from_json(data: Any, source: str) -> UpdateRecord:
+    """Build an UpdateRecord from saved JSON; CorruptFileError naming the first bad field."""
+    if not isinstance(data, dict):
+        raise CorruptFileError(f"{source}: expected a JSON object")
+    known = {f.name for f in dataclasses.fields(UpdateRecord)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in known:
+            log.warning("%s: ignoring unknown field %r (written by a newer agent?)", source, key)
+            continue
+        types = _FIELD_TYPES[key]
+        if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
+            raise CorruptFileError(f"{source}: field {key!r} has a bad value {value!r}")
+        kwargs[key] = value
+    record = UpdateRecord(**kwargs)
+    if record.state not in TRANSITIONS:
+        raise CorruptFileError(f"{source}: unknown state {record.state!r}")
+    counters = (record.generation, record.applied_generation, record.selftest_attempts)
+    if min(counters) < 0 or record.benchmark_runs < 1 or record.benchmark_warmup < 0:
+        raise CorruptFileError(f"{source}: counter out of range")
+    return record
 
 
 class UpdateStateFile:
     """Reads and writes the UpdateRecord with write-temp/fsync/os.replace."""
 
     def __init__(self, path: Path) -> None:
-        """Load the saved record (or a fresh idle one)."""
+        """Load the saved record; a corrupt file is quarantined and `problem` says so."""
         self.path = path
-        data = read_json(path, default=None)
-        self.record = UpdateRecord(**data) if data else UpdateRecord()
+        self.problem: str | None = None
+        self._failpoint = FailpointHook(frozenset(TRANSITIONS))
+        try:
+            data = read_json(path, default=None)
+            self.record = record_from_json(data, str(path)) if data is not None else UpdateRecord()
+        except CorruptFileError as exc:
+            moved = quarantine(path)
+            self.problem = f"{exc}; moved to {moved.name}, update state starts afresh"
+            log.error("%s", self.problem)
+            self.record = UpdateRecord()
 
     def transition(self, state: str, **changes: object) -> UpdateRecord:
         """Move to `state` (checked against TRANSITIONS) and persist before returning."""
@@ -73,6 +149,7 @@ class UpdateStateFile:
         record = replace(self.record, state=state, updated=time.time(), **changes)  # type: ignore[arg-type]
         atomic_write_json(self.path, asdict(record))
         self.record = record
+        self._failpoint.after_persist(state)
         return record
 
     def update(self, **changes: object) -> UpdateRecord:
@@ -81,3 +158,41 @@ class UpdateStateFile:
         atomic_write_json(self.path, asdict(record))
         self.record = record
         return record
+
+
+class SeenCommands:
+    """Ids of the last MAX_SEEN_COMMANDS commands, persisted: a redelivery has one effect."""
+
+    def __init__(self, path: Path, limit: int = MAX_SEEN_COMMANDS) -> None:
+        """Load the saved ids; a corrupt file is quarantined and `problem` says so."""
+        self.path = path
+        self.limit = limit
+        self.problem: str | None = None
+        ids: list[str] = []
+        try:
+            data = read_json(path, default={"seen": []})
+            seen = data.get("seen") if isinstance(data, dict) else None
+            if not isinstance(seen, list) or not all(isinstance(i, str) for i in seen):
+                raise CorruptFileError(f"{path}: expected {{'seen': [command ids]}}")
+            ids = seen[-limit:]
+        except CorruptFileError as exc:
+            moved = quarantine(path)
+            self.problem = f"{exc}; moved to {moved.name}, remembered command ids are lost"
+            log.error("%s", self.problem)
+        self._order: deque[str] = deque(ids, maxlen=limit)
+        self._ids = set(ids)
+
+    def __contains__(self, command_id: object) -> bool:
+        """True when the command already ran."""
+        return command_id in self._ids
+
+    def add(self, command_id: str) -> bool:
+        """Remember a command id (persisted before returning); False if it was already seen."""
+        if command_id in self._ids:
+            return False
+        if len(self._order) == self._order.maxlen:
+            self._ids.discard(self._order[0])
+        self._order.append(command_id)
+        self._ids.add(command_id)
+        atomic_write_json(self.path, {"seen": list(self._order)})
+        return True

@@ -103,7 +103,15 @@ def test_benchmark_model_fields_are_sane(name: str) -> None:
     )
     assert (result.threads, result.runs, result.warmup) == (1, 30, 3)
     assert result.init_ms > 0 and result.first_inference_ms > 0
-    assert 0 < result.min_ms <= result.p50_ms <= result.p90_ms <= result.p95_ms <= result.p99_ms <= result.max_ms
+    assert (
+        0
+        < result.min_ms
+        <= result.p50_ms
+        <= result.p90_ms
+        <= result.p95_ms
+        <= result.p99_ms
+        <= result.max_ms
+    )
     assert result.min_ms <= result.mean_ms <= result.max_ms
     assert result.std_ms >= 0
     assert result.peak_rss_mb >= result.rss_mb > 1.0
