@@ -291,6 +291,8 @@ class ControllerService:
             del first_need[sha]
             try:
                 self._publish_chunks(fleet, fleet.manifest(sha), indices)
+                # Repairs are retained too: flag them so the sweep clears them later.
+                fleet.set_chunks_retained(sha, True)
             except Exception:  # e.g. the artifact file vanished: log, keep serving the rest
                 self.errors += 1
                 log.exception("cannot serve chunks of %s", sha[:12])
