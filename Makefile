@@ -36,7 +36,7 @@ slim-env: $(SLIM)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[dev]'
+	$(VENV)/bin/pip install -q -e '.[dev,onnx]'
 	$(VENV)/bin/python -m converters.prune --requirements > $(VENV)/prune-requirements.txt
 	$(VENV)/bin/pip install -q --no-deps -r $(VENV)/prune-requirements.txt
 	touch $@

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from converters.errors import ConversionError, ModelInputError
+
+# onnx_available is re-exported: callers ask this module whether ONNX inputs can be converted.
+from converters.onnx_input import onnx_available as onnx_available
+from converters.onnx_input import onnx_to_saved_model
 from converters.recipes import RECIPES, convert_keras, convert_saved_model
 from converters.requantize import TFLITE_RECIPES, requantize_tflite
 from converters.tflite_inspect import TFLITE_FILE_IDENTIFIER
@@ -18,10 +19,6 @@ from converters.tflite_inspect import TFLITE_FILE_IDENTIFIER
 FORMATS = ("keras", "saved_model", "tflite", "onnx")
 ORIGINAL = "original"
 """The .tflite recipe that keeps the given file as it is (the baseline for .tflite inputs)."""
-
-ONNX_HINT = "pip install 'edgefleet[onnx]' (onnx2tf, onnx, onnx-graphsurgeon, sng4onnx)"
-# onnx2tf can take minutes on big graphs; a bound keeps a stuck conversion from hanging a run.
-ONNX_TIMEOUT_S = 1800
 
 
 def detect_format(model_path: Path) -> str:
@@ -55,34 +52,6 @@ def recipes_for(model_path: Path) -> tuple[str, ...]:
     if detect_format(model_path) == "tflite":
         return (ORIGINAL, *TFLITE_RECIPES)
     return RECIPES
-
-
-def onnx_available() -> bool:
-    """Whether the optional onnx2tf converter is installed."""
-    return importlib.util.find_spec("onnx2tf") is not None
-
-
-def onnx_to_saved_model(onnx_path: Path, out_dir: Path) -> Path:
-    """Convert an ONNX file to a SavedModel with onnx2tf, in a subprocess (it alters TF state)."""
-    if not onnx_available():
-        raise ModelInputError(f"ONNX input {onnx_path} needs the onnx extra: {ONNX_HINT}")
-    out = Path(out_dir)
-    cmd = [
-        sys.executable,
-        "-m",
-        "onnx2tf",
-        "-i",
-        str(onnx_path),
-        "-o",
-        str(out),
-        "-osd",  # also write a SavedModel, which our recipes convert
-        "-n",  # non-verbose
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=ONNX_TIMEOUT_S)
-    if proc.returncode != 0 or not (out / "saved_model.pb").is_file():
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        raise ConversionError(f"onnx2tf failed on {onnx_path}: {' | '.join(tail)}")
-    return out
 
 
 def prepare_source(model_path: Path, work_dir: Path) -> Path:

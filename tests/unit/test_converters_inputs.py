@@ -14,8 +14,6 @@ from converters.inputs import (
     ORIGINAL,
     convert_model,
     detect_format,
-    onnx_available,
-    prepare_source,
     recipes_for,
 )
 from converters.interpreter import load_host_model
@@ -122,18 +120,6 @@ def test_requantize_refuses_integer_model(cache_dir: Path) -> None:
     int8 = digits_tflite(cache_dir, "int8")
     with pytest.raises(ConversionError, match="already integer"):
         requantize_tflite(int8, "weight-int8")
-
-
-def test_onnx_without_onnx2tf_says_what_to_install(tmp_path: Path) -> None:
-    """Without onnx2tf, an ONNX input raises ModelInputError naming the extra to install."""
-    if onnx_available():
-        pytest.skip("onnx2tf is installed")
-    onnx = tmp_path / "model.onnx"
-    onnx.write_bytes(b"\x08\x07")
-    with pytest.raises(ModelInputError, match=r"edgefleet\[onnx\].*onnx2tf"):
-        convert_model(onnx, "fp32")
-    with pytest.raises(ModelInputError, match="onnx2tf"):
-        prepare_source(onnx, tmp_path)
 
 
 def test_load_samples_formats(tmp_path: Path) -> None:
