@@ -214,10 +214,10 @@ class Rollouts:
             if (stage in RETRIABLE_STAGES or stage is None) and attempts < policy.retries:
                 self._set_row(tx, key, "retrying", f"attempt {attempts + 1}: {event.message}")
             else:
+                # The agent kept its previous model and will not retry this generation; its
+                # desired state is left alone (pointing it back would cost a needless round
+                # trip and benchmark on every failed device).
                 self._set_row(tx, key, "failed", event.message)
-                # The agent kept its model; make the desired state say so too, so a reinstalled
-                # device does not pick the failed artifact up again.
-                self._roll_back_device(tx, key, previous, policy, "failed")
         elif event.kind == "benchmark" and event.benchmark is not None:
             report = _report_dict(event)
             base = json.loads(baseline) if baseline else None
@@ -345,7 +345,7 @@ class Rollouts:
                 f"{failures} of {executed} executed devices failed "
                 f"(threshold {policy.max_failures.label()}, minimum executed {policy.min_executed})"
             )
-            self._stop(tx, rid, "aborted", reason, policy, include_succeeded=True)
+            self._stop(tx, rid, "aborted", reason, policy)
             return [*notes, f"{rid}: aborted: {reason}"]
         if not running:
             return notes
@@ -383,32 +383,20 @@ class Rollouts:
                 f"rollout {rollout_id} is {row['state']}; only a running or paused "
                 "rollout can be aborted (use `rollout rollback`)"
             )
-        with self.db.transaction() as tx:
-            self._stop(
-                tx,
-                rollout_id,
-                "aborted",
-                reason,
-                Policy.from_json(json.loads(row["policy"])),
-                include_succeeded=True,
-            )
-        return self.status(rollout_id)
+        return self._end(row, "aborted", reason)
 
     def rollback(self, rollout_id: str, reason: str = "rolled back by operator") -> dict[str, Any]:
         """Return every device of the rollout to its previous model, even after completion."""
         row = self._get(rollout_id)
         if row["state"] == "rolled_back":
             raise PolicyError(f"rollout {rollout_id} is already rolled back")
+        return self._end(row, "rolled_back", reason)
+
+    def _end(self, row: dict[str, Any], state: str, reason: str) -> dict[str, Any]:
+        """Operator's abort or rollback of the rollout in `row`, in one transaction."""
         with self.db.transaction() as tx:
-            self._stop(
-                tx,
-                rollout_id,
-                "rolled_back",
-                reason,
-                Policy.from_json(json.loads(row["policy"])),
-                include_succeeded=True,
-            )
-        return self.status(rollout_id)
+            self._stop(tx, row["id"], state, reason, Policy.from_json(json.loads(row["policy"])))
+        return self.status(row["id"])
 
     def _stop(
         self,
@@ -417,10 +405,8 @@ class Rollouts:
         state: str,
         reason: str,
         policy: Policy,
-        *,
-        include_succeeded: bool,
     ) -> None:
-        """End a rollout: cancel devices not started, roll back the ones it changed."""
+        """End a rollout: cancel devices not started, roll back every one it changed."""
         tx.execute(
             "UPDATE deployments SET state = ?, reason = ?, updated = ? WHERE id = ?",
             (state, reason, now(), rollout_id),
@@ -430,7 +416,7 @@ class Rollouts:
             "WHERE deployment_id = ? AND state IN ('waiting', 'baselining')",
             (now(), reason, rollout_id),
         )
-        targets = [*IN_FLIGHT, *(("succeeded",) if include_succeeded else ())]
+        targets = [*IN_FLIGHT, "succeeded"]
         rows = tx.execute(
             "SELECT device_id, previous_sha256 FROM deployment_devices WHERE deployment_id = ? "
             f"AND state IN ({','.join('?' * len(targets))})",

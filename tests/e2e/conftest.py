@@ -7,11 +7,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -19,21 +18,11 @@ from agent.config import AgentConfig, dump_config
 from controller.broker import BrokerHandle
 from controller.fleet import Fleet
 from controller.service import ControllerService
+from tests.polling import wait_until
 
 DATA = Path(__file__).resolve().parent.parent / "data"
-T = TypeVar("T")
 
-
-def wait_until(predicate: Callable[[], T], timeout: float, what: str) -> T:
-    """Poll `predicate` until it returns something truthy; fail naming `what` on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}", pytrace=False)
-        time.sleep(0.1)
+__all__ = ["DATA", "AgentProcess", "RunningController", "wait_until"]
 
 
 @pytest.fixture(params=["mosquitto", "amqtt"])

@@ -48,6 +48,7 @@ from controller.simulate import (
     synth_report,
 )
 from tests.mqtt_helpers import MqttProbe, ReceivedMessage
+from tests.polling import wait_until
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 TINY = DATA / "tiny_int8.tflite"
@@ -58,18 +59,6 @@ ProbeFactory = Callable[..., MqttProbe]
 
 
 # =========================================================================== helpers
-
-
-def wait_until(predicate: Callable[[], T], timeout: float, what: str) -> T:
-    """Poll `predicate` until it returns something truthy; fail naming `what` on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}", pytrace=False)
-        time.sleep(0.05)
 
 
 def multi_chunk_model(path: Path, chunks: int, seed: int) -> Path:
