@@ -545,7 +545,10 @@ def up(
     service.start()
     typer.echo(f"controller running (data in {home}); Ctrl-C to stop", err=True)
     try:
-        stop.wait()
+        while not stop.wait(1.0):
+            if not service.alive:
+                typer.echo("error: the controller loop stopped (see the log above)", err=True)
+                raise typer.Exit(1)
     finally:
         service.stop()
         if handle:

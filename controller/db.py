@@ -159,11 +159,13 @@ MIGRATIONS: tuple[str, ...] = (
         sha256 TEXT NOT NULL REFERENCES artifacts(sha256),
         profile TEXT,
         recipe TEXT NOT NULL,
-        created REAL NOT NULL,
-        PRIMARY KEY (model_id, sha256)
+        created REAL NOT NULL
     );
-    INSERT INTO model_artifacts (model_id, sha256, profile, recipe, created)
-        SELECT model_id, sha256, profile, recipe, created FROM artifacts
+    CREATE UNIQUE INDEX model_artifacts_profile
+        ON model_artifacts (model_id, COALESCE(profile, ''));
+    INSERT OR IGNORE INTO model_artifacts (model_id, sha256, profile, recipe, created)
+        SELECT model_id, sha256, profile, recipe, created FROM artifacts WHERE kind = 'model';
+    UPDATE deployments SET state = 'completed', reason = 'deployed before rollouts existed'
     """,
 )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import hashlib
 import json
 import os
 import uuid
@@ -190,6 +191,7 @@ class Fleet:
             dump(manifest)  # the manifest must fit the protocol's message cap to be published
         except ProtocolError as exc:
             raise FleetError(f"{model_path}: too large to distribute: {exc}") from None
+        self._check_version_free(name, version, profile, manifest.sha256)
         blobs = [(model_path, manifest, "model")]
         if golden is not None and golden_manifest is not None:
             blobs.append((golden, golden_manifest, "golden"))
@@ -225,14 +227,28 @@ class Fleet:
                         manifest.golden.sha256 if kind == "model" and manifest.golden else None,
                     ),
                 )
-            # The same file may serve several models (or profiles): the link is its own row.
+            # The same file may serve several models (or profiles): the link is its own row,
+            # one per model version and profile. A version never changes under a rollout.
             tx.execute(
                 "INSERT INTO model_artifacts (model_id, sha256, profile, recipe, created) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET profile = excluded.profile, "
-                "recipe = excluded.recipe",
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 (model_id, manifest.sha256, profile, recipe, now()),
             )
         return manifest
+
+    def _check_version_free(self, name: str, version: str, profile: str | None, sha: str) -> None:
+        """Refuse a different file for a model version and profile that already has one."""
+        row = self.db.query_one(
+            "SELECT l.sha256 FROM model_artifacts l JOIN models m ON m.id = l.model_id "
+            "WHERE m.name = ? AND m.version = ? AND COALESCE(l.profile, '') = ?",
+            (name, version, profile or ""),
+        )
+        if row and row["sha256"] != sha:
+            where = f"profile {profile}" if profile else "every profile"
+            raise FleetError(
+                f"{name}:{version} already has a different artifact for {where} "
+                f"({row['sha256'][:12]}); register the new file under a new version"
+            )
 
     def add_model(
         self,
@@ -260,7 +276,9 @@ class Fleet:
                 golden_path = (
                     manifest_path.parent / doc["golden"]["file"] if doc.get("golden") else None
                 )
-                added = self.add_artifact(
+                if not artifact.is_file() or _sha256_of(artifact) != doc["sha256"]:
+                    raise FleetError(f"{artifact}: missing or sha256 differs from {manifest_path}")
+                self.add_artifact(
                     artifact,
                     name=name,
                     version=version,
@@ -268,8 +286,6 @@ class Fleet:
                     profile=str(doc["profile"]),
                     golden=golden_path,
                 )
-                if added.sha256 != doc["sha256"]:
-                    raise FleetError(f"{artifact}: sha256 differs from {manifest_path.name}")
         else:
             self.add_artifact(path, name=name, version=version, profile=profile, golden=golden)
         return self.model(f"{name}:{version}")
@@ -684,4 +700,18 @@ def _read_converter_manifest(path: Path) -> dict[str, Any]:
     for key in ("file", "sha256", "recipe", "profile"):
         if not isinstance(doc.get(key), str):
             raise FleetError(f"{path}: field {key!r} missing or not a string")
+    golden = doc.get("golden")
+    if golden is not None and not (
+        isinstance(golden, dict) and isinstance(golden.get("file"), str)
+    ):
+        raise FleetError(f"{path}: field 'golden' must be null or {{\"file\": ...}}")
     return doc
+
+
+def _sha256_of(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()

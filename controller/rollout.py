@@ -13,6 +13,7 @@ the model has no artifact for the device's profile.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import sqlite3
 import uuid
@@ -78,7 +79,8 @@ class Rollouts:
             assignments,
             key=lambda a: hashlib.sha256(f"{rollout_id}/{a[0]}".encode()).hexdigest(),
         )
-        bounds = [w.size(len(order)) for w in policy.waves]
+        # Cumulative and never shrinking, even for a mix like `5d,10` on a small fleet.
+        bounds = list(itertools.accumulate((w.size(len(order)) for w in policy.waves), max))
         ts = now()
         with self.db.transaction() as tx:
             tx.execute(
@@ -87,6 +89,13 @@ class Rollouts:
                 (rollout_id, model_id, target, ts, kind, to_json(policy.to_json()), ts),
             )
             for position, (device_id, sha, reason) in enumerate(order):
+                # The newest rollout owns the device: an older one must not start it later.
+                tx.execute(
+                    "UPDATE deployment_devices SET state = 'superseded', updated = ?, "
+                    f"detail = 'taken by {rollout_id}' WHERE device_id = ? "
+                    "AND state IN ('waiting', 'baselining', 'retrying')",
+                    (ts, device_id),
+                )
                 wave = next(i for i, b in enumerate(bounds) if position < b)
                 tx.execute(
                     "INSERT INTO deployment_devices (deployment_id, device_id, artifact_sha256, "
@@ -196,7 +205,8 @@ class Rollouts:
         policy = Policy.from_json(json.loads(policy_json))
         key = (event.deployment_id, event.device_id)
         if state == "rolling_back":
-            if event.kind == "update" and event.state == "active":
+            # `idle`: a device with no previous model was told to stop (desired artifact None).
+            if event.kind == "update" and event.state in ("active", "idle"):
                 self._set_row(tx, key, "rolled_back", f"back on {_short(previous)}")
             elif event.kind == "error":
                 self._set_row(tx, key, "rollback_failed", event.message)
@@ -213,6 +223,11 @@ class Rollouts:
             )
             if (stage in RETRIABLE_STAGES or stage is None) and attempts < policy.retries:
                 self._set_row(tx, key, "retrying", f"attempt {attempts + 1}: {event.message}")
+            elif stage == "active":
+                # Committed, then broke (e.g. its benchmark failed): it serves the new model,
+                # so treat it as a gate failure and point it back.
+                self._set_row(tx, key, "failed", event.message)
+                self._roll_back_device(tx, key, previous, policy, "failed")
             else:
                 # The agent kept its previous model and will not retry this generation; its
                 # desired state is left alone (pointing it back would cost a needless round
@@ -261,6 +276,14 @@ class Rollouts:
             previous
             and tx.execute("SELECT 1 FROM artifacts WHERE sha256 = ?", (previous,)).fetchone()
         )
+        state_now = tx.execute(
+            "SELECT state FROM deployment_devices WHERE deployment_id = ? AND device_id = ?", key
+        ).fetchone()[0]
+        committed = state_now in ("activated", "succeeded", "gate_failed", "failed")
+        if previous and not known and not committed:
+            # Not switched yet: cancel the update; the device keeps serving what it has.
+            self._assign(tx, rollout_id, device_id, None, policy, state, "update cancelled")
+            return
         if previous and not known:
             # The controller never had that file: the agent still has it as `previous`.
             tx.execute(
@@ -283,6 +306,16 @@ class Rollouts:
         for row in self.db.query("SELECT * FROM deployments WHERE state IN ('running', 'paused')"):
             with self.db.transaction() as tx:
                 notes += self._tick_one(tx, row)
+        with self.db.transaction() as tx:
+            # Ended rollouts still owe a verdict on devices that are rolling back.
+            expired = tx.execute(
+                "UPDATE deployment_devices SET state = 'rollback_failed', updated = ?, "
+                "detail = 'rollback timed out (device offline?)' "
+                "WHERE state = 'rolling_back' AND deadline < ?",
+                (now(), now()),
+            ).rowcount
+        if expired:
+            notes.append(f"{expired} rollback(s) timed out")
         return notes
 
     def _tick_one(self, tx: sqlite3.Connection, rollout: dict[str, Any]) -> list[str]:
@@ -335,8 +368,6 @@ class Rollouts:
                     # An offline device must not install the artifact when it comes back.
                     self._roll_back_device(tx, key, previous, policy, "failed")
                     notes.append(f"{rid}: {device_id} {why}")
-            elif state == "rolling_back" and deadline and ts > deadline:
-                self._set_row(tx, key, "rollback_failed", "rollback timed out")
         counts = _counts(tx, rid)
         executed = sum(counts.get(s, 0) for s in EXECUTED)
         failures = sum(counts.get(s, 0) for s in FAILED)
@@ -350,16 +381,20 @@ class Rollouts:
         if not running:
             return notes
         wave = rollout["wave"]
-        open_in_wave = tx.execute(
-            "SELECT COUNT(*) FROM deployment_devices WHERE deployment_id = ? AND wave <= ? "
-            f"AND state NOT IN ({','.join('?' * len(DONE))})",
-            (rid, wave, *sorted(DONE)),
-        ).fetchone()[0]
-        if open_in_wave:
-            return notes
-        if wave + 1 < len(policy.waves):
-            self._start_wave(tx, rid, wave + 1, policy)
-            return [*notes, f"{rid}: wave {wave + 1} started"]
+        while True:  # several waves may be done at once (empty, skipped or superseded ones)
+            open_in_wave = tx.execute(
+                "SELECT COUNT(*) FROM deployment_devices WHERE deployment_id = ? AND wave <= ? "
+                f"AND state NOT IN ({','.join('?' * len(DONE))})",
+                (rid, wave, *sorted(DONE)),
+            ).fetchone()[0]
+            if open_in_wave:
+                return notes
+            if wave + 1 >= len(policy.waves):
+                break
+            wave += 1
+            self._start_wave(tx, rid, wave, policy)
+            notes.append(f"{rid}: wave {wave} started")
+        counts = _counts(tx, rid)
         tx.execute(
             "UPDATE deployments SET state = 'completed', reason = ?, updated = ? WHERE id = ?",
             (_summary(counts), now(), rid),
@@ -395,6 +430,9 @@ class Rollouts:
     def _end(self, row: dict[str, Any], state: str, reason: str) -> dict[str, Any]:
         """Operator's abort or rollback of the rollout in `row`, in one transaction."""
         with self.db.transaction() as tx:
+            current = tx.execute("SELECT state FROM deployments WHERE id = ?", (row["id"],))
+            if current.fetchone()[0] != row["state"]:
+                raise PolicyError(f"rollout {row['id']} changed state meanwhile; try again")
             self._stop(tx, row["id"], state, reason, Policy.from_json(json.loads(row["policy"])))
         return self.status(row["id"])
 
@@ -423,6 +461,13 @@ class Rollouts:
             (rollout_id, *targets),
         ).fetchall()
         for device_id, previous in rows:
+            owner = tx.execute(
+                "SELECT desired_deployment_id FROM devices WHERE id = ?", (device_id,)
+            ).fetchone()
+            if owner is None or owner[0] != rollout_id:
+                # A newer deployment took the device since: rolling back would undo that one.
+                self._set_row(tx, (rollout_id, device_id), "superseded", "taken by a newer one")
+                continue
             self._set_row(tx, (rollout_id, device_id), "rolling_back", reason)
             self._roll_back_device(tx, (rollout_id, device_id), previous, policy, "rolling_back")
 
@@ -430,10 +475,14 @@ class Rollouts:
         self, rollout_id: str, state: str, *, allowed: tuple[str, ...]
     ) -> dict[str, Any]:
         """Guarded state change of a rollout."""
-        row = self._get(rollout_id)
-        if row["state"] not in allowed:
-            raise PolicyError(f"rollout {rollout_id} is {row['state']}, not {' or '.join(allowed)}")
+        self._get(rollout_id)
         with self.db.transaction() as tx:
+            # Checked and written in one transaction: the service may end the rollout meanwhile.
+            current = tx.execute(
+                "SELECT state FROM deployments WHERE id = ?", (rollout_id,)
+            ).fetchone()[0]
+            if current not in allowed:
+                raise PolicyError(f"rollout {rollout_id} is {current}, not {' or '.join(allowed)}")
             tx.execute(
                 "UPDATE deployments SET state = ?, updated = ? WHERE id = ?",
                 (state, now(), rollout_id),
@@ -539,9 +588,12 @@ def _latest_benchmark(
     """The newest benchmark report of `sha` on this device (received after `since`)."""
     if not sha:
         return None
+    # `since` is compared with the controller's receive time, not the device's clock.
     row = tx.execute(
-        "SELECT report FROM benchmarks WHERE device_id = ? AND model_sha256 = ? AND ts >= ? "
-        "ORDER BY ts DESC LIMIT 1",
+        "SELECT b.report FROM benchmarks b JOIN events e "
+        "ON e.device_id = b.device_id AND e.event_id = b.event_id "
+        "WHERE b.device_id = ? AND b.model_sha256 = ? AND e.received >= ? "
+        "ORDER BY e.received DESC LIMIT 1",
         (device_id, sha, since),
     ).fetchone()
     return json.loads(row[0]) if row else None

@@ -43,6 +43,9 @@ MAX_BATCH = 500
 ANNOUNCE_RETRY_S = 10.0
 # QoS1 publishes in flight: high enough to stream a wave of chunks without stalling on PUBACKs.
 CONTROLLER_INFLIGHT = 200
+# After a (re)connect, device events queued by the broker arrive first: rollouts do not judge
+# timeouts until this long after connecting, or a long outage would fail healthy devices.
+TICK_GRACE_S = 3.0
 # How often retained chunks of artifacts nobody needs any more are cleared from the broker.
 RETAINED_SWEEP_S = 30.0
 
@@ -67,6 +70,7 @@ class ControllerService:
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self._stop = threading.Event()
         self._reconnected = threading.Event()
+        self._connected_at = 0.0
         self.ready = threading.Event()
         self.rejected = 0
         self._announce_asked: dict[str, float] = {}
@@ -95,6 +99,11 @@ class ControllerService:
         self._thread.start()
         self.session.start()
 
+    @property
+    def alive(self) -> bool:
+        """True while the service loop runs (`edgefleet up` exits if it died)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def stop(self) -> None:
         """Stop the loop and disconnect."""
         self._stop.set()
@@ -111,6 +120,7 @@ class ControllerService:
             t.all_devices("events"),
             t.all_needs(),
         )
+        self._connected_at = time.monotonic()
         self._reconnected.set()
         self.ready.set()
 
@@ -134,20 +144,16 @@ class ControllerService:
                 dirty = bool(batch) or version != data_version
                 data_version = version
                 if batch:
-                    # One commit per batch (each message is a savepoint): under fan-in from a
-                    # thousand devices, a commit per message would be the bottleneck.
-                    with fleet.db.transaction():
-                        for topic, payload in batch:
-                            try:
-                                self._handle(fleet, topic, payload, needs, first_need)
-                            except Exception:  # a bad message must not stop ingest
-                                self.errors += 1
-                                log.exception("failed to handle a message on %s", topic)
+                    self._ingest(fleet, batch, needs, first_need)
                 if self._reconnected.is_set():
                     # Retained state may be gone (broker restart without persistence): resend.
-                    self._reconnected.clear()
-                    fleet.republish_all()
-                    next_reconcile = 0.0
+                    try:
+                        fleet.republish_all()
+                        self._reconnected.clear()
+                        next_reconcile = 0.0
+                    except Exception:  # retried on the next iteration
+                        self.errors += 1
+                        log.exception("cannot reset the published state")
                 now = time.monotonic()
                 if now >= next_reconcile or (dirty and now - last_reconcile >= RECONCILE_MIN_GAP_S):
                     last_reconcile = now
@@ -180,6 +186,38 @@ class ControllerService:
             raise
         finally:
             fleet.close()
+
+    def _ingest(
+        self,
+        fleet: Fleet,
+        batch: list[tuple[str, bytes]],
+        needs: dict[str, set[int]],
+        first_need: dict[str, float],
+    ) -> None:
+        """Apply a batch in one commit (each message a savepoint); if the commit itself fails
+        (database locked, disk full), apply the messages one by one rather than lose them."""
+        try:
+            with fleet.db.transaction():
+                self._handle_each(fleet, batch, needs, first_need)
+        except Exception:
+            self.errors += 1
+            log.exception("batch of %d messages failed; applying one by one", len(batch))
+            self._handle_each(fleet, batch, needs, first_need)
+
+    def _handle_each(
+        self,
+        fleet: Fleet,
+        batch: list[tuple[str, bytes]],
+        needs: dict[str, set[int]],
+        first_need: dict[str, float],
+    ) -> None:
+        """Handle messages; one bad message never stops the others."""
+        for topic, payload in batch:
+            try:
+                self._handle(fleet, topic, payload, needs, first_need)
+            except Exception:
+                self.errors += 1
+                log.exception("failed to handle a message on %s", topic)
 
     def _drain(self, timeout: float) -> list[tuple[str, bytes]]:
         """Up to MAX_BATCH queued messages, waiting at most `timeout` for the first."""
@@ -243,20 +281,31 @@ class ControllerService:
 
     def _reconcile(self, fleet: Fleet) -> None:
         """Advance rollouts, then publish the manifests, desired states and commands pending."""
-        for note in fleet.rollouts.tick():
-            log.info("%s", note)
+        connected = self.session.connected.is_set()
+        if connected and time.monotonic() - self._connected_at >= TICK_GRACE_S:
+            for note in fleet.rollouts.tick():
+                log.info("%s", note)
         published_manifests: set[str] = set()
         retained = fleet.chunks_retained()
+        in_use: set[str] | None = None
         published: list[tuple[str, int]] = []
         for device_id, desired, manifests in fleet.unpublished_desired():
-            for manifest in manifests:  # the golden blob's manifest before the model's
-                if manifest.sha256 not in published_manifests:
-                    self._publish_manifest(manifest)
-                    published_manifests.add(manifest.sha256)
-                if manifest.sha256 not in retained:
-                    self._publish_chunks(fleet, manifest, range(manifest.chunk_count))
-                    fleet.set_chunks_retained(manifest.sha256, True)
-                    retained.add(manifest.sha256)
+            try:
+                for manifest in manifests:  # the golden blob's manifest before the model's
+                    sha = manifest.sha256
+                    if sha not in published_manifests:
+                        self._publish_manifest(manifest)
+                        published_manifests.add(sha)
+                    if sha not in retained:
+                        in_use = fleet.artifacts_in_use() if in_use is None else in_use
+                        if sha in in_use:  # not for devices already up to date (reconnects)
+                            self._publish_chunks(fleet, manifest, range(manifest.chunk_count))
+                            fleet.set_chunks_retained(sha, True)
+                            retained.add(sha)
+            except Exception:  # e.g. an artifact file vanished: the rest of the fleet goes on
+                self.errors += 1
+                log.exception("cannot publish the artifact desired by %s", device_id)
+                continue
             self.session.publish(self.topics.desired(device_id), dump(desired), retain=True)
             published.append((device_id, desired.generation))
             log.debug("desired generation %d -> %s", desired.generation, device_id)

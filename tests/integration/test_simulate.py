@@ -544,11 +544,24 @@ def test_rejects_corrupt_chunks_fetches_golden_and_applies_budgets(
         wait_until(lambda: sim.counters.activated + sim.counters.failed == 2, 10, "outcomes")
     assert sim.device(good)["model_sha256"] == model.sha256
     assert sim.device(tight)["model_sha256"] is None
-    (failure,) = [e for e in events(probe, topic_root, tight) if e.kind == "error"]
+    # The counters move when an event is sent; the probe receives it a little later.
+    (failure,) = wait_until(
+        lambda: [e for e in events(probe, topic_root, tight) if e.kind == "error"],
+        10,
+        "the failure event",
+    )
     assert failure.stage == "self-testing" and failure.event_id == "g5-failed"
     assert failure.message.startswith("self-test failed: latency ")
     assert "over budget 0.001 ms" in failure.message
-    names = [e.event_id for e in events(probe, topic_root, good)]
+    names = wait_until(
+        lambda: (
+            (n := [e.event_id for e in events(probe, topic_root, good)])
+            and "g5-benchmark" in n
+            and n
+        ),
+        10,
+        "the good device's events",
+    )
     for state in ("fetching", "verifying", "staged", "self-testing", "active", "benchmark"):
         assert f"g5-{state}" in names
     assert sim.counters.artifacts_verified == 2  # model and golden, once each

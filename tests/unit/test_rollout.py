@@ -388,3 +388,90 @@ def test_models_add_reads_an_optimize_directory_with_goldens(tmp_path: Path) -> 
     (out / "broken.golden.npz").write_bytes(b"not a zip")
     with pytest.raises(FleetError, match=r"must be an \.npz"):
         fleet.add_model(NEW, name="m", version="4", golden=out / "broken.golden.npz")
+
+
+# ----------------------------------------------------------------------------- review cases
+def test_rolling_back_an_older_rollout_leaves_devices_a_newer_one_took(fleet: Fleet) -> None:
+    agents = FakeDevices(fleet)
+    one = policy(waves=parse_waves("100"))
+    older = fleet.start_rollout("digits:1", "device:d0,device:d1", one)["id"]
+    for device in ("d0", "d1"):
+        agents.activate(older, device)
+    newer = fleet.start_rollout("digits:0", "device:d0", one)["id"]
+    fleet.rollouts.rollback(older)
+    assert states(fleet, older) == {"d0": "superseded", "d1": "rolling_back"}
+    assert states(fleet, newer) == {"d0": "pending"}, "the newer rollout keeps its device"
+
+
+def test_a_newer_rollout_takes_waiting_devices_from_an_older_one(fleet: Fleet) -> None:
+    agents = FakeDevices(fleet)
+    older = fleet.start_rollout("digits:1", "all", policy())["id"]
+    newer = fleet.start_rollout("digits:0", "all", policy(waves=parse_waves("100")))["id"]
+    assert set(states(fleet, older).values()) == {"superseded"}
+    for device in states(fleet, newer):
+        agents.activate(newer, device)
+    fleet.rollouts.tick()
+    assert fleet.deployment(older)["state"] == "completed"
+    assert states(fleet, older) == dict.fromkeys(states(fleet, older), "superseded")
+
+
+def test_abort_of_a_device_without_previous_model_and_an_offline_one(tmp_path: Path) -> None:
+    fleet = Fleet(tmp_path / "home")
+    fleet.add_model(NEW, name="m", version="1")
+    for device in ("fresh", "gone"):
+        fleet.register_device(device, "rpi4")
+    ro = fleet.start_rollout("m:1", "all", policy(waves=parse_waves("100"), device_timeout_s=0.05))[
+        "id"
+    ]
+    fleet.rollouts.abort(ro)
+    assert states(fleet, ro) == {"fresh": "rolling_back", "gone": "rolling_back"}
+    desired = {d: dv for d, dv, _ in fleet.unpublished_desired()}
+    assert desired["fresh"].artifact is None, "no previous model: the update is called off"
+    # The agent answers an empty desired state from idle; the offline one never answers.
+    FakeDevices(fleet).event(ro, "fresh", "update", state="idle", message="already in desired")
+    time.sleep(0.1)
+    fleet.rollouts.tick()
+    assert states(fleet, ro) == {"fresh": "rolled_back", "gone": "rollback_failed"}
+
+
+def test_a_failure_after_activation_points_the_device_back(fleet: Fleet) -> None:
+    agents = FakeDevices(fleet)
+    old_sha = fleet.model("digits:0")["artifacts"][0]["sha256"]
+    ro = fleet.start_rollout("digits:1", "device:d0", policy(waves=parse_waves("100"), retries=2))[
+        "id"
+    ]
+    agents.event(ro, "d0", "update", state="active", message="activated")
+    agents.event(ro, "d0", "error", stage="active", message="benchmark failed: invoke error")
+    row = agents.row(ro, "d0")
+    assert row["state"] == "failed" and row["attempts"] == 0
+    desired = {d: dv for d, dv, _ in fleet.unpublished_desired()}
+    assert desired["d0"].artifact and desired["d0"].artifact.sha256 == old_sha
+
+
+def test_one_file_may_serve_two_profiles_but_a_version_never_changes(tmp_path: Path) -> None:
+    fleet = Fleet(tmp_path / "home")
+    fleet.add_model(NEW, name="m", version="1", profile="rpi4")
+    fleet.add_model(NEW, name="m", version="1", profile="rpi5")
+    assert {a["profile"] for a in fleet.model("m:1")["artifacts"]} == {"rpi4", "rpi5"}
+    with pytest.raises(FleetError, match=r"m:1 already has a different artifact for profile rpi4"):
+        fleet.add_model(OLD, name="m", version="1", profile="rpi4")
+    assert len(fleet.model("m:1")["artifacts"]) == 2
+
+
+def test_deployments_from_before_rollouts_are_completed_by_the_migration(tmp_path: Path) -> None:
+    import sqlite3
+
+    from controller.db import MIGRATIONS, Database
+
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    for script in MIGRATIONS[:2]:
+        conn.executescript(script)
+    conn.execute("INSERT INTO models (id, name, version, created) VALUES (1, 'm', '1', 0)")
+    conn.execute("INSERT INTO deployments (id, model_id, target, created) VALUES ('d', 1, 'x', 0)")
+    conn.execute("PRAGMA user_version=2")
+    conn.commit()
+    conn.close()
+    db = Database(path)
+    row = db.query_one("SELECT state, reason FROM deployments WHERE id = 'd'")
+    assert row == {"state": "completed", "reason": "deployed before rollouts existed"}
