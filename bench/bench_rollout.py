@@ -1,7 +1,7 @@
 """A staged rollout to many simulated agents: total time and the controller's footprint.
 
 One run: mosquitto on a free loopback port, `edgefleet up` as its own process, N simulated
-agents (controller/simulate.py: one MQTT connection each, real protocol, real chunk hashing)
+agents (controller/simulate/: one MQTT connection each, real protocol, real chunk hashing)
 in this process, then `rollout start` of a real .tflite padded to --artifact-mib with three
 waves and gates. Prints wall time per wave and in total, the controller process's peak RSS
 (VmHWM), the controller's egress (chunk bytes it published) over the artifact size, and the

@@ -1,4 +1,4 @@
-"""Tests for controller/simulate.py: simulated agents on real brokers with the real controller."""
+"""Tests for controller/simulate/: simulated agents on real brokers with the real controller."""
 
 from __future__ import annotations
 

@@ -1,0 +1,512 @@
+"""The simulation: N simulated agents on one epoll loop in one thread (paho scales no further)."""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import itertools
+import logging
+import platform
+import random
+import select
+import socket
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from typing import Any
+
+import paho.mqtt.client as paho
+import psutil
+from paho.mqtt.enums import CallbackAPIVersion
+
+import firmware_profiles
+from agent.protocol import (
+    DEFAULT_ROOT,
+    DeviceFacts,
+    Manifest,
+    ProtocolError,
+    Topics,
+    dump,
+    parse,
+    validate_device_id,
+)
+from controller.broker import parse_broker_url
+from controller.simulate.agent import RECONNECT_MIN_S, SimAgent, SimCounters, _Assembly
+from controller.simulate.faults import (
+    FAULT_KINDS,
+    NO_FAULTS,
+    Faults,
+    FaultSpec,
+    SimulationError,
+    assign_faults,
+)
+from controller.simulate.figures import MIB
+
+# One logger for the whole package, named as before the split (log lines show the name).
+log = logging.getLogger("controller.simulate")
+
+# Clients whose CONNECT is out but whose CONNACK is not in yet: a 1,000-device start then
+# reaches the broker as a steady stream instead of 1,000 simultaneous handshakes.
+MAX_CONNECTING = 64
+# Keepalive, inflight window and reconnect backoff ceiling as the real agent (agent/mqtt.py).
+KEEPALIVE_S = 30
+MAX_INFLIGHT = 20
+RECONNECT_MAX_S = 30.0
+# ±20 % jitter on reconnect delays, so a broker restart is not answered by one burst.
+RECONNECT_JITTER = 0.2
+# A CONNECT unanswered for this long is dropped and retried (a broker that slow is broken).
+CONNACK_TIMEOUT_S = 10.0
+# Longest epoll wait: bounds how late stop() and the keepalive sweep are noticed.
+POLL_INTERVAL_S = 0.1
+# Each connected client gets loop_misc() (PINGREQ when due) this often; keepalive is 30 s.
+MISC_INTERVAL_S = 1.0
+# At stop, time allowed for offline statuses and DISCONNECTs to be written.
+SHUTDOWN_TIMEOUT_S = 5.0
+# Download deadline and repair interval: the real agent's defaults (agent/config.py).
+FETCH_TIMEOUT_S = 300.0
+REPAIR_INTERVAL_S = 2.0
+# More devices than this in one process is a typo (10,000 were measured at ~5 KB each).
+MAX_DEVICES = 100_000
+
+
+def default_profiles() -> list[str]:
+    """Every profile that runs the agent (not MCUs), sorted by id."""
+    return [p.id for p in firmware_profiles.load_all().values() if p.runs_agent]
+
+
+class Simulation:
+    """N simulated agents on one epoll loop in one thread; start(), then stop()."""
+
+    def __init__(
+        self,
+        broker_url: str,
+        devices: int,
+        *,
+        profiles: Sequence[str] | None = None,
+        faults: Sequence[FaultSpec] = (),
+        prefix: str = "sim",
+        topic_root: str = DEFAULT_ROOT,
+        seed: int = 0,
+        fetch_timeout_s: float = FETCH_TIMEOUT_S,
+        repair_interval_s: float = REPAIR_INTERVAL_S,
+        keepalive_s: int = KEEPALIVE_S,
+    ) -> None:
+        """Resolve profiles and faults and build the clients; nothing connects before start()."""
+        if not 1 <= devices <= MAX_DEVICES:
+            raise SimulationError(f"devices must be in 1..{MAX_DEVICES}, got {devices}")
+        if not hasattr(select, "epoll"):
+            raise SimulationError("edgefleet simulate needs Linux (select.epoll)")
+        self.host, self.port = parse_broker_url(broker_url)
+        self.topics = Topics(topic_root)
+        self.seed = seed
+        self.fetch_timeout_s = fetch_timeout_s
+        self.repair_interval_s = repair_interval_s
+        self.keepalive_s = keepalive_s
+        self.counters = SimCounters()
+        self._rss_before = psutil.Process().memory_info().rss
+        chosen = _resolve_profiles(profiles)
+        width = max(4, len(str(devices - 1)))
+        ids = [f"{prefix}-{i:0{width}d}" for i in range(devices)]
+        try:
+            validate_device_id(ids[-1])
+        except ProtocolError as exc:
+            raise SimulationError(f"bad --prefix {prefix!r}: {exc}") from None
+        self._facts: dict[str, DeviceFacts] = {}
+        self._assemblies: dict[str, _Assembly] = {}
+        self._manifests: dict[bytes, Manifest] = {}
+        self._ep = select.epoll()
+        self._by_fd: dict[int, SimAgent] = {}
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+        self._connect_queue: deque[SimAgent] = deque()
+        self._connecting = 0
+        self._dirty: set[SimAgent] = set()
+        self._stop = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._started = 0.0
+        fault_map = assign_faults(faults, devices, seed)
+        self.agents = [
+            SimAgent(self, ids[i], chosen[i % len(chosen)], fault_map.get(i, NO_FAULTS))
+            for i in range(devices)
+        ]
+        for agent in self.agents:
+            if agent.faults.drop:
+                agent.rng = random.Random(f"{seed}:drop:{agent.device_id}")
+        self._by_id = {agent.device_id: agent for agent in self.agents}
+
+    # ----------------------------------------------------------------- public API
+    @property
+    def device_ids(self) -> list[str]:
+        """Every simulated device id, in index order."""
+        return [agent.device_id for agent in self.agents]
+
+    def devices_with(self, fault: str) -> list[str]:
+        """Ids of devices carrying a fault kind (slow, crash, nan, offline, drop)."""
+        if fault not in FAULT_KINDS:
+            raise SimulationError(f"unknown fault {fault!r} ({', '.join(FAULT_KINDS)})")
+        attr = {"offline": "offline_s"}.get(fault, fault)
+        empty = getattr(NO_FAULTS, attr)
+        return [a.device_id for a in self.agents if getattr(a.faults, attr) != empty]
+
+    def set_faults(self, device_ids: Sequence[str], faults: Faults) -> None:
+        """Give devices other faults from now on (e.g. after a clean first rollout)."""
+        for device_id in device_ids:
+            agent = self._by_id[device_id]
+            agent.faults = faults
+            agent.rng = random.Random(f"{self.seed}:drop:{device_id}") if faults.drop else None
+
+    def device(self, device_id: str) -> dict[str, Any]:
+        """One device's state (see SimAgent.describe)."""
+        return self._by_id[device_id].describe()
+
+    def start(self) -> None:
+        """Queue every client for connecting and start the loop thread."""
+        self._started = time.monotonic()
+        self._connect_queue.extend(self.agents)
+        self._thread = threading.Thread(target=self._run, name="edgefleet-simulate", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = SHUTDOWN_TIMEOUT_S + 5.0) -> None:
+        """Publish offline statuses, DISCONNECT every client and end the loop thread."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def wait_connected(self, timeout: float, count: int | None = None) -> bool:
+        """Block until `count` (default: all) clients are connected; False on timeout."""
+        wanted = len(self.agents) if count is None else count
+        deadline = time.monotonic() + timeout
+        while self.counters.connected < wanted:
+            if time.monotonic() > deadline or self._thread is None or not self._thread.is_alive():
+                return False
+            time.sleep(0.05)
+        return True
+
+    def snapshot(self) -> dict[str, Any]:
+        """Counters, states and memory as plain JSON-ready values."""
+        rss = psutil.Process().memory_info().rss
+        agents = list(self.agents)
+        faults = Counter(name.split("=")[0] for a in agents for name in a.faults.names())
+        return {
+            "devices": len(agents),
+            "elapsed_s": round(time.monotonic() - self._started, 2) if self._started else 0.0,
+            **asdict(self.counters),
+            "states": dict(sorted(Counter(a.state for a in agents).items())),
+            "faults": dict(sorted(faults.items())),
+            "rss_mb": round(rss / MIB, 1),
+            "rss_per_device_kb": round((rss - self._rss_before) / len(agents) / 1024, 2),
+        }
+
+    # ----------------------------------------------------------------- shared helpers
+    def touch(self, agent: SimAgent) -> None:
+        """Mark a client as having output to flush at the end of this loop iteration."""
+        self._dirty.add(agent)
+
+    def call_at(self, when: float, callback: Callable[[], None]) -> None:
+        """Run `callback` in the loop thread at monotonic time `when`."""
+        heapq.heappush(self._timers, (when, next(self._seq), callback))
+
+    def facts_for(self, profile: firmware_profiles.Profile) -> DeviceFacts:
+        """Hello facts consistent with a profile (shared by every agent of that profile)."""
+        facts = self._facts.get(profile.id)
+        if facts is None:
+            facts = DeviceFacts(
+                arch=profile.cpu.arch,
+                system="Linux",
+                cpu_count=profile.cpu.cores,
+                ram_mb=profile.memory.ram_mb,
+                runtime=profile.runtime.name,
+                runtime_version=profile.runtime.version,
+                python=platform.python_version(),
+                delegates=("xnnpack", *profile.delegates),
+            )
+            self._facts[profile.id] = facts
+        return facts
+
+    def parse_manifest(self, payload: bytes) -> Manifest:
+        """Strictly parse a manifest, once per distinct payload (every agent gets the same)."""
+        manifest = self._manifests.get(payload)
+        if manifest is None:
+            manifest = parse(payload, Manifest)
+            if len(self._manifests) >= 16:
+                self._manifests.clear()
+            self._manifests[payload] = manifest
+        return manifest
+
+    def assembly_for(self, manifest: Manifest) -> _Assembly:
+        """The process-wide assembly of an artifact, shared by every agent fetching it."""
+        assembly = self._assemblies.get(manifest.sha256)
+        if assembly is None or assembly.manifest.chunk_sha256 != manifest.chunk_sha256:
+            assembly = self._assemblies[manifest.sha256] = _Assembly(manifest)
+        assembly.users += 1
+        return assembly
+
+    def release(self, assembly: _Assembly) -> None:
+        """One agent is done with an assembly; an unverified one goes with its last user."""
+        assembly.users -= 1
+        if assembly.users <= 0 and assembly.digest is None:
+            if self._assemblies.get(assembly.manifest.sha256) is assembly:
+                del self._assemblies[assembly.manifest.sha256]
+            assembly.close()
+
+    def verify(self, assembly: _Assembly) -> str:
+        """Whole-file sha256 of an assembly, counted the one time it is computed."""
+        if assembly.digest is None:
+            self.counters.artifacts_verified += 1
+        return assembly.verify()
+
+    def drop_connection(self, agent: SimAgent, down_for: float) -> None:
+        """Lose the TCP link without DISCONNECT (the will fires); stay down `down_for` s."""
+        agent.down_until = time.monotonic() + down_for
+
+        def drop() -> None:
+            """Flush what was published just before, then cut the socket."""
+            if agent.client.want_write():
+                agent.client.loop_write()
+            sock = agent.client.socket()
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)  # EOF → loop_read → on_disconnect
+
+        self.call_at(0.0, drop)
+
+    # ----------------------------------------------------------------- paho plumbing
+    def new_client(self, agent: SimAgent) -> paho.Client:
+        """A paho client for an agent: MQTT 3.1.1, clean session, driven by our epoll loop."""
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=agent.device_id,
+            protocol=paho.MQTTv311,
+            clean_session=True,
+            userdata=agent,
+        )
+        client.max_inflight_messages_set(MAX_INFLIGHT)
+        client.max_queued_messages_set(0)  # keep QoS1 messages across a reconnect
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_socket_open = self._on_socket_open
+        client.on_socket_close = self._on_socket_close
+        client.connect_async(self.host, self.port, keepalive=self.keepalive_s)
+        return client
+
+    def _on_socket_open(self, client: paho.Client, agent: SimAgent, sock: Any) -> None:
+        """Watch a new socket for reads."""
+        agent.fd = sock.fileno()
+        agent.write_registered = False
+        self._by_fd[agent.fd] = agent
+        self._ep.register(agent.fd, select.EPOLLIN)
+
+    def _on_socket_close(self, client: paho.Client, agent: SimAgent, sock: Any) -> None:
+        """Stop watching a socket paho is about to close."""
+        if agent.fd is not None:
+            self._by_fd.pop(agent.fd, None)
+            with contextlib.suppress(OSError, ValueError):
+                self._ep.unregister(agent.fd)
+            agent.fd = None
+
+    def _on_connect(
+        self, client: paho.Client, agent: SimAgent, flags: Any, reason: Any, props: Any
+    ) -> None:
+        """CONNACK: count it and let the agent subscribe and announce itself."""
+        self._connect_done(agent)
+        if reason.is_failure:
+            self.counters.connect_failures += 1
+            log.warning("%s: broker refused the connection: %s", agent.device_id, reason)
+            return
+        agent.connected = True
+        agent.backoff = RECONNECT_MIN_S
+        self.counters.connected += 1
+        self.counters.connects += 1
+        self._guard(agent, agent.on_connected)
+
+    def _on_disconnect(
+        self, client: paho.Client, agent: SimAgent, flags: Any, reason: Any, props: Any
+    ) -> None:
+        """Lost or closed: schedule a reconnect with backoff (after a fault's down time)."""
+        self._connect_done(agent)
+        was_connected = agent.connected
+        if was_connected:
+            agent.connected = False
+            self.counters.connected -= 1
+        if self._stopping:
+            return
+        if was_connected:
+            delay = RECONNECT_MIN_S
+        else:
+            delay = agent.backoff
+            agent.backoff = min(agent.backoff * 2, RECONNECT_MAX_S)
+        self._schedule_connect(agent, delay)
+
+    def _on_message(self, client: paho.Client, agent: SimAgent, message: paho.MQTTMessage) -> None:
+        """Hand a message to its agent."""
+        self._guard(agent, agent.on_message, message.topic, message.payload)
+
+    def _guard(self, agent: SimAgent, func: Callable[..., None], *args: Any) -> None:
+        """Run agent code; a bug hits one message of one agent, not the loop."""
+        try:
+            func(*args)
+        except Exception:
+            self.counters.errors += 1
+            log.exception("%s: simulated agent failed", agent.device_id)
+        self._dirty.add(agent)
+
+    def _connect_done(self, agent: SimAgent) -> None:
+        """The connect attempt of an agent ended (CONNACK or failure)."""
+        if agent.connecting is not None:
+            agent.connecting = None
+            self._connecting -= 1
+
+    def _schedule_connect(self, agent: SimAgent, delay: float) -> None:
+        """Queue a (re)connect after `delay` ± jitter, never before a fault's down time ends."""
+        if agent.reconnect_pending:
+            return
+        agent.reconnect_pending = True
+        jitter = 1.0 + random.uniform(-RECONNECT_JITTER, RECONNECT_JITTER)
+        when = max(time.monotonic() + delay * jitter, agent.down_until)
+        self.call_at(when, lambda: self._connect_queue.append(agent))
+
+    def _start_connects(self) -> None:
+        """Open connections from the queue while fewer than MAX_CONNECTING await CONNACK."""
+        while self._connect_queue and self._connecting < MAX_CONNECTING and not self._stopping:
+            agent = self._connect_queue.popleft()
+            agent.reconnect_pending = False
+            client = agent.client
+            # The will carries the state at connect time, like the daemon's.
+            client.will_set(
+                agent.base + "status", dump(agent.status(online=False)), qos=1, retain=True
+            )
+            try:
+                client.reconnect()
+            except OSError as exc:
+                self.counters.connect_failures += 1
+                log.debug("%s: connect failed: %s", agent.device_id, exc)
+                delay = agent.backoff
+                agent.backoff = min(agent.backoff * 2, RECONNECT_MAX_S)
+                self._schedule_connect(agent, delay)
+                continue
+            agent.connecting = time.monotonic()
+            self._connecting += 1
+            self._dirty.add(agent)
+
+    # ----------------------------------------------------------------- the loop
+    def _run(self) -> None:
+        """The one loop: epoll, timers, keepalive sweep, connects, then flush writes."""
+        next_misc = time.monotonic() + MISC_INTERVAL_S
+        try:
+            while not self._stop.is_set():
+                self._start_connects()
+                self._poll(self._poll_timeout())
+                self._run_timers()
+                if time.monotonic() >= next_misc:
+                    next_misc = time.monotonic() + MISC_INTERVAL_S
+                    self._sweep()
+                self._flush()
+            self._shutdown()
+        except Exception:
+            log.exception("simulation loop crashed")
+            raise
+        finally:
+            for assembly in list(self._assemblies.values()):
+                assembly.close()
+            self._ep.close()
+
+    def _poll_timeout(self) -> float:
+        """Wait until the next timer, at most POLL_INTERVAL_S."""
+        if self._dirty:
+            return 0.0
+        if self._timers:
+            return min(POLL_INTERVAL_S, max(0.0, self._timers[0][0] - time.monotonic()))
+        return POLL_INTERVAL_S
+
+    def _poll(self, timeout: float) -> None:
+        """Read and write every ready socket once (epoll is level-triggered: rest next turn)."""
+        for fd, mask in self._ep.poll(timeout):
+            agent = self._by_fd.get(fd)
+            if agent is None:
+                continue
+            if mask & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+                agent.client.loop_read()
+            if mask & select.EPOLLOUT and agent.fd == fd:
+                agent.client.loop_write()
+            self._dirty.add(agent)
+
+    def _run_timers(self) -> None:
+        """Run the timers due now; ones they schedule wait for the next turn (no starvation)."""
+        now = time.monotonic()
+        due = []
+        while self._timers and self._timers[0][0] <= now:
+            due.append(heapq.heappop(self._timers)[2])
+        for callback in due:
+            try:
+                callback()
+            except Exception:
+                self.counters.errors += 1
+                log.exception("simulation timer failed")
+
+    def _sweep(self) -> None:
+        """Keepalive for every connected client; drop connects that never got a CONNACK."""
+        now = time.monotonic()
+        for agent in self.agents:
+            if agent.fd is None:
+                continue
+            if agent.connecting is not None and now - agent.connecting > CONNACK_TIMEOUT_S:
+                self.drop_connection(agent, 0.0)
+            agent.client.loop_misc()
+            self._dirty.add(agent)
+
+    def _flush(self) -> None:
+        """Write pending output of touched clients; watch for writability only when blocked."""
+        dirty, self._dirty = self._dirty, set()
+        for agent in dirty:
+            client = agent.client
+            if agent.fd is None:
+                continue
+            if client.want_write():
+                client.loop_write()
+            fd = agent.fd
+            if fd is None:
+                continue
+            want = client.want_write()
+            if want != agent.write_registered:
+                agent.write_registered = want
+                self._ep.modify(fd, select.EPOLLIN | (select.EPOLLOUT if want else 0))
+
+    def _shutdown(self) -> None:
+        """Offline status + DISCONNECT for every client, like a daemon stopping cleanly."""
+        self._stopping = True
+        for agent in self.agents:
+            if agent.connected:
+                agent.publish(agent.base + "status", dump(agent.status(online=False)), retain=True)
+                agent.client.disconnect()
+        deadline = time.monotonic() + SHUTDOWN_TIMEOUT_S
+        while self._by_fd and time.monotonic() < deadline:
+            self._flush()
+            self._poll(0.05)
+        for agent in list(self._by_fd.values()):
+            sock = agent.client.socket()
+            self._on_socket_close(agent.client, agent, sock)
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.close()
+
+
+def _resolve_profiles(ids: Sequence[str] | None) -> list[firmware_profiles.Profile]:
+    """Profiles to assign round-robin; each must exist and run the agent."""
+    known = firmware_profiles.load_all()
+    chosen: list[firmware_profiles.Profile] = []
+    for profile_id in ids or default_profiles():
+        profile = known.get(profile_id)
+        if profile is None:
+            raise SimulationError(
+                f"unknown profile {profile_id!r}; known profiles: {', '.join(known)}"
+            )
+        if not profile.runs_agent:
+            raise SimulationError(
+                f"profile {profile_id!r} does not run the agent (runs_agent=false)"
+            )
+        chosen.append(profile)
+    return chosen
