@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import hashlib
 import json
 import os
 import uuid
@@ -149,11 +148,13 @@ class Fleet:
         profile: str | None = None,
         golden: Path | None = None,
         check: bool = True,
+        expected_sha256: str | None = None,
     ) -> Manifest:
         """Store a .tflite file (and its golden .npz) as an artifact of model name:version.
 
         Without a version, the first 12 hex digits of the file's sha256 are used. The golden
-        file travels as its own content-addressed blob that the manifest points to.
+        file travels as its own content-addressed blob that the manifest points to. With
+        `expected_sha256`, a file that hashes differently is refused before anything is written.
         """
         if not model_path.is_file():
             raise FleetError(f"{model_path}: no such file")
@@ -176,6 +177,8 @@ class Fleet:
             )
         except ValueError as exc:
             raise FleetError(str(exc)) from None
+        if expected_sha256 is not None and manifest.sha256 != expected_sha256:
+            raise FleetError(f"{model_path}: sha256 {manifest.sha256} is not {expected_sha256}")
         if not version:
             version = manifest.sha256[:12]
         manifest = dataclasses.replace(
@@ -276,8 +279,6 @@ class Fleet:
                 golden_path = (
                     manifest_path.parent / doc["golden"]["file"] if doc.get("golden") else None
                 )
-                if not artifact.is_file() or _sha256_of(artifact) != doc["sha256"]:
-                    raise FleetError(f"{artifact}: missing or sha256 differs from {manifest_path}")
                 self.add_artifact(
                     artifact,
                     name=name,
@@ -285,6 +286,7 @@ class Fleet:
                     recipe=str(doc["recipe"]),
                     profile=str(doc["profile"]),
                     golden=golden_path,
+                    expected_sha256=doc["sha256"],  # as recorded in manifest_path
                 )
         else:
             self.add_artifact(path, name=name, version=version, profile=profile, golden=golden)
@@ -706,12 +708,3 @@ def _read_converter_manifest(path: Path) -> dict[str, Any]:
     ):
         raise FleetError(f"{path}: field 'golden' must be null or {{\"file\": ...}}")
     return doc
-
-
-def _sha256_of(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()

@@ -475,3 +475,17 @@ def test_deployments_from_before_rollouts_are_completed_by_the_migration(tmp_pat
     db = Database(path)
     row = db.query_one("SELECT state, reason FROM deployments WHERE id = 'd'")
     assert row == {"state": "completed", "reason": "deployed before rollouts existed"}
+
+
+def test_models_add_refuses_a_file_that_differs_from_its_manifest(tmp_path: Path) -> None:
+    fleet = Fleet(tmp_path / "home")
+    out = tmp_path / "out" / "rpi4"
+    out.mkdir(parents=True)
+    (out / "m.tflite").write_bytes(NEW.read_bytes())
+    (out / "m.manifest.json").write_text(json.dumps({
+        "schema": "edgefleet.artifact-manifest/v1", "file": "m.tflite", "sha256": "0" * 64,
+        "recipe": "int8", "profile": "rpi4", "golden": None,
+    }))  # fmt: skip
+    with pytest.raises(FleetError, match=f"is not {'0' * 64}"):
+        fleet.add_model(tmp_path / "out", name="m", version="1")
+    assert fleet.models() == [] and list(fleet.artifacts.root.iterdir()) == []
