@@ -227,7 +227,7 @@ class Rollouts:
                 # Committed, then broke (e.g. its benchmark failed): it serves the new model,
                 # so treat it as a gate failure and point it back.
                 self._set_row(tx, key, "failed", event.message)
-                self._roll_back_device(tx, key, previous, policy, "failed")
+                self._roll_back_device(tx, key, previous, policy, "failed", committed=True)
             else:
                 # The agent kept its previous model and will not retry this generation; its
                 # desired state is left alone (pointing it back would cost a needless round
@@ -244,7 +244,7 @@ class Rollouts:
             )
             if violations:
                 self._set_row(tx, key, "gate_failed", "; ".join(violations))
-                self._roll_back_device(tx, key, previous, policy, "gate_failed")
+                self._roll_back_device(tx, key, previous, policy, "gate_failed", committed=True)
             else:
                 note = ""
                 if policy.needs_baseline and base is None:
@@ -269,17 +269,19 @@ class Rollouts:
         previous: str | None,
         policy: Policy,
         state: str,
+        *,
+        committed: bool,
     ) -> None:
-        """Point a device back at the model it ran before this rollout (same rollout id)."""
+        """Point a device back at the model it ran before this rollout (same rollout id).
+
+        `committed`: the device switched to the rollout's model (callers know it from the state
+        the row had before they changed it).
+        """
         rollout_id, device_id = key
         known = (
             previous
             and tx.execute("SELECT 1 FROM artifacts WHERE sha256 = ?", (previous,)).fetchone()
         )
-        state_now = tx.execute(
-            "SELECT state FROM deployment_devices WHERE deployment_id = ? AND device_id = ?", key
-        ).fetchone()[0]
-        committed = state_now in ("activated", "succeeded", "gate_failed", "failed")
         if previous and not known and not committed:
             # Not switched yet: cancel the update; the device keeps serving what it has.
             self._assign(tx, rollout_id, device_id, None, policy, state, "update cancelled")
@@ -366,7 +368,9 @@ class Rollouts:
                 else:
                     self._set_row(tx, key, "failed", why)
                     # An offline device must not install the artifact when it comes back.
-                    self._roll_back_device(tx, key, previous, policy, "failed")
+                    self._roll_back_device(
+                        tx, key, previous, policy, "failed", committed=state == "activated"
+                    )
                     notes.append(f"{rid}: {device_id} {why}")
         counts = _counts(tx, rid)
         executed = sum(counts.get(s, 0) for s in EXECUTED)
@@ -456,11 +460,11 @@ class Rollouts:
         )
         targets = [*IN_FLIGHT, "succeeded"]
         rows = tx.execute(
-            "SELECT device_id, previous_sha256 FROM deployment_devices WHERE deployment_id = ? "
-            f"AND state IN ({','.join('?' * len(targets))})",
+            "SELECT device_id, previous_sha256, state FROM deployment_devices "
+            f"WHERE deployment_id = ? AND state IN ({','.join('?' * len(targets))})",
             (rollout_id, *targets),
         ).fetchall()
-        for device_id, previous in rows:
+        for device_id, previous, was in rows:
             owner = tx.execute(
                 "SELECT desired_deployment_id FROM devices WHERE id = ?", (device_id,)
             ).fetchone()
@@ -469,7 +473,14 @@ class Rollouts:
                 self._set_row(tx, (rollout_id, device_id), "superseded", "taken by a newer one")
                 continue
             self._set_row(tx, (rollout_id, device_id), "rolling_back", reason)
-            self._roll_back_device(tx, (rollout_id, device_id), previous, policy, "rolling_back")
+            self._roll_back_device(
+                tx,
+                (rollout_id, device_id),
+                previous,
+                policy,
+                "rolling_back",
+                committed=was in ("activated", "succeeded"),
+            )
 
     def _set_state(
         self, rollout_id: str, state: str, *, allowed: tuple[str, ...]

@@ -489,3 +489,21 @@ def test_models_add_refuses_a_file_that_differs_from_its_manifest(tmp_path: Path
     with pytest.raises(FleetError, match=f"is not {'0' * 64}"):
         fleet.add_model(tmp_path / "out", name="m", version="1")
     assert fleet.models() == [] and list(fleet.artifacts.root.iterdir()) == []
+
+
+def test_rollback_to_a_model_the_controller_never_had(tmp_path: Path) -> None:
+    """A switched device is told to swap back (command); one not switched yet is cancelled."""
+    fleet = Fleet(tmp_path / "home")
+    fleet.add_model(NEW, name="m", version="1")
+    foreign = "ab" * 32  # installed by someone else: no artifact row here
+    agents = FakeDevices(fleet)
+    for device in ("switched", "waiting"):
+        fleet.register_device(device, "rpi4")
+        agents.status(device, foreign)
+    ro = fleet.start_rollout("m:1", "all", policy(waves=parse_waves("100")))["id"]
+    agents.activate(ro, "switched")
+    fleet.rollouts.rollback(ro)
+    assert [(d, c.action) for d, c in fleet.unpublished_commands()] == [("switched", "rollback")]
+    desired = {d: dv for d, dv, _ in fleet.unpublished_desired()}
+    assert desired["waiting"].artifact is None, "not switched yet: the update is called off"
+    assert agents.row(ro, "waiting")["detail"] == "update cancelled"
