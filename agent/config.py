@@ -54,6 +54,23 @@ class AgentConfig:
     latency_budget_ms: float = 0.0
     # Memory budget for the self-test child's peak RSS, from the profile (0 = no budget).
     memory_budget_mb: float = 0.0
+    # Local inference service (docs/inference.md): a Unix socket, "" to turn it off; relative
+    # paths are under data_dir. Optional localhost HTTP as "127.0.0.1:PORT" for non-Python apps.
+    serve_socket: str = "infer.sock"
+    serve_http: str | None = None
+    # Micro-batching: wait up to this long for more requests (0 = off), merge at most max_batch.
+    batch_window_ms: float = 0.0
+    max_batch: int = 8
+    # Bounded result cache keyed by (model, input hash); 0 = off, the default: inputs rarely repeat.
+    result_cache_entries: int = 0
+    # One telemetry record per interval; 10 s keeps 100,000 devices near 10k records/s fleet-wide.
+    telemetry_interval_s: float = 10.0
+    # Durable spool bound: 10,000 records is 27 h of 10 s intervals offline, ~6 MB of SQLite.
+    spool_max_records: int = 10_000
+    # Which record goes when the spool is full: the oldest (keep recent state) or the newest.
+    spool_overflow: str = "drop_oldest"
+    # Acknowledged records kept for the controller's resend requests (gaps after broker loss).
+    spool_keep_acked: int = 1_000
     power: PowerModelConfig = field(default_factory=PowerModelConfig)
 
     def __post_init__(self) -> None:
@@ -64,6 +81,31 @@ class AgentConfig:
             raise ConfigError(str(exc)) from None
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
+        if self.spool_overflow not in ("drop_oldest", "drop_newest"):
+            raise ConfigError(
+                "spool_overflow must be 'drop_oldest' or 'drop_newest', "
+                f"got {self.spool_overflow!r}"
+            )
+        for name in ("max_batch", "spool_max_records"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("batch_window_ms", "result_cache_entries", "spool_keep_acked"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.telemetry_interval_s <= 0:
+            raise ConfigError(f"telemetry_interval_s must be > 0, got {self.telemetry_interval_s}")
+
+    @property
+    def socket_path(self) -> Path | None:
+        """The inference service's Unix socket, or None when it is turned off."""
+        if not self.serve_socket:
+            return None
+        return self.data_dir / self.serve_socket
+
+    @property
+    def spool_path(self) -> Path:
+        """Durable telemetry spool (SQLite)."""
+        return self.data_dir / "telemetry.db"
 
     @property
     def models_dir(self) -> Path:
@@ -92,6 +134,15 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "selftest_timeout_s": (int, float),
     "latency_budget_ms": (int, float),
     "memory_budget_mb": (int, float),
+    "serve_socket": (str,),
+    "serve_http": (str,),
+    "batch_window_ms": (int, float),
+    "max_batch": (int,),
+    "result_cache_entries": (int,),
+    "telemetry_interval_s": (int, float),
+    "spool_max_records": (int,),
+    "spool_overflow": (str,),
+    "spool_keep_acked": (int,),
 }
 
 

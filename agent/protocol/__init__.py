@@ -8,8 +8,10 @@ from __future__ import annotations
 from agent.protocol.errors import ProtocolError
 from agent.protocol.limits import (
     DEFAULT_CHUNK_SIZE,
+    LATENCY_BUCKETS_MS,
     MAX_CHUNK_SIZE,
     MAX_JSON_BYTES,
+    MAX_TELEMETRY_RECORDS,
     SCHEMA_VERSION,
 )
 from agent.protocol.messages import (
@@ -27,6 +29,15 @@ from agent.protocol.messages import (
     dump,
     parse,
 )
+from agent.protocol.telemetry import (
+    BUCKET_COUNT,
+    Environment,
+    LatencyStats,
+    OverflowPolicy,
+    SeqRange,
+    Telemetry,
+    TelemetryRecord,
+)
 from agent.protocol.topics import (
     DEFAULT_ROOT,
     ParsedTopic,
@@ -36,24 +47,33 @@ from agent.protocol.topics import (
 )
 
 __all__ = [
+    "BUCKET_COUNT",
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_ROOT",
+    "LATENCY_BUCKETS_MS",
     "MAX_CHUNK_SIZE",
     "MAX_JSON_BYTES",
+    "MAX_TELEMETRY_RECORDS",
     "SCHEMA_VERSION",
     "ArtifactRef",
     "BenchmarkReport",
     "Command",
     "Desired",
     "DeviceFacts",
+    "Environment",
     "Event",
     "GoldenRef",
     "Hello",
+    "LatencyStats",
     "Manifest",
     "Need",
+    "OverflowPolicy",
     "ParsedTopic",
     "ProtocolError",
+    "SeqRange",
     "Status",
+    "Telemetry",
+    "TelemetryRecord",
     "Topics",
     "dump",
     "parse",

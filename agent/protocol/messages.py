@@ -15,6 +15,7 @@ from agent.protocol.limits import (
     SCHEMA_VERSION,
 )
 from agent.protocol.schema import decode_dataclass, encode
+from agent.protocol.telemetry import Environment, SeqRange
 from agent.protocol.topics import validate_device_id, validate_sha256
 
 M = TypeVar("M")
@@ -226,6 +227,7 @@ class BenchmarkReport:
     energy_mj_per_inference: float
     power_source: str
     power_estimated: bool
+    environment: Environment | None = None
 
     def __post_init__(self) -> None:
         """Validate the digest."""
@@ -269,9 +271,11 @@ class Command:
     """One-shot command to a device; its id makes a repeated delivery have one effect."""
 
     command_id: str
-    action: Literal["benchmark", "rollback", "resend_status"]
+    action: Literal["benchmark", "rollback", "resend_status", "resend_telemetry"]
     runs: int = 50
     warmup: int = 5
+    # resend_telemetry: the sequence numbers the controller is missing (at most 200 ranges).
+    seq_ranges: tuple[SeqRange, ...] = ()
     ts: float = field(default_factory=time.time)
     v: int = SCHEMA_VERSION
 
@@ -283,6 +287,10 @@ class Command:
         if self.runs < 1:
             raise ProtocolError(f"$.runs: must be >= 1, got {self.runs}")
         _non_negative("warmup", self.warmup)
+        if len(self.seq_ranges) > 200:
+            raise ProtocolError("$.seq_ranges: more than 200 ranges")
+        if self.action == "resend_telemetry" and not self.seq_ranges:
+            raise ProtocolError("$.seq_ranges: resend_telemetry needs at least one range")
 
 
 @dataclass(frozen=True)

@@ -19,11 +19,21 @@ def test_round_trip(tmp_path: Path) -> None:
         broker="mqtt://127.0.0.1:1999",
         profile="rpi4",
         threads=2,
+        serve_http="127.0.0.1:8765",
+        batch_window_ms=2.5,
+        max_batch=16,
+        result_cache_entries=128,
+        telemetry_interval_s=5,
+        spool_max_records=500,
+        spool_overflow="drop_newest",
+        spool_keep_acked=50,
         power=PowerModelConfig(2.7, 0.9, 0.0),
     )
     path = tmp_path / "agent.toml"
     path.write_text(dump_config(cfg))
     assert load_config(path) == cfg
+    assert cfg.socket_path == tmp_path / "data" / "infer.sock"
+    assert AgentConfig("d", tmp_path, serve_socket="").socket_path is None
 
 
 @pytest.mark.parametrize(
@@ -35,6 +45,10 @@ def test_round_trip(tmp_path: Path) -> None:
         ('device_id = "a/b"\ndata_dir = "/x"\n', "Invalid device id"),
         ('device_id = "d"\ndata_dir = "/x"\n[power]\nwatts = 3\n', "unknown key 'power.watts'"),
         ('device_id = "d"\ndata_dir = "/x"\nthreads = 0\n', "threads must be >= 1"),
+        ('device_id = "d"\ndata_dir = "/x"\nspool_overflow = "lifo"\n', "spool_overflow must be"),
+        ('device_id = "d"\ndata_dir = "/x"\nmax_batch = 0\n', "max_batch must be >= 1"),
+        ('device_id = "d"\ndata_dir = "/x"\ntelemetry_interval_s = 0\n', "must be > 0"),
+        ('device_id = "d"\ndata_dir = "/x"\nspool_keep_acked = -1\n', "must be >= 0"),
         ("device_id = \n", "invalid TOML"),
     ],
 )
