@@ -36,6 +36,11 @@ DEFAULT_POWER_MODEL = PowerModel(idle_w=2.0, active_w_per_core=1.0)
 # reads (tens of µs), far below 1% of one core even on a Cortex-A53.
 SAMPLE_INTERVAL_S = 0.02
 
+# Sampled sensors over a telemetry interval (10 s by default, the whole time the agent runs):
+# 4 Hz still sees a 1 s load burst 4 times, and costs the device 40 readings per interval
+# instead of 500 at the benchmark rate.
+TELEMETRY_SAMPLE_INTERVAL_S = 0.25
+
 
 @dataclass(frozen=True)
 class EnergyReading:
@@ -436,11 +441,23 @@ MEASURED_SOURCES: tuple[type[RaplSource] | type[PowerSupplySource] | type[HwmonS
 
 
 def detect_power_source(
-    sysfs_root: str | Path = "/sys", power_model: PowerModel | None = None, threads: int = 1
+    sysfs_root: str | Path = "/sys",
+    power_model: PowerModel | None = None,
+    threads: int = 1,
+    *,
+    sample_interval_s: float = SAMPLE_INTERVAL_S,
 ) -> PowerSource:
-    """First readable of RAPL, discharging battery, hwmon; else an EstimatedSource."""
+    """First readable of RAPL, discharging battery, hwmon; else an EstimatedSource.
+
+    `sample_interval_s` is how often sampled sensors (battery, hwmon) are polled; telemetry
+    passes TELEMETRY_SAMPLE_INTERVAL_S for its long windows. RAPL counters need no polling.
+    """
     for source_class in MEASURED_SOURCES:
-        source = source_class.discover(sysfs_root)
+        source: PowerSource | None
+        if issubclass(source_class, _SampledSource):
+            source = source_class.discover(sysfs_root, interval_s=sample_interval_s)
+        else:
+            source = source_class.discover(sysfs_root)
         if source is not None:
             return source
     return EstimatedSource(power_model, threads)

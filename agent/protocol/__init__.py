@@ -11,6 +11,7 @@ from agent.protocol.limits import (
     LATENCY_BUCKETS_MS,
     MAX_CHUNK_SIZE,
     MAX_JSON_BYTES,
+    MAX_TELEMETRY_BYTES,
     MAX_TELEMETRY_RECORDS,
     SCHEMA_VERSION,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "LATENCY_BUCKETS_MS",
     "MAX_CHUNK_SIZE",
     "MAX_JSON_BYTES",
+    "MAX_TELEMETRY_BYTES",
     "MAX_TELEMETRY_RECORDS",
     "SCHEMA_VERSION",
     "ArtifactRef",

@@ -218,6 +218,7 @@ def test_timing_fields_are_exactly_the_measured_fields_of_the_wire_report() -> N
     from agent.benchmark import InterpreterBenchmark
     from agent.protocol import BenchmarkReport
 
-    identity = {"model_sha256", "runtime", "runtime_version", "threads"}
+    # Identity fields and the environment snapshot are added by the daemon, not measured here.
+    identity = {"model_sha256", "runtime", "runtime_version", "threads", "environment"}
     wire = {f.name for f in dataclasses.fields(BenchmarkReport)} - identity
     assert set(InterpreterBenchmark.__annotations__) == wire

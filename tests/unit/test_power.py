@@ -336,3 +336,21 @@ def test_detect_order_rapl_then_battery_then_hwmon_then_estimate(tmp_path: Path)
     assert isinstance(chosen, EstimatedSource)
     assert chosen.power_model is profile_model
     assert isinstance(chosen, PowerSource)
+
+
+def test_detect_passes_the_sampling_interval_to_sampled_sources(tmp_path: Path) -> None:
+    """Telemetry polls sensors slower than a benchmark; RAPL needs no polling at all."""
+    from agent.power import SAMPLE_INTERVAL_S, TELEMETRY_SAMPLE_INTERVAL_S
+
+    add_battery(tmp_path, "BAT0", "Discharging", power_now=5_000_000)
+    default = detect_power_source(tmp_path)
+    slow = detect_power_source(tmp_path, sample_interval_s=TELEMETRY_SAMPLE_INTERVAL_S)
+    assert isinstance(default, PowerSupplySource) and isinstance(slow, PowerSupplySource)
+    assert default.interval_s == SAMPLE_INTERVAL_S
+    assert slow.interval_s == TELEMETRY_SAMPLE_INTERVAL_S > SAMPLE_INTERVAL_S
+    write_attr(tmp_path / "class" / "power_supply" / "BAT0" / "status", "Full")
+    add_jetson_ina3221(tmp_path)
+    hwmon = detect_power_source(tmp_path, sample_interval_s=0.5)
+    assert isinstance(hwmon, HwmonSource) and hwmon.interval_s == 0.5
+    make_rapl(tmp_path)
+    assert isinstance(detect_power_source(tmp_path, sample_interval_s=0.5), RaplSource)
