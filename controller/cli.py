@@ -16,6 +16,7 @@ from controller.fleet import Fleet, FleetError, default_home
 from controller.optimize_cmd import optimize
 from controller.render import as_json, num, short, table
 from controller.simulate import simulate_command
+from controller.telemetry_cmd import report, telemetry
 
 app = typer.Typer(
     add_completion=False,
@@ -35,6 +36,8 @@ app.add_typer(deployments_app, name="deployments")
 app.add_typer(models_app, name="models")
 app.add_typer(rollout_app, name="rollout")
 app.command()(optimize)
+app.command("telemetry")(telemetry)
+app.command("report")(report)
 app.command("simulate")(simulate_command)
 
 HomeOption = Annotated[
@@ -518,16 +521,26 @@ def up(
     stats_interval: Annotated[
         float, typer.Option(min=0.1, help="seconds between stats lines in the log")
     ] = 60.0,
+    metrics: Annotated[
+        str | None,
+        typer.Option(help="serve Prometheus /metrics on HOST:PORT (e.g. 127.0.0.1:9464)"),
+    ] = None,
+    telemetry_days: Annotated[
+        float, typer.Option(min=0.01, help="days raw telemetry is kept before per-minute roll-up")
+    ] = 7.0,
     home: HomeOption = None,
 ) -> None:
     """Run the controller (and an embedded broker unless --broker is given) until interrupted."""
     from controller.broker import BrokerError, start_embedded
+    from controller.prometheus import ControllerMetrics, serve_metrics
     from controller.service import ControllerService
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     home = home or default_home()
+    metrics_address = _host_port(metrics, "--metrics") if metrics else None
+    Fleet(home).close()  # create and migrate the database before anything reads it
     handle = None
     if broker is None:
         try:
@@ -536,8 +549,23 @@ def up(
             raise _fail(exc) from None
         broker = handle.url
         typer.echo(f"embedded {handle.kind} broker on {broker}", err=True)
+    registry = ControllerMetrics(home / "edgefleet.db") if metrics_address else None
+    metrics_server = None
+    if registry is not None and metrics_address is not None:
+        try:
+            metrics_server = serve_metrics(registry, *metrics_address)
+        except OSError as exc:
+            if handle:
+                handle.stop()
+            raise _fail(f"cannot serve /metrics on {metrics}: {exc}") from None
+        typer.echo(f"Prometheus metrics on {metrics_server.url}", err=True)
     service = ControllerService(
-        home, broker, topic_root=topic_root, stats_interval_s=stats_interval
+        home,
+        broker,
+        topic_root=topic_root,
+        stats_interval_s=stats_interval,
+        telemetry_raw_days=telemetry_days,
+        metrics=registry,
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -551,8 +579,19 @@ def up(
                 raise typer.Exit(1)
     finally:
         service.stop()
+        if metrics_server:
+            metrics_server.stop()
         if handle:
             handle.stop()
+
+
+def _host_port(value: str, option: str) -> tuple[str, int]:
+    """Split HOST:PORT (IPv6 as [::1]:PORT), or exit naming the option and what is wrong."""
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise _fail(f"{option} must be HOST:PORT, got {value!r}")
+    return host, int(port)
 
 
 @app.command()

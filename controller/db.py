@@ -167,6 +167,140 @@ MIGRATIONS: tuple[str, ...] = (
         SELECT model_id, sha256, profile, recipe, created FROM artifacts WHERE kind = 'model';
     UPDATE deployments SET state = 'completed', reason = 'deployed before rollouts existed'
     """,
+    # Telemetry (controller/telemetry.py, docs/telemetry.md). Plain types PostgreSQL
+    # takes as they are: DOUBLE PRECISION (not REAL, which is 4 bytes there) for times and
+    # measurements, BIGINT counters, 0/1 INTEGER flags, TEXT. Histograms are one column per
+    # LATENCY_BUCKETS_MS bucket (30 bounds + +Inf, b0..b30), so SUM() merges them in SQL.
+    # `minute` is floor(ts / 60) * 60 computed at ingest: no database-specific date functions.
+    """
+    CREATE TABLE telemetry (
+        device_id TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        ts DOUBLE PRECISION NOT NULL,
+        minute BIGINT NOT NULL,
+        received DOUBLE PRECISION NOT NULL,
+        model_sha256 TEXT,
+        interval_s DOUBLE PRECISION NOT NULL,
+        served BIGINT NOT NULL DEFAULT 0,
+        p50_ms DOUBLE PRECISION,
+        p90_ms DOUBLE PRECISION,
+        p99_ms DOUBLE PRECISION,
+        mean_ms DOUBLE PRECISION,
+        max_ms DOUBLE PRECISION,
+        b0 BIGINT NOT NULL DEFAULT 0, b1 BIGINT NOT NULL DEFAULT 0, b2 BIGINT NOT NULL DEFAULT 0,
+        b3 BIGINT NOT NULL DEFAULT 0, b4 BIGINT NOT NULL DEFAULT 0, b5 BIGINT NOT NULL DEFAULT 0,
+        b6 BIGINT NOT NULL DEFAULT 0, b7 BIGINT NOT NULL DEFAULT 0, b8 BIGINT NOT NULL DEFAULT 0,
+        b9 BIGINT NOT NULL DEFAULT 0, b10 BIGINT NOT NULL DEFAULT 0, b11 BIGINT NOT NULL DEFAULT 0,
+        b12 BIGINT NOT NULL DEFAULT 0, b13 BIGINT NOT NULL DEFAULT 0, b14 BIGINT NOT NULL DEFAULT 0,
+        b15 BIGINT NOT NULL DEFAULT 0, b16 BIGINT NOT NULL DEFAULT 0, b17 BIGINT NOT NULL DEFAULT 0,
+        b18 BIGINT NOT NULL DEFAULT 0, b19 BIGINT NOT NULL DEFAULT 0, b20 BIGINT NOT NULL DEFAULT 0,
+        b21 BIGINT NOT NULL DEFAULT 0, b22 BIGINT NOT NULL DEFAULT 0, b23 BIGINT NOT NULL DEFAULT 0,
+        b24 BIGINT NOT NULL DEFAULT 0, b25 BIGINT NOT NULL DEFAULT 0, b26 BIGINT NOT NULL DEFAULT 0,
+        b27 BIGINT NOT NULL DEFAULT 0, b28 BIGINT NOT NULL DEFAULT 0, b29 BIGINT NOT NULL DEFAULT 0,
+        b30 BIGINT NOT NULL DEFAULT 0,
+        invocations BIGINT NOT NULL DEFAULT 0,
+        throughput_ips DOUBLE PRECISION NOT NULL DEFAULT 0,
+        rss_mb DOUBLE PRECISION NOT NULL DEFAULT 0,
+        peak_rss_mb DOUBLE PRECISION NOT NULL DEFAULT 0,
+        cpu_percent DOUBLE PRECISION NOT NULL DEFAULT 0,
+        temperature_c DOUBLE PRECISION,
+        power_w DOUBLE PRECISION,
+        energy_mj_per_inference DOUBLE PRECISION,
+        power_source TEXT NOT NULL DEFAULT '',
+        power_estimated INTEGER NOT NULL DEFAULT 0,
+        cache_hits BIGINT NOT NULL DEFAULT 0,
+        errors BIGINT NOT NULL DEFAULT 0,
+        dropped_total BIGINT NOT NULL DEFAULT 0,
+        PRIMARY KEY (device_id, seq)
+    );
+    CREATE INDEX telemetry_device_ts ON telemetry (device_id, ts);
+    CREATE INDEX telemetry_ts ON telemetry (ts);
+    CREATE TABLE telemetry_minute (
+        device_id TEXT NOT NULL,
+        minute BIGINT NOT NULL,
+        model_sha256 TEXT NOT NULL DEFAULT '',
+        records BIGINT NOT NULL,
+        seq_first BIGINT NOT NULL,
+        seq_last BIGINT NOT NULL,
+        ts_first DOUBLE PRECISION NOT NULL,
+        ts_last DOUBLE PRECISION NOT NULL,
+        interval_s DOUBLE PRECISION NOT NULL DEFAULT 0,
+        served BIGINT NOT NULL DEFAULT 0,
+        latency_sum_ms DOUBLE PRECISION NOT NULL DEFAULT 0,
+        max_ms DOUBLE PRECISION,
+        b0 BIGINT NOT NULL DEFAULT 0, b1 BIGINT NOT NULL DEFAULT 0, b2 BIGINT NOT NULL DEFAULT 0,
+        b3 BIGINT NOT NULL DEFAULT 0, b4 BIGINT NOT NULL DEFAULT 0, b5 BIGINT NOT NULL DEFAULT 0,
+        b6 BIGINT NOT NULL DEFAULT 0, b7 BIGINT NOT NULL DEFAULT 0, b8 BIGINT NOT NULL DEFAULT 0,
+        b9 BIGINT NOT NULL DEFAULT 0, b10 BIGINT NOT NULL DEFAULT 0, b11 BIGINT NOT NULL DEFAULT 0,
+        b12 BIGINT NOT NULL DEFAULT 0, b13 BIGINT NOT NULL DEFAULT 0, b14 BIGINT NOT NULL DEFAULT 0,
+        b15 BIGINT NOT NULL DEFAULT 0, b16 BIGINT NOT NULL DEFAULT 0, b17 BIGINT NOT NULL DEFAULT 0,
+        b18 BIGINT NOT NULL DEFAULT 0, b19 BIGINT NOT NULL DEFAULT 0, b20 BIGINT NOT NULL DEFAULT 0,
+        b21 BIGINT NOT NULL DEFAULT 0, b22 BIGINT NOT NULL DEFAULT 0, b23 BIGINT NOT NULL DEFAULT 0,
+        b24 BIGINT NOT NULL DEFAULT 0, b25 BIGINT NOT NULL DEFAULT 0, b26 BIGINT NOT NULL DEFAULT 0,
+        b27 BIGINT NOT NULL DEFAULT 0, b28 BIGINT NOT NULL DEFAULT 0, b29 BIGINT NOT NULL DEFAULT 0,
+        b30 BIGINT NOT NULL DEFAULT 0,
+        invocations BIGINT NOT NULL DEFAULT 0,
+        throughput_sum DOUBLE PRECISION NOT NULL DEFAULT 0,
+        rss_sum DOUBLE PRECISION NOT NULL DEFAULT 0,
+        peak_rss_mb DOUBLE PRECISION NOT NULL DEFAULT 0,
+        cpu_sum DOUBLE PRECISION NOT NULL DEFAULT 0,
+        temperature_sum DOUBLE PRECISION NOT NULL DEFAULT 0,
+        temperature_n BIGINT NOT NULL DEFAULT 0,
+        temperature_max DOUBLE PRECISION,
+        power_sum DOUBLE PRECISION NOT NULL DEFAULT 0,
+        power_interval_s DOUBLE PRECISION NOT NULL DEFAULT 0,
+        energy_sum DOUBLE PRECISION NOT NULL DEFAULT 0,
+        energy_served BIGINT NOT NULL DEFAULT 0,
+        power_source TEXT NOT NULL DEFAULT '',
+        power_estimated INTEGER NOT NULL DEFAULT 0,
+        cache_hits BIGINT NOT NULL DEFAULT 0,
+        errors BIGINT NOT NULL DEFAULT 0,
+        dropped_total BIGINT NOT NULL DEFAULT 0,
+        PRIMARY KEY (device_id, minute, model_sha256)
+    );
+    CREATE INDEX telemetry_minute_minute ON telemetry_minute (minute);
+    CREATE TABLE telemetry_cursor (
+        device_id TEXT PRIMARY KEY,
+        highest BIGINT NOT NULL DEFAULT 0,
+        contiguous BIGINT NOT NULL DEFAULT 0,
+        stored BIGINT NOT NULL DEFAULT 0,
+        duplicates BIGINT NOT NULL DEFAULT 0,
+        lost BIGINT NOT NULL DEFAULT 0,
+        dropped_total BIGINT NOT NULL DEFAULT 0,
+        last_ts DOUBLE PRECISION,
+        updated DOUBLE PRECISION NOT NULL
+    );
+    CREATE TABLE telemetry_gaps (
+        device_id TEXT NOT NULL,
+        seq_first BIGINT NOT NULL,
+        seq_last BIGINT NOT NULL,
+        state TEXT NOT NULL DEFAULT 'missing',
+        first_seen DOUBLE PRECISION NOT NULL,
+        last_requested DOUBLE PRECISION,
+        requests INTEGER NOT NULL DEFAULT 0,
+        reason TEXT NOT NULL DEFAULT '',
+        PRIMARY KEY (device_id, seq_first)
+    );
+    CREATE INDEX telemetry_gaps_state ON telemetry_gaps (state, first_seen);
+    CREATE TABLE telemetry_latency_totals (
+        profile TEXT NOT NULL,
+        model_sha256 TEXT NOT NULL,
+        served BIGINT NOT NULL DEFAULT 0,
+        latency_sum_ms DOUBLE PRECISION NOT NULL DEFAULT 0,
+        b0 BIGINT NOT NULL DEFAULT 0, b1 BIGINT NOT NULL DEFAULT 0, b2 BIGINT NOT NULL DEFAULT 0,
+        b3 BIGINT NOT NULL DEFAULT 0, b4 BIGINT NOT NULL DEFAULT 0, b5 BIGINT NOT NULL DEFAULT 0,
+        b6 BIGINT NOT NULL DEFAULT 0, b7 BIGINT NOT NULL DEFAULT 0, b8 BIGINT NOT NULL DEFAULT 0,
+        b9 BIGINT NOT NULL DEFAULT 0, b10 BIGINT NOT NULL DEFAULT 0, b11 BIGINT NOT NULL DEFAULT 0,
+        b12 BIGINT NOT NULL DEFAULT 0, b13 BIGINT NOT NULL DEFAULT 0, b14 BIGINT NOT NULL DEFAULT 0,
+        b15 BIGINT NOT NULL DEFAULT 0, b16 BIGINT NOT NULL DEFAULT 0, b17 BIGINT NOT NULL DEFAULT 0,
+        b18 BIGINT NOT NULL DEFAULT 0, b19 BIGINT NOT NULL DEFAULT 0, b20 BIGINT NOT NULL DEFAULT 0,
+        b21 BIGINT NOT NULL DEFAULT 0, b22 BIGINT NOT NULL DEFAULT 0, b23 BIGINT NOT NULL DEFAULT 0,
+        b24 BIGINT NOT NULL DEFAULT 0, b25 BIGINT NOT NULL DEFAULT 0, b26 BIGINT NOT NULL DEFAULT 0,
+        b27 BIGINT NOT NULL DEFAULT 0, b28 BIGINT NOT NULL DEFAULT 0, b29 BIGINT NOT NULL DEFAULT 0,
+        b30 BIGINT NOT NULL DEFAULT 0,
+        PRIMARY KEY (profile, model_sha256)
+    )
+    """,
 )
 
 

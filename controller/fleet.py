@@ -31,6 +31,7 @@ from controller.db import Database, now, to_json
 from controller.errors import FleetError
 from controller.policy import Policy
 from controller.rollout import Rollouts, deploy_policy
+from controller.telemetry import TelemetryStore
 
 # Offset 4 of every TFLite flatbuffer holds this file identifier (schema.fbs: file_identifier).
 TFLITE_IDENTIFIER = b"TFL3"
@@ -54,6 +55,7 @@ class Fleet:
         self.db = Database(home / "edgefleet.db")
         self.artifacts = ArtifactStore(home / "artifacts")
         self.rollouts = Rollouts(self)
+        self.telemetry = TelemetryStore(self.db)
         self._profiles: dict[str, firmware_profiles.Profile] | None = None
 
     @property

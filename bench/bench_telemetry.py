@@ -1,0 +1,286 @@
+"""Telemetry ingest: records the controller stores per second vs a bare subscriber, one run.
+
+For each batch size B (records per message) and each round, 100 publishers (one paho client
+each, in a separate process, as 100 devices would be) send the same QoS1 telemetry stream through
+one mosquitto started with the generated config:
+  (b) to one bare paho subscriber that only counts messages: the raw delivery rate, records/s;
+  (a) to the real ControllerService: parse, validate, dedupe by (device, seq), gap bookkeeping,
+      batched insert into SQLite on disk; rate = records stored per second, read from the database.
+It prints (a)/(b) — target >= 0.5 — and checks zero loss: every record stored exactly once.
+B=1 is what devices send live (one record per interval); larger B is what they send when they
+drain a spool after an outage, and what a fleet gateway would batch.
+
+Run: .venv/bin/python bench/bench_telemetry.py [--messages 20000] [--batches 1,20] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from argparse import SUPPRESS
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+import psutil
+from paho.mqtt.enums import CallbackAPIVersion
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from agent.protocol import (  # noqa: E402
+    BUCKET_COUNT,
+    LATENCY_BUCKETS_MS,
+    LatencyStats,
+    Telemetry,
+    TelemetryRecord,
+    Topics,
+    dump,
+)
+from controller.broker import BrokerHandle, parse_broker_url, start_mosquitto  # noqa: E402
+from controller.db import Database  # noqa: E402
+from controller.service import ControllerService  # noqa: E402
+
+PUBLISHERS = 100  # the issue's fan-in: 100 devices publishing at once
+# Polling period of the bench's clocks: small against runs that take seconds.
+POLL_S = 0.02
+SHA = "ab" * 32
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> float:
+    """Poll until predicate() is true; return the time it became true."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(POLL_S)
+    return time.monotonic()
+
+
+def make_record(seq: int) -> TelemetryRecord:
+    """A realistic record: a 10 s interval of a model served at ~50 requests/s."""
+    buckets = [0] * BUCKET_COUNT
+    buckets[LATENCY_BUCKETS_MS.index(2.0)] = 400
+    buckets[LATENCY_BUCKETS_MS.index(3.0)] = 90
+    buckets[LATENCY_BUCKETS_MS.index(5.0)] = 10
+    return TelemetryRecord(
+        seq=seq,
+        ts=time.time(),
+        interval_s=10.0,
+        model_sha256=SHA,
+        served=LatencyStats(500, 1.8, 2.6, 4.1, 1.9, 4.7, tuple(buckets)),
+        invocations=500,
+        throughput_ips=50.0,
+        rss_mb=84.2,
+        peak_rss_mb=91.0,
+        cpu_percent=37.5,
+        power_source="estimate",
+        power_estimated=True,
+        temperature_c=51.0,
+        power_w=4.2,
+        energy_mj_per_inference=8.0,
+    )
+
+
+def publish_main(url: str, root: str, prefix: str, messages: int, batch: int) -> None:
+    """Child process: PUBLISHERS devices send `messages` telemetry messages in all, then exit."""
+    host, port = parse_broker_url(url)
+    topics = Topics(root)
+    per_device = messages // PUBLISHERS
+    clients: list[paho.Client] = []
+    payloads: list[list[bytes]] = []
+    for i in range(PUBLISHERS):
+        device = f"{prefix}-{i:03d}"
+        seq = 1
+        mine = []
+        for _ in range(per_device):
+            records = tuple(make_record(s) for s in range(seq, seq + batch))
+            mine.append(dump(Telemetry(device, records)))
+            seq += batch
+        payloads.append(mine)
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=device)
+        client.connect(host, port, keepalive=60)
+        client.loop_start()
+        clients.append(client)
+    wait_for(lambda: all(c.is_connected() for c in clients), 30, "publishers connected")
+    print("ready", flush=True)
+    sys.stdin.readline()  # "go"
+
+    def send(i: int) -> None:
+        topic = topics.telemetry(f"{prefix}-{i:03d}")
+        infos = [clients[i].publish(topic, p, qos=1) for p in payloads[i]]
+        for info in infos:
+            info.wait_for_publish(120)
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(PUBLISHERS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print(json.dumps({"publish_s": time.monotonic() - started}), flush=True)
+    for c in clients:
+        c.disconnect()
+        c.loop_stop()
+
+
+class Publisher:
+    """The publisher child process, started ready and released with go()."""
+
+    def __init__(self, url: str, root: str, prefix: str, messages: int, batch: int) -> None:
+        """Start the child and wait until its clients are connected."""
+        args = [sys.executable, __file__, "--publish", url, root, prefix, str(messages), str(batch)]
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None and self.proc.stdin is not None
+        line = self.proc.stdout.readline().strip()
+        if line != "ready":
+            raise SystemExit(f"publisher failed to start: {line!r}")
+
+    def go(self) -> None:
+        """Release the publishers."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+
+    def finish(self) -> float:
+        """Wait for the child; seconds it took to publish everything."""
+        assert self.proc.stdout is not None
+        out = self.proc.stdout.readline()
+        self.proc.wait(60)
+        return float(json.loads(out)["publish_s"])
+
+
+def bare_round(broker: BrokerHandle, root: str, messages: int, batch: int, tag: str) -> float:
+    """(b): records/s a bare paho subscriber receives of the same stream."""
+    host, port = parse_broker_url(broker.url)
+    received: list[float] = []
+    lock = threading.Lock()
+
+    def on_message(client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        with lock:
+            received.append(time.monotonic())
+
+    sub = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bare-{tag}")
+    sub.on_message = on_message
+    sub.connect(host, port)
+    sub.subscribe(Topics(root).all_devices("telemetry"), qos=1)
+    sub.loop_start()
+    time.sleep(0.5)  # SUBACK
+    publisher = Publisher(broker.url, root, f"b{tag}", messages, batch)
+    publisher.go()
+    wait_for(lambda: len(received) >= messages, 300, "bare delivery")
+    publisher.finish()
+    sub.disconnect()
+    sub.loop_stop()
+    if len(received) != messages:
+        raise SystemExit(f"bare subscriber got {len(received)} of {messages} messages")
+    elapsed = received[-1] - received[0]
+    return messages * batch / elapsed
+
+
+def controller_round(
+    broker: BrokerHandle, root: str, messages: int, batch: int, tag: str, work: Path
+) -> tuple[float, float]:
+    """(a): records/s the ControllerService stores; returns (rate, controller CPU seconds / s)."""
+    home = work / f"ctl-{tag}"
+    service = ControllerService(home, broker.url, topic_root=root, client_id=f"ctl-{tag}")
+    service.start()
+    if not service.ready.wait(15):
+        raise SystemExit("controller did not connect")
+    time.sleep(0.5)
+    db = Database(home / "edgefleet.db")
+    expected = messages * batch
+
+    def stored() -> int:
+        return int(db.conn.execute("SELECT COUNT(*) FROM telemetry").fetchone()[0])
+
+    publisher = Publisher(broker.url, root, f"c{tag}", messages, batch)
+    cpu0 = psutil.Process().cpu_times()
+    publisher.go()
+    first = wait_for(lambda: stored() > 0, 120, "first stored record")
+    at_first = stored()
+    last = wait_for(lambda: stored() >= expected, 600, "every record stored")
+    cpu1 = psutil.Process().cpu_times()
+    publisher.finish()
+    time.sleep(1.0)  # anything more (a duplicate stored twice) would show now
+    count = stored()
+    distinct = db.conn.execute(
+        "SELECT COUNT(*) FROM (SELECT DISTINCT device_id, seq FROM telemetry)"
+    ).fetchone()[0]
+    service.stop()
+    db.close()
+    if count != expected or distinct != expected:
+        raise SystemExit(f"stored {count} rows, {distinct} distinct, of {expected} records")
+    # From the first commit on (the publishers' start-up is not the controller's time), counting
+    # only the records committed after it.
+    elapsed = last - first
+    cpu = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
+    return (expected - at_first) / elapsed, cpu / max(elapsed, 1e-9)
+
+
+def main() -> None:
+    """Run the rounds and print the table and JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=20_000, help="messages per round")
+    parser.add_argument("--batches", default="1,20", help="records per message, comma-separated")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--publish", nargs=5, help=SUPPRESS)
+    args = parser.parse_args()
+    if args.publish:
+        url, root, prefix, messages, batch = args.publish
+        publish_main(url, root, prefix, int(messages), int(batch))
+        return
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="ef-bench-tel-") as tmp:
+        work = Path(tmp)
+        broker = start_mosquitto(work / "broker")
+        try:
+            for batch in (int(b) for b in args.batches.split(",")):
+                messages = args.messages // batch // PUBLISHERS * PUBLISHERS
+                bare: list[float] = []
+                ctl: list[float] = []
+                cpu: list[float] = []
+                for r in range(args.rounds):
+                    tag = f"{batch}-{r}"
+                    bare.append(
+                        bare_round(broker, f"bench/{tag}/edgefleet/v1", messages, batch, tag)
+                    )
+                    rate, cpu_share = controller_round(
+                        broker, f"bench/{tag}c/edgefleet/v1", messages, batch, tag, work
+                    )
+                    ctl.append(rate)
+                    cpu.append(cpu_share)
+                row = {
+                    "records_per_message": batch,
+                    "messages": messages,
+                    "records": messages * batch,
+                    "bare_records_per_s": statistics.median(bare),
+                    "controller_records_per_s": statistics.median(ctl),
+                    "ratio": statistics.median(c / b for c, b in zip(ctl, bare, strict=True)),
+                    "controller_cpu_per_s": statistics.median(cpu),
+                    "lost": 0,
+                }
+                results.append(row)
+                print(
+                    f"B={batch:>3}  {messages:>6} msgs"
+                    f"  bare {row['bare_records_per_s']:>9.0f} rec/s"
+                    f"  controller {row['controller_records_per_s']:>9.0f} rec/s"
+                    f"  ratio {row['ratio']:.2f} (target >= 0.5)"
+                    f"  controller CPU {row['controller_cpu_per_s']:.2f} s/s  lost 0",
+                    flush=True,
+                )
+        finally:
+            broker.stop()
+    print(json.dumps({"rounds": args.rounds, "cpus": os.cpu_count(), "results": results}))
+
+
+if __name__ == "__main__":
+    main()
