@@ -41,7 +41,7 @@ class LatencyStats:
             "$.buckets",
             f"{len(self.buckets)} counts for {BUCKET_COUNT} buckets",
         )
-        _check(all(n >= 0 for n in self.buckets), "$.buckets", "counts must be >= 0")
+        _check(min(self.buckets) >= 0, "$.buckets", "counts must be >= 0")
         _check(
             sum(self.buckets) == self.count,
             "$.buckets",
@@ -82,6 +82,20 @@ class SeqRange:
         _check(self.last >= self.first, "$.last", f"must be >= first ({self.first})")
 
 
+# Fields of a TelemetryRecord that must not be negative (checked in this order).
+_COUNTER_FIELDS = (
+    "interval_s",
+    "invocations",
+    "throughput_ips",
+    "rss_mb",
+    "peak_rss_mb",
+    "cpu_percent",
+    "cache_hits",
+    "errors",
+    "dropped_total",
+)
+
+
 @dataclass(frozen=True)
 class TelemetryRecord:
     """What one device measured during one interval; `seq` is unique and increasing per device."""
@@ -114,19 +128,21 @@ class TelemetryRecord:
         _check(self.seq >= 1, "$.seq", f"must be >= 1, got {self.seq}")
         if self.model_sha256 is not None:
             validate_sha256(self.model_sha256)
-        for name in (
-            "interval_s",
-            "invocations",
-            "throughput_ips",
-            "rss_mb",
-            "peak_rss_mb",
-            "cpu_percent",
-            "cache_hits",
-            "errors",
-            "dropped_total",
-        ):
-            value = getattr(self, name)
-            _check(value >= 0, f"$.{name}", f"must be >= 0, got {value}")
+        counters = (
+            self.interval_s,
+            self.invocations,
+            self.throughput_ips,
+            self.rss_mb,
+            self.peak_rss_mb,
+            self.cpu_percent,
+            self.cache_hits,
+            self.errors,
+            self.dropped_total,
+        )
+        if min(counters) < 0:  # one C-level check on the hot path; name the field on failure
+            for name in _COUNTER_FIELDS:
+                value = getattr(self, name)
+                _check(value >= 0, f"$.{name}", f"must be >= 0, got {value}")
         for name in ("power_w", "energy_mj_per_inference"):
             value = getattr(self, name)
             _check(value is None or value >= 0, f"$.{name}", f"must be >= 0, got {value}")
