@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import random
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -20,15 +17,15 @@ from agent.protocol import (
     Desired,
     Event,
     Hello,
-    Manifest,
-    Need,
     ProtocolError,
     Status,
     dump,
     parse,
 )
+from controller.simulate.download import ArtifactFetch, Update
 from controller.simulate.faults import Faults
-from controller.simulate.figures import MIB, derived_event_id, synth_figures, synth_report
+from controller.simulate.figures import derived_event_id, synth_figures, synth_report
+from controller.simulate.telemetry import DeviceTelemetry
 
 if TYPE_CHECKING:
     from controller.simulate.loop import Simulation
@@ -69,89 +66,19 @@ class SimCounters:
     artifacts_verified: int = 0  # whole-file sha256 computations (once per artifact)
     files_verified: int = 0  # agents whose downloaded model passed the whole-file check
     errors: int = 0  # bugs caught by the loop's guards (should stay 0)
-
-
-class _Assembly:
-    """One artifact assembled once per process from the chunks any simulated agent verified.
-
-    Once its whole-file digest is known the bytes are dropped and only the digest is kept: any
-    later assembly of the same manifest would consist of the same verified chunks.
-    """
-
-    def __init__(self, manifest: Manifest) -> None:
-        """A sparse temp file of the artifact's size (page cache, not RSS, holds the bytes)."""
-        self.manifest = manifest
-        # Closed by close() once the digest is known or the last user gave up.
-        self.file = tempfile.TemporaryFile(prefix="edgefleet-sim-")  # noqa: SIM115
-        self.file.truncate(manifest.size)
-        self.have = bytearray(manifest.chunk_count)
-        self.users = 0
-        self.digest: str | None = None
-
-    def put(self, index: int, data: bytes) -> None:
-        """Write a verified chunk the first time any agent has it (not once the digest is known)."""
-        if self.digest is None and not self.have[index]:
-            os.pwrite(self.file.fileno(), data, index * self.manifest.chunk_size)
-            self.have[index] = 1
-
-    def verify(self) -> str:
-        """The whole file's sha256, computed once; the temp file is closed afterwards."""
-        if self.digest is None:
-            digest = hashlib.sha256()
-            self.file.seek(0)
-            while block := self.file.read(MIB):
-                digest.update(block)
-            self.digest = digest.hexdigest()
-            self.close()
-        return self.digest
-
-    def close(self) -> None:
-        """Release the temp file."""
-        self.file.close()
-
-
-class _Update:
-    """One desired generation being applied by one agent: chunk bitmaps, never the bytes."""
-
-    __slots__ = (
-        "assembly",
-        "blob",
-        "deadline",
-        "desired",
-        "fetched",
-        "have",
-        "missing",
-        "model_manifest",
-        "offline_done",
-        "prefix",
-        "quiet_since",
-        "sha",
-        "waiting_manifest",
-    )
-
-    def __init__(self, desired: Desired) -> None:
-        """Nothing known yet: the model's manifest is the first thing to wait for."""
-        assert desired.artifact is not None
-        self.desired = desired
-        self.sha = desired.artifact.sha256
-        self.deadline = 0.0
-        self.waiting_manifest: str | None = None
-        self.model_manifest: Manifest | None = None
-        # The blob whose chunks are arriving (the model, then its golden), and its bitmap.
-        self.blob: Manifest | None = None
-        self.prefix = ""
-        self.have = bytearray()
-        self.missing = 0
-        self.assembly: _Assembly | None = None
-        self.fetched: list[_Assembly] = []
-        self.quiet_since = time.monotonic()
-        self.offline_done = False
+    telemetry_records: int = 0  # telemetry records taken (one per device per interval)
+    telemetry_sent: int = 0  # records published for the first time
+    telemetry_acked: int = 0  # records whose publish the broker acknowledged (PUBACK)
+    telemetry_resent: int = 0  # records published again to answer resend_telemetry
+    telemetry_dropped: int = 0  # records the full spool dropped (drop_oldest)
+    telemetry_lost: int = 0  # records "lost" on purpose by the telemetry-loss fault
+    telemetry_unavailable: int = 0  # sequence numbers answered as unavailable
 
 
 # =========================================================================== one simulated agent
 
 
-class SimAgent:
+class SimAgent(ArtifactFetch):
     """One simulated device: its paho client plus the daemon's update state machine, in memory."""
 
     __slots__ = (
@@ -177,7 +104,7 @@ class SimAgent:
         "seen_commands",
         "sim",
         "state",
-        "update",
+        "telemetry",
         "write_registered",
     )
 
@@ -206,16 +133,18 @@ class SimAgent:
         self.applied_generation = 0
         self.latest_generation = 0
         self.seen_commands: set[str] | None = None
-        self.update: _Update | None = None
+        self.update: Update | None = None
         self.pending_crash: Desired | None = None
         self.rng: random.Random | None = None
+        self.telemetry = DeviceTelemetry(self) if sim.telemetry is not None else None
         self.client = sim.new_client(self)
 
     # ----------------------------------------------------------------- output
-    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
-        """QoS1 publish, flushed at the end of this loop turn."""
-        self.client.publish(topic, payload, qos=1, retain=retain)
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> int:
+        """QoS1 publish, flushed at the end of this loop turn; returns the packet id (mid)."""
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
         self.sim.touch(self)
+        return info.mid
 
     def subscribe(self, *topics: str) -> None:
         """QoS1 subscriptions."""
@@ -298,6 +227,8 @@ class SimAgent:
         self.announce()
         if upd is not None and upd.prefix and upd.missing:
             self._send_need(upd)  # resume from the bitmap: ask only for the gaps
+        if self.telemetry is not None:
+            self.telemetry.flush()  # records spooled while offline
 
     def on_message(self, topic: str, payload: bytes) -> None:
         """Route one message; bad input is rejected, counted and reported, never fatal."""
@@ -352,157 +283,13 @@ class SimAgent:
                 gen = desired.generation
                 self.emit("update", self.detail, event_id=f"g{gen}-idle", desired=desired)
             return
-        upd = self.update = _Update(desired)
+        upd = self.update = Update(desired)
         upd.deadline = time.monotonic() + self.sim.fetch_timeout_s
         self._step(upd, "fetching")
         self._wait_manifest(upd, upd.sha)
         self.sim.call_at(upd.deadline, lambda: self._deadline(upd))
 
-    def _wait_manifest(self, upd: _Update, sha: str) -> None:
-        """Subscribe the retained manifest of a blob (model or golden) and wait for it."""
-        upd.waiting_manifest = sha
-        self.subscribe(self.sim.topics.manifest(sha))
-
-    def _on_manifest(self, manifest: Manifest) -> None:
-        """The manifest awaited: check it, then fetch what the store lacks."""
-        upd = self.update
-        if upd is None or upd.waiting_manifest != manifest.sha256:
-            return
-        upd.waiting_manifest = None
-        self.unsubscribe(self.sim.topics.manifest(manifest.sha256))
-        if manifest.expires is not None and manifest.expires < time.time():
-            self._fail(upd, "fetching", f"manifest for {manifest.sha256[:12]} expired")
-            return
-        if manifest.sha256 == upd.sha:
-            assert upd.desired.artifact is not None
-            if manifest.size != upd.desired.artifact.size:
-                size = upd.desired.artifact.size
-                self._fail(upd, "fetching", f"manifest size {manifest.size} != desired size {size}")
-                return
-            upd.model_manifest = manifest
-            if manifest.sha256 not in self.models:
-                self._fetch_blob(upd, manifest)
-                return
-        else:
-            golden = upd.model_manifest.golden if upd.model_manifest else None
-            if golden is not None and manifest.size != golden.size:
-                reason = f"golden manifest size {manifest.size} != referenced size {golden.size}"
-                self._fail(upd, "fetching", reason)
-                return
-            self._fetch_blob(upd, manifest)
-            return
-        self._next_blob(upd)
-
-    def _next_blob(self, upd: _Update) -> None:
-        """After the model: its golden blob when the store lacks it, else verify."""
-        assert upd.model_manifest is not None
-        golden = upd.model_manifest.golden
-        stored = self.models.get(upd.sha)
-        fetched = {a.manifest.sha256 for a in upd.fetched}
-        has_golden = stored is not None and stored[1] == (golden.sha256 if golden else None)
-        if golden is not None and not has_golden and golden.sha256 not in fetched:
-            self._wait_manifest(upd, golden.sha256)
-            return
-        self._downloaded(upd)
-
-    def _fetch_blob(self, upd: _Update, manifest: Manifest) -> None:
-        """Subscribe a blob's chunks; the broker delivers the retained ones, Need repairs gaps."""
-        upd.blob = manifest
-        upd.have = bytearray(manifest.chunk_count)
-        upd.missing = manifest.chunk_count
-        upd.assembly = self.sim.assembly_for(manifest)
-        upd.prefix = f"{self.sim.topics.root}/artifacts/{manifest.sha256}/chunks/"
-        self.subscribe(upd.prefix + "+")
-        upd.quiet_since = time.monotonic()
-        self._arm_repair(upd)
-        self._maybe_go_offline(upd)
-
-    def _on_chunk(self, upd: _Update, topic: str, payload: bytes) -> None:
-        """Verify one chunk's length and sha256 against the manifest, then set its bit."""
-        if not payload:
-            return  # the controller cleared a retained chunk
-        counters = self.sim.counters
-        counters.bytes_received += len(payload)
-        counters.chunks_received += 1
-        blob = upd.blob
-        tail = topic[len(upd.prefix) :]
-        if blob is None or not tail.isdigit():
-            counters.rejected_messages += 1
-            return
-        index = int(tail)
-        if index >= blob.chunk_count or upd.have[index]:
-            return  # a duplicate (the daemon hashes it before noticing; not worth simulating)
-        if self.rng is not None and self.rng.random() < self.faults.drop:
-            counters.chunks_dropped += 1
-            return
-        # Hashed inline: a hashing thread was measured slower here (GIL hand-offs on 2 cores).
-        if len(payload) != blob.chunk_length(index) or (
-            hashlib.sha256(payload).hexdigest() != blob.chunk_sha256[index]
-        ):
-            counters.chunks_rejected += 1
-            return
-        upd.have[index] = 1
-        upd.missing -= 1
-        upd.quiet_since = time.monotonic()
-        counters.chunks_accepted += 1
-        assert upd.assembly is not None
-        upd.assembly.put(index, payload)
-        if upd.missing:
-            self._maybe_go_offline(upd)
-            return
-        self.unsubscribe(upd.prefix + "+")
-        upd.fetched.append(upd.assembly)
-        upd.assembly, upd.blob, upd.prefix = None, None, ""
-        self._next_blob(upd)
-
-    def _send_need(self, upd: _Update) -> None:
-        """Ask for every chunk still missing (the controller coalesces requests)."""
-        assert upd.blob is not None
-        missing = tuple(i for i, bit in enumerate(upd.have) if not bit)
-        need = Need(device_id=self.device_id, chunks=missing)
-        self.publish(self.sim.topics.need(upd.blob.sha256), dump(need))
-        self.sim.counters.needs_sent += 1
-        upd.quiet_since = time.monotonic()
-
-    def _arm_repair(self, upd: _Update) -> None:
-        """Check for silence one repair interval after the last chunk or request."""
-        blob = upd.blob
-        when = upd.quiet_since + self.sim.repair_interval_s
-        self.sim.call_at(when, lambda: self._repair(upd, blob))
-
-    def _repair(self, upd: _Update, blob: Manifest | None) -> None:
-        """After a repair interval without progress, ask again for the gaps (daemon: fetch)."""
-        if self.update is not upd or upd.blob is not blob or not upd.prefix:
-            return
-        now = time.monotonic()
-        if now - upd.quiet_since >= self.sim.repair_interval_s:
-            if self.connected:
-                self._send_need(upd)
-            else:
-                upd.quiet_since = now  # offline: the reconnect asks for the gaps
-        self._arm_repair(upd)
-
-    def _deadline(self, upd: _Update) -> None:
-        """The fetch deadline passed: fail the way the daemon words it."""
-        if self.update is not upd:
-            return
-        if upd.waiting_manifest:
-            self._fail(upd, "fetching", f"manifest for {upd.waiting_manifest[:12]} never arrived")
-        elif upd.blob is not None:
-            sha, total = upd.blob.sha256[:12], upd.blob.chunk_count
-            reason = f"download of {sha} timed out: {upd.missing} of {total} chunks missing"
-            self._fail(upd, "fetching", reason)
-
-    def _maybe_go_offline(self, upd: _Update) -> None:
-        """offline fault: drop the link once half the model is in (at once for one chunk)."""
-        blob = upd.blob
-        if not self.faults.offline_s or upd.offline_done or blob is None or blob.sha256 != upd.sha:
-            return
-        if blob.chunk_count - upd.missing >= blob.chunk_count // 2:
-            upd.offline_done = True
-            self.sim.drop_connection(self, self.faults.offline_s)
-
-    def _downloaded(self, upd: _Update) -> None:
+    def _downloaded(self, upd: Update) -> None:
         """Everything fetched: verify whole files (once per process), then self-test."""
         self._step(upd, "verifying")
         for assembly in upd.fetched:
@@ -525,7 +312,7 @@ class SimAgent:
             return
         self._selftest(upd)
 
-    def _selftest(self, upd: _Update) -> None:
+    def _selftest(self, upd: Update) -> None:
         """Judge synthesized figures like the real self-test, then activate."""
         desired = upd.desired
         manifest = upd.model_manifest
@@ -565,14 +352,14 @@ class SimAgent:
         self.emit("update", message, event_id=f"g{gen}-active", desired=desired)
         self._benchmark(desired.benchmark_runs, desired.benchmark_warmup, desired)
 
-    def _step(self, upd: _Update, state: str) -> None:
+    def _step(self, upd: Update, state: str) -> None:
         """One transition: status, then an update event g<generation>-<state>."""
         self.state = state
         self.publish_status()
         gen = upd.desired.generation
         self.emit("update", state, event_id=f"g{gen}-{state}", desired=upd.desired)
 
-    def _fail(self, upd: _Update, stage: str, reason: str) -> None:
+    def _fail(self, upd: Update, stage: str, reason: str) -> None:
         """End an update as failed; the previous model keeps serving."""
         self._abandon(upd)
         self._failed(upd.desired, stage, reason)
@@ -588,27 +375,6 @@ class SimAgent:
         self.emit("error", reason, event_id=f"g{gen}-failed", desired=desired, stage=stage)
         self.sim.counters.failed += 1
 
-    def _abandon(self, upd: _Update) -> None:
-        """Stop an update: unsubscribe its topics and release the shared assemblies."""
-        if self.update is upd:
-            self.update = None
-        if upd.waiting_manifest:
-            self.unsubscribe(self.sim.topics.manifest(upd.waiting_manifest))
-            upd.waiting_manifest = None
-        if upd.prefix:
-            self.unsubscribe(upd.prefix + "+")
-            upd.prefix = ""
-        if upd.assembly is not None:
-            upd.fetched.append(upd.assembly)
-            upd.assembly = None
-        self._release_fetched(upd)
-
-    def _release_fetched(self, upd: _Update) -> None:
-        """Hand back this update's references to shared assemblies."""
-        for assembly in upd.fetched:
-            self.sim.release(assembly)
-        upd.fetched = []
-
     # ----------------------------------------------------------------- commands
     def _on_command(self, command: Command) -> None:
         """Run a one-shot command once per command id (daemon: _run_command)."""
@@ -623,6 +389,9 @@ class SimAgent:
             self._benchmark(command.runs, command.warmup, None, event_id)
         elif command.action == "resend_status":
             self.announce()
+        elif command.action == "resend_telemetry":
+            if self.telemetry is not None:
+                self.telemetry.resend(command.seq_ranges)
         elif command.action == "rollback":
             if self.previous is None:
                 self.emit(
@@ -669,4 +438,5 @@ class SimAgent:
             "generation": self.applied_generation,
             "detail": self.detail,
             "faults": self.faults.names(),
+            "telemetry": self.telemetry.describe() if self.telemetry is not None else None,
         }

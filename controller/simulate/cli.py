@@ -12,6 +12,7 @@ from agent.protocol import DEFAULT_ROOT, ProtocolError
 from controller.simulate.faults import SimulationError, parse_fault
 from controller.simulate.figures import MIB
 from controller.simulate.loop import MAX_DEVICES, Simulation
+from controller.simulate.telemetry import DEFAULT_INTERVAL_S
 
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
 # One progress line per this many seconds from the CLI.
@@ -20,12 +21,18 @@ PROGRESS_INTERVAL_S = 5.0
 
 def _progress_line(snap: dict[str, Any]) -> str:
     """One-line summary for the periodic progress output."""
-    return (
+    line = (
         f"[{snap['elapsed_s']:7.1f}s] connected {snap['connected']}/{snap['devices']}  "
         f"activated {snap['activated']}  failed {snap['failed']}  "
         f"received {snap['bytes_received'] / MIB:.1f} MiB  "
         f"rejected chunks {snap['chunks_rejected']}  rss {snap['rss_mb']} MB"
     )
+    if snap["telemetry_records"]:
+        line += (
+            f"  telemetry sent {snap['telemetry_sent']} resent {snap['telemetry_resent']} "
+            f"spooled {snap['telemetry_spooled']} dropped {snap['telemetry_dropped']}"
+        )
+    return line
 
 
 def simulate_command(
@@ -42,7 +49,7 @@ def simulate_command(
         typer.Option(
             "--fault",
             help="KIND[=VALUE]:COUNT|PERCENT%, repeatable: nan:5%, slow=3:10%, offline=30:2%, "
-            "crash:1, drop=0.2:10%",
+            "crash:1, drop=0.2:10%, telemetry-loss=0.25:10%",
         ),
     ] = None,
     prefix: Annotated[str, typer.Option(help="device id prefix (ids are PREFIX-NNNN)")] = "sim",
@@ -51,6 +58,14 @@ def simulate_command(
         float | None, typer.Option(min=0.0, help="stop after SECONDS (default: until Ctrl-C)")
     ] = None,
     seed: Annotated[int, typer.Option(help="seed for fault assignment and figures")] = 0,
+    telemetry_interval: Annotated[
+        float,
+        typer.Option(
+            "--telemetry-interval",
+            min=0.0,
+            help="seconds between telemetry records per device (0 = off)",
+        ),
+    ] = DEFAULT_INTERVAL_S,
     json_out: Annotated[
         bool, typer.Option("--json", help="print the final snapshot as JSON")
     ] = False,
@@ -66,6 +81,7 @@ def simulate_command(
             prefix=prefix,
             topic_root=topic_root,
             seed=seed,
+            telemetry_interval_s=telemetry_interval,
         )
     except (SimulationError, ProtocolError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)

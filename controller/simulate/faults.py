@@ -8,8 +8,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-FAULT_KINDS = ("slow", "crash", "nan", "offline", "drop")
-_FAULT_VALUE = {"slow": "a factor > 0", "offline": "seconds > 0", "drop": "a fraction in (0, 1)"}
+FAULT_KINDS = ("slow", "crash", "nan", "offline", "drop", "telemetry-loss")
+_FAULT_VALUE = {
+    "slow": "a factor > 0",
+    "offline": "seconds > 0",
+    "drop": "a fraction in (0, 1)",
+    "telemetry-loss": "a fraction in (0, 1)",
+}
+# Faults whose value may be left out, and the value then used. A quarter of the telemetry
+# publishes lost gives every device a gap within a few intervals, so resends run at scale.
+_FAULT_DEFAULT = {"telemetry-loss": 0.25}
+# Faults whose value is a probability (must stay below 1).
+_FRACTIONS = ("drop", "telemetry-loss")
+# Faults attribute on Faults for each kind, where the name differs.
+FAULT_ATTRS = {"offline": "offline_s", "telemetry-loss": "telemetry_loss"}
 
 
 class SimulationError(ValueError):
@@ -48,14 +60,16 @@ def parse_fault(spec: str) -> FaultSpec:
             f"bad --fault {spec!r}: unknown fault {kind!r} ({', '.join(FAULT_KINDS)})"
         )
     value: float | None = None
-    if kind in _FAULT_VALUE:
+    if not has_value and kind in _FAULT_DEFAULT:
+        value = _FAULT_DEFAULT[kind]
+    elif kind in _FAULT_VALUE:
         if not has_value:
             raise SimulationError(f"bad --fault {spec!r}: {kind} needs ={_FAULT_VALUE[kind]}")
         try:
             value = float(raw)
         except ValueError:
             value = math.nan
-        ok = math.isfinite(value) and value > 0 and (kind != "drop" or value < 1)
+        ok = math.isfinite(value) and value > 0 and (kind not in _FRACTIONS or value < 1)
         if not ok:
             raise SimulationError(
                 f"bad --fault {spec!r}: {kind} value must be {_FAULT_VALUE[kind]}"
@@ -84,6 +98,7 @@ class Faults:
     nan: bool = False
     offline_s: float = 0.0
     drop: float = 0.0
+    telemetry_loss: float = 0.0  # share of telemetry publishes lost before they leave
 
     def names(self) -> list[str]:
         """Fault names as in --fault, for snapshots."""
@@ -92,6 +107,7 @@ class Faults:
         out += ["nan"] if self.nan else []
         out += [f"offline={self.offline_s:g}"] if self.offline_s else []
         out += [f"drop={self.drop:g}"] if self.drop else []
+        out += [f"telemetry-loss={self.telemetry_loss:g}"] if self.telemetry_loss else []
         return out
 
 
@@ -106,13 +122,15 @@ def assign_faults(specs: Sequence[FaultSpec], total: int, seed: int) -> dict[int
         rng = random.Random(f"{seed}:{position}:{spec.text}")
         free = [i for i in range(total) if i not in assigned]
         pool = free if len(free) >= wanted else list(range(total))
-        change: dict[str, Any] = {
+        changes: dict[str, dict[str, Any]] = {
             "slow": {"slow": spec.value},
             "crash": {"crash": True},
             "nan": {"nan": True},
             "offline": {"offline_s": spec.value},
             "drop": {"drop": spec.value},
-        }[spec.kind]
+            "telemetry-loss": {"telemetry_loss": spec.value},
+        }
+        change = changes[spec.kind]
         for index in sorted(rng.sample(pool, wanted)):
             assigned[index] = replace(assigned.get(index, NO_FAULTS), **change)
     return assigned

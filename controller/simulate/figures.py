@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from typing import Any
 
 import firmware_profiles
 from agent.protocol import BenchmarkReport
@@ -63,7 +64,9 @@ def synth_report(
     warmup: int,
 ) -> BenchmarkReport:
     """A complete BenchmarkReport from the profile: shaped latencies, estimated power."""
-    figures = {name: round(p50 * factor, 4) for name, factor in LATENCY_SHAPE.items()}
+    figures: dict[str, Any] = {
+        name: round(p50 * factor, 4) for name, factor in LATENCY_SHAPE.items()
+    }
     power_w = profile.power.estimate_w(busy_cores=BENCH_THREADS)
     return BenchmarkReport(
         model_sha256=sha256,

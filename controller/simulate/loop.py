@@ -6,6 +6,7 @@ import contextlib
 import heapq
 import itertools
 import logging
+import math
 import platform
 import random
 import select
@@ -15,7 +16,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
-from typing import Any
+from typing import Any, cast
 
 import paho.mqtt.client as paho
 import psutil
@@ -33,8 +34,10 @@ from agent.protocol import (
     validate_device_id,
 )
 from controller.broker import parse_broker_url
-from controller.simulate.agent import RECONNECT_MIN_S, SimAgent, SimCounters, _Assembly
+from controller.simulate.agent import RECONNECT_MIN_S, SimAgent, SimCounters
+from controller.simulate.download import Assembly
 from controller.simulate.faults import (
+    FAULT_ATTRS,
     FAULT_KINDS,
     NO_FAULTS,
     Faults,
@@ -43,6 +46,13 @@ from controller.simulate.faults import (
     assign_faults,
 )
 from controller.simulate.figures import MIB
+from controller.simulate.telemetry import (
+    DEFAULT_INTERVAL_S,
+    DEFAULT_KEEP_ACKED,
+    DEFAULT_SPOOL_RECORDS,
+    RECORD,
+    FleetTelemetry,
+)
 
 # One logger for the whole package, named as before the split (log lines show the name).
 log = logging.getLogger("controller.simulate")
@@ -92,8 +102,15 @@ class Simulation:
         fetch_timeout_s: float = FETCH_TIMEOUT_S,
         repair_interval_s: float = REPAIR_INTERVAL_S,
         keepalive_s: int = KEEPALIVE_S,
+        telemetry_interval_s: float = DEFAULT_INTERVAL_S,
+        telemetry_spool_records: int = DEFAULT_SPOOL_RECORDS,
+        telemetry_keep_acked: int = DEFAULT_KEEP_ACKED,
     ) -> None:
-        """Resolve profiles and faults and build the clients; nothing connects before start()."""
+        """Resolve profiles and faults and build the clients; nothing connects before start().
+
+        `telemetry_interval_s` = 0 turns telemetry off; the spool keeps at most
+        `telemetry_spool_records` unsent records and `telemetry_keep_acked` acknowledged ones.
+        """
         if not 1 <= devices <= MAX_DEVICES:
             raise SimulationError(f"devices must be in 1..{MAX_DEVICES}, got {devices}")
         if not hasattr(select, "epoll"):
@@ -104,6 +121,17 @@ class Simulation:
         self.fetch_timeout_s = fetch_timeout_s
         self.repair_interval_s = repair_interval_s
         self.keepalive_s = keepalive_s
+        if telemetry_interval_s < 0 or not math.isfinite(telemetry_interval_s):
+            raise SimulationError(f"telemetry interval must be >= 0 s, got {telemetry_interval_s}")
+        if telemetry_spool_records < 1 or telemetry_keep_acked < 0:
+            raise SimulationError(
+                "telemetry spool must hold >= 1 record and keep >= 0 acknowledged ones"
+            )
+        self.telemetry: FleetTelemetry | None = None
+        if telemetry_interval_s > 0:
+            self.telemetry = FleetTelemetry(
+                self, telemetry_interval_s, telemetry_spool_records, telemetry_keep_acked
+            )
         self.counters = SimCounters()
         self._rss_before = psutil.Process().memory_info().rss
         chosen = _resolve_profiles(profiles)
@@ -114,7 +142,7 @@ class Simulation:
         except ProtocolError as exc:
             raise SimulationError(f"bad --prefix {prefix!r}: {exc}") from None
         self._facts: dict[str, DeviceFacts] = {}
-        self._assemblies: dict[str, _Assembly] = {}
+        self._assemblies: dict[str, Assembly] = {}
         self._manifests: dict[bytes, Manifest] = {}
         self._ep = select.epoll()
         self._by_fd: dict[int, SimAgent] = {}
@@ -133,8 +161,7 @@ class Simulation:
             for i in range(devices)
         ]
         for agent in self.agents:
-            if agent.faults.drop:
-                agent.rng = random.Random(f"{seed}:drop:{agent.device_id}")
+            agent.rng = self._fault_rng(agent.device_id, agent.faults)
         self._by_id = {agent.device_id: agent for agent in self.agents}
 
     # ----------------------------------------------------------------- public API
@@ -144,10 +171,10 @@ class Simulation:
         return [agent.device_id for agent in self.agents]
 
     def devices_with(self, fault: str) -> list[str]:
-        """Ids of devices carrying a fault kind (slow, crash, nan, offline, drop)."""
+        """Ids of devices carrying a fault kind (one of FAULT_KINDS, e.g. telemetry-loss)."""
         if fault not in FAULT_KINDS:
             raise SimulationError(f"unknown fault {fault!r} ({', '.join(FAULT_KINDS)})")
-        attr = {"offline": "offline_s"}.get(fault, fault)
+        attr = FAULT_ATTRS.get(fault, fault)
         empty = getattr(NO_FAULTS, attr)
         return [a.device_id for a in self.agents if getattr(a.faults, attr) != empty]
 
@@ -156,16 +183,27 @@ class Simulation:
         for device_id in device_ids:
             agent = self._by_id[device_id]
             agent.faults = faults
-            agent.rng = random.Random(f"{self.seed}:drop:{device_id}") if faults.drop else None
+            agent.rng = self._fault_rng(device_id, faults)
+
+    def drop_connections(self, device_ids: Sequence[str], down_for: float) -> None:
+        """Cut devices' TCP links without DISCONNECT (wills fire); each stays down `down_for` s.
+
+        Callable from any thread: the cut itself runs in the loop (a heap push is atomic).
+        """
+        for device_id in device_ids:
+            self.drop_connection(self._by_id[device_id], down_for)
 
     def device(self, device_id: str) -> dict[str, Any]:
         """One device's state (see SimAgent.describe)."""
         return self._by_id[device_id].describe()
 
     def start(self) -> None:
-        """Queue every client for connecting and start the loop thread."""
+        """Queue every client for connecting, schedule telemetry and start the loop thread."""
         self._started = time.monotonic()
         self._connect_queue.extend(self.agents)
+        for agent in self.agents:
+            if agent.telemetry is not None:
+                agent.telemetry.start(self._started)
         self._thread = threading.Thread(target=self._run, name="edgefleet-simulate", daemon=True)
         self._thread.start()
 
@@ -196,11 +234,25 @@ class Simulation:
             **asdict(self.counters),
             "states": dict(sorted(Counter(a.state for a in agents).items())),
             "faults": dict(sorted(faults.items())),
+            "telemetry_spooled": sum(
+                len(a.telemetry.pending) // RECORD.size for a in agents if a.telemetry is not None
+            ),
             "rss_mb": round(rss / MIB, 1),
             "rss_per_device_kb": round((rss - self._rss_before) / len(agents) / 1024, 2),
         }
 
     # ----------------------------------------------------------------- shared helpers
+    @property
+    def stopping(self) -> bool:
+        """Whether the loop is shutting down (timers then stop re-arming)."""
+        return self._stopping or self._stop.is_set()
+
+    def _fault_rng(self, device_id: str, faults: Faults) -> random.Random | None:
+        """The seeded generator behind the drop and telemetry-loss faults (None without them)."""
+        if faults.drop or faults.telemetry_loss:
+            return random.Random(f"{self.seed}:drop:{device_id}")
+        return None
+
     def touch(self, agent: SimAgent) -> None:
         """Mark a client as having output to flush at the end of this loop iteration."""
         self._dirty.add(agent)
@@ -236,15 +288,15 @@ class Simulation:
             self._manifests[payload] = manifest
         return manifest
 
-    def assembly_for(self, manifest: Manifest) -> _Assembly:
+    def assembly_for(self, manifest: Manifest) -> Assembly:
         """The process-wide assembly of an artifact, shared by every agent fetching it."""
         assembly = self._assemblies.get(manifest.sha256)
         if assembly is None or assembly.manifest.chunk_sha256 != manifest.chunk_sha256:
-            assembly = self._assemblies[manifest.sha256] = _Assembly(manifest)
+            assembly = self._assemblies[manifest.sha256] = Assembly(manifest)
         assembly.users += 1
         return assembly
 
-    def release(self, assembly: _Assembly) -> None:
+    def release(self, assembly: Assembly) -> None:
         """One agent is done with an assembly; an unverified one goes with its last user."""
         assembly.users -= 1
         if assembly.users <= 0 and assembly.digest is None:
@@ -252,7 +304,7 @@ class Simulation:
                 del self._assemblies[assembly.manifest.sha256]
             assembly.close()
 
-    def verify(self, assembly: _Assembly) -> str:
+    def verify(self, assembly: Assembly) -> str:
         """Whole-file sha256 of an assembly, counted the one time it is computed."""
         if assembly.digest is None:
             self.counters.artifacts_verified += 1
@@ -269,7 +321,8 @@ class Simulation:
             sock = agent.client.socket()
             if sock is not None:
                 with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)  # EOF → loop_read → on_disconnect
+                    # EOF → loop_read → on_disconnect (paho types it as a SocketLike)
+                    cast(socket.socket, sock).shutdown(socket.SHUT_RDWR)
 
         self.call_at(0.0, drop)
 
@@ -288,6 +341,8 @@ class Simulation:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        if agent.telemetry is not None:
+            client.on_publish = self._on_publish  # PUBACKs release telemetry batches
         client.on_socket_open = self._on_socket_open
         client.on_socket_close = self._on_socket_close
         client.connect_async(self.host, self.port, keepalive=self.keepalive_s)
@@ -340,6 +395,13 @@ class Simulation:
             delay = agent.backoff
             agent.backoff = min(agent.backoff * 2, RECONNECT_MAX_S)
         self._schedule_connect(agent, delay)
+
+    def _on_publish(
+        self, client: paho.Client, agent: SimAgent, mid: int, reason: Any, props: Any
+    ) -> None:
+        """PUBACK of a QoS1 publish: a telemetry batch with this packet id is delivered."""
+        if agent.telemetry is not None:
+            self._guard(agent, agent.telemetry.on_puback, mid)
 
     def _on_message(self, client: paho.Client, agent: SimAgent, message: paho.MQTTMessage) -> None:
         """Hand a message to its agent."""
