@@ -14,9 +14,11 @@ from typing import Any
 from agent import __version__
 from agent.benchmark import benchmark_interpreter
 from agent.config import AgentConfig
+from agent.environment import environment_snapshot
 from agent.facts import device_facts
 from agent.fetch import Fetcher
 from agent.fsutil import CorruptFileError
+from agent.local_services import LocalServices
 from agent.memory import release_memory
 from agent.mqtt import MqttSession
 from agent.power import PowerModel, detect_power_source
@@ -35,6 +37,7 @@ from agent.protocol import (
 )
 from agent.runtime import ModelLoadError, load_interpreter, runtime_info
 from agent.selftest import run_selftest, tighter_budget
+from agent.serving import InferenceError
 from agent.staging import ArtifactStager
 from agent.state import (
     MAX_SELFTEST_ATTEMPTS,
@@ -104,9 +107,6 @@ class Agent:
         self._work: queue.Queue[Desired | Command | ReportOutcome] = queue.Queue()
         self._stop = threading.Event()
         self._latest_generation = 0
-        self._serving: Any = None
-        self._serving_sha: str | None = None
-        self._serving_init_ms = 0.0
         self.session = MqttSession(
             config.broker,
             config.device_id,
@@ -124,11 +124,17 @@ class Agent:
             config.repair_interval_s,
         )
         self.stager = ArtifactStager(self.store, self.fetcher, config.downloads_dir)
+        # The inference service, its metrics and telemetry (docs/inference.md, telemetry.md).
+        self.local = LocalServices(
+            config, self.session, self.topics, self.power_model, self._report_problem
+        )
+        self.serving = self.local.serving
 
     # ----------------------------------------------------------------- lifecycle
     def run(self) -> None:
         """Restore, connect, then process desired states and commands until stopped."""
         self.restore()
+        self.local.start()
         self.session.start()
         try:
             while not self._stop.is_set():
@@ -148,6 +154,7 @@ class Agent:
                     self._internal_error(item, exc)
                 release_memory()
         finally:
+            self.local.stop()  # the last partial interval is spooled and, if possible, sent
             self.session.publish(
                 self.topics.status(self.config.device_id),
                 dump(self._status(online=False)),
@@ -195,7 +202,7 @@ class Agent:
         if (
             record.state == "active"
             and record.sha256 is not None
-            and record.sha256 != self._serving_sha
+            and record.sha256 != self.serving.sha256
         ):
             # The committed model no longer loads (_load_serving fell back to the previous one).
             reason = f"activated model {record.sha256[:12]} no longer loads; serving the previous"
@@ -205,7 +212,7 @@ class Agent:
                 self.state.transition("failed", stage="active", reported=False, detail=reason)
         if self.state.problem is not None:
             # A fresh record: follow what the store serves; the retained desired re-drives the rest.
-            serving = self._serving_sha
+            serving = self.serving.sha256
             self.state.transition(
                 "active" if serving else "idle",
                 sha256=serving,
@@ -231,14 +238,13 @@ class Agent:
                 return
             except ModelLoadError as exc:
                 log.error("stored model %s does not load: %s", sha[:12], exc)
-        self._serving, self._serving_sha = None, None
+        self.local.clear()
 
     def _serve(self, sha: str) -> None:
         """Load a stored model into the serving interpreter, timing the load (init_ms)."""
         started = time.perf_counter()
         interpreter = load_interpreter(self.store.path(sha), self.config.threads)
-        self._serving_init_ms = (time.perf_counter() - started) * 1000.0
-        self._serving, self._serving_sha = interpreter, sha
+        self.local.swap(interpreter, sha, (time.perf_counter() - started) * 1000.0)
 
     def _internal_error(self, item: Desired | Command | ReportOutcome, exc: Exception) -> None:
         """Report an unexpected exception; fail the update unless its generation already ended."""
@@ -260,6 +266,7 @@ class Agent:
         )
         self._announce()
         self._work.put(ReportOutcome())
+        self.local.on_connect()
 
     def _announce(self) -> None:
         """Publish hello (facts) and the retained status."""
@@ -308,8 +315,8 @@ class Agent:
             self._publish_status()
             return
         artifact = desired.artifact
-        if artifact is None or artifact.sha256 == self._serving_sha:
-            serving = self._serving_sha
+        if artifact is None or artifact.sha256 == self.serving.sha256:
+            serving = self.serving.sha256
             self.state.transition(
                 "active" if serving else "idle",
                 deployment_id=desired.deployment_id,
@@ -413,7 +420,7 @@ class Agent:
         mine = record.generation == desired.generation and record.state not in TERMINAL
         stage = record.state if mine else "idle"
         artifact = desired.artifact
-        if artifact is not None and artifact.sha256 != self._serving_sha:
+        if artifact is not None and artifact.sha256 != self.serving.sha256:
             self.store.discard(artifact.sha256)
         self.state.transition(
             "failed",
@@ -460,7 +467,7 @@ class Agent:
                 ):
                     return  # the next connect re-sends it, same id
                 r = self.state.update(reported=True)
-            due = not r.benchmarked and r.sha256 is not None and r.sha256 == self._serving_sha
+            due = not r.benchmarked and r.sha256 is not None and r.sha256 == self.serving.sha256
             if due and self._benchmark_and_report(
                 r.benchmark_runs,
                 r.benchmark_warmup,
@@ -481,6 +488,10 @@ class Agent:
             self._benchmark_and_report(
                 command.runs, command.warmup, event_id=derived_event_id(command.command_id, "bench")
             )
+        elif command.action == "resend_telemetry":
+            # The records themselves are the answer; no "done" event for every gap request.
+            self.local.resend(command.seq_ranges)
+            return
         elif command.action == "resend_status":
             self._announce()  # hello + status: the controller may have missed our hello
         elif command.action == "rollback":
@@ -509,22 +520,28 @@ class Agent:
         wait: bool = False,
     ) -> bool:
         """Benchmark the serving model and send a benchmark event; True once acknowledged."""
-        if self._serving is None or self._serving_sha is None:
+        source = detect_power_source(power_model=self.power_model, threads=self.config.threads or 1)
+        # Conditions of the run (governor, clock, temperature) explain an outlier device later.
+        # No external delegate is applied today: the runtime's built-in CPU kernels run the model.
+        environment = environment_snapshot(threads=self.config.threads, delegate=None)
+        try:
+            # Served requests wait meanwhile: they would distort the timings, and one
+            # interpreter must never run two invocations at once.
+            with self.serving.exclusive() as (interpreter, sha):
+                result = benchmark_interpreter(
+                    interpreter,
+                    runs=runs,
+                    warmup=warmup,
+                    power_source=source,
+                    init_ms=self.serving.init_ms or 0.0,
+                )
+        except InferenceError:  # raised by exclusive() when nothing is loaded
             return self._emit(
                 "error",
                 "benchmark requested but no model is active",
                 deployment_id=deployment_id,
                 generation=generation,
                 wait=wait,
-            )
-        source = detect_power_source(power_model=self.power_model, threads=self.config.threads or 1)
-        try:
-            result = benchmark_interpreter(
-                self._serving,
-                runs=runs,
-                warmup=warmup,
-                power_source=source,
-                init_ms=self._serving_init_ms,
             )
         except Exception as exc:  # a runtime error must not fail an already activated update
             log.exception("benchmark failed")
@@ -539,10 +556,11 @@ class Agent:
                 wait=wait,
             )
         report = BenchmarkReport(
-            model_sha256=self._serving_sha,
+            model_sha256=sha,
             runtime=self.runtime.name,
             runtime_version=self.runtime.version,
             threads=self.config.threads,
+            environment=environment,
             **result,  # type: ignore[arg-type]
         )
         return self._emit(
@@ -569,7 +587,7 @@ class Agent:
             device_id=self.config.device_id,
             online=online,
             state=record.state,  # type: ignore[arg-type]
-            model_sha256=self._serving_sha if online else current,
+            model_sha256=self.serving.sha256 if online else current,
             previous_sha256=previous,
             generation=record.applied_generation,
             detail=record.detail[:500],
@@ -612,7 +630,7 @@ class Agent:
             generation=generation,
             state=self.state.record.state,  # type: ignore[arg-type]
             stage=stage,  # type: ignore[arg-type]
-            model_sha256=self._serving_sha,
+            model_sha256=self.serving.sha256,
             benchmark=benchmark,
         )
         return self.session.publish(

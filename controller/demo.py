@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import typer
 
 import firmware_profiles
@@ -27,6 +28,11 @@ REGISTER_TIMEOUT_S = 60.0
 DEPLOY_TIMEOUT_S = 180.0
 # Benchmark settings the demo agents use: enough runs for a meaningful p99.
 DEMO_RUNS = 100
+# Requests the demo's application sends to each device's inference service: enough for a p99.
+DEMO_REQUESTS = 300
+# Telemetry interval of the demo agents: short, so the report follows within seconds.
+DEMO_TELEMETRY_S = 1.0
+TELEMETRY_TIMEOUT_S = 30.0
 # The demo's rollout: one canary device, then the rest; any failure or gate violation aborts.
 DEMO_POLICY = Policy(
     waves=parse_waves("1d,100"),
@@ -66,6 +72,7 @@ def write_agent_config(root: Path, device_id: str, profile_id: str, broker: str)
         profile=profile_id,
         threads=1,
         benchmark_runs=DEMO_RUNS,
+        telemetry_interval_s=DEMO_TELEMETRY_S,
         power=PowerModelConfig(
             idle_w=profile.power.idle_w,
             active_w_per_core=profile.power.active_w_per_core,
@@ -214,10 +221,64 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
     )
 
 
+def _model_input(sample: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
+    """One float sample as the model's input tensor (quantized when the input is integer)."""
+    dtype = np.dtype(spec["dtype"])
+    if dtype.kind == "f":
+        return sample.astype(dtype)
+    q = spec["quantization"]
+    info = np.iinfo(dtype)
+    values = np.round(sample / q["scale"] + q["zero_point"])
+    return np.clip(values, info.min, info.max).astype(dtype)
+
+
+def serve_on_devices(
+    home: Path, ids: list[str], x: np.ndarray, y: np.ndarray, progress: Progress
+) -> dict[str, dict[str, Any]]:
+    """Play the application on each device: DEMO_REQUESTS digits through the agent's local
+    inference service (agent.client over its Unix socket), scored against the labels."""
+    from agent.client import InferenceClient
+
+    served: dict[str, dict[str, Any]] = {}
+    for device_id in ids:
+        with InferenceClient(home / "agents" / device_id / "infer.sock") as client:
+            spec = client.model_info()["inputs"][0]
+            correct = 0
+            for i in range(DEMO_REQUESTS):
+                out = client.infer(_model_input(x[i % len(x)][np.newaxis], spec))
+                correct += int(np.argmax(np.asarray(out)) == y[i % len(y)])
+        served[device_id] = {"requests": DEMO_REQUESTS, "accuracy": correct / DEMO_REQUESTS}
+    progress(
+        f"application sent {DEMO_REQUESTS} digits to each device's inference service; accuracy "
+        + ", ".join(f"{d} {s['accuracy']:.1%}" for d, s in served.items())
+    )
+    return served
+
+
+def wait_telemetry(fleet: Fleet, served: dict[str, dict[str, Any]], progress: Progress) -> bool:
+    """Wait until every served request is counted in telemetry stored by the controller."""
+    deadline = time.monotonic() + TELEMETRY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        counted = {
+            r["device_id"]: r["n"]
+            for r in fleet.db.query(
+                "SELECT device_id, SUM(served) AS n FROM telemetry GROUP BY device_id"
+            )
+        }
+        if all(counted.get(d, 0) >= s["requests"] for d, s in served.items()):
+            progress("telemetry of every request stored by the controller")
+            return True
+        time.sleep(0.2)
+    progress("telemetry did not arrive in time")
+    return False
+
+
 def run_demo(*, devices: int = 3, json_out: bool = False, keep: bool = False) -> int:
     """Run the whole demo; return the process exit code (non-zero if any device failed)."""
     from controller.broker import start_embedded
+    from controller.reports import report as build_report
     from controller.service import ControllerService
+    from controller.telemetry_cmd import report_table
     from converters.digits import digits_tflite, load_digits_dataset
     from converters.evaluate import write_golden
 
@@ -255,11 +316,31 @@ def run_demo(*, devices: int = 3, json_out: bool = False, keep: bool = False) ->
         )
         dep = wait_deployment(fleet, dep["id"], progress)
         rows = result_rows(fleet, dep)
+        failed = [r for r in rows if r["deployment_state"] != "succeeded"]
+        telemetry: list[dict[str, Any]] = []
+        if not failed:
+            data = load_digits_dataset()
+            served = serve_on_devices(home, ids, data.x_val, data.y_val, progress)
+            if not wait_telemetry(fleet, served, progress):
+                keep = True
+                return 1
+            telemetry = build_report(fleet.db, model="digits-cnn:1", by="device")
         if json_out:
-            typer.echo(as_json({"deployment": dep["id"], "state": dep["state"], "devices": rows}))
+            typer.echo(
+                as_json(
+                    {
+                        "deployment": dep["id"],
+                        "state": dep["state"],
+                        "devices": rows,
+                        "telemetry": telemetry,
+                    }
+                )
+            )
         else:
             print_rows(rows)
-        failed = [r for r in rows if r["deployment_state"] != "succeeded"]
+            if telemetry:
+                typer.echo("\nserved through the agents' inference service (telemetry):")
+                typer.echo(report_table(telemetry, "device"))
         if failed:
             keep = True
             progress(f"{len(failed)} device(s) failed; logs kept in {home / 'agents'}")

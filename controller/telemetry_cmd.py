@@ -213,11 +213,7 @@ def report(
     if not rows:
         typer.echo("no telemetry in this range")
     else:
-        typer.echo(table([_report_row(r, by) for r in rows], _report_headers(by)))
-        typer.echo(
-            "p50/p95/p99 from merged latency histograms (interpolated within a bucket); "
-            "BENCH = median on-device benchmark; * = power estimated"
-        )
+        typer.echo(report_table(rows, by))
     if plotted:
         typer.echo(f"plot: {plotted}")
 
@@ -228,6 +224,15 @@ def _check_model(fleet: Fleet, model: str) -> None:
     if ":" not in model and re.fullmatch(r"[0-9a-f]{6,64}", model):
         return
     fleet.model(model if ":" in model else name)
+
+
+def report_table(rows: list[dict[str, Any]], by: str) -> str:
+    """The report as a text table with its legend (also printed by `edgefleet demo`)."""
+    return (
+        table([_report_row(r, by) for r in rows], _report_headers(by))
+        + "\np50/p95/p99 from merged latency histograms (interpolated within a bucket); "
+        "BENCH = median on-device benchmark; * = power estimated"
+    )
 
 
 def _report_headers(by: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""`edgefleet up` as a real process: clear port errors, and a restart that loses nothing."""
+"""`edgefleet up` as a real process: clear port errors, a restart that loses nothing, /metrics."""
 
 from __future__ import annotations
 
@@ -8,14 +8,18 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from agent.client import InferenceClient, wait_for_service
 from agent.protocol import Command, Topics, dump
-from controller.broker import BrokerHandle
+from controller.broker import BrokerHandle, free_port
 from controller.fleet import Fleet
 from tests.e2e.conftest import DATA, AgentProcess, wait_until
 
@@ -233,3 +237,59 @@ def test_rollout_survives_a_controller_sigkill_between_waves(
         (rollout["id"],),
     )
     assert {r["device_id"]: r["n"] for r in verdicts} == dict.fromkeys(devices, 1)
+
+
+def test_up_serves_prometheus_metrics_of_a_serving_device(
+    e2e_broker: BrokerHandle,
+    topic_root: str,
+    start_agent: Callable[..., AgentProcess],
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    ctl = ControllerProcess(tmp_path / "ctl", e2e_broker, topic_root, tmp_path / "ctl.log")
+    ctl.args += ["--metrics", f"127.0.0.1:{port}"]
+    ctl.start()
+    try:
+        fleet = Fleet(tmp_path / "ctl")
+        agent = start_agent("dev-m", telemetry_interval_s=0.5)
+        wait_until(lambda: fleet.has_device("dev-m") and fleet.device("dev-m")["online"], 30, "hi")
+        dep = fleet.deploy(DATA / "tiny_fp32.tflite", devices=["dev-m"], name="tiny", version="1")
+        wait_until(
+            lambda: fleet.deployment(dep["id"])["devices"][0]["state"] == "succeeded", 60, "deploy"
+        )
+        assert agent.config.socket_path is not None
+        wait_for_service(agent.config.socket_path, 10)
+        with InferenceClient(agent.config.socket_path) as client:
+            spec = client.model_info()["inputs"][0]
+            x = np.zeros(spec["shape"], dtype=spec["dtype"])
+            for _ in range(120):
+                client.infer(x)
+
+        def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+            url = f"http://127.0.0.1:{port}/metrics"
+            with urllib.request.urlopen(url, timeout=5) as response:
+                text = response.read().decode()
+            return {
+                (s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text)
+                for s in family.samples
+            }
+
+        count = (
+            "edgefleet_inference_latency_seconds_count",
+            (("model", "tiny:1"), ("profile", "rpi4")),
+        )
+        wait_until(
+            lambda: scrape().get(count) == 120,
+            30,
+            "120 served inferences in the per-profile histogram",
+        )
+        samples = scrape()
+        online = ("edgefleet_devices", (("online", "1"), ("profile", "rpi4"), ("state", "active")))
+        assert samples[online] == 1
+        assert samples[("edgefleet_telemetry_records_stored_total", ())] >= 1
+        deploys = [v for (name, labels), v in samples.items() if name == "edgefleet_rollouts"]
+        assert sum(deploys) == 1  # running or already completed: the tick decides when
+        assert samples[("edgefleet_telemetry_gaps_open", ())] == 0
+    finally:
+        assert ctl.stop() == 0, ctl.log.read_text()[-2000:]

@@ -282,7 +282,7 @@ def test_corrupt_update_json_is_quarantined_reported_and_rebuilt(
     path.write_text('{"state": 12}')
     restarted, broker2 = make_agent()
     assert path.with_name("update.json.corrupt").read_text() == '{"state": 12}'
-    assert restarted._serving_sha == manifest.sha256
+    assert restarted.serving.sha256 == manifest.sha256
     assert restarted.state.record.state == "active"
     assert "rebuilt" in restarted.state.record.detail
     error = broker2.events(kind="error")[0]
@@ -302,7 +302,7 @@ def test_corrupt_pointers_rebuilt_from_the_recorded_active_model(
     pointers = tmp_path / "agent" / "models" / "pointers.json"
     pointers.write_bytes(b"\x00\xff garbage")
     restarted, broker2 = make_agent()
-    assert restarted._serving_sha == new.sha256
+    assert restarted.serving.sha256 == new.sha256
     assert ModelStore(pointers.parent).pointers().previous == old.sha256
     assert "recorded active model" in broker2.events(kind="error")[0]["message"]
 
@@ -318,7 +318,7 @@ def test_committed_model_that_no_longer_loads_is_reported_failed(
     model = tmp_path / "agent" / "models" / f"{new.sha256}.tflite"
     model.write_bytes(model.read_bytes()[:100])  # and then the file rots
     restarted, broker2 = make_agent()
-    assert restarted._serving_sha == old.sha256
+    assert restarted.serving.sha256 == old.sha256
     restarted._report_outcome()
     error = broker2.events(kind="error", generation=2)[0]
     assert error["event_id"] == "g2-failed" and error["stage"] == "active"

@@ -1,0 +1,122 @@
+"""What runs beside the update flow on a device: the inference service and telemetry."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+from agent.config import AgentConfig
+from agent.inference_server import InferenceServer
+from agent.metrics import ServingMetrics
+from agent.mqtt import MqttSession
+from agent.power import TELEMETRY_SAMPLE_INTERVAL_S, PowerModel, PowerSource, detect_power_source
+from agent.protocol import SeqRange, Topics
+from agent.runtime import Interpreter
+from agent.serving import ServingModel
+from agent.spool import TelemetrySpool
+from agent.telemetry import TelemetryReporter
+
+log = logging.getLogger(__name__)
+
+
+class LocalServices:
+    """Owns the serving model, the local inference server, the serving metrics and telemetry.
+
+    The daemon swaps models through `swap()` so that a telemetry record never mixes two models,
+    and it starts and stops the services around its own run loop.
+    """
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        session: MqttSession,
+        topics: Topics,
+        power_model: PowerModel,
+        on_problem: Callable[[str], None],
+    ) -> None:
+        """Open the spool and build the services; nothing listens or runs until start()."""
+        self.config = config
+        self._on_problem = on_problem
+        self.serving = ServingModel()
+        self.metrics = ServingMetrics()
+        self.server: InferenceServer | None = None
+        if config.socket_path is not None or config.serve_http:
+            self.server = InferenceServer(
+                self.serving,
+                socket_path=config.socket_path,
+                http=config.serve_http,
+                batch_window_ms=config.batch_window_ms,
+                max_batch=config.max_batch,
+                result_cache_entries=config.result_cache_entries,
+                observer=self.metrics,
+            )
+        self.spool = TelemetrySpool(
+            config.spool_path,
+            max_records=config.spool_max_records,
+            overflow=config.spool_overflow,  # type: ignore[arg-type]  # checked by AgentConfig
+            keep_acked=config.spool_keep_acked,
+        )
+        threads = config.threads or 1
+
+        def power_source() -> PowerSource:
+            return detect_power_source(
+                power_model=power_model,
+                threads=threads,
+                sample_interval_s=TELEMETRY_SAMPLE_INTERVAL_S,
+            )
+
+        self.reporter = TelemetryReporter(
+            session=session,
+            topic=topics.telemetry(config.device_id),
+            device_id=config.device_id,
+            spool=self.spool,
+            metrics=self.metrics,
+            model_sha=lambda: self.serving.sha256,
+            power_source=power_source,
+            interval_s=config.telemetry_interval_s,
+            on_problem=on_problem,
+        )
+
+    def start(self) -> None:
+        """Start telemetry, then the inference server; a server that cannot bind is reported and
+        the agent keeps updating and reporting without it."""
+        self.reporter.start()
+        if self.server is None:
+            return
+        try:
+            self.server.start()
+        except (OSError, ValueError) as exc:
+            self._on_problem(f"inference service not started: {exc}")
+            self.server = None
+            return
+        where = [str(self.config.socket_path)] if self.config.socket_path else []
+        if self.server.http_url:
+            where.append(self.server.http_url)
+        log.info("inference service listening on %s", ", ".join(where))
+
+    def stop(self) -> None:
+        """Stop serving requests, spool the last partial interval, close the spool."""
+        if self.server is not None:
+            self.server.stop()
+        self.reporter.stop()
+        self.spool.close()
+
+    def swap(self, interpreter: Interpreter, sha256: str, init_ms: float) -> None:
+        """Serve another model; the interval so far is closed into a record of the old model."""
+        if self.serving.sha256 not in (None, sha256):
+            self.reporter.collect_now()
+        self.serving.swap(interpreter, sha256, init_ms)
+
+    def clear(self) -> None:
+        """Serve nothing (no model loads); requests fail with a clear error meanwhile."""
+        if self.serving.sha256 is not None:
+            self.reporter.collect_now()
+        self.serving.clear()
+
+    def on_connect(self) -> None:
+        """Drain the spool now that the broker is back."""
+        self.reporter.wake()
+
+    def resend(self, ranges: Sequence[SeqRange]) -> int:
+        """Answer a resend request (blocks for PUBACKs: call it from the work thread)."""
+        return self.reporter.resend(ranges)
