@@ -12,16 +12,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent import __version__
-from agent.benchmark import benchmark_interpreter
 from agent.config import AgentConfig
-from agent.environment import environment_snapshot
 from agent.facts import device_facts
 from agent.fetch import Fetcher
 from agent.fsutil import CorruptFileError
 from agent.local_services import LocalServices
 from agent.memory import release_memory
 from agent.mqtt import MqttSession
-from agent.power import PowerModel, detect_power_source
+from agent.power import PowerModel
 from agent.protocol import (
     BenchmarkReport,
     Command,
@@ -520,22 +518,9 @@ class Agent:
         wait: bool = False,
     ) -> bool:
         """Benchmark the serving model and send a benchmark event; True once acknowledged."""
-        source = detect_power_source(power_model=self.power_model, threads=self.config.threads or 1)
-        # Conditions of the run (governor, clock, temperature) explain an outlier device later.
-        # No external delegate is applied today: the runtime's built-in CPU kernels run the model.
-        environment = environment_snapshot(threads=self.config.threads, delegate=None)
         try:
-            # Served requests wait meanwhile: they would distort the timings, and one
-            # interpreter must never run two invocations at once.
-            with self.serving.exclusive() as (interpreter, sha):
-                result = benchmark_interpreter(
-                    interpreter,
-                    runs=runs,
-                    warmup=warmup,
-                    power_source=source,
-                    init_ms=self.serving.init_ms or 0.0,
-                )
-        except InferenceError:  # raised by exclusive() when nothing is loaded
+            report = self.local.benchmark(runs, warmup, self.runtime)
+        except InferenceError:  # nothing is loaded
             return self._emit(
                 "error",
                 "benchmark requested but no model is active",
@@ -555,14 +540,6 @@ class Agent:
                 stage="active",
                 wait=wait,
             )
-        report = BenchmarkReport(
-            model_sha256=sha,
-            runtime=self.runtime.name,
-            runtime_version=self.runtime.version,
-            threads=self.config.threads,
-            environment=environment,
-            **result,  # type: ignore[arg-type]
-        )
         return self._emit(
             "benchmark",
             "benchmark finished",

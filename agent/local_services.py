@@ -5,13 +5,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
+from agent.benchmark import benchmark_interpreter
 from agent.config import AgentConfig
+from agent.environment import environment_snapshot
 from agent.inference_server import InferenceServer
 from agent.metrics import ServingMetrics
 from agent.mqtt import MqttSession
 from agent.power import TELEMETRY_SAMPLE_INTERVAL_S, PowerModel, PowerSource, detect_power_source
-from agent.protocol import SeqRange, Topics
-from agent.runtime import Interpreter
+from agent.protocol import BenchmarkReport, SeqRange, Topics
+from agent.runtime import Interpreter, RuntimeInfo
 from agent.serving import ServingModel
 from agent.spool import TelemetrySpool
 from agent.telemetry import TelemetryReporter
@@ -36,6 +38,7 @@ class LocalServices:
     ) -> None:
         """Open the spool and build the services; nothing listens or runs until start()."""
         self.config = config
+        self.power_model = power_model
         self._on_problem = on_problem
         self.serving = ServingModel()
         self.metrics = ServingMetrics()
@@ -112,6 +115,34 @@ class LocalServices:
         if self.serving.sha256 is not None:
             self.reporter.collect_now()
         self.serving.clear()
+
+    def benchmark(self, runs: int, warmup: int, runtime: RuntimeInfo) -> BenchmarkReport:
+        """Benchmark the serving model as benchmark_model does; InferenceError if none is loaded.
+
+        Served requests wait meanwhile: they would distort the timings, and one interpreter must
+        never run two invocations at once.
+        """
+        threads = self.config.threads
+        source = detect_power_source(power_model=self.power_model, threads=threads or 1)
+        # Conditions of the run (governor, clock, temperature) explain an outlier device later.
+        # No external delegate is applied today: the runtime's built-in CPU kernels run the model.
+        environment = environment_snapshot(threads=threads, delegate=None)
+        with self.serving.exclusive() as (interpreter, sha):
+            result = benchmark_interpreter(
+                interpreter,
+                runs=runs,
+                warmup=warmup,
+                power_source=source,
+                init_ms=self.serving.init_ms or 0.0,
+            )
+        return BenchmarkReport(
+            model_sha256=sha,
+            runtime=runtime.name,
+            runtime_version=runtime.version,
+            threads=threads,
+            environment=environment,
+            **result,  # type: ignore[arg-type]
+        )
 
     def on_connect(self) -> None:
         """Drain the spool now that the broker is back."""

@@ -104,6 +104,11 @@ def test_served_inferences_reach_the_controller_exactly_once(
         lambda: telemetry_complete(controller, "tel-a", requests), 30, "all requests counted"
     )
 
+    # The deployment's benchmark carries the conditions it ran under.
+    bench = controller.fleet.benchmarks("tel-a")[0]
+    assert bench["environment"]["threads"] == 1
+    assert set(bench["environment"]) >= {"governor", "cpu_freq_mhz", "temperature_c", "delegate"}
+
     rows = controller.fleet.db.query(
         "SELECT * FROM telemetry WHERE device_id = ? AND served > 0", ("tel-a",)
     )
