@@ -51,6 +51,15 @@ def test_demo_json_reports_every_device_and_cleans_up() -> None:
         assert 0 < bench["peak_rss_mb"] < 400, "peak RSS is the agent's own, not its parent's"
         assert bench["power_source"] == "estimated" and bench["energy_mj_per_inference"] > 0
     assert "registered" in out.stderr and "egress" in out.stderr, "progress is shown"
+    # The application's requests, counted by the controller from each device's telemetry.
+    telemetry = {r["device"]: r for r in data["telemetry"]}
+    assert sorted(telemetry) == ["demo-1", "demo-2", "demo-3"]
+    for device, row in telemetry.items():
+        assert row["inferences"] == 300, device
+        assert row["model"] == "digits-cnn:1"
+        assert 0 < row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
+        assert row["energy_mj_per_inference"] > 0 and row["power_estimated"]
+    assert "accuracy demo-1" in out.stderr
     leftovers = [p for p in _demo_processes() if p.pid not in before]
     assert leftovers == [], f"demo left processes running: {leftovers}"
 
