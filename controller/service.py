@@ -244,13 +244,41 @@ class ControllerService:
         needs: dict[str, set[int]],
         first_need: dict[str, float],
     ) -> None:
-        """Handle messages; one bad message never stops the others."""
+        """Handle messages; one bad message never stops the others. Telemetry is parsed here
+        and stored for the whole batch at once (set-based: a few statements per batch)."""
+        telemetry: list[Telemetry] = []
         for topic, payload in batch:
             try:
-                self._handle(fleet, topic, payload, needs, first_need)
+                self._handle(fleet, topic, payload, needs, first_need, telemetry)
             except Exception:
                 self.errors += 1
                 log.exception("failed to handle a message on %s", topic)
+        if telemetry:
+            self._store_telemetry(fleet, telemetry)
+
+    def _store_telemetry(self, fleet: Fleet, messages: list[Telemetry]) -> None:
+        """Store a batch's telemetry in one savepoint; if that fails, message by message."""
+        try:
+            with fleet.db.transaction():
+                results = [fleet.telemetry.ingest_many(messages, time.time())]
+        except Exception:
+            self.errors += 1
+            log.exception(
+                "telemetry batch of %d messages failed; storing one by one", len(messages)
+            )
+            results = []
+            for message in messages:
+                try:
+                    with fleet.db.transaction():
+                        results.append(fleet.telemetry.ingest(message, time.time()))
+                except Exception:
+                    self.errors += 1
+                    log.exception("cannot store telemetry from %s", message.device_id)
+        for result in results:
+            self.records_stored += result.stored
+            self.records_duplicate += result.duplicates
+            if self.metrics is not None:
+                self.metrics.observe_ingest(result)
 
     def _drain(self, timeout: float) -> list[tuple[str, bytes]]:
         """Up to MAX_BATCH queued messages, waiting at most `timeout` for the first."""
@@ -272,8 +300,10 @@ class ControllerService:
         payload: bytes,
         needs: dict[str, set[int]],
         first_need: dict[str, float],
+        telemetry: list[Telemetry],
     ) -> None:
-        """Parse and apply one inbound message; reject bad input with a counted log line."""
+        """Parse and apply one inbound message (telemetry is only parsed and collected);
+        reject bad input with a counted log line."""
         try:
             parsed = self.topics.parse(topic)
             if parsed.channel == "hello":
@@ -293,13 +323,9 @@ class ControllerService:
                 _same_device(event.device_id, parsed.ident)
                 fleet.record_event(event)
             elif parsed.channel == "telemetry":
-                telemetry = parse(payload, Telemetry)
-                _same_device(telemetry.device_id, parsed.ident)
-                result = fleet.telemetry.ingest(telemetry, time.time())
-                self.records_stored += result.stored
-                self.records_duplicate += result.duplicates
-                if self.metrics is not None:
-                    self.metrics.observe_ingest(result)
+                message = parse(payload, Telemetry)
+                _same_device(message.device_id, parsed.ident)
+                telemetry.append(message)
             elif parsed.channel == "need":
                 need = parse(payload, Need)
                 manifest = fleet.manifest(parsed.ident)

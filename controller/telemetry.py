@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Iterable
+import operator
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,14 @@ from controller.reports import (
     raw_sums_sql,
     summarize,
 )
+from controller.telemetry_plan import (
+    Applied,
+    DeviceState,
+    Gap,
+    Plan,
+    apply_plan,
+    plan_message,
+)
 
 # Raw rows folded into per-minute aggregates per compact() call: compaction measured 15-40 us per
 # row here, so 5,000 rows hold the writer lock 0.1-0.2 s: short enough beside live ingest.
@@ -30,9 +38,6 @@ COMPACT_BATCH_ROWS = 5_000
 MAX_RESEND_RANGES = 200
 # Seconds per day, for retention given in days.
 DAY_S = 86_400.0
-
-# Reason stored with gaps the device declared unavailable (dropped from its spool).
-LOST_UNAVAILABLE = "unavailable on the device"
 
 
 @dataclass(frozen=True)
@@ -46,58 +51,6 @@ class IngestResult:
     lost: int
     # Sequence numbers counted lost earlier (no answer to resends) that arrived after all.
     recovered: int = 0
-
-
-@dataclass
-class _Gap:
-    """A range of sequence numbers the controller has not got: missing (ask) or lost (don't)."""
-
-    seq_first: int
-    seq_last: int
-    state: str
-    first_seen: float
-    last_requested: float | None = None
-    requests: int = 0
-    reason: str = ""
-
-    def row(self) -> tuple[Any, ...]:
-        """The columns after device_id, as stored (the field order is the column order)."""
-        return dataclasses.astuple(self)
-
-
-def _take(gaps: list[_Gap], first: int, last: int, states: set[str]) -> list[tuple[_Gap, int, int]]:
-    """Cut [first, last] out of the gaps in `states`; return (gap, lo, hi) for each overlap."""
-    taken: list[tuple[_Gap, int, int]] = []
-    kept: list[_Gap] = []
-    for g in gaps:
-        if g.state not in states or g.seq_last < first or g.seq_first > last:
-            kept.append(g)
-            continue
-        lo, hi = max(first, g.seq_first), min(last, g.seq_last)
-        taken.append((g, lo, hi))
-        if g.seq_first < lo:
-            kept.append(dataclasses.replace(g, seq_last=lo - 1))
-        if hi < g.seq_last:
-            kept.append(dataclasses.replace(g, seq_first=hi + 1))
-    gaps[:] = sorted(kept, key=lambda g: g.seq_first)
-    return taken
-
-
-def _coalesce_lost(gaps: list[_Gap]) -> None:
-    """Join adjacent lost ranges with the same reason, so lost rows do not pile up."""
-    out: list[_Gap] = []
-    for g in sorted(gaps, key=lambda g: g.seq_first):
-        prev = out[-1] if out else None
-        if (
-            prev is not None
-            and prev.state == g.state == "lost"
-            and prev.reason == g.reason
-            and prev.seq_last + 1 == g.seq_first
-        ):
-            prev.seq_last = g.seq_last
-        else:
-            out.append(g)
-    gaps[:] = out
 
 
 _INSERT_COLUMNS = (
@@ -151,17 +104,65 @@ _RECORD_TAIL = column_names(
 )
 
 
+# The same fields read in one C call, and the latency columns of a record that served nothing.
+_record_tail = operator.attrgetter(*_RECORD_TAIL)
+_NO_LATENCY = (0, None, None, None, None, None, *(0,) * BUCKET_COUNT)
+
+
 def _record_row(device_id: str, r: TelemetryRecord, received: float) -> tuple[Any, ...]:
     """One telemetry table row for a record, columns in _INSERT_COLUMNS order."""
     s = r.served
     latency = (
         (s.count, s.p50_ms, s.p90_ms, s.p99_ms, s.mean_ms, s.max_ms, *s.buckets)
         if s
-        else (0, None, None, None, None, None, *(0,) * BUCKET_COUNT)
+        else _NO_LATENCY
     )
     head = (device_id, r.seq, r.ts, int(r.ts // 60) * 60, received, r.model_sha256, r.interval_s)
-    tail = tuple(getattr(r, name) for name in _RECORD_TAIL)
+    tail = _record_tail(r)
     return (*head, *latency, *tail[:-4], 1 if r.power_estimated else 0, *tail[-3:])
+
+
+# Bound parameters per SELECT of a batch: SQLite's limit before 3.32 (newer allow 32,766), so
+# the cursors of a whole 500-message drain from 500 devices are one statement, their gaps two.
+MAX_SQL_PARAMS = 999
+
+_GAP_COLUMNS = "seq_first, seq_last, state, first_seen, last_requested, requests, reason"
+_CURSOR_SQL = (
+    "INSERT INTO telemetry_cursor (device_id, highest, contiguous, stored, duplicates, lost, "
+    "dropped_total, last_ts, updated) VALUES (?, ?, COALESCE((SELECT MIN(seq_first) - 1 FROM "
+    "telemetry_gaps WHERE device_id = ? AND state = 'missing'), ?), ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (device_id) DO UPDATE SET highest = excluded.highest, "
+    "contiguous = excluded.contiguous, "
+    "stored = telemetry_cursor.stored + excluded.stored, "
+    "duplicates = telemetry_cursor.duplicates + excluded.duplicates, "
+    "lost = telemetry_cursor.lost + excluded.lost, "
+    f"dropped_total = {_max_sql('telemetry_cursor', 'dropped_total')}, "
+    f"last_ts = {_max_sql('telemetry_cursor', 'last_ts')}, "
+    "updated = excluded.updated"
+)
+
+
+def _select_in(tx: Any, sql: str, keys: Sequence[str]) -> list[tuple[Any, ...]]:
+    """Rows of `sql` with its "{}" made an IN list of `keys`, MAX_SQL_PARAMS keys a statement."""
+    rows: list[tuple[Any, ...]] = []
+    for i in range(0, len(keys), MAX_SQL_PARAMS):
+        part = keys[i : i + MAX_SQL_PARAMS]
+        rows += map(tuple, tx.execute(sql.format(", ".join("?" * len(part))), part))
+    return rows
+
+
+def _select_ranges(
+    tx: Any, sql: str, test: str, ranges: Iterable[tuple[str, int, int]]
+) -> list[tuple[Any, ...]]:
+    """Rows of `sql` matching any (device_id, lo, hi) of `ranges` by `test`: an OR of them."""
+    terms = list(dict.fromkeys(ranges))
+    step = MAX_SQL_PARAMS // 3
+    rows: list[tuple[Any, ...]] = []
+    for i in range(0, len(terms), step):
+        part = terms[i : i + step]
+        where = " OR ".join([f"(device_id = ? AND {test})"] * len(part))
+        rows += map(tuple, tx.execute(f"{sql} WHERE {where}", [x for t in part for x in t]))
+    return rows
 
 
 class TelemetryStore:
@@ -175,148 +176,180 @@ class TelemetryStore:
 
     # ------------------------------------------------------------------ ingest
     def ingest(self, message: Telemetry, received: float) -> IngestResult:
-        """Store new records once, update gaps and cursor; runs in (or as) a transaction."""
-        device = message.device_id
+        """Store a message's new records once, update gaps and cursor: ingest_many of one."""
+        return self.ingest_many((message,), received)
+
+    def ingest_many(self, messages: Sequence[Telemetry], received: float) -> IngestResult:
+        """Ingest a batch of messages set-based: the same as ingest() of each in order.
+
+        The same rows, gaps, cursors, totals and summed counts, with a handful of statements
+        per call whatever the number of messages and devices: read the cursors and the gaps
+        the batch can touch, decide in Python, write each table with one executemany. Runs in
+        a transaction of its own, or as a SAVEPOINT inside the caller's: all or nothing.
+        """
+        if not messages:
+            return IngestResult(0, 0, 0, 0, 0)
+        plans = [plan_message(m) for m in messages]
         with self.db.transaction() as tx:
-            cur = tx.execute(
-                "SELECT highest FROM telemetry_cursor WHERE device_id = ?", (device,)
-            ).fetchone()
-            highest = int(cur[0]) if cur else 0
-            old_highest = highest
-            items: list[tuple[int, int, TelemetryRecord | None]] = [
-                (r.seq, r.seq, r) for r in message.records
-            ] + [(u.first, u.last, None) for u in message.unavailable]
-            items.sort(key=lambda item: (item[0], item[2] is None))
-            lo = items[0][0]
-            hi = min(max(item[1] for item in items), highest)
-            original: list[_Gap] = []
-            if lo <= hi:
-                original = [
-                    _Gap(*row)
-                    for row in tx.execute(
-                        "SELECT seq_first, seq_last, state, first_seen, last_requested, "
-                        "requests, reason FROM telemetry_gaps WHERE device_id = ? "
-                        "AND seq_last >= ? AND seq_first <= ? ORDER BY seq_first",
-                        (device, lo, hi),
-                    )
-                ]
-            gaps = [dataclasses.replace(g) for g in original]
-            new: list[TelemetryRecord] = []
-            opened = closed = lost = recovered = 0
-            for first, last, record in items:
-                if record is not None:
-                    if first > highest:
-                        if first > highest + 1:
-                            gaps.append(_Gap(highest + 1, first - 1, "missing", received))
-                            opened += 1
-                        highest = first
-                        new.append(record)
-                        continue
-                    taken = _take(gaps, first, first, {"missing", "lost"})
-                    if taken:
-                        g = taken[0][0]
-                        new.append(record)
-                        if g.state == "lost":
-                            recovered += 1
-                        elif g.seq_first == g.seq_last:
-                            closed += 1
-                    continue
-                # unavailable [first, last]: missing seqs below `highest` become lost...
-                for g, a, b in _take(gaps, first, min(last, highest), {"missing"}):
-                    gaps.append(
-                        _Gap(a, b, "lost", g.first_seen, g.last_requested, g.requests,
-                             LOST_UNAVAILABLE)
-                    )  # fmt: skip
-                    lost += b - a + 1
-                # ...and seqs the controller never heard of are lost from the start.
-                if last > highest:
-                    start = max(first, highest + 1)
-                    if start > highest + 1:
-                        gaps.append(_Gap(highest + 1, start - 1, "missing", received))
-                        opened += 1
-                    gaps.append(_Gap(start, last, "lost", received, reason=LOST_UNAVAILABLE))
-                    lost += last - start + 1
-                    highest = last
-                gaps.sort(key=lambda g: g.seq_first)
-            _coalesce_lost(gaps)
-            stored = self._insert(tx, device, new, old_highest, received)
-            self._write_gaps(tx, device, original, gaps)
-            missing_low = tx.execute(
-                "SELECT MIN(seq_first) FROM telemetry_gaps WHERE device_id = ? "
-                "AND state = 'missing'",
-                (device,),
-            ).fetchone()[0]
-            contiguous = highest if missing_low is None else int(missing_low) - 1
-            duplicates = len(message.records) - stored
-            tx.execute(
-                "INSERT INTO telemetry_cursor (device_id, highest, contiguous, stored, duplicates, "
-                "lost, dropped_total, last_ts, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (device_id) DO UPDATE SET highest = excluded.highest, "
-                "contiguous = excluded.contiguous, "
-                "stored = telemetry_cursor.stored + excluded.stored, "
-                "duplicates = telemetry_cursor.duplicates + excluded.duplicates, "
-                "lost = telemetry_cursor.lost + excluded.lost, "
-                f"dropped_total = {_max_sql('telemetry_cursor', 'dropped_total')}, "
-                f"last_ts = {_max_sql('telemetry_cursor', 'last_ts')}, "
-                "updated = excluded.updated",
-                (
-                    device,
-                    highest,
-                    contiguous,
-                    stored,
-                    duplicates,
-                    lost - recovered,
-                    max((r.dropped_total for r in message.records), default=0),
-                    max((r.ts for r in message.records), default=None),
-                    received,
-                ),
-            )
+            states = self._read_states(tx, plans)
+            applied = [apply_plan(states[p.message.device_id], p, received) for p in plans]
+            self._drop_stored_refills(tx, applied)
+            rows: list[tuple[Any, ...]] = []
+            for a in applied:
+                device, records, new = a.message.device_id, a.message.records, a.new
+                state = states[device]
+                state.stored += len(new)
+                state.duplicates += len(records) - len(new)
+                state.lost += a.lost - a.recovered
+                if records:
+                    dropped = max([r.dropped_total for r in records])
+                    ts = max([r.ts for r in records])
+                    state.dropped_total = max(state.dropped_total, dropped)
+                    state.last_ts = ts if state.last_ts is None else max(state.last_ts, ts)
+                rows += [_record_row(device, r, received) for r in new]
+            tx.executemany(_INSERT_SQL, rows)
+            self._write_gaps(tx, states)
+            tx.executemany(
+                _CURSOR_SQL,
+                [
+                    (d, s.highest, d, s.highest, s.stored, s.duplicates, s.lost, s.dropped_total,
+                     s.last_ts, received)
+                    for d, s in states.items()
+                ],
+            )  # fmt: skip
+            self._add_latency_totals(tx, applied)
+        opened = closed = lost = recovered = 0
+        for a in applied:
+            opened, closed = opened + a.opened, closed + a.closed
+            lost, recovered = lost + a.lost, recovered + a.recovered
+        stored = sum(s.stored for s in states.values())
+        duplicates = sum(s.duplicates for s in states.values())
         return IngestResult(stored, duplicates, opened, closed, lost, recovered)
 
-    def _insert(
-        self, tx: Any, device: str, new: list[TelemetryRecord], old_highest: int, received: float
-    ) -> int:
-        """Insert the new records (executemany) and add their latencies to the running totals."""
-        if not new:
-            return 0
-        refills = [r.seq for r in new if r.seq <= old_highest]
-        if refills:  # belt and braces: a refill that is somehow already stored is not re-counted
-            present = {
-                seq
-                for (seq,) in tx.execute(
-                    "SELECT seq FROM telemetry WHERE device_id = ? AND seq BETWEEN ? AND ?",
-                    (device, min(refills), max(refills)),
-                )
-            }
-            new = [r for r in new if r.seq not in present]
-        tx.executemany(_INSERT_SQL, [_record_row(device, r, received) for r in new])
-        profile_row = tx.execute("SELECT profile FROM devices WHERE id = ?", (device,)).fetchone()
-        profile = (profile_row[0] if profile_row else None) or ""
-        totals: dict[str, list[float]] = {}
-        for r in new:
-            if r.served is None or r.served.count == 0:
-                continue
-            acc = totals.setdefault(r.model_sha256 or "", [0, 0.0] + [0] * BUCKET_COUNT)
-            acc[0] += r.served.count
-            acc[1] += r.served.count * r.served.mean_ms
-            for i, n in enumerate(r.served.buckets):
-                acc[2 + i] += n
-        tx.executemany(_TOTALS_SQL, [(profile, sha, *acc) for sha, acc in totals.items()])
-        return len(new)
+    @staticmethod
+    def _read_states(tx: Any, plans: list[Plan]) -> dict[str, DeviceState]:
+        """The cursors of the batch's devices and the stored gaps it can touch: two SELECTs.
+
+        Stored gaps lie at or below their device's highest seq, so a message can only touch
+        those overlapping its window cut at the highest read here; the gaps above are made
+        within the batch and kept in memory.
+        """
+        devices = list(dict.fromkeys(p.message.device_id for p in plans))
+        cursors = dict(
+            _select_in(
+                tx,
+                "SELECT device_id, highest FROM telemetry_cursor WHERE device_id IN ({})",
+                devices,
+            )
+        )
+        states = {d: DeviceState(int(cursors.get(d, 0))) for d in devices}
+        windows = [  # none for live messages: all their seqs are above `highest`
+            (p.message.device_id, p.lo, min(p.top, top))
+            for p in plans
+            if p.lo <= (top := states[p.message.device_id].highest)
+        ]
+        gaps = {
+            (row[0], row[1]): row
+            for row in _select_ranges(
+                tx,
+                f"SELECT device_id, {_GAP_COLUMNS} FROM telemetry_gaps",
+                "seq_last >= ? AND seq_first <= ?",
+                windows,
+            )
+        }
+        for device, *columns in sorted(gaps.values()):
+            gap = Gap(*columns)
+            states[device].gaps.append(gap)
+            states[device].read.add(gap.row())
+        return states
 
     @staticmethod
-    def _write_gaps(tx: Any, device: str, before: list[_Gap], after: list[_Gap]) -> None:
-        """Write only the gap rows that changed (delete removed ones first, then insert)."""
-        old = {g.row() for g in before}
-        now_rows = {g.row() for g in after}
-        gone = [(device, row[0]) for row in old - now_rows]
-        added = [(device, *row) for row in now_rows - old]
-        tx.executemany("DELETE FROM telemetry_gaps WHERE device_id = ? AND seq_first = ?", gone)
-        tx.executemany(
-            "INSERT INTO telemetry_gaps (device_id, seq_first, seq_last, state, first_seen, "
-            "last_requested, requests, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            added,
+    def _drop_stored_refills(tx: Any, applied: list[Applied]) -> None:
+        """Belt and braces: a refill that is somehow already stored is not stored or counted.
+
+        Only rows stored before the batch can be hit: a seq stored by an earlier message of the
+        batch is a duplicate for the later ones, never a refill.
+        """
+        ranges = []
+        for a in applied:
+            refills = [r.seq for r in a.new if r.seq <= a.old_highest]
+            if refills:
+                ranges.append((a.message.device_id, min(refills), max(refills)))
+        if not ranges:
+            return
+        present = set(
+            _select_ranges(
+                tx, "SELECT device_id, seq FROM telemetry", "seq BETWEEN ? AND ?", ranges
+            )
         )
+        for a in applied:
+            device = a.message.device_id
+            a.new = [r for r in a.new if r.seq > a.old_highest or (device, r.seq) not in present]
+
+    @staticmethod
+    def _write_gaps(tx: Any, states: dict[str, DeviceState]) -> None:
+        """Write only the gap rows that changed (delete removed ones first, then insert)."""
+        gone: list[tuple[Any, ...]] = []
+        added: list[tuple[Any, ...]] = []
+        for device, state in states.items():
+            if state.gaps or state.read:
+                now = {g.row() for g in state.gaps}
+                gone += [(device, row[0]) for row in state.read - now]
+                added += [(device, *row) for row in now - state.read]
+        if gone:
+            tx.executemany("DELETE FROM telemetry_gaps WHERE device_id = ? AND seq_first = ?", gone)
+        if added:
+            tx.executemany(
+                f"INSERT INTO telemetry_gaps (device_id, {_GAP_COLUMNS}) "
+                f"VALUES ({', '.join('?' * 8)})",
+                added,
+            )
+
+    @staticmethod
+    def _add_latency_totals(tx: Any, applied: list[Applied]) -> None:
+        """Add the new records' latencies to the profile x model totals, exactly as message by
+        message: one upsert per key (the batch's counts, the first message's latency sum), then
+        one UPDATE per key adding the other messages' sums in order, `+ ? + ?`, so the float
+        total rounds as it would have (summed in Python first, it could differ in the last bit).
+        """
+        devices = list(dict.fromkeys(a.message.device_id for a in applied if a.new))
+        if not devices:
+            return
+        profiles = dict(_select_in(tx, "SELECT id, profile FROM devices WHERE id IN ({})", devices))
+        # Per profile x model: served counts, bucket counts, each message's latency sum.
+        keys: dict[tuple[str, str], tuple[list[int], list[tuple[int, ...]], list[float]]] = {}
+        for a in applied:
+            profile = profiles.get(a.message.device_id) or ""
+            sums: dict[tuple[str, str], float] = {}
+            for r in a.new:
+                s = r.served
+                if s is None or s.count == 0:
+                    continue
+                key = (profile, r.model_sha256 or "")
+                if key not in keys:
+                    keys[key] = ([], [], [])
+                keys[key][0].append(s.count)
+                keys[key][1].append(s.buckets)
+                sums[key] = sums.get(key, 0.0) + s.count * s.mean_ms  # 0.0 + x, as ingest did
+            for key, latency in sums.items():
+                keys[key][2].append(latency)
+        if not keys:
+            return
+        rows = [
+            (*key, sum(served), latency[0], *map(sum, zip(*buckets, strict=True)))
+            for key, (served, buckets, latency) in keys.items()
+        ]
+        tx.executemany(_TOTALS_SQL, rows)
+        step = MAX_SQL_PARAMS // 2  # also keeps the `+ ?` chain under SQLite's depth limit (1000)
+        for key, (_, _, latency) in keys.items():
+            for i in range(1, len(latency), step):
+                part = latency[i : i + step]
+                tx.execute(
+                    "UPDATE telemetry_latency_totals SET latency_sum_ms = latency_sum_ms"
+                    + " + ?" * len(part)
+                    + " WHERE profile = ? AND model_sha256 = ?",
+                    (*part, *key),
+                )
 
     # ------------------------------------------------------------------ resends
     def due_resends(
