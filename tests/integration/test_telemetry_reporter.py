@@ -218,15 +218,16 @@ def test_unacknowledged_publish_stays_pending(
 def test_backlog_is_sent_in_capped_messages(
     mosquitto_broker: BrokerHandle, mqtt_probe: ProbeFactory, make_rig: Callable[..., Rig]
 ) -> None:
-    """450 records spooled offline go out as 200 + 200 + 50 once the session connects."""
+    """2 x cap + 50 records spooled offline go out as cap + cap + 50 once connected."""
+    total = 2 * MAX_TELEMETRY_RECORDS + 50
     rig = make_rig(mosquitto_broker.url, interval_s=60.0, keep_acked=1_000, connect=False)
     probe = subscriber(mqtt_probe, mosquitto_broker, rig.topic)
-    for _ in range(450):
+    for _ in range(total):
         rig.reporter.collect_now()
     assert rig.reporter.flush() == 0  # not connected: nothing published, nothing acked
     rig.reporter.start()
     rig.session.start()  # on_connect -> wake() -> drain
-    wait_until(lambda: has_all(probe, rig.topic, 450), 20, "records 1..450")
+    wait_until(lambda: has_all(probe, rig.topic, total), 20, f"records 1..{total}")
     messages = probe.messages(rig.topic)
     sizes = [len(parse(m.payload, Telemetry).records) for m in messages]
     assert sizes == [MAX_TELEMETRY_RECORDS, MAX_TELEMETRY_RECORDS, 50]
@@ -241,7 +242,8 @@ def fake_board_sysfs(root: Path) -> Path:
         hwmon.mkdir(parents=True)
         (hwmon / "name").write_text(f"{chip}\n")
         (hwmon / "power1_input").write_text(f"{(index + 1) * 750_000}\n")
-        (hwmon / "in1_label").write_text(f"VDD_RAIL_{chip.upper()}_MAIN\n")
+        # Long rail names, as some boards have: they make a full record ~1 KB of JSON.
+        (hwmon / "in1_label").write_text(f"VDD_RAIL_{chip.upper()}_MAIN_{'SUPPLY_' * 12}\n")
         (root / "class" / "hwmon").mkdir(parents=True, exist_ok=True)
         (root / "class" / "hwmon" / f"hwmon{index}").symlink_to(hwmon)
     zone = root / "devices" / "virtual" / "thermal" / "thermal_zone0"
@@ -259,7 +261,8 @@ def test_full_records_are_split_under_the_byte_cap(
     make_rig: Callable[..., Rig],
     tmp_path: Path,
 ) -> None:
-    """Records with latency stats, power and temperature: 200 exceed 128 KiB, so fewer go."""
+    """Records with latency stats, power and a long source label: a full batch exceeds 128 KiB,
+    so fewer records go per message."""
     sysfs = fake_board_sysfs(tmp_path / "sys")
     rig = make_rig(mosquitto_broker.url, interval_s=60.0, keep_acked=1_000, sysfs_root=sysfs)
     probe = subscriber(mqtt_probe, mosquitto_broker, rig.topic)
@@ -270,7 +273,7 @@ def test_full_records_are_split_under_the_byte_cap(
     first = rig.spool.pending(MAX_TELEMETRY_RECORDS)
     assert first[0].power_source.startswith("hwmon:") and first[0].temperature_c == 51.234
     full = dump(Telemetry(DEVICE, records=tuple(first)))
-    assert len(full) > MAX_MESSAGE_BYTES, "precondition: 200 such records exceed the cap"
+    assert len(full) > MAX_MESSAGE_BYTES, "precondition: a full batch exceeds the byte cap"
     assert rig.reporter.flush() == 300
     wait_until(lambda: has_all(probe, rig.topic, 300), 10, "records 1..300")
     messages = probe.messages(rig.topic)
