@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
+from agent.protocol.names import validate_name
 from firmware_profiles.schema import (
     ID_PATTERN,
     Accelerator,
@@ -129,15 +130,25 @@ def _known_ids(dirs: Sequence[Path]) -> list[str]:
 
 
 def load(profile_id: str, extra_dirs: Sequence[Path | str] | None = None) -> Profile:
-    """The profile with this id from the highest-priority directory that has it."""
+    """The profile with this id from the highest-priority directory that has it.
+
+    The id becomes a file name: one with a path separator, `..` or a control character is
+    refused naming the character before any path is built from it.
+    """
     dirs = profile_dirs(extra_dirs)
-    if isinstance(profile_id, str) and ID_PATTERN.fullmatch(profile_id):
-        for directory in reversed(dirs):
-            candidate = directory / f"{profile_id}.toml"
-            if candidate.is_file():
-                return load_file(candidate)
+    try:
+        validate_name("profile id", profile_id)
+    except ValueError as exc:
+        why = f" ({exc})"
+    else:
+        why = ""
+        if ID_PATTERN.fullmatch(profile_id):
+            for directory in reversed(dirs):
+                candidate = directory / f"{profile_id}.toml"
+                if candidate.is_file():
+                    return load_file(candidate)
     known = ", ".join(_known_ids(dirs)) or "none"
-    raise ProfileError(f"unknown profile {profile_id!r}; known profiles: {known}")
+    raise ProfileError(f"unknown profile {profile_id!r}{why}; known profiles: {known}")
 
 
 def _normalize_arch(value: object) -> str | None:

@@ -30,6 +30,7 @@ from agent.protocol.messages import (
     dump,
     parse,
 )
+from agent.protocol.names import MAX_NAME_LENGTH, validate_label, validate_name
 from agent.protocol.telemetry import (
     BUCKET_COUNT,
     Environment,
@@ -54,6 +55,7 @@ __all__ = [
     "LATENCY_BUCKETS_MS",
     "MAX_CHUNK_SIZE",
     "MAX_JSON_BYTES",
+    "MAX_NAME_LENGTH",
     "MAX_TELEMETRY_BYTES",
     "MAX_TELEMETRY_RECORDS",
     "SCHEMA_VERSION",
@@ -80,5 +82,7 @@ __all__ = [
     "dump",
     "parse",
     "validate_device_id",
+    "validate_label",
+    "validate_name",
     "validate_sha256",
 ]

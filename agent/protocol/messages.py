@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import reprlib
 import time
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
@@ -14,6 +15,7 @@ from agent.protocol.limits import (
     MAX_JSON_BYTES,
     SCHEMA_VERSION,
 )
+from agent.protocol.names import validate_label, validate_name
 from agent.protocol.schema import decode_dataclass, encode
 from agent.protocol.telemetry import Environment, SeqRange
 from agent.protocol.topics import validate_device_id, validate_sha256
@@ -32,6 +34,14 @@ def _check_version(v: int) -> None:
         raise ProtocolError(
             f"$.v: unsupported schema version {v} (this side speaks {SCHEMA_VERSION})"
         )
+
+
+def _name(field_name: str, kind: str, value: object, *, allow_empty: bool = False) -> None:
+    """Refuse an unsafe name (names can reach paths, topics and shells), naming the field."""
+    try:
+        validate_name(kind, value, allow_empty=allow_empty)
+    except ProtocolError as exc:
+        raise ProtocolError(f"$.{field_name}: {exc}") from None
 
 
 def _non_negative(name: str, value: float) -> None:
@@ -66,9 +76,12 @@ class Hello:
     v: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
-        """Validate the device id and schema version."""
+        """Validate the device id, names and schema version."""
         _check_version(self.v)
         validate_device_id(self.device_id)
+        _name("agent_version", "agent version", self.agent_version)
+        if self.profile is not None:
+            _name("profile", "profile id", self.profile)
 
 
 @dataclass(frozen=True)
@@ -105,10 +118,12 @@ class ArtifactRef:
     version: str
 
     def __post_init__(self) -> None:
-        """Validate digest and size."""
+        """Validate digest, size and names."""
         validate_sha256(self.sha256)
         if not 0 < self.size <= MAX_ARTIFACT_SIZE:
             raise ProtocolError(f"$.artifact.size: out of range (1..{MAX_ARTIFACT_SIZE})")
+        _name("artifact.name", "model name", self.name)
+        _name("artifact.version", "model version", self.version)
 
 
 @dataclass(frozen=True)
@@ -142,8 +157,9 @@ class Desired:
     v: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
-        """Validate counters and budgets."""
+        """Validate counters, budgets and the deployment id."""
         _check_version(self.v)
+        _name("deployment_id", "deployment id", self.deployment_id)
         if self.generation < 1:
             raise ProtocolError(f"$.generation: must be >= 1, got {self.generation}")
         if self.benchmark_runs < 1:
@@ -171,9 +187,15 @@ class Manifest:
     v: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
-        """Check that size, chunk size and the chunk list agree."""
+        """Check names, and that size, chunk size and the chunk list agree."""
         _check_version(self.v)
         validate_sha256(self.sha256)
+        _name("name", "model name", self.name)
+        # Empty while the controller builds a manifest before it knows the version (fleet.py).
+        _name("version", "model version", self.version, allow_empty=True)
+        _name("recipe", "recipe name", self.recipe)
+        if self.profile is not None:
+            _name("profile", "profile id", self.profile)
         if not 0 < self.size <= MAX_ARTIFACT_SIZE:
             raise ProtocolError(f"$.size: out of range (1..{MAX_ARTIFACT_SIZE})")
         if not 0 < self.chunk_size <= MAX_CHUNK_SIZE:
@@ -230,8 +252,12 @@ class BenchmarkReport:
     environment: Environment | None = None
 
     def __post_init__(self) -> None:
-        """Validate the digest."""
+        """Validate the digest and the power source label."""
         validate_sha256(self.model_sha256)
+        try:
+            validate_label("power source", self.power_source)
+        except ProtocolError as exc:
+            raise ProtocolError(f"$.power_source: {exc}") from None
 
 
 EventKind = Literal["update", "benchmark", "error", "rejected", "command"]
@@ -262,6 +288,9 @@ class Event:
         validate_device_id(self.device_id)
         if not 1 <= len(self.event_id) <= 64:
             raise ProtocolError("$.event_id: must be 1-64 characters")
+        _name("event_id", "event id", self.event_id)
+        if self.deployment_id is not None:
+            _name("deployment_id", "deployment id", self.deployment_id)
         if self.model_sha256 is not None:
             validate_sha256(self.model_sha256)
 
@@ -284,6 +313,7 @@ class Command:
         _check_version(self.v)
         if not 1 <= len(self.command_id) <= 64:
             raise ProtocolError("$.command_id: must be 1-64 characters")
+        _name("command_id", "command id", self.command_id)
         if self.runs < 1:
             raise ProtocolError(f"$.runs: must be >= 1, got {self.runs}")
         _non_negative("warmup", self.warmup)
@@ -319,14 +349,17 @@ def parse(payload: bytes | bytearray | str, cls: type[M]) -> M:
         )
     try:
         data = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except RecursionError:  # "[[[[…" nested deeper than the interpreter's stack, within the cap
+        raise ProtocolError("$: JSON nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of >4300 digits
         raise ProtocolError(f"$: not valid JSON ({exc})") from None
     if isinstance(data, dict):
         if "v" not in data:
             raise ProtocolError("$.v: missing field")
         if data["v"] != SCHEMA_VERSION:
             raise ProtocolError(
-                f"$.v: unsupported schema version {data['v']!r} (this side speaks {SCHEMA_VERSION})"
+                f"$.v: unsupported schema version {reprlib.repr(data['v'])} "
+                f"(this side speaks {SCHEMA_VERSION})"
             )
     return decode_dataclass(data, cls)
 

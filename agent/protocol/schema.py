@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
+import sys
 import types
 import typing
 from collections.abc import Callable
@@ -27,6 +29,19 @@ def _hints(cls: type) -> dict[str, Any]:
 def _type_name(tp: Any) -> str:
     """Readable name of a type for error messages."""
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+# Bounded repr for error messages: a rejected value may be a 256 KiB list or nested 1,000 deep
+# (a plain repr would be huge or raise RecursionError); a few levels and items name it well enough.
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel = 3
+_SHORT_REPR.maxstring = 60
+_SHORT_REPR.maxother = 60
+
+
+def _show(value: Any) -> str:
+    """A short, always-safe repr of a rejected value for an error message."""
+    return _SHORT_REPR.repr(value)
 
 
 Decoder = Callable[[Any, str], Any]
@@ -59,15 +74,27 @@ def _identity(value: Any, path: str) -> Any:
 def _decode_bool(value: Any, path: str) -> bool:
     """A JSON boolean."""
     if not isinstance(value, bool):
-        raise ProtocolError(f"{path}: expected a boolean, got {value!r}")
+        raise ProtocolError(f"{path}: expected a boolean, got {_show(value)}")
     return value
 
 
+# Integers must fit a signed 64-bit column: SQLite raises OverflowError on anything wider, and
+# no counter, size or sequence number of the protocol comes near it.
+_INT_MIN, _INT_MAX = -(2**63), 2**63 - 1
+
+
 def _decode_int(value: Any, path: str) -> int:
-    """A JSON integer (a boolean is not one)."""
+    """A JSON integer (a boolean is not one) that fits in 64 bits."""
     if type(value) is not int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ProtocolError(f"{path}: expected an integer, got {value!r}")
+        raise ProtocolError(f"{path}: expected an integer, got {_show(value)}")
+    if not _INT_MIN <= value <= _INT_MAX:
+        raise ProtocolError(f"{path}: outside the 64-bit integer range")
     return int(value)
+
+
+# Largest integer float() converts without OverflowError: a bigger JSON integer in a number
+# field is refused, not a crash.
+_MAX_FLOAT_INT = int(sys.float_info.max)
 
 
 def _decode_float(value: Any, path: str) -> float:
@@ -76,9 +103,11 @@ def _decode_float(value: Any, path: str) -> float:
     if (kind is not float and kind is not int) and (
         isinstance(value, bool) or not isinstance(value, (int, float))
     ):
-        raise ProtocolError(f"{path}: expected a number, got {value!r}")
+        raise ProtocolError(f"{path}: expected a number, got {_show(value)}")
+    if kind is not float and not -_MAX_FLOAT_INT <= value <= _MAX_FLOAT_INT:
+        raise ProtocolError(f"{path}: must be finite, got an integer of {len(str(value))} digits")
     if not math.isfinite(value):
-        raise ProtocolError(f"{path}: must be finite, got {value!r}")
+        raise ProtocolError(f"{path}: must be finite, got {_show(value)}")
     return float(value)
 
 
@@ -88,6 +117,11 @@ def _decode_str(value: Any, path: str) -> str:
         raise ProtocolError(f"{path}: expected a string, got {type(value).__name__}")
     if len(value) > MAX_TEXT_LENGTH:
         raise ProtocolError(f"{path}: longer than {MAX_TEXT_LENGTH} characters")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate ("\ud800"): JSON allows, UTF-8 not
+            raise ProtocolError(f"{path}: not valid Unicode ({exc.reason})") from None
     return value
 
 
@@ -113,7 +147,7 @@ def _build(tp: Any) -> Decoder:
 
         def decode_literal(value: Any, path: str) -> Any:
             if value not in allowed:
-                raise ProtocolError(f"{path}: must be one of {list(allowed)}, got {value!r}")
+                raise ProtocolError(f"{path}: must be one of {list(allowed)}, got {_show(value)}")
             return value
 
         return decode_literal
@@ -129,7 +163,8 @@ def _build(tp: Any) -> Decoder:
 
         return decode_dict
     if dataclasses.is_dataclass(tp):
-        return lambda value, path: decode_dataclass(value, tp, path)
+        dataclass_type: type = tp  # type: ignore[assignment]  # a class here, never an instance
+        return lambda value, path: decode_dataclass(value, dataclass_type, path)
 
     def unsupported(value: Any, path: str) -> Any:  # pragma: no cover
         raise ProtocolError(f"{path}: unsupported schema type {_type_name(tp)}")
@@ -167,7 +202,11 @@ def _build_sequence(item_tp: Any) -> Decoder:
     def decode_sequence(value: Any, path: str) -> tuple[Any, ...]:
         if not isinstance(value, list):
             raise ProtocolError(f"{path}: expected a list, got {type(value).__name__}")
-        if ints and set(map(type, value)) <= {int}:  # C-speed check of 31 histogram counts
+        if (  # C-speed check of 31 histogram counts
+            ints
+            and set(map(type, value)) <= {int}
+            and (not value or (min(value) >= _INT_MIN and max(value) <= _INT_MAX))
+        ):
             return tuple(value)
         return tuple(item_decoder(item, f"{path}[{i}]") for i, item in enumerate(value))
 

@@ -8,6 +8,7 @@ from typing import Literal
 
 from agent.protocol.errors import ProtocolError
 from agent.protocol.limits import LATENCY_BUCKETS_MS, MAX_TELEMETRY_RECORDS, SCHEMA_VERSION
+from agent.protocol.names import validate_label
 from agent.protocol.topics import validate_device_id, validate_sha256
 
 # Number of histogram counts a LatencyStats carries: one per bound plus the +Inf bucket.
@@ -128,6 +129,10 @@ class TelemetryRecord:
         _check(self.seq >= 1, "$.seq", f"must be >= 1, got {self.seq}")
         if self.model_sha256 is not None:
             validate_sha256(self.model_sha256)
+        try:
+            validate_label("power source", self.power_source)
+        except ProtocolError as exc:
+            raise ProtocolError(f"$.power_source: {exc}") from None
         counters = (
             self.interval_s,
             self.invocations,

@@ -134,7 +134,8 @@ class Topics:
         if len(parts) == 3 and parts[0] == "artifacts" and parts[2] in ("manifest", "need"):
             return ParsedTopic("artifact", validate_sha256(parts[1]), parts[2])
         if len(parts) == 4 and parts[0] == "artifacts" and parts[2] == "chunks":
-            if not parts[3].isdigit() or len(parts[3]) > 7:
+            # isascii: str.isdigit() also accepts '²' and other digits int() refuses.
+            if not (parts[3].isascii() and parts[3].isdigit()) or len(parts[3]) > 7:
                 raise ProtocolError(f"Invalid topic: {topic!r} (bad chunk index {parts[3]!r})")
             return ParsedTopic("artifact", validate_sha256(parts[1]), "chunks", int(parts[3]))
         raise ProtocolError(f"Invalid topic: {topic!r}")
