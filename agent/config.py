@@ -41,6 +41,12 @@ class AgentConfig:
     profile: str | None = None
     username: str | None = None
     password: str | None = None
+    # TLS (broker URL mqtts://): the CA that signed the broker's certificate (None = the system's
+    # CAs), and a client certificate + key for certificate authentication. Relative paths in
+    # agent.toml are resolved against the file's directory (a provisioning bundle is one dir).
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
     threads: int | None = None
     benchmark_runs: int = 50
     benchmark_warmup: int = 5
@@ -79,6 +85,13 @@ class AgentConfig:
             validate_device_id(self.device_id)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ConfigError("cert_file and key_file must be given together (client certificate)")
+        tls_keys = [k for k in ("ca_file", "cert_file", "key_file") if getattr(self, k)]
+        if tls_keys and not self.broker.lower().startswith(("mqtts://", "ssl://")):
+            raise ConfigError(
+                f"{', '.join(tls_keys)} set but broker {self.broker!r} is not TLS: use mqtts://"
+            )
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
         if self.spool_overflow not in ("drop_oldest", "drop_newest"):
@@ -126,6 +139,9 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "profile": (str,),
     "username": (str,),
     "password": (str,),
+    "ca_file": (str,),
+    "cert_file": (str,),
+    "key_file": (str,),
     "threads": (int,),
     "benchmark_runs": (int,),
     "benchmark_warmup": (int,),
@@ -146,8 +162,16 @@ _TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
-def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> AgentConfig:
-    """Build an AgentConfig from parsed TOML, naming the file and key of anything wrong."""
+_TLS_FILE_KEYS = ("ca_file", "cert_file", "key_file")
+
+
+def config_from_dict(
+    data: dict[str, Any], source: str = "<dict>", base_dir: Path | None = None
+) -> AgentConfig:
+    """Build an AgentConfig from parsed TOML, naming the file and key of anything wrong.
+
+    Relative TLS file paths are resolved against `base_dir` (the config file's directory).
+    """
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         if key == "power":
@@ -171,6 +195,12 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> AgentConfi
         if required not in kwargs:
             raise ConfigError(f"{source}: missing key '{required}'")
     kwargs["data_dir"] = Path(os.path.expanduser(kwargs["data_dir"]))
+    for key in _TLS_FILE_KEYS:
+        if key in kwargs:
+            path = Path(os.path.expanduser(kwargs[key]))
+            if base_dir is not None and not path.is_absolute():
+                path = base_dir / path
+            kwargs[key] = str(path)
     return AgentConfig(**kwargs)
 
 
@@ -182,7 +212,7 @@ def load_config(path: Path) -> AgentConfig:
         raise ConfigError(f"{path}: no such config file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML ({exc})") from None
-    return config_from_dict(data, str(path))
+    return config_from_dict(data, str(path), base_dir=path.resolve().parent)
 
 
 def dump_config(config: AgentConfig) -> str:

@@ -113,6 +113,9 @@ class Agent:
             will=(self.topics.status(config.device_id), dump(self._status(online=False))),
             username=config.username,
             password=config.password,
+            ca_file=config.ca_file,
+            cert_file=config.cert_file,
+            key_file=config.key_file,
         )
         self.fetcher = Fetcher(
             self.session,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
@@ -19,16 +21,50 @@ RECONNECT_MAX_S = 30
 KEEPALIVE_S = 30
 # QoS1 messages in flight at once: enough to stream chunks, small enough for a tiny device.
 MAX_INFLIGHT = 20
+# IANA ports: MQTT and MQTT over TLS; what a URL without a port means.
+MQTT_PORT = 1883
+MQTTS_PORT = 8883
+
+_PLAIN_SCHEMES = ("mqtt", "tcp")
+_TLS_SCHEMES = ("mqtts", "ssl")
 
 
 def parse_mqtt_url(url: str) -> tuple[str, int]:
-    """Split mqtt://host:port (tcp:// accepted, port 1883 by default); ValueError naming it."""
+    """Split mqtt://host:port or mqtts://host:port (default 1883 / 8883); ValueError naming it."""
     parts = urlsplit(url if "://" in url else f"mqtt://{url}")
-    if parts.scheme not in ("mqtt", "tcp"):
+    scheme = parts.scheme.lower()
+    if scheme not in _PLAIN_SCHEMES + _TLS_SCHEMES:
         raise ValueError(f"unsupported broker URL scheme {parts.scheme!r} in {url!r}")
     if not parts.hostname:
         raise ValueError(f"broker URL {url!r} has no host")
-    return parts.hostname, parts.port or 1883
+    return parts.hostname, parts.port or (MQTTS_PORT if scheme in _TLS_SCHEMES else MQTT_PORT)
+
+
+def is_tls_url(url: str) -> bool:
+    """Whether the broker URL asks for TLS (mqtts:// or ssl://)."""
+    return url.split("://", 1)[0].lower() in _TLS_SCHEMES if "://" in url else False
+
+
+def tls_context(
+    ca_file: str | None, cert_file: str | None = None, key_file: str | None = None
+) -> ssl.SSLContext:
+    """A client TLS context verifying the broker (hostname + chain); ValueError on a bad file.
+
+    `ca_file` None trusts the system's CAs; `cert_file`/`key_file` add a client certificate.
+    """
+    for key, value in (("ca_file", ca_file), ("cert_file", cert_file), ("key_file", key_file)):
+        if value is not None and not Path(value).is_file():
+            raise ValueError(f"{key} {value!r} does not exist or is not a file")
+    if (cert_file is None) != (key_file is None):
+        raise ValueError("cert_file and key_file must be given together")
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert_file is not None:
+        try:
+            context.load_cert_chain(cert_file, key_file)
+        except ssl.SSLError as exc:
+            raise ValueError(f"cannot load client certificate {cert_file!r}: {exc}") from None
+    return context
 
 
 MessageHandler = Callable[[str, bytes], None]
@@ -49,9 +85,16 @@ class MqttSession:
         password: str | None = None,
         clean_session: bool = True,
         max_inflight: int = MAX_INFLIGHT,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
     ) -> None:
-        """Configure the client; nothing connects until start()."""
+        """Configure the client; nothing connects until start(). mqtts:// URLs use TLS."""
         self.host, self.port = parse_mqtt_url(url)
+        self.tls = is_tls_url(url)
+        if not self.tls and (ca_file or cert_file or key_file):
+            raise ValueError(f"TLS files given but broker URL {url!r} is not mqtts://")
+        context = tls_context(ca_file, cert_file, key_file) if self.tls else None
         self.connected = threading.Event()
         self._on_message_cb = on_message
         self._on_connect_cb = on_connect
@@ -61,6 +104,8 @@ class MqttSession:
             protocol=paho.MQTTv311,
             clean_session=clean_session,
         )
+        if context is not None:
+            self.client.tls_set_context(context)
         self.client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
         self.client.max_inflight_messages_set(max_inflight)
         # Keep QoS1 messages queued while offline instead of refusing them.

@@ -25,6 +25,7 @@ import psutil
 
 if TYPE_CHECKING:
     from controller.broker_amqtt import AmqttThread
+    from controller.security.identity import FleetSecurity
 
 __all__ = [
     "BrokerError",
@@ -104,6 +105,9 @@ class BrokerHandle:
     port: int
     pid: int | None
     data_dir: Path | None
+    # TLS listeners of a secured broker (controller/security/broker_config.py); None otherwise.
+    tls_port: int | None = None
+    cert_port: int | None = None
     _process: subprocess.Popen[bytes] | None = field(default=None, repr=False, compare=False)
     _amqtt: AmqttThread | None = field(default=None, repr=False, compare=False)
 
@@ -477,13 +481,27 @@ def _log_tail(stderr_path: Path, logfile: Path, log_offset: int) -> str:
 
 
 def start_embedded(
-    data_dir: Path, *, host: str = "127.0.0.1", port: int = 0, prefer: str = "auto"
+    data_dir: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    prefer: str = "auto",
+    security: FleetSecurity | None = None,
+    tls_port: int = 8883,
+    cert_port: int | None = None,
 ) -> BrokerHandle:
-    """Start the demo broker: mosquitto (with persistence) when installed, else amqtt in-process."""
+    """Start the demo broker: mosquitto (with persistence) when installed, else amqtt in-process.
+
+    Beyond loopback devices must authenticate: mosquitto then runs the secured config from
+    `security` (password file, per-device ACLs, TLS on `tls_port`, plaintext `port` moved to
+    loopback for the controller; docs/security.md); amqtt refuses (it cannot do that safely).
+    """
     if prefer not in ("auto", "mosquitto", "amqtt"):
         raise ValueError(f"unknown broker {prefer!r}: expected 'auto', 'mosquitto' or 'amqtt'")
     binary = find_mosquitto() if prefer in ("auto", "mosquitto") else None
     if prefer == "mosquitto" or (prefer == "auto" and binary is not None):
+        if not _is_loopback(host):
+            return _start_secured(data_dir, host, port, security, tls_port, cert_port, binary)
         # Persistence keeps retained device status across a controller (and broker) restart.
         return start_mosquitto(data_dir, host=host, port=port, persistence=True, binary=binary)
     if prefer == "auto":
@@ -491,3 +509,33 @@ def start_embedded(
     from controller.broker_amqtt import start_amqtt  # amqtt is not installed on every machine
 
     return start_amqtt(host=host, port=port)
+
+
+def _start_secured(
+    data_dir: Path,
+    host: str,
+    port: int,
+    security: FleetSecurity | None,
+    tls_port: int,
+    cert_port: int | None,
+    binary: str | None,
+) -> BrokerHandle:
+    """The embedded mosquitto beyond loopback: authenticated, ACL-confined, TLS for devices."""
+    if security is None:
+        raise BrokerError(
+            f"listening on {host} requires device authentication: pass the fleet's security "
+            "(controller.security.identity.FleetSecurity(home)) so the broker gets the password "
+            "file, ACLs and TLS certificate, or listen on 127.0.0.1"
+        )
+    from controller.security.broker_config import start_secure_mosquitto  # imports this module
+
+    return start_secure_mosquitto(
+        security,
+        data_dir,
+        host=host,
+        plain_port=port,
+        tls_port=tls_port,
+        cert_port=cert_port,
+        persistence=True,
+        binary=binary,
+    )

@@ -30,6 +30,16 @@ log = logging.getLogger(__name__)
 # amqtt logs every connection, packet and state change at INFO/DEBUG and WARNs on a bare TCP
 # probe; ERROR keeps real failures visible. Only applied when nobody configured the logger.
 AMQTT_LOG_LEVEL = logging.ERROR
+# Why amqtt stays on loopback (checked in amqtt 0.12.1, docs/security.md): its FileAuthPlugin
+# reads argon2 / sha512_crypt hashes, not our mosquitto $7$ file; TopicAccessControlListPlugin
+# takes fixed per-username topic lists (no %u pattern), and nothing binds the client id to the
+# username, so device A could take over B's session. Beyond loopback that is not safe.
+AMQTT_LOOPBACK_ONLY = (
+    "the in-process amqtt broker only listens on loopback: it cannot confine each device to "
+    "its own topics or stop client-id takeover, so listening on {host} would let any device read "
+    "and forge another's traffic; install mosquitto (apt-get install mosquitto) for a secured "
+    "broker, or use --broker with one you run"
+)
 
 
 class _PortProbeFilter(logging.Filter):
@@ -210,11 +220,9 @@ def _cancel_pending(loop: asyncio.AbstractEventLoop) -> None:
 
 def start_amqtt(*, host: str = "127.0.0.1", port: int = 0) -> BrokerHandle:
     """Start amqtt in-process (own thread and asyncio loop); port 0 picks a free port."""
-    _quiet_amqtt_logging()
     if not _is_loopback(host):
-        log.warning(
-            "amqtt allows anonymous clients; listening on %s exposes it to the network", host
-        )
+        raise BrokerError(AMQTT_LOOPBACK_ONLY.format(host=host))
+    _quiet_amqtt_logging()
     attempts = AUTO_PORT_ATTEMPTS if port == 0 else 1
     for attempt in range(1, attempts + 1):
         chosen = free_port(host) if port == 0 else port

@@ -15,6 +15,7 @@ import firmware_profiles
 from controller.fleet import Fleet, FleetError, default_home
 from controller.optimize_cmd import optimize
 from controller.render import as_json, num, short, table
+from controller.security.cli import broker_app
 from controller.simulate import simulate_command
 from controller.telemetry_cmd import report, telemetry
 
@@ -35,6 +36,7 @@ app.add_typer(profiles_app, name="profiles")
 app.add_typer(deployments_app, name="deployments")
 app.add_typer(models_app, name="models")
 app.add_typer(rollout_app, name="rollout")
+app.add_typer(broker_app, name="broker")
 app.command()(optimize)
 app.command("telemetry")(telemetry)
 app.command("report")(report)
@@ -140,15 +142,41 @@ def devices_show(
 def devices_register(
     device_id: Annotated[str, typer.Argument(help="device id ([A-Za-z0-9._-]{1,64})")],
     profile: Annotated[str, typer.Option("--profile", "-p", help="profile id")],
+    auth: Annotated[
+        str,
+        typer.Option(help="broker credentials: password, cert (client certificate) or none"),
+    ] = "password",
+    bundle: Annotated[
+        Path | None,
+        typer.Option(help="write the agent bundle here (default HOME/bundles/ID); 0700"),
+    ] = None,
+    broker_url: Annotated[
+        str | None,
+        typer.Option("--broker", help="broker URL for the bundle (default mqtts://FQDN:8883)"),
+    ] = None,
     home: HomeOption = None,
     json_out: JsonOption = False,
 ) -> None:
-    """Register a device with an explicit profile before it connects."""
+    """Register a device with an explicit profile before it connects; write its agent bundle."""
     try:
-        row = _fleet(home).register_device(device_id, profile)
+        row = _fleet(home).register_device(
+            device_id,
+            profile,
+            auth=None if auth == "none" else auth,
+            bundle_dir=bundle,
+            broker_url=broker_url,
+        )
     except FleetError as exc:
         raise _fail(exc) from None
-    typer.echo(as_json(row) if json_out else f"registered {device_id} as {profile}")
+    if json_out:
+        typer.echo(as_json(row))
+        return
+    typer.echo(f"registered {device_id} as {profile}")
+    if "bundle" in row:
+        typer.echo(
+            f"{row['auth']} credentials and agent.toml in {row['bundle']} (secret: copy it to the "
+            "device, then delete it here); run `edgefleet broker config` to update the broker"
+        )
 
 
 @devices_app.command("remove")
@@ -542,9 +570,18 @@ def up(
     metrics_address = _host_port(metrics, "--metrics") if metrics else None
     Fleet(home).close()  # create and migrate the database before anything reads it
     handle = None
+    username = password = None
     if broker is None:
+        security = None
+        if not _loopback(host):
+            # Devices beyond loopback must authenticate (docs/security.md); the controller then
+            # uses its own credentials on the broker's loopback listener.
+            from controller.security.identity import FleetSecurity
+
+            security = FleetSecurity(home)
+            username, password = security.controller_credentials()
         try:
-            handle = start_embedded(home / "broker", host=host, port=port)
+            handle = start_embedded(home / "broker", host=host, port=port, security=security)
         except BrokerError as exc:
             raise _fail(exc) from None
         broker = handle.url
@@ -566,6 +603,8 @@ def up(
         stats_interval_s=stats_interval,
         telemetry_raw_days=telemetry_days,
         metrics=registry,
+        username=username,
+        password=password,
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -583,6 +622,11 @@ def up(
             metrics_server.stop()
         if handle:
             handle.stop()
+
+
+def _loopback(host: str) -> bool:
+    """Whether `host` is a loopback address or name (nothing else can reach a broker there)."""
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def _host_port(value: str, option: str) -> tuple[str, int]:

@@ -24,6 +24,7 @@ from agent.protocol import (
     dump,
     parse,
     validate_device_id,
+    validate_name,
 )
 from agent.protocol.schema import encode
 from controller.artifacts import ArtifactStore, build_manifest, check_golden
@@ -70,13 +71,46 @@ class Fleet:
         self.db.close()
 
     # ------------------------------------------------------------------ devices
-    def register_device(self, device_id: str, profile: str) -> dict[str, Any]:
-        """Pre-register a device with an explicit profile (it may connect later)."""
+    def register_device(
+        self,
+        device_id: str,
+        profile: str,
+        *,
+        auth: str | None = None,
+        bundle_dir: Path | None = None,
+        broker_url: str | None = None,
+        topic_root: str | None = None,
+        agent_data_dir: str | None = None,
+    ) -> dict[str, Any]:
+        """Pre-register a device with an explicit profile (it may connect later).
+
+        With `auth` ("password" or "cert") it also gets fresh broker credentials and an agent
+        config bundle in `bundle_dir` (default HOME/bundles/ID): docs/security.md.
+        """
         try:
             validate_device_id(device_id)
         except ProtocolError as exc:
             raise FleetError(str(exc)) from None
         self._profile(profile)
+        bundle: Path | None = None
+        if auth is not None:
+            from controller.security.broker_config import default_device_broker_url
+            from controller.security.identity import FleetSecurity, IdentityError
+
+            security = FleetSecurity(self.home)
+            bundle = bundle_dir or self.home / "bundles" / device_id
+            try:
+                credentials = security.provision_device(device_id, auth, bundle)
+                bundle = security.write_bundle(
+                    credentials,
+                    bundle,
+                    broker_url=broker_url or default_device_broker_url(auth),
+                    profile=profile,
+                    topic_root=topic_root,
+                    data_dir=agent_data_dir,
+                ).parent
+            except (IdentityError, ValueError) as exc:
+                raise FleetError(str(exc)) from None
         with self.db.transaction() as tx:
             tx.execute(
                 "INSERT INTO devices (id, profile, profile_reason, registered_by, registered_at) "
@@ -85,7 +119,11 @@ class Fleet:
                 "profile_reason=excluded.profile_reason",
                 (device_id, profile, now()),
             )
-        return self.device(device_id)
+        row = self.device(device_id)
+        if bundle is not None:
+            row["auth"] = auth
+            row["bundle"] = str(bundle)
+        return row
 
     def remove_device(self, device_id: str) -> None:
         """Forget a device (its history of events and benchmarks is kept)."""
@@ -158,6 +196,7 @@ class Fleet:
         file travels as its own content-addressed blob that the manifest points to. With
         `expected_sha256`, a file that hashes differently is refused before anything is written.
         """
+        _check_names(name=name, version=version, recipe=recipe)
         if not model_path.is_file():
             raise FleetError(f"{model_path}: no such file")
         if check:
@@ -269,6 +308,7 @@ class Fleet:
         A directory contributes one artifact per profile, read from the `*.manifest.json`
         files `edgefleet optimize` writes (each checked against its artifact's sha256).
         """
+        _check_names(name=name, version=version)
         if path.is_dir():
             if golden is not None or profile is not None:
                 raise FleetError("--golden/--profile apply to a single .tflite, not a directory")
@@ -681,6 +721,18 @@ class Fleet:
                 )
             self.rollouts.on_event(tx, event)
         return True
+
+
+def _check_names(*, name: str, version: str | None, recipe: str | None = None) -> None:
+    """Refuse a model name, version or recipe that could not travel as a safe name."""
+    try:
+        validate_name("model name", name)
+        if version:
+            validate_name("model version", version)
+        if recipe is not None:
+            validate_name("recipe name", recipe)
+    except ProtocolError as exc:
+        raise FleetError(str(exc)) from None
 
 
 def _device_row(row: dict[str, Any]) -> dict[str, Any]:

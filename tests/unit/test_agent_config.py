@@ -92,3 +92,64 @@ def test_userland_arch(machine: str, pointer: int, expected: str) -> None:
     from agent.facts import userland_arch
 
     assert userland_arch(machine, pointer) == expected
+
+
+# --------------------------------------------------------------------------- TLS keys
+
+
+def test_tls_paths_resolve_against_the_config_directory(tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "agent.toml").write_text(
+        'device_id = "d"\ndata_dir = "/srv/d"\nbroker = "mqtts://b:8884"\n'
+        'ca_file = "ca.crt"\ncert_file = "device.crt"\nkey_file = "/abs/device.key"\n'
+    )
+    cfg = load_config(bundle / "agent.toml")
+    assert cfg.ca_file == str(bundle / "ca.crt")
+    assert cfg.cert_file == str(bundle / "device.crt")
+    assert cfg.key_file == "/abs/device.key"
+    assert load_config(Path(dump_config_path(cfg, tmp_path))) == cfg
+
+
+def dump_config_path(cfg: AgentConfig, directory: Path) -> str:
+    """Write `cfg` as agent.toml in `directory` and return its path."""
+    path = directory / "round.toml"
+    path.write_text(dump_config(cfg))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"broker": "mqtt://b:1883", "ca_file": "ca.crt"}, "is not TLS: use mqtts://"),
+        ({"broker": "mqtts://b", "cert_file": "c.crt"}, "must be given together"),
+    ],
+)
+def test_tls_config_errors(tmp_path: Path, kwargs: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        AgentConfig("d", tmp_path, **kwargs)  # type: ignore[arg-type]
+
+
+def test_mqtts_url_and_missing_tls_file(tmp_path: Path) -> None:
+    from agent.mqtt import MqttSession, is_tls_url
+
+    assert parse_mqtt_url("mqtts://b") == ("b", 8883)
+    assert parse_mqtt_url("ssl://b:9") == ("b", 9)
+    assert is_tls_url("mqtts://b") and not is_tls_url("mqtt://b") and not is_tls_url("b:1")
+    missing = str(tmp_path / "nope.crt")
+    with pytest.raises(ValueError, match=r"ca_file .*nope.crt.* does not exist"):
+        MqttSession("mqtts://b", "d", on_message=print, on_connect=print, ca_file=missing)
+    with pytest.raises(ValueError, match="not mqtts://"):
+        MqttSession("mqtt://b", "d", on_message=print, on_connect=print, ca_file=missing)
+    (tmp_path / "junk.crt").write_text("not a certificate")
+    with pytest.raises(ValueError, match="cannot load client certificate"):
+        MqttSession(
+            "mqtts://b",
+            "d",
+            on_message=print,
+            on_connect=print,
+            cert_file=str(tmp_path / "junk.crt"),
+            key_file=str(tmp_path / "junk.crt"),
+        )
+    session = MqttSession("mqtts://b", "d", on_message=print, on_connect=print)
+    assert session.tls and session.port == 8883

@@ -226,3 +226,21 @@ def test_nested_transaction_is_a_savepoint(tmp_path: Path) -> None:
             inner.execute("INSERT INTO t VALUES (3)")
     assert [r[0] for r in db.conn.execute("SELECT v FROM t ORDER BY v")] == [1, 3]
     assert not db.conn.in_transaction
+
+
+@pytest.mark.parametrize(
+    ("name", "version", "message"),
+    [
+        ("../../etc/cnn", "1", "Invalid model name: '../../etc/cnn' contains '..'"),
+        ("models/cnn", "1", "contains path separator '/'"),
+        ("cnn", "1\n2", "Invalid model version"),
+        ("cnn\x1b[31m", "1", "Invalid model name"),
+    ],
+)
+def test_model_names_that_could_escape_are_refused_before_anything_is_stored(
+    fleet: Fleet, name: str, version: str, message: str
+) -> None:
+    with pytest.raises(FleetError, match=message.replace("[", r"\[")):
+        fleet.add_model(DATA / "tiny_fp32.tflite", name=name, version=version)
+    assert fleet.models() == []
+    assert not list((fleet.home / "artifacts").rglob("*.tflite"))

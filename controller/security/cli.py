@@ -1,0 +1,79 @@
+"""`edgefleet broker ...`: write the secured mosquitto configuration (docs/security.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from controller.fleet import default_home
+from controller.render import as_json
+
+broker_app = typer.Typer(no_args_is_help=True, help="Secured MQTT broker configuration.")
+
+HomeOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--home", envvar="EDGEFLEET_HOME", help="data dir (default ~/.local/share/edgefleet)"
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="print JSON")]
+
+
+@broker_app.command("config")
+def broker_config(
+    out: Annotated[
+        Path | None, typer.Option(help="output directory (default HOME/broker-config); 0700")
+    ] = None,
+    host: Annotated[str, typer.Option(help="address the TLS listeners bind")] = "0.0.0.0",
+    tls_port: Annotated[int, typer.Option(help="TLS + password listener")] = 8883,
+    cert_port: Annotated[
+        int, typer.Option(help="TLS + client certificate listener (0 = none)")
+    ] = 8884,
+    plain_port: Annotated[
+        int, typer.Option(help="plaintext listener, loopback only (the controller)")
+    ] = 1883,
+    server_name: Annotated[
+        list[str] | None,
+        typer.Option(help="DNS name or IP in the broker certificate (repeatable)"),
+    ] = None,
+    topic_root: Annotated[str, typer.Option(help="MQTT topic root")] = "edgefleet/v1",
+    home: HomeOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Write mosquitto.conf, password file, ACLs and a TLS server certificate from the fleet CA."""
+    from controller.security.broker_config import write_broker_files
+    from controller.security.identity import FleetSecurity, IdentityError
+
+    home = home or default_home()
+    security = FleetSecurity(home)
+    try:
+        files = write_broker_files(
+            security,
+            out or home / "broker-config",
+            host=host,
+            tls_port=tls_port,
+            cert_port=cert_port or None,
+            plain_port=plain_port,
+            server_names=server_name or (),
+            topic_root=topic_root,
+        )
+        username, _ = security.controller_credentials()
+    except (IdentityError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    info = {
+        "conf": str(files.conf),
+        "passwd": str(files.passwd),
+        "acl": str(files.acl),
+        "ca": str(files.ca),
+        "controller_username": username,
+        "controller_password_file": str(security.directory / "controller.secret"),
+    }
+    if json_out:
+        typer.echo(as_json(info))
+        return
+    typer.echo(f"wrote {files.directory} (mosquitto.conf, passwd, acl, ca.crt, server.crt/key)")
+    typer.echo(f"run: mosquitto -c {files.conf}   (SIGHUP reloads passwd and acl)")
+    typer.echo(f"controller user {username!r}, password in {info['controller_password_file']}")
