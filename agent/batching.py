@@ -75,6 +75,10 @@ class ResultCache:
 
     def put(self, sha256: str, digest: bytes, outputs: list[np.ndarray]) -> None:
         """Store outputs (made read-only: hits share them), evicting the least recently used."""
+        # Batched outputs are views of the whole merged output: copy, so an entry pins only
+        # its own rows.
+        if any(a.base is not None for a in outputs):
+            outputs = [a.copy() if a.base is not None else a for a in outputs]
         for array in outputs:
             array.setflags(write=False)
         key = (sha256, digest)
@@ -122,6 +126,9 @@ class MicroBatcher:
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        # Makes "not stopping, so enqueue" atomic with stop()'s "stopping, then the sentinel",
+        # so no request is queued behind the sentinel and waits forever.
+        self._gate = threading.Lock()
 
     def start(self) -> None:
         """Start the worker thread."""
@@ -131,18 +138,20 @@ class MicroBatcher:
 
     def stop(self) -> None:
         """Finish queued requests, then stop the worker; later submits fail clearly."""
-        self._stopping = True
-        self._queue.put(None)
+        with self._gate:
+            self._stopping = True
+            self._queue.put(None)
         if self._thread is not None:
             self._thread.join(_WORKER_JOIN_TIMEOUT_S)
             self._thread = None
 
     def submit(self, inputs: Sequence[np.ndarray], coerce: bool = False) -> InferenceResult:
         """Queue one request and wait for its result; InferenceError when it failed."""
-        if self._stopping or self._thread is None:
-            raise InferenceError("the inference service is stopping")
         pending = _Pending(inputs, coerce)
-        self._queue.put(pending)
+        with self._gate:
+            if self._stopping or self._thread is None:
+                raise InferenceError("the inference service is stopping")
+            self._queue.put(pending)
         pending.done.wait()
         result = pending.result
         if isinstance(result, InferenceError):

@@ -99,16 +99,20 @@ class LocalServices:
 
     def stop(self) -> None:
         """Stop serving requests, spool the last partial interval, close the spool."""
-        if self.server is not None:
-            self.server.stop()
-        self.reporter.stop()
-        self.spool.close()
+        # Never raises: the daemon still has to publish its offline status and disconnect.
+        try:
+            if self.server is not None:
+                self.server.stop()
+            self.reporter.stop()
+        except Exception:
+            log.exception("stopping the local services failed; unsent records stay spooled")
+        finally:
+            self.spool.close()
 
     def swap(self, interpreter: Interpreter, sha256: str, init_ms: float) -> None:
         """Serve another model; the interval so far is closed into a record of the old model."""
-        if self.serving.sha256 not in (None, sha256):
-            self.reporter.collect_now()
-        self.serving.swap(interpreter, sha256, init_ms)
+        before = self.reporter.collect_now if self.serving.sha256 not in (None, sha256) else None
+        self.serving.swap(interpreter, sha256, init_ms, before_switch=before)
 
     def clear(self) -> None:
         """Serve nothing (no model loads); requests fail with a clear error meanwhile."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
@@ -187,11 +187,18 @@ class ServingModel:
 
     # ------------------------------------------------------------------ model lifecycle
 
-    def swap(self, interpreter: Interpreter, sha256: str, init_ms: float) -> None:
+    def swap(
+        self,
+        interpreter: Interpreter,
+        sha256: str,
+        init_ms: float,
+        before_switch: Callable[[], object] | None = None,
+    ) -> None:
         """Make an already loaded and allocated interpreter the active model, atomically.
 
         Waits for the request (or benchmark) in progress; when it returns, no request runs on
-        the previous interpreter any more, so the caller may drop it.
+        the previous interpreter any more, so the caller may drop it. `before_switch` runs under
+        the lock just before the switch (the agent closes the old model's telemetry interval).
         """
         inputs = tuple(_TensorSpec.from_detail(d) for d in interpreter.get_input_details())
         outputs = tuple(_TensorSpec.from_detail(d) for d in interpreter.get_output_details())
@@ -206,6 +213,10 @@ class ServingModel:
             [spec.shape for spec in inputs],
         )
         with self._lock:
+            if before_switch is not None:
+                # Under the lock: no request of the old model can complete after it (the
+                # telemetry interval of the old model closes here).
+                before_switch()
             self._active = active
 
     def clear(self) -> None:
@@ -312,7 +323,8 @@ class ServingModel:
                 except InferenceError as exc:
                     results[position] = exc
                     continue
-                if active.batchable:
+                if active.batchable and len({a.shape[0] for a in arrays}) == 1:
+                    # Rows are split back by input 0: every input must have as many rows.
                     key: tuple[Any, ...] = tuple((a.dtype.str, a.shape[1:]) for a in arrays)
                 else:
                     key = (position,)  # fixed batch: every request is its own group
@@ -349,8 +361,10 @@ class ServingModel:
         ]
         try:
             outputs = self._invoke(active, merged)
-        except InferenceError as exc:
-            return [exc] * len(members), [len(members)]
+        except InferenceError:
+            # One member may be what fails the merged run: the others must not fail with it.
+            singles = [self._run_group(active, [member]) for member in members]
+            return [r for res, _ in singles for r in res], [1] * len(members)
         if any(out.ndim == 0 or out.shape[0] != total for out in outputs):
             # The model's outputs do not follow the batch (e.g. it reduces over axis 0): the
             # merged run is meaningless, so run every request on its own instead.
@@ -443,7 +457,9 @@ class ServingModel:
                 interpreter.resize_tensor_input(spec.index, list(shape), strict=True)
             interpreter.allocate_tensors()
         except Exception as exc:
-            # Put the loaded shapes back so the interpreter keeps serving normal requests.
+            # Put the loaded shapes back so the interpreter keeps serving normal requests; until
+            # that succeeds, nothing is known about what is allocated.
+            active.current_shapes = [(-1,)] * len(active.inputs)
             for spec in active.inputs:
                 interpreter.resize_tensor_input(spec.index, list(spec.shape), strict=True)
             interpreter.allocate_tensors()

@@ -78,7 +78,9 @@ def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
     """Whether an SQLite error says the file is damaged (quarantine it) rather than busy/full."""
     code = getattr(exc, "sqlite_errorcode", None)
     if code is not None:
-        return code in _CORRUPTION_CODES
+        # sqlite_errorcode is the extended code (e.g. 779 SQLITE_CORRUPT_INDEX): the low byte
+        # is the primary one.
+        return (code & 0xFF) in _CORRUPTION_CODES
     text = str(exc).lower()
     return "malformed" in text or "not a database" in text
 

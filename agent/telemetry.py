@@ -242,6 +242,8 @@ class TelemetryReporter:
                 for payload, seqs in self._messages(batch, ()):
                     if deadline is not None and time.monotonic() > deadline:
                         return acked, False
+                    if deadline is None and self._stopping.is_set():
+                        return acked, False  # stop() takes over with its own short budget
                     if not self._publish(payload):
                         return acked, False
                     self.spool.mark_acked(seqs)

@@ -310,3 +310,13 @@ def test_writer_killed_mid_write_leaves_a_consistent_spool(tmp_path: Path, kills
     assert all(s in held_seqs or s < held_seqs[0] for s in printed)
     assert stats.pending + stats.acked_kept == len(held_seqs)
     assert stats.acked_kept <= 20
+
+
+@pytest.mark.parametrize(("code", "corrupt"), [(11, True), (779, True), (26, True), (5, False)])
+def test_extended_sqlite_codes_are_read_by_their_primary_code(code: int, corrupt: bool) -> None:
+    """SQLITE_CORRUPT_INDEX (779) is corruption; SQLITE_BUSY (5) is not."""
+    from agent.spool import _is_corruption
+
+    exc = sqlite3.DatabaseError("disk image problem")
+    exc.sqlite_errorcode = code  # type: ignore[attr-defined]
+    assert _is_corruption(exc) is corrupt
