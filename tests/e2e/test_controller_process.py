@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from agent.client import InferenceClient, wait_for_service
 from agent.protocol import Command, Topics, dump
@@ -264,6 +263,8 @@ def test_up_serves_prometheus_metrics_of_a_serving_device(
             x = np.zeros(spec["shape"], dtype=spec["dtype"])
             for _ in range(120):
                 client.infer(x)
+
+        from prometheus_client.parser import text_string_to_metric_families
 
         def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
             url = f"http://127.0.0.1:{port}/metrics"

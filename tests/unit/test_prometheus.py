@@ -7,6 +7,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+# The controller's metrics; the slim device venv (agent tests only) does not install them.
+pytest.importorskip("prometheus_client")
+
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.protocol import LATENCY_BUCKETS_MS, SeqRange, Telemetry
