@@ -310,7 +310,7 @@ def test_mutations_reach_both_outcomes() -> None:
     """The mutation strategy is not vacuous: it produces accepted and rejected inputs."""
     outcomes: Counter[bool] = Counter()
 
-    @settings(FUZZ, max_examples=200)
+    @settings(FUZZ, max_examples=400)
     @given(st.sampled_from(MESSAGE_TYPES).flatmap(lambda c: st.tuples(st.just(c), mutated(c))))
     def run(case: tuple[type, str]) -> None:
         outcomes[check_parse(case[1], case[0])] += 1
