@@ -15,6 +15,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from agent.protocol import DEFAULT_ROOT, validate_device_id
+from agent.protocol.signing import PUBLIC_KEY_BYTES, decode_b64
 
 
 class ConfigError(ValueError):
@@ -47,6 +48,9 @@ class AgentConfig:
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
+    # Fleet verify keys (base64 raw ed25519 public keys) that desired states, manifests and key
+    # rotations must be signed with; empty = development mode, nothing checked (docs/security.md).
+    trusted_keys: tuple[str, ...] = ()
     threads: int | None = None
     benchmark_runs: int = 50
     benchmark_warmup: int = 5
@@ -92,6 +96,11 @@ class AgentConfig:
             raise ConfigError(
                 f"{', '.join(tls_keys)} set but broker {self.broker!r} is not TLS: use mqtts://"
             )
+        for key in self.trusted_keys:
+            try:
+                decode_b64(key, PUBLIC_KEY_BYTES, f"trusted_keys entry {key[:20]!r}")
+            except ValueError as exc:
+                raise ConfigError(f"{exc} (expected a base64 raw ed25519 public key)") from None
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
         if self.spool_overflow not in ("drop_oldest", "drop_newest"):
@@ -142,6 +151,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "ca_file": (str,),
     "cert_file": (str,),
     "key_file": (str,),
+    "trusted_keys": (list,),
     "threads": (int,),
     "benchmark_runs": (int,),
     "benchmark_warmup": (int,),
@@ -190,6 +200,10 @@ def config_from_dict(
         if isinstance(value, bool) or not isinstance(value, _TYPES[key]):
             names = " or ".join(t.__name__ for t in _TYPES[key])
             raise ConfigError(f"{source}: '{key}' must be {names}, got {value!r}")
+        if key == "trusted_keys":
+            if not all(isinstance(k, str) for k in value):
+                raise ConfigError(f"{source}: 'trusted_keys' must be a list of base64 strings")
+            value = tuple(value)
         kwargs[key] = value
     for required in ("device_id", "data_dir"):
         if required not in kwargs:
@@ -220,7 +234,7 @@ def dump_config(config: AgentConfig) -> str:
     lines = []
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        if f.name == "power" or value is None:
+        if f.name == "power" or value is None or value == ():
             continue
         if isinstance(value, Path):
             value = str(value)
@@ -239,4 +253,6 @@ def _toml_value(value: object) -> str:
         return f'"{escaped}"'
     if isinstance(value, float):
         return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return str(value)

@@ -25,6 +25,7 @@ from agent.protocol import (
     Command,
     Desired,
     Event,
+    FleetKeys,
     Hello,
     Manifest,
     ProtocolError,
@@ -47,6 +48,7 @@ from agent.state import (
     UpdateStateFile,
 )
 from agent.store import ModelStore
+from agent.trust import SecurityRejected, TrustStore
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +107,10 @@ class Agent:
         self._work: queue.Queue[Desired | Command | ReportOutcome] = queue.Queue()
         self._stop = threading.Event()
         self._latest_generation = 0
+        self.trust = TrustStore(config.trusted_keys, config.data_dir / "trusted_keys.json")
+        # The last desired state refused only because its key was unknown: checked again once a
+        # signed key rotation arrives (the retained keys and desired may arrive in either order).
+        self._unknown_key_desired: tuple[str, bytes] | None = None
         self.session = MqttSession(
             config.broker,
             config.device_id,
@@ -174,7 +180,12 @@ class Agent:
         Damaged state files are quarantined and reported, never fatal: a device that cannot
         read its own bookkeeping must still serve and still take the next deployment.
         """
-        for problem in (self.state.problem, self.seen_commands.problem):
+        if not self.trust.enforcing:
+            log.warning(
+                "signatures not enforced: no trusted_keys configured (development mode); "
+                "any desired state or manifest on this device's topics will be followed"
+            )
+        for problem in (self.state.problem, self.seen_commands.problem, self.trust.problem):
             if problem:
                 self._report_problem(problem)
         record = self.state.record
@@ -263,7 +274,10 @@ class Agent:
         """(Re)subscribe, announce facts and status, and re-send an unacknowledged result."""
         device = self.config.device_id
         self.session.subscribe(
-            self.topics.desired(device), self.topics.cmd(device), *self.fetcher.subscriptions()
+            self.topics.desired(device),
+            self.topics.cmd(device),
+            self.topics.fleet_keys(),
+            *self.fetcher.subscriptions(),
         )
         self._announce()
         self._work.put(ReportOutcome())
@@ -293,17 +307,61 @@ class Agent:
                 manifest = parse(payload, Manifest)
                 if manifest.sha256 != parsed.ident:
                     raise ProtocolError("$.sha256: does not match the manifest topic")
+                if self.trust.enforcing:
+                    try:
+                        self.trust.check_manifest(manifest)
+                    except SecurityRejected as exc:
+                        self.fetcher.on_manifest_refused(manifest.sha256, str(exc))
+                        raise
                 self.fetcher.on_manifest(manifest)
+            elif parsed.kind == "fleet":
+                if payload:
+                    self._on_fleet_keys(parse(payload, FleetKeys))
             elif parsed.channel == "desired":
-                desired = parse(payload, Desired)
-                self._latest_generation = max(self._latest_generation, desired.generation)
-                self._work.put(desired)
+                self._on_desired(topic, payload)
             elif parsed.channel == "cmd":
                 self._work.put(parse(payload, Command))
         except ProtocolError as exc:
             self.counters.reject(f"{topic}: {exc}")
             log.warning("rejected message on %s: %s", topic, exc)
             self._emit("rejected", f"rejected message on {topic}: {exc}")
+        except SecurityRejected as exc:
+            self.counters.reject(f"{topic}: {exc}")
+            log.warning("security: refused message on %s: %s", topic, exc)
+            self._emit("security", f"refused message on {topic}: {exc}")
+
+    def _on_desired(self, topic: str, payload: bytes) -> None:
+        """Check a desired state (signature, binding, anti-rollback, expiry) and queue it."""
+        desired = parse(payload, Desired)
+        if self.trust.enforcing:
+            record = self.state.record
+            try:
+                self.trust.check_desired(
+                    desired,
+                    device_id=self.config.device_id,
+                    profile=self.config.profile,
+                    highest_generation=max(
+                        record.generation, record.applied_generation, self._latest_generation
+                    ),
+                    applied_generation=record.applied_generation,
+                )
+            except SecurityRejected as exc:
+                unknown_key = desired.sig is not None and "unknown key" in str(exc)
+                self._unknown_key_desired = (topic, payload) if unknown_key else None
+                raise
+        self._unknown_key_desired = None
+        self._latest_generation = max(self._latest_generation, desired.generation)
+        self._work.put(desired)
+
+    def _on_fleet_keys(self, keys: FleetKeys) -> None:
+        """Adopt a signed key rotation (persisted first); then re-check a desired it unblocks."""
+        if not self.trust.enforcing:
+            log.debug("ignoring fleet keys version %d: signatures not enforced", keys.version)
+            return
+        if self.trust.accept_keys(keys) and self._unknown_key_desired is not None:
+            topic, payload = self._unknown_key_desired
+            self._unknown_key_desired = None
+            self._on_message(topic, payload)
 
     # ----------------------------------------------------------------- desired state
     def _apply_desired(self, desired: Desired) -> None:

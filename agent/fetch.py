@@ -68,6 +68,8 @@ class Fetcher:
         self.repair_interval_s = repair_interval_s
         self.counters = FetchCounters()
         self._manifests: dict[str, Manifest] = {}
+        # Manifests refused by a security check, by digest: a waiting fetch fails with the reason.
+        self._refused: dict[str, str] = {}
         self._manifest_arrived = threading.Condition()
         self._chunks: queue.Queue[tuple[str, int, bytes]] = queue.Queue(CHUNK_QUEUE_DEPTH)
         # Topics a fetch is subscribed to (again after a reconnect), and whose chunks are queued.
@@ -81,6 +83,14 @@ class Fetcher:
         """Remember a (retained) manifest and wake a waiting fetch."""
         with self._manifest_arrived:
             self._manifests[manifest.sha256] = manifest
+            self._manifest_arrived.notify_all()
+
+    def on_manifest_refused(self, sha256: str, reason: str) -> None:
+        """A manifest failed its signature check: fail a fetch waiting for it with `reason`."""
+        with self._manifest_arrived:
+            self._manifests.pop(sha256, None)
+            if self.topics.manifest(sha256) in self._subscribed:  # only the one being awaited
+                self._refused[sha256] = reason
             self._manifest_arrived.notify_all()
 
     def on_chunk(self, sha256: str, index: int, payload: bytes) -> None:
@@ -115,11 +125,14 @@ class Fetcher:
         """The retained manifest of `sha256`, read afresh (the controller may have replaced it)."""
         with self._manifest_arrived:
             self._manifests.pop(sha256, None)
+            self._refused.pop(sha256, None)
         self._subscribed = [self.topics.manifest(sha256)]
         self.session.subscribe(*self._subscribed)
         try:
             with self._manifest_arrived:
                 while sha256 not in self._manifests:
+                    if sha256 in self._refused:
+                        raise UpdateFailed(f"manifest refused: {self._refused.pop(sha256)}")
                     if cancelled():
                         raise Superseded()
                     remaining = deadline - time.monotonic()

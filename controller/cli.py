@@ -15,7 +15,7 @@ import firmware_profiles
 from controller.fleet import Fleet, FleetError, default_home
 from controller.optimize_cmd import optimize
 from controller.render import as_json, num, short, table
-from controller.security.cli import broker_app
+from controller.security.cli import broker_app, keys_app
 from controller.simulate import simulate_command
 from controller.telemetry_cmd import report, telemetry
 
@@ -37,6 +37,7 @@ app.add_typer(deployments_app, name="deployments")
 app.add_typer(models_app, name="models")
 app.add_typer(rollout_app, name="rollout")
 app.add_typer(broker_app, name="broker")
+app.add_typer(keys_app, name="keys")
 app.command()(optimize)
 app.command("telemetry")(telemetry)
 app.command("report")(report)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import json
+import logging
 import os
+import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import firmware_profiles
 from agent.protocol import (
@@ -32,12 +34,15 @@ from controller.db import Database, now, to_json
 from controller.errors import FleetError
 from controller.policy import Policy
 from controller.rollout import Rollouts, deploy_policy
+from controller.security.signing import DESIRED_VALIDITY_S, FleetSigner
 from controller.telemetry import TelemetryStore
 
 # Offset 4 of every TFLite flatbuffer holds this file identifier (schema.fbs: file_identifier).
 TFLITE_IDENTIFIER = b"TFL3"
 # What `edgefleet optimize` writes beside each selected artifact (converters/manifest.py).
 CONVERTER_MANIFEST_SCHEMA = "edgefleet.artifact-manifest/v1"
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Fleet", "FleetError", "default_home"]
 
@@ -480,10 +485,16 @@ class Fleet:
             "WHERE d.desired_generation > d.published_generation"
         )
         out = []
-        parsed: dict[str, Manifest] = {}  # a wave shares one artifact: parse its manifest once
+        if not rows:
+            return out
+        # Everything published is signed (docs/security.md); re-read each time so a key rotated
+        # by `edgefleet keys rotate` in another process is used from the next reconcile on.
+        signer = _fleet_signer(self.home)
+        expires = time.time() + DESIRED_VALIDITY_S
+        parsed: dict[str, Manifest] = {}  # a wave shares one artifact: parse and sign it once
         for r in rows:
             manifests = [
-                parsed.get(m) or parsed.setdefault(m, parse(m, Manifest))
+                parsed.get(m) or parsed.setdefault(m, _signed(signer, parse(m, Manifest)))
                 for m in (r["golden"], r["manifest"])
                 if m
             ]
@@ -504,8 +515,11 @@ class Fleet:
                 benchmark_runs=policy.benchmark_runs,
                 latency_budget_ms=profile.budgets.latency_ms if profile else 0.0,
                 memory_budget_mb=profile.budgets.peak_rss_mb if profile else 0.0,
+                device_id=r["id"],
+                profile=r["profile"] or None,
+                expires=expires,
             )
-            out.append((r["id"], desired, manifests))
+            out.append((r["id"], _signed(signer, desired), manifests))
         return out
 
     def set_chunks_retained(self, sha256: str, retained: bool) -> None:
@@ -721,6 +735,27 @@ class Fleet:
                 )
             self.rollouts.on_event(tx, event)
         return True
+
+
+_T = TypeVar("_T")
+
+
+def _fleet_signer(home: Path) -> FleetSigner | None:
+    """The fleet signing key (created on first use); None only where `cryptography` is missing.
+
+    `cryptography` is a hard dependency of the controller install; only the slim device test
+    environment runs the controller without it, and then publishes unsigned (development mode).
+    """
+    try:
+        return FleetSigner.load_or_create(home / "security")
+    except ImportError:
+        log.warning("cryptography is not installed: publishing UNSIGNED desired state")
+        return None
+
+
+def _signed(signer: FleetSigner | None, message: _T) -> _T:
+    """The message signed by the fleet key (unchanged without one)."""
+    return signer.sign(message) if signer is not None else message
 
 
 def _check_names(*, name: str, version: str | None, recipe: str | None = None) -> None:

@@ -28,6 +28,7 @@ from agent.protocol import (
     parse,
 )
 from controller.fleet import Fleet
+from controller.security.signing import current_fleet_keys
 
 if TYPE_CHECKING:
     from controller.prometheus import ControllerMetrics
@@ -97,6 +98,8 @@ class ControllerService:
         self._reconnected = threading.Event()
         self._connected_at = 0.0
         self.ready = threading.Event()
+        # The signed fleet-keys message last published retained (key rotation), None = not yet.
+        self._keys_published: bytes | None = None
         self.rejected = 0
         self._announce_asked: dict[str, float] = {}
         self.errors = 0
@@ -154,6 +157,7 @@ class ControllerService:
             t.all_needs(),
         )
         self._connected_at = time.monotonic()
+        self._keys_published = None  # retained state may be gone: publish the keys again
         self._reconnected.set()
         self.ready.set()
 
@@ -424,6 +428,12 @@ class ControllerService:
         if connected and time.monotonic() - self._connected_at >= TICK_GRACE_S:
             for note in fleet.rollouts.tick():
                 log.info("%s", note)
+        keys = current_fleet_keys(self.home / "security")
+        if keys is not None and keys != self._keys_published:
+            # Before any desired state signed with the new key (`edgefleet keys rotate`).
+            self.session.publish(self.topics.fleet_keys(), keys, retain=True)
+            self._keys_published = keys
+            log.info("published the fleet keys (rotation)")
         published_manifests: set[str] = set()
         retained = fleet.chunks_retained()
         in_use: set[str] | None = None

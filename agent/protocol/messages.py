@@ -141,6 +141,21 @@ class GoldenRef:
 
 
 @dataclass(frozen=True)
+class Signature:
+    """An ed25519 signature over a message's canonical encoding, with the signing key's id."""
+
+    key_id: str
+    value: str
+
+    def __post_init__(self) -> None:
+        """Bound the key id and the base64 value (an ed25519 signature is 88 base64 characters)."""
+        if not 1 <= len(self.key_id) <= 64 or not self.key_id.isascii():
+            raise ProtocolError("$.sig.key_id: must be 1-64 ASCII characters")
+        if not 1 <= len(self.value) <= 128 or not self.value.isascii():
+            raise ProtocolError("$.sig.value: must be 1-128 ASCII characters")
+
+
+@dataclass(frozen=True)
 class Desired:
     """Retained desired state of one device: which artifact, under which deployment/generation."""
 
@@ -154,12 +169,22 @@ class Desired:
     latency_budget_ms: float = 0.0
     memory_budget_mb: float = 0.0
     ts: float = field(default_factory=time.time)
+    # Signed desired state (docs/security.md): the device and profile it is for, when it stops
+    # being valid (unix time), and the fleet key's signature over everything else.
+    device_id: str | None = None
+    profile: str | None = None
+    expires: float | None = None
+    sig: Signature | None = None
     v: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
         """Validate counters, budgets and the deployment id."""
         _check_version(self.v)
         _name("deployment_id", "deployment id", self.deployment_id)
+        if self.device_id is not None:
+            validate_device_id(self.device_id)
+        if self.profile is not None:
+            _name("profile", "profile id", self.profile)
         if self.generation < 1:
             raise ProtocolError(f"$.generation: must be >= 1, got {self.generation}")
         if self.benchmark_runs < 1:
@@ -184,6 +209,7 @@ class Manifest:
     golden: GoldenRef | None = None
     created: float = field(default_factory=time.time)
     expires: float | None = None
+    sig: Signature | None = None
     v: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -260,7 +286,7 @@ class BenchmarkReport:
             raise ProtocolError(f"$.power_source: {exc}") from None
 
 
-EventKind = Literal["update", "benchmark", "error", "rejected", "command"]
+EventKind = Literal["update", "benchmark", "error", "rejected", "command", "security"]
 
 
 @dataclass(frozen=True)
@@ -321,6 +347,35 @@ class Command:
             raise ProtocolError("$.seq_ranges: more than 200 ranges")
         if self.action == "resend_telemetry" and not self.seq_ranges:
             raise ProtocolError("$.seq_ranges: resend_telemetry needs at least one range")
+
+
+# A fleet never needs more verify keys at once than this (current + next + a few retiring).
+MAX_FLEET_KEYS = 8
+
+
+@dataclass(frozen=True)
+class FleetKeys:
+    """Retained list of the fleet's verify keys (base64 raw ed25519), signed by a trusted key.
+
+    `version` only grows: an agent refuses a keys message not newer than the set it holds.
+    """
+
+    version: int
+    keys: tuple[str, ...]
+    ts: float = field(default_factory=time.time)
+    sig: Signature | None = None
+    v: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        """Validate the version and bound the key list."""
+        _check_version(self.v)
+        if self.version < 1:
+            raise ProtocolError(f"$.version: must be >= 1, got {self.version}")
+        if not 1 <= len(self.keys) <= MAX_FLEET_KEYS:
+            raise ProtocolError(f"$.keys: must hold 1-{MAX_FLEET_KEYS} keys")
+        for i, key in enumerate(self.keys):
+            if not 1 <= len(key) <= 64 or not key.isascii():
+                raise ProtocolError(f"$.keys[{i}]: must be 1-64 ASCII characters (base64)")
 
 
 @dataclass(frozen=True)

@@ -49,8 +49,8 @@ def _validate_root(root: str) -> str:
 class ParsedTopic:
     """A topic taken apart: which entity, which channel, and the chunk index for chunks."""
 
-    kind: str  # "device" | "artifact"
-    ident: str  # device id or artifact sha256
+    kind: str  # "device" | "artifact" | "fleet"
+    ident: str  # device id, artifact sha256, or "keys"
     channel: str
     index: int | None = None
 
@@ -113,6 +113,10 @@ class Topics:
         """Topic where agents ask for the chunks of an artifact they still lack."""
         return f"{self.root}/artifacts/{validate_sha256(sha256)}/need"
 
+    def fleet_keys(self) -> str:
+        """Retained topic of the fleet's signed verify-key list (key rotation)."""
+        return f"{self.root}/fleet/keys"
+
     def all_devices(self, channel: str) -> str:
         """Controller subscription filter for one channel of every device."""
         if channel not in DEVICE_CHANNELS:
@@ -129,6 +133,8 @@ class Topics:
         if not topic.startswith(prefix):
             raise ProtocolError(f"Invalid topic: {topic!r} (not under {self.root!r})")
         parts = topic[len(prefix) :].split("/")
+        if parts == ["fleet", "keys"]:
+            return ParsedTopic("fleet", "keys", "keys")
         if len(parts) == 3 and parts[0] == "devices" and parts[2] in DEVICE_CHANNELS:
             return ParsedTopic("device", validate_device_id(parts[1]), parts[2])
         if len(parts) == 3 and parts[0] == "artifacts" and parts[2] in ("manifest", "need"):

@@ -94,6 +94,8 @@ def acl_text(topic_root: str = DEFAULT_ROOT, controller_username: str = CONTROLL
         f"pattern read {topic_root}/artifacts/+/manifest",
         f"pattern read {topic_root}/artifacts/+/chunks/#",
         f"pattern write {topic_root}/artifacts/+/need",
+        # The signed fleet verify keys (key rotation, docs/security.md); only the controller writes.
+        f"pattern read {topic_root}/fleet/keys",
     ]
     return "\n".join(lines) + "\n"
 

@@ -1,4 +1,4 @@
-"""`edgefleet broker ...`: write the secured mosquitto configuration (docs/security.md)."""
+"""`edgefleet broker ...` (secured mosquitto configuration) and `edgefleet keys ...` (signing)."""
 
 from __future__ import annotations
 
@@ -77,3 +77,46 @@ def broker_config(
     typer.echo(f"wrote {files.directory} (mosquitto.conf, passwd, acl, ca.crt, server.crt/key)")
     typer.echo(f"run: mosquitto -c {files.conf}   (SIGHUP reloads passwd and acl)")
     typer.echo(f"controller user {username!r}, password in {info['controller_password_file']}")
+
+
+keys_app = typer.Typer(no_args_is_help=True, help="Fleet signing keys (signed desired state).")
+
+
+@keys_app.command("show")
+def keys_show(home: HomeOption = None, json_out: JsonOption = False) -> None:
+    """Print the fleet signing key's id and public key (created on first use)."""
+    from controller.security.signing import describe
+
+    info = describe((home or default_home()) / "security")
+    if json_out:
+        typer.echo(as_json(info))
+        return
+    typer.echo(f"signing key {info['key_id']}  public {info['public_key']}")
+    typer.echo(f"agents trust (keys version {info['keys_version']}): {', '.join(info['trusted'])}")  # type: ignore[arg-type]
+
+
+@keys_app.command("rotate")
+def keys_rotate(home: HomeOption = None, json_out: JsonOption = False) -> None:
+    """New signing key, introduced to agents by a keys message signed with the current one.
+
+    The running controller publishes the keys message retained on its next reconcile and signs
+    everything after it with the new key; agents keep trusting the replaced key too until the
+    next rotation.
+    """
+    from controller.security.signing import rotate_signing_key
+
+    old, new, keys = rotate_signing_key((home or default_home()) / "security")
+    info = {
+        "old_key_id": old.key_id,
+        "new_key_id": new.key_id,
+        "new_public_key": new.public_b64,
+        "keys_version": keys.version,
+        "trusted": list(keys.keys),
+    }
+    if json_out:
+        typer.echo(as_json(info))
+        return
+    typer.echo(
+        f"rotated: {old.key_id} -> {new.key_id} (keys version {keys.version}, signed by "
+        f"{old.key_id}); the controller publishes it on its next reconcile"
+    )

@@ -409,6 +409,8 @@ class FleetSecurity:
         File paths in agent.toml are relative: the agent resolves them against the config's
         directory, so the bundle can be copied to the device as one directory.
         """
+        from controller.security.signing import describe  # signing imports this module
+
         private_dir(bundle_dir)
         ca_copy = bundle_dir / "ca.crt"
         ca_copy.write_bytes(self.ca.cert_path.read_bytes())
@@ -424,6 +426,8 @@ class FleetSecurity:
             ca_file=ca_copy.name,
             cert_file=credentials.cert_path.name if credentials.cert_path else None,
             key_file=credentials.key_path.name if credentials.key_path else None,
+            # The fleet verify keys: the device follows only what they signed.
+            trusted_keys=tuple(describe(self.directory)["trusted"]),  # type: ignore[arg-type]
         )
         path = bundle_dir / "agent.toml"
         write_private(path, dump_config(config).encode())

@@ -17,6 +17,7 @@ import pytest
 from agent.config import AgentConfig, dump_config
 from controller.broker import BrokerHandle
 from controller.fleet import Fleet
+from controller.security.signing import FleetSigner
 from controller.service import ControllerService
 from tests.polling import wait_until
 
@@ -34,6 +35,14 @@ def e2e_broker(request: pytest.FixtureRequest) -> BrokerHandle:
     return handle
 
 
+def _fleet_verify_keys(home: Path) -> tuple[str, ...]:
+    """The controller's verify key for agents' trusted_keys; () where `cryptography` is missing
+    (the slim device env: the controller then publishes unsigned, the agents do not check)."""
+    if importlib.util.find_spec("cryptography") is None:
+        return ()
+    return (FleetSigner.load_or_create(home / "security").public_b64,)
+
+
 @dataclass
 class RunningController:
     """A controller service plus a Fleet handle on the same data dir for assertions."""
@@ -49,6 +58,7 @@ def controller(
 ) -> Iterator[RunningController]:
     """The real controller service on the test's broker and topic root."""
     home = tmp_path / "controller"
+    _fleet_verify_keys(home)  # the signing key exists before any agent reads it
     service = ControllerService(
         home, e2e_broker.url, topic_root=topic_root, client_id=f"ctl-{topic_root.split('/')[1]}"
     )
@@ -121,12 +131,20 @@ class AgentProcess:
 
 @pytest.fixture
 def start_agent(
-    e2e_broker: BrokerHandle, topic_root: str, tmp_path: Path
+    e2e_broker: BrokerHandle, topic_root: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> Iterator[Callable[..., AgentProcess]]:
-    """Factory: start_agent(device_id, **config) -> a running AgentProcess, stopped at teardown."""
+    """Factory: start_agent(device_id, **config) -> a running AgentProcess, stopped at teardown.
+
+    With the `controller` fixture the agents trust its signing key, so every such test runs
+    with signatures enforced; tests that run their own controller elsewhere get development
+    mode unless they pass `trusted_keys`.
+    """
     agents: list[AgentProcess] = []
+    in_use = "controller" in request.fixturenames
+    default_keys = _fleet_verify_keys(tmp_path / "controller") if in_use else ()
 
     def start(device_id: str, **overrides: Any) -> AgentProcess:
+        overrides.setdefault("trusted_keys", default_keys)
         config = AgentConfig(
             device_id=device_id,
             data_dir=tmp_path / "agents" / device_id,
