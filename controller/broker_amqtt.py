@@ -18,8 +18,8 @@ from controller.broker import (
     BrokerHandle,
     PortInUseError,
     _check_port_free,
-    _is_loopback,
     free_port,
+    is_loopback,
 )
 
 if TYPE_CHECKING:
@@ -220,7 +220,7 @@ def _cancel_pending(loop: asyncio.AbstractEventLoop) -> None:
 
 def start_amqtt(*, host: str = "127.0.0.1", port: int = 0) -> BrokerHandle:
     """Start amqtt in-process (own thread and asyncio loop); port 0 picks a free port."""
-    if not _is_loopback(host):
+    if not is_loopback(host):
         raise BrokerError(AMQTT_LOOPBACK_ONLY.format(host=host))
     _quiet_amqtt_logging()
     attempts = AUTO_PORT_ATTEMPTS if port == 0 else 1

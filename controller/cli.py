@@ -560,7 +560,7 @@ def up(
     home: HomeOption = None,
 ) -> None:
     """Run the controller (and an embedded broker unless --broker is given) until interrupted."""
-    from controller.broker import BrokerError, start_embedded
+    from controller.broker import BrokerError, is_loopback, start_embedded
     from controller.prometheus import ControllerMetrics, serve_metrics
     from controller.service import ControllerService
 
@@ -574,7 +574,7 @@ def up(
     username = password = None
     if broker is None:
         security = None
-        if not _loopback(host):
+        if not is_loopback(host):
             # Devices beyond loopback must authenticate (docs/security.md); the controller then
             # uses its own credentials on the broker's loopback listener.
             from controller.security.identity import FleetSecurity
@@ -623,11 +623,6 @@ def up(
             metrics_server.stop()
         if handle:
             handle.stop()
-
-
-def _loopback(host: str) -> bool:
-    """Whether `host` is a loopback address or name (nothing else can reach a broker there)."""
-    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def _host_port(value: str, option: str) -> tuple[str, int]:
