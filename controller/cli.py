@@ -12,9 +12,12 @@ from typing import Annotated
 import typer
 
 import firmware_profiles
+from controller.cli_common import HomeOption, JsonOption, fail, open_fleet
+from controller.explain_cmd import devices_outliers, models_explain
 from controller.fleet import Fleet, FleetError, default_home
 from controller.optimize_cmd import optimize
 from controller.render import as_json, num, short, table
+from controller.rollout_cmd import rollout_app
 from controller.security.cli import broker_app, keys_app
 from controller.simulate import simulate_command
 from controller.telemetry_cmd import report, telemetry
@@ -28,9 +31,6 @@ devices_app = typer.Typer(no_args_is_help=True, help="Register, list, show and r
 profiles_app = typer.Typer(no_args_is_help=True, help="Device profiles (firmware_profiles/).")
 deployments_app = typer.Typer(no_args_is_help=True, help="Direct deployments and their state.")
 models_app = typer.Typer(no_args_is_help=True, help="Register model versions and their artifacts.")
-rollout_app = typer.Typer(
-    no_args_is_help=True, help="Staged rollouts: waves, gates, automatic rollback."
-)
 app.add_typer(devices_app, name="devices")
 app.add_typer(profiles_app, name="profiles")
 app.add_typer(deployments_app, name="deployments")
@@ -42,25 +42,11 @@ app.command()(optimize)
 app.command("telemetry")(telemetry)
 app.command("report")(report)
 app.command("simulate")(simulate_command)
+models_app.command("explain")(models_explain)
+devices_app.command("outliers")(devices_outliers)
 
-HomeOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--home", envvar="EDGEFLEET_HOME", help="data dir (default ~/.local/share/edgefleet)"
-    ),
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="print JSON")]
-
-
-def _fleet(home: Path | None) -> Fleet:
-    """Open the fleet in the chosen data dir."""
-    return Fleet(home or default_home())
-
-
-def _fail(exc: Exception, code: int = 2) -> typer.Exit:
-    """Print a clear error and return the exit to raise."""
-    typer.echo(f"error: {exc}", err=True)
-    return typer.Exit(code)
+_fleet = open_fleet
+_fail = fail
 
 
 # ---------------------------------------------------------------------------- devices
@@ -355,187 +341,6 @@ def models_list(home: HomeOption = None, json_out: JsonOption = False) -> None:
             ["NAME", "VERSION", "PROFILES"],
         )
     )
-
-
-# ---------------------------------------------------------------------------- rollouts
-@rollout_app.command("start")
-def rollout_start(
-    model: Annotated[str, typer.Argument(help="NAME[:VERSION] (default: newest version)")],
-    to: Annotated[
-        str, typer.Option("--to", help="all | profile:P | device:ID | id glob; comma = union")
-    ] = "all",
-    waves: Annotated[
-        str, typer.Option(help="cumulative waves: percentages (10,50,100) or counts (1d,10d)")
-    ] = "10,50,100",
-    max_failures: Annotated[
-        str, typer.Option(help="abort past this: percent of executed (5%) or a count (3)")
-    ] = "5%",
-    min_executed: Annotated[
-        int, typer.Option(help="devices that must finish before the threshold applies")
-    ] = 1,
-    gate: Annotated[
-        list[str] | None,
-        typer.Option(help="p95_ms<=X, peak_rss_mb<=Y, p95_regression<=10% (repeatable)"),
-    ] = None,
-    device_timeout: Annotated[str, typer.Option(help="per device and attempt: 90s, 10m")] = "10m",
-    retries: Annotated[int, typer.Option(min=0, help="retries after a transport failure")] = 2,
-    benchmark_runs: Annotated[int, typer.Option(min=1, help="timed runs per benchmark")] = 50,
-    home: HomeOption = None,
-    json_out: JsonOption = False,
-) -> None:
-    """Roll a model out in waves; a running `edgefleet up` drives it."""
-    from controller.policy import (
-        Policy,
-        parse_duration,
-        parse_gate,
-        parse_threshold,
-        parse_waves,
-    )
-
-    try:
-        policy = Policy(
-            waves=parse_waves(waves),
-            max_failures=parse_threshold(max_failures),
-            min_executed=min_executed,
-            gates=tuple(parse_gate(g) for g in gate or ()),
-            device_timeout_s=parse_duration(device_timeout),
-            retries=retries,
-            benchmark_runs=benchmark_runs,
-        )
-        result = _fleet(home).start_rollout(model, to, policy)
-    except FleetError as exc:
-        raise _fail(exc) from None
-    if json_out:
-        typer.echo(as_json(result))
-        return
-    typer.echo(
-        f"rollout {result['id']}: {result['model']} to {len(result['devices'])} device(s) in "
-        f"waves {', '.join(w['size'] for w in result['waves'])}; a running `edgefleet up` "
-        "drives it"
-    )
-
-
-@rollout_app.command("status")
-def rollout_status(
-    rollout_id: Annotated[str | None, typer.Argument(help="rollout id (default: list)")] = None,
-    home: HomeOption = None,
-    json_out: JsonOption = False,
-) -> None:
-    """List rollouts, or show one with its waves and each device's progress."""
-    fleet = _fleet(home)
-    try:
-        result: object = fleet.deployment(rollout_id) if rollout_id else fleet.rollouts.list()
-    except FleetError as exc:
-        raise _fail(exc) from None
-    if json_out:
-        typer.echo(as_json(result))
-        return
-    if isinstance(result, list):
-        typer.echo(
-            table(
-                [
-                    (r["id"], r["kind"], r["model"], r["state"], r["wave"], _counts(r["counts"]))
-                    for r in result
-                ],
-                ["ID", "KIND", "MODEL", "STATE", "WAVE", "DEVICES"],
-            )
-        )
-        return
-    _print_rollout(result)  # type: ignore[arg-type]
-
-
-def _counts(counts: dict[str, int]) -> str:
-    """`3 succeeded, 1 failed`."""
-    return ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "-"
-
-
-def _print_rollout(r: dict[str, object]) -> None:
-    """Human view of one rollout."""
-    policy = r["policy"]
-    assert isinstance(policy, dict)
-    typer.echo(f"{r['id']}  {r['model']}  to {r['target']}  {r['state']}  {r['reason']}")
-    typer.echo(
-        f"policy: waves {', '.join(policy['waves'])}; max failures {policy['max_failures']} "
-        f"after {policy['min_executed']}; gates {', '.join(policy['gates']) or 'none'}; "
-        f"timeout {policy['device_timeout_s']:g} s; retries {policy['retries']}"
-    )
-    waves = r["waves"]
-    devices = r["devices"]
-    assert isinstance(waves, list) and isinstance(devices, list)
-    typer.echo(
-        table(
-            [
-                (w["wave"], w["size"], w["devices"], w["done"], w["succeeded"], w["failed"])
-                for w in waves
-            ],
-            ["WAVE", "SIZE", "DEVICES", "DONE", "OK", "FAILED"],
-        )
-    )
-    typer.echo(
-        table(
-            [
-                (
-                    d["device_id"],
-                    d["wave"],
-                    d["state"],
-                    d["attempts"],
-                    num((d["result"] or {}).get("p95_ms")),
-                    num((d["result"] or {}).get("peak_rss_mb")),
-                    d["detail"][:60],
-                )
-                for d in devices
-            ],
-            ["DEVICE", "WAVE", "STATE", "RETRIES", "P95 MS", "PEAK MB", "DETAIL"],
-        )
-    )
-
-
-def _rollout_action(action: str, rollout_id: str, home: Path | None, json_out: bool) -> None:
-    """pause | resume | abort | rollback, with the same error handling and output."""
-    rollouts = _fleet(home).rollouts
-    try:
-        result = getattr(rollouts, action)(rollout_id)
-    except FleetError as exc:
-        raise _fail(exc) from None
-    if json_out:
-        typer.echo(as_json(result))
-    else:
-        typer.echo(f"rollout {rollout_id}: {result['state']}")
-
-
-RolloutId = Annotated[str, typer.Argument(help="rollout id")]
-
-
-@rollout_app.command("pause")
-def rollout_pause(
-    rollout_id: RolloutId, home: HomeOption = None, json_out: JsonOption = False
-) -> None:
-    """Start no new devices or waves (devices already updating finish)."""
-    _rollout_action("pause", rollout_id, home, json_out)
-
-
-@rollout_app.command("resume")
-def rollout_resume(
-    rollout_id: RolloutId, home: HomeOption = None, json_out: JsonOption = False
-) -> None:
-    """Continue a paused rollout."""
-    _rollout_action("resume", rollout_id, home, json_out)
-
-
-@rollout_app.command("abort")
-def rollout_abort(
-    rollout_id: RolloutId, home: HomeOption = None, json_out: JsonOption = False
-) -> None:
-    """Stop a rollout and roll back every device it changed."""
-    _rollout_action("abort", rollout_id, home, json_out)
-
-
-@rollout_app.command("rollback")
-def rollout_rollback(
-    rollout_id: RolloutId, home: HomeOption = None, json_out: JsonOption = False
-) -> None:
-    """Return every device of a rollout (even a completed one) to its previous model."""
-    _rollout_action("rollback", rollout_id, home, json_out)
 
 
 # ---------------------------------------------------------------------------- service

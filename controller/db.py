@@ -301,6 +301,54 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (profile, model_sha256)
     )
     """,
+    # Closed loop (docs/closed-loop.md): ranked candidates per model and profile, their trials on
+    # canary devices, the stored decision, per-device runtime options, fallbacks and outliers.
+    """
+    CREATE TABLE model_candidates (
+        model_id INTEGER NOT NULL REFERENCES models(id),
+        profile TEXT NOT NULL,
+        rank INTEGER NOT NULL,
+        sha256 TEXT NOT NULL REFERENCES artifacts(sha256),
+        recipe TEXT NOT NULL,
+        threads INTEGER,
+        host TEXT NOT NULL DEFAULT '{}',
+        PRIMARY KEY (model_id, profile, rank)
+    );
+    CREATE TABLE candidate_trials (
+        rollout_id TEXT NOT NULL REFERENCES deployments(id),
+        profile TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        rank INTEGER NOT NULL,
+        sha256 TEXT NOT NULL,
+        threads INTEGER,
+        state TEXT NOT NULL DEFAULT 'waiting',
+        generation BIGINT NOT NULL DEFAULT 0,
+        deadline DOUBLE PRECISION,
+        result TEXT,
+        outlier TEXT,
+        detail TEXT NOT NULL DEFAULT '',
+        updated DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (rollout_id, device_id, rank)
+    );
+    CREATE TABLE candidate_decisions (
+        rollout_id TEXT NOT NULL REFERENCES deployments(id),
+        profile TEXT NOT NULL,
+        winner_rank INTEGER,
+        sha256 TEXT,
+        threads INTEGER,
+        fallback_rank INTEGER,
+        explanation TEXT NOT NULL,
+        decided DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (rollout_id, profile)
+    );
+    ALTER TABLE deployments ADD COLUMN phase TEXT NOT NULL DEFAULT 'waves';
+    ALTER TABLE deployment_devices ADD COLUMN threads INTEGER;
+    ALTER TABLE deployment_devices ADD COLUMN fallback TEXT;
+    ALTER TABLE deployment_devices ADD COLUMN outlier TEXT;
+    ALTER TABLE deployment_devices ADD COLUMN fell_back TEXT;
+    ALTER TABLE devices ADD COLUMN desired_threads INTEGER;
+    ALTER TABLE devices ADD COLUMN desired_fallback TEXT
+    """,
 )
 
 

@@ -18,6 +18,7 @@ from agent.protocol import (
     Command,
     Desired,
     Event,
+    Fallback,
     GoldenRef,
     Hello,
     Manifest,
@@ -30,6 +31,7 @@ from agent.protocol import (
 )
 from agent.protocol.schema import encode
 from controller.artifacts import ArtifactStore, build_manifest, check_golden
+from controller.candidates import register_candidates
 from controller.db import Database, now, to_json
 from controller.errors import FleetError
 from controller.policy import Policy
@@ -194,12 +196,15 @@ class Fleet:
         golden: Path | None = None,
         check: bool = True,
         expected_sha256: str | None = None,
+        link: bool = True,
     ) -> Manifest:
         """Store a .tflite file (and its golden .npz) as an artifact of model name:version.
 
         Without a version, the first 12 hex digits of the file's sha256 are used. The golden
         file travels as its own content-addressed blob that the manifest points to. With
         `expected_sha256`, a file that hashes differently is refused before anything is written.
+        `link=False` stores the blob without making it the version's artifact for the profile
+        (a ranked candidate that only a selection phase may promote).
         """
         _check_names(name=name, version=version, recipe=recipe)
         if not model_path.is_file():
@@ -240,7 +245,8 @@ class Fleet:
             dump(manifest)  # the manifest must fit the protocol's message cap to be published
         except ProtocolError as exc:
             raise FleetError(f"{model_path}: too large to distribute: {exc}") from None
-        self._check_version_free(name, version, profile, manifest.sha256)
+        if link:
+            self._check_version_free(name, version, profile, manifest.sha256)
         blobs = [(model_path, manifest, "model")]
         if golden is not None and golden_manifest is not None:
             blobs.append((golden, golden_manifest, "golden"))
@@ -278,11 +284,12 @@ class Fleet:
                 )
             # The same file may serve several models (or profiles): the link is its own row,
             # one per model version and profile. A version never changes under a rollout.
-            tx.execute(
-                "INSERT INTO model_artifacts (model_id, sha256, profile, recipe, created) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                (model_id, manifest.sha256, profile, recipe, now()),
-            )
+            if link:
+                tx.execute(
+                    "INSERT INTO model_artifacts (model_id, sha256, profile, recipe, created) "
+                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                    (model_id, manifest.sha256, profile, recipe, now()),
+                )
         return manifest
 
     def _check_version_free(self, name: str, version: str, profile: str | None, sha: str) -> None:
@@ -321,7 +328,7 @@ class Fleet:
             if not found:
                 raise FleetError(f"{path}: no */*.manifest.json (run `edgefleet optimize` first)")
             for manifest_path in found:
-                doc = _read_converter_manifest(manifest_path)
+                doc = read_converter_manifest(manifest_path)
                 artifact = manifest_path.parent / doc["file"]
                 golden_path = (
                     manifest_path.parent / doc["golden"]["file"] if doc.get("golden") else None
@@ -335,6 +342,7 @@ class Fleet:
                     golden=golden_path,
                     expected_sha256=doc["sha256"],  # as recorded in manifest_path
                 )
+            register_candidates(self, path, name=name, version=version)
         else:
             self.add_artifact(path, name=name, version=version, profile=profile, golden=golden)
         return self.model(f"{name}:{version}")
@@ -478,7 +486,7 @@ class Fleet:
         """Devices whose desired generation is not published yet: desired state + manifests."""
         rows = self.db.query(
             "SELECT d.id, d.profile, d.desired_generation, d.desired_deployment_id, a.manifest, "
-            "g.manifest AS golden, p.policy FROM devices d "
+            "g.manifest AS golden, p.policy, d.desired_threads, d.desired_fallback FROM devices d "
             "LEFT JOIN artifacts a ON a.sha256 = d.desired_sha256 "
             "LEFT JOIN artifacts g ON g.sha256 = a.golden_sha256 "
             "LEFT JOIN deployments p ON p.id = d.desired_deployment_id "
@@ -499,6 +507,10 @@ class Fleet:
                 if m
             ]
             manifest = manifests[-1] if r["manifest"] else None
+            fallback = None
+            if r["desired_fallback"] and manifest is not None:
+                fallback, extra = self._fallback(json.loads(r["desired_fallback"]), signer, parsed)
+                manifests += extra  # published (golden first) like the primary's
             profile = self.profiles.get(r["profile"] or "")
             policy = Policy.from_json(json.loads(r["policy"] or "{}"))
             desired = Desired(
@@ -518,9 +530,38 @@ class Fleet:
                 device_id=r["id"],
                 profile=r["profile"] or None,
                 expires=expires,
+                threads=r["desired_threads"],
+                fallback=fallback,
             )
             out.append((r["id"], _signed(signer, desired), manifests))
         return out
+
+    def _fallback(
+        self, spec: dict[str, Any], signer: FleetSigner | None, parsed: dict[str, Manifest]
+    ) -> tuple[Fallback, list[Manifest]]:
+        """The Fallback of a desired state and the (signed) manifests its artifact needs."""
+        row = self.db.query_one(
+            "SELECT a.manifest, g.manifest AS golden FROM artifacts a "
+            "LEFT JOIN artifacts g ON g.sha256 = a.golden_sha256 WHERE a.sha256 = ?",
+            (spec["sha256"],),
+        )
+        if row is None:
+            raise FleetError(f"fallback artifact {spec['sha256']} is not stored")
+        manifests = [
+            parsed.get(m) or parsed.setdefault(m, _signed(signer, parse(m, Manifest)))
+            for m in (row["golden"], row["manifest"])
+            if m
+        ]
+        target = manifests[-1]
+        fallback = Fallback(
+            artifact=ArtifactRef(
+                sha256=target.sha256, size=target.size, name=target.name, version=target.version
+            ),
+            latency_ms=float(spec["latency_ms"]),
+            threads=spec.get("threads"),
+            window_s=float(spec.get("window_s", 60.0)),
+        )
+        return fallback, manifests
 
     def set_chunks_retained(self, sha256: str, retained: bool) -> None:
         """Record whether the broker holds this artifact's chunks as retained messages."""
@@ -545,7 +586,11 @@ class Fleet:
             "WHERE dd.state IN ('waiting', 'baselining', 'pending', 'in_progress', 'retrying') "
             "UNION SELECT DISTINCT a.sha256, a.golden_sha256 FROM devices d "
             "JOIN artifacts a ON a.sha256 = d.desired_sha256 "
-            "WHERE d.desired_generation > d.reported_generation"
+            "WHERE d.desired_generation > d.reported_generation "
+            # An armed fallback may be fetched late (after the primary's activation).
+            "UNION SELECT DISTINCT a.sha256, a.golden_sha256 FROM devices d "
+            "JOIN artifacts a ON a.sha256 = json_extract(d.desired_fallback, '$.sha256') "
+            "WHERE d.desired_fallback IS NOT NULL"
         )
         return {sha for r in rows for sha in (r["sha256"], r["golden_sha256"]) if sha}
 
@@ -778,7 +823,7 @@ def _device_row(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _read_converter_manifest(path: Path) -> dict[str, Any]:
+def read_converter_manifest(path: Path) -> dict[str, Any]:
     """A converters manifest.json, checked for the fields `models add` reads."""
     try:
         doc = json.loads(path.read_text())

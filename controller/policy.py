@@ -34,6 +34,9 @@ REGRESSION_METRICS: dict[str, str] = {
     "energy_regression": "energy_mj_per_inference",
 }
 
+# What the selection phase optimizes among the Pareto-best candidates (docs/closed-loop.md).
+OBJECTIVES = ("latency", "energy", "memory", "accuracy")
+
 _GATE_RE = re.compile(r"^\s*([a-z0-9_]+)\s*<=\s*([0-9]*\.?[0-9]+)\s*(%?)\s*$")
 _DURATION_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -125,6 +128,14 @@ class Policy:
     device_timeout_s: float = 600.0
     retries: int = 0
     benchmark_runs: int = 50
+    # Closed loop (docs/closed-loop.md): measure the top `candidates` per profile on `canaries`
+    # devices first and promote the Pareto-best on `objective`; ship a fallback with `fallback`.
+    candidates: int = 0
+    canaries: int = 1
+    objective: str = "latency"
+    fallback: bool = False
+    fallback_window_s: float = 60.0
+    max_accuracy_drop: float | None = None
 
     def __post_init__(self) -> None:
         """Check the combination (each part was checked when parsed)."""
@@ -138,6 +149,26 @@ class Policy:
             raise PolicyError("--device-timeout: must be > 0")
         if self.benchmark_runs < 1:
             raise PolicyError(f"--benchmark-runs: must be >= 1, got {self.benchmark_runs}")
+        if self.candidates < 0 or self.candidates == 1:
+            raise PolicyError(
+                f"--candidates: must be 2 or more (0 = no selection), got {self.candidates}"
+            )
+        if self.canaries < 1:
+            raise PolicyError(f"--canaries: must be >= 1, got {self.canaries}")
+        if self.objective not in OBJECTIVES:
+            raise PolicyError(
+                f"--objective: {self.objective!r} is not one of {', '.join(OBJECTIVES)}"
+            )
+        if self.fallback and not self.candidates:
+            raise PolicyError(
+                "--fallback: needs --candidates (the fallback is a measured candidate)"
+            )
+        if not 1.0 <= self.fallback_window_s <= 86400.0:
+            raise PolicyError(
+                f"--fallback-window: must be 1 s..24 h, got {self.fallback_window_s:g} s"
+            )
+        if self.max_accuracy_drop is not None and self.max_accuracy_drop < 0:
+            raise PolicyError(f"--max-accuracy-drop: must be >= 0, got {self.max_accuracy_drop}")
 
     @property
     def needs_baseline(self) -> bool:
@@ -161,6 +192,12 @@ class Policy:
             device_timeout_s=float(data["device_timeout_s"]),
             retries=int(data["retries"]),
             benchmark_runs=int(data.get("benchmark_runs", 50)),
+            candidates=int(data.get("candidates", 0)),
+            canaries=int(data.get("canaries", 1)),
+            objective=str(data.get("objective", "latency")),
+            fallback=bool(data.get("fallback", False)),
+            fallback_window_s=float(data.get("fallback_window_s", 60.0)),
+            max_accuracy_drop=data.get("max_accuracy_drop"),
         )
 
     def describe(self) -> dict[str, Any]:
@@ -172,6 +209,18 @@ class Policy:
             "gates": [g.label() for g in self.gates],
             "device_timeout_s": self.device_timeout_s,
             "retries": self.retries,
+            **(
+                {
+                    "candidates": self.candidates,
+                    "canaries": self.canaries,
+                    "objective": self.objective,
+                    "fallback": self.fallback,
+                    "fallback_window_s": self.fallback_window_s,
+                    "max_accuracy_drop": self.max_accuracy_drop,
+                }
+                if self.candidates
+                else {}
+            ),
         }
 
 

@@ -21,7 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 from agent.protocol import Event
 from controller.db import now, to_json
+from controller.outliers import classify
 from controller.policy import Policy, PolicyError, Threshold, Wave
+from controller.selection import Selection
 
 if TYPE_CHECKING:
     from controller.fleet import Fleet
@@ -38,6 +40,7 @@ DONE = frozenset(
         "rolled_back",
         "rollback_failed",
         "rolling_back",
+        "outlier",
     }
 )
 # Device states that count as executed for the failure threshold, and which of them failed.
@@ -59,6 +62,7 @@ class Rollouts:
         """Work on `fleet`'s database."""
         self.fleet = fleet
         self.db = fleet.db
+        self.selection = Selection(self)
 
     # ------------------------------------------------------------------ creation
     def create(
@@ -112,7 +116,11 @@ class Rollouts:
                         wave,
                     ),
                 )
-            self._start_wave(tx, rollout_id, 0, policy)
+            if policy.candidates and self.selection.plan(tx, rollout_id, model_id, policy):
+                # Candidates are measured on canaries first; wave 0 starts once all are decided.
+                tx.execute("UPDATE deployments SET phase = 'selecting' WHERE id = ?", (rollout_id,))
+            else:
+                self._start_wave(tx, rollout_id, 0, policy)
         return rollout_id
 
     def _start_wave(
@@ -122,9 +130,12 @@ class Rollouts:
         tx.execute(
             "UPDATE deployments SET wave = ?, updated = ? WHERE id = ?", (wave, now(), rollout_id)
         )
+        # A canary ran candidates since the rollout started: what it ran before is its previous.
         rows = tx.execute(
-            "SELECT dd.device_id, dd.artifact_sha256, d.model_sha256 FROM deployment_devices dd "
-            "LEFT JOIN devices d ON d.id = dd.device_id "
+            "SELECT dd.device_id, dd.artifact_sha256, CASE WHEN EXISTS (SELECT 1 FROM "
+            "candidate_trials t WHERE t.rollout_id = dd.deployment_id AND t.device_id = "
+            "dd.device_id) THEN dd.previous_sha256 ELSE d.model_sha256 END "
+            "FROM deployment_devices dd LEFT JOIN devices d ON d.id = dd.device_id "
             "WHERE dd.deployment_id = ? AND dd.wave = ? AND dd.state = 'waiting'",
             (rollout_id, wave),
         ).fetchall()
@@ -171,15 +182,25 @@ class Rollouts:
         state: str,
         detail: str = "",
     ) -> int:
-        """Point the device's desired state at `sha` under a new generation; supersede others."""
+        """Point the device's desired state at `sha` under a new generation; supersede others.
+
+        The rollout's own artifact goes out with the row's runtime options (threads, fallback);
+        anything else (a previous model on rollback, None) without them.
+        """
         ts = now()
-        generation = set_desired(tx, device_id, sha, rollout_id)
-        tx.execute(
-            "UPDATE deployment_devices SET state = 'superseded', updated = ? "
-            "WHERE device_id = ? AND deployment_id != ? AND state NOT IN "
-            "('succeeded', 'failed', 'gate_failed', 'skipped', 'superseded', 'cancelled', "
-            "'rolled_back', 'rollback_failed')",
-            (ts, device_id, rollout_id),
+        artifact, threads, fallback = tx.execute(
+            "SELECT artifact_sha256, threads, fallback FROM deployment_devices "
+            "WHERE deployment_id = ? AND device_id = ?",
+            (rollout_id, device_id),
+        ).fetchone()
+        mine = sha is not None and sha == artifact
+        generation = self.point_device(
+            tx,
+            rollout_id,
+            device_id,
+            sha,
+            threads=threads if mine else None,
+            fallback=json.loads(fallback) if mine and fallback else None,
         )
         tx.execute(
             "UPDATE deployment_devices SET generation = ?, state = ?, deadline = ?, updated = ?, "
@@ -187,6 +208,45 @@ class Rollouts:
             (generation, state, ts + policy.device_timeout_s, ts, detail, rollout_id, device_id),
         )
         return generation
+
+    def point_device(
+        self,
+        tx: sqlite3.Connection,
+        rollout_id: str,
+        device_id: str,
+        sha: str | None,
+        *,
+        threads: int | None,
+        fallback: dict[str, Any] | None,
+    ) -> int:
+        """Write the desired state, take the device from older rollouts; return the generation."""
+        generation = set_desired(tx, device_id, sha, rollout_id, threads=threads, fallback=fallback)
+        tx.execute(
+            "UPDATE deployment_devices SET state = 'superseded', updated = ? "
+            "WHERE device_id = ? AND deployment_id != ? AND state NOT IN "
+            "('succeeded', 'failed', 'gate_failed', 'skipped', 'superseded', 'cancelled', "
+            "'rolled_back', 'rollback_failed', 'outlier')",
+            (now(), device_id, rollout_id),
+        )
+        return generation
+
+    def skip_device(
+        self, tx: sqlite3.Connection, rollout_id: str, device_id: str, why: str
+    ) -> None:
+        """Leave a device out (no candidate won for its profile); a canary goes back first."""
+        row = tx.execute(
+            "SELECT dd.state, dd.previous_sha256, d.policy FROM deployment_devices dd "
+            "JOIN deployments d ON d.id = dd.deployment_id "
+            "WHERE dd.deployment_id = ? AND dd.device_id = ?",
+            (rollout_id, device_id),
+        ).fetchone()
+        key = (rollout_id, device_id)
+        if row[0] == "trialing":
+            policy = Policy.from_json(json.loads(row[2]))
+            self._set_row(tx, key, "rolling_back", why)
+            self._roll_back_device(tx, key, row[1], policy, "rolling_back", committed=True)
+        else:
+            self._set_row(tx, key, "skipped", why)
 
     # ------------------------------------------------------------------ ingest
     def on_event(self, tx: sqlite3.Connection, event: Event) -> None:
@@ -204,6 +264,17 @@ class Rollouts:
         state, attempts, baseline, previous, policy_json, _ = row
         policy = Policy.from_json(json.loads(policy_json))
         key = (event.deployment_id, event.device_id)
+        if state == "trialing":
+            report = _report_dict(event) if event.benchmark is not None else None
+            self.selection.on_event(tx, event, report)
+            return
+        if event.kind == "fallback":
+            tx.execute(
+                "UPDATE deployment_devices SET fell_back = ?, updated = ? "
+                "WHERE deployment_id = ? AND device_id = ?",
+                (event.message[:2000], now(), *key),
+            )
+            return
         if state == "rolling_back":
             # `idle`: a device with no previous model was told to stop (desired artifact None).
             if event.kind == "update" and event.state in ("active", "idle"):
@@ -242,7 +313,33 @@ class Rollouts:
                 "WHERE deployment_id = ? AND device_id = ?",
                 (to_json(report), *key),
             )
+            outlier = None
             if violations:
+                peers = [
+                    json.loads(r)
+                    for (r,) in tx.execute(
+                        "SELECT result FROM deployment_devices WHERE deployment_id = ? "
+                        "AND device_id != ? AND artifact_sha256 = (SELECT artifact_sha256 FROM "
+                        "deployment_devices WHERE deployment_id = ? AND device_id = ?) "
+                        "AND result IS NOT NULL",
+                        (event.deployment_id, event.device_id, *key),
+                    )
+                ]
+                outlier = classify(report, peers, baseline=base, breached=True)
+            if outlier is not None and outlier.explained:
+                # The device's conditions explain the breach: not the model's regression.
+                tx.execute(
+                    "UPDATE deployment_devices SET outlier = ? "
+                    "WHERE deployment_id = ? AND device_id = ?",
+                    (outlier.reason, *key),
+                )
+                self._set_row(
+                    tx,
+                    key,
+                    "outlier",
+                    f"{'; '.join(violations)}; {outlier.label()}: kept, not a model failure",
+                )
+            elif violations:
                 self._set_row(tx, key, "gate_failed", "; ".join(violations))
                 self._roll_back_device(tx, key, previous, policy, "gate_failed", committed=True)
             else:
@@ -384,6 +481,15 @@ class Rollouts:
             return [*notes, f"{rid}: aborted: {reason}"]
         if not running:
             return notes
+        phase = tx.execute("SELECT phase FROM deployments WHERE id = ?", (rid,)).fetchone()[0]
+        if phase == "selecting":
+            complete, selected = self.selection.tick(tx, rid, policy)
+            notes += selected
+            if not complete:
+                return notes
+            tx.execute("UPDATE deployments SET phase = 'waves' WHERE id = ?", (rid,))
+            self._start_wave(tx, rid, 0, policy)
+            notes.append(f"{rid}: candidates selected; wave 0 started")
         wave = rollout["wave"]
         while True:  # several waves may be done at once (empty, skipped or superseded ones)
             open_in_wave = tx.execute(
@@ -458,7 +564,8 @@ class Rollouts:
             "WHERE deployment_id = ? AND state IN ('waiting', 'baselining')",
             (now(), reason, rollout_id),
         )
-        targets = [*IN_FLIGHT, "succeeded"]
+        self.selection.cancel(tx, rollout_id, reason)
+        targets = [*IN_FLIGHT, "succeeded", "trialing", "outlier"]
         rows = tx.execute(
             "SELECT device_id, previous_sha256, state FROM deployment_devices "
             f"WHERE deployment_id = ? AND state IN ({','.join('?' * len(targets))})",
@@ -479,7 +586,7 @@ class Rollouts:
                 previous,
                 policy,
                 "rolling_back",
-                committed=was in ("activated", "succeeded"),
+                committed=was in ("activated", "succeeded", "trialing", "outlier"),
             )
 
     def _set_state(
@@ -516,7 +623,8 @@ class Rollouts:
         policy = Policy.from_json(json.loads(row["policy"]))
         devices = self.db.query(
             "SELECT device_id, wave, artifact_sha256, previous_sha256, generation, state, "
-            "attempts, stage, detail, result, updated FROM deployment_devices "
+            "attempts, stage, detail, result, updated, threads, outlier, fell_back "
+            "FROM deployment_devices "
             "WHERE deployment_id = ? ORDER BY position",
             (rollout_id,),
         )
@@ -547,6 +655,7 @@ class Rollouts:
             "model": f"{model['name']}:{model['version']}" if model else None,
             "target": row["target"],
             "state": row["state"],
+            "phase": row["phase"],
             "reason": row["reason"],
             "wave": row["wave"],
             "created": row["created"],
@@ -555,6 +664,8 @@ class Rollouts:
             "counts": counts,
             "waves": waves,
             "devices": devices,
+            "trials": self.selection.trials(rollout_id) if policy.candidates else [],
+            "decisions": self.selection.decisions(rollout_id) if policy.candidates else [],
         }
 
     def list(self) -> list[dict[str, Any]]:
@@ -576,8 +687,16 @@ class Rollouts:
         return rows
 
 
-def set_desired(tx: sqlite3.Connection, device_id: str, sha: str | None, deployment_id: str) -> int:
-    """Write a device's desired state under a generation newer than any it has seen."""
+def set_desired(
+    tx: sqlite3.Connection,
+    device_id: str,
+    sha: str | None,
+    deployment_id: str,
+    *,
+    threads: int | None = None,
+    fallback: dict[str, Any] | None = None,
+) -> int:
+    """Write a device's desired state (with runtime options) under a newer generation."""
     # Monotonic even when the device row was recreated or the database is new: the agent
     # ignores generations <= the last one it applied, so never go back.
     previous = tx.execute(
@@ -587,8 +706,15 @@ def set_desired(tx: sqlite3.Connection, device_id: str, sha: str | None, deploym
     generation = max((previous[0] if previous else 0) + 1, int(now() * 1000))
     tx.execute(
         "UPDATE devices SET desired_generation = ?, desired_sha256 = ?, "
-        "desired_deployment_id = ? WHERE id = ?",
-        (generation, sha, deployment_id, device_id),
+        "desired_deployment_id = ?, desired_threads = ?, desired_fallback = ? WHERE id = ?",
+        (
+            generation,
+            sha,
+            deployment_id,
+            threads,
+            to_json(fallback) if fallback else None,
+            device_id,
+        ),
     )
     return generation
 

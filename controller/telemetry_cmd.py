@@ -10,17 +10,11 @@ from typing import Annotated, Any
 
 import typer
 
+from controller.cli_common import HomeOption, JsonOption
 from controller.errors import FleetError
 from controller.fleet import Fleet, default_home
 from controller.render import as_json, num, table
 
-HomeOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--home", envvar="EDGEFLEET_HOME", help="data dir (default ~/.local/share/edgefleet)"
-    ),
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="print JSON")]
 SinceOption = Annotated[
     str | None,
     typer.Option(help="start of the time range: 90s, 30m, 1h, 2d, 1w ago; ISO 8601; or epoch"),

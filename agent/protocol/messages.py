@@ -155,6 +155,39 @@ class Signature:
             raise ProtocolError("$.sig.value: must be 1-128 ASCII characters")
 
 
+# The most interpreter threads a desired state may ask for (a sanity bound, not a device limit).
+MAX_THREADS = 64
+
+
+def _threads(field_name: str, value: int | None) -> None:
+    """None (the agent's own setting) or 1..MAX_THREADS interpreter threads."""
+    if value is not None and not 1 <= value <= MAX_THREADS:
+        raise ProtocolError(f"$.{field_name}: must be 1..{MAX_THREADS} or null, got {value}")
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """A lighter variant to switch to when the active model's p95 breaches a budget for a while.
+
+    The agent downloads and self-tests it next to the active model, watches the latency of the
+    requests it serves, and switches once, when every fifth of `window_s` had a p95 above
+    `latency_ms` (docs/closed-loop.md). It reports the switch as a `fallback` event.
+    """
+
+    artifact: ArtifactRef
+    latency_ms: float
+    threads: int | None = None
+    window_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        """Validate the budget, the window and the thread count."""
+        if not self.latency_ms > 0:
+            raise ProtocolError(f"$.fallback.latency_ms: must be > 0, got {self.latency_ms}")
+        if not 1.0 <= self.window_s <= 86400.0:
+            raise ProtocolError(f"$.fallback.window_s: must be 1..86400 s, got {self.window_s}")
+        _threads("fallback.threads", self.threads)
+
+
 @dataclass(frozen=True)
 class Desired:
     """Retained desired state of one device: which artifact, under which deployment/generation."""
@@ -174,6 +207,10 @@ class Desired:
     device_id: str | None = None
     profile: str | None = None
     expires: float | None = None
+    # Runtime options of this artifact chosen by the rollout (None: the agent's own setting),
+    # and the lighter variant to fall back to on a sustained latency breach.
+    threads: int | None = None
+    fallback: Fallback | None = None
     sig: Signature | None = None
     v: int = SCHEMA_VERSION
 
@@ -192,6 +229,9 @@ class Desired:
         _non_negative("benchmark_warmup", self.benchmark_warmup)
         _non_negative("latency_budget_ms", self.latency_budget_ms)
         _non_negative("memory_budget_mb", self.memory_budget_mb)
+        _threads("threads", self.threads)
+        if self.fallback is not None and self.artifact is None:
+            raise ProtocolError("$.fallback: needs an artifact to fall back from")
 
 
 @dataclass(frozen=True)
@@ -286,7 +326,7 @@ class BenchmarkReport:
             raise ProtocolError(f"$.power_source: {exc}") from None
 
 
-EventKind = Literal["update", "benchmark", "error", "rejected", "command", "security"]
+EventKind = Literal["update", "benchmark", "error", "rejected", "command", "security", "fallback"]
 
 
 @dataclass(frozen=True)

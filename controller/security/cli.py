@@ -7,18 +7,11 @@ from typing import Annotated
 
 import typer
 
+from controller.cli_common import HomeOption, JsonOption
 from controller.fleet import default_home
 from controller.render import as_json
 
 broker_app = typer.Typer(no_args_is_help=True, help="Secured MQTT broker configuration.")
-
-HomeOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--home", envvar="EDGEFLEET_HOME", help="data dir (default ~/.local/share/edgefleet)"
-    ),
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="print JSON")]
 
 
 @broker_app.command("config")
