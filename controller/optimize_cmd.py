@@ -94,6 +94,13 @@ def optimize(
     prune_epochs: Annotated[
         int, typer.Option(help="fine-tuning epochs while pruning (--train)")
     ] = PRUNE_EPOCHS,
+    candidates: Annotated[
+        int,
+        typer.Option(
+            help="rank the top K (variant, threads) candidates per profile into "
+            "<out>/<profile>/candidates.json (for rollout --candidates)"
+        ),
+    ] = 1,
     check: Annotated[
         bool, typer.Option("--check", help="only run the checks on a .tflite")
     ] = False,
@@ -124,6 +131,7 @@ def optimize(
             train=train,
             prune_sparsity=prune_sparsity,
             prune_epochs=prune_epochs,
+            candidates=candidates,
         )
     except (ConverterError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -147,11 +155,28 @@ def optimize(
                 ],
             )
         )
+        for line in _candidate_lines(report):
+            typer.echo(line)
         for note in report.notes:
             typer.echo(f"note: {note}")
         if report.pruning:
             typer.echo(_pruning_line(report.pruning))
     raise typer.Exit(0 if report.ok else 1)
+
+
+def _candidate_lines(report: Any) -> list[str]:
+    """One line per ranked candidate of every profile: rank, variant, threads, latency, manifest."""
+    lines = []
+    for prof in report.profiles:
+        for c in prof.candidates:
+            threads = "- (compiled)" if c.threads is None else str(c.threads)
+            v = c.variant
+            latency = f"{num(v.latency_ms, 3)} ms ({v.latency_source})" if v.latency_ms else "-"
+            lines.append(
+                f"candidate {prof.profile} #{c.rank}: {v.variant or v.recipe} "
+                f"threads={threads} {latency} {c.manifest}"
+            )
+    return lines
 
 
 def _pruning_line(pruning: dict[str, Any]) -> str:

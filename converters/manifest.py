@@ -1,4 +1,4 @@
-"""The JSON manifest written beside each selected artifact (what the controller ingests)."""
+"""The JSON manifest beside each published artifact, and the candidates.json index per profile."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ from typing import Any
 from converters._files import atomic_write_bytes, sha256_file
 
 MANIFEST_SCHEMA = "edgefleet.artifact-manifest/v1"
+CANDIDATES_SCHEMA = "edgefleet.candidates/v1"
+CANDIDATES_FILE = "candidates.json"
+CANDIDATES_DIR = "candidates"
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,13 @@ class ArtifactManifest:
         target = Path(path) if path else self.artifact.with_suffix(".manifest.json")
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
         return atomic_write_bytes(target, text.encode())
+
+
+def write_candidates(profile_dir: Path, profile: str, candidates: list[dict[str, Any]]) -> Path:
+    """Write `<profile_dir>/candidates.json` atomically: the ranked artifacts a rollout may try."""
+    doc = {"schema": CANDIDATES_SCHEMA, "profile": profile, "candidates": candidates}
+    text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
+    return atomic_write_bytes(Path(profile_dir) / CANDIDATES_FILE, text.encode())
 
 
 def source_sha256(model_path: Path) -> str:

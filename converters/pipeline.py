@@ -22,7 +22,12 @@ from converters.evaluate import (
 )
 from converters.inputs import ORIGINAL, convert_model, detect_format, prepare_source, recipes_for
 from converters.interpreter import load_host_model
-from converters.manifest import ArtifactManifest, source_sha256
+from converters.manifest import (
+    CANDIDATES_DIR,
+    ArtifactManifest,
+    source_sha256,
+    write_candidates,
+)
 from converters.prune import (
     DEFAULT_EPOCHS,
     DEFAULT_SPARSITY,
@@ -35,11 +40,14 @@ from converters.prune import (
 )
 from converters.recipes import PER_CHANNEL_DENSE_MIN_RUNTIME
 from converters.report import (
+    Candidate,
     OptimizeReport,
     ProfileReport,
     ProgressCallback,
     ProgressEvent,
     VariantReport,
+    candidate_threads,
+    rank_candidates,
 )
 from converters.runtime_versions import tflite_compat_version, version_at_least
 from converters.tflite_inspect import inspect_bytes
@@ -95,12 +103,13 @@ class _Run:
         val: Samples | None,
         max_drop: float,
         progress: ProgressCallback | None,
+        max_candidates: int = 1,
     ) -> None:
         """Prepare the output tree and the source model (ONNX → SavedModel once)."""
         self.model_path = Path(model_path)
         self.out_dir = Path(out_dir)
         self.calib, self.val, self.max_drop = calib, val, max_drop
-        self.progress = progress
+        self.progress, self.max_candidates = progress, max_candidates
         self.variants: dict[str, _Variant] = {}
         self.latency_cache: dict[tuple[str, ...], dict[str, float]] = {}
         self.notes: list[str] = []
@@ -351,14 +360,16 @@ class _Run:
                 )
         return best
 
-    def publish(self, profile: Any, chosen: VariantReport) -> None:
-        """Copy the chosen artifact into <out>/<profile>/, with golden data and a manifest."""
-        var = self.variants[chosen.variant]
-        assert var.path is not None and chosen.compiled is not None and chosen.evaluation
-        dest_dir = self.out_dir / profile.id
-        for stale in dest_dir.glob(f"{self.stem}-*"):  # a previous run's selection
+    def clear_stale(self, dest_dir: Path) -> None:
+        """Remove a previous run's published files for this model from `dest_dir`."""
+        for stale in dest_dir.glob(f"{self.stem}-*"):
             if stale.is_file():
                 stale.unlink()
+
+    def publish(self, profile: Any, chosen: VariantReport, dest_dir: Path) -> None:
+        """Copy a variant's artifact into `dest_dir`, with golden data and a manifest."""
+        var = self.variants[chosen.variant]
+        assert var.path is not None and chosen.compiled is not None and chosen.evaluation
         suffix = "" if profile.compiler.kind == "none" else f"-{profile.compiler.kind}"
         artifact = dest_dir / f"{self.stem}-{chosen.variant}{suffix}.tflite"
         atomic_write_bytes(artifact, Path(chosen.compiled.artifact).read_bytes())
@@ -399,15 +410,40 @@ class _Run:
         self.emit(profile.id, "start", None, ", ".join(self.candidates(profile)))
         for recipe in self.candidates(profile):
             report.variants.append(self.try_variant(profile, recipe))
+        passing = [v for v in report.variants if v.status == "passed"]
         chosen = self.select(profile, report.variants)
         if chosen is None:
             report.status = "no_variant"
             report.error = "no variant passed the checks and the accuracy budget"
         else:
-            self.publish(profile, chosen)
+            self.clear_stale(self.out_dir / profile.id)
+            self.publish(profile, chosen, self.out_dir / profile.id)
             report.status = "ok"
+        report.candidates = self.publish_candidates(profile, chosen, passing)
         self.emit(profile.id, "done", chosen.recipe if chosen else None, report.status)
         return report
+
+    def publish_candidates(
+        self, profile: Any, chosen: VariantReport | None, passing: list[VariantReport]
+    ) -> list[Candidate]:
+        """Publish the top-K candidates' other variants to candidates/ and write candidates.json.
+
+        Each variant is published once, even when it is ranked with two thread counts.
+        """
+        profile_dir = self.out_dir / profile.id
+        self.clear_stale(profile_dir / CANDIDATES_DIR)
+        ranked: list[Candidate] = []
+        if chosen is not None:
+            threads = candidate_threads(profile.compiler.kind, profile.cpu.cores)
+            pairs = rank_candidates(chosen, passing, threads, self.max_candidates)
+            for rank, (variant, n_threads) in enumerate(pairs, start=1):
+                if variant.manifest is None:
+                    self.publish(profile, variant, profile_dir / CANDIDATES_DIR)
+                assert variant.manifest is not None
+                relative = variant.manifest.relative_to(profile_dir).as_posix()
+                ranked.append(Candidate(rank, variant, n_threads, relative))
+        write_candidates(profile_dir, profile.id, [c.to_dict() for c in ranked])
+        return ranked
 
 
 def _tool_versions() -> dict[str, str]:
@@ -462,6 +498,7 @@ def optimize(
     train: np.ndarray | Samples | Path | None = None,
     prune_sparsity: float = DEFAULT_SPARSITY,
     prune_epochs: int = DEFAULT_EPOCHS,
+    candidates: int = 1,
 ) -> OptimizeReport:
     """Build the best artifact for each profile; one profile's failure does not stop the others.
 
@@ -469,14 +506,17 @@ def optimize(
     top-1 disagreement with the reference. With `train` (inputs + labels) the Keras model is also
     magnitude-pruned to `prune_sparsity` (TF-MOT, child process) and every recipe is tried on it
     too. Raises only for problems with the model or data themselves (ModelInputError) or with
-    pruning (PruningError); everything per profile is reported in the result.
+    pruning (PruningError); everything per profile is reported in the result. Each profile's
+    top `candidates` (variant, threads) pairs are listed in `<out>/<profile>/candidates.json`.
     """
     if max_accuracy_drop < 0:
         raise ValueError(f"max_accuracy_drop must be ≥ 0, got {max_accuracy_drop}")
+    if candidates < 1:
+        raise ValueError(f"candidates (--candidates) must be ≥ 1, got {candidates}")
     train_samples = _training_samples(Path(model_path), train, prune_sparsity, prune_epochs)
     started = time.perf_counter()
     run = _Run(Path(model_path), Path(out_dir), _as_samples(calib), _as_samples(val),
-               max_accuracy_drop, progress)  # fmt: skip
+               max_accuracy_drop, progress, candidates)  # fmt: skip
     report = OptimizeReport(Path(model_path), Path(out_dir), max_accuracy_drop)
     if train_samples is not None:
         report.pruning = run.prune(train_samples, prune_sparsity, prune_epochs).to_dict()

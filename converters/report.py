@@ -62,6 +62,65 @@ class VariantReport:
         }
 
 
+def candidate_threads(compiler_kind: str, cores: int) -> list[int | None]:
+    """Thread options a candidate is tried with: 1 and all cores on CPU, None when compiled.
+
+    A compiled graph (Vela, Edge TPU) runs on the NPU, so the CPU thread count is not a choice.
+    """
+    if compiler_kind != "none":
+        return [None]
+    return [1, cores] if cores > 1 else [1]
+
+
+def rank_candidates(
+    selected: VariantReport,
+    passing: list[VariantReport],
+    threads: list[int | None],
+    limit: int,
+) -> list[tuple[VariantReport, int | None]]:
+    """The top `limit` (variant, threads) pairs: the selection first, then by latency.
+
+    The other passing variants follow in ascending latency (a missing one last, ties in the
+    order they were tried); each variant is paired with every thread option in turn.
+    """
+    others = sorted(
+        (v for v in passing if v is not selected),
+        key=lambda v: (v.latency_ms is None, v.latency_ms or 0.0, passing.index(v)),
+    )
+    pairs = [(v, t) for v in [selected, *others] for t in threads]
+    return pairs[:limit]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One entry of candidates.json: a published artifact plus its runtime options."""
+
+    rank: int
+    variant: VariantReport
+    threads: int | None
+    manifest: str  # relative to <out>/<profile>/
+
+    def to_dict(self) -> dict[str, Any]:
+        """The candidates.json entry: identity, runtime options and the host's numbers."""
+        v, ev = self.variant, self.variant.evaluation
+        return {
+            "rank": self.rank,
+            "variant": v.variant or v.recipe,
+            "recipe": v.recipe,
+            "threads": self.threads,
+            "manifest": self.manifest,
+            "host": {
+                "latency_ms": v.latency_ms,
+                "latency_source": v.latency_source,
+                "accuracy_drop_points": ev.accuracy_drop_points if ev else None,
+                "top1_agreement": ev.top1_agreement if ev else None,
+                "size_bytes": ev.size_bytes if ev else None,
+                "compressed_bytes": ev.compressed_bytes if ev else None,
+                "reason": v.reason,
+            },
+        }
+
+
 @dataclass
 class ProfileReport:
     """The outcome for one profile: the selected variant, or why there is none."""
@@ -70,6 +129,7 @@ class ProfileReport:
     status: str = "pending"  # ok | no_variant | error
     error: str | None = None
     variants: list[VariantReport] = field(default_factory=list)
+    candidates: list[Candidate] = field(default_factory=list)  # ranked, rank 1 = selected
 
     @property
     def selected(self) -> VariantReport | None:
@@ -85,6 +145,7 @@ class ProfileReport:
             "error": self.error,
             "selected": chosen.recipe if chosen else None,
             "variants": [v.to_dict() for v in self.variants],
+            "candidates": [c.to_dict() for c in self.candidates],
         }
 
 

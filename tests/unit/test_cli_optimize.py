@@ -49,12 +49,34 @@ def test_check_passes_a_compatible_model() -> None:
         (["optimize", str(DATA / "tiny_int8.tflite"), "--profile", "no-such"], "no-such"),
         (["optimize", str(DATA / "missing.keras"), "--profile", "rpi4"], "no such file"),
         (["optimize", str(DATA / "README.md"), "--profile", "rpi4", "--check"], "needs a .tflite"),
+        (
+            ["optimize", str(DATA / "tiny_int8.tflite"), "--profile", "rpi4", "--candidates", "0"],
+            "--candidates) must be ≥ 1, got 0",
+        ),
     ],
 )
 def test_bad_input_exits_2(args: list[str], message: str) -> None:
     result = runner.invoke(app, args)
     assert result.exit_code == 2
     assert message in result.output
+
+
+def test_candidates_per_profile_in_json_and_table(tmp_path: Path) -> None:
+    """--candidates 3: the 4-core rpi4 gets its one variant with 1 and 4 threads, the U55 null."""
+    args = ["optimize", str(DATA / "tiny_int8.tflite"), "--profile", "rpi4,corstone-300-u55"]
+    args += ["--candidates", "3", "--out", str(tmp_path)]
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    threads = {p["profile"]: [c["threads"] for c in p["candidates"]] for p in report["profiles"]}
+    assert threads == {"rpi4": [1, 4], "corstone-300-u55": [None]}
+    for prof in report["profiles"]:
+        on_disk = json.loads((tmp_path / prof["profile"] / "candidates.json").read_text())
+        assert on_disk["candidates"] == prof["candidates"]
+    table_run = runner.invoke(app, args)
+    assert table_run.exit_code == 0, table_run.output
+    assert "candidate rpi4 #2: original threads=4" in table_run.stdout
+    assert "candidate corstone-300-u55 #1: original threads=- (compiled)" in table_run.stdout
 
 
 @pytest.mark.slow
