@@ -21,16 +21,21 @@ from controller.simulate.faults import (
 )
 from controller.simulate.figures import LATENCY_SHAPE, synth_figures, synth_report
 from controller.simulate.loop import Simulation
+from controller.simulate.speed import NO_SPEED, SpeedModel, SpeedSpec, parse_speed
 
 __all__ = [
     "LATENCY_SHAPE",
     "NO_FAULTS",
+    "NO_SPEED",
     "FaultSpec",
     "Faults",
     "Simulation",
     "SimulationError",
+    "SpeedModel",
+    "SpeedSpec",
     "assign_faults",
     "parse_fault",
+    "parse_speed",
     "simulate_command",
     "synth_figures",
     "synth_report",

@@ -22,9 +22,15 @@ from agent.protocol import (
     dump,
     parse,
 )
-from controller.simulate.download import ArtifactFetch, Update
+from controller.simulate.download import StoredModel, Update
+from controller.simulate.fallback import FallbackSwitch
 from controller.simulate.faults import Faults
-from controller.simulate.figures import derived_event_id, synth_figures, synth_report
+from controller.simulate.figures import (
+    BENCH_THREADS,
+    derived_event_id,
+    synth_figures,
+    synth_report,
+)
 from controller.simulate.telemetry import DeviceTelemetry
 
 if TYPE_CHECKING:
@@ -73,12 +79,15 @@ class SimCounters:
     telemetry_dropped: int = 0  # records the full spool dropped (drop_oldest)
     telemetry_lost: int = 0  # records "lost" on purpose by the telemetry-loss fault
     telemetry_unavailable: int = 0  # sequence numbers answered as unavailable
+    fallbacks_ready: int = 0  # fallbacks installed and self-tested next to the active model
+    fallbacks_failed: int = 0  # fallbacks that could not be fetched or failed their self-test
+    fallbacks: int = 0  # switches to the fallback (one `fallback` event each)
 
 
 # =========================================================================== one simulated agent
 
 
-class SimAgent(ArtifactFetch):
+class SimAgent(FallbackSwitch):
     """One simulated device: its paho client plus the daemon's update state machine, in memory."""
 
     __slots__ = (
@@ -124,8 +133,8 @@ class SimAgent(ArtifactFetch):
         self.backoff = RECONNECT_MIN_S
         self.down_until = 0.0
         self.reconnect_pending = False
-        # The model store: sha -> (size, golden sha); like the daemon's, current + previous only.
-        self.models: dict[str, tuple[int, str | None]] = {}
+        # The model store: sha -> size, golden, recipe, threads; current + previous only.
+        self.models: dict[str, StoredModel] = {}
         self.current: str | None = None
         self.previous: str | None = None
         self.state = "idle"
@@ -134,6 +143,7 @@ class SimAgent(ArtifactFetch):
         self.latest_generation = 0
         self.seen_commands: set[str] | None = None
         self.update: Update | None = None
+        self.fallback = None
         self.pending_crash: Desired | None = None
         self.rng: random.Random | None = None
         self.telemetry = DeviceTelemetry(self) if sim.telemetry is not None else None
@@ -270,8 +280,9 @@ class SimAgent(ArtifactFetch):
             self.sim.counters.stale_ignored += 1
             self.publish_status()
             return
+        self.fallback = None  # a new desired state decides; a watch of the old one ends
         artifact = desired.artifact
-        if artifact is None or artifact.sha256 == self.current:
+        if artifact is None or (artifact.sha256 == self.current and self._same_threads(desired)):
             self.state = "active" if self.current else "idle"
             self.applied_generation = desired.generation
             self.detail = "already in desired state"
@@ -289,9 +300,17 @@ class SimAgent(ArtifactFetch):
         self._wait_manifest(upd, upd.sha)
         self.sim.call_at(upd.deadline, lambda: self._deadline(upd))
 
+    def _same_threads(self, desired: Desired) -> bool:
+        """Whether the current model already runs with the desired threads (None = default)."""
+        if self.current is None or self.current not in self.models:
+            return True
+        running = self.models[self.current].threads or BENCH_THREADS
+        return running == (desired.threads or BENCH_THREADS)
+
     def _downloaded(self, upd: Update) -> None:
         """Everything fetched: verify whole files (once per process), then self-test."""
-        self._step(upd, "verifying")
+        if upd.fallback is None:
+            self._step(upd, "verifying")
         for assembly in upd.fetched:
             actual = self.sim.verify(assembly)
             if actual != assembly.manifest.sha256:
@@ -300,6 +319,10 @@ class SimAgent(ArtifactFetch):
                     upd, "verifying", f"verification failed: {what} file has sha256 {actual}"
                 )
                 return
+        if upd.fallback is not None:
+            self._release_fetched(upd)
+            self._fallback_downloaded(upd)
+            return
         if any(a.manifest.sha256 == upd.sha for a in upd.fetched):
             self.sim.counters.files_verified += 1
         self._release_fetched(upd)
@@ -317,33 +340,48 @@ class SimAgent(ArtifactFetch):
         desired = upd.desired
         manifest = upd.model_manifest
         assert manifest is not None
-        key = f"{self.sim.seed}:{self.device_id}:{upd.sha}"
-        latency, peak = synth_figures(self.profile, manifest.size, key, self.faults.slow)
-        reason = ""
-        if self.faults.nan:
-            reason = "output 0 is not finite (NaN or Inf)"
-        elif desired.latency_budget_ms and latency > desired.latency_budget_ms:
-            reason = f"latency {latency:.3f} ms over budget {desired.latency_budget_ms:.3f} ms"
-        elif desired.memory_budget_mb and peak > desired.memory_budget_mb:
-            reason = f"peak RSS {peak:.1f} MB over budget {desired.memory_budget_mb:.1f} MB"
+        golden = manifest.golden.sha256 if manifest.golden else None
+        entry = StoredModel(manifest.size, golden, manifest.recipe, desired.threads)
+        latency, peak = self._figures(upd.sha, entry)
+        reason = self._judge(desired, latency, peak)
         if reason:
             self._fail(upd, "self-testing", f"self-test failed: {reason}")
             return
-        golden = manifest.golden.sha256 if manifest.golden else None
-        self.models[upd.sha] = (manifest.size, golden)
-        if self.current != upd.sha:
-            self.previous, self.current = self.current, upd.sha
-        self.models = {s: v for s, v in self.models.items() if s in (self.current, self.previous)}
         self.update = None
         self.state = "active"
         self.applied_generation = desired.generation
-        self.detail = (
+        detail = (
             f"self-test {latency:.2f} ms, peak RSS {peak:.1f} MB; "
             f"simulated: figures synthesized from profile {self.profile.id}"
         )
-        self.publish_status()
+        self._make_current(upd.sha, entry, detail)
         self.sim.counters.activated += 1
         self._activated(desired)
+
+    def _make_current(self, sha: str, entry: StoredModel, detail: str) -> None:
+        """Serve `sha` as `entry` says, keep the model before as previous, publish the status."""
+        self.models[sha] = entry
+        if self.current != sha:
+            self.previous, self.current = self.current, sha
+        self.models = {s: v for s, v in self.models.items() if s in (self.current, self.previous)}
+        self.detail = detail
+        self.publish_status()
+
+    def _figures(self, sha: str, entry: StoredModel) -> tuple[float, float]:
+        """(p50 ms, peak RSS MB) of a model on this device: profile, recipe, threads, slow."""
+        key = f"{self.sim.seed}:{self.device_id}:{sha}"
+        speed = self.sim.speed.factor(self.profile, entry.recipe, entry.threads)
+        return synth_figures(self.profile, entry.size, key, self.faults.slow * speed)
+
+    def _judge(self, desired: Desired, latency: float, peak: float) -> str:
+        """Why a self-test with these figures fails (the daemon's words), or "" when it passes."""
+        if self.faults.nan:
+            return "output 0 is not finite (NaN or Inf)"
+        if desired.latency_budget_ms and latency > desired.latency_budget_ms:
+            return f"latency {latency:.3f} ms over budget {desired.latency_budget_ms:.3f} ms"
+        if desired.memory_budget_mb and peak > desired.memory_budget_mb:
+            return f"peak RSS {peak:.1f} MB over budget {desired.memory_budget_mb:.1f} MB"
+        return ""
 
     def _activated(self, desired: Desired) -> None:
         """The terminal update event and the benchmark, as the daemon's _report_outcome."""
@@ -351,6 +389,7 @@ class SimAgent(ArtifactFetch):
         message = f"activated ({self.detail})" if self.detail else "activated"
         self.emit("update", message, event_id=f"g{gen}-active", desired=desired)
         self._benchmark(desired.benchmark_runs, desired.benchmark_warmup, desired)
+        self._install_fallback(desired)
 
     def _step(self, upd: Update, state: str) -> None:
         """One transition: status, then an update event g<generation>-<state>."""
@@ -362,6 +401,9 @@ class SimAgent(ArtifactFetch):
     def _fail(self, upd: Update, stage: str, reason: str) -> None:
         """End an update as failed; the previous model keeps serving."""
         self._abandon(upd)
+        if upd.fallback is not None:
+            self._fallback_failed(upd, reason)  # the primary is active: no failed generation
+            return
         self._failed(upd.desired, stage, reason)
 
     def _failed(self, desired: Desired, stage: str, reason: str) -> None:
@@ -401,6 +443,7 @@ class SimAgent(ArtifactFetch):
                 )
             else:
                 self.current, self.previous = self.previous, self.current
+                self.fallback = None  # the watched model no longer serves
                 self.state = "rolled_back"
                 self.detail = f"rolled back by {command.command_id}"
             self.publish_status()
@@ -417,10 +460,18 @@ class SimAgent(ArtifactFetch):
             message = "benchmark requested but no model is active"
             self.emit("error", message, desired=desired)
             return
-        size = self.models[self.current][0]
-        key = f"{self.sim.seed}:{self.device_id}:{self.current}"
-        p50, peak = synth_figures(self.profile, size, key, self.faults.slow)
-        report = synth_report(self.profile, self.current, size, p50, peak, runs=runs, warmup=warmup)
+        entry = self.models[self.current]
+        p50, peak = self._figures(self.current, entry)
+        report = synth_report(
+            self.profile,
+            self.current,
+            entry.size,
+            p50,
+            peak,
+            runs=runs,
+            warmup=warmup,
+            threads=entry.threads,
+        )
         self.emit(
             "benchmark", "benchmark finished", event_id=event_id, desired=desired, benchmark=report
         )
@@ -436,6 +487,8 @@ class SimAgent(ArtifactFetch):
             "model_sha256": self.current,
             "previous_sha256": self.previous,
             "generation": self.applied_generation,
+            "threads": self.models[self.current].threads if self.current in self.models else None,
+            "fallback": self.fallback.sha if self.fallback is not None else None,
             "detail": self.detail,
             "faults": self.faults.names(),
             "telemetry": self.telemetry.describe() if self.telemetry is not None else None,

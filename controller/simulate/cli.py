@@ -12,6 +12,7 @@ from agent.protocol import DEFAULT_ROOT, ProtocolError
 from controller.simulate.faults import SimulationError, parse_fault
 from controller.simulate.figures import MIB
 from controller.simulate.loop import MAX_DEVICES, Simulation
+from controller.simulate.speed import SpeedModel
 from controller.simulate.telemetry import DEFAULT_INTERVAL_S
 
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
@@ -58,6 +59,15 @@ def simulate_command(
         float | None, typer.Option(min=0.0, help="stop after SECONDS (default: until Ctrl-C)")
     ] = None,
     seed: Annotated[int, typer.Option(help="seed for fault assignment and figures")] = 0,
+    speed: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--speed",
+            help="PROFILE:KEY=FACTOR[,KEY=FACTOR...], repeatable: latency x FACTOR on PROFILE "
+            "for a recipe (int8, fp16, dynamic, fp32; int8+pruned50 matches int8) or a thread "
+            "count (t1, t4), e.g. rpi4:int8=3.0,t4=0.5",
+        ),
+    ] = None,
     telemetry_interval: Annotated[
         float,
         typer.Option(
@@ -73,6 +83,7 @@ def simulate_command(
     """Run N simulated agents on the real protocol: one process, one MQTT connection each."""
     try:
         specs = [parse_fault(spec) for spec in fault or []]
+        speed_model = SpeedModel.parse(speed or [])
         sim = Simulation(
             broker,
             devices,
@@ -82,6 +93,7 @@ def simulate_command(
             topic_root=topic_root,
             seed=seed,
             telemetry_interval_s=telemetry_interval,
+            speed=speed_model,
         )
     except (SimulationError, ProtocolError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)

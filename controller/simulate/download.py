@@ -12,9 +12,9 @@ import hashlib
 import os
 import tempfile
 import time
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, NamedTuple, cast
 
-from agent.protocol import Desired, Manifest, Need, dump
+from agent.protocol import ArtifactRef, Desired, Fallback, Manifest, Need, dump
 from controller.simulate.figures import MIB
 
 if TYPE_CHECKING:
@@ -64,14 +64,28 @@ class Assembly:
         self.file.close()
 
 
+class StoredModel(NamedTuple):
+    """A model in a simulated agent's store: what its figures are synthesized from."""
+
+    size: int
+    golden: str | None  # sha256 of its golden blob
+    recipe: str  # from the manifest: the speed model's recipe key
+    threads: int | None  # from the desired state that installed it (None: the default)
+
+
 class Update:
-    """One desired generation being applied by one agent: chunk bitmaps, never the bytes."""
+    """One desired generation being applied by one agent: chunk bitmaps, never the bytes.
+
+    With `fallback`, the artifact fetched is the desired state's fallback, installed next to
+    the active model without serving it (controller/simulate/fallback.py).
+    """
 
     __slots__ = (
         "assembly",
         "blob",
         "deadline",
         "desired",
+        "fallback",
         "fetched",
         "have",
         "missing",
@@ -79,15 +93,19 @@ class Update:
         "offline_done",
         "prefix",
         "quiet_since",
+        "ref",
         "sha",
         "waiting_manifest",
     )
 
-    def __init__(self, desired: Desired) -> None:
+    def __init__(self, desired: Desired, fallback: Fallback | None = None) -> None:
         """Nothing known yet: the model's manifest is the first thing to wait for."""
-        assert desired.artifact is not None
+        ref = fallback.artifact if fallback is not None else desired.artifact
+        assert ref is not None
         self.desired = desired
-        self.sha = desired.artifact.sha256
+        self.fallback = fallback
+        self.ref: ArtifactRef = ref
+        self.sha = ref.sha256
         self.deadline = 0.0
         self.waiting_manifest: str | None = None
         self.model_manifest: Manifest | None = None
@@ -115,7 +133,7 @@ class ArtifactFetch:
         faults: Faults
         rng: random.Random | None
         connected: bool
-        models: dict[str, tuple[int, str | None]]
+        models: dict[str, StoredModel]
 
         def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> int: ...
         def subscribe(self, *topics: str) -> None: ...
@@ -139,9 +157,8 @@ class ArtifactFetch:
             self._fail(upd, "fetching", f"manifest for {manifest.sha256[:12]} expired")
             return
         if manifest.sha256 == upd.sha:
-            assert upd.desired.artifact is not None
-            if manifest.size != upd.desired.artifact.size:
-                size = upd.desired.artifact.size
+            if manifest.size != upd.ref.size:
+                size = upd.ref.size
                 self._fail(upd, "fetching", f"manifest size {manifest.size} != desired size {size}")
                 return
             upd.model_manifest = manifest
@@ -164,7 +181,7 @@ class ArtifactFetch:
         golden = upd.model_manifest.golden
         stored = self.models.get(upd.sha)
         fetched = {a.manifest.sha256 for a in upd.fetched}
-        has_golden = stored is not None and stored[1] == (golden.sha256 if golden else None)
+        has_golden = stored is not None and stored.golden == (golden.sha256 if golden else None)
         if golden is not None and not has_golden and golden.sha256 not in fetched:
             self._wait_manifest(upd, golden.sha256)
             return

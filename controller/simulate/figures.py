@@ -38,7 +38,8 @@ RSS_PER_MODEL_MB = 4.7
 # Interpreter init: mmap + allocate; a few ms plus a little per MB.
 INIT_BASE_MS = 2.0
 INIT_MS_PER_MB = 0.8
-# Threads the simulated benchmark uses (the demo agents use 1); also the busy cores for power.
+# Threads the simulated benchmark uses when the desired state names none (the demo agents use
+# 1); the threads used are also the busy cores of the power estimate.
 BENCH_THREADS = 1
 
 
@@ -62,17 +63,24 @@ def synth_report(
     *,
     runs: int,
     warmup: int,
+    threads: int | None = None,
 ) -> BenchmarkReport:
-    """A complete BenchmarkReport from the profile: shaped latencies, estimated power."""
+    """A complete BenchmarkReport from the profile: shaped latencies, estimated power.
+
+    `threads` (None: BENCH_THREADS) is reported and, capped at the cores, is the busy cores of
+    the power estimate: energy per inference shows what more threads cost (`p50` already
+    includes their speed-up).
+    """
     figures: dict[str, Any] = {
         name: round(p50 * factor, 4) for name, factor in LATENCY_SHAPE.items()
     }
-    power_w = profile.power.estimate_w(busy_cores=BENCH_THREADS)
+    threads = threads or BENCH_THREADS
+    power_w = profile.power.estimate_w(busy_cores=min(threads, profile.cpu.cores))
     return BenchmarkReport(
         model_sha256=sha256,
         runtime=profile.runtime.name,
         runtime_version=profile.runtime.version,
-        threads=BENCH_THREADS,
+        threads=threads,
         runs=runs,
         warmup=warmup,
         init_ms=round(INIT_BASE_MS + INIT_MS_PER_MB * size / MIB, 3),

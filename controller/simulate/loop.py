@@ -46,6 +46,7 @@ from controller.simulate.faults import (
     assign_faults,
 )
 from controller.simulate.figures import MIB
+from controller.simulate.speed import NO_SPEED, SpeedModel
 from controller.simulate.telemetry import (
     DEFAULT_INTERVAL_S,
     DEFAULT_KEEP_ACKED,
@@ -105,11 +106,13 @@ class Simulation:
         telemetry_interval_s: float = DEFAULT_INTERVAL_S,
         telemetry_spool_records: int = DEFAULT_SPOOL_RECORDS,
         telemetry_keep_acked: int = DEFAULT_KEEP_ACKED,
+        speed: SpeedModel = NO_SPEED,
     ) -> None:
         """Resolve profiles and faults and build the clients; nothing connects before start().
 
         `telemetry_interval_s` = 0 turns telemetry off; the spool keeps at most
         `telemetry_spool_records` unsent records and `telemetry_keep_acked` acknowledged ones.
+        `speed` scales latencies per profile by recipe and threads (controller/simulate/speed.py).
         """
         if not 1 <= devices <= MAX_DEVICES:
             raise SimulationError(f"devices must be in 1..{MAX_DEVICES}, got {devices}")
@@ -121,6 +124,8 @@ class Simulation:
         self.fetch_timeout_s = fetch_timeout_s
         self.repair_interval_s = repair_interval_s
         self.keepalive_s = keepalive_s
+        speed.check_profiles(firmware_profiles.load_all())
+        self.speed = speed
         if telemetry_interval_s < 0 or not math.isfinite(telemetry_interval_s):
             raise SimulationError(f"telemetry interval must be >= 0 s, got {telemetry_interval_s}")
         if telemetry_spool_records < 1 or telemetry_keep_acked < 0:

@@ -29,7 +29,8 @@ from agent.protocol import (
     TelemetryRecord,
     dump,
 )
-from controller.simulate.figures import RSS_BASE_MB, synth_figures
+from controller.simulate.download import StoredModel
+from controller.simulate.figures import BENCH_THREADS, RSS_BASE_MB, synth_figures
 
 if TYPE_CHECKING:
     from controller.simulate.agent import SimAgent
@@ -110,11 +111,15 @@ def synth_record(
     profile: firmware_profiles.Profile,
     key: str,
     fields: tuple[int, float, float, str | None, int, float, int],
+    *,
+    threads: int = 1,
 ) -> TelemetryRecord:
     """One interval's record from its packed fields; the same fields give the same record.
 
-    `fields` = (seq, ts, interval_s, model sha256 or None, model size, slow factor, dropped).
+    `fields` = (seq, ts, interval_s, model sha256 or None, model size, slow factor, dropped);
+    the slow factor includes the speed model's factor for the model's recipe and threads.
     `key` names the device (seed:device) and seeds its request rate and per-interval noise.
+    `threads` the model runs with keep that many cores (at most the profile's) busy per request.
     """
     seq, ts, interval_s, sha, size, slow, dropped_total = fields
     rng = random.Random(f"{key}:{seq}")
@@ -148,6 +153,7 @@ def synth_record(
     count = max(1, round(min(wanted, capacity)))
     served = served_stats(p50, count)
     busy = count * served.mean_ms / (interval_s * 1000.0) if interval_s > 0 else 0.0
+    busy *= min(max(threads, 1), profile.cpu.cores)
     power_w = round(profile.power.estimate_w(busy_cores=busy), 3)
     return TelemetryRecord(
         served=served,
@@ -177,17 +183,17 @@ class FleetTelemetry:
         self.interval_s = interval_s
         self.spool_records = spool_records
         self.keep_acked = keep_acked
-        self.models: list[tuple[str, int]] = []
-        self._model_index: dict[str, int] = {}
+        self.models: list[tuple[str, StoredModel]] = []
+        self._model_index: dict[tuple[str, StoredModel], int] = {}
 
-    def model_index(self, sha: str, size: int) -> int:
-        """The table index of a model (added on first use; the table is shared by all devices)."""
-        index = self._model_index.get(sha)
+    def model_index(self, sha: str, entry: StoredModel) -> int:
+        """The table index of a model as installed (recipe, threads), added on first use."""
+        index = self._model_index.get((sha, entry))
         if index is None:
             if len(self.models) >= NO_MODEL:
                 raise OverflowError(f"more than {NO_MODEL} distinct models in one simulation")
-            index = self._model_index[sha] = len(self.models)
-            self.models.append((sha, size))
+            index = self._model_index[(sha, entry)] = len(self.models)
+            self.models.append((sha, entry))
         return index
 
     def first_tick(self, device_id: str) -> float:
@@ -197,9 +203,13 @@ class FleetTelemetry:
     def record(self, agent: SimAgent, packed: bytes | bytearray, offset: int) -> TelemetryRecord:
         """The record packed at `offset`, synthesized for `agent` (same bytes, same record)."""
         seq, ts, interval_s, model, slow, dropped = RECORD.unpack_from(packed, offset)
-        sha, size = self.models[model] if model != NO_MODEL else (None, 0)
         key = f"{self.sim.seed}:{agent.device_id}"
-        return synth_record(agent.profile, key, (seq, ts, interval_s, sha, size, slow, dropped))
+        if model == NO_MODEL:
+            return synth_record(agent.profile, key, (seq, ts, interval_s, None, 0, slow, dropped))
+        sha, entry = self.models[model]
+        slow *= self.sim.speed.factor(agent.profile, entry.recipe, entry.threads)
+        fields = (seq, ts, interval_s, sha, entry.size, slow, dropped)
+        return synth_record(agent.profile, key, fields, threads=entry.threads or BENCH_THREADS)
 
     def records(self, agent: SimAgent, packed: bytes | bytearray) -> list[TelemetryRecord]:
         """Every record in a run of packed records, in order."""
@@ -254,9 +264,8 @@ class DeviceTelemetry:
         now = time.monotonic()
         interval_s, self.last_tick = now - self.last_tick, now
         model = NO_MODEL
-        if agent.current is not None:
-            size = agent.models[agent.current][0] if agent.current in agent.models else 0
-            model = fleet.model_index(agent.current, size)
+        if agent.current is not None and agent.current in agent.models:
+            model = fleet.model_index(agent.current, agent.models[agent.current])
         seq, self.next_seq = self.next_seq, self.next_seq + 1
         if len(self.pending) >= fleet.spool_records * RECORD.size:
             del self.pending[: RECORD.size]  # drop_oldest: recent state matters more
