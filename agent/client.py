@@ -328,7 +328,7 @@ class InferenceClient:
             )
 
     def model_info(self) -> dict[str, Any]:
-        """The active model: sha256, init_ms, inputs and outputs (name, shape, dtype, ...)."""
+        """The active model: model_sha256, init_ms, inputs and outputs (name, shape, dtype, ...)."""
         with self._lock:
             if self.socket_path is not None:
                 header, _ = self._socket_call({"op": "model"}, [])

@@ -14,6 +14,7 @@ from typing import Any
 from agent import __version__
 from agent.config import AgentConfig
 from agent.facts import device_facts
+from agent.fallback import EngageFallback, FallbackSwitch
 from agent.fetch import Fetcher
 from agent.fsutil import CorruptFileError
 from agent.local_services import LocalServices
@@ -65,6 +66,9 @@ class ReportOutcome:
     """Work item: send the recorded generation's result if the broker has not acknowledged it."""
 
 
+WorkItem = Desired | Command | ReportOutcome | EngageFallback
+
+
 @dataclass
 class Counters:
     """What the agent counted since start (rejected input must be visible, not silent)."""
@@ -104,7 +108,7 @@ class Agent:
             active_w_per_core=config.power.active_w_per_core,
             accelerator_active_w=config.power.accelerator_active_w,
         )
-        self._work: queue.Queue[Desired | Command | ReportOutcome] = queue.Queue()
+        self._work: queue.Queue[WorkItem] = queue.Queue()
         self._stop = threading.Event()
         self._latest_generation = 0
         self.trust = TrustStore(config.trusted_keys, config.data_dir / "trusted_keys.json")
@@ -136,6 +140,18 @@ class Agent:
             config, self.session, self.topics, self.power_model, self._report_problem
         )
         self.serving = self.local.serving
+        self.fallback = FallbackSwitch(
+            config=config,
+            store=self.store,
+            stager=self.stager,
+            state=self.state,
+            observer=self.local.observer,
+            serving_sha=lambda: self.serving.sha256,
+            serve=self._serve,
+            emit=self._emit,
+            publish_status=self._publish_status,
+            enqueue=self._work.put,
+        )
 
     # ----------------------------------------------------------------- lifecycle
     def run(self) -> None:
@@ -154,8 +170,11 @@ class Agent:
                         self._apply_desired(item)
                     elif isinstance(item, Command):
                         self._run_command(item)
+                    elif isinstance(item, EngageFallback):
+                        self.fallback.engage(item)
                     else:
                         self._report_outcome()
+                        self.fallback.report()
                 except Exception as exc:  # one bad item must not take the agent down
                     log.exception("work item failed")
                     self._internal_error(item, exc)
@@ -230,6 +249,7 @@ class Agent:
                 sha256=serving,
                 detail="update.json was corrupt and was rebuilt from the model store",
             )
+        self.fallback.restore()
 
     def _report_problem(self, message: str) -> None:
         """Log and report a local problem (queued until connected); the agent keeps running."""
@@ -239,11 +259,14 @@ class Agent:
     def _load_serving(self) -> None:
         """Load the current model into the serving interpreter, falling back to the previous."""
         pointers = self.store.pointers()
+        record = self.state.record
         for sha in (pointers.current, pointers.previous):
             if sha is None or not self.store.has(sha):
                 continue
+            # The threads it was activated with; a model not recorded gets the agent's setting.
+            same = sha == record.serving_sha256
             try:
-                self._serve(sha)
+                self._serve(sha, record.serving_threads if same else self.config.threads)
                 if sha != pointers.current:
                     self.store.rollback()
                     log.warning("current model failed to load; rolled back to %s", sha[:12])
@@ -252,13 +275,17 @@ class Agent:
                 log.error("stored model %s does not load: %s", sha[:12], exc)
         self.local.clear()
 
-    def _serve(self, sha: str) -> None:
+    def _serve(self, sha: str, threads: int | None) -> None:
         """Load a stored model into the serving interpreter, timing the load (init_ms)."""
         started = time.perf_counter()
-        interpreter = load_interpreter(self.store.path(sha), self.config.threads)
-        self.local.swap(interpreter, sha, (time.perf_counter() - started) * 1000.0)
+        interpreter = load_interpreter(self.store.path(sha), threads)
+        self.local.swap(interpreter, sha, (time.perf_counter() - started) * 1000.0, threads)
 
-    def _internal_error(self, item: Desired | Command | ReportOutcome, exc: Exception) -> None:
+    def _threads(self, desired: Desired) -> int | None:
+        """Interpreter threads for the desired artifact: the desired state's, else the config's."""
+        return desired.threads if desired.threads is not None else self.config.threads
+
+    def _internal_error(self, item: WorkItem, exc: Exception) -> None:
         """Report an unexpected exception; fail the update unless its generation already ended."""
         text = f"internal error: {type(exc).__name__}: {exc}"
         record = self.state.record
@@ -372,36 +399,65 @@ class Agent:
         if desired.generation <= record.applied_generation:
             log.info("ignoring stale desired generation %d", desired.generation)
             self._publish_status()
+            if desired.generation == record.applied_generation:
+                # Redelivered after a restart or reconnect: arm a fallback not armed yet.
+                self.fallback.arm(desired, lambda: self._cancelled(desired))
             return
         artifact = desired.artifact
-        if artifact is None or artifact.sha256 == self.serving.sha256:
-            serving = self.serving.sha256
-            self.state.transition(
-                "active" if serving else "idle",
-                deployment_id=desired.deployment_id,
-                generation=desired.generation,
-                applied_generation=desired.generation,
-                sha256=serving,
-                selftest_attempts=0,
-                stage=None,
-                reported=False,
-                benchmarked=False,
-                benchmark_runs=desired.benchmark_runs,
-                benchmark_warmup=desired.benchmark_warmup,
-                detail="already in desired state",
-            )
-            self._publish_status()
-            if serving:
-                self._report_outcome()
-            else:
-                self._emit("update", "already in desired state", desired=desired, suffix="idle")
-            return
+        threads = self._threads(desired)
+        keep = {a.sha256 for a in (artifact, desired.fallback and desired.fallback.artifact) if a}
+        self.fallback.disarm(frozenset(keep))  # a new generation decides anew
+        same_model = artifact is not None and artifact.sha256 == self.serving.sha256
         try:
-            self._update(desired)
+            if same_model and threads != self.local.threads:
+                self._reload(desired, threads)
+            elif artifact is None or same_model:
+                serving = self.serving.sha256
+                self._settle(desired, serving, "already in desired state")
+                if not serving:
+                    self._emit("update", "already in desired state", desired=desired, suffix="idle")
+            else:
+                self._update(desired)
         except Superseded:
             log.info("generation %d superseded by %d", desired.generation, self._latest_generation)
+            return
         except UpdateFailed as exc:
             self._fail(desired, str(exc))
+            return
+        self.fallback.arm(desired, lambda: self._cancelled(desired))
+
+    def _settle(self, desired: Desired, sha: str | None, detail: str, **changes: Any) -> None:
+        """Record `desired` as applied with `sha` serving (no update ran) and report it."""
+        self.state.transition(
+            "active" if sha else "idle",
+            deployment_id=desired.deployment_id,
+            generation=desired.generation,
+            applied_generation=desired.generation,
+            sha256=sha,
+            selftest_attempts=0,
+            stage=None,
+            reported=False,
+            benchmarked=False,
+            benchmark_runs=desired.benchmark_runs,
+            benchmark_warmup=desired.benchmark_warmup,
+            detail=detail,
+            **changes,
+        )
+        self._publish_status()
+        if sha:
+            self._report_outcome()
+
+    def _reload(self, desired: Desired, threads: int | None) -> None:
+        """The serving model with other threads: reload it (no download), report as usual."""
+        assert desired.artifact is not None
+        sha = desired.artifact.sha256
+        try:
+            self._serve(sha, threads)
+        except ModelLoadError as exc:
+            self._load_serving()
+            raise UpdateFailed(f"reload with threads {threads} failed: {exc}") from None
+        detail = f"reloaded with threads {threads} (already stored, no download)"
+        self._settle(desired, sha, detail, serving_sha256=sha, serving_threads=threads)
 
     def _cancelled(self, desired: Desired) -> bool:
         """True when a newer generation arrived or the agent is stopping."""
@@ -434,9 +490,10 @@ class Agent:
         self._step(
             "self-testing", desired, selftest_attempts=self.state.record.selftest_attempts + 1
         )
+        threads = self._threads(desired)
         result = run_selftest(
             self.store.path(sha),
-            threads=self.config.threads,
+            threads=threads,
             timeout_s=self.config.selftest_timeout_s,
             golden=self.store.golden_path(sha) if fetched.golden else None,
             latency_budget_ms=tighter_budget(
@@ -447,7 +504,7 @@ class Agent:
         if not result.ok:
             raise UpdateFailed(f"self-test failed: {result.reason}")
         try:
-            self._serve(sha)
+            self._serve(sha, threads)
         except ModelLoadError as exc:
             self._load_serving()  # the previous model keeps serving
             raise UpdateFailed(f"load failed: {exc}") from None
@@ -455,6 +512,8 @@ class Agent:
         self.state.transition(
             "active",
             applied_generation=desired.generation,
+            serving_sha256=sha,
+            serving_threads=threads,
             selftest_attempts=0,
             detail=(
                 f"self-test {result.latency_ms:.2f} ms, peak RSS {result.peak_rss_mb:.1f} MB; "
@@ -556,6 +615,7 @@ class Agent:
         elif command.action == "rollback":
             try:
                 self.store.rollback()
+                self.fallback.disarm()
                 self._load_serving()
                 self.state.transition("rolled_back", detail=f"rolled back by {command.command_id}")
             except FileNotFoundError as exc:

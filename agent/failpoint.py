@@ -4,6 +4,10 @@
 wrote `<state>` to update.json, so a test can SIGKILL it by PID at a known point;
 `exit-after:<state>` ends the process there with os._exit (no cleanup, like a power cut).
 It fires once per process. Unset, it is one `is None` check per transition.
+
+`EDGEFLEET_INJECT_LATENCY_MS=<sha256 prefix>:<ms>[,...]` slows the serving path only (served
+requests, not the self-test or the benchmark) of matching models by <ms> per invoke, so a test can
+make a model breach its fallback budget (docs/closed-loop.md).
 """
 
 from __future__ import annotations
@@ -79,3 +83,57 @@ class FailpointHook:
         log.warning("failpoint: paused after persisting %r for %.1f s", state, point.seconds)
         time.sleep(point.seconds)
         log.warning("failpoint: resuming after %r", state)
+
+
+# --------------------------------------------------------------------------- injected latency
+
+LATENCY_ENV_VAR = "EDGEFLEET_INJECT_LATENCY_MS"
+_HEX = frozenset("0123456789abcdef")
+
+
+@dataclass(frozen=True)
+class InjectedLatency:
+    """Extra milliseconds per served invoke of the models whose sha256 starts with a prefix."""
+
+    rules: tuple[tuple[str, float], ...]
+
+    def delay_s(self, sha256: str) -> float:
+        """Seconds to sleep per invoke of this model (the first matching prefix), else 0."""
+        for prefix, ms in self.rules:
+            if sha256.startswith(prefix):
+                return ms / 1000.0
+        return 0.0
+
+
+def parse_injected_latency(text: str) -> InjectedLatency | None:
+    """Parse `<sha-prefix>:<ms>[,...]`; None for an empty value, FailpointError for a bad one."""
+    text = text.strip()
+    if not text:
+        return None
+    rules: list[tuple[str, float]] = []
+    for item in text.split(","):
+        prefix, sep, ms_text = item.strip().partition(":")
+        prefix = prefix.lower()
+        if not sep or not 1 <= len(prefix) <= 64 or not set(prefix) <= _HEX:
+            raise FailpointError(
+                f"{LATENCY_ENV_VAR}={text!r}: expected <sha256 hex prefix>:<ms>[,...], "
+                f"got {item.strip()!r}"
+            )
+        try:
+            ms = float(ms_text)
+        except ValueError:
+            raise FailpointError(
+                f"{LATENCY_ENV_VAR}={text!r}: {ms_text!r} is not a number of milliseconds"
+            ) from None
+        if not 0 <= ms <= 60_000:
+            raise FailpointError(f"{LATENCY_ENV_VAR}={text!r}: ms must be 0..60000, got {ms}")
+        rules.append((prefix, ms))
+    return InjectedLatency(tuple(rules))
+
+
+def injected_latency_from_env() -> InjectedLatency | None:
+    """The slowdown EDGEFLEET_INJECT_LATENCY_MS asks for (read once at start), or None."""
+    injected = parse_injected_latency(os.environ.get(LATENCY_ENV_VAR, ""))
+    if injected is not None:
+        log.warning("failpoint: injecting serving latency %s", injected.rules)
+    return injected

@@ -8,6 +8,8 @@ from collections.abc import Callable, Sequence
 from agent.benchmark import benchmark_interpreter
 from agent.config import AgentConfig
 from agent.environment import environment_snapshot
+from agent.failpoint import injected_latency_from_env
+from agent.fallback import WatchingObserver
 from agent.inference_server import InferenceServer
 from agent.metrics import ServingMetrics
 from agent.mqtt import MqttSession
@@ -40,8 +42,13 @@ class LocalServices:
         self.config = config
         self.power_model = power_model
         self._on_problem = on_problem
-        self.serving = ServingModel()
+        # EDGEFLEET_INJECT_LATENCY_MS (tests) is read once here; a bad value stops the start.
+        self.serving = ServingModel(injected_latency_from_env())
+        # Interpreter threads of the serving model (the desired state's, else the config's).
+        self.threads: int | None = config.threads
         self.metrics = ServingMetrics()
+        # Served latencies go to the metrics and, while a fallback is armed, its LatencyWatch.
+        self.observer = WatchingObserver(self.metrics)
         self.server: InferenceServer | None = None
         if config.socket_path is not None or config.serve_http:
             self.server = InferenceServer(
@@ -51,7 +58,7 @@ class LocalServices:
                 batch_window_ms=config.batch_window_ms,
                 max_batch=config.max_batch,
                 result_cache_entries=config.result_cache_entries,
-                observer=self.metrics,
+                observer=self.observer,
             )
         self.spool = TelemetrySpool(
             config.spool_path,
@@ -59,12 +66,11 @@ class LocalServices:
             overflow=config.spool_overflow,  # type: ignore[arg-type]  # checked by AgentConfig
             keep_acked=config.spool_keep_acked,
         )
-        threads = config.threads or 1
 
         def power_source() -> PowerSource:
             return detect_power_source(
                 power_model=power_model,
-                threads=threads,
+                threads=self.threads or 1,
                 sample_interval_s=TELEMETRY_SAMPLE_INTERVAL_S,
             )
 
@@ -109,10 +115,14 @@ class LocalServices:
         finally:
             self.spool.close()
 
-    def swap(self, interpreter: Interpreter, sha256: str, init_ms: float) -> None:
-        """Serve another model; the interval so far is closed into a record of the old model."""
+    def swap(
+        self, interpreter: Interpreter, sha256: str, init_ms: float, threads: int | None
+    ) -> None:
+        """Serve another model (loaded with `threads`); the interval so far is closed into a
+        record of the old model."""
         before = self.reporter.collect_now if self.serving.sha256 not in (None, sha256) else None
         self.serving.swap(interpreter, sha256, init_ms, before_switch=before)
+        self.threads = threads
 
     def clear(self) -> None:
         """Serve nothing (no model loads); requests fail with a clear error meanwhile."""
@@ -126,7 +136,7 @@ class LocalServices:
         Served requests wait meanwhile: they would distort the timings, and one interpreter must
         never run two invocations at once.
         """
-        threads = self.config.threads
+        threads = self.threads
         source = detect_power_source(power_model=self.power_model, threads=threads or 1)
         # Conditions of the run (governor, clock, temperature) explain an outlier device later.
         # No external delegate is applied today: the runtime's built-in CPU kernels run the model.

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
+from agent.failpoint import InjectedLatency
 from agent.runtime import Interpreter
 
 
@@ -106,6 +107,7 @@ class _ActiveModel:
     current_shapes: list[tuple[int, ...]]  # input shapes the interpreter is allocated for
     resize_ms: float = 0.0  # running estimate of one resize + allocate_tensors (0 = unknown)
     row_ms: float = 0.0  # running estimate of invoke time per batch row
+    delay_s: float = 0.0  # injected slowdown per invoke (tests: EDGEFLEET_INJECT_LATENCY_MS)
 
 
 def _describe(array: np.ndarray) -> str:
@@ -180,10 +182,11 @@ def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
 class ServingModel:
     """Thread-safe holder of the active interpreter: swap, infer, and exclusive benchmark access."""
 
-    def __init__(self) -> None:
-        """Start with no model loaded."""
+    def __init__(self, injected: InjectedLatency | None = None) -> None:
+        """Start with no model loaded; `injected` slows matching models' invokes (tests)."""
         self._lock = threading.Lock()
         self._active: _ActiveModel | None = None
+        self._injected = injected
 
     # ------------------------------------------------------------------ model lifecycle
 
@@ -212,6 +215,8 @@ class ServingModel:
             batchable,
             [spec.shape for spec in inputs],
         )
+        if self._injected is not None:
+            active.delay_s = self._injected.delay_s(sha256)
         with self._lock:
             if before_switch is not None:
                 # Under the lock: no request of the old model can complete after it (the
@@ -443,6 +448,8 @@ class ServingModel:
         for spec, array in zip(active.inputs, arrays, strict=True):
             interpreter.set_tensor(spec.index, array)
         started = time.perf_counter_ns()
+        if active.delay_s:
+            time.sleep(active.delay_s)
         interpreter.invoke()
         if rows > 0:
             active.row_ms = _running_mean(active.row_ms, started, rows)

@@ -63,6 +63,36 @@ class Superseded(Exception):
 
 
 @dataclass(frozen=True)
+class ArmedFallback:
+    """The desired state's fallback once downloaded and self-tested: what the latency watch arms."""
+
+    sha256: str
+    latency_ms: float
+    window_s: float
+    threads: int | None = None
+    # The model it falls back from (the generation's artifact).
+    primary_sha256: str | None = None
+    # Switched to (serving); then the `fallback` event is re-sent until the broker acknowledges it.
+    engaged: bool = False
+    reported: bool = False
+    message: str = ""
+    p95_ms: float = 0.0
+
+
+_FALLBACK_TYPES: dict[str, tuple[type, ...]] = {
+    "sha256": (str,),
+    "latency_ms": (int, float),
+    "window_s": (int, float),
+    "threads": (int, type(None)),
+    "primary_sha256": (str, type(None)),
+    "engaged": (bool,),
+    "reported": (bool,),
+    "message": (str,),
+    "p95_ms": (int, float),
+}
+
+
+@dataclass(frozen=True)
 class UpdateRecord:
     """What the agent is doing, persisted before every transition."""
 
@@ -83,6 +113,12 @@ class UpdateRecord:
     # The desired state's benchmark settings, for a benchmark re-run after a restart.
     benchmark_runs: int = 50
     benchmark_warmup: int = 5
+    # The model loaded for serving and its interpreter threads (None = the agent's `threads`),
+    # so a restart serves it with the same threads. Absent in files of older agents.
+    serving_sha256: str | None = None
+    serving_threads: int | None = None
+    # The armed (or engaged) fallback of `generation` (docs/closed-loop.md, "Fallback variant").
+    fallback: ArmedFallback | None = None
 
 
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
@@ -99,7 +135,31 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "benchmarked": (bool,),
     "benchmark_runs": (int,),
     "benchmark_warmup": (int,),
+    "serving_sha256": (str, type(None)),
+    "serving_threads": (int, type(None)),
+    "fallback": (dict, type(None)),
 }
+
+
+def _typed(fields: dict[str, tuple[type, ...]], key: str, value: Any, where: str) -> Any:
+    """`value` if it has one of the field's types (a bool is no int); else CorruptFileError."""
+    types = fields[key]
+    if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
+        raise CorruptFileError(f"{where}: field {key!r} has a bad value {value!r}")
+    return value
+
+
+def _fallback_from_json(data: dict[str, Any], source: str) -> ArmedFallback:
+    """Build the ArmedFallback from its saved JSON object, checking every field."""
+    where = f"{source}: fallback"
+    unknown = set(data) - set(_FALLBACK_TYPES)
+    if unknown or "sha256" not in data:
+        raise CorruptFileError(f"{where}: unexpected or missing fields {sorted(unknown)}")
+    kwargs = {k: _typed(_FALLBACK_TYPES, k, v, where) for k, v in data.items()}
+    fallback = ArmedFallback(**kwargs)
+    if len(fallback.sha256) != 64 or not fallback.latency_ms > 0 or not fallback.window_s > 0:
+        raise CorruptFileError(f"{where}: sha256, latency_ms or window_s out of range")
+    return fallback
 
 
 def record_from_json(data: Any, source: str) -> UpdateRecord:
@@ -112,16 +172,17 @@ def record_from_json(data: Any, source: str) -> UpdateRecord:
         if key not in known:
             log.warning("%s: ignoring unknown field %r (written by a newer agent?)", source, key)
             continue
-        types = _FIELD_TYPES[key]
-        if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
-            raise CorruptFileError(f"{source}: field {key!r} has a bad value {value!r}")
-        kwargs[key] = value
+        kwargs[key] = _typed(_FIELD_TYPES, key, value, source)
+    if isinstance(kwargs.get("fallback"), dict):
+        kwargs["fallback"] = _fallback_from_json(kwargs["fallback"], source)
     record = UpdateRecord(**kwargs)
     if record.state not in TRANSITIONS:
         raise CorruptFileError(f"{source}: unknown state {record.state!r}")
     counters = (record.generation, record.applied_generation, record.selftest_attempts)
     if min(counters) < 0 or record.benchmark_runs < 1 or record.benchmark_warmup < 0:
         raise CorruptFileError(f"{source}: counter out of range")
+    if record.serving_threads is not None and record.serving_threads < 1:
+        raise CorruptFileError(f"{source}: serving_threads out of range")
     return record
 
 

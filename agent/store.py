@@ -49,6 +49,8 @@ class ModelStore:
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
         self.pointers_path = root / "pointers.json"
+        # Models kept like pointer targets though no pointer names them (the armed fallback).
+        self.pinned: frozenset[str] = frozenset()
 
     def path(self, sha256: str) -> Path:
         """Path of a model by digest (validated, so no path tricks)."""
@@ -165,9 +167,9 @@ class ModelStore:
         return new
 
     def discard(self, sha256: str) -> None:
-        """Delete a stored model and its golden unless a pointer references it."""
+        """Delete a stored model and its golden unless a pointer references it or it is pinned."""
         pointers = self.pointers()
-        if sha256 not in (pointers.current, pointers.previous):
+        if sha256 not in (pointers.current, pointers.previous) and sha256 not in self.pinned:
             self.path(sha256).unlink(missing_ok=True)
             self.golden_path(sha256).unlink(missing_ok=True)
 

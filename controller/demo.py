@@ -221,7 +221,7 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
     )
 
 
-def _model_input(sample: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
+def model_input(sample: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
     """One float sample as the model's input tensor (quantized when the input is integer)."""
     dtype = np.dtype(spec["dtype"])
     if dtype.kind == "f":
@@ -245,7 +245,7 @@ def serve_on_devices(
             spec = client.model_info()["inputs"][0]
             correct = 0
             for i in range(DEMO_REQUESTS):
-                out = client.infer(_model_input(x[i % len(x)][np.newaxis], spec))
+                out = client.infer(model_input(x[i % len(x)][np.newaxis], spec))
                 correct += int(np.argmax(np.asarray(out)) == y[i % len(y)])
         served[device_id] = {"requests": DEMO_REQUESTS, "accuracy": correct / DEMO_REQUESTS}
     progress(

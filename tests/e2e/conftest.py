@@ -133,7 +133,8 @@ class AgentProcess:
 def start_agent(
     e2e_broker: BrokerHandle, topic_root: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> Iterator[Callable[..., AgentProcess]]:
-    """Factory: start_agent(device_id, **config) -> a running AgentProcess, stopped at teardown.
+    """Factory: start_agent(device_id, env=None, **config) -> a running AgentProcess (stopped at
+    teardown); `env` adds to the process environment.
 
     With the `controller` fixture the agents trust its signing key, so every such test runs
     with signatures enforced; tests that run their own controller elsewhere get development
@@ -143,7 +144,7 @@ def start_agent(
     in_use = "controller" in request.fixturenames
     default_keys = _fleet_verify_keys(tmp_path / "controller") if in_use else ()
 
-    def start(device_id: str, **overrides: Any) -> AgentProcess:
+    def start(device_id: str, env: dict[str, str] | None = None, **overrides: Any) -> AgentProcess:
         overrides.setdefault("trusted_keys", default_keys)
         config = AgentConfig(
             device_id=device_id,
@@ -155,7 +156,9 @@ def start_agent(
         config.data_dir.mkdir(parents=True, exist_ok=True)
         path = config.data_dir.parent / f"{device_id}.toml"
         path.write_text(dump_config(config))
-        agent = AgentProcess(config, path, config.data_dir.parent / f"{device_id}.log")
+        agent = AgentProcess(
+            config, path, config.data_dir.parent / f"{device_id}.log", env=dict(env or {})
+        )
         agent.start()
         agents.append(agent)
         return agent
