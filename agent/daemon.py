@@ -422,7 +422,7 @@ class Agent:
             log.info("generation %d superseded by %d", desired.generation, self._latest_generation)
             return
         except UpdateFailed as exc:
-            self._fail(desired, str(exc))
+            self._fail(desired, str(exc), stage=exc.stage)
             return
         self.fallback.arm(desired, lambda: self._cancelled(desired))
 
@@ -451,6 +451,22 @@ class Agent:
         """The serving model with other threads: reload it (no download), report as usual."""
         assert desired.artifact is not None
         sha = desired.artifact.sha256
+        # Other threads change latency and memory: the budgets are checked again.
+        golden = self.store.golden_path(sha)
+        result = run_selftest(
+            self.store.path(sha),
+            threads=threads,
+            timeout_s=self.config.selftest_timeout_s,
+            golden=golden if golden.exists() else None,
+            latency_budget_ms=tighter_budget(
+                self.config.latency_budget_ms, desired.latency_budget_ms
+            ),
+            memory_budget_mb=tighter_budget(self.config.memory_budget_mb, desired.memory_budget_mb),
+        )
+        if not result.ok:
+            raise UpdateFailed(
+                f"self-test with threads {threads} failed: {result.reason}", stage="self-testing"
+            )
         try:
             self._serve(sha, threads)
         except ModelLoadError as exc:
@@ -531,12 +547,12 @@ class Agent:
         self._publish_status()
         self._emit("update", state, desired=desired, suffix=state)
 
-    def _fail(self, desired: Desired, reason: str) -> None:
+    def _fail(self, desired: Desired, reason: str, stage: str | None = None) -> None:
         """Record a failed update (stage = the state it failed in); the previous model serves on."""
         log.error("update to generation %d failed: %s", desired.generation, reason)
         record = self.state.record
         mine = record.generation == desired.generation and record.state not in TERMINAL
-        stage = record.state if mine else "idle"
+        stage = stage or (record.state if mine else "idle")
         artifact = desired.artifact
         if artifact is not None and artifact.sha256 != self.serving.sha256:
             self.store.discard(artifact.sha256)

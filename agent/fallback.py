@@ -210,6 +210,8 @@ class FallbackSwitch:
         self._emit = emit
         self._publish_status = publish_status
         self._enqueue = enqueue
+        # A desired state whose fallback waits for the primary's report to be acknowledged.
+        self._pending: tuple[Desired, Callable[[], bool]] | None = None
 
     def threads(self, fallback: ArmedFallback) -> int | None:
         """Interpreter threads of the fallback: its own, else the agent's setting."""
@@ -220,6 +222,7 @@ class FallbackSwitch:
         `keep` (what the next desired state needs) references it."""
         self.observer.watch = None
         self.store.pinned = frozenset()
+        self._pending = None
         armed = self.state.record.fallback
         if armed is None:
             return
@@ -243,6 +246,12 @@ class FallbackSwitch:
             or self._serving_sha() != desired.artifact.sha256
         ):
             return  # the primary did not become active: nothing to fall back from
+        if not (record.reported and record.benchmarked):
+            # The controller judges the primary on its activation and benchmark: a switch
+            # before those are acknowledged would hide them. Armed after the next report.
+            self._pending = (desired, cancelled)
+            return
+        self._pending = None
         sha = wanted.artifact.sha256
         if record.fallback is not None:
             return  # armed (or engaged) already for this generation
@@ -368,7 +377,13 @@ class FallbackSwitch:
         self.report()
 
     def report(self) -> None:
-        """Send the fallback event (id g<generation>-fallback) until the broker acknowledges it."""
+        """Arm a fallback held back until the primary was reported, and send a pending switch.
+
+        The fallback event (id g<generation>-fallback) is sent until the broker acknowledges it.
+        """
+        if self._pending is not None:
+            desired, cancelled = self._pending
+            self.arm(desired, cancelled)
         record = self.state.record
         armed = record.fallback
         if armed is None or not armed.engaged or armed.reported or record.deployment_id is None:

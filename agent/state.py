@@ -57,6 +57,11 @@ class TransitionError(RuntimeError):
 class UpdateFailed(Exception):
     """An update step failed; the message is what the controller and the operator read."""
 
+    def __init__(self, message: str, *, stage: str | None = None) -> None:
+        """`stage`: the step that failed when the saved state does not say it (a reload)."""
+        super().__init__(message)
+        self.stage = stage
+
 
 class Superseded(Exception):
     """A newer desired generation arrived while this update was running."""

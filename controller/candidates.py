@@ -84,6 +84,17 @@ def register_candidates(fleet: Fleet, directory: Path, *, name: str, version: st
             )
         model_id = fleet.model(f"{name}:{version}")["id"]
         with fleet.db.transaction() as tx:
+            known = tx.execute(
+                "SELECT rank, sha256, recipe, threads, host FROM model_candidates "
+                "WHERE model_id = ? AND profile = ? ORDER BY rank",
+                (model_id, profile),
+            ).fetchall()
+            if known and [tuple(k)[:4] for k in known] != [r[:4] for r in sorted(rows)]:
+                # A selection may be measuring these: a version's candidates never change.
+                raise FleetError(
+                    f"{name}:{version} already has different candidates for profile {profile}; "
+                    "register the new optimize output under a new version"
+                )
             tx.execute(
                 "DELETE FROM model_candidates WHERE model_id = ? AND profile = ?",
                 (model_id, profile),

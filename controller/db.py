@@ -322,6 +322,7 @@ MIGRATIONS: tuple[str, ...] = (
         sha256 TEXT NOT NULL,
         threads INTEGER,
         state TEXT NOT NULL DEFAULT 'waiting',
+        attempts INTEGER NOT NULL DEFAULT 0,
         generation BIGINT NOT NULL DEFAULT 0,
         deadline DOUBLE PRECISION,
         result TEXT,

@@ -65,14 +65,46 @@ def accuracy_drop(host: dict[str, Any]) -> float | None:
     return (1.0 - float(agreement)) * 100.0 if agreement is not None else None
 
 
-def flag_outliers(candidates: list[Candidate]) -> None:
-    """Flag measured trials whose conditions differ from the others (canaries, same device)."""
-    measured = [(c, t) for c in candidates for t in c.trials if t.result is not None]
-    for _, trial in measured:
+def flag_outliers(candidates: list[Candidate]) -> dict[str, str]:
+    """Canaries with a trial run under conditions unlike the other canaries': device -> reason.
+
+    A flagged canary is left out of every candidate's medians (by `_metrics`), not only of the
+    trial that ran hot, so all candidates are compared on the same canaries.
+    """
+    measured = [t for c in candidates for t in c.trials if t.result is not None]
+    flagged: dict[str, str] = {}
+    for trial in measured:
         assert trial.result is not None
-        peers = [t.result for _, t in measured if t is not trial and t.result is not None]
+        peers = [t.result for t in measured if t.device_id != trial.device_id and t.result]
         reason = environment_anomaly(trial.result, peers)
-        trial.outlier = reason
+        if reason and trial.device_id not in flagged:
+            flagged[trial.device_id] = reason
+    for c in candidates:
+        for t in c.trials:
+            t.outlier = flagged.get(t.device_id)
+    return flagged
+
+
+def drop_lost_canaries(candidates: list[Candidate], notes: list[str]) -> None:
+    """Leave out canaries that measured nothing: removed, taken by another rollout, or offline.
+
+    A canary whose every trial was cancelled or timed out says nothing about the candidates;
+    requiring it would disqualify all of them.
+    """
+    trials = [t for c in candidates for t in c.trials]
+    lost = {
+        d
+        for d in {t.device_id for t in trials}
+        if all(
+            t.state == "cancelled" or (t.state == "failed" and t.detail.startswith("timed out"))
+            for t in trials
+            if t.device_id == d
+        )
+    }
+    if lost:
+        notes.append(f"left out canaries that measured nothing: {', '.join(sorted(lost))}")
+        for c in candidates:
+            c.trials = [t for t in c.trials if t.device_id not in lost]
 
 
 def _metrics(candidate: Candidate, notes: list[str]) -> dict[str, float] | None:
@@ -131,6 +163,7 @@ def decide(
     unmeasured | fallback) and `why`, the sentence `models explain` prints.
     """
     notes: list[str] = []
+    drop_lost_canaries(candidates, notes)
     flag_outliers(candidates)
     entries: dict[int, dict[str, Any]] = {}
     eligible: dict[int, dict[str, float]] = {}
@@ -162,7 +195,7 @@ def decide(
             entry["verdict"] = "failed"
             entry["why"] = "; ".join(f"failed on {t.device_id}: {t.detail}" for t in failed)
             continue
-        if metrics is None or any(t.result is None for t in c.trials):
+        if metrics is None or any(t.result is None for t in c.trials if t.state != "cancelled"):
             entry["verdict"] = "unmeasured"
             entry["why"] = "not measured on every canary: " + "; ".join(
                 f"{t.device_id} {t.state} {t.detail}".strip() for t in c.trials if not t.result
@@ -229,7 +262,8 @@ def _pick(front: list[int], eligible: dict[int, dict[str, float]], objective: st
         return None
     key = OBJECTIVE_METRIC[objective]
     best = min(eligible[r][key] for r in front)
-    tied = [r for r in front if eligible[r][key] <= best * (1 + TIE) + 1e-12]
+    # abs(): an accuracy drop can be negative (a quantized variant scoring higher).
+    tied = [r for r in front if eligible[r][key] - best <= TIE * abs(best) + 1e-12]
     others = [m for m in METRICS if m != key]
     return min(tied, key=lambda r: (*(eligible[r][m] for m in others), r))
 

@@ -21,6 +21,11 @@ HOT_C = 80.0
 # A current clock below this share of the maximum (or of the peers' median) means throttling or
 # a power-saving governor.
 CLOCK_FRACTION = 0.85
+# Gates a device's conditions can explain (latency and energy); memory does not depend on them.
+EXCUSABLE_GATES = frozenset(
+    {"p50_ms", "p90_ms", "p95_ms", "p99_ms", "mean_ms", "energy_mj", "power_w",
+     "p50_regression", "p95_regression", "p99_regression", "energy_regression"}
+)  # fmt: skip
 # Robust z-score (median / MAD × 1.4826) above which a value is an outlier (Iglewicz-Hoaglin).
 OUTLIER_Z = 3.5
 # MAD floor as a share of the median, so identical peers do not make every small wobble infinite.
@@ -74,7 +79,8 @@ def environment_anomaly(
         reasons.append(f"CPU governor {governor} (was {base_governor} for the baseline)")
     clock, top = _number(env.get("cpu_freq_mhz")), _number(env.get("cpu_max_freq_mhz"))
     peer_clocks = [c for e in peer_envs if (c := _number(e.get("cpu_freq_mhz")))]
-    if clock and top and clock < CLOCK_FRACTION * top:
+    # Only under `performance` must the clock sit at its maximum; ondemand/schedutil idle low.
+    if clock and top and governor == "performance" and clock < CLOCK_FRACTION * top:
         reasons.append(f"clock {clock:.0f} MHz of {top:.0f} MHz max")
     elif clock and peer_clocks and clock < CLOCK_FRACTION * statistics.median(peer_clocks):
         reasons.append(f"clock {clock:.0f} MHz vs peers' {statistics.median(peer_clocks):.0f} MHz")

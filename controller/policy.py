@@ -34,6 +34,8 @@ REGRESSION_METRICS: dict[str, str] = {
     "energy_regression": "energy_mj_per_inference",
 }
 
+# Update stages where a failure is worth retrying (transport), unlike a self-test verdict.
+RETRIABLE_STAGES = frozenset({"fetching", "verifying", "idle"})
 # What the selection phase optimizes among the Pareto-best candidates (docs/closed-loop.md).
 OBJECTIVES = ("latency", "energy", "memory", "accuracy")
 

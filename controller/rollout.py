@@ -15,18 +15,21 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import sqlite3
 import uuid
 from typing import TYPE_CHECKING, Any
 
 from agent.protocol import Event
 from controller.db import now, to_json
-from controller.outliers import classify
-from controller.policy import Policy, PolicyError, Threshold, Wave
+from controller.outliers import EXCUSABLE_GATES, Outlier, classify
+from controller.policy import RETRIABLE_STAGES, Policy, PolicyError, Threshold, Wave
 from controller.selection import Selection
 
 if TYPE_CHECKING:
     from controller.fleet import Fleet
+
+log = logging.getLogger(__name__)
 
 # Device states that end a device's part in a wave (it no longer holds the wave back).
 DONE = frozenset(
@@ -48,8 +51,6 @@ EXECUTED = frozenset({"succeeded", "failed", "gate_failed"})
 FAILED = frozenset({"failed", "gate_failed"})
 # The desired state of these devices points at the rollout's artifact.
 IN_FLIGHT = ("pending", "in_progress", "activated", "retrying")
-# Update stages where a failure is worth retrying (transport), unlike a self-test verdict.
-RETRIABLE_STAGES = frozenset({"fetching", "verifying", "idle"})
 # How long to wait for a baseline benchmark before starting a device without one.
 BASELINE_WAIT_S = 120.0
 ROLLOUT_STATES = ("running", "paused", "completed", "aborted", "rolled_back")
@@ -134,19 +135,22 @@ class Rollouts:
         rows = tx.execute(
             "SELECT dd.device_id, dd.artifact_sha256, CASE WHEN EXISTS (SELECT 1 FROM "
             "candidate_trials t WHERE t.rollout_id = dd.deployment_id AND t.device_id = "
-            "dd.device_id) THEN dd.previous_sha256 ELSE d.model_sha256 END "
-            "FROM deployment_devices dd LEFT JOIN devices d ON d.id = dd.device_id "
+            "dd.device_id) THEN dd.previous_sha256 ELSE d.model_sha256 END, EXISTS (SELECT 1 "
+            "FROM candidate_trials t WHERE t.rollout_id = dd.deployment_id AND t.device_id = "
+            "dd.device_id) FROM deployment_devices dd LEFT JOIN devices d ON d.id = dd.device_id "
             "WHERE dd.deployment_id = ? AND dd.wave = ? AND dd.state = 'waiting'",
             (rollout_id, wave),
         ).fetchall()
-        for device_id, sha, current in rows:
+        for device_id, sha, current, canary in rows:
             baseline = _latest_benchmark(tx, device_id, current) if current else None
             tx.execute(
                 "UPDATE deployment_devices SET previous_sha256 = ?, baseline = ? "
                 "WHERE deployment_id = ? AND device_id = ?",
                 (current, to_json(baseline) if baseline else None, rollout_id, device_id),
             )
-            if policy.needs_baseline and current and baseline is None and current != sha:
+            # A canary serves a candidate now: a benchmark command would not measure `current`.
+            ask = policy.needs_baseline and current and baseline is None and current != sha
+            if ask and not canary:
                 self._ask_baseline(tx, rollout_id, device_id)
             else:
                 self._assign(tx, rollout_id, device_id, sha, policy, "pending")
@@ -231,7 +235,13 @@ class Rollouts:
         return generation
 
     def skip_device(
-        self, tx: sqlite3.Connection, rollout_id: str, device_id: str, why: str
+        self,
+        tx: sqlite3.Connection,
+        rollout_id: str,
+        device_id: str,
+        why: str,
+        *,
+        removed: bool = False,
     ) -> None:
         """Leave a device out (no candidate won for its profile); a canary goes back first."""
         row = tx.execute(
@@ -241,7 +251,7 @@ class Rollouts:
             (rollout_id, device_id),
         ).fetchone()
         key = (rollout_id, device_id)
-        if row[0] == "trialing":
+        if row[0] == "trialing" and not removed:
             policy = Policy.from_json(json.loads(row[2]))
             self._set_row(tx, key, "rolling_back", why)
             self._roll_back_device(tx, key, row[1], policy, "rolling_back", committed=True)
@@ -266,7 +276,7 @@ class Rollouts:
         key = (event.deployment_id, event.device_id)
         if state == "trialing":
             report = _report_dict(event) if event.benchmark is not None else None
-            self.selection.on_event(tx, event, report)
+            self.selection.on_event(tx, event, report, policy)
             return
         if event.kind == "fallback":
             tx.execute(
@@ -313,19 +323,7 @@ class Rollouts:
                 "WHERE deployment_id = ? AND device_id = ?",
                 (to_json(report), *key),
             )
-            outlier = None
-            if violations:
-                peers = [
-                    json.loads(r)
-                    for (r,) in tx.execute(
-                        "SELECT result FROM deployment_devices WHERE deployment_id = ? "
-                        "AND device_id != ? AND artifact_sha256 = (SELECT artifact_sha256 FROM "
-                        "deployment_devices WHERE deployment_id = ? AND device_id = ?) "
-                        "AND result IS NOT NULL",
-                        (event.deployment_id, event.device_id, *key),
-                    )
-                ]
-                outlier = classify(report, peers, baseline=base, breached=True)
+            outlier = self._outlier(tx, key, policy, report, base) if violations else None
             if outlier is not None and outlier.explained:
                 # The device's conditions explain the breach: not the model's regression.
                 tx.execute(
@@ -347,6 +345,39 @@ class Rollouts:
                 if policy.needs_baseline and base is None:
                     note = "no baseline for the previous model: regression gates not judged"
                 self._set_row(tx, key, "succeeded", note or "gates passed")
+
+    @staticmethod
+    def _outlier(
+        tx: sqlite3.Connection,
+        key: tuple[str, str],
+        policy: Policy,
+        report: dict[str, Any],
+        baseline: dict[str, Any] | None,
+    ) -> Outlier | None:
+        """An explained outlier excuses a gate breach only when the peers show it is the device.
+
+        Only latency and energy gates are excused (conditions do not change memory), and only
+        when at least 2 devices of the profile on the same artifact measured it and most of them
+        are within those gates.
+        """
+        broken = [g for g in policy.gates if g.violation(report, baseline)]
+        if not broken or any(g.metric not in EXCUSABLE_GATES for g in broken):
+            return None
+        peers = [
+            (json.loads(result), json.loads(base) if base else None)
+            for result, base in tx.execute(
+                "SELECT dd.result, dd.baseline FROM deployment_devices dd "
+                "JOIN devices dv ON dv.id = dd.device_id WHERE dd.deployment_id = ? "
+                "AND dd.device_id != ? AND dd.result IS NOT NULL AND dd.artifact_sha256 = "
+                "(SELECT artifact_sha256 FROM deployment_devices WHERE deployment_id = ? AND "
+                "device_id = ?) AND dv.profile = (SELECT profile FROM devices WHERE id = ?)",
+                (*key, *key, key[1]),
+            )
+        ]
+        within = sum(not any(g.violation(r, b) for g in broken) for r, b in peers)
+        if len(peers) < 2 or within * 2 <= len(peers):
+            return None
+        return classify(report, [r for r, _ in peers], baseline=baseline, breached=True)
 
     @staticmethod
     def _set_row(
@@ -403,8 +434,12 @@ class Rollouts:
         """Advance every running rollout one step; return what happened (for the log)."""
         notes: list[str] = []
         for row in self.db.query("SELECT * FROM deployments WHERE state IN ('running', 'paused')"):
-            with self.db.transaction() as tx:
-                notes += self._tick_one(tx, row)
+            try:
+                with self.db.transaction() as tx:
+                    notes += self._tick_one(tx, row)
+            except Exception as exc:  # one broken rollout must not stop the others or publishing
+                log.exception("rollout %s: tick failed", row["id"])
+                notes.append(f"{row['id']}: tick failed: {type(exc).__name__}: {exc}")
         with self.db.transaction() as tx:
             # Ended rollouts still owe a verdict on devices that are rolling back.
             expired = tx.execute(
@@ -559,19 +594,32 @@ class Rollouts:
             "UPDATE deployments SET state = ?, reason = ?, updated = ? WHERE id = ?",
             (state, reason, now(), rollout_id),
         )
+        # A canary ran candidates: whatever its state, it goes back to what it ran before.
+        trialed = {
+            d: started
+            for d, started in tx.execute(
+                "SELECT device_id, MAX(state != 'waiting') FROM candidate_trials "
+                "WHERE rollout_id = ? GROUP BY device_id",
+                (rollout_id,),
+            )
+        }
         tx.execute(
             "UPDATE deployment_devices SET state = 'cancelled', updated = ?, detail = ? "
-            "WHERE deployment_id = ? AND state IN ('waiting', 'baselining')",
-            (now(), reason, rollout_id),
+            "WHERE deployment_id = ? AND state IN ('waiting', 'baselining') AND device_id NOT IN "
+            "(SELECT device_id FROM candidate_trials WHERE rollout_id = ? AND state != 'waiting')",
+            (now(), reason, rollout_id, rollout_id),
         )
         self.selection.cancel(tx, rollout_id, reason)
-        targets = [*IN_FLIGHT, "succeeded", "trialing", "outlier"]
+        targets = [*IN_FLIGHT, "succeeded", "trialing", "outlier", "waiting"]
         rows = tx.execute(
             "SELECT device_id, previous_sha256, state FROM deployment_devices "
             f"WHERE deployment_id = ? AND state IN ({','.join('?' * len(targets))})",
             (rollout_id, *targets),
         ).fetchall()
         for device_id, previous, was in rows:
+            if was in ("trialing", "waiting") and not trialed.get(device_id):
+                self._set_row(tx, (rollout_id, device_id), "cancelled", reason)
+                continue
             owner = tx.execute(
                 "SELECT desired_deployment_id FROM devices WHERE id = ?", (device_id,)
             ).fetchone()
@@ -586,7 +634,7 @@ class Rollouts:
                 previous,
                 policy,
                 "rolling_back",
-                committed=was in ("activated", "succeeded", "trialing", "outlier"),
+                committed=was in ("activated", "succeeded", "trialing", "outlier", "waiting"),
             )
 
     def _set_state(

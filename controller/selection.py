@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from agent.protocol import Event
 from controller.db import now, to_json
 from controller.decide import Candidate, Trial, decide
-from controller.policy import Policy
+from controller.policy import RETRIABLE_STAGES, Policy
 
 if TYPE_CHECKING:
     from controller.rollout import Rollouts
@@ -88,20 +88,26 @@ class Selection:
         """
         ts = now()
         notes: list[str] = []
+        # A canary taken by a newer rollout, removed, or ended otherwise leaves the selection:
+        # its open trials end here, so this rollout never points the device again.
+        gone = tx.execute(
+            "UPDATE candidate_trials SET state = 'cancelled', detail = ?, updated = ? "
+            "WHERE rollout_id = ? AND state IN ('waiting', 'running', 'activated') AND ("
+            "device_id NOT IN (SELECT id FROM devices) OR device_id NOT IN (SELECT device_id "
+            "FROM deployment_devices WHERE deployment_id = ? AND state = 'trialing'))",
+            ("the canary left the selection (taken by a newer rollout or removed)", ts,
+             rollout_id, rollout_id),
+        ).rowcount  # fmt: skip
+        if gone:
+            notes.append(f"{rollout_id}: {gone} trial(s) cancelled: canary gone")
         expired = tx.execute(
             "SELECT device_id, rank, state FROM candidate_trials WHERE rollout_id = ? "
             "AND state IN ('running', 'activated') AND deadline < ?",
             (rollout_id, ts),
         ).fetchall()
         for device_id, rank, state in expired:
-            self._end_trial(
-                tx,
-                rollout_id,
-                device_id,
-                rank,
-                "failed",
-                f"timed out after {policy.device_timeout_s:g} s in state {state}",
-            )
+            why = f"timed out after {policy.device_timeout_s:g} s in state {state}"
+            self._fail_trial(tx, rollout_id, device_id, rank, why, policy, retriable=True)
             notes.append(f"{rollout_id}: trial #{rank} on {device_id} timed out")
         busy = {
             d
@@ -193,7 +199,35 @@ class Selection:
             ),
         )
 
-    def on_event(self, tx: sqlite3.Connection, event: Event, report: dict[str, Any] | None) -> None:
+    def _fail_trial(
+        self,
+        tx: sqlite3.Connection,
+        rollout_id: str,
+        device_id: str,
+        rank: int,
+        why: str,
+        policy: Policy,
+        *,
+        retriable: bool,
+    ) -> None:
+        """End a trial as failed, or queue it again (new generation) while retries are left."""
+        attempts = tx.execute(
+            "SELECT attempts FROM candidate_trials WHERE rollout_id = ? AND device_id = ? "
+            "AND rank = ?",
+            (rollout_id, device_id, rank),
+        ).fetchone()[0]
+        if retriable and attempts < policy.retries:
+            tx.execute(
+                "UPDATE candidate_trials SET state = 'waiting', attempts = attempts + 1, "
+                "detail = ?, updated = ? WHERE rollout_id = ? AND device_id = ? AND rank = ?",
+                (f"attempt {attempts + 1}: {why}"[:2000], now(), rollout_id, device_id, rank),
+            )
+        else:
+            self._end_trial(tx, rollout_id, device_id, rank, "failed", why)
+
+    def on_event(
+        self, tx: sqlite3.Connection, event: Event, report: dict[str, Any] | None, policy: Policy
+    ) -> None:
         """Apply a canary's event to the trial of its generation."""
         row = tx.execute(
             "SELECT rank, state FROM candidate_trials WHERE rollout_id = ? AND device_id = ? "
@@ -212,7 +246,9 @@ class Selection:
             )
         elif event.kind == "error":
             stage = f" (stage {event.stage})" if event.stage else ""
-            self._end_trial(tx, *key, "failed", f"{event.message}{stage}")
+            # Transport failures are retried like in the waves; a self-test verdict is final.
+            retriable = event.stage in RETRIABLE_STAGES or event.stage is None
+            self._fail_trial(tx, *key, f"{event.message}{stage}", policy, retriable=retriable)
         elif event.kind == "benchmark" and report is not None:
             self._end_trial(tx, *key, "measured", "benchmarked", report)
 
@@ -231,13 +267,14 @@ class Selection:
             "SELECT model_id FROM deployments WHERE id = ?", (rollout_id,)
         ).fetchone()[0]
         out: dict[int, Candidate] = {}
-        for rank, sha, recipe, threads, host in tx.execute(
-            "SELECT c.rank, c.sha256, c.recipe, c.threads, c.host FROM model_candidates c "
-            "WHERE c.model_id = ? AND c.profile = ? AND c.rank IN (SELECT rank FROM "
-            "candidate_trials WHERE rollout_id = ? AND profile = ?) ORDER BY c.rank",
-            (model_id, profile, rollout_id, profile),
+        # What was trialed (sha, threads) decides; the registry adds the recipe and host numbers.
+        for rank, sha, threads, recipe, host in tx.execute(
+            "SELECT DISTINCT t.rank, t.sha256, t.threads, c.recipe, c.host FROM candidate_trials t "
+            "LEFT JOIN model_candidates c ON c.model_id = ? AND c.profile = t.profile "
+            "AND c.rank = t.rank WHERE t.rollout_id = ? AND t.profile = ? ORDER BY t.rank",
+            (model_id, rollout_id, profile),
         ):
-            out[rank] = Candidate(rank, sha, recipe, threads, json.loads(host or "{}"))
+            out[rank] = Candidate(rank, sha, recipe or "?", threads, json.loads(host or "{}"))
         for device_id, rank, state, result, detail in tx.execute(
             "SELECT device_id, rank, state, result, detail FROM candidate_trials "
             "WHERE rollout_id = ? AND profile = ? ORDER BY device_id, rank",
@@ -279,12 +316,20 @@ class Selection:
                 now(),
             ),
         )
-        members = (
-            "SELECT dd.device_id FROM deployment_devices dd JOIN devices dv ON dv.id = "
-            "dd.device_id WHERE dd.deployment_id = ? AND dv.profile = ? "
-            "AND dd.state IN ('waiting', 'trialing')"
-        )
-        devices = [d for (d,) in tx.execute(members, (rollout_id, profile))]
+        # The profile's devices, and its canaries even if since removed or re-profiled.
+        members = tx.execute(
+            "SELECT dd.device_id, dv.id IS NOT NULL, EXISTS (SELECT 1 FROM candidate_trials t "
+            "WHERE t.rollout_id = dd.deployment_id AND t.device_id = dd.device_id) "
+            "FROM deployment_devices dd LEFT JOIN devices dv ON dv.id = dd.device_id "
+            "WHERE dd.deployment_id = ? AND dd.state IN ('waiting', 'trialing') AND "
+            "(dv.profile = ? OR EXISTS (SELECT 1 FROM candidate_trials t WHERE t.rollout_id = "
+            "dd.deployment_id AND t.device_id = dd.device_id AND t.profile = ?))",
+            (rollout_id, profile, profile),
+        ).fetchall()
+        for device_id, _, _ in [m for m in members if not m[1]]:
+            self.rollouts.skip_device(tx, rollout_id, device_id, "device removed", removed=True)
+        devices = [d for d, exists, _ in members if exists]
+        canaries = {d for d, exists, trialed in members if exists and trialed}
         if winner is None:
             why = "no candidate passed on the canaries: " + "; ".join(
                 f"{e['label']}: {e['why']}" for e in explanation["candidates"]
@@ -305,9 +350,11 @@ class Selection:
             else None
         )
         for device_id in devices:
+            # Canaries join wave 0: they must not sit on their last candidate until a later wave.
             tx.execute(
                 "UPDATE deployment_devices SET artifact_sha256 = ?, threads = ?, fallback = ?, "
-                "state = 'waiting', detail = ?, updated = ? "
+                "state = 'waiting', detail = ?, updated = ?, "
+                "wave = CASE WHEN ? THEN 0 ELSE wave END "
                 "WHERE deployment_id = ? AND device_id = ?",
                 (
                     winner.sha256,
@@ -315,6 +362,7 @@ class Selection:
                     fallback_json,
                     f"selected {winner.label()} on the canaries",
                     now(),
+                    device_id in canaries,
                     rollout_id,
                     device_id,
                 ),

@@ -16,7 +16,7 @@ from agent.protocol.limits import (
     SCHEMA_VERSION,
 )
 from agent.protocol.names import validate_label, validate_name
-from agent.protocol.schema import decode_dataclass, encode
+from agent.protocol.schema import OMIT_DEFAULT, decode_dataclass, encode
 from agent.protocol.telemetry import Environment, SeqRange
 from agent.protocol.topics import validate_device_id, validate_sha256
 
@@ -209,8 +209,8 @@ class Desired:
     expires: float | None = None
     # Runtime options of this artifact chosen by the rollout (None: the agent's own setting),
     # and the lighter variant to fall back to on a sustained latency breach.
-    threads: int | None = None
-    fallback: Fallback | None = None
+    threads: int | None = field(default=None, metadata={OMIT_DEFAULT: True})
+    fallback: Fallback | None = field(default=None, metadata={OMIT_DEFAULT: True})
     sig: Signature | None = None
     v: int = SCHEMA_VERSION
 

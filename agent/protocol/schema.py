@@ -16,6 +16,9 @@ from agent.protocol.limits import MAX_TEXT_LENGTH
 
 T = TypeVar("T")
 
+# dataclasses.field(metadata={OMIT_DEFAULT: True}): encode() leaves the field out at its default.
+OMIT_DEFAULT = "omit_default"
+
 _HINTS: dict[type, dict[str, Any]] = {}
 
 
@@ -262,7 +265,15 @@ def decode_dataclass(value: Any, cls: type[T], path: str = "$") -> T:
 def encode(value: Any) -> Any:
     """Turn dataclasses, tuples and dicts into plain JSON-ready values."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: encode(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        out = {}
+        for f in dataclasses.fields(value):
+            item = getattr(value, f.name)
+            # Fields added to a message later are left out while they hold their default, so an
+            # agent released before them still parses (and verifies the signature of) it.
+            if f.metadata.get(OMIT_DEFAULT) and item == f.default:
+                continue
+            out[f.name] = encode(item)
+        return out
     if isinstance(value, (list, tuple)):
         return [encode(v) for v in value]
     if isinstance(value, dict):

@@ -290,3 +290,27 @@ def test_fuzzed_extra_keys_are_rejected_or_ignored_never_accepted_silently(
     data[key] = 0
     with pytest.raises(ProtocolError, match="unknown field"):
         parse(json.dumps(data), type(message))
+
+
+def test_fields_added_later_are_left_out_at_their_default_for_older_agents() -> None:
+    """An agent released before Desired.threads/fallback parses and verifies what it gets."""
+    from agent.protocol import ArtifactRef, Desired, Fallback, dump
+    from agent.protocol.signing import canonical_bytes
+
+    ref = ArtifactRef(sha256="a" * 64, size=10, name="m", version="1")
+    plain = Desired(generation=3, deployment_id="ro-1", artifact=ref, device_id="d1", ts=1.0)
+    wire = json.loads(dump(plain))
+    assert "threads" not in wire and "fallback" not in wire
+    # The fields an agent of the previous release knows, in its canonical form.
+    released = {
+        "generation", "deployment_id", "artifact", "benchmark_runs", "benchmark_warmup",
+        "latency_budget_ms", "memory_budget_mb", "ts", "device_id", "profile", "expires", "v",
+    }  # fmt: skip
+    assert set(json.loads(canonical_bytes(plain))) == released
+    chosen = Desired(
+        generation=3, deployment_id="ro-1", artifact=ref, threads=4,
+        fallback=Fallback(artifact=ref, latency_ms=20.0),
+    )  # fmt: skip
+    wire = json.loads(dump(chosen))
+    assert wire["threads"] == 4 and wire["fallback"]["latency_ms"] == 20.0
+    assert parse(dump(chosen), Desired) == chosen
