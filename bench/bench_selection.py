@@ -64,9 +64,9 @@ def main() -> int:
     service.start()
     agents: list[subprocess.Popen[bytes]] = []
     ids = [f"canary-{i}" for i in range(args.canaries)]
+    assert service.ready.wait(15), "controller did not connect"
     fleet = Fleet(home)
     try:
-        assert service.ready.wait(15), "controller did not connect"
         for device in ids:
             config = AgentConfig(
                 device_id=device, data_dir=work / "agents" / device, broker=broker.url,

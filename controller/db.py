@@ -353,6 +353,10 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 
+# How long a connection waits for another one's lock (busy timeout, and opening a new file).
+OPEN_TIMEOUT_S = 30.0
+
+
 class Database:
     """One SQLite connection (use one per thread) with migrations applied on open."""
 
@@ -361,14 +365,31 @@ class Database:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         # isolation_level=None: we issue BEGIN/COMMIT ourselves so batches are one transaction.
-        self.conn = sqlite3.connect(path, isolation_level=None, timeout=30.0)
+        self.conn = sqlite3.connect(path, isolation_level=None, timeout=OPEN_TIMEOUT_S)
         self.conn.row_factory = sqlite3.Row
-        self.conn.execute("PRAGMA journal_mode=WAL")
+        self._wal_mode()
         # NORMAL is durable across application crashes in WAL mode, and much faster than FULL.
         self.conn.execute("PRAGMA synchronous=NORMAL")
         self.conn.execute("PRAGMA foreign_keys=ON")
         self._savepoints = 0
         self.migrate()
+
+    def _wal_mode(self) -> None:
+        """Switch to WAL, waiting out another connection that is creating the same file.
+
+        SQLite does not apply the busy timeout to this pragma: two processes (or threads)
+        opening a new database at once got "database is locked" at once, which killed the
+        controller service's thread when a CLI command opened the fleet beside it.
+        """
+        deadline = time.monotonic() + OPEN_TIMEOUT_S
+        while True:
+            try:
+                self.conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def migrate(self) -> int:
         """Apply every migration newer than the stored user_version; return the version."""
