@@ -130,13 +130,9 @@ def make_agent(tmp_path: Path) -> Iterator[Callable[..., tuple[Agent, MemoryBrok
     """Factory: a restored Agent over tmp_path (a new one = the same device after a restart)."""
 
     def make(broker: MemoryBroker | None = None, **overrides: Any) -> tuple[Agent, MemoryBroker]:
+        settings: dict[str, Any] = {"threads": 1, "repair_interval_s": 0.2, **overrides}
         config = AgentConfig(
-            device_id="dev-u",
-            data_dir=tmp_path / "agent",
-            topic_root=ROOT,
-            threads=1,
-            repair_interval_s=0.2,
-            **overrides,
+            device_id="dev-u", data_dir=tmp_path / "agent", topic_root=ROOT, **settings
         )
         agent = Agent(config)
         broker = broker or MemoryBroker()

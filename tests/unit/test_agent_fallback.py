@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.config import AgentConfig
 from agent.daemon import Agent
 from agent.failpoint import FailpointError, parse_injected_latency
 from agent.fallback import Breach, EngageFallback, LatencyWatch, WatchingObserver
@@ -25,7 +24,8 @@ from agent.runtime import load_interpreter
 from agent.serving import ServingModel
 from agent.state import ArmedFallback, UpdateStateFile
 from agent.store import ModelStore
-from tests.unit.test_agent_daemon import NEW, OLD, ROOT, MemoryBroker, _apply, _desired
+from tests.unit import test_agent_daemon
+from tests.unit.test_agent_daemon import NEW, OLD, MemoryBroker, _apply, _desired
 
 pytestmark = pytest.mark.agent
 
@@ -257,26 +257,8 @@ def test_injected_latency_slows_only_the_matching_served_model() -> None:
 # ------------------------------------------------------------------------- daemon flow
 
 MakeAgent = Callable[..., tuple[Agent, MemoryBroker]]
-
-
-@pytest.fixture
-def make_agent(tmp_path: Path) -> MakeAgent:
-    """Factory: a restored Agent on an in-memory broker (a new one = the device restarted)."""
-
-    def make(broker: MemoryBroker | None = None, **overrides: Any) -> tuple[Agent, MemoryBroker]:
-        settings: dict[str, Any] = {"threads": 1, "repair_interval_s": 0.2, **overrides}
-        config = AgentConfig(
-            device_id="dev-u", data_dir=tmp_path / "agent", topic_root=ROOT, **settings
-        )
-        agent = Agent(config)
-        broker = broker or MemoryBroker()
-        broker.deliver = agent._on_message
-        agent.session = broker  # type: ignore[assignment]
-        agent.fetcher.session = broker  # type: ignore[assignment]
-        agent.restore()
-        return agent, broker
-
-    return make
+# The daemon tests' factory fixture: a restored Agent on an in-memory broker.
+make_agent = test_agent_daemon.make_agent
 
 
 def _fallback(manifest: Manifest, **kw: Any) -> Fallback:
