@@ -4,16 +4,16 @@ VENV := .venv
 SLIM := .venv-slim
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast test-main test-slow test-slim lint env slim-env mosquitto clean
+.PHONY: demo test test-fast test-main test-slow test-slim lint env slim-env mosquitto chromium clean
 
 demo: env
 	$(VENV)/bin/edgefleet demo
 
 # Everything CI runs: lint, fast tests, slow tests, then the agent tests under tflite-runtime 2.14.
-test: env slim-env mosquitto lint test-main test-slow test-slim
+test: env slim-env mosquitto chromium lint test-main test-slow test-slim
 
 # The everyday loop (< ~10 min on 2 cores).
-test-fast: env mosquitto lint test-main
+test-fast: env mosquitto chromium lint test-main
 
 test-main:
 	$(VENV)/bin/python -m pytest -m "not slow" $(PYTEST_ARGS)
@@ -50,6 +50,15 @@ $(SLIM)/.installed: pyproject.toml requirements/agent-tflite214.txt requirements
 
 mosquitto:
 	./scripts/ensure-mosquitto.sh
+
+# Debian's Chromium for the dashboard tests (tests/e2e/browser.py); Playwright drives it and never
+# downloads a browser of its own (no `playwright install`).
+chromium:
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  SUDO=""; [ "$$(id -u)" = "0" ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium; \
+	fi
 
 clean:
 	rm -rf $(VENV) $(SLIM) .pytest_cache .ruff_cache *.egg-info

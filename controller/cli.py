@@ -21,6 +21,7 @@ from controller.rollout_cmd import rollout_app
 from controller.security.cli import broker_app, keys_app
 from controller.simulate import simulate_command
 from controller.telemetry_cmd import report, telemetry
+from controller.tokens_cmd import tokens_app
 
 app = typer.Typer(
     add_completion=False,
@@ -38,6 +39,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(rollout_app, name="rollout")
 app.add_typer(broker_app, name="broker")
 app.add_typer(keys_app, name="keys")
+app.add_typer(tokens_app, name="tokens")
 app.command()(optimize)
 app.command("telemetry")(telemetry)
 app.command("report")(report)
@@ -362,6 +364,10 @@ def up(
     telemetry_days: Annotated[
         float, typer.Option(min=0.01, help="days raw telemetry is kept before per-minute roll-up")
     ] = 7.0,
+    http: Annotated[
+        str | None,
+        typer.Option(help="serve the HTTP API and dashboard on HOST:PORT (docs/http-api.md)"),
+    ] = None,
     home: HomeOption = None,
 ) -> None:
     """Run the controller (and an embedded broker unless --broker is given) until interrupted."""
@@ -374,6 +380,7 @@ def up(
     )
     home = home or default_home()
     metrics_address = _host_port(metrics, "--metrics") if metrics else None
+    http_address = _host_port(http, "--http") if http else None
     Fleet(home).close()  # create and migrate the database before anything reads it
     handle = None
     username = password = None
@@ -402,6 +409,24 @@ def up(
                 handle.stop()
             raise _fail(f"cannot serve /metrics on {metrics}: {exc}") from None
         typer.echo(f"Prometheus metrics on {metrics_server.url}", err=True)
+    http_server = None
+    if http_address is not None:
+        from controller.http.server import start_http
+
+        try:
+            http_server, dashboard = start_http(home, *http_address)
+        except OSError as exc:
+            for running in (metrics_server, handle):
+                if running:
+                    running.stop()
+            raise _fail(f"cannot serve HTTP on {http}: {exc}") from None
+        if not is_loopback(http_address[0]):
+            typer.echo(
+                f"warning: --http {http} is beyond loopback and has no TLS: bearer tokens cross "
+                "the network in clear; put a TLS proxy in front of it",
+                err=True,
+            )
+        typer.echo(f"dashboard: {dashboard}", err=True)
     service = ControllerService(
         home,
         broker,
@@ -424,6 +449,8 @@ def up(
                 raise typer.Exit(1)
     finally:
         service.stop()
+        if http_server:
+            http_server.stop()
         if metrics_server:
             metrics_server.stop()
         if handle:
@@ -444,11 +471,16 @@ def demo(
     devices: Annotated[int, typer.Option(min=1, max=50, help="number of agents")] = 3,
     json_out: JsonOption = False,
     keep: Annotated[bool, typer.Option(help="keep the demo data dir")] = False,
+    serve: Annotated[
+        bool, typer.Option(help="afterwards keep the fleet running with the dashboard")
+    ] = False,
+    http: Annotated[str, typer.Option(help="dashboard address for --serve")] = "127.0.0.1:8080",
 ) -> None:
     """Embedded broker + controller + N real agents + a real model, end to end."""
     from controller.demo import run_demo
 
-    code = run_demo(devices=devices, json_out=json_out, keep=keep)
+    address = _host_port(http, "--http") if serve else None
+    code = run_demo(devices=devices, json_out=json_out, keep=keep, serve=address)
     raise typer.Exit(code)
 
 

@@ -350,6 +350,16 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE devices ADD COLUMN desired_threads INTEGER;
     ALTER TABLE devices ADD COLUMN desired_fallback TEXT
     """,
+    # HTTP API bearer tokens (controller/http/auth.py): only the token's sha256 is stored.
+    """
+    CREATE TABLE api_tokens (
+        name TEXT PRIMARY KEY,
+        sha256 TEXT NOT NULL UNIQUE,
+        role TEXT NOT NULL CHECK (role IN ('read', 'admin')),
+        created DOUBLE PRECISION NOT NULL,
+        last_used DOUBLE PRECISION
+    )
+    """,
 )
 
 

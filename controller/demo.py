@@ -273,8 +273,37 @@ def wait_telemetry(fleet: Fleet, served: dict[str, dict[str, Any]], progress: Pr
     return False
 
 
-def run_demo(*, devices: int = 3, json_out: bool = False, keep: bool = False) -> int:
-    """Run the whole demo; return the process exit code (non-zero if any device failed)."""
+def serve_until_interrupted(home: Path, host: str, port: int, progress: Progress) -> None:
+    """Serve the API and dashboard over the demo fleet (still running) until SIGINT/SIGTERM."""
+    import signal
+    import threading
+
+    from controller.http.server import start_http
+
+    server, dashboard = start_http(home, host, port)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    progress(f"dashboard: {dashboard}")
+    progress("the demo fleet keeps running; Ctrl-C to stop")
+    try:
+        stop.wait()
+    finally:
+        server.stop()
+
+
+def run_demo(
+    *,
+    devices: int = 3,
+    json_out: bool = False,
+    keep: bool = False,
+    serve: tuple[str, int] | None = None,
+) -> int:
+    """Run the whole demo; return the process exit code (non-zero if any device failed).
+
+    With `serve` (host, port), the fleet keeps running afterwards with the HTTP API and the
+    dashboard on that address until SIGINT or SIGTERM.
+    """
     from controller.broker import start_embedded
     from controller.reports import report as build_report
     from controller.service import ControllerService
@@ -349,6 +378,8 @@ def run_demo(*, devices: int = 3, json_out: bool = False, keep: bool = False) ->
             f"egress: {service.bytes_published} chunk bytes published for a "
             f"{model.stat().st_size}-byte model to {devices} device(s)"
         )
+        if serve is not None:
+            serve_until_interrupted(home, *serve, progress)
         return 0
     finally:
         stop_processes(procs)

@@ -300,3 +300,37 @@ def parse_duration(text: str, option: str = "--device-timeout") -> float:
     if not match or float(match.group(1)) <= 0:
         raise PolicyError(f"{option}: {text!r} is not a duration like 90s, 10m or 1h")
     return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def policy_from_options(
+    *,
+    waves: str,
+    max_failures: str,
+    min_executed: int,
+    gates: list[str] | tuple[str, ...],
+    device_timeout: str,
+    retries: int,
+    benchmark_runs: int,
+    candidates: int = 0,
+    canaries: int = 1,
+    objective: str = "latency",
+    fallback: bool = False,
+    fallback_window: str = "60s",
+    max_accuracy_drop: float | None = None,
+) -> Policy:
+    """A Policy from `rollout start`'s options as written (CLI and HTTP API alike)."""
+    return Policy(
+        waves=parse_waves(waves),
+        max_failures=parse_threshold(max_failures),
+        min_executed=min_executed,
+        gates=tuple(parse_gate(g) for g in gates),
+        device_timeout_s=parse_duration(device_timeout),
+        retries=retries,
+        benchmark_runs=benchmark_runs,
+        candidates=candidates,
+        canaries=canaries,
+        objective=objective,
+        fallback=fallback,
+        fallback_window_s=parse_duration(fallback_window, "--fallback-window"),
+        max_accuracy_drop=max_accuracy_drop,
+    )

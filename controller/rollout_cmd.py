@@ -61,28 +61,22 @@ def rollout_start(
     json_out: JsonOption = False,
 ) -> None:
     """Roll a model out in waves; a running `edgefleet up` drives it."""
-    from controller.policy import (
-        Policy,
-        parse_duration,
-        parse_gate,
-        parse_threshold,
-        parse_waves,
-    )
+    from controller.policy import policy_from_options
 
     try:
-        policy = Policy(
-            waves=parse_waves(waves),
-            max_failures=parse_threshold(max_failures),
+        policy = policy_from_options(
+            waves=waves,
+            max_failures=max_failures,
             min_executed=min_executed,
-            gates=tuple(parse_gate(g) for g in gate or ()),
-            device_timeout_s=parse_duration(device_timeout),
+            gates=gate or [],
+            device_timeout=device_timeout,
             retries=retries,
             benchmark_runs=benchmark_runs,
             candidates=candidates,
             canaries=canaries,
             objective=objective,
             fallback=fallback,
-            fallback_window_s=parse_duration(fallback_window, "--fallback-window"),
+            fallback_window=fallback_window,
             max_accuracy_drop=max_accuracy_drop,
         )
         result = _fleet(home).start_rollout(model, to, policy)

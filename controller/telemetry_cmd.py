@@ -71,40 +71,20 @@ def telemetry(
     json_out: JsonOption = False,
 ) -> None:
     """Show a device's telemetry: raw records, then per-minute aggregates once compacted."""
-    from controller.reports import model_label, model_names, plot_device
-    from controller.telemetry import TelemetryStore
+    from controller.reports import plot_device
 
     fleet = Fleet(home or default_home())
     try:
         start = parse_since(since)
-        if limit < 1:
-            raise FleetError(f"--limit must be >= 1, got {limit}")
-        store = TelemetryStore(fleet.db)
-        cursor = store.cursor(device_id)
-        if cursor is None and not fleet.has_device(device_id):
-            raise FleetError(f"unknown device {device_id!r} (see `edgefleet devices list`)")
-        rows = store.records(device_id, since=start, limit=limit)
-        gaps = store.gaps(device_id)
-        labels = model_names(fleet.db)
-        for r in rows:
-            r["model"] = model_label(r["model_sha256"], labels)
+        found = device_telemetry(fleet, device_id, since=start, limit=limit)
         plotted = plot_device(fleet.db, device_id, plot, since=start) if plot else None
     except FleetError as exc:
         raise _fail(exc) from None
     finally:
         fleet.close()
+    cursor, gaps, rows = found["cursor"], found["gaps"], found["records"]
     if json_out:
-        typer.echo(
-            as_json(
-                {
-                    "device_id": device_id,
-                    "cursor": cursor,
-                    "gaps": gaps,
-                    "records": rows,
-                    "plot": str(plotted) if plotted else None,
-                }
-            )
-        )
+        typer.echo(as_json({**found, "plot": str(plotted) if plotted else None}))
         return
     typer.echo(
         table(
@@ -178,24 +158,13 @@ def report(
 ) -> None:
     """Inference cost per profile (or device) × model version, beside on-device benchmarks."""
     from controller.reports import plot_profile
-    from controller.reports import report as build_report
 
     if plot is not None and profile is None:
         raise _fail(FleetError("--plot needs --profile (the profile to plot)"))
     fleet = Fleet(home or default_home())
     try:
         start = parse_since(since)
-        if model is not None:
-            _check_model(fleet, model)
-        if by not in ("profile", "device"):
-            raise FleetError(f"--by must be 'profile' or 'device', got {by!r}")
-        rows = build_report(
-            fleet.db,
-            model=model,
-            by="device" if by == "device" else "profile",
-            since=start,
-            profile=profile,
-        )
+        rows = fleet_report(fleet, model=model, by=by, since=start, profile=profile)
         plotted = plot_profile(fleet.db, profile, plot, since=start) if plot and profile else None
     except FleetError as exc:
         raise _fail(exc) from None
@@ -210,6 +179,57 @@ def report(
         typer.echo(report_table(rows, by))
     if plotted:
         typer.echo(f"plot: {plotted}")
+
+
+def check_telemetry_device(fleet: Fleet, device_id: str) -> None:
+    """Refuse a device that is neither registered nor has stored telemetry (FleetError)."""
+    if fleet.telemetry.cursor(device_id) is None and not fleet.has_device(device_id):
+        raise FleetError(f"unknown device {device_id!r} (see `edgefleet devices list`)")
+
+
+def device_telemetry(
+    fleet: Fleet, device_id: str, *, since: float | None = None, limit: int = 50
+) -> dict[str, Any]:
+    """A device's newest telemetry records (model labelled), its seq cursor and gaps."""
+    from controller.reports import model_label, model_names
+
+    if limit < 1:
+        raise FleetError(f"--limit must be >= 1, got {limit}")
+    check_telemetry_device(fleet, device_id)
+    rows = fleet.telemetry.records(device_id, since=since, limit=limit)
+    labels = model_names(fleet.db)
+    for r in rows:
+        r["model"] = model_label(r["model_sha256"], labels)
+    return {
+        "device_id": device_id,
+        "cursor": fleet.telemetry.cursor(device_id),
+        "gaps": fleet.telemetry.gaps(device_id),
+        "records": rows,
+    }
+
+
+def fleet_report(
+    fleet: Fleet,
+    *,
+    model: str | None = None,
+    by: str = "profile",
+    since: float | None = None,
+    profile: str | None = None,
+) -> list[dict[str, Any]]:
+    """The report rows (per profile or device × model) after checking --model and --by."""
+    from controller.reports import report as build_report
+
+    if model is not None:
+        _check_model(fleet, model)
+    if by not in ("profile", "device"):
+        raise FleetError(f"--by must be 'profile' or 'device', got {by!r}")
+    return build_report(
+        fleet.db,
+        model=model,
+        by="device" if by == "device" else "profile",
+        since=since,
+        profile=profile,
+    )
 
 
 def _check_model(fleet: Fleet, model: str) -> None:

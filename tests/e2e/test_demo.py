@@ -89,3 +89,48 @@ def test_demo_rejects_a_bad_device_count() -> None:
         [EDGEFLEET, "demo", "--devices", "0"], capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 2
+
+
+def test_demo_serve_keeps_the_fleet_with_its_dashboard_until_interrupted() -> None:
+    """`demo --serve`: prints the dashboard address, serves the API over the live fleet, and
+    stops everything on SIGINT."""
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [EDGEFLEET, "demo", "--devices", "1", "--serve", "--http", f"127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert proc.stderr is not None
+        deadline = time.monotonic() + 600
+        dashboard = ""
+        while time.monotonic() < deadline and not dashboard:
+            line = proc.stderr.readline()
+            assert line, "demo ended before serving"
+            if "dashboard: " in line:
+                dashboard = line.split("dashboard: ", 1)[1].strip()
+        assert dashboard.startswith(f"http://127.0.0.1:{port}/#token="), dashboard
+        token = dashboard.split("#token=", 1)[1]
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/v1/devices", headers={"Authorization": f"Bearer {token}"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            devices = json.loads(response.read())
+        assert [(d["id"], d["online"]) for d in devices] == [("demo-1", True)]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as response:
+            assert b"<html" in response.read().lower()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,1 @@
+"""HTTP API and dashboard served from the controller process."""

@@ -1,0 +1,72 @@
+"""`edgefleet up --http` as a real process: the API answers with the token it wrote, and sees
+the devices that said hello over MQTT."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")  # controller-only (not in the slim device env)
+pytest.importorskip("httpx")  # controller-only (not in the slim device env)
+import httpx
+
+from controller.broker import BrokerHandle, free_port
+from controller.http.auth import TOKEN_FILE
+from tests.e2e.conftest import AgentProcess, wait_until
+
+pytestmark = [pytest.mark.e2e]
+
+EDGEFLEET = str(Path(sys.executable).parent / "edgefleet")
+
+
+@pytest.fixture
+def e2e_broker(mosquitto_broker: BrokerHandle) -> BrokerHandle:
+    """mosquitto only: the HTTP side does not depend on the broker kind."""
+    return mosquitto_broker
+
+
+@pytest.fixture
+def up_with_http(
+    e2e_broker: BrokerHandle, topic_root: str, tmp_path: Path
+) -> Iterator[tuple[subprocess.Popen[bytes], Path, int, Path]]:
+    """`edgefleet up --broker URL --http 127.0.0.1:PORT`; killed by PID at teardown."""
+    home, log, port = tmp_path / "ctl", tmp_path / "ctl.log", free_port()
+    args = [EDGEFLEET, "up", "--broker", e2e_broker.url, "--topic-root", topic_root]
+    args += ["--http", f"127.0.0.1:{port}", "--home", str(home)]
+    with log.open("ab") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+    yield proc, home, port, log
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(15)
+
+
+def test_up_serves_the_api_with_its_local_token(
+    up_with_http: tuple[subprocess.Popen[bytes], Path, int, Path],
+    start_agent: Callable[..., AgentProcess],
+) -> None:
+    proc, home, port, log = up_with_http
+    base = f"http://127.0.0.1:{port}"
+    wait_until(lambda: f"dashboard: {base}/#token=" in log.read_text(), 30, "dashboard line")
+    token = (home / TOKEN_FILE).read_text().strip()
+    assert f"{base}/#token={token}" in log.read_text()
+    headers = {"Authorization": f"Bearer {token}"}
+    assert httpx.get(f"{base}/healthz").json() == {"ok": True}
+    assert httpx.get(f"{base}/api/v1/devices").status_code == 401
+    start_agent("http-dev")
+
+    def online() -> bool:
+        devices = httpx.get(f"{base}/api/v1/devices", headers=headers, timeout=10).json()
+        return any(d["id"] == "http-dev" and d["online"] for d in devices)
+
+    wait_until(online, 30, "the agent's hello, read through the HTTP API")
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(20) == 0, log.read_text()[-2000:]
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{base}/healthz")
