@@ -198,13 +198,21 @@ def test_dashboard_follows_the_fleet_and_aborts_a_rollout(
     expect(dashboard.testid("update-table")).to_contain_text(dep["id"])
     dashboard.shot("device")
 
-    # -- a rollout started through the API, followed and operated from its page
+    # -- a rollout started from the page's form, followed and operated from its page
     fleet.add_model(NEW, name="digits", version="2")
-    rollout = dashboard.post(
-        "/rollouts",
-        {"model": "digits:2", "to": "all", "waves": "100", "gates": ["p95_ms<=1000"]},
-    )
-    rid = rollout["id"]
+    before = {r["id"] for r in fleet.rollouts.list()}
+    dashboard.testid("nav-rollouts").click()
+    dashboard.testid("start-rollout").click()
+    expect(dashboard.testid("start-model")).to_have_value("digits:2")  # the newest version
+    dashboard.testid("start-waves").fill("100")
+    dashboard.testid("start-gates").fill("p95_ms<=1000")
+    dashboard.shot("rollout-start")
+    dashboard.testid("start-submit").click()
+    expect(dashboard.testid("page-rollout")).to_be_visible()  # the new rollout's page
+    (rid,) = {r["id"] for r in fleet.rollouts.list()} - before
+    started = fleet.deployment(rid)
+    assert started["model"] == "digits:2" and started["policy"]["gates"] == ["p95_ms<=1000"]
+    assert started["policy"]["waves"] == ["100%"]
     dashboard.testid("nav-rollouts").click()
     expect(dashboard.testid(f"rollout-state-{rid}")).to_have_text("running")
     dashboard.shot("rollouts")

@@ -5,6 +5,7 @@ import * as device from "./views/device.js";
 import * as models from "./views/models.js";
 import * as overview from "./views/overview.js";
 import * as rollouts from "./views/rollouts.js";
+import * as startForm from "./views/start.js";
 import { h } from "./util.js";
 
 // Two seconds: fresh enough to watch a rollout move, light enough for a small controller.
@@ -18,6 +19,7 @@ const ROUTES = [
   [/^#?\/?$/, overview.view, "overview"],
   [/^#\/devices\/([^/]+)$/, device.view, "overview"],
   [/^#\/rollouts\/?$/, rollouts.listView, "rollouts"],
+  [/^#\/rollouts\/new$/, startForm.view, "rollouts"],
   [/^#\/rollouts\/([^/]+)$/, rollouts.detailView, "rollouts"],
   [/^#\/models\/?$/, models.listView, "models"],
   [/^#\/models\/([^/]+)$/, models.detailView, "models"],
@@ -111,20 +113,23 @@ function refresh() {
   }
 }
 
-/** POST an operator action, report it in the status area, then refresh the view. */
-async function act(path, label) {
+/** POST an operator action (with an optional JSON body), report it in the status area, then
+ * refresh the view; resolves to the answer, or null when it failed. */
+async function act(path, label, body) {
+  let answer = null;
   try {
-    await api(path, { method: "POST" });
+    answer = await api(path, { method: "POST", body });
     notify(`${label}: done`);
   } catch (error) {
     if (error instanceof ApiError && error.status === 401) {
       clearToken();
       showLogin(`Token refused: ${error.message}`);
-      return;
+      return null;
     }
     notify(`${label} failed: ${error.message}`, "error");
   }
   refresh();
+  return answer;
 }
 
 function start() {

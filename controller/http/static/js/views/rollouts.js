@@ -49,6 +49,7 @@ export const listView = {
       "div",
       { "data-testid": "page-rollouts" },
       h("h1", {}, "Rollouts"),
+      h("p", {}, h("a", { href: "#/rollouts/new", "data-testid": "start-rollout" }, "Start a rollout")),
       table(
         null,
         ["Rollout", "Kind", "Model", "Target", "State", "Wave", "Devices", "Created (UTC)"],
