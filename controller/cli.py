@@ -426,7 +426,11 @@ def up(
                 "the network in clear; put a TLS proxy in front of it",
                 err=True,
             )
-        typer.echo(f"dashboard: {dashboard}", err=True)
+        if sys.stderr.isatty():
+            typer.echo(f"dashboard: {dashboard}", err=True)
+        else:  # a log file or the journal: do not write the admin token into it
+            address = dashboard.split("#", 1)[0]
+            typer.echo(f"dashboard: {address} (token in {home / 'http-token'})", err=True)
     service = ControllerService(
         home,
         broker,

@@ -280,7 +280,11 @@ def serve_until_interrupted(home: Path, host: str, port: int, progress: Progress
 
     from controller.http.server import start_http
 
-    server, dashboard = start_http(home, host, port)
+    try:
+        server, dashboard = start_http(home, host, port)
+    except OSError as exc:
+        progress(f"error: cannot serve the dashboard on {host}:{port}: {exc} (use --http)")
+        raise typer.Exit(2) from None
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -282,6 +282,8 @@ def parse_gate(text: str) -> Gate:
     if not match:
         raise PolicyError(f"--gate: {text!r} is not of the form METRIC<=NUMBER[%]")
     metric, number, pct = match.group(1), float(match.group(2)), match.group(3)
+    if not math.isfinite(number):
+        raise PolicyError(f"--gate: {text!r}: the limit is too large")
     if metric in REGRESSION_METRICS:
         if not pct:
             raise PolicyError(f"--gate: {text!r}: a regression gate takes a percentage, e.g. 10%")
@@ -297,9 +299,10 @@ def parse_gate(text: str) -> Gate:
 def parse_duration(text: str, option: str = "--device-timeout") -> float:
     """`90`, `90s`, `10m`, `1h`, `500ms` → seconds."""
     match = _DURATION_RE.match(text)
-    if not match or float(match.group(1)) <= 0:
+    seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)] if match else 0.0
+    if not 0 < seconds < math.inf:  # 400 nines overflow to inf: never times out
         raise PolicyError(f"{option}: {text!r} is not a duration like 90s, 10m or 1h")
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    return seconds
 
 
 def policy_from_options(

@@ -10,6 +10,7 @@ id in the path 404, a state change the rollout's state forbids 409, a missing or
 import json
 import math
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, cast
@@ -40,6 +41,10 @@ API_PREFIX = "/api/v1"
 MAX_INT = 1_000_000
 # How often the event stream compares the fleet's version (cheap: a few indexed MAX/COUNTs).
 EVENTS_POLL_S = 0.5
+# A stream ends after this long (the client reconnects, and its token is checked again) ...
+EVENTS_MAX_S = 300.0
+# ... and carries a comment line this often when nothing changed (proxies, dead clients).
+EVENTS_PING_S = 15.0
 # Most telemetry records one request returns (the CLI's --limit has no cap; a browser needs one).
 MAX_TELEMETRY_LIMIT = 10_000
 
@@ -201,6 +206,8 @@ def _strict_query(request: Request) -> None:
 def create_app(home: Path) -> FastAPI:
     """The API (and, mounted last, the dashboard) over the fleet in `home`."""
     fleets = FleetPerThread(home)
+    # Set by HttpServer.stop(): open event streams end at once instead of being cancelled.
+    stopping = threading.Event()
     bearer = HTTPBearer(auto_error=False, description="a token from `edgefleet tokens create`")
 
     def caller(
@@ -343,18 +350,33 @@ def create_app(home: Path) -> FastAPI:
         """Server-sent events: `change` whenever devices, rollouts or events change."""
 
         async def changes() -> Any:
-            """`: connected`, then one `change` event per new fleet version."""
+            """`: connected`, then one `change` event per new fleet version, pings between.
+
+            The stream ends after EVENTS_MAX_S (the client reconnects and its token is checked
+            again) and when the server stops; a ping every EVENTS_PING_S keeps proxies from
+            cutting it and lets a dead client be noticed.
+            """
             last = await anyio.to_thread.run_sync(lambda: fleet_version(fleets()))
             yield ": connected\n\n"  # after the first read: any later change is reported
-            while not await request.is_disconnected():
+            opened = pinged = time.monotonic()
+            while not await request.is_disconnected() and not stopping.is_set():
                 await anyio.sleep(EVENTS_POLL_S)
+                now = time.monotonic()
+                if now - opened > EVENTS_MAX_S:
+                    return
                 current = await anyio.to_thread.run_sync(lambda: fleet_version(fleets()))
                 if current != last:
                     yield f"event: change\ndata: {json.dumps(current)}\n\n"
+                    pinged = now
+                elif now - pinged > EVENTS_PING_S:
+                    yield ": ping\n\n"
+                    pinged = now
                 last = current
 
         return StreamingResponse(
-            changes(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            changes(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
     app = FastAPI(
@@ -362,7 +384,9 @@ def create_app(home: Path) -> FastAPI:
         summary="Fleet, models and rollouts of an edgefleet controller (docs/http-api.md).",
         version="1",
         openapi_url=f"{API_PREFIX}/openapi.json",
-        docs_url=f"{API_PREFIX}/docs",
+        # No Swagger UI: it loads its script from a CDN into the dashboard's origin, where the
+        # admin token lives in localStorage. The OpenAPI document is served as JSON.
+        docs_url=None,
         redoc_url=None,
         default_response_class=SafeJSONResponse,
     )
@@ -377,8 +401,18 @@ def create_app(home: Path) -> FastAPI:
         """Liveness, without auth."""
         return {"ok": True}
 
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next: Any) -> Response:
+        """No framing of the dashboard (clickjacking) and no content-type sniffing."""
+        response: Response = await call_next(request)
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        response.headers.setdefault("Content-Security-Policy", "frame-ancestors 'none'")
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        return response
+
     app.include_router(api)
     app.state.fleets = fleets
+    app.state.stopping = stopping
     _mount_dashboard(app)
     return app
 

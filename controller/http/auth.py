@@ -28,12 +28,17 @@ def token_sha256(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def create_token(db: Database, name: str, role: str = "read") -> str:
-    """Make a new token NAME with ROLE; return it (the only time it is seen in clear)."""
+def create_token(db: Database, name: str, role: str = "read", *, local: bool = False) -> str:
+    """Make a new token NAME with ROLE; return it (the only time it is seen in clear).
+
+    The name `local` belongs to `up --http`, which replaces that token when its file is gone.
+    """
     try:
         validate_name("token name", name)
     except ProtocolError as exc:
         raise FleetError(str(exc)) from None
+    if name == LOCAL_TOKEN_NAME and not local:
+        raise FleetError(f"token name {name!r} is reserved for `edgefleet up --http`")
     if role not in ROLES:
         raise FleetError(f"--role must be {' or '.join(ROLES)}, got {role!r}")
     token = secrets.token_urlsafe(TOKEN_BYTES)
@@ -88,11 +93,12 @@ def ensure_local_token(home: Path) -> str:
                 "SELECT name FROM api_tokens WHERE sha256 = ?", (token_sha256(token),)
             )
             if row is not None and row["name"] == LOCAL_TOKEN_NAME:
+                os.chmod(path, 0o600)  # the owner only, even if someone widened it
                 return token
         # Only the hash is stored: a lost file cannot be recovered, so the token is replaced.
         with db.transaction() as tx:
             tx.execute("DELETE FROM api_tokens WHERE name = ?", (LOCAL_TOKEN_NAME,))
-        token = create_token(db, LOCAL_TOKEN_NAME, "admin")
+        token = create_token(db, LOCAL_TOKEN_NAME, "admin", local=True)
     finally:
         db.close()
     _write_secret(path, token + "\n")

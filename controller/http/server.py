@@ -69,6 +69,10 @@ class HttpServer:
     def stop(self) -> None:
         """Ask uvicorn to exit, wait for its thread, close the socket."""
         if self._server is not None:
+            app = self._server.config.app
+            stopping = getattr(getattr(app, "state", None), "stopping", None)
+            if stopping is not None:
+                stopping.set()  # event streams end by themselves instead of being cancelled
             self._server.should_exit = True
         if self._thread is not None:
             self._thread.join(GRACEFUL_STOP_S + 5.0)

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from agent.protocol import BenchmarkReport, Event, Status
 from controller.cli import app as cli_app
+from controller.errors import FleetError
 from controller.fleet import Fleet
 from controller.http.auth import TOKEN_FILE, create_token, ensure_local_token
 from controller.http.server import HttpServer
@@ -139,6 +140,15 @@ def test_local_token_file_is_private_and_stable_across_restarts(tmp_path: Path) 
     fleet.close()
     assert [(r["name"], r["role"]) for r in rows] == [("local", "admin")]
     assert token not in json.dumps(rows) and fresh not in json.dumps(rows), "only hashes stored"
+    os.chmod(path, 0o644)  # widened by someone: the next `up` narrows it again
+    assert ensure_local_token(home) == fresh
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    fleet = Fleet(home)
+    try:
+        with pytest.raises(FleetError, match="reserved"):
+            create_token(fleet.db, "local", "read")
+    finally:
+        fleet.close()
 
 
 def test_devices_models_and_a_rollout_through_the_api(api: Api) -> None:

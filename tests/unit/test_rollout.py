@@ -507,3 +507,12 @@ def test_rollback_to_a_model_the_controller_never_had(tmp_path: Path) -> None:
     desired = {d: dv for d, dv, _ in fleet.unpublished_desired()}
     assert desired["waiting"].artifact is None, "not switched yet: the update is called off"
     assert agents.row(ro, "waiting")["detail"] == "update cancelled"
+
+
+def test_overflowing_numbers_are_refused_not_taken_as_infinite() -> None:
+    with pytest.raises(PolicyError, match="--device-timeout"):
+        parse_duration("9" * 400)
+    with pytest.raises(PolicyError, match="--device-timeout"):
+        parse_duration("1e308h")
+    with pytest.raises(PolicyError, match="too large"):
+        parse_gate("p95_ms<=" + "9" * 400)

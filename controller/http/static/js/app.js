@@ -42,7 +42,13 @@ function route() {
   const hash = location.hash || "#/";
   for (const [pattern, view, nav] of ROUTES) {
     const match = hash.match(pattern);
-    if (match) return { view, nav, params: match.slice(1).map(decodeURIComponent) };
+    if (match) {
+      try {
+        return { view, nav, params: match.slice(1).map(decodeURIComponent) };
+      } catch {
+        return null; // a malformed escape (#/devices/%E0): the not-found view
+      }
+    }
   }
   return null;
 }
