@@ -4,16 +4,16 @@ VENV := .venv
 SLIM := .venv-slim
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast test-main test-slow test-slim lint env slim-env mosquitto chromium clean
+.PHONY: demo test test-fast test-main test-slow test-slim test-pg lint env slim-env mosquitto postgres chromium clean
 
 demo: env
 	$(VENV)/bin/edgefleet demo
 
 # Everything CI runs: lint, fast tests, slow tests, then the agent tests under tflite-runtime 2.14.
-test: env slim-env mosquitto chromium lint test-main test-slow test-slim
+test: env slim-env mosquitto postgres chromium lint test-main test-slow test-slim
 
 # The everyday loop (< ~10 min on 2 cores).
-test-fast: env mosquitto chromium lint test-main
+test-fast: env mosquitto postgres chromium lint test-main
 
 test-main:
 	$(VENV)/bin/python -m pytest -m "not slow" $(PYTEST_ARGS)
@@ -21,6 +21,10 @@ test-main:
 # Exit code 5 means "no test selected": fine for a marker tier, never for test-main.
 test-slow:
 	$(VENV)/bin/python -m pytest -m slow $(PYTEST_ARGS) || [ $$? -eq 5 ]
+
+# Every Fleet the integration and end-to-end tests open goes to PostgreSQL instead of SQLite.
+test-pg: env postgres
+	EDGEFLEET_TEST_ALL_PG=1 $(VENV)/bin/python -m pytest tests/integration tests/e2e $(PYTEST_ARGS)
 
 test-slim:
 	$(SLIM)/bin/python -m pytest -m "agent and not slow" -p no:cacheprovider $(PYTEST_ARGS) || [ $$? -eq 5 ]
@@ -50,6 +54,10 @@ $(SLIM)/.installed: pyproject.toml requirements/agent-tflite214.txt requirements
 
 mosquitto:
 	./scripts/ensure-mosquitto.sh
+
+# PostgreSQL on 127.0.0.1:5432 with the role and database the storage tests use (tests/conftest.py).
+postgres:
+	./scripts/ensure-postgres.sh
 
 # Debian's Chromium for the dashboard tests (tests/e2e/browser.py); Playwright drives it and never
 # downloads a browser of its own (no `playwright install`).

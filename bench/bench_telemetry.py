@@ -51,7 +51,7 @@ from agent.protocol import (  # noqa: E402
     dump,
 )
 from controller.broker import BrokerHandle, parse_broker_url, start_mosquitto  # noqa: E402
-from controller.db import Database  # noqa: E402
+from controller.db import SqliteDatabase  # noqa: E402
 from controller.service import ControllerService  # noqa: E402
 
 PUBLISHERS = 100  # the fan-in: 100 devices publishing at once
@@ -201,7 +201,7 @@ def controller_round(
     if not service.ready.wait(15):
         raise SystemExit("controller did not connect")
     time.sleep(0.5)
-    db = Database(home / "edgefleet.db")
+    db = SqliteDatabase(home / "edgefleet.db")
     expected = messages * batch
 
     def stored() -> int:

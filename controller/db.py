@@ -1,14 +1,16 @@
-"""Controller storage: SQLite (WAL) with versioned migrations, one connection per thread."""
+"""Controller storage: one schema with versioned migrations on SQLite (default) or PostgreSQL."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 # Ordered migrations; the index + 1 is the schema version. Never edit one that has shipped.
 MIGRATIONS: tuple[str, ...] = (
@@ -360,29 +362,161 @@ MIGRATIONS: tuple[str, ...] = (
         last_used DOUBLE PRECISION
     )
     """,
+    # Replicas (docs/storage.md): the leader lease, each wave's start (once: the primary key is
+    # the fence against a wave starting twice), the replicas' heartbeats, and an index for the
+    # dashboard's change detection (MAX(received) instead of SQLite's rowid).
+    """
+    CREATE TABLE leases (
+        name TEXT PRIMARY KEY,
+        holder TEXT NOT NULL,
+        epoch BIGINT NOT NULL,
+        acquired DOUBLE PRECISION NOT NULL,
+        renewed DOUBLE PRECISION NOT NULL,
+        expires DOUBLE PRECISION NOT NULL
+    );
+    CREATE TABLE rollout_waves (
+        rollout_id TEXT NOT NULL REFERENCES deployments(id),
+        wave INTEGER NOT NULL,
+        started DOUBLE PRECISION NOT NULL,
+        driver TEXT NOT NULL DEFAULT '',
+        devices INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (rollout_id, wave)
+    );
+    CREATE TABLE replicas (
+        name TEXT PRIMARY KEY,
+        host TEXT NOT NULL DEFAULT '',
+        pid INTEGER NOT NULL DEFAULT 0,
+        started DOUBLE PRECISION NOT NULL,
+        last_seen DOUBLE PRECISION NOT NULL,
+        leader INTEGER NOT NULL DEFAULT 0,
+        stats TEXT NOT NULL DEFAULT '{}',
+        client_id TEXT NOT NULL DEFAULT '',
+        shared INTEGER NOT NULL DEFAULT 0,
+        adopted DOUBLE PRECISION,
+        adopted_by TEXT
+    );
+    CREATE INDEX events_received ON events (received)
+    """,
 )
 
 
 # How long a connection waits for another one's lock (busy timeout, and opening a new file).
 OPEN_TIMEOUT_S = 30.0
+# URL schemes that select the PostgreSQL backend (controller/db_postgres.py).
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+class Cursor(Protocol):
+    """What callers use of a DB-API cursor: rows, one row, affected row count."""
+
+    rowcount: int
+
+    def fetchone(self) -> Any:
+        """The next row (indexable by position and by column name), or None."""
+
+    def fetchall(self) -> list[Any]:
+        """The remaining rows."""
+
+    def __iter__(self) -> Iterator[Any]:
+        """Iterate over the remaining rows."""
+
+
+class Connection(Protocol):
+    """The connection surface the controller writes SQL against (SQLite's, which the
+    PostgreSQL backend mirrors): `?` placeholders, rows indexable by name and position."""
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
+        """Run one statement."""
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> Cursor:
+        """Run one statement for each parameter row."""
 
 
 class Database:
-    """One SQLite connection (use one per thread) with migrations applied on open."""
+    """One connection (use one per thread) with migrations applied on open.
 
-    def __init__(self, path: Path) -> None:
+    Two backends share this interface and the SQL written against it: SQLite (the embedded
+    default) and PostgreSQL (replicas). SQL uses `?` placeholders and the subset both run:
+    ON CONFLICT upserts, CASE instead of two-argument MAX, no JSON functions (docs/storage.md).
+    """
+
+    dialect = "sqlite"
+    conn: Connection
+
+    @contextmanager
+    def transaction(self, *, exclusive: bool = True) -> Iterator[Connection]:
+        """One transaction (a SAVEPOINT inside an open one), rolled back on error.
+
+        `exclusive` transactions are serialized against every other exclusive one, in every
+        process: read-decide-write code (rollouts, registry) relies on it. Telemetry ingest
+        passes False and locks only the devices it writes (`lock_devices`), so replicas ingest
+        in parallel. SQLite serializes all writers anyway.
+        """
+        raise NotImplementedError
+        yield self.conn  # pragma: no cover
+
+    def migrate(self, upto: int | None = None) -> int:
+        """Apply the migrations the database lacks (up to `upto`); return its schema version."""
+        raise NotImplementedError
+
+    def schema_version(self) -> int:
+        """The number of migrations applied to this database."""
+        raise NotImplementedError
+
+    def lock_devices(self, device_ids: Iterable[str]) -> None:
+        """Hold per-device write locks until the transaction ends (no-op where writers are
+        serialized anyway, as in SQLite)."""
+
+    def clock(self) -> float:
+        """The time every replica agrees on (the database server's; here this host's)."""
+        return time.time()
+
+    def changed_elsewhere(self) -> bool:
+        """True when another connection committed since the last call (cheap; may say False
+        where the backend cannot tell: the caller then relies on its periodic tick)."""
+        return False
+
+    @contextmanager
+    def snapshot(self) -> Iterator[Connection]:
+        """A read-only transaction: every query inside sees the same committed state."""
+        raise NotImplementedError
+        yield self.conn  # pragma: no cover
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        """Rows as dicts."""
+        return [dict(row) for row in self.conn.execute(sql, params).fetchall()]
+
+    def query_one(self, sql: str, params: Sequence[Any] = ()) -> dict[str, Any] | None:
+        """First row as a dict, or None."""
+        row = self.conn.execute(sql, params).fetchone()
+        return dict(row) if row else None
+
+    def close(self) -> None:
+        """Close the connection."""
+        raise NotImplementedError
+
+
+class SqliteDatabase(Database):
+    """One SQLite connection in WAL mode; schema version in PRAGMA user_version."""
+
+    dialect = "sqlite"
+
+    def __init__(self, path: Path, *, migrate: bool = True) -> None:
         """Open (creating if needed) the database and bring its schema up to date."""
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         # isolation_level=None: we issue BEGIN/COMMIT ourselves so batches are one transaction.
-        self.conn = sqlite3.connect(path, isolation_level=None, timeout=OPEN_TIMEOUT_S)
-        self.conn.row_factory = sqlite3.Row
+        self.sqlite = sqlite3.connect(path, isolation_level=None, timeout=OPEN_TIMEOUT_S)
+        self.sqlite.row_factory = sqlite3.Row
+        self.conn = self.sqlite
         self._wal_mode()
         # NORMAL is durable across application crashes in WAL mode, and much faster than FULL.
-        self.conn.execute("PRAGMA synchronous=NORMAL")
-        self.conn.execute("PRAGMA foreign_keys=ON")
+        self.sqlite.execute("PRAGMA synchronous=NORMAL")
+        self.sqlite.execute("PRAGMA foreign_keys=ON")
         self._savepoints = 0
-        self.migrate()
+        self._data_version = -1
+        if migrate:
+            self.migrate()
 
     def _wal_mode(self) -> None:
         """Switch to WAL, waiting out another connection that is creating the same file.
@@ -394,63 +528,120 @@ class Database:
         deadline = time.monotonic() + OPEN_TIMEOUT_S
         while True:
             try:
-                self.conn.execute("PRAGMA journal_mode=WAL")
+                self.sqlite.execute("PRAGMA journal_mode=WAL")
                 return
             except sqlite3.OperationalError as exc:
                 if "locked" not in str(exc) or time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
 
-    def migrate(self) -> int:
-        """Apply every migration newer than the stored user_version; return the version."""
+    def migrate(self, upto: int | None = None) -> int:
+        """Apply every migration newer than the stored user_version (up to `upto`, for upgrade
+        tests); return the version."""
+        target = len(MIGRATIONS) if upto is None else upto
         with self.transaction():
-            current = self.conn.execute("PRAGMA user_version").fetchone()[0]
-            for version, script in enumerate(MIGRATIONS[current:], start=current + 1):
-                for statement in script.split(";"):
-                    if statement.strip():
-                        self.conn.execute(statement)
-                self.conn.execute(f"PRAGMA user_version={version}")
-        return len(MIGRATIONS)
+            current = self.sqlite.execute("PRAGMA user_version").fetchone()[0]
+            check_schema_version(current)
+            for version, script in enumerate(MIGRATIONS[current:target], start=current + 1):
+                for statement in split_statements(script):
+                    self.sqlite.execute(statement)
+                self.sqlite.execute(f"PRAGMA user_version={version}")
+        return max(current, target)
+
+    def schema_version(self) -> int:
+        """PRAGMA user_version: the number of migrations applied."""
+        return int(self.sqlite.execute("PRAGMA user_version").fetchone()[0])
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self, *, exclusive: bool = True) -> Iterator[Connection]:
         """BEGIN IMMEDIATE … COMMIT, rolled back on error (IMMEDIATE avoids upgrade deadlocks).
 
         Inside an open transaction it is a SAVEPOINT instead: the service wraps a batch of
         messages in one transaction, and one bad message rolls back only its own changes.
         """
-        if self.conn.in_transaction:
+        if self.sqlite.in_transaction:
             self._savepoints += 1
             name = f"sp{self._savepoints}"
-            self.conn.execute(f"SAVEPOINT {name}")
+            self.sqlite.execute(f"SAVEPOINT {name}")
             try:
-                yield self.conn
+                yield self.sqlite
             except BaseException:
-                self.conn.execute(f"ROLLBACK TO {name}")
-                self.conn.execute(f"RELEASE {name}")
+                self.sqlite.execute(f"ROLLBACK TO {name}")
+                self.sqlite.execute(f"RELEASE {name}")
                 raise
-            self.conn.execute(f"RELEASE {name}")
+            self.sqlite.execute(f"RELEASE {name}")
             return
-        self.conn.execute("BEGIN IMMEDIATE")
+        self.sqlite.execute("BEGIN IMMEDIATE")
         try:
-            yield self.conn
+            yield self.sqlite
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            self.sqlite.execute("ROLLBACK")
             raise
-        self.conn.execute("COMMIT")
+        self.sqlite.execute("COMMIT")
 
-    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
-        """Rows as dicts."""
-        return [dict(row) for row in self.conn.execute(sql, params).fetchall()]
+    @contextmanager
+    def snapshot(self) -> Iterator[Connection]:
+        """BEGIN (deferred: takes no write lock) … COMMIT: WAL readers see one snapshot."""
+        self.sqlite.execute("BEGIN")
+        try:
+            yield self.sqlite
+        finally:
+            self.sqlite.execute("COMMIT")
 
-    def query_one(self, sql: str, params: tuple[Any, ...] = ()) -> dict[str, Any] | None:
-        """First row as a dict, or None."""
-        row = self.conn.execute(sql, params).fetchone()
-        return dict(row) if row else None
+    def changed_elsewhere(self) -> bool:
+        """PRAGMA data_version moves when another connection commits (a CLI command)."""
+        version = self.sqlite.execute("PRAGMA data_version").fetchone()[0]
+        changed = version != self._data_version
+        self._data_version = version
+        return changed
 
     def close(self) -> None:
         """Close the connection."""
-        self.conn.close()
+        self.sqlite.close()
+
+
+def check_schema_version(current: int) -> None:
+    """Refuse a database a newer edgefleet migrated: this one may misread its schema."""
+    if current > len(MIGRATIONS):
+        raise RuntimeError(
+            f"the database schema is version {current}, newer than this edgefleet's "
+            f"({len(MIGRATIONS)}): upgrade edgefleet before running it against this database"
+        )
+
+
+def split_statements(script: str) -> list[str]:
+    """The statements of a migration script (no migration has a `;` inside a literal)."""
+    return [s.strip() for s in script.split(";") if s.strip()]
+
+
+def database_target(home: Path, db: str | None = None) -> str:
+    """Where the fleet's database is: `db`, else $EDGEFLEET_DB, else HOME/edgefleet.db."""
+    return db or os.environ.get("EDGEFLEET_DB") or str(home / "edgefleet.db")
+
+
+def is_postgres(target: str) -> bool:
+    """Whether a database target is a PostgreSQL URL."""
+    return target.startswith(POSTGRES_SCHEMES)
+
+
+def open_database(target: str | Path, *, migrate: bool = True) -> Database:
+    """Open a database: a postgresql:// URL, or the path of an SQLite file; `migrate=False`
+    only for readers of a schema someone already brought up to date (metrics scrapes)."""
+    text = str(target)
+    if is_postgres(text):
+        from controller.db_postgres import PostgresDatabase
+
+        return PostgresDatabase(text, migrate=migrate)
+    if "://" in text:
+        raise ValueError(
+            f"database {redact_url(text)!r}: expected a postgresql:// URL or an SQLite file path"
+        )
+    return SqliteDatabase(Path(text), migrate=migrate)
+
+
+def redact_url(url: str) -> str:
+    """A database URL fit for logs and errors: the password replaced by ***."""
+    return re.sub(r"(://[^/:@]*:)[^@/]*@", r"\1***@", url)
 
 
 def now() -> float:

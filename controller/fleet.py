@@ -32,7 +32,7 @@ from agent.protocol import (
 from agent.protocol.schema import encode
 from controller.artifacts import ArtifactStore, build_manifest, check_golden
 from controller.candidates import register_candidates
-from controller.db import Database, now, to_json
+from controller.db import database_target, now, open_database, to_json
 from controller.errors import FleetError
 from controller.policy import Policy
 from controller.rollout import Rollouts, deploy_policy
@@ -57,10 +57,11 @@ def default_home() -> Path:
 class Fleet:
     """Everything that changes or reads fleet state; owns one database connection."""
 
-    def __init__(self, home: Path) -> None:
-        """Open the database and artifact store under `home`."""
+    def __init__(self, home: Path, db: str | None = None) -> None:
+        """Open the database (`db`, $EDGEFLEET_DB or HOME/edgefleet.db) and the artifact store
+        under `home`."""
         self.home = home
-        self.db = Database(home / "edgefleet.db")
+        self.db = open_database(database_target(home, db))
         self.artifacts = ArtifactStore(home / "artifacts")
         self.rollouts = Rollouts(self)
         self.telemetry = TelemetryStore(self.db)
@@ -586,13 +587,25 @@ class Fleet:
             "WHERE dd.state IN ('waiting', 'baselining', 'pending', 'in_progress', 'retrying') "
             "UNION SELECT DISTINCT a.sha256, a.golden_sha256 FROM devices d "
             "JOIN artifacts a ON a.sha256 = d.desired_sha256 "
-            "WHERE d.desired_generation > d.reported_generation "
-            # An armed fallback may be fetched late (after the primary's activation).
-            "UNION SELECT DISTINCT a.sha256, a.golden_sha256 FROM devices d "
-            "JOIN artifacts a ON a.sha256 = json_extract(d.desired_fallback, '$.sha256') "
-            "WHERE d.desired_fallback IS NOT NULL"
+            "WHERE d.desired_generation > d.reported_generation"
         )
-        return {sha for r in rows for sha in (r["sha256"], r["golden_sha256"]) if sha}
+        used = {sha for r in rows for sha in (r["sha256"], r["golden_sha256"]) if sha}
+        # An armed fallback may be fetched late (after the primary's activation). Its JSON is
+        # read here, not with json_extract/->>, which differ between SQLite and PostgreSQL.
+        fallbacks = {
+            json.loads(r["desired_fallback"]).get("sha256")
+            for r in self.db.query(
+                "SELECT DISTINCT desired_fallback FROM devices WHERE desired_fallback IS NOT NULL"
+            )
+        }
+        if fallbacks := {sha for sha in fallbacks if sha}:
+            marks = ", ".join("?" * len(fallbacks))
+            for r in self.db.query(
+                f"SELECT sha256, golden_sha256 FROM artifacts WHERE sha256 IN ({marks})",
+                tuple(fallbacks),
+            ):
+                used |= {sha for sha in (r["sha256"], r["golden_sha256"]) if sha}
+        return used
 
     def mark_published(self, device_id: str, generation: int) -> None:
         """Record that a desired generation reached the broker (retained)."""
@@ -603,9 +616,9 @@ class Fleet:
         ts = now()
         with self.db.transaction() as tx:
             tx.executemany(
-                "UPDATE devices SET published_generation = MAX(published_generation, ?) "
-                "WHERE id = ?",
-                [(generation, device_id) for device_id, generation in published],
+                "UPDATE devices SET published_generation = ? "
+                "WHERE id = ? AND published_generation < ?",
+                [(generation, device_id, generation) for device_id, generation in published],
             )
             tx.executemany(
                 "UPDATE deployment_devices SET state = 'in_progress', updated = ? "

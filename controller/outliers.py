@@ -138,7 +138,7 @@ def fleet_outliers(db: Any, profile: str | None = None) -> list[dict[str, Any]]:
         "SELECT d.id AS device_id, d.profile, d.model_sha256, b.report FROM devices d "
         "JOIN benchmarks b ON b.id = (SELECT b2.id FROM benchmarks b2 WHERE b2.device_id = d.id "
         "AND b2.model_sha256 = d.model_sha256 ORDER BY b2.ts DESC, b2.id DESC LIMIT 1) "
-        "WHERE d.model_sha256 IS NOT NULL AND (? IS NULL OR d.profile = ?)",
+        "WHERE d.model_sha256 IS NOT NULL AND (CAST(? AS TEXT) IS NULL OR d.profile = ?)",
         (profile, profile),
     )
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from agent.protocol import LATENCY_BUCKETS_MS
-from controller.db import Database
+from controller.db import Connection, open_database
 from controller.reports import BUCKET_COLUMNS, model_label
 from controller.telemetry import IngestResult
 
@@ -29,7 +28,7 @@ LATENCY_BUCKETS_S: tuple[str, ...] = tuple(
 NO_PROFILE = "unknown"
 
 
-def _rows(conn: sqlite3.Connection, sql: str) -> list[dict[str, Any]]:
+def _rows(conn: Connection, sql: str) -> list[dict[str, Any]]:
     """Rows as dicts."""
     return [dict(row) for row in conn.execute(sql).fetchall()]
 
@@ -43,10 +42,10 @@ class FleetCollector(Collector):
     one thread) and only reads, so it never waits for the service's write lock.
     """
 
-    def __init__(self, db_path: Path) -> None:
+    def __init__(self, db_target: str | Path) -> None:
         """Bring the schema up to date once; scrapes then only read."""
-        self.db_path = db_path
-        Database(db_path).close()
+        self.db_target = str(db_target)
+        open_database(self.db_target).close()
 
     def describe(self) -> Iterator[Metric]:
         """No fixed description: the families depend on what the database holds."""
@@ -55,19 +54,17 @@ class FleetCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         """One consistent read of the fleet, as gauges and histograms."""
         started = time.perf_counter()
-        conn = sqlite3.connect(self.db_path, isolation_level=None, timeout=30.0)
-        conn.row_factory = sqlite3.Row
+        db = open_database(self.db_target, migrate=False)
         try:
-            conn.execute("BEGIN")  # a read transaction: every family sees the same snapshot
-            families = [
-                self._devices(conn),
-                self._rollouts(conn),
-                self._latency(conn),
-                *self._telemetry(conn),
-            ]
-            conn.execute("COMMIT")
+            with db.snapshot() as conn:  # every family sees the same snapshot
+                families = [
+                    self._devices(conn),
+                    self._rollouts(conn),
+                    self._latency(conn),
+                    *self._telemetry(conn),
+                ]
         finally:
-            conn.close()
+            db.close()
         yield from families
         spent = GaugeMetricFamily(
             "edgefleet_metrics_collect_seconds",
@@ -77,7 +74,7 @@ class FleetCollector(Collector):
         yield spent
 
     @staticmethod
-    def _devices(conn: sqlite3.Connection) -> Metric:
+    def _devices(conn: Connection) -> Metric:
         """Devices by profile, state and link."""
         family = GaugeMetricFamily(
             "edgefleet_devices",
@@ -96,7 +93,7 @@ class FleetCollector(Collector):
         return family
 
     @staticmethod
-    def _rollouts(conn: sqlite3.Connection) -> Metric:
+    def _rollouts(conn: Connection) -> Metric:
         """Deployments and rollouts by kind and state."""
         family = GaugeMetricFamily(
             "edgefleet_rollouts",
@@ -112,7 +109,7 @@ class FleetCollector(Collector):
         return family
 
     @staticmethod
-    def _latency(conn: sqlite3.Connection) -> Metric:
+    def _latency(conn: Connection) -> Metric:
         """Served-inference latency histograms per profile × model, from the ingest totals."""
         names = {
             r["sha256"]: f"{r['name']}:{r['version']}"
@@ -145,7 +142,7 @@ class FleetCollector(Collector):
         return family
 
     @staticmethod
-    def _telemetry(conn: sqlite3.Connection) -> list[Metric]:
+    def _telemetry(conn: Connection) -> list[Metric]:
         """Open gaps, missing and lost records, and records devices dropped from their spool."""
         gaps = _rows(
             conn,
@@ -188,8 +185,8 @@ class FleetCollector(Collector):
 class ControllerMetrics:
     """The controller's registry: counters the service increments plus the fleet collector."""
 
-    def __init__(self, db_path: Path, registry: CollectorRegistry | None = None) -> None:
-        """Create the counters and register a collector reading `db_path`."""
+    def __init__(self, db_target: str | Path, registry: CollectorRegistry | None = None) -> None:
+        """Create the counters and register a collector reading the database `db_target`."""
         self.registry = registry or CollectorRegistry()
         self.records_stored = Counter(
             "edgefleet_telemetry_records_stored",
@@ -217,7 +214,7 @@ class ControllerMetrics:
             "resend_telemetry commands sent to devices.",
             registry=self.registry,
         )
-        self.collector = FleetCollector(db_path)
+        self.collector = FleetCollector(db_target)
         self.registry.register(self.collector)
 
     def observe_ingest(self, result: IngestResult) -> None:

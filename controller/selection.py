@@ -8,11 +8,10 @@ engine's transactions, so a controller restart resumes a selection where it stoo
 from __future__ import annotations
 
 import json
-import sqlite3
 from typing import TYPE_CHECKING, Any
 
 from agent.protocol import Event
-from controller.db import now, to_json
+from controller.db import Connection, now, to_json
 from controller.decide import Candidate, Trial, decide
 from controller.policy import RETRIABLE_STAGES, Policy
 
@@ -31,7 +30,7 @@ class Selection:
         self.rollouts = rollouts
 
     # ------------------------------------------------------------------ planning
-    def plan(self, tx: sqlite3.Connection, rollout_id: str, model_id: int, policy: Policy) -> int:
+    def plan(self, tx: Connection, rollout_id: str, model_id: int, policy: Policy) -> int:
         """Create the trials of every profile with 2+ candidates; return how many profiles."""
         rows = tx.execute(
             "SELECT dd.device_id, dv.profile, dv.online FROM deployment_devices dd "
@@ -79,9 +78,7 @@ class Selection:
         return planned
 
     # ------------------------------------------------------------------ driving
-    def tick(
-        self, tx: sqlite3.Connection, rollout_id: str, policy: Policy
-    ) -> tuple[bool, list[str]]:
+    def tick(self, tx: Connection, rollout_id: str, policy: Policy) -> tuple[bool, list[str]]:
         """Time out trials, start each idle canary's next trial, decide finished profiles.
 
         Returns (selection complete, notes).
@@ -151,7 +148,7 @@ class Selection:
         return not open_profiles, notes
 
     def _start_trial(
-        self, tx: sqlite3.Connection, rollout_id: str, device_id: str, rank: int, policy: Policy
+        self, tx: Connection, rollout_id: str, device_id: str, rank: int, policy: Policy
     ) -> None:
         """Point the canary at candidate `rank` (its own generation) and wait for its benchmark."""
         sha, threads = tx.execute(
@@ -176,7 +173,7 @@ class Selection:
 
     def _end_trial(
         self,
-        tx: sqlite3.Connection,
+        tx: Connection,
         rollout_id: str,
         device_id: str,
         rank: int,
@@ -201,7 +198,7 @@ class Selection:
 
     def _fail_trial(
         self,
-        tx: sqlite3.Connection,
+        tx: Connection,
         rollout_id: str,
         device_id: str,
         rank: int,
@@ -226,7 +223,7 @@ class Selection:
             self._end_trial(tx, rollout_id, device_id, rank, "failed", why)
 
     def on_event(
-        self, tx: sqlite3.Connection, event: Event, report: dict[str, Any] | None, policy: Policy
+        self, tx: Connection, event: Event, report: dict[str, Any] | None, policy: Policy
     ) -> None:
         """Apply a canary's event to the trial of its generation."""
         row = tx.execute(
@@ -252,7 +249,7 @@ class Selection:
         elif event.kind == "benchmark" and report is not None:
             self._end_trial(tx, *key, "measured", "benchmarked", report)
 
-    def cancel(self, tx: sqlite3.Connection, rollout_id: str, reason: str) -> None:
+    def cancel(self, tx: Connection, rollout_id: str, reason: str) -> None:
         """End every trial not yet finished (the rollout was aborted or rolled back)."""
         tx.execute(
             "UPDATE candidate_trials SET state = 'cancelled', detail = ?, updated = ? "
@@ -261,7 +258,7 @@ class Selection:
         )
 
     # ------------------------------------------------------------------ deciding
-    def candidates(self, tx: sqlite3.Connection, rollout_id: str, profile: str) -> list[Candidate]:
+    def candidates(self, tx: Connection, rollout_id: str, profile: str) -> list[Candidate]:
         """The profile's candidates of this rollout with their trials."""
         model_id = tx.execute(
             "SELECT model_id FROM deployments WHERE id = ?", (rollout_id,)
@@ -285,7 +282,7 @@ class Selection:
                 out[rank].trials.append(Trial(device_id, state, parsed, detail))
         return [out[r] for r in sorted(out)]
 
-    def _decide(self, tx: sqlite3.Connection, rollout_id: str, profile: str, policy: Policy) -> str:
+    def _decide(self, tx: Connection, rollout_id: str, profile: str, policy: Policy) -> str:
         """Decide one profile, store the explanation and point its rollout rows at the winner."""
         candidates = self.candidates(tx, rollout_id, profile)
         budget = self._fallback_budget(profile, policy)
@@ -354,7 +351,7 @@ class Selection:
             tx.execute(
                 "UPDATE deployment_devices SET artifact_sha256 = ?, threads = ?, fallback = ?, "
                 "state = 'waiting', detail = ?, updated = ?, "
-                "wave = CASE WHEN ? THEN 0 ELSE wave END "
+                "wave = CASE WHEN ? = 1 THEN 0 ELSE wave END "
                 "WHERE deployment_id = ? AND device_id = ?",
                 (
                     winner.sha256,
@@ -362,7 +359,7 @@ class Selection:
                     fallback_json,
                     f"selected {winner.label()} on the canaries",
                     now(),
-                    device_id in canaries,
+                    int(device_id in canaries),
                     rollout_id,
                     device_id,
                 ),

@@ -190,7 +190,10 @@ class TelemetryStore:
         if not messages:
             return IngestResult(0, 0, 0, 0, 0)
         plans = [plan_message(m) for m in messages]
-        with self.db.transaction() as tx:
+        # Not exclusive: replicas ingest in parallel, each holding only the batch's devices
+        # (cursor and gaps are per device; totals are atomic upserts taken in key order).
+        with self.db.transaction(exclusive=False) as tx:
+            self.db.lock_devices(p.message.device_id for p in plans)
             states = self._read_states(tx, plans)
             applied = [apply_plan(states[p.message.device_id], p, received) for p in plans]
             self._drop_stored_refills(tx, applied)
@@ -335,9 +338,9 @@ class TelemetryStore:
                 keys[key][2].append(latency)
         if not keys:
             return
-        rows = [
+        rows = [  # in key order: two replicas upserting the same keys never deadlock
             (*key, sum(served), latency[0], *map(sum, zip(*buckets, strict=True)))
-            for key, (served, buckets, latency) in keys.items()
+            for key, (served, buckets, latency) in sorted(keys.items())
         ]
         tx.executemany(_TOTALS_SQL, rows)
         step = MAX_SQL_PARAMS // 2  # also keeps the `+ ?` chain under SQLite's depth limit (1000)
@@ -382,12 +385,16 @@ class TelemetryStore:
 
     def _expire(self, now: float, retry_s: float, max_requests: int) -> int:
         """Mark lost the missing ranges asked max_requests times, retry_s ago; count seqs."""
+        sql = (
+            "SELECT device_id, seq_first, seq_last, requests FROM telemetry_gaps "
+            "WHERE state = 'missing' AND requests >= ? AND last_requested <= ?"
+        )
+        params = (max_requests, now - retry_s)
         with self.db.transaction() as tx:
-            rows = tx.execute(
-                "SELECT device_id, seq_first, seq_last, requests FROM telemetry_gaps "
-                "WHERE state = 'missing' AND requests >= ? AND last_requested <= ?",
-                (max_requests, now - retry_s),
-            ).fetchall()
+            rows = tx.execute(sql, params).fetchall()
+            if rows:  # lock the devices against a replica's ingest, then read them again
+                self.db.lock_devices(sorted({row[0] for row in rows}))
+                rows = tx.execute(sql, params).fetchall()
             for device, first, last, requests in rows:
                 tx.execute(
                     "UPDATE telemetry_gaps SET state = 'lost', reason = ? "
@@ -415,6 +422,7 @@ class TelemetryStore:
     def mark_requested(self, device_id: str, ranges: Iterable[SeqRange], now: float) -> None:
         """Record that the missing gaps overlapping `ranges` were asked for at `now`."""
         with self.db.transaction() as tx:
+            self.db.lock_devices([device_id])
             tx.executemany(
                 "UPDATE telemetry_gaps SET last_requested = ?, requests = requests + 1 "
                 "WHERE device_id = ? AND state = 'missing' AND seq_first <= ? AND seq_last >= ?",

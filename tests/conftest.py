@@ -87,3 +87,97 @@ def mqtt_probe() -> Iterator[MqttProbeFactory]:
     yield connect
     for probe in probes:
         probe.close()
+
+
+# =========================================================================== PostgreSQL
+
+# The server `make test` sets up (scripts/ensure-postgres.sh); each test gets its own schema.
+TEST_PG_URL = os.environ.get(
+    "EDGEFLEET_TEST_PG", "postgresql://edgefleet:edgefleet@127.0.0.1:5432/edgefleet_test"
+)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> str:
+    """The test server's URL; skips when it does not answer locally, fails under CI=true."""
+    import psycopg
+
+    try:
+        psycopg.connect(TEST_PG_URL, connect_timeout=5).close()
+    except psycopg.OperationalError as exc:
+        reason = f"PostgreSQL for tests is unreachable ({exc}); run scripts/ensure-postgres.sh"
+        if running_in_ci():
+            pytest.fail(f"{reason}; CI must run the PostgreSQL tests", pytrace=False)
+        pytest.skip(reason)
+    return TEST_PG_URL
+
+
+def schema_url(url: str, schema: str) -> str:
+    """`url` with its search_path set to `schema` (libpq's options parameter)."""
+    return f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{schema}"
+
+
+@pytest.fixture
+def pg_url(postgres_server: str) -> Iterator[str]:
+    """A database URL whose tables live in a fresh schema of their own, dropped afterwards."""
+    import psycopg
+
+    schema = f"t_{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(postgres_server, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield schema_url(postgres_server, schema)
+    finally:
+        with psycopg.connect(postgres_server, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_target(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each test using it runs once on an SQLite file and once on a PostgreSQL schema."""
+    if request.param == "sqlite":
+        return str(tmp_path / "edgefleet.db")
+    url: str = request.getfixturevalue("pg_url")
+    return url
+
+
+def all_on_postgres() -> bool:
+    """Whether this run puts every fleet on PostgreSQL (EDGEFLEET_TEST_ALL_PG=1, `make test-pg`)."""
+    return os.environ.get("EDGEFLEET_TEST_ALL_PG", "") in ("1", "true")
+
+
+@pytest.fixture(scope="module")
+def module_db(postgres_server_if_all_pg: str | None) -> Iterator[str | None]:
+    """For fleets a module-scoped fixture opens: None (HOME/edgefleet.db), or under
+    `make test-pg` a schema of the module's own (the per-test schema is dropped between tests)."""
+    if postgres_server_if_all_pg is None:
+        yield None
+        return
+    import psycopg
+
+    schema = f"m_{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(postgres_server_if_all_pg, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield schema_url(postgres_server_if_all_pg, schema)
+    finally:
+        with psycopg.connect(postgres_server_if_all_pg, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture(scope="session")
+def postgres_server_if_all_pg(request: pytest.FixtureRequest) -> str | None:
+    """The PostgreSQL test server under `make test-pg`, else None (no server needed)."""
+    if not all_on_postgres():
+        return None
+    url: str = request.getfixturevalue("postgres_server")
+    return url
+
+
+@pytest.fixture(autouse=True)
+def _all_on_postgres(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """EDGEFLEET_TEST_ALL_PG=1 (`make test-pg`): every Fleet a test opens, in this process or a
+    child, uses a fresh PostgreSQL schema instead of HOME/edgefleet.db."""
+    if not all_on_postgres():
+        return
+    monkeypatch.setenv("EDGEFLEET_DB", request.getfixturevalue("pg_url"))

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 import firmware_profiles
 from controller.candidates import explain, model_candidates
+from controller.db import database_target
 from controller.errors import FleetError
 from controller.fleet import Fleet
 from controller.http.auth import authenticate
@@ -128,16 +129,17 @@ def _finite(value: Any) -> Any:
 class FleetPerThread:
     """One Fleet per worker thread: SQLite connections must stay in the thread that made them."""
 
-    def __init__(self, home: Path) -> None:
-        """Open fleets under `home` lazily."""
+    def __init__(self, home: Path, db: str | None = None) -> None:
+        """Open fleets under `home` lazily, all on the database resolved now (--db, env, HOME)."""
         self.home = home
+        self.db = database_target(home, db)
         self._local = threading.local()
 
     def __call__(self) -> Fleet:
         """This thread's Fleet."""
         fleet = getattr(self._local, "fleet", None)
         if fleet is None:
-            fleet = self._local.fleet = Fleet(self.home)
+            fleet = self._local.fleet = Fleet(self.home, db=self.db)
         return fleet
 
     def proxy(self) -> Fleet:
@@ -168,7 +170,7 @@ def fleet_version(fleet: Fleet) -> list[Any]:
         "SELECT (SELECT COUNT(*) FROM devices), (SELECT MAX(last_seen) FROM devices), "
         "(SELECT SUM(online) FROM devices), (SELECT COUNT(*) FROM deployments), "
         "(SELECT MAX(updated) FROM deployments), (SELECT MAX(updated) FROM deployment_devices), "
-        "(SELECT MAX(rowid) FROM events), (SELECT MAX(id) FROM models)"
+        "(SELECT MAX(received) FROM events), (SELECT MAX(id) FROM models)"
     ).fetchone()
     return list(row)
 
@@ -203,9 +205,9 @@ def _strict_query(request: Request) -> None:
         seen.add(key)
 
 
-def create_app(home: Path) -> FastAPI:
-    """The API (and, mounted last, the dashboard) over the fleet in `home`."""
-    fleets = FleetPerThread(home)
+def create_app(home: Path, db: str | None = None) -> FastAPI:
+    """The API (and, mounted last, the dashboard) over the fleet in `home` (database `db`)."""
+    fleets = FleetPerThread(home, db)
     # Set by HttpServer.stop(): open event streams end at once instead of being cancelled.
     stopping = threading.Event()
     bearer = HTTPBearer(auto_error=False, description="a token from `edgefleet tokens create`")

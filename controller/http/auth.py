@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.protocol import ProtocolError, validate_name
-from controller.db import Database, now
+from controller.db import Database, database_target, now, open_database
 from controller.errors import FleetError
 
 ROLES = ("read", "admin")
@@ -79,10 +79,11 @@ def authenticate(db: Database, token: str) -> dict[str, Any] | None:
     return {"name": row["name"], "role": row["role"]}
 
 
-def ensure_local_token(home: Path) -> str:
+def ensure_local_token(home: Path, db_target: str | None = None) -> str:
     """The `local` admin token from HOME/http-token; (re)made when the file or row is gone."""
     path = home / TOKEN_FILE
-    db = Database(home / "edgefleet.db")
+    home.mkdir(parents=True, exist_ok=True)  # the database may live elsewhere (PostgreSQL)
+    db = open_database(database_target(home, db_target))
     try:
         try:
             token = path.read_text().strip()

@@ -24,9 +24,12 @@ GRACEFUL_STOP_S = 2
 class HttpServer:
     """The API app served by uvicorn from a daemon thread; `start()` returns once it listens."""
 
-    def __init__(self, home: Path, host: str = "127.0.0.1", port: int = 0) -> None:
-        """Serve the fleet in `home` on host:port (port 0 = any free port)."""
+    def __init__(
+        self, home: Path, host: str = "127.0.0.1", port: int = 0, db: str | None = None
+    ) -> None:
+        """Serve the fleet in `home` (database `db`, default as Fleet) on host:port (0 = any)."""
         self.home = home
+        self.db = db
         self.host = host
         self.port = port
         self._server: uvicorn.Server | None = None
@@ -46,7 +49,7 @@ class HttpServer:
         self._socket = sock
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(
-            create_app(self.home),
+            create_app(self.home, self.db),
             log_level="warning",
             lifespan="off",
             timeout_graceful_shutdown=GRACEFUL_STOP_S,

@@ -47,17 +47,19 @@ def config(token: str) -> schemathesis.config.SchemathesisConfig:
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[HttpServer, str]]:
+def live(
+    tmp_path_factory: pytest.TempPathFactory, module_db: str | None
+) -> Iterator[tuple[HttpServer, str]]:
     """A server on a free port over a fleet with two devices, a model and a rollout."""
     home = tmp_path_factory.mktemp("schemathesis") / "home"
-    fleet = Fleet(home)
+    fleet = Fleet(home, db=module_db)
     for device in ("cam-1", "cam-2"):
         fleet.register_device(device, "rpi4")
     fleet.add_model(DATA / "tiny_int8.tflite", name="tiny", version="1")
     fleet.start_rollout("tiny:1", "all", Policy(waves=parse_waves("1d,100")))
     fleet.close()
-    token = ensure_local_token(home)
-    server = HttpServer(home, "127.0.0.1", 0).start()
+    token = ensure_local_token(home, module_db)
+    server = HttpServer(home, "127.0.0.1", 0, db=module_db).start()
     yield server, token
     server.stop()
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from agent.protocol import BenchmarkReport, DeviceFacts, Event, Hello, Status
-from controller.db import MIGRATIONS, Database
+from controller.db import MIGRATIONS, SqliteDatabase
 from controller.fleet import Fleet, FleetError
 
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -23,11 +23,11 @@ def fleet(tmp_path: Path) -> Fleet:
 
 
 def test_database_is_wal_and_migrated(tmp_path: Path) -> None:
-    db = Database(tmp_path / "x.db")
+    db = SqliteDatabase(tmp_path / "x.db")
     assert db.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert db.conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     db.close()
-    again = Database(tmp_path / "x.db")  # re-opening applies nothing twice
+    again = SqliteDatabase(tmp_path / "x.db")  # re-opening applies nothing twice
     assert again.migrate() == len(MIGRATIONS)
 
 
@@ -193,7 +193,13 @@ def test_wal_allows_a_reader_while_a_writer_holds_a_transaction(tmp_path: Path) 
 
 
 def test_failed_transaction_rolls_back(fleet: Fleet) -> None:
-    with pytest.raises(sqlite3.IntegrityError), fleet.db.transaction() as tx:
+    if fleet.db.dialect == "sqlite":
+        duplicate_key: type[Exception] = sqlite3.IntegrityError
+    else:
+        import psycopg
+
+        duplicate_key = psycopg.errors.UniqueViolation
+    with pytest.raises(duplicate_key), fleet.db.transaction() as tx:
         tx.execute("INSERT INTO devices (id, registered_by, registered_at) VALUES ('x', 'cli', 1)")
         tx.execute("INSERT INTO devices (id, registered_by, registered_at) VALUES ('x', 'cli', 1)")
     assert fleet.devices() == []
@@ -215,7 +221,7 @@ def test_unanswered_commands_are_sent_again_when_the_device_says_hello(fleet: Fl
 
 
 def test_nested_transaction_is_a_savepoint(tmp_path: Path) -> None:
-    db = Database(tmp_path / "x.db")
+    db = SqliteDatabase(tmp_path / "x.db")
     db.conn.execute("CREATE TABLE t (v INTEGER)")
     with db.transaction() as tx:
         tx.execute("INSERT INTO t VALUES (1)")

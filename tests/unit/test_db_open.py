@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from controller.db import MIGRATIONS, Database
+from controller.db import MIGRATIONS, SqliteDatabase
 
 
 def test_threads_opening_a_new_database_at_once_all_succeed(tmp_path: Path) -> None:
@@ -16,7 +16,7 @@ def test_threads_opening_a_new_database_at_once_all_succeed(tmp_path: Path) -> N
 
         def open_it(path: Path = path) -> None:
             try:
-                db = Database(path)
+                db = SqliteDatabase(path)
                 assert db.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
                 assert db.conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
                 db.close()

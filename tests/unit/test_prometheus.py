@@ -14,6 +14,7 @@ pytest.importorskip("prometheus_client")
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.protocol import LATENCY_BUCKETS_MS, SeqRange, Telemetry
+from controller.db import database_target
 from controller.fleet import Fleet
 from controller.prometheus import ControllerMetrics, MetricsServer, serve_metrics
 from controller.telemetry import TelemetryStore
@@ -45,7 +46,7 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
 @pytest.fixture
 def served(fleet: Fleet) -> Iterator[tuple[ControllerMetrics, MetricsServer]]:
     """Metrics on a real HTTP server bound to 127.0.0.1 on a free port."""
-    metrics = ControllerMetrics(fleet.home / "edgefleet.db")
+    metrics = ControllerMetrics(database_target(fleet.home))
     server = serve_metrics(metrics, "127.0.0.1", 0)
     yield metrics, server
     server.stop()

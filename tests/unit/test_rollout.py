@@ -461,7 +461,7 @@ def test_one_file_may_serve_two_profiles_but_a_version_never_changes(tmp_path: P
 def test_deployments_from_before_rollouts_are_completed_by_the_migration(tmp_path: Path) -> None:
     import sqlite3
 
-    from controller.db import MIGRATIONS, Database
+    from controller.db import MIGRATIONS, SqliteDatabase
 
     path = tmp_path / "old.db"
     conn = sqlite3.connect(path)
@@ -472,7 +472,7 @@ def test_deployments_from_before_rollouts_are_completed_by_the_migration(tmp_pat
     conn.execute("PRAGMA user_version=2")
     conn.commit()
     conn.close()
-    db = Database(path)
+    db = SqliteDatabase(path)
     row = db.query_one("SELECT state, reason FROM deployments WHERE id = 'd'")
     assert row == {"state": "completed", "reason": "deployed before rollouts existed"}
 

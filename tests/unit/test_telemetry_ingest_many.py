@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from agent.protocol import SeqRange, Telemetry
 from controller import telemetry
-from controller.db import Database
+from controller.db import Database, SqliteDatabase
 from controller.telemetry import IngestResult, TelemetryStore
 from tests.unit.test_telemetry_store import SHA_A, SHA_B, T0, message, record
 
@@ -35,7 +35,7 @@ TABLES = {
 
 def open_db(path: Path) -> Database:
     """A database file with the registry rows of PROFILES."""
-    db = Database(path)
+    db = SqliteDatabase(path)
     with db.transaction() as tx:
         tx.executemany(
             "INSERT INTO devices (id, profile, online, registered_by, registered_at) "

@@ -19,7 +19,7 @@ from agent.protocol import (
     Telemetry,
     TelemetryRecord,
 )
-from controller.db import MIGRATIONS, Database
+from controller.db import MIGRATIONS, Database, SqliteDatabase, open_database
 from controller.reports import BUCKET_COLUMNS, bucket_index, percentile_from_buckets
 from controller.telemetry import TelemetryStore
 
@@ -92,9 +92,9 @@ def message(
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Database:
-    """A fresh database file."""
-    database = Database(tmp_path / "x.db")
+def db(db_target: str) -> Database:
+    """A fresh database: an SQLite file, then a PostgreSQL schema (the store runs on both)."""
+    database = open_database(db_target)
     yield database  # type: ignore[misc]
     database.close()
 
@@ -371,7 +371,7 @@ def test_compaction_preserves_totals_and_buckets_exactly(
 def test_small_compaction_batches_give_the_same_aggregates_as_one(tmp_path: Path) -> None:
     results = []
     for name, batch in (("one", 100_000), ("many", 7)):
-        database = Database(tmp_path / f"{name}.db")
+        database = SqliteDatabase(tmp_path / f"{name}.db")
         store = TelemetryStore(database)
         _fleet_records(store, random.Random(11))
         passes = 0
@@ -472,7 +472,7 @@ def test_migration_4_upgrades_a_version_3_database_in_place(tmp_path: Path) -> N
     conn.execute("INSERT INTO models (name, version, created) VALUES ('cnn', '1', 2.0)")
     conn.close()
 
-    db = Database(path)
+    db = SqliteDatabase(path)
     try:
         assert db.query_one("PRAGMA user_version") == {"user_version": len(MIGRATIONS)}
         assert db.query("SELECT id, profile FROM devices") == [{"id": "pi-1", "profile": "rpi4"}]
@@ -488,10 +488,23 @@ def test_migration_4_upgrades_a_version_3_database_in_place(tmp_path: Path) -> N
         assert TelemetryStore(db).ingest(message("pi-1", [1, 2]), T0).stored == 2
     finally:
         db.close()
-    assert Database(path).migrate() == len(MIGRATIONS)  # reopening is a no-op
+    assert SqliteDatabase(path).migrate() == len(MIGRATIONS)  # reopening is a no-op
 
 
 def test_bucket_columns_match_the_protocols_histogram(db: Database) -> None:
-    columns = {r["name"] for r in db.query("PRAGMA table_info(telemetry)")}
+    columns = _columns(db, "telemetry")
     assert len(BUCKET_COLUMNS) == BUCKET_COUNT == len(LATENCY_BUCKETS_MS) + 1
     assert set(BUCKET_COLUMNS) <= columns and f"b{BUCKET_COUNT}" not in columns
+
+
+
+def _columns(db: Database, table: str) -> set[str]:
+    """A table's column names, on either backend."""
+    if db.dialect == "sqlite":
+        return {r["name"] for r in db.query(f"PRAGMA table_info({table})")}
+    rows = db.query(
+        "SELECT column_name FROM information_schema.columns "
+        "WHERE table_name = ? AND table_schema = current_schema()",
+        (table,),
+    )
+    return {r["column_name"] for r in rows}
