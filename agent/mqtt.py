@@ -70,6 +70,33 @@ def tls_context(
 MessageHandler = Callable[[str, bytes], None]
 
 
+class Ack:
+    """The PUBACK of one received QoS1 message, sent when its owner has processed it.
+
+    With manual acknowledgement the broker keeps an unacknowledged message and delivers it
+    again after a reconnect, so a crash between receipt and commit loses nothing. An Ack from
+    an earlier connection is dropped: its packet id may be reused, and the broker resends it.
+    """
+
+    __slots__ = ("_connection", "_mid", "_qos", "_session")
+
+    def __init__(self, session: MqttSession, connection: int, mid: int, qos: int) -> None:
+        """Remember which connection and packet id to acknowledge."""
+        self._session = session
+        self._connection = connection
+        self._mid = mid
+        self._qos = qos
+
+    def __call__(self) -> None:
+        """Acknowledge (once; later calls and stale connections are no-ops)."""
+        session, self._session = self._session, None  # type: ignore[assignment]
+        if session is not None and self._qos > 0 and session.connection == self._connection:
+            session.client.ack(self._mid, self._qos)
+
+
+AckedMessageHandler = Callable[[str, bytes, Ack], None]
+
+
 class MqttSession:
     """One paho client with a network thread, reconnecting forever with backoff."""
 
@@ -78,8 +105,9 @@ class MqttSession:
         url: str,
         client_id: str,
         *,
-        on_message: MessageHandler,
+        on_message: MessageHandler | None = None,
         on_connect: Callable[[], None],
+        on_acked_message: AckedMessageHandler | None = None,
         will: tuple[str, bytes] | None = None,
         username: str | None = None,
         password: str | None = None,
@@ -88,25 +116,41 @@ class MqttSession:
         ca_file: str | None = None,
         cert_file: str | None = None,
         key_file: str | None = None,
+        reconnect: bool = True,
     ) -> None:
-        """Configure the client; nothing connects until start(). mqtts:// URLs use TLS."""
+        """Configure the client; nothing connects until start(). mqtts:// URLs use TLS.
+
+        `reconnect=False`: one connection only; `closed` is set when it ends (the owner then
+        calls stop()), e.g. to adopt another client's session until that client returns.
+        """
         self.host, self.port = parse_mqtt_url(url)
         self.tls = is_tls_url(url)
         if not self.tls and (ca_file or cert_file or key_file):
             raise ValueError(f"TLS files given but broker URL {url!r} is not mqtts://")
         context = tls_context(ca_file, cert_file, key_file) if self.tls else None
+        if (on_message is None) == (on_acked_message is None):
+            raise ValueError("give exactly one of on_message and on_acked_message")
         self.connected = threading.Event()
+        self.closed = threading.Event()
+        self.reconnect = reconnect
+        # Counts connections, so an Ack taken on an earlier one is never sent on a later one.
+        self.connection = 0
         self._on_message_cb = on_message
+        self._on_acked_cb = on_acked_message
         self._on_connect_cb = on_connect
         self.client = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=paho.MQTTv311,
             clean_session=clean_session,
+            manual_ack=on_acked_message is not None,
         )
         if context is not None:
             self.client.tls_set_context(context)
-        self.client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
+        if reconnect:
+            self.client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
+        else:  # the owner stops the loop long before paho would try again
+            self.client.reconnect_delay_set(3600, 3600)
         self.client.max_inflight_messages_set(max_inflight)
         # Keep QoS1 messages queued while offline instead of refusing them.
         self.client.max_queued_messages_set(0)
@@ -169,17 +213,27 @@ class MqttSession:
             log.warning("broker refused connection: %s", reason_code)
             return
         log.info("connected to %s:%s", self.host, self.port)
+        self.connection += 1
         self.connected.set()
         self._on_connect_cb()
 
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
         """Mark disconnected; paho's loop reconnects with backoff."""
         self.connected.clear()
+        if not self.reconnect:
+            self.closed.set()
+            log.info("disconnected (%s)", reason_code)
+            return
         log.info("disconnected (%s); reconnecting with backoff", reason_code)
 
     def _handle_message(self, client, userdata, message) -> None:  # type: ignore[no-untyped-def]
         """Hand the message to the owner; a handler bug must not kill the network thread."""
         try:
-            self._on_message_cb(message.topic, bytes(message.payload))
+            if self._on_acked_cb is not None:
+                ack = Ack(self, self.connection, message.mid, message.qos)
+                self._on_acked_cb(message.topic, bytes(message.payload), ack)
+            else:
+                assert self._on_message_cb is not None
+                self._on_message_cb(message.topic, bytes(message.payload))
         except Exception:
             log.exception("handler failed for %s", message.topic)

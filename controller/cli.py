@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -12,7 +13,9 @@ from typing import Annotated
 import typer
 
 import firmware_profiles
+from agent.protocol import ProtocolError, validate_name
 from controller.cli_common import HomeOption, JsonOption, fail, open_fleet
+from controller.db import database_target, is_postgres, redact_url
 from controller.explain_cmd import devices_outliers, models_explain
 from controller.fleet import Fleet, FleetError, default_home
 from controller.optimize_cmd import optimize
@@ -32,6 +35,27 @@ devices_app = typer.Typer(no_args_is_help=True, help="Register, list, show and r
 profiles_app = typer.Typer(no_args_is_help=True, help="Device profiles (firmware_profiles/).")
 deployments_app = typer.Typer(no_args_is_help=True, help="Direct deployments and their state.")
 models_app = typer.Typer(no_args_is_help=True, help="Register model versions and their artifacts.")
+
+
+@app.callback()
+def _global_options(
+    db: Annotated[
+        str | None,
+        typer.Option(
+            "--db",
+            envvar="EDGEFLEET_DB",
+            help="database: postgresql://user:pass@host/db, or an SQLite file "
+            "(default HOME/edgefleet.db)",
+        ),
+    ] = None,
+) -> None:
+    """Options every command takes: --db selects the fleet database (docs/storage.md)."""
+    if db:
+        if "://" in db and not is_postgres(db):
+            raise fail(f"--db {redact_url(db)!r}: expected a postgresql:// URL or a file path")
+        os.environ["EDGEFLEET_DB"] = db  # every Fleet of this process, service threads too
+
+
 app.add_typer(devices_app, name="devices")
 app.add_typer(profiles_app, name="profiles")
 app.add_typer(deployments_app, name="deployments")
@@ -368,6 +392,14 @@ def up(
         str | None,
         typer.Option(help="serve the HTTP API and dashboard on HOST:PORT (docs/http-api.md)"),
     ] = None,
+    replica: Annotated[
+        str | None,
+        typer.Option(
+            envvar="EDGEFLEET_REPLICA",
+            help="run as one of several replicas under this unique name: shared subscriptions, "
+            "leader lease (needs --broker; docs/storage.md)",
+        ),
+    ] = None,
     home: HomeOption = None,
 ) -> None:
     """Run the controller (and an embedded broker unless --broker is given) until interrupted."""
@@ -379,6 +411,13 @@ def up(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     home = home or default_home()
+    if replica is not None:
+        if broker is None:
+            raise _fail("--replica needs --broker: replicas share one broker (and one database)")
+        try:
+            validate_name("--replica", replica)
+        except ProtocolError as exc:
+            raise _fail(exc) from None
     metrics_address = _host_port(metrics, "--metrics") if metrics else None
     http_address = _host_port(http, "--http") if http else None
     Fleet(home).close()  # create and migrate the database before anything reads it
@@ -399,7 +438,7 @@ def up(
             raise _fail(exc) from None
         broker = handle.url
         typer.echo(f"embedded {handle.kind} broker on {broker}", err=True)
-    registry = ControllerMetrics(home / "edgefleet.db") if metrics_address else None
+    registry = ControllerMetrics(database_target(home)) if metrics_address else None
     metrics_server = None
     if registry is not None and metrics_address is not None:
         try:
@@ -440,6 +479,7 @@ def up(
         metrics=registry,
         username=username,
         password=password,
+        replica=replica,
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -468,6 +508,43 @@ def _host_port(value: str, option: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise _fail(f"{option} must be HOST:PORT, got {value!r}")
     return host, int(port)
+
+
+@app.command("replicas")
+def replicas_command(home: HomeOption = None, json_out: JsonOption = False) -> None:
+    """Controller replicas against this database: heartbeat age, leader, counters."""
+    from controller.lease import LEADER_LEASE, Lease, replicas
+
+    fleet = open_fleet(home)
+    try:
+        rows = replicas(fleet.db)
+        lease = Lease(fleet.db, "", LEADER_LEASE).state()
+        now = fleet.db.clock()
+    finally:
+        fleet.close()
+    leader = lease.holder if lease is not None and lease.expires > now else None
+    if json_out:
+        typer.echo(as_json({"leader": leader, "replicas": rows}))
+        return
+    if not rows:
+        typer.echo("no replica has run against this database")
+        return
+    typer.echo(
+        table(
+            [
+                (
+                    r["name"],
+                    "leader" if r["name"] == leader else "",
+                    f"{r['age_s']:.1f}s",
+                    f"{r['host']}:{r['pid']}",
+                    r["stats"].get("messages", 0),
+                    r["stats"].get("records_stored", 0),
+                )
+                for r in rows
+            ],
+            ["REPLICA", "ROLE", "LAST SEEN", "HOST:PID", "MESSAGES", "RECORDS"],
+        )
+    )
 
 
 @app.command()

@@ -16,12 +16,12 @@ import hashlib
 import itertools
 import json
 import logging
-import sqlite3
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from agent.protocol import Event
-from controller.db import now, to_json
+from controller.db import Connection, now, to_json
 from controller.outliers import EXCUSABLE_GATES, Outlier, classify
 from controller.policy import RETRIABLE_STAGES, Policy, PolicyError, Threshold, Wave
 from controller.selection import Selection
@@ -64,6 +64,8 @@ class Rollouts:
         self.fleet = fleet
         self.db = fleet.db
         self.selection = Selection(self)
+        # Which replica drives (recorded with each wave it starts); `edgefleet up --replica`.
+        self.driver = ""
 
     # ------------------------------------------------------------------ creation
     def create(
@@ -124,12 +126,21 @@ class Rollouts:
                 self._start_wave(tx, rollout_id, 0, policy)
         return rollout_id
 
-    def _start_wave(
-        self, tx: sqlite3.Connection, rollout_id: str, wave: int, policy: Policy
-    ) -> None:
+    def _start_wave(self, tx: Connection, rollout_id: str, wave: int, policy: Policy) -> None:
         """Give every waiting device of `wave` its desired state (or ask for a baseline first)."""
         tx.execute(
             "UPDATE deployments SET wave = ?, updated = ? WHERE id = ?", (wave, now(), rollout_id)
+        )
+        # Once per wave: a second start (two drivers at once) fails on the primary key and
+        # rolls its whole transaction back.
+        devices = tx.execute(
+            "SELECT COUNT(*) FROM deployment_devices WHERE deployment_id = ? AND wave = ?",
+            (rollout_id, wave),
+        ).fetchone()[0]
+        tx.execute(
+            "INSERT INTO rollout_waves (rollout_id, wave, started, driver, devices) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (rollout_id, wave, now(), self.driver, devices),
         )
         # A canary ran candidates since the rollout started: what it ran before is its previous.
         rows = tx.execute(
@@ -155,7 +166,7 @@ class Rollouts:
             else:
                 self._assign(tx, rollout_id, device_id, sha, policy, "pending")
 
-    def _ask_baseline(self, tx: sqlite3.Connection, rollout_id: str, device_id: str) -> None:
+    def _ask_baseline(self, tx: Connection, rollout_id: str, device_id: str) -> None:
         """Queue a benchmark of the device's current model, the baseline for regression gates."""
         command_id = f"cmd-{uuid.uuid4().hex[:12]}"
         ts = now()
@@ -178,7 +189,7 @@ class Rollouts:
 
     def _assign(
         self,
-        tx: sqlite3.Connection,
+        tx: Connection,
         rollout_id: str,
         device_id: str,
         sha: str | None,
@@ -215,7 +226,7 @@ class Rollouts:
 
     def point_device(
         self,
-        tx: sqlite3.Connection,
+        tx: Connection,
         rollout_id: str,
         device_id: str,
         sha: str | None,
@@ -236,7 +247,7 @@ class Rollouts:
 
     def skip_device(
         self,
-        tx: sqlite3.Connection,
+        tx: Connection,
         rollout_id: str,
         device_id: str,
         why: str,
@@ -259,7 +270,7 @@ class Rollouts:
             self._set_row(tx, key, "skipped", why)
 
     # ------------------------------------------------------------------ ingest
-    def on_event(self, tx: sqlite3.Connection, event: Event) -> None:
+    def on_event(self, tx: Connection, event: Event) -> None:
         """Apply a device event to its rollout row (same transaction as storing the event)."""
         if not event.deployment_id or event.generation is None:
             return
@@ -348,7 +359,7 @@ class Rollouts:
 
     @staticmethod
     def _outlier(
-        tx: sqlite3.Connection,
+        tx: Connection,
         key: tuple[str, str],
         policy: Policy,
         report: dict[str, Any],
@@ -380,9 +391,7 @@ class Rollouts:
         return classify(report, [r for r, _ in peers], baseline=baseline, breached=True)
 
     @staticmethod
-    def _set_row(
-        tx: sqlite3.Connection, key: tuple[str, str], state: str, detail: str = ""
-    ) -> None:
+    def _set_row(tx: Connection, key: tuple[str, str], state: str, detail: str = "") -> None:
         """Set one device row's state and detail."""
         tx.execute(
             "UPDATE deployment_devices SET state = ?, detail = ?, updated = ? "
@@ -392,7 +401,7 @@ class Rollouts:
 
     def _roll_back_device(
         self,
-        tx: sqlite3.Connection,
+        tx: Connection,
         key: tuple[str, str],
         previous: str | None,
         policy: Policy,
@@ -430,12 +439,19 @@ class Rollouts:
         self._assign(tx, rollout_id, device_id, previous, policy, state, detail)
 
     # ------------------------------------------------------------------ reconcile
-    def tick(self) -> list[str]:
-        """Advance every running rollout one step; return what happened (for the log)."""
+    def tick(self, fence: Callable[[Connection], bool] | None = None) -> list[str]:
+        """Advance every running rollout one step; return what happened (for the log).
+
+        `fence(tx)` (a replica's leader lease) is checked inside each rollout's transaction:
+        once it says False, this replica stops driving before changing anything.
+        """
         notes: list[str] = []
         for row in self.db.query("SELECT * FROM deployments WHERE state IN ('running', 'paused')"):
             try:
                 with self.db.transaction() as tx:
+                    if fence is not None and not fence(tx):
+                        notes.append("no longer the leader: stopped driving rollouts")
+                        return notes
                     notes += self._tick_one(tx, row)
             except Exception as exc:  # one broken rollout must not stop the others or publishing
                 log.exception("rollout %s: tick failed", row["id"])
@@ -452,11 +468,11 @@ class Rollouts:
             notes.append(f"{expired} rollback(s) timed out")
         return notes
 
-    def _tick_one(self, tx: sqlite3.Connection, rollout: dict[str, Any]) -> list[str]:
+    def _tick_one(self, tx: Connection, rollout: dict[str, Any]) -> list[str]:
         """Baselines, retries, timeouts, the failure threshold and wave advance of one rollout."""
         rid, running = rollout["id"], rollout["state"] == "running"
         # Re-read inside the transaction: a CLI pause/abort may have landed since the query.
-        current = tx.execute("SELECT state FROM deployments WHERE id = ?", (rid,)).fetchone()
+        current = tx.execute("SELECT state, wave FROM deployments WHERE id = ?", (rid,)).fetchone()
         if current is None or current[0] not in ("running", "paused"):
             return []
         running = current[0] == "running"
@@ -525,7 +541,7 @@ class Rollouts:
             tx.execute("UPDATE deployments SET phase = 'waves' WHERE id = ?", (rid,))
             self._start_wave(tx, rid, 0, policy)
             notes.append(f"{rid}: candidates selected; wave 0 started")
-        wave = rollout["wave"]
+        wave = int(current[1])
         while True:  # several waves may be done at once (empty, skipped or superseded ones)
             open_in_wave = tx.execute(
                 "SELECT COUNT(*) FROM deployment_devices WHERE deployment_id = ? AND wave <= ? "
@@ -583,7 +599,7 @@ class Rollouts:
 
     def _stop(
         self,
-        tx: sqlite3.Connection,
+        tx: Connection,
         rollout_id: str,
         state: str,
         reason: str,
@@ -598,8 +614,8 @@ class Rollouts:
         trialed = {
             d: started
             for d, started in tx.execute(
-                "SELECT device_id, MAX(state != 'waiting') FROM candidate_trials "
-                "WHERE rollout_id = ? GROUP BY device_id",
+                "SELECT device_id, MAX(CASE WHEN state != 'waiting' THEN 1 ELSE 0 END) "
+                "FROM candidate_trials WHERE rollout_id = ? GROUP BY device_id",
                 (rollout_id,),
             )
         }
@@ -736,7 +752,7 @@ class Rollouts:
 
 
 def set_desired(
-    tx: sqlite3.Connection,
+    tx: Connection,
     device_id: str,
     sha: str | None,
     deployment_id: str,
@@ -748,7 +764,8 @@ def set_desired(
     # Monotonic even when the device row was recreated or the database is new: the agent
     # ignores generations <= the last one it applied, so never go back.
     previous = tx.execute(
-        "SELECT MAX(desired_generation, reported_generation) FROM devices WHERE id = ?",
+        "SELECT CASE WHEN desired_generation > reported_generation THEN desired_generation "
+        "ELSE reported_generation END FROM devices WHERE id = ?",
         (device_id,),
     ).fetchone()
     generation = max((previous[0] if previous else 0) + 1, int(now() * 1000))
@@ -768,7 +785,7 @@ def set_desired(
 
 
 def _latest_benchmark(
-    tx: sqlite3.Connection, device_id: str, sha: str | None, since: float = 0.0
+    tx: Connection, device_id: str, sha: str | None, since: float = 0.0
 ) -> dict[str, Any] | None:
     """The newest benchmark report of `sha` on this device (received after `since`)."""
     if not sha:
@@ -791,7 +808,7 @@ def _report_dict(event: Event) -> dict[str, Any]:
     return dict(encode(event.benchmark))
 
 
-def _counts(tx: sqlite3.Connection, rollout_id: str) -> dict[str, int]:
+def _counts(tx: Connection, rollout_id: str) -> dict[str, int]:
     """Devices per state in one rollout."""
     return dict(
         tx.execute(

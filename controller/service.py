@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.mqtt import MqttSession
+from agent.mqtt import Ack, MqttSession
 from agent.protocol import (
     DEFAULT_ROOT,
     Command,
@@ -27,7 +27,9 @@ from agent.protocol import (
     dump,
     parse,
 )
+from controller.adopt import Adoption, dead_replicas, mark_adopted
 from controller.fleet import Fleet
+from controller.lease import RENEW_INTERVAL_S, Lease, heartbeat
 from controller.security.signing import current_fleet_keys
 
 if TYPE_CHECKING:
@@ -38,8 +40,10 @@ log = logging.getLogger(__name__)
 # How often desired state is reconciled into retained MQTT messages when nothing happens...
 RECONCILE_INTERVAL_S = 0.5
 # ...and the shortest gap between reconciles when something did: a CLI commit (seen through
-# SQLite's data_version) or an ingested batch that may finish a wave.
+# the database's changed_elsewhere) or an ingested batch that may finish a wave.
 RECONCILE_MIN_GAP_S = 0.05
+# The MQTT shared-subscription group of controller replicas: each device message reaches one.
+SHARE_GROUP = "edgefleet"
 # Requests for chunks are gathered this long before publishing, so devices that start together
 # share one publication of each chunk (egress ≈ one artifact size per wave, not per device).
 NEED_COALESCE_S = 0.25
@@ -89,11 +93,22 @@ class ControllerService:
         resend_grace_s: float = RESEND_GRACE_S,
         telemetry_raw_days: float = TELEMETRY_RAW_DAYS,
         metrics: ControllerMetrics | None = None,
+        replica: str | None = None,
     ) -> None:
-        """Prepare the session; start() connects and begins the loop."""
+        """Prepare the session; start() connects and begins the loop.
+
+        With `replica` (a name unique among the replicas), device messages arrive through
+        shared subscriptions and only the replica holding the leader lease drives rollouts and
+        publishes (docs/storage.md, "Replicas").
+        """
         self.home = home
+        self.replica = replica
+        self.name = replica or "controller"
+        self.is_leader = False
+        self.leader_terms = 0
+        self._lease: Lease | None = None
         self.topics = Topics(topic_root)
-        self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self._inbox: queue.Queue[tuple[str, bytes, Ack | None]] = queue.Queue()
         self._stop = threading.Event()
         self._reconnected = threading.Event()
         self._connected_at = 0.0
@@ -114,13 +129,23 @@ class ControllerService:
         self.metrics = metrics
         self.records_stored = 0
         self.records_duplicate = 0
+        self.messages = 0
         self.resend_requests = 0
         # clean_session=False with a fixed client id: the broker queues device events for us
         # while the controller restarts, so a restart loses nothing.
+        if replica is not None:
+            client_id = f"{client_id}-{replica}"
+        self.broker_url = broker_url
+        self.client_id = client_id
+        self._credentials = (username, password)
+        self._adoptions: list[Adoption] = []
+        self.adopted_messages = 0
         self.session = MqttSession(
             broker_url,
             client_id,
-            on_message=self._on_message,
+            # Acknowledged once processed (committed): a crash loses no message, the broker
+            # delivers what was not acknowledged again, and the database dedupes it.
+            on_acked_message=self._on_message,
             on_connect=self._on_connect,
             username=username,
             password=password,
@@ -148,41 +173,133 @@ class ControllerService:
 
     def _on_connect(self) -> None:
         """Subscribe to every device's inbound channels and artifact repair requests."""
-        t = self.topics
-        self.session.subscribe(
-            t.all_devices("hello"),
-            t.all_devices("status"),
-            t.all_devices("events"),
-            t.all_devices("telemetry"),
-            t.all_needs(),
-        )
+        # Status is retained (a shared subscription gets no retained messages) and idempotent:
+        # every replica takes every status.
+        self.session.subscribe(*self._device_filters(), self.topics.all_devices("status"))
         self._connected_at = time.monotonic()
         self._keys_published = None  # retained state may be gone: publish the keys again
         self._reconnected.set()
         self.ready.set()
 
-    def _on_message(self, topic: str, payload: bytes) -> None:
+    def _device_filters(self) -> tuple[str, ...]:
+        """What devices send the controller; for replicas, shared: each message to one."""
+        t = self.topics
+        filters = (
+            t.all_devices("hello"),
+            t.all_devices("events"),
+            t.all_devices("telemetry"),
+            t.all_needs(),
+        )
+        if self.replica is None:
+            return filters
+        return tuple(f"$share/{SHARE_GROUP}/{f}" for f in filters)
+
+    def _on_message(self, topic: str, payload: bytes, ack: Ack | None = None) -> None:
         """Hand a message to the service thread (paho's thread must not touch the database)."""
-        self._inbox.put((topic, payload))
+        self._inbox.put((topic, payload, ack))
+
+    def _lead(self, lease: Lease, fleet: Fleet, started: float) -> None:
+        """Renew or take the leader lease, and beat this replica's heartbeat."""
+        try:
+            leader = lease.acquire()
+        except Exception:  # the database is away: stop leading until it answers again
+            self.errors += 1
+            log.exception("cannot renew the leader lease")
+            leader = False
+        if leader and not self.is_leader:
+            self.leader_terms += 1
+            log.info("%s leads (term %d): driving rollouts and publishing", self.name, lease.epoch)
+        elif self.is_leader and not leader:
+            log.warning("%s lost the leader lease: ingesting only", self.name)
+        self.is_leader = leader
+        try:
+            heartbeat(
+                fleet.db,
+                self.name,
+                started=started,
+                leader=leader,
+                stats=self.counters(),
+                client_id=self.client_id,
+                shared=self.replica is not None,
+            )
+            if leader and self.replica is not None:
+                self._adopt(fleet)
+        except Exception:
+            self.errors += 1
+            log.exception("cannot record the heartbeat or adopt a dead replica's session")
+
+    def _adopt(self, fleet: Fleet) -> None:
+        """Take over the sessions of dead replicas (controller/adopt.py); close drained ones."""
+        for adoption in [a for a in self._adoptions if a.done()]:
+            adoption.stop()
+            self._adoptions.remove(adoption)
+            log.info(
+                "released the session of replica %s after %d message(s)",
+                adoption.replica,
+                adoption.messages,
+            )
+        for row in dead_replicas(fleet.db, self.name):
+            adoption = Adoption(
+                self.broker_url,
+                row["name"],
+                row["client_id"],
+                self._device_filters(),
+                self._on_message_adopted,
+                username=self._credentials[0],
+                password=self._credentials[1],
+            )
+            mark_adopted(fleet.db, row["name"], self.name)
+            adoption.start()
+            self._adoptions.append(adoption)
+            log.warning("replica %s stopped beating: adopting its MQTT session", row["name"])
+
+    def _on_message_adopted(self, topic: str, payload: bytes, ack: Ack | None) -> None:
+        """A message a dead replica held: processed here like our own."""
+        self.adopted_messages += 1
+        self._inbox.put((topic, payload, ack))
+
+    def counters(self) -> dict[str, int]:
+        """This replica's service counters (heartbeat, stats line, benchmarks)."""
+        return {
+            "records_stored": self.records_stored,
+            "records_duplicate": self.records_duplicate,
+            "messages": self.messages,
+            "chunks_published": self.chunks_published,
+            "rejected": self.rejected,
+            "errors": self.errors,
+            "leader_terms": self.leader_terms,
+            "adopted_messages": self.adopted_messages,
+            "resend_requests": self.resend_requests,
+        }
 
     def _run(self) -> None:
         """Service loop: drain the inbox in batches, reconcile, publish requested chunks."""
         fleet = Fleet(self.home)
+        fleet.rollouts.driver = self.name
+        lease = Lease(fleet.db, self.name)
+        self._lease = lease
+        started = time.time()
+        last_lead = 0.0
         needs: dict[str, set[int]] = defaultdict(set)
         first_need: dict[str, float] = {}
         next_reconcile = last_reconcile = 0.0
         last_sweep = last_stats = last_resend = time.monotonic()
         last_compact = 0.0
-        data_version = -1
         try:
             while not self._stop.is_set():
+                if time.monotonic() - last_lead >= RENEW_INTERVAL_S:
+                    last_lead = time.monotonic()
+                    self._lead(lease, fleet, started)
                 batch = self._drain(timeout=0.05)
                 # Another process (the CLI) committed: its rollout should not wait for the tick.
-                version = fleet.db.conn.execute("PRAGMA data_version").fetchone()[0]
-                dirty = bool(batch) or version != data_version
-                data_version = version
+                dirty = fleet.db.changed_elsewhere() or bool(batch)
                 if batch:
-                    self._ingest(fleet, batch, needs, first_need)
+                    self._ingest(fleet, [(t, p) for t, p, _ in batch], needs, first_need)
+                    for _, _, ack in batch:  # processed (or counted as failed): acknowledge
+                        if ack is not None:
+                            ack()
+                if self._reconnected.is_set() and not self.is_leader:
+                    self._reconnected.clear()  # the leader republishes; followers publish nothing
                 if self._reconnected.is_set():
                     # Retained state may be gone (broker restart without persistence): resend.
                     try:
@@ -192,6 +309,9 @@ class ControllerService:
                     except Exception:  # retried on the next iteration
                         self.errors += 1
                         log.exception("cannot reset the published state")
+                self._serve_chunks(fleet, needs, first_need)
+                if not self.is_leader:
+                    continue  # ingest only: the leader drives rollouts and publishes
                 now = time.monotonic()
                 if now >= next_reconcile or (dirty and now - last_reconcile >= RECONCILE_MIN_GAP_S):
                     last_reconcile = now
@@ -201,7 +321,6 @@ class ControllerService:
                     except Exception:  # retried on the next tick; never kills the loop
                         self.errors += 1
                         log.exception("reconcile failed")
-                self._serve_chunks(fleet, needs, first_need)
                 if time.monotonic() - last_resend >= RESEND_CHECK_S:
                     last_resend = time.monotonic()
                     self._housekeep(fleet, self._request_resends)
@@ -222,6 +341,12 @@ class ControllerService:
             log.exception("controller loop crashed")
             raise
         finally:
+            for adoption in self._adoptions:
+                adoption.stop()
+            try:
+                lease.release()  # a clean stop hands over at once, not after the TTL
+            except Exception:
+                log.exception("cannot release the leader lease")
             fleet.close()
 
     def _ingest(
@@ -231,15 +356,28 @@ class ControllerService:
         needs: dict[str, set[int]],
         first_need: dict[str, float],
     ) -> None:
-        """Apply a batch in one commit (each message a savepoint); if the commit itself fails
-        (database locked, disk full), apply the messages one by one rather than lose them."""
-        try:
-            with fleet.db.transaction():
-                self._handle_each(fleet, batch, needs, first_need)
-        except Exception:
-            self.errors += 1
-            log.exception("batch of %d messages failed; applying one by one", len(batch))
-            self._handle_each(fleet, batch, needs, first_need)
+        """Apply a batch: the device messages in one exclusive commit (each message a
+        savepoint; if the commit itself fails, one by one rather than lose them), then its
+        telemetry in a transaction that locks only those devices, so replicas ingest it in
+        parallel (docs/storage.md)."""
+        self.messages += len(batch)
+        telemetry: list[Telemetry] = []
+        others: list[tuple[str, bytes]] = []
+        for topic, payload in batch:
+            if _channel_of(topic) == "telemetry":
+                self._handle(fleet, topic, payload, needs, first_need, telemetry)
+            else:
+                others.append((topic, payload))
+        if others:
+            try:
+                with fleet.db.transaction():
+                    self._handle_each(fleet, others, needs, first_need)
+            except Exception:
+                self.errors += 1
+                log.exception("batch of %d messages failed; applying one by one", len(others))
+                self._handle_each(fleet, others, needs, first_need)
+        if telemetry:
+            self._store_telemetry(fleet, telemetry)
 
     def _handle_each(
         self,
@@ -248,23 +386,18 @@ class ControllerService:
         needs: dict[str, set[int]],
         first_need: dict[str, float],
     ) -> None:
-        """Handle messages; one bad message never stops the others. Telemetry is parsed here
-        and stored for the whole batch at once (set-based: a few statements per batch)."""
-        telemetry: list[Telemetry] = []
+        """Handle messages; one bad message never stops the others."""
         for topic, payload in batch:
             try:
-                self._handle(fleet, topic, payload, needs, first_need, telemetry)
+                self._handle(fleet, topic, payload, needs, first_need, [])
             except Exception:
                 self.errors += 1
                 log.exception("failed to handle a message on %s", topic)
-        if telemetry:
-            self._store_telemetry(fleet, telemetry)
 
     def _store_telemetry(self, fleet: Fleet, messages: list[Telemetry]) -> None:
-        """Store a batch's telemetry in one savepoint; if that fails, message by message."""
+        """Store a batch's telemetry in one transaction; if that fails, message by message."""
         try:
-            with fleet.db.transaction():
-                results = [fleet.telemetry.ingest_many(messages, time.time())]
+            results = [fleet.telemetry.ingest_many(messages, time.time())]
         except Exception:
             self.errors += 1
             log.exception(
@@ -273,8 +406,7 @@ class ControllerService:
             results = []
             for message in messages:
                 try:
-                    with fleet.db.transaction():
-                        results.append(fleet.telemetry.ingest(message, time.time()))
+                    results.append(fleet.telemetry.ingest(message, time.time()))
                 except Exception:
                     self.errors += 1
                     log.exception("cannot store telemetry from %s", message.device_id)
@@ -284,7 +416,7 @@ class ControllerService:
             if self.metrics is not None:
                 self.metrics.observe_ingest(result)
 
-    def _drain(self, timeout: float) -> list[tuple[str, bytes]]:
+    def _drain(self, timeout: float) -> list[tuple[str, bytes, Ack | None]]:
         """Up to MAX_BATCH queued messages, waiting at most `timeout` for the first."""
         try:
             batch = [self._inbox.get(timeout=timeout)]
@@ -426,7 +558,8 @@ class ControllerService:
         """Advance rollouts, then publish the manifests, desired states and commands pending."""
         connected = self.session.connected.is_set()
         if connected and time.monotonic() - self._connected_at >= TICK_GRACE_S:
-            for note in fleet.rollouts.tick():
+            fence = self._lease.held if self._lease is not None else None
+            for note in fleet.rollouts.tick(fence=fence):
                 log.info("%s", note)
         keys = current_fleet_keys(self.home / "security")
         if keys is not None and keys != self._keys_published:

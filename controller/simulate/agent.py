@@ -91,6 +91,7 @@ class SimAgent(FallbackSwitch):
     """One simulated device: its paho client plus the daemon's update state machine, in memory."""
 
     __slots__ = (
+        "activations",
         "applied_generation",
         "backoff",
         "base",
@@ -141,6 +142,7 @@ class SimAgent(FallbackSwitch):
         self.detail = ""
         self.applied_generation = 0
         self.latest_generation = 0
+        self.activations = 0  # installs that reached `active` (a second one = a double update)
         self.seen_commands: set[str] | None = None
         self.update: Update | None = None
         self.fallback = None
@@ -356,6 +358,7 @@ class SimAgent(FallbackSwitch):
         )
         self._make_current(upd.sha, entry, detail)
         self.sim.counters.activated += 1
+        self.activations += 1
         self._activated(desired)
 
     def _make_current(self, sha: str, entry: StoredModel, detail: str) -> None:
@@ -487,6 +490,7 @@ class SimAgent(FallbackSwitch):
             "model_sha256": self.current,
             "previous_sha256": self.previous,
             "generation": self.applied_generation,
+            "activations": self.activations,
             "threads": self.models[self.current].threads if self.current in self.models else None,
             "fallback": self.fallback.sha if self.fallback is not None else None,
             "detail": self.detail,
