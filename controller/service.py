@@ -173,8 +173,8 @@ class ControllerService:
 
     def _on_connect(self) -> None:
         """Subscribe to every device's inbound channels and artifact repair requests."""
-        # Status is retained (a shared subscription gets no retained messages) and idempotent:
-        # every replica takes every status.
+        # Status is retained and idempotent: every replica takes every status (shared, a live
+        # change would reach one replica; MQTT 5 gives shared subscriptions no retained ones).
         self.session.subscribe(*self._device_filters(), self.topics.all_devices("status"))
         self._connected_at = time.monotonic()
         self._keys_published = None  # retained state may be gone: publish the keys again
