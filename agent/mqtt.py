@@ -144,13 +144,12 @@ class MqttSession:
             protocol=paho.MQTTv311,
             clean_session=clean_session,
             manual_ack=on_acked_message is not None,
+            # One connection only: a lost one ends the network thread, never reconnects later.
+            reconnect_on_failure=reconnect,
         )
         if context is not None:
             self.client.tls_set_context(context)
-        if reconnect:
-            self.client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
-        else:  # the owner stops the loop long before paho would try again
-            self.client.reconnect_delay_set(3600, 3600)
+        self.client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
         self.client.max_inflight_messages_set(max_inflight)
         # Keep QoS1 messages queued while offline instead of refusing them.
         self.client.max_queued_messages_set(0)

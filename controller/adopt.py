@@ -13,6 +13,7 @@ docs/storage.md, "Replicas".
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -29,7 +30,7 @@ QUIET_S = 2.0
 # ...or after this long in all (a busy fleet keeps queuing until the unsubscribe lands).
 MAX_ADOPTION_S = 60.0
 
-Deliver = Callable[[str, bytes, Ack | None], None]
+Deliver = Callable[[str, bytes, Callable[[], None] | None], None]
 
 
 class Adoption:
@@ -50,6 +51,8 @@ class Adoption:
         self.replica = replica
         self.filters = filters
         self.messages = 0
+        self.outstanding = 0  # delivered to the adopter, not yet acknowledged
+        self._lock = threading.Lock()
         self.started = time.monotonic()
         self.last_message = self.started
         self._deliver = deliver
@@ -69,23 +72,38 @@ class Adoption:
         self.session.start()
 
     def _on_connect(self) -> None:
-        """Stop the broker queuing for the dead replica; what it holds still arrives."""
+        """Stop the broker queuing for the dead replica (its shared filters and its plain
+        status one); what it holds still arrives."""
         self.session.unsubscribe(*self.filters)
 
     def _on_message(self, topic: str, payload: bytes, ack: Ack) -> None:
-        """Pass a stranded message to the adopter's inbox."""
-        self.messages += 1
+        """Pass a stranded message to the adopter's inbox; count it until acknowledged."""
+        with self._lock:
+            self.messages += 1
+            self.outstanding += 1
         self.last_message = time.monotonic()
-        self._deliver(topic, payload, ack)
+
+        def acknowledge() -> None:
+            ack()
+            with self._lock:
+                self.outstanding -= 1
+
+        self._deliver(topic, payload, acknowledge)
 
     def done(self) -> bool:
-        """True once the session ended: taken back by its replica, quiet, or timed out."""
+        """True once the session ended (taken back by its replica), or once every adopted
+        message is committed and acknowledged and the session has been quiet (or timed out:
+        unacknowledged ones then stay in the session for its replica, or the next adoption)."""
         now = time.monotonic()
         if self.session.closed.is_set():
             return True
+        if now - self.started > MAX_ADOPTION_S:
+            return True
         if not self.session.connected.is_set():
-            return now - self.started > MAX_ADOPTION_S
-        return now - self.last_message > QUIET_S or now - self.started > MAX_ADOPTION_S
+            return False
+        with self._lock:
+            settled = self.outstanding == 0
+        return settled and now - self.last_message > QUIET_S
 
     def stop(self) -> None:
         """Disconnect (the session, now without subscriptions, stays with the broker)."""

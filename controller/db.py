@@ -444,8 +444,13 @@ class Database:
     conn: Connection
 
     @contextmanager
-    def transaction(self, *, exclusive: bool = True) -> Iterator[Connection]:
+    def transaction(
+        self, *, exclusive: bool = True, repeatable: bool = False
+    ) -> Iterator[Connection]:
         """One transaction (a SAVEPOINT inside an open one), rolled back on error.
+
+        `repeatable`: every statement sees one snapshot (PostgreSQL REPEATABLE READ), for
+        read-then-delete code that must not touch rows other replicas commit meanwhile.
 
         `exclusive` transactions are serialized against every other exclusive one, in every
         process: read-decide-write code (rollouts, registry) relies on it. Telemetry ingest
@@ -466,6 +471,11 @@ class Database:
     def lock_devices(self, device_ids: Iterable[str]) -> None:
         """Hold per-device write locks until the transaction ends (no-op where writers are
         serialized anyway, as in SQLite)."""
+
+    def healthy(self) -> bool:
+        """False once the connection is lost for good (the service then stops: a supervisor
+        restarts it; messages it did not acknowledge are delivered again)."""
+        return True
 
     def clock(self) -> float:
         """The time every replica agrees on (the database server's; here this host's)."""
@@ -553,7 +563,9 @@ class SqliteDatabase(Database):
         return int(self.sqlite.execute("PRAGMA user_version").fetchone()[0])
 
     @contextmanager
-    def transaction(self, *, exclusive: bool = True) -> Iterator[Connection]:
+    def transaction(
+        self, *, exclusive: bool = True, repeatable: bool = False
+    ) -> Iterator[Connection]:
         """BEGIN IMMEDIATE … COMMIT, rolled back on error (IMMEDIATE avoids upgrade deadlocks).
 
         Inside an open transaction it is a SAVEPOINT instead: the service wraps a batch of

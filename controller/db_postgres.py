@@ -9,8 +9,8 @@ float, never Decimal. docs/storage.md has the decisions.
 
 from __future__ import annotations
 
+import functools
 import re
-import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -112,15 +112,10 @@ class _BoolAsIntDumper(Dumper):
         return b"1" if obj else b"0"
 
 
-_translated: dict[str, str] = {}
-_translate_lock = threading.Lock()
-
-
+@functools.lru_cache(maxsize=2048)
 def translate(sql: str) -> str:
-    """The PostgreSQL text of one controller statement (cached: statements are few)."""
-    cached = _translated.get(sql)
-    if cached is not None:
-        return cached
+    """The PostgreSQL text of one controller statement (cached: the texts are few, apart from
+    IN lists of varying length, which the bound keeps from growing without limit)."""
     out: list[str] = []
     quote: str | None = None
     for ch in sql:
@@ -141,8 +136,6 @@ def translate(sql: str) -> str:
     if re.match(r"\s*INSERT\s+OR\s+IGNORE\s+INTO\b", text, re.IGNORECASE):
         text = re.sub(r"INSERT\s+OR\s+IGNORE", "INSERT", text, count=1, flags=re.IGNORECASE)
         text = text.rstrip().rstrip(";") + " ON CONFLICT DO NOTHING"
-    with _translate_lock:
-        _translated[sql] = text
     return text
 
 
@@ -254,7 +247,9 @@ class PostgresDatabase(Database):
         return int(row[0]) if row and row[0] is not None else 0
 
     @contextmanager
-    def transaction(self, *, exclusive: bool = True) -> Iterator[Connection]:
+    def transaction(
+        self, *, exclusive: bool = True, repeatable: bool = False
+    ) -> Iterator[Connection]:
         """BEGIN … COMMIT (a SAVEPOINT inside an open transaction), rolled back on error.
 
         Exclusive transactions take one advisory lock first, so read-decide-write code runs
@@ -274,7 +269,7 @@ class PostgresDatabase(Database):
                 raise
             self.pg.execute(f"RELEASE SAVEPOINT {name}")
             return
-        self.pg.execute("BEGIN")
+        self.pg.execute("BEGIN ISOLATION LEVEL REPEATABLE READ" if repeatable else "BEGIN")
         try:
             if exclusive:
                 self._advisory_lock(_EXCLUSIVE_LOCK)
@@ -293,6 +288,10 @@ class PostgresDatabase(Database):
             yield self.conn
         finally:
             self.pg.execute("COMMIT")
+
+    def healthy(self) -> bool:
+        """Whether the connection still works (psycopg marks it closed or broken for good)."""
+        return not (self.pg.closed or self.pg.broken)
 
     def clock(self) -> float:
         """The server's clock: leases never depend on the replicas' clocks agreeing."""

@@ -85,8 +85,9 @@ class Lease:
         self.epoch = epoch
         return epoch > 0
 
-    def held(self, tx: Connection) -> bool:
-        """Inside the caller's transaction: does this replica still hold the lease (this term)?"""
+    def held(self, tx: Connection, now: float, margin_s: float = 0.0) -> bool:
+        """Inside the caller's transaction (`now` from its database's clock): does this replica
+        still hold the lease, this term, for at least `margin_s` more?"""
         if not self.epoch:
             return False
         row = tx.execute(
@@ -96,7 +97,7 @@ class Lease:
             row is not None
             and row[0] == self.holder
             and int(row[1]) == self.epoch
-            and row[2] > self.db.clock()
+            and row[2] > now + margin_s
         )
 
     def release(self) -> None:

@@ -99,9 +99,9 @@ class Rollouts:
                 # The newest rollout owns the device: an older one must not start it later.
                 tx.execute(
                     "UPDATE deployment_devices SET state = 'superseded', updated = ?, "
-                    f"detail = 'taken by {rollout_id}' WHERE device_id = ? "
+                    "detail = ? WHERE device_id = ? "
                     "AND state IN ('waiting', 'baselining', 'retrying')",
-                    (ts, device_id),
+                    (ts, f"taken by {rollout_id}", device_id),
                 )
                 wave = next(i for i, b in enumerate(bounds) if position < b)
                 tx.execute(

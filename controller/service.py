@@ -28,14 +28,20 @@ from agent.protocol import (
     parse,
 )
 from controller.adopt import Adoption, dead_replicas, mark_adopted
+from controller.db import Connection, Database, database_target, open_database
 from controller.fleet import Fleet
-from controller.lease import RENEW_INTERVAL_S, Lease, heartbeat
+from controller.lease import LEASE_TTL_S, RENEW_INTERVAL_S, Lease, heartbeat
 from controller.security.signing import current_fleet_keys
 
 if TYPE_CHECKING:
     from controller.prometheus import ControllerMetrics
 
 log = logging.getLogger(__name__)
+
+
+class DatabaseUnavailable(RuntimeError):
+    """The service loop's database connection is gone for good: the loop stops unacknowledged."""
+
 
 # How often desired state is reconciled into retained MQTT messages when nothing happens...
 RECONCILE_INTERVAL_S = 0.5
@@ -198,8 +204,41 @@ class ControllerService:
         """Hand a message to the service thread (paho's thread must not touch the database)."""
         self._inbox.put((topic, payload, ack))
 
-    def _lead(self, lease: Lease, fleet: Fleet, started: float) -> None:
-        """Renew or take the leader lease, and beat this replica's heartbeat."""
+    def _lead_forever(self, started: float) -> None:
+        """Leadership thread: every RENEW_INTERVAL_S, renew or take the leader lease and beat
+        the heartbeat, on a connection of its own, so a slow batch, reconcile or compaction
+        in the service loop never lets the lease lapse. A lost connection is reopened."""
+        db: Database | None = None
+        try:
+            while not self._stop.is_set():
+                try:
+                    if db is None or not db.healthy():
+                        if db is not None:
+                            self.is_leader = False
+                            db.close()
+                            db = None
+                        db = open_database(database_target(self.home), migrate=False)
+                        self._lease = Lease(db, self.name)
+                    assert self._lease is not None
+                    self._lead(self._lease, db, started)
+                except Exception:  # the database is away: lead again once it answers
+                    self.is_leader = False
+                    self.errors += 1
+                    log.exception("leadership: cannot reach the database")
+                self._stop.wait(RENEW_INTERVAL_S)
+        finally:
+            for adoption in self._adoptions:
+                adoption.stop()
+            if db is not None:
+                try:
+                    if self._lease is not None:
+                        self._lease.release()  # a clean stop hands over at once, not after TTL
+                except Exception:
+                    log.exception("cannot release the leader lease")
+                db.close()
+
+    def _lead(self, lease: Lease, db: Database, started: float) -> None:
+        """Renew or take the leader lease, beat this replica's heartbeat, tend adoptions."""
         try:
             leader = lease.acquire()
         except Exception:  # the database is away: stop leading until it answers again
@@ -208,13 +247,16 @@ class ControllerService:
             leader = False
         if leader and not self.is_leader:
             self.leader_terms += 1
+            # Whatever the last leader published may be missing (a broker restart during the
+            # handover): publish the fleet's desired state again, as after a reconnect.
+            self._reconnected.set()
             log.info("%s leads (term %d): driving rollouts and publishing", self.name, lease.epoch)
         elif self.is_leader and not leader:
             log.warning("%s lost the leader lease: ingesting only", self.name)
         self.is_leader = leader
         try:
             heartbeat(
-                fleet.db,
+                db,
                 self.name,
                 started=started,
                 leader=leader,
@@ -222,14 +264,13 @@ class ControllerService:
                 client_id=self.client_id,
                 shared=self.replica is not None,
             )
-            if leader and self.replica is not None:
-                self._adopt(fleet)
+            self._adopt(db, leader)
         except Exception:
             self.errors += 1
             log.exception("cannot record the heartbeat or adopt a dead replica's session")
 
-    def _adopt(self, fleet: Fleet) -> None:
-        """Take over the sessions of dead replicas (controller/adopt.py); close drained ones."""
+    def _adopt(self, db: Database, leader: bool) -> None:
+        """Close drained adoptions; as leader, take over dead replicas' sessions (adopt.py)."""
         for adoption in [a for a in self._adoptions if a.done()]:
             adoption.stop()
             self._adoptions.remove(adoption)
@@ -238,22 +279,43 @@ class ControllerService:
                 adoption.replica,
                 adoption.messages,
             )
-        for row in dead_replicas(fleet.db, self.name):
+        if not leader or self.replica is None:
+            return
+        for row in dead_replicas(db, self.name):
             adoption = Adoption(
                 self.broker_url,
                 row["name"],
                 row["client_id"],
-                self._device_filters(),
+                # Its plain status subscription too: else the broker queues every status for
+                # the dead session, and a replica coming back would replay stale ones.
+                (*self._device_filters(), self.topics.all_devices("status")),
                 self._on_message_adopted,
                 username=self._credentials[0],
                 password=self._credentials[1],
             )
-            mark_adopted(fleet.db, row["name"], self.name)
+            mark_adopted(db, row["name"], self.name)
             adoption.start()
             self._adoptions.append(adoption)
             log.warning("replica %s stopped beating: adopting its MQTT session", row["name"])
 
-    def _on_message_adopted(self, topic: str, payload: bytes, ack: Ack | None) -> None:
+    def _still_leading(self, fleet: Fleet) -> bool:
+        """Right before leader-only work: the lease is ours, this term, for at least half its
+        TTL more, read from the database, so a leader that stalled past its expiry publishes
+        nothing once another replica may have taken over."""
+        lease = self._lease
+        if not self.is_leader or lease is None:
+            return False
+        try:
+            with fleet.db.transaction(exclusive=False) as tx:
+                return lease.held(tx, fleet.db.clock(), margin_s=LEASE_TTL_S / 2)
+        except Exception:  # the database is away: not leading (the loop sees it unhealthy)
+            self.errors += 1
+            log.exception("cannot check the leader lease")
+            return False
+
+    def _on_message_adopted(
+        self, topic: str, payload: bytes, ack: Callable[[], None] | None
+    ) -> None:
         """A message a dead replica held: processed here like our own."""
         self.adopted_messages += 1
         self._inbox.put((topic, payload, ack))
@@ -276,10 +338,11 @@ class ControllerService:
         """Service loop: drain the inbox in batches, reconcile, publish requested chunks."""
         fleet = Fleet(self.home)
         fleet.rollouts.driver = self.name
-        lease = Lease(fleet.db, self.name)
-        self._lease = lease
-        started = time.time()
-        last_lead = 0.0
+        leadership = threading.Thread(
+            target=self._lead_forever, args=(time.time(),), name="edgefleet-leadership",
+            daemon=True,
+        )  # fmt: skip
+        leadership.start()
         needs: dict[str, set[int]] = defaultdict(set)
         first_need: dict[str, float] = {}
         next_reconcile = last_reconcile = 0.0
@@ -287,15 +350,21 @@ class ControllerService:
         last_compact = 0.0
         try:
             while not self._stop.is_set():
-                if time.monotonic() - last_lead >= RENEW_INTERVAL_S:
-                    last_lead = time.monotonic()
-                    self._lead(lease, fleet, started)
+                if not fleet.db.healthy():
+                    raise DatabaseUnavailable("lost the database connection")
                 batch = self._drain(timeout=0.05)
                 # Another process (the CLI) committed: its rollout should not wait for the tick.
                 dirty = fleet.db.changed_elsewhere() or bool(batch)
                 if batch:
                     self._ingest(fleet, [(t, p) for t, p, _ in batch], needs, first_need)
-                    for _, _, ack in batch:  # processed (or counted as failed): acknowledge
+                    if not fleet.db.healthy():
+                        # Nothing of the batch may be acknowledged: stop, and the broker
+                        # delivers it again (to us after a restart, or to the adopting leader).
+                        raise DatabaseUnavailable(
+                            f"lost the database connection; {len(batch)} message(s) left "
+                            "unacknowledged for redelivery"
+                        )
+                    for _, _, ack in batch:  # processed, or refused as malformed: acknowledge
                         if ack is not None:
                             ack()
                 if self._reconnected.is_set() and not self.is_leader:
@@ -313,7 +382,16 @@ class ControllerService:
                 if not self.is_leader:
                     continue  # ingest only: the leader drives rollouts and publishes
                 now = time.monotonic()
-                if now >= next_reconcile or (dirty and now - last_reconcile >= RECONCILE_MIN_GAP_S):
+                gap = now - last_reconcile
+                due = now >= next_reconcile or (dirty and gap >= RECONCILE_MIN_GAP_S)
+                periodic = (
+                    now - last_resend >= RESEND_CHECK_S
+                    or now - last_compact >= COMPACT_INTERVAL_S
+                    or now - last_sweep >= self.retained_sweep_s
+                )
+                if (due or periodic) and not self._still_leading(fleet):
+                    continue  # the lease is about to lapse or is gone: publish nothing
+                if due:
                     last_reconcile = now
                     next_reconcile = now + RECONCILE_INTERVAL_S
                     try:
@@ -341,12 +419,8 @@ class ControllerService:
             log.exception("controller loop crashed")
             raise
         finally:
-            for adoption in self._adoptions:
-                adoption.stop()
-            try:
-                lease.release()  # a clean stop hands over at once, not after the TTL
-            except Exception:
-                log.exception("cannot release the leader lease")
+            self._stop.set()  # the leadership thread too (it releases the lease)
+            leadership.join(timeout=10)
             fleet.close()
 
     def _ingest(
@@ -558,9 +632,17 @@ class ControllerService:
         """Advance rollouts, then publish the manifests, desired states and commands pending."""
         connected = self.session.connected.is_set()
         if connected and time.monotonic() - self._connected_at >= TICK_GRACE_S:
-            fence = self._lease.held if self._lease is not None else None
+            lease = self._lease
+            if lease is None:
+                return
+
+            def fence(tx: Connection) -> bool:
+                return lease.held(tx, fleet.db.clock())
+
             for note in fleet.rollouts.tick(fence=fence):
                 log.info("%s", note)
+            if not self._still_leading(fleet):
+                return  # a takeover may be under way: the new leader publishes
         keys = current_fleet_keys(self.home / "security")
         if keys is not None and keys != self._keys_published:
             # Before any desired state signed with the new key (`edgefleet keys rotate`).

@@ -368,19 +368,28 @@ class TelemetryStore:
         left in `last_expired`). Only online devices are asked, so an outage does not use up
         the attempts of a device that will drain its spool when it is back.
         """
-        self.last_expired = self._expire(now, retry_s, max_requests)
         due: dict[str, list[SeqRange]] = {}
-        for device, first, last in self.db.conn.execute(
-            "SELECT g.device_id, g.seq_first, g.seq_last FROM telemetry_gaps g "
-            "JOIN devices d ON d.id = g.device_id AND d.online = 1 "
-            "WHERE g.state = 'missing' AND g.first_seen <= ? "
-            "AND (g.last_requested IS NULL OR g.last_requested <= ?) AND g.requests < ? "
-            "ORDER BY g.device_id, g.seq_first",
-            (now - grace_s, now - retry_s, max_requests),
-        ):
-            ranges = due.setdefault(device, [])
-            if len(ranges) < MAX_RESEND_RANGES:
-                ranges.append(SeqRange(int(first), int(last)))
+        with self.db.transaction() as tx:
+            # Every device this pass may touch, locked at once in the order ingest uses: one
+            # by one (expire, then each mark_requested) could deadlock with a replica's batch.
+            self.db.lock_devices(
+                row[0]
+                for row in tx.execute(
+                    "SELECT DISTINCT device_id FROM telemetry_gaps WHERE state = 'missing'"
+                )
+            )
+            self.last_expired = self._expire(now, retry_s, max_requests)
+            for device, first, last in tx.execute(
+                "SELECT g.device_id, g.seq_first, g.seq_last FROM telemetry_gaps g "
+                "JOIN devices d ON d.id = g.device_id AND d.online = 1 "
+                "WHERE g.state = 'missing' AND g.first_seen <= ? "
+                "AND (g.last_requested IS NULL OR g.last_requested <= ?) AND g.requests < ? "
+                "ORDER BY g.device_id, g.seq_first",
+                (now - grace_s, now - retry_s, max_requests),
+            ).fetchall():
+                ranges = due.setdefault(device, [])
+                if len(ranges) < MAX_RESEND_RANGES:
+                    ranges.append(SeqRange(int(first), int(last)))
         return due
 
     def _expire(self, now: float, retry_s: float, max_requests: int) -> int:
@@ -493,7 +502,9 @@ class TelemetryStore:
         until it returns 0). With minute_days, minute rows older than that are deleted too.
         """
         cutoff = now - raw_days * DAY_S
-        with self.db.transaction() as tx:
+        # One snapshot for the fold and the delete: a row another replica commits between them
+        # (a late spool drain) is neither folded nor deleted, instead of deleted unfolded.
+        with self.db.transaction(repeatable=True) as tx:
             if minute_days is not None:
                 tx.execute(
                     "DELETE FROM telemetry_minute WHERE minute < ?",

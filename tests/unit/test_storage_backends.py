@@ -115,9 +115,10 @@ def test_a_lease_has_one_holder_until_it_expires_and_fences_the_old_one(db_targe
         time.sleep(0.8)  # a stalls past its expiry (a GC pause, a partition)
         assert b.acquire() and b.epoch == 2
         with a_db.transaction() as tx:
-            assert not a.held(tx)  # the stalled holder's writes are fenced off
+            assert not a.held(tx, a_db.clock())  # the stalled holder's writes are fenced off
         with b_db.transaction() as tx:
-            assert b.held(tx)
+            assert b.held(tx, b_db.clock())
+            assert not b.held(tx, b_db.clock(), margin_s=1.0)  # 0.6 s TTL: not that long
         assert not a.acquire()  # and it cannot take the lease back while b renews
         state = b.state()
         assert state is not None and (state.holder, state.epoch) == ("b", 2)
@@ -136,7 +137,7 @@ def test_a_restarted_replica_starts_a_new_term(db_target: str) -> None:
         after = Lease(db, "r1", ttl_s=30)  # the same name after a crash: not the old term
         assert after.acquire() and after.epoch == 2
         with db.transaction() as tx:
-            assert after.held(tx) and not before.held(tx)
+            assert after.held(tx, db.clock()) and not before.held(tx, db.clock())
     finally:
         db.close()
 
