@@ -9,8 +9,9 @@ PYTEST_ARGS ?=
 demo: env
 	$(VENV)/bin/edgefleet demo
 
-# Everything CI runs: lint, fast tests, slow tests, then the agent tests under tflite-runtime 2.14.
-test: env slim-env mosquitto postgres chromium lint test-main test-slow test-slim
+# Everything CI runs: lint, fast tests, slow tests, the agent tests under tflite-runtime 2.14,
+# then the integration and end-to-end tests on PostgreSQL.
+test: env slim-env mosquitto postgres chromium lint test-main test-slow test-slim test-pg
 
 # The everyday loop (< ~10 min on 2 cores).
 test-fast: env mosquitto postgres chromium lint test-main
@@ -22,9 +23,9 @@ test-main:
 test-slow:
 	$(VENV)/bin/python -m pytest -m slow $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
-# Every Fleet the integration and end-to-end tests open goes to PostgreSQL instead of SQLite.
-test-pg: env postgres
-	EDGEFLEET_TEST_ALL_PG=1 $(VENV)/bin/python -m pytest tests/integration tests/e2e $(PYTEST_ARGS)
+# The integration and end-to-end tests again, every Fleet they open on PostgreSQL (~6 min).
+test-pg: env mosquitto postgres chromium
+	EDGEFLEET_TEST_ALL_PG=1 $(VENV)/bin/python -m pytest -m "not slow" tests/integration tests/e2e $(PYTEST_ARGS)
 
 test-slim:
 	$(SLIM)/bin/python -m pytest -m "agent and not slow" -p no:cacheprovider $(PYTEST_ARGS) || [ $$? -eq 5 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -117,19 +118,26 @@ def schema_url(url: str, schema: str) -> str:
     return f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{schema}"
 
 
-@pytest.fixture
-def pg_url(postgres_server: str) -> Iterator[str]:
-    """A database URL whose tables live in a fresh schema of their own, dropped afterwards."""
+@contextlib.contextmanager
+def fresh_schema(server: str, prefix: str) -> Iterator[str]:
+    """A database URL whose tables live in a new schema of their own, dropped afterwards."""
     import psycopg
 
-    schema = f"t_{uuid.uuid4().hex[:16]}"
-    with psycopg.connect(postgres_server, autocommit=True) as conn:
+    schema = f"{prefix}_{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(server, autocommit=True) as conn:
         conn.execute(f"CREATE SCHEMA {schema}")
     try:
-        yield schema_url(postgres_server, schema)
+        yield schema_url(server, schema)
     finally:
-        with psycopg.connect(postgres_server, autocommit=True) as conn:
+        with psycopg.connect(server, autocommit=True) as conn:
             conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture
+def pg_url(postgres_server: str) -> Iterator[str]:
+    """A database URL on a fresh schema of the test's own."""
+    with fresh_schema(postgres_server, "t") as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -153,16 +161,8 @@ def module_db(postgres_server_if_all_pg: str | None) -> Iterator[str | None]:
     if postgres_server_if_all_pg is None:
         yield None
         return
-    import psycopg
-
-    schema = f"m_{uuid.uuid4().hex[:16]}"
-    with psycopg.connect(postgres_server_if_all_pg, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    try:
-        yield schema_url(postgres_server_if_all_pg, schema)
-    finally:
-        with psycopg.connect(postgres_server_if_all_pg, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+    with fresh_schema(postgres_server_if_all_pg, "m") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 
 from agent.protocol import DeviceFacts, Hello, Topics, dump
@@ -61,6 +60,8 @@ def registered(home: Path) -> set[str]:
 
 def terminate_controller_connections(pg_url: str) -> int:
     """Kill, on the server, every connection edgefleet opened (as a failover would)."""
+    import psycopg  # controller-only (not in the slim device env)
+
     with psycopg.connect(pg_url, autocommit=True) as conn:
         rows = conn.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
