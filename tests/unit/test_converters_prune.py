@@ -393,7 +393,9 @@ def test_functional_logits_model_round_trips(tmp_path: Path) -> None:
         epochs=1,
     )
     assert result.from_logits
-    assert result.rebuild_max_abs_error == 0.0 and result.return_max_abs_error <= 1e-4
+    # Once bit-exact; with Keras 3.15.1 and tf-keras 2.21 the two differ by float32 rounding
+    # on this model (1.9e-7 measured). Still 100x inside the pipeline's ROUND_TRIP_ATOL.
+    assert result.rebuild_max_abs_error <= 1e-6 and result.return_max_abs_error <= 1e-4
     assert result.kernel_sparsity == pytest.approx(0.75, abs=SPARSITY_TOLERANCE)
     pruned = keras.models.load_model(result.model_path)
     dense = pruned.layers[-1].get_weights()[0]
