@@ -420,7 +420,19 @@ def up(
             raise _fail(exc) from None
     metrics_address = _host_port(metrics, "--metrics") if metrics else None
     http_address = _host_port(http, "--http") if http else None
-    Fleet(home).close()  # create and migrate the database before anything reads it
+    fleet = Fleet(home)  # create and migrate the database before anything reads it
+    try:
+        if replica is not None:
+            from controller.lease import LEASE_TTL_S, running_elsewhere
+
+            other = running_elsewhere(fleet.db, replica, wait_s=LEASE_TTL_S + 1)
+            if other is not None:
+                raise _fail(
+                    f"replica {replica!r} is already running on {other['host']} "
+                    f"(pid {other['pid']}): give each replica a name of its own"
+                )
+    finally:
+        fleet.close()
     handle = None
     username = password = None
     if broker is None:

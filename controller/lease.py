@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,3 +154,20 @@ def replicas(db: Database) -> list[dict[str, Any]]:
         r["stats"] = json.loads(r["stats"])
         r["age_s"] = now - r["last_seen"]
     return rows
+
+
+def running_elsewhere(db: Database, name: str, wait_s: float) -> dict[str, Any] | None:
+    """The live replica already using `name` (its heartbeat still fresh after up to `wait_s`,
+    and not this process), or None. A crashed one's heartbeat goes stale within the wait, so a
+    supervisor's quick restart goes ahead; a second live process with the name is refused."""
+    deadline = time.monotonic() + wait_s
+    me = (socket.gethostname(), os.getpid())
+    while True:
+        row = db.query_one("SELECT host, pid, last_seen FROM replicas WHERE name = ?", (name,))
+        if row is None or (row["host"], row["pid"]) == me:
+            return None
+        if db.clock() - row["last_seen"] > LEASE_TTL_S:
+            return None
+        if time.monotonic() >= deadline:
+            return row
+        time.sleep(0.25)

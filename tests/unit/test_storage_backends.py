@@ -241,3 +241,47 @@ def test_replicas_command_shows_the_leader_and_counters(
     assert "leader" in table.output and "r1" in table.output and "70" in table.output
     bad = CliRunner().invoke(app, ["--db", "mysql://x@y/z", "replicas", *home])
     assert bad.exit_code == 2 and "expected a postgresql:// URL" in bad.output
+
+
+def test_a_second_live_replica_with_the_same_name_is_refused(
+    db_target: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from controller.cli import app
+    from controller.lease import running_elsewhere
+
+    db = open_database(db_target)
+    stop = threading.Event()
+
+    def beat_as_another_process() -> None:
+        beats = open_database(db_target, migrate=False)  # SQLite: one thread per connection
+        try:
+            while not stop.is_set():
+                heartbeat(beats, "r1", started=0.0, leader=False, stats={}, client_id="c",
+                          shared=True)  # fmt: skip
+                with beats.transaction() as tx:
+                    tx.execute("UPDATE replicas SET host = 'cam-host', pid = 4242")
+                stop.wait(0.3)
+        finally:
+            beats.close()
+
+    thread = threading.Thread(target=beat_as_another_process)
+    thread.start()
+    try:
+        time.sleep(0.5)
+        monkeypatch.setenv("EDGEFLEET_DB", db_target)
+        out = CliRunner().invoke(
+            app, ["--db", db_target, "up", "--replica", "r1", "--broker", "mqtt://127.0.0.1:9",
+                  "--home", str(tmp_path / "home")],
+        )  # fmt: skip
+        assert out.exit_code == 2, out.output
+        assert "replica 'r1' is already running on cam-host (pid 4242)" in out.output
+    finally:
+        stop.set()
+        thread.join(10)
+    # Once its heartbeat is stale (a crash), the name is free again: a restart goes ahead.
+    with db.transaction() as tx:
+        tx.execute("UPDATE replicas SET last_seen = last_seen - 60")
+    assert running_elsewhere(db, "r1", wait_s=0) is None
+    db.close()
