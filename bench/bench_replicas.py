@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.bench_telemetry import PUBLISHERS, Publisher, bare_round, wait_for  # noqa: E402
 from controller.broker import BrokerHandle, start_mosquitto  # noqa: E402
+from controller.db import with_search_path  # noqa: E402
 
 PG_URL = os.environ.get(
     "EDGEFLEET_BENCH_PG", "postgresql://edgefleet:edgefleet@127.0.0.1:5432/edgefleet_test"
@@ -69,8 +70,7 @@ class Schema:
         self.name = f"bench_{uuid.uuid4().hex[:12]}"
         with psycopg.connect(PG_URL, autocommit=True) as conn:
             conn.execute(f"CREATE SCHEMA {self.name}")
-        sep = "&" if "?" in PG_URL else "?"
-        self.url = f"{PG_URL}{sep}options=-csearch_path%3D{self.name}"
+        self.url = with_search_path(PG_URL, self.name)
         self.conn = psycopg.connect(self.url, autocommit=True)
 
     def count(self) -> tuple[int, int]:

@@ -19,18 +19,18 @@ from collections.abc import Callable
 
 from agent.mqtt import Ack, MqttSession
 from controller.db import Database
-from controller.lease import LEASE_TTL_S
+from controller.lease import DEAD_AFTER_S
 
 log = logging.getLogger(__name__)
 
-# A replica whose heartbeat is this old is dead (a live one beats every RENEW_INTERVAL_S).
-DEAD_AFTER_S = LEASE_TTL_S
 # The adopted session is given up after this long without a message...
 QUIET_S = 2.0
 # ...or after this long in all (a busy fleet keeps queuing until the unsubscribe lands).
 MAX_ADOPTION_S = 60.0
 
-Deliver = Callable[[str, bytes, Callable[[], None] | None], None]
+# Sends one message's PUBACK: an agent.mqtt.Ack, or an adoption's counting wrapper of one.
+Acknowledge = Callable[[], None]
+Deliver = Callable[[str, bytes, Acknowledge | None], None]
 
 
 class Adoption:

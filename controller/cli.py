@@ -423,9 +423,9 @@ def up(
     fleet = Fleet(home)  # create and migrate the database before anything reads it
     try:
         if replica is not None:
-            from controller.lease import LEASE_TTL_S, running_elsewhere
+            from controller.lease import DEAD_AFTER_S, running_elsewhere
 
-            other = running_elsewhere(fleet.db, replica, wait_s=LEASE_TTL_S + 1)
+            other = running_elsewhere(fleet.db, replica, wait_s=DEAD_AFTER_S + 1)
             if other is not None:
                 raise _fail(
                     f"replica {replica!r} is already running on {other['host']} "

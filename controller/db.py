@@ -651,6 +651,12 @@ def open_database(target: str | Path, *, migrate: bool = True) -> Database:
     return SqliteDatabase(Path(text), migrate=migrate)
 
 
+def with_search_path(url: str, schema: str) -> str:
+    """A postgresql:// URL whose tables live in `schema` (libpq's options parameter): several
+    fleets, or tests, in one database."""
+    return f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{schema}"
+
+
 def redact_url(url: str) -> str:
     """A database URL fit for logs and errors: the password replaced by ***."""
     return re.sub(r"(://[^/:@]*:)[^@/]*@", r"\1***@", url)

@@ -26,6 +26,8 @@ LEADER_LEASE = "leader"
 # A dead leader is replaced within LEASE_TTL_S + one renew interval.
 LEASE_TTL_S = 5.0
 RENEW_INTERVAL_S = 1.0
+# A replica whose heartbeat is this old is dead (a live one beats every RENEW_INTERVAL_S).
+DEAD_AFTER_S = LEASE_TTL_S
 
 
 @dataclass(frozen=True)
@@ -166,7 +168,7 @@ def running_elsewhere(db: Database, name: str, wait_s: float) -> dict[str, Any] 
         row = db.query_one("SELECT host, pid, last_seen FROM replicas WHERE name = ?", (name,))
         if row is None or (row["host"], row["pid"]) == me:
             return None
-        if db.clock() - row["last_seen"] > LEASE_TTL_S:
+        if db.clock() - row["last_seen"] > DEAD_AFTER_S:
             return None
         if time.monotonic() >= deadline:
             return row

@@ -27,7 +27,7 @@ from agent.protocol import (
     dump,
     parse,
 )
-from controller.adopt import Adoption, dead_replicas, mark_adopted
+from controller.adopt import Acknowledge, Adoption, dead_replicas, mark_adopted
 from controller.db import Connection, Database, database_target, open_database
 from controller.fleet import Fleet
 from controller.lease import LEASE_TTL_S, RENEW_INTERVAL_S, Lease, heartbeat
@@ -114,7 +114,7 @@ class ControllerService:
         self.leader_terms = 0
         self._lease: Lease | None = None
         self.topics = Topics(topic_root)
-        self._inbox: queue.Queue[tuple[str, bytes, Ack | None]] = queue.Queue()
+        self._inbox: queue.Queue[tuple[str, bytes, Acknowledge | None]] = queue.Queue()
         self._stop = threading.Event()
         self._reconnected = threading.Event()
         self._connected_at = 0.0
@@ -313,9 +313,7 @@ class ControllerService:
             log.exception("cannot check the leader lease")
             return False
 
-    def _on_message_adopted(
-        self, topic: str, payload: bytes, ack: Callable[[], None] | None
-    ) -> None:
+    def _on_message_adopted(self, topic: str, payload: bytes, ack: Acknowledge | None) -> None:
         """A message a dead replica held: processed here like our own."""
         self.adopted_messages += 1
         self._inbox.put((topic, payload, ack))
@@ -490,7 +488,7 @@ class ControllerService:
             if self.metrics is not None:
                 self.metrics.observe_ingest(result)
 
-    def _drain(self, timeout: float) -> list[tuple[str, bytes, Ack | None]]:
+    def _drain(self, timeout: float) -> list[tuple[str, bytes, Acknowledge | None]]:
         """Up to MAX_BATCH queued messages, waiting at most `timeout` for the first."""
         try:
             batch = [self._inbox.get(timeout=timeout)]

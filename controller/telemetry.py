@@ -393,17 +393,14 @@ class TelemetryStore:
         return due
 
     def _expire(self, now: float, retry_s: float, max_requests: int) -> int:
-        """Mark lost the missing ranges asked max_requests times, retry_s ago; count seqs."""
-        sql = (
-            "SELECT device_id, seq_first, seq_last, requests FROM telemetry_gaps "
-            "WHERE state = 'missing' AND requests >= ? AND last_requested <= ?"
-        )
-        params = (max_requests, now - retry_s)
+        """Mark lost the missing ranges asked max_requests times, retry_s ago; count seqs.
+        Called inside due_resends' transaction, which holds the locks of these devices."""
         with self.db.transaction() as tx:
-            rows = tx.execute(sql, params).fetchall()
-            if rows:  # lock the devices against a replica's ingest, then read them again
-                self.db.lock_devices(sorted({row[0] for row in rows}))
-                rows = tx.execute(sql, params).fetchall()
+            rows = tx.execute(
+                "SELECT device_id, seq_first, seq_last, requests FROM telemetry_gaps "
+                "WHERE state = 'missing' AND requests >= ? AND last_requested <= ?",
+                (max_requests, now - retry_s),
+            ).fetchall()
             for device, first, last, requests in rows:
                 tx.execute(
                     "UPDATE telemetry_gaps SET state = 'lost', reason = ? "

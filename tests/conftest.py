@@ -13,6 +13,7 @@ import pytest
 
 from controller.broker import BrokerHandle, find_mosquitto, start_mosquitto
 from controller.broker_amqtt import start_amqtt
+from controller.db import with_search_path
 from tests.mqtt_helpers import MqttProbe
 
 MqttProbeFactory = Callable[..., MqttProbe]
@@ -113,11 +114,6 @@ def postgres_server() -> str:
     return TEST_PG_URL
 
 
-def schema_url(url: str, schema: str) -> str:
-    """`url` with its search_path set to `schema` (libpq's options parameter)."""
-    return f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{schema}"
-
-
 @contextlib.contextmanager
 def fresh_schema(server: str, prefix: str) -> Iterator[str]:
     """A database URL whose tables live in a new schema of their own, dropped afterwards."""
@@ -127,7 +123,7 @@ def fresh_schema(server: str, prefix: str) -> Iterator[str]:
     with psycopg.connect(server, autocommit=True) as conn:
         conn.execute(f"CREATE SCHEMA {schema}")
     try:
-        yield schema_url(server, schema)
+        yield with_search_path(server, schema)
     finally:
         with psycopg.connect(server, autocommit=True) as conn:
             conn.execute(f"DROP SCHEMA {schema} CASCADE")
