@@ -14,12 +14,9 @@ from converters.checks import blocking_failures, run_checks
 from converters.compilers import get_compiler
 from converters.datasets import Samples, load_samples
 from converters.errors import ConverterError, ModelInputError
-from converters.evaluate import (
-    Evaluation,
-    evaluate_variant,
-    interleaved_latency,
-    write_golden,
-)
+from converters.evaluate import Evaluation, evaluate_variant, interleaved_latency
+from converters.fidelity import DEFAULT_MIN_SNR_DB, Budget, judge
+from converters.golden import build_golden, golden_cap
 from converters.inputs import ORIGINAL, convert_model, detect_format, prepare_source, recipes_for
 from converters.interpreter import load_host_model
 from converters.manifest import (
@@ -104,11 +101,13 @@ class _Run:
         max_drop: float,
         progress: ProgressCallback | None,
         max_candidates: int = 1,
+        min_snr_db: float = DEFAULT_MIN_SNR_DB,
     ) -> None:
         """Prepare the output tree and the source model (ONNX → SavedModel once)."""
         self.model_path = Path(model_path)
         self.out_dir = Path(out_dir)
         self.calib, self.val, self.max_drop = calib, val, max_drop
+        self.budget = Budget(max_drop, min_snr_db)
         self.progress, self.max_candidates = progress, max_candidates
         self.variants: dict[str, _Variant] = {}
         self.latency_cache: dict[tuple[str, ...], dict[str, float]] = {}
@@ -118,8 +117,8 @@ class _Run:
         self.source_sha = source_sha256(self.model_path)
         self.stem = self.model_path.stem if self.model_path.is_file() else self.model_path.name
         self.reference_recipe = ORIGINAL if self.fmt == "tflite" else "fp32"
-        self.reference_outputs: np.ndarray | None = None
-        self.val_x: np.ndarray | None = None
+        self.reference_outputs: list[np.ndarray] | None = None
+        self.val_x: list[np.ndarray] | None = None
         self.pruning: PruneResult | None = None
         self.pruned_tag = ""
 
@@ -185,7 +184,7 @@ class _Run:
             if ref.path is None:
                 raise ConverterError(f"reference {self.reference_recipe} failed: {ref.error}")
             self.val_x = self._validation_inputs(ref.path)
-            self.reference_outputs = load_host_model(ref.path).predict(self.val_x)
+            self.reference_outputs = load_host_model(ref.path).predict_all(self.val_x)
         assert self.val_x is not None
         labels = self.val.y if self.val is not None else None
         return evaluate_variant(path, self.val_x, self.reference_outputs, y_val=labels)
@@ -198,17 +197,24 @@ class _Run:
         keep = ("target_sparsity", "kernel_sparsity", "layer_sparsity", "epochs", "tools")
         return {"pruning": {k: info[k] for k in keep}}
 
-    def _validation_inputs(self, reference: Path) -> np.ndarray:
-        """--val inputs, else the calibration inputs, else random inputs of the model's shape."""
-        if self.val is not None:
-            return self.val.x
-        if self.calib is not None:
-            self.notes.append("no --val data: fidelity measured on the calibration inputs")
-            return self.calib.x
-        shape = tuple(inspect_bytes(reference.read_bytes()).inputs[0].shape[1:])
-        self.notes.append(f"no --val/--calib data: fidelity on {RANDOM_VAL_SAMPLES} random inputs")
+    def _validation_inputs(self, reference: Path) -> list[np.ndarray]:
+        """One array per model input: --val, else --calib, else random inputs of its shape.
+
+        --val/--calib files hold one input array, so a model with several inputs is measured
+        on random inputs (a note says so).
+        """
+        specs = inspect_bytes(reference.read_bytes()).inputs
+        given = self.val if self.val is not None else self.calib
+        if given is not None and len(specs) == 1:
+            if self.val is None:
+                self.notes.append("no --val data: fidelity measured on the calibration inputs")
+            return [given.x]
+        why = "no --val/--calib data" if given is None else f"{len(specs)} model inputs"
+        self.notes.append(f"{why}: fidelity on {RANDOM_VAL_SAMPLES} random inputs")
         rng = np.random.default_rng(0)
-        return rng.random((RANDOM_VAL_SAMPLES, *shape), dtype=np.float32)
+        return [
+            rng.random((RANDOM_VAL_SAMPLES, *t.shape[1:]), dtype=np.float32) for t in specs
+        ]
 
     def candidates(self, profile: Any) -> list[str]:
         """Recipes to try for a profile: the allowed ones that apply to this model's format.
@@ -225,12 +231,10 @@ class _Run:
         return sorted(chosen, key=lambda r: (base_recipe(r) != preferred, chosen.index(r)))
 
     def within_budget(self, ev: Evaluation) -> tuple[bool, str]:
-        """Accuracy drop (with labels) or top-1 disagreement (without) against the budget."""
-        drop = ev.accuracy_drop_points
-        if drop is not None:
-            return drop <= self.max_drop, f"accuracy drop {drop:.2f} points"
-        disagreement = (1.0 - ev.top1_agreement) * 100.0
-        return disagreement <= self.max_drop, f"top-1 disagreement {disagreement:.2f} points"
+        """Every output against the budget (the worst decides); flat references become notes."""
+        verdict = judge(list(ev.outputs), self.budget, ev.accuracy_drop_points)
+        self.notes.extend(verdict.warnings)
+        return verdict.ok, verdict.text
 
     def variant_key(self, profile: Any, recipe: str) -> str:
         """The variant to build: 'dynamic' becomes per-tensor Dense for runtimes before 2.17."""
@@ -277,7 +281,7 @@ class _Run:
             rep.reason = "; ".join(f"{c.name}: {c.detail}" for c in failed)
         elif not ok_budget:
             rep.status = "rejected"
-            rep.reason = f"{budget_text} exceeds the budget of {self.max_drop:g}"
+            rep.reason = budget_text
         else:
             rep.status, rep.reason = "passed", budget_text
         return rep
@@ -374,7 +378,15 @@ class _Run:
         artifact = dest_dir / f"{self.stem}-{chosen.variant}{suffix}.tflite"
         atomic_write_bytes(artifact, Path(chosen.compiled.artifact).read_bytes())
         assert self.val_x is not None
-        golden = write_golden(var.path, self.val_x, artifact.with_suffix(".golden.npz"))
+        written = build_golden(
+            var.path,
+            self.val_x,
+            artifact.with_suffix(".golden.npz"),
+            max_bytes=golden_cap(artifact.stat().st_size),
+        )
+        if written.note:
+            self.notes.append(f"{profile.id} {chosen.variant}: {written.note}")
+        golden = written.path
         info = inspect_bytes(var.path.read_bytes())
         manifest = ArtifactManifest(
             artifact=artifact,
@@ -499,15 +511,18 @@ def optimize(
     prune_sparsity: float = DEFAULT_SPARSITY,
     prune_epochs: int = DEFAULT_EPOCHS,
     candidates: int = 1,
+    min_snr_db: float = DEFAULT_MIN_SNR_DB,
 ) -> OptimizeReport:
     """Build the best artifact for each profile; one profile's failure does not stop the others.
 
     `max_accuracy_drop` is in percentage points of top-1 accuracy when `val` has labels, else of
-    top-1 disagreement with the reference. With `train` (inputs + labels) the Keras model is also
-    magnitude-pruned to `prune_sparsity` (TF-MOT, child process) and every recipe is tried on it
-    too. Raises only for problems with the model or data themselves (ModelInputError) or with
-    pruning (PruningError); everything per profile is reported in the result. Each profile's
-    top `candidates` (variant, threads) pairs are listed in `<out>/<profile>/candidates.json`.
+    top-1 disagreement with the reference, for class-shaped outputs; every other output must
+    keep an SNR of at least `min_snr_db` (converters/fidelity.py; the worst output decides).
+    With `train` (inputs + labels) the Keras model is also magnitude-pruned to `prune_sparsity`
+    (TF-MOT, child process) and every recipe is tried on it too. Raises only for problems with
+    the model or data themselves (ModelInputError) or with pruning (PruningError); everything
+    per profile is reported in the result. Each profile's top `candidates` (variant, threads)
+    pairs are listed in `<out>/<profile>/candidates.json`.
     """
     if max_accuracy_drop < 0:
         raise ValueError(f"max_accuracy_drop must be ≥ 0, got {max_accuracy_drop}")
@@ -516,7 +531,7 @@ def optimize(
     train_samples = _training_samples(Path(model_path), train, prune_sparsity, prune_epochs)
     started = time.perf_counter()
     run = _Run(Path(model_path), Path(out_dir), _as_samples(calib), _as_samples(val),
-               max_accuracy_drop, progress, candidates)  # fmt: skip
+               max_accuracy_drop, progress, candidates, min_snr_db)  # fmt: skip
     report = OptimizeReport(Path(model_path), Path(out_dir), max_accuracy_drop)
     if train_samples is not None:
         report.pruning = run.prune(train_samples, prune_sparsity, prune_epochs).to_dict()
