@@ -6,11 +6,11 @@ from typing import Annotated, Any
 
 import typer
 
-from controller.candidates import explain
-from controller.cli_common import HomeOption, JsonOption, fail, open_fleet
+from controller.cli.common import HomeOption, JsonOption, fail, open_fleet
+from controller.cli.render import as_json, num, short, table
 from controller.errors import FleetError
-from controller.outliers import fleet_outliers
-from controller.render import as_json, num, short, table
+from controller.fleet.candidates import explain
+from controller.fleet.rollout.outliers import fleet_outliers
 
 
 def models_explain(

@@ -20,7 +20,7 @@ from psycopg import postgres
 from psycopg.adapt import Dumper, Loader
 from psycopg.pq import TransactionStatus
 
-from controller.db import (
+from controller.storage.db import (
     MIGRATIONS,
     OPEN_TIMEOUT_S,
     Connection,
@@ -193,7 +193,7 @@ class PostgresDatabase(Database):
                 application_name="edgefleet",
             )
         except psycopg.OperationalError as exc:
-            from controller.db import redact_url
+            from controller.storage.db import redact_url
 
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ConnectionError(f"cannot connect to {redact_url(url)}: {first}") from None

@@ -7,10 +7,10 @@ from typing import Annotated
 
 import typer
 
-from controller.cli_common import HomeOption, JsonOption, fail, open_fleet
+from controller.cli.common import HomeOption, JsonOption, fail, open_fleet
+from controller.cli.render import as_json, table
 from controller.errors import FleetError
 from controller.http.auth import ROLES, create_token, list_tokens, revoke_token
-from controller.render import as_json, table
 
 tokens_app = typer.Typer(
     no_args_is_help=True, help="HTTP API tokens: read (GET only) or admin (every call)."

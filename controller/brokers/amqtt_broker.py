@@ -10,7 +10,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from controller.broker import (
+from controller.brokers.mosquitto import (
     _POLL_INTERVAL_S,
     AUTO_PORT_ATTEMPTS,
     START_TIMEOUT_S,

@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.protocol import MAX_THREADS
-from controller.db import to_json
 from controller.errors import FleetError
+from controller.storage.db import to_json
 
 if TYPE_CHECKING:
-    from controller.fleet import Fleet
+    from controller.fleet.registry import Fleet
 
 CANDIDATES_SCHEMA = "edgefleet.candidates/v1"
 
@@ -53,7 +53,7 @@ def read_candidates(path: Path) -> dict[str, Any]:
 
 def register_candidates(fleet: Fleet, directory: Path, *, name: str, version: str) -> int:
     """Store every `<profile>/candidates.json` entry of an optimize output; return how many."""
-    from controller.fleet import read_converter_manifest
+    from controller.fleet.registry import read_converter_manifest
 
     count = 0
     for path in sorted(directory.glob("*/candidates.json")):

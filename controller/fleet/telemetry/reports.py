@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from agent.protocol import BUCKET_COUNT, LATENCY_BUCKETS_MS
-from controller.db import Database
 from controller.errors import FleetError
+from controller.storage.db import Database
 
 GroupBy = Literal["profile", "device"]
 

@@ -27,14 +27,14 @@ from agent.protocol import (
     dump,
     parse,
 )
-from controller.adopt import Acknowledge, Adoption, dead_replicas, mark_adopted
-from controller.db import Connection, Database, database_target, open_database
-from controller.fleet import Fleet
-from controller.lease import LEASE_TTL_S, RENEW_INTERVAL_S, Lease, heartbeat
+from controller.fleet.registry import Fleet
+from controller.runtime.adopt import Acknowledge, Adoption, dead_replicas, mark_adopted
+from controller.runtime.lease import LEASE_TTL_S, RENEW_INTERVAL_S, Lease, heartbeat
 from controller.security.signing import current_fleet_keys
+from controller.storage.db import Connection, Database, database_target, open_database
 
 if TYPE_CHECKING:
-    from controller.prometheus import ControllerMetrics
+    from controller.runtime.prometheus import ControllerMetrics
 
 log = logging.getLogger(__name__)
 

@@ -169,7 +169,7 @@ MIGRATIONS: tuple[str, ...] = (
         SELECT model_id, sha256, profile, recipe, created FROM artifacts WHERE kind = 'model';
     UPDATE deployments SET state = 'completed', reason = 'deployed before rollouts existed'
     """,
-    # Telemetry (controller/telemetry.py, docs/telemetry.md). Plain types PostgreSQL
+    # Telemetry (controller/fleet/telemetry/store.py, docs/telemetry.md). Plain types PostgreSQL
     # takes as they are: DOUBLE PRECISION (not REAL, which is 4 bytes there) for times and
     # measurements, BIGINT counters, 0/1 INTEGER flags, TEXT. Histograms are one column per
     # LATENCY_BUCKETS_MS bucket (30 bounds + +Inf, b0..b30), so SUM() merges them in SQL.
@@ -402,7 +402,7 @@ MIGRATIONS: tuple[str, ...] = (
 
 # How long a connection waits for another one's lock (busy timeout, and opening a new file).
 OPEN_TIMEOUT_S = 30.0
-# URL schemes that select the PostgreSQL backend (controller/db_postgres.py).
+# URL schemes that select the PostgreSQL backend (controller/storage/postgres.py).
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
@@ -641,7 +641,7 @@ def open_database(target: str | Path, *, migrate: bool = True) -> Database:
     only for readers of a schema someone already brought up to date (metrics scrapes)."""
     text = str(target)
     if is_postgres(text):
-        from controller.db_postgres import PostgresDatabase
+        from controller.storage.postgres import PostgresDatabase
 
         return PostgresDatabase(text, migrate=migrate)
     if "://" in text:

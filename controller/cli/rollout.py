@@ -7,9 +7,9 @@ from typing import Annotated
 
 import typer
 
-from controller.cli_common import HomeOption, JsonOption, fail, open_fleet
+from controller.cli.common import HomeOption, JsonOption, fail, open_fleet
+from controller.cli.render import as_json, num, short, table
 from controller.errors import FleetError
-from controller.render import as_json, num, short, table
 
 rollout_app = typer.Typer(
     no_args_is_help=True, help="Staged rollouts: waves, gates, candidates, automatic rollback."
@@ -61,7 +61,7 @@ def rollout_start(
     json_out: JsonOption = False,
 ) -> None:
     """Roll a model out in waves; a running `edgefleet up` drives it."""
-    from controller.policy import policy_from_options
+    from controller.fleet.rollout.policy import policy_from_options
 
     try:
         policy = policy_from_options(

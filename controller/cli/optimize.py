@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 import firmware_profiles
-from controller.render import as_json, num, table
+from controller.cli.render import as_json, num, table
 
 
 def _profiles(selector: str) -> list[firmware_profiles.Profile]:

@@ -11,12 +11,12 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from agent.protocol import Event
-from controller.db import Connection, now, to_json
-from controller.decide import Candidate, Trial, decide
-from controller.policy import RETRIABLE_STAGES, Policy
+from controller.fleet.rollout.decide import Candidate, Trial, decide
+from controller.fleet.rollout.policy import RETRIABLE_STAGES, Policy
+from controller.storage.db import Connection, now, to_json
 
 if TYPE_CHECKING:
-    from controller.rollout import Rollouts
+    from controller.fleet.rollout.engine import Rollouts
 
 # Trial states that end a trial.
 TRIAL_DONE = frozenset({"measured", "failed", "cancelled"})

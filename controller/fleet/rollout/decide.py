@@ -10,8 +10,8 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-from controller.outliers import environment_anomaly
-from controller.policy import Policy
+from controller.fleet.rollout.outliers import environment_anomaly
+from controller.fleet.rollout.policy import Policy
 
 # Metrics compared between candidates, all "lower is better", in tie-break order.
 METRICS = ("p95_ms", "energy_mj", "peak_rss_mb", "accuracy_drop")

@@ -7,9 +7,9 @@ from typing import Annotated
 
 import typer
 
-from controller.cli_common import HomeOption, JsonOption
-from controller.fleet import default_home
-from controller.render import as_json
+from controller.cli.common import HomeOption, JsonOption
+from controller.cli.render import as_json
+from controller.fleet.registry import default_home
 
 broker_app = typer.Typer(no_args_is_help=True, help="Secured MQTT broker configuration.")
 

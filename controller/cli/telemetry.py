@@ -10,10 +10,10 @@ from typing import Annotated, Any
 
 import typer
 
-from controller.cli_common import HomeOption, JsonOption
+from controller.cli.common import HomeOption, JsonOption
+from controller.cli.render import as_json, num, table
 from controller.errors import FleetError
-from controller.fleet import Fleet, default_home
-from controller.render import as_json, num, table
+from controller.fleet.registry import Fleet, default_home
 
 SinceOption = Annotated[
     str | None,
@@ -71,7 +71,7 @@ def telemetry(
     json_out: JsonOption = False,
 ) -> None:
     """Show a device's telemetry: raw records, then per-minute aggregates once compacted."""
-    from controller.reports import plot_device
+    from controller.fleet.telemetry.reports import plot_device
 
     fleet = Fleet(home or default_home())
     try:
@@ -157,7 +157,7 @@ def report(
     json_out: JsonOption = False,
 ) -> None:
     """Inference cost per profile (or device) × model version, beside on-device benchmarks."""
-    from controller.reports import plot_profile
+    from controller.fleet.telemetry.reports import plot_profile
 
     if plot is not None and profile is None:
         raise _fail(FleetError("--plot needs --profile (the profile to plot)"))
@@ -191,7 +191,7 @@ def device_telemetry(
     fleet: Fleet, device_id: str, *, since: float | None = None, limit: int = 50
 ) -> dict[str, Any]:
     """A device's newest telemetry records (model labelled), its seq cursor and gaps."""
-    from controller.reports import model_label, model_names
+    from controller.fleet.telemetry.reports import model_label, model_names
 
     if limit < 1:
         raise FleetError(f"--limit must be >= 1, got {limit}")
@@ -217,7 +217,7 @@ def fleet_report(
     profile: str | None = None,
 ) -> list[dict[str, Any]]:
     """The report rows (per profile or device × model) after checking --model and --by."""
-    from controller.reports import report as build_report
+    from controller.fleet.telemetry.reports import report as build_report
 
     if model is not None:
         _check_model(fleet, model)

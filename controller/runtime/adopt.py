@@ -18,8 +18,8 @@ import time
 from collections.abc import Callable
 
 from agent.mqtt import Ack, MqttSession
-from controller.db import Database
-from controller.lease import DEAD_AFTER_S
+from controller.runtime.lease import DEAD_AFTER_S
+from controller.storage.db import Database
 
 log = logging.getLogger(__name__)
 

@@ -30,14 +30,14 @@ from agent.protocol import (
     validate_name,
 )
 from agent.protocol.schema import encode
-from controller.artifacts import ArtifactStore, build_manifest, check_golden
-from controller.candidates import register_candidates
-from controller.db import database_target, now, open_database, to_json
 from controller.errors import FleetError
-from controller.policy import Policy
-from controller.rollout import Rollouts, deploy_policy
+from controller.fleet.artifacts import ArtifactStore, build_manifest, check_golden
+from controller.fleet.candidates import register_candidates
+from controller.fleet.rollout.engine import Rollouts, deploy_policy
+from controller.fleet.rollout.policy import Policy
+from controller.fleet.telemetry.store import TelemetryStore
 from controller.security.signing import DESIRED_VALIDITY_S, FleetSigner
-from controller.telemetry import TelemetryStore
+from controller.storage.db import database_target, now, open_database, to_json
 
 # Offset 4 of every TFLite flatbuffer holds this file identifier (schema.fbs: file_identifier).
 TFLITE_IDENTIFIER = b"TFL3"

@@ -17,9 +17,9 @@ import typer
 
 import firmware_profiles
 from agent.config import AgentConfig, PowerModelConfig, dump_config
-from controller.fleet import Fleet
-from controller.policy import Gate, Policy, Threshold, parse_waves
-from controller.render import as_json, num, short, table
+from controller.cli.render import as_json, num, short, table
+from controller.fleet.registry import Fleet
+from controller.fleet.rollout.policy import Gate, Policy, Threshold, parse_waves
 
 # Profiles the demo agents declare, in turn: a board, a phone, a gateway, an NPU board.
 DEMO_PROFILES = ("rpi4", "pixel-8", "x86-64-gateway", "imx93", "rpi5", "jetson-orin-nano-cpu")
@@ -308,10 +308,10 @@ def run_demo(
     With `serve` (host, port), the fleet keeps running afterwards with the HTTP API and the
     dashboard on that address until SIGINT or SIGTERM.
     """
-    from controller.broker import start_embedded
-    from controller.reports import report as build_report
-    from controller.service import ControllerService
-    from controller.telemetry_cmd import report_table
+    from controller.brokers.mosquitto import start_embedded
+    from controller.cli.telemetry import report_table
+    from controller.fleet.telemetry.reports import report as build_report
+    from controller.runtime.service import ControllerService
     from converters.digits import digits_tflite, load_digits_dataset
     from converters.evaluate import write_golden
 

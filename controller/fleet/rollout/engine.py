@@ -21,13 +21,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from agent.protocol import Event
-from controller.db import Connection, now, to_json
-from controller.outliers import EXCUSABLE_GATES, Outlier, classify
-from controller.policy import RETRIABLE_STAGES, Policy, PolicyError, Threshold, Wave
-from controller.selection import Selection
+from controller.fleet.rollout.outliers import EXCUSABLE_GATES, Outlier, classify
+from controller.fleet.rollout.policy import RETRIABLE_STAGES, Policy, PolicyError, Threshold, Wave
+from controller.fleet.rollout.selection import Selection
+from controller.storage.db import Connection, now, to_json
 
 if TYPE_CHECKING:
-    from controller.fleet import Fleet
+    from controller.fleet.registry import Fleet
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from controller.db import Connection, Database
+from controller.storage.db import Connection, Database
 
 log = logging.getLogger(__name__)
 

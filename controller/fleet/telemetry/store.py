@@ -9,8 +9,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.protocol import BUCKET_COUNT, SeqRange, Telemetry, TelemetryRecord
-from controller.db import Database
-from controller.reports import (
+from controller.fleet.telemetry.plan import (
+    Applied,
+    DeviceState,
+    Gap,
+    Plan,
+    apply_plan,
+    plan_message,
+)
+from controller.fleet.telemetry.reports import (
     AGG_FIELDS,
     BUCKET_COLUMNS,
     MAX_FIELDS,
@@ -22,14 +29,7 @@ from controller.reports import (
     raw_sums_sql,
     summarize,
 )
-from controller.telemetry_plan import (
-    Applied,
-    DeviceState,
-    Gap,
-    Plan,
-    apply_plan,
-    plan_message,
-)
+from controller.storage.db import Database
 
 # Raw rows folded into per-minute aggregates per compact() call: compaction measured 15-40 us per
 # row here, so 5,000 rows hold the writer lock 0.1-0.2 s: short enough beside live ingest.

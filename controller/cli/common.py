@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from controller.fleet import Fleet, default_home
+from controller.fleet.registry import Fleet, default_home
 
 HomeOption = Annotated[
     Path | None,

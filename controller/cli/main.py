@@ -14,17 +14,17 @@ import typer
 
 import firmware_profiles
 from agent.protocol import ProtocolError, validate_name
-from controller.cli_common import HomeOption, JsonOption, fail, open_fleet
-from controller.db import database_target, is_postgres, redact_url
-from controller.explain_cmd import devices_outliers, models_explain
-from controller.fleet import Fleet, FleetError, default_home
-from controller.optimize_cmd import optimize
-from controller.render import as_json, num, short, table
-from controller.rollout_cmd import rollout_app
-from controller.security.cli import broker_app, keys_app
-from controller.simulate import simulate_command
-from controller.telemetry_cmd import report, telemetry
-from controller.tokens_cmd import tokens_app
+from controller.cli.common import HomeOption, JsonOption, fail, open_fleet
+from controller.cli.explain import devices_outliers, models_explain
+from controller.cli.optimize import optimize
+from controller.cli.render import as_json, num, short, table
+from controller.cli.rollout import rollout_app
+from controller.cli.security import broker_app, keys_app
+from controller.cli.simulate import simulate_command
+from controller.cli.telemetry import report, telemetry
+from controller.cli.tokens import tokens_app
+from controller.fleet.registry import Fleet, FleetError, default_home
+from controller.storage.db import database_target, is_postgres, redact_url
 
 app = typer.Typer(
     add_completion=False,
@@ -403,9 +403,9 @@ def up(
     home: HomeOption = None,
 ) -> None:
     """Run the controller (and an embedded broker unless --broker is given) until interrupted."""
-    from controller.broker import BrokerError, is_loopback, start_embedded
-    from controller.prometheus import ControllerMetrics, serve_metrics
-    from controller.service import ControllerService
+    from controller.brokers.mosquitto import BrokerError, is_loopback, start_embedded
+    from controller.runtime.prometheus import ControllerMetrics, serve_metrics
+    from controller.runtime.service import ControllerService
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -423,7 +423,7 @@ def up(
     fleet = Fleet(home)  # create and migrate the database before anything reads it
     try:
         if replica is not None:
-            from controller.lease import DEAD_AFTER_S, running_elsewhere
+            from controller.runtime.lease import DEAD_AFTER_S, running_elsewhere
 
             other = running_elsewhere(fleet.db, replica, wait_s=DEAD_AFTER_S + 1)
             if other is not None:
@@ -525,7 +525,7 @@ def _host_port(value: str, option: str) -> tuple[str, int]:
 @app.command("replicas")
 def replicas_command(home: HomeOption = None, json_out: JsonOption = False) -> None:
     """Controller replicas against this database: heartbeat age, leader, counters."""
-    from controller.lease import LEADER_LEASE, Lease, replicas
+    from controller.runtime.lease import LEADER_LEASE, Lease, replicas
 
     fleet = open_fleet(home)
     try:
@@ -570,7 +570,7 @@ def demo(
     http: Annotated[str, typer.Option(help="dashboard address for --serve")] = "127.0.0.1:8080",
 ) -> None:
     """Embedded broker + controller + N real agents + a real model, end to end."""
-    from controller.demo import run_demo
+    from controller.cli.demo import run_demo
 
     address = _host_port(http, "--http") if serve else None
     code = run_demo(devices=devices, json_out=json_out, keep=keep, serve=address)
