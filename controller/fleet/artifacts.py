@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from agent.protocol import DEFAULT_CHUNK_SIZE, Manifest, validate_sha256
+from controller.errors import FleetError
 
 
 class ArtifactStore:
@@ -100,3 +103,28 @@ def build_manifest(
         recipe=recipe,
         profile=profile,
     )
+
+
+# What `edgefleet optimize` writes beside each selected artifact (converters/manifest.py).
+CONVERTER_MANIFEST_SCHEMA = "edgefleet.artifact-manifest/v1"
+
+
+def read_converter_manifest(path: Path) -> dict[str, Any]:
+    """A converters manifest.json, checked for the fields `models add` reads."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise FleetError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("schema") != CONVERTER_MANIFEST_SCHEMA:
+        raise FleetError(
+            f"{path}: not an edgefleet artifact manifest ({CONVERTER_MANIFEST_SCHEMA})"
+        )
+    for key in ("file", "sha256", "recipe", "profile"):
+        if not isinstance(doc.get(key), str):
+            raise FleetError(f"{path}: field {key!r} missing or not a string")
+    golden = doc.get("golden")
+    if golden is not None and not (
+        isinstance(golden, dict) and isinstance(golden.get("file"), str)
+    ):
+        raise FleetError(f"{path}: field 'golden' must be null or {{\"file\": ...}}")
+    return doc

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.protocol import MAX_THREADS
 from controller.errors import FleetError
+from controller.fleet.artifacts import read_converter_manifest
 from controller.storage.db import to_json
 
 if TYPE_CHECKING:
@@ -53,7 +54,6 @@ def read_candidates(path: Path) -> dict[str, Any]:
 
 def register_candidates(fleet: Fleet, directory: Path, *, name: str, version: str) -> int:
     """Store every `<profile>/candidates.json` entry of an optimize output; return how many."""
-    from controller.fleet.registry import read_converter_manifest
 
     count = 0
     for path in sorted(directory.glob("*/candidates.json")):
