@@ -182,6 +182,9 @@ def optimize(
             typer.echo(f"note: {note}")
         if report.pruning:
             typer.echo(_pruning_line(report.pruning))
+    for warning in report.warnings:  # e.g. a compiler that is not installed
+        typer.echo(f"warning: {warning}", err=True)
+    typer.echo(report.summary(), err=json_out)  # the closing line: which profiles lack what
     raise typer.Exit(0 if report.ok else 1)
 
 
