@@ -309,3 +309,19 @@ def check_tflite(tflite_path: Path, profile: Any, *, work_dir: Path) -> list[Che
             failed = CheckResult("compiles_for_profile", False, str(exc), reason)
             return [failed, *run_checks(path, profile)]
     return run_checks(path, profile, compiled=compiled)
+
+
+def custom_op_problem(
+    tflite_path: Path, runtime_name: str, runtime_version: str, compiler_kind: str = "none"
+) -> str | None:
+    """One line naming the custom ops `runtime_name runtime_version` lacks, or None when it has
+    them all (for `models add` and `deploy`, which know a runtime but not a compile)."""
+    from types import SimpleNamespace
+
+    profile = SimpleNamespace(
+        runtime=SimpleNamespace(name=runtime_name, version=runtime_version),
+        compiler=SimpleNamespace(kind=compiler_kind),
+    )
+    ctx = CheckContext(Path(tflite_path), inspect_tflite(Path(tflite_path)), profile)
+    ok, detail = custom_ops_registered(ctx)
+    return None if ok else detail

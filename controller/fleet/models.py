@@ -1,6 +1,5 @@
 """Models and their artifacts: add, version checks, manifests; the registry's model half."""
 
-
 from __future__ import annotations
 
 import dataclasses
@@ -19,12 +18,11 @@ from agent.protocol.schema import encode
 from controller.errors import FleetError
 from controller.fleet.artifacts import build_manifest, check_golden, read_converter_manifest
 from controller.fleet.candidates import register_candidates
+from controller.fleet.opcheck import refuse_missing_custom_ops
 from controller.storage.db import now, to_json
 
 # Offset 4 of every TFLite flatbuffer holds this file identifier (schema.fbs: file_identifier).
 TFLITE_IDENTIFIER = b"TFL3"
-
-
 
 
 def _check_names(*, name: str, version: str | None, recipe: str | None = None) -> None:
@@ -37,9 +35,6 @@ def _check_names(*, name: str, version: str | None, recipe: str | None = None) -
             validate_name("recipe name", recipe)
     except ProtocolError as exc:
         raise FleetError(str(exc)) from None
-
-
-
 
 
 class ModelCatalog:
@@ -76,7 +71,10 @@ class ModelCatalog:
             if head[4:8] != TFLITE_IDENTIFIER:
                 raise FleetError(f"{model_path}: not a TFLite model (no 'TFL3' identifier)")
         if profile is not None:
-            self._profile(profile)
+            prof = self._profile(profile)
+            if check:
+                runtime = (prof.runtime.name, prof.runtime.version, prof.compiler.kind)
+                refuse_missing_custom_ops(model_path, {f"profile {profile}": runtime})
         golden_manifest = None
         try:
             if golden is not None:

@@ -1,6 +1,5 @@
 """Desired states and commands: deploy, rollouts' targets, what the runtime still has to publish."""
 
-
 from __future__ import annotations
 
 import fnmatch
@@ -20,6 +19,7 @@ from agent.protocol import (
     parse,
 )
 from controller.errors import FleetError
+from controller.fleet.opcheck import refuse_missing_custom_ops
 from controller.fleet.rollout.engine import deploy_policy
 from controller.fleet.rollout.policy import Policy
 from controller.security.signing import DESIRED_VALIDITY_S, FleetSigner
@@ -72,6 +72,8 @@ class Publishing:
                 raise FleetError(f"no registered device has profile {profile!r}")
         else:
             targets = [self.device(d)["id"] for d in devices or []]
+        if check:
+            refuse_missing_custom_ops(model_path, self._runtimes_of(targets))
         manifest = self.add_artifact(
             model_path,
             name=name or model_path.stem,
@@ -90,6 +92,19 @@ class Publishing:
             assignments=[(d, manifest.sha256, "") for d in targets],
         )
         return self.deployment(deployment_id)
+
+    def _runtimes_of(self, device_ids: list[str]) -> dict[str, tuple[str, str, str]]:
+        """Each device's runtime as it reported it (else its profile's) and profile compiler."""
+        out = {}
+        for device_id in device_ids:
+            row = self.device(device_id)
+            prof = self._profile(row["profile"]) if row.get("profile") else None
+            name = row.get("runtime") or (prof.runtime.name if prof else None)
+            version = row.get("runtime_version") or (prof.runtime.version if prof else None)
+            if name and version:  # a device that never said hello and has no profile: unknown
+                kind = prof.compiler.kind if prof else "none"
+                out[f"device {device_id}"] = (str(name), str(version), kind)
+        return out
 
     def start_rollout(self, model_ref: str, selector: str, policy: Policy) -> dict[str, Any]:
         """Staged rollout of model NAME[:VER] to the devices `selector` picks, per `policy`."""
