@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 import firmware_profiles
-from controller.cli import app
+from controller.cli.main import app
 from converters.compilers import CompileResult
 from converters.errors import CalibrationError
 from converters.inputs import ORIGINAL, convert_model
