@@ -76,7 +76,7 @@ class _AlignedBuffer:
             builder.StartVector(1, len(raw), BUFFER_ALIGNMENT)
             builder.head = builder.head - len(raw)
             builder.Bytes[builder.head : builder.head + len(raw)] = raw
-            data_off = builder.EndVector(len(raw))
+            data_off = builder.EndVector()
         sch.BufferStart(builder)
         if data_off is not None:
             sch.BufferAddData(builder, data_off)

@@ -81,7 +81,10 @@ class ConvertStage:
         Keys are recipes, plus "dynamic-pt": the dynamic recipe with per-tensor Dense weights,
         and either with "+prunedNN": the same recipe applied to the pruned model. A result equal
         in every tensor to an earlier variant is not kept under a second name (duplicate_of).
+        The reference is converted first, so it keeps its name and is never the duplicate.
         """
+        if key != self.reference_recipe and self.reference_recipe not in self.variants:
+            self._convert(self.reference_recipe, profile)
         if key not in self.variants:
             recipe = base_recipe(key)
             per_tensor = key.partition(PRUNED_SEPARATOR)[0] != recipe

@@ -287,7 +287,7 @@ def test_cli_optimize_onnx_with_relative_paths(
     with relative paths, converts (onnx2tf runs in a scratch directory of its own) offline."""
     from typer.testing import CliRunner
 
-    from controller.cli import app
+    from controller.cli.main import app
 
     require_onnx_extra()
     for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
