@@ -32,10 +32,11 @@ class CompileStage(ConvertStage):
             seen.append(message)
             self.emit(profile, "warning", None, message)
 
-    def within_budget(self, ev: Evaluation) -> tuple[bool, str]:
-        """Every output against the budget (the worst decides); flat references become notes."""
+    def within_budget(self, ev: Evaluation, profile: str = "*") -> tuple[bool, str]:
+        """Every output against the budget (the worst decides); a flat reference is a warning."""
         verdict = judge(list(ev.outputs), self.budget, ev.accuracy_drop_points)
-        self.notes.extend(verdict.warnings)
+        for warning in verdict.warnings:
+            self.warn(profile, warning)
         return verdict.ok, verdict.text
 
     def compile_for(self, profile: Any, recipe: str, path: Any) -> CompileResult:
@@ -80,7 +81,7 @@ class CompileStage(ConvertStage):
         else:
             rep.latency_ms, rep.latency_source = var.evaluation.latency_ms_median, "host"
         failed = blocking_failures(rep.checks)
-        ok_budget, budget_text = self.within_budget(var.evaluation)
+        ok_budget, budget_text = self.within_budget(var.evaluation, profile.id)
         if failed:
             rep.status = "rejected"
             rep.reason = "; ".join(f"{c.name}: {c.detail}" for c in failed)

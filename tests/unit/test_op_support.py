@@ -137,3 +137,18 @@ def test_prelu_without_metadata_passes_every_profile(cache_dir: Path) -> None:
     for profile in firmware_profiles.load_all().values():
         check = _by_name(model, profile.id)["op_versions_supported"]
         assert check.ok, (profile.id, check.detail)  # type: ignore[attr-defined]
+
+
+@pytest.mark.slow
+def test_optimize_refuses_the_custom_op_only_where_the_runtime_lacks_it(tmp_path: Path) -> None:
+    """optimize: rpi4 ends with no artifact and the reason names op and runtime; rpi5 ships it."""
+    from converters.pipeline import optimize
+
+    profiles = [firmware_profiles.load(p) for p in ("rpi4", "rpi5")]
+    rep = optimize(CUSTOM, profiles, out_dir=tmp_path / "out")
+    rpi4, rpi5 = rep.profiles
+    assert rpi4.status == "no_variant"
+    original = next(v for v in rpi4.variants if v.recipe == "original")
+    assert original.status == "rejected"
+    assert f"custom op {OP} is not in tflite-runtime 2.14.0" in original.reason
+    assert rpi5.status == "ok" and rpi5.selected is not None
