@@ -79,6 +79,7 @@ class _Run(PublishStage):
         self.out_dir = Path(out_dir)
         self.calib, self.val, self.max_drop = calib, val, max_drop
         self.budget = Budget(max_drop, min_snr_db)
+        self.layer_explanations: dict[str, str] = {}
         self.progress, self.max_candidates = progress, max_candidates
         self.variants: dict[str, Variant] = {}
         self.fingerprints: dict[str, str] = {}

@@ -23,6 +23,7 @@ class CompileStage(ConvertStage):
 
     max_drop: float
     budget: Budget
+    layer_explanations: dict[str, str]  # variant → the debugger's worst layers, computed once
     warnings: dict[str, list[str]]  # profile id → warnings, each once
 
     def warn(self, profile: str, message: str) -> None:
@@ -38,6 +39,21 @@ class CompileStage(ConvertStage):
         for warning in verdict.warnings:
             self.warn(profile, warning)
         return verdict.ok, verdict.text
+
+    def layer_explanation(self, key: str) -> str:
+        """For an int8 variant of a Keras model refused on fidelity: its worst layers (once)."""
+        if key != "int8" or self.fmt != "keras" or self.calib is None:
+            return ""
+        cache = self.layer_explanations
+        if key not in cache:
+            from converters.qdebug import worst_layers
+
+            try:
+                layers = worst_layers(self.source, self.calib.x)
+                cache[key] = f"; worst int8 layers (TF quantization debugger): {', '.join(layers)}"
+            except ConverterError:
+                cache[key] = ""
+        return cache[key]
 
     def compile_for(self, profile: Any, recipe: str, path: Any) -> CompileResult:
         """Compile `path` for the profile; an absent compiler gives the file itself, for the CPU."""
@@ -87,7 +103,7 @@ class CompileStage(ConvertStage):
             rep.reason = "; ".join(f"{c.name}: {c.detail}" for c in failed)
         elif not ok_budget:
             rep.status = "rejected"
-            rep.reason = budget_text
+            rep.reason = budget_text + self.layer_explanation(key)
         else:
             rep.status, rep.reason = "passed", budget_text
         where = _cpu_only_reason(rep.compiled)

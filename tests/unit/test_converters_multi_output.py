@@ -65,6 +65,9 @@ def test_a_tight_snr_budget_names_the_worst_output(cache_dir: Path, tmp_path: Pa
         "SNR" in variants["int8"].reason and "below the budget of 120 dB" in variants["int8"].reason
     )
     assert variants["int8"].reason.count("output ") >= 1
+    # Keras source: the reason adds the quantization debugger's worst layers.
+    assert "worst int8 layers (TF quantization debugger): " in variants["int8"].reason
+    assert "rmse/scale" in variants["int8"].reason
     assert variants["fp32"].status == "selected"
 
 
