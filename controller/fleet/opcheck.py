@@ -27,8 +27,11 @@ def refuse_missing_custom_ops(model_path: Path, targets: dict[str, tuple[str, st
         return  # add_artifact refuses it with the precise reason
     try:
         from converters.checks import custom_op_problem
-        from converters.errors import ConverterError
-    except ImportError as exc:  # pragma: no cover - controller installed without converters deps
+        from converters.errors import ConverterError, InspectError
+        from converters.tflite_inspect import schema
+
+        schema()  # the flatbuffer schema comes with ai-edge-litert or tensorflow
+    except (ImportError, InspectError) as exc:  # a controller without either: cannot read ops
         log.warning("custom ops not checked (%s): the device self-test will catch them", exc)
         return
     seen: dict[tuple[str, str, str], str | None] = {}
