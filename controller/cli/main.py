@@ -403,7 +403,8 @@ def up(
     home: HomeOption = None,
 ) -> None:
     """Run the controller (and an embedded broker unless --broker is given) until interrupted."""
-    from controller.brokers.mosquitto import BrokerError, is_loopback, start_embedded
+    from controller.brokers.base import BrokerError, is_loopback
+    from controller.runtime.embedded_broker import start_embedded
     from controller.runtime.prometheus import ControllerMetrics, serve_metrics
     from controller.runtime.service import ControllerService
 

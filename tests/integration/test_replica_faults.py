@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from agent.protocol import DeviceFacts, Hello, Topics, dump
-from controller.brokers.mosquitto import BrokerHandle
+from controller.brokers.base import BrokerHandle
 from controller.fleet.registry import Fleet
 from controller.runtime.service import ControllerService
 from controller.storage.open import open_database
