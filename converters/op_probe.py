@@ -20,7 +20,7 @@ def probe_model(builtin: int | None, version: int, custom: str | None = None) ->
     """A .tflite with one operator (two float32 [1] inputs, one output) of the given op code."""
     if custom in REALISTIC_CUSTOM:
         return conv2d_transpose_bias_model()
-    import flatbuffers
+    import flatbuffers  # type: ignore[import-untyped]
     from ai_edge_litert import schema_py_generated as s
 
     code = s.OperatorCodeT()

@@ -186,14 +186,24 @@ def _load_with(python: str, model: Path, env: dict[str, str]) -> LoadResult | No
 
 
 def _local_runtime() -> tuple[str, str] | None:
-    """(name, version) of the runtime this process can load models with, if any."""
-    try:
-        from agent.runtime import runtime_info
+    """(name, version) of the runtime this process can load models with, if any.
 
-        info = runtime_info()
-    except (ImportError, RuntimeError):
-        return None
-    return info.name, info.version
+    The same preference as the agent's runtime shim (agent/runtime.py): litert, then
+    tflite-runtime; read from the installed distributions, without importing the agent.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+    from importlib.util import find_spec
+
+    for dist, module in (
+        ("ai-edge-litert", "ai_edge_litert"),
+        ("tflite-runtime", "tflite_runtime"),
+    ):
+        try:
+            if find_spec(module) is not None:
+                return dist, version(dist)
+        except (PackageNotFoundError, ImportError, ValueError):
+            continue
+    return None
 
 
 def load_on_runtime(model: Path, runtime_name: str, runtime_version: str) -> LoadResult | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import math
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,7 @@ def worst_layers(keras_path: Path, calib: np.ndarray, top: int = WORST_LAYERS) -
     configure(converter, "int8", calib, str(keras_path))
     samples = np.asarray(calib[:DEBUG_SAMPLES], dtype=np.float32)
 
-    def dataset():  # type: ignore[no-untyped-def]
+    def dataset() -> Iterator[list[np.ndarray]]:
         """One sample per step, as the debugger expects."""
         for i in range(samples.shape[0]):
             yield [samples[i : i + 1]]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from agent.protocol import (
     GoldenRef,
@@ -18,8 +18,12 @@ from agent.protocol.schema import encode
 from controller.errors import FleetError
 from controller.fleet.artifacts import build_manifest, check_golden, read_converter_manifest
 from controller.fleet.candidates import register_candidates
+from controller.fleet.core import FleetCore
 from controller.fleet.opcheck import refuse_missing_custom_ops
 from controller.storage.db import now, to_json
+
+if TYPE_CHECKING:
+    from controller.fleet.registry import Fleet
 
 # Offset 4 of every TFLite flatbuffer holds this file identifier (schema.fbs: file_identifier).
 TFLITE_IDENTIFIER = b"TFL3"
@@ -37,7 +41,7 @@ def _check_names(*, name: str, version: str | None, recipe: str | None = None) -
         raise FleetError(str(exc)) from None
 
 
-class ModelCatalog:
+class ModelCatalog(FleetCore):
     """Adds and reads models and artifacts (mixed into Fleet; uses self.db, self.artifacts)."""
 
     # ------------------------------------------------------------------ models & deployments
@@ -71,10 +75,7 @@ class ModelCatalog:
             if head[4:8] != TFLITE_IDENTIFIER:
                 raise FleetError(f"{model_path}: not a TFLite model (no 'TFL3' identifier)")
         if profile is not None:
-            prof = self._profile(profile)
-            if check:
-                runtime = (prof.runtime.name, prof.runtime.version, prof.compiler.kind)
-                refuse_missing_custom_ops(model_path, {f"profile {profile}": runtime})
+            self._check_profile_ops(model_path, profile, check)
         golden_manifest = None
         try:
             if golden is not None:
@@ -151,6 +152,13 @@ class ModelCatalog:
                 )
         return manifest
 
+    def _check_profile_ops(self, model_path: Path, profile: str, check: bool) -> None:
+        """The profile must exist; with `check`, its runtime must resolve every custom op."""
+        prof = self._profile(profile)
+        if check:
+            runtime = (prof.runtime.name, prof.runtime.version, prof.compiler.kind)
+            refuse_missing_custom_ops(model_path, {f"profile {profile}": runtime})
+
     def _check_version_free(self, name: str, version: str, profile: str | None, sha: str) -> None:
         """Refuse a different file for a model version and profile that already has one."""
         row = self.db.query_one(
@@ -201,7 +209,7 @@ class ModelCatalog:
                     golden=golden_path,
                     expected_sha256=doc["sha256"],  # as recorded in manifest_path
                 )
-            register_candidates(self, path, name=name, version=version)
+            register_candidates(cast("Fleet", self), path, name=name, version=version)
         else:
             self.add_artifact(path, name=name, version=version, profile=profile, golden=golden)
         return self.model(f"{name}:{version}")
