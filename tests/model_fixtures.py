@@ -23,6 +23,8 @@ IMAGE_SHAPE = (16, 16, 3)
 ANCHORS = 64  # an 8x8 feature map, one anchor per cell
 LANDMARKS = 21 * 3  # MediaPipe hand landmarks: 21 points x (x, y, z)
 CLASSES = 1000  # ImageNet-sized softmax, where random weights give a flat distribution
+# A segmentation shape whose golden cannot hold 4 samples: 128x128x3 in, a 2-class mask out.
+SEGMENTATION_SHAPE = (128, 128, 3)
 
 
 def _key() -> str:
@@ -104,6 +106,21 @@ def _prelu(path: Path) -> None:
     x = layers.PReLU(shared_axes=[1, 2])(layers.Conv2D(4, 3)(inputs))
     out = layers.Dense(4)(layers.Flatten()(x))
     keras.Model(inputs, out).save(path)
+
+
+def _segmentation(path: Path) -> None:
+    """A tiny fully convolutional segmenter: per-pixel 2-class softmax at input resolution."""
+    keras = _keras()
+    layers = keras.layers
+    inputs = keras.Input(SEGMENTATION_SHAPE, name="image")
+    x = layers.Conv2D(8, 3, padding="same", activation="relu")(inputs)
+    out = layers.Conv2D(2, 1, activation="softmax", name="mask")(x)
+    keras.Model(inputs, out).save(path)
+
+
+def segmentation_keras(cache_dir: Path) -> Path:
+    """The segmentation shape (.keras): a few hundred bytes of weights, 128 KiB of output."""
+    return _cached(cache_dir, "segmentation.keras", _segmentation)
 
 
 def two_head_keras(cache_dir: Path) -> Path:

@@ -6,6 +6,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import firmware_profiles
@@ -84,3 +85,18 @@ def test_flat_reference_is_a_warning_not_a_refusal(cache_dir: Path, tmp_path: Pa
     assert prof.selected is not None and "top-1 disagreement" not in prof.selected.reason
     assert any("fp32 reference is flat" in w for w in prof.warnings), prof.warnings
     assert prof.selected.evaluation is not None and prof.selected.evaluation.outputs[0].flat
+
+
+def test_golden_of_a_segmentation_model_fits_the_cap(cache_dir: Path, tmp_path: Path) -> None:
+    """128x128 mask output, ~1 KiB model: one sample, strided mask, under 256 KiB, verifies."""
+    from converters.golden import GOLDEN_MIN_CAP_BYTES, build_golden, golden_cap
+
+    model = model_fixtures.tflite_of(cache_dir, model_fixtures.segmentation_keras(cache_dir))
+    images = np.random.default_rng(0).random((4, *model_fixtures.SEGMENTATION_SHAPE), np.float32)
+    cap = golden_cap(model.stat().st_size)
+    assert cap == GOLDEN_MIN_CAP_BYTES
+    written = build_golden(model, images, tmp_path / "g.npz", max_bytes=cap)
+    assert written.path is not None and written.size_bytes <= cap
+    assert written.samples == 1 and written.stride[0] > 1, written
+    assert "1 of 4 samples" in written.note and "output 0 every" in written.note
+    assert verify_golden(model, written.path) <= parse_golden(written.path).atol[0]
