@@ -12,7 +12,7 @@ from controller.cli.render import as_json
 from controller.fleet.registry import FleetError, default_home
 
 if TYPE_CHECKING:
-    from controller.brokers.mosquitto import BrokerHandle
+    from controller.brokers.base import BrokerHandle
 
 
 def record_serving_or_warn(

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from agent.protocol import DEFAULT_ROOT
 
 if TYPE_CHECKING:
-    from controller.brokers.mosquitto import BrokerHandle
+    from controller.brokers.base import BrokerHandle
 
 __all__ = [
     "SERVING_FILE",

@@ -16,7 +16,7 @@ pytest.importorskip("cryptography")
 
 from typer.testing import CliRunner
 
-from controller.brokers.mosquitto import BrokerHandle
+from controller.brokers.base import BrokerHandle
 from controller.cli.main import app
 from controller.fleet.onboarding import embedded_serving, read_serving, write_serving
 from controller.fleet.registry import Fleet
