@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+import psutil
+
 from agent.protocol import DEFAULT_ROOT
 
 if TYPE_CHECKING:
@@ -42,6 +44,9 @@ UP_DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
 # Where the printed commands put the agent's virtualenv: one place root, a service user and a
 # login user can all read (a home directory is 0700 on Debian 12, so not there).
 DEVICE_VENV = "/opt/edgefleet-agent"
+# psutil's process start time is rounded to the clock tick and the record is written right after
+# start-up; a second of slack keeps the real `up` recognised while a reused pid is not.
+PID_START_SLACK_S = 1.0
 
 
 # What the agent accepts (agent/mqtt.py): plain and TLS MQTT URL schemes.
@@ -86,14 +91,25 @@ class Serving:
 
     @property
     def running(self) -> bool:
-        """Whether the `up` process that wrote this record is still alive."""
+        """Whether the `up` process that wrote this record is still alive (not a reused pid)."""
         try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
+            created = psutil.Process(self.pid).create_time()
+        except psutil.Error:
             return False
-        except PermissionError:
-            return True
-        return True
+        # A process that started after the record was written only reuses the pid.
+        return created <= self.started_at + PID_START_SLACK_S
+
+    def broker_process(self) -> psutil.Process | None:
+        """The embedded mosquitto of this record, if that very process still runs."""
+        if self.broker_pid is None or self.broker_dir is None:
+            return None
+        try:
+            process = psutil.Process(self.broker_pid)
+            cmdline = process.cmdline()
+        except psutil.Error:
+            return None
+        # Our mosquitto runs `-c BROKER_DIR/mosquitto.conf`; anything else only reuses the pid.
+        return process if str(Path(self.broker_dir) / "mosquitto.conf") in cmdline else None
 
 
 def write_serving(home: Path, serving: Serving) -> Path:
@@ -268,17 +284,17 @@ def reload_broker_passwords(home: Path, password_file: Path) -> str | None:
     serving = read_serving(home)
     if serving is None or serving.auth != "password" or not serving.embedded:
         return None
-    if not serving.running or serving.broker_pid is None or serving.broker_dir is None:
+    broker = serving.broker_process() if serving.running else None
+    if broker is None or serving.broker_dir is None:
         return None
     from controller.security.identity import write_private
 
-    target = Path(serving.broker_dir) / "passwd"
-    write_private(target, password_file.read_bytes())
+    write_private(Path(serving.broker_dir) / "passwd", password_file.read_bytes())
     try:
-        os.kill(serving.broker_pid, signal.SIGHUP)
-    except ProcessLookupError:
+        broker.send_signal(signal.SIGHUP)
+    except psutil.Error:
         return None
-    return f"reloaded the running broker's passwords (pid {serving.broker_pid})"
+    return f"reloaded the running broker's passwords (pid {broker.pid})"
 
 
 def device_commands(bundle: Path, device_id: str, wheel_name: str) -> list[str]:
