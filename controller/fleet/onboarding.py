@@ -16,11 +16,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import psutil
 
 from agent.protocol import DEFAULT_ROOT
+from agent.protocol.transport import is_tls_url, parse_mqtt_url
 
 if TYPE_CHECKING:
     from controller.brokers.base import BrokerHandle
@@ -47,32 +47,6 @@ DEVICE_VENV = "/opt/edgefleet-agent"
 # psutil's process start time is rounded to the clock tick and the record is written right after
 # start-up; a second of slack keeps the real `up` recognised while a reused pid is not.
 PID_START_SLACK_S = 1.0
-
-
-# What the agent accepts (agent/mqtt.py): plain and TLS MQTT URL schemes.
-_PLAIN_SCHEMES = ("mqtt", "tcp")
-_TLS_SCHEMES = ("mqtts", "ssl")
-
-
-def is_tls_url(url: str) -> bool:
-    """Whether a broker URL asks for TLS (mqtts:// or ssl://), as the agent decides it."""
-    return url.split("://", 1)[0].lower() in _TLS_SCHEMES if "://" in url else False
-
-
-def broker_host(url: str) -> str:
-    """The host of a broker URL the agent can use; ValueError naming what is wrong."""
-    parts = urlsplit(url)
-    if parts.scheme.lower() not in _PLAIN_SCHEMES + _TLS_SCHEMES or "://" not in url:
-        raise ValueError(
-            f"unsupported broker URL scheme in {url!r}: expected mqtt://host:port or mqtts://"
-        )
-    if not parts.hostname:
-        raise ValueError(f"broker URL {url!r} has no host")
-    try:
-        parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError:
-        raise ValueError(f"invalid port in broker URL {url!r}") from None
-    return parts.hostname
 
 
 @dataclass(frozen=True)
@@ -261,7 +235,7 @@ def resolve_target(
             topic_root or DEFAULT_ROOT,
             "`edgefleet up` defaults (it has not run with this data dir yet)",
         )
-    host = broker_host(target.broker)  # ValueError on a malformed URL, before anything is written
+    host, _ = parse_mqtt_url(target.broker)  # ValueError on a bad URL, before anything is written
     if host in ("127.0.0.1", "localhost", "::1"):
         warnings.append(
             f"the broker {target.broker} is loopback: only an agent on this machine (or a chroot "

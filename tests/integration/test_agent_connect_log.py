@@ -23,6 +23,9 @@ from tests.polling import wait_until
 
 pytestmark = [pytest.mark.integration]
 
+# How the agent's MQTT session logs (level and logger name).
+LOGGER = "WARNING agent.protocol.transport:"
+
 
 class Agent:
     """`edgefleet-agent run` at INFO (not DEBUG: failures must show at the default level)."""
@@ -93,7 +96,7 @@ def test_closed_port_logs_every_attempt_with_reason_and_backoff(
     port = free_port()  # nothing listens here
     agent = Agent(tmp_path, f"mqtt://127.0.0.1:{port}")
     agents.append(agent)
-    pattern = re.escape(f"WARNING agent.mqtt: cannot connect to mqtt://127.0.0.1:{port}")
+    pattern = re.escape(f"{LOGGER} cannot connect to mqtt://127.0.0.1:{port}")
     wait_until(lambda: len(_attempts(agent.log(), pattern)) >= 3, 30, "three failure lines")
     _check_backoff(_attempts(agent.log(), pattern)[:3])
     assert "ConnectionRefusedError: [Errno 111] Connection refused" in agent.log()
@@ -113,7 +116,7 @@ def test_refused_credentials_log_every_attempt_with_reason_and_backoff(
         agent = Agent(tmp_path, handle.url, username="dev-x", password="wrong")
         agents.append(agent)
         pattern = re.escape(
-            f"WARNING agent.mqtt: broker 127.0.0.1:{handle.port} refused the connection"
+            f"{LOGGER} broker 127.0.0.1:{handle.port} refused the connection"
         )
         wait_until(lambda: len(_attempts(agent.log(), pattern)) >= 3, 30, "three refusals")
         _check_backoff(_attempts(agent.log(), pattern)[:3])
@@ -143,7 +146,7 @@ def test_untrusted_broker_certificate_logs_the_tls_reason(
         )
         agents.append(agent)
         pattern = re.escape(
-            f"WARNING agent.mqtt: cannot connect to mqtts://127.0.0.1:{handle.tls_port}"
+            f"{LOGGER} cannot connect to mqtts://127.0.0.1:{handle.tls_port}"
         )
         wait_until(lambda: len(_attempts(agent.log(), pattern)) >= 2, 30, "two TLS failures")
         _check_backoff(_attempts(agent.log(), pattern)[:2])
