@@ -55,8 +55,17 @@ def _names(enum_name: str) -> dict[int, str]:
 
 
 def read_model(data: bytes) -> Any:
-    """Unpack .tflite bytes into the schema's mutable object tree (ModelT)."""
-    return schema().ModelT.InitFromPackedBuf(bytearray(data), 0)
+    """Unpack .tflite bytes into the schema's mutable object tree (ModelT).
+
+    Files over 2 GB keep their weights after the flatbuffer (Buffer.offset/size), which the
+    object tree does not carry: rewriting them would lose the weights, so they are refused.
+    """
+    model = schema().ModelT.InitFromPackedBuf(bytearray(data), 0)
+    if any(int(b.offset or 0) > 1 for b in model.buffers or []):
+        raise ConversionError(
+            "weights stored after the flatbuffer (a model over 2 GB) cannot be rewritten here"
+        )
+    return model
 
 
 class _AlignedBuffer:
