@@ -112,13 +112,16 @@ def _detector_fp16(work: Path) -> tuple[Path, Samples, Samples]:
 
 
 def _mobilenet_v3_fp16(work: Path) -> tuple[Path, Samples, Samples]:
-    """MobileNetV3Small (weights=None) as an fp16 .tflite without a signature."""
+    """MobileNetV3Small (weights=None) as an fp16 .tflite without a signature, batch fixed to 1
+    as published files have it (a dynamic batch adds SHAPE/STRIDED_SLICE/PACK that stay on CPU)."""
     import keras
 
+    from converters.recipes import with_fixed_batch
     from tests.pretrained_models import fp16_tflite, strip_signatures
 
     keras.utils.set_random_seed(SEED)
     model = keras.applications.MobileNetV3Small(input_shape=IMAGE_SHAPE, weights=None)
+    model = with_fixed_batch(model, 1)
     path = work / "mobilenet_v3_fp16.tflite"
     path.write_bytes(strip_signatures(fp16_tflite(model)))
     x = _images()
