@@ -96,7 +96,7 @@ class _AlignedBuffer:
 
 def write_model(model: Any) -> bytes:
     """Pack a ModelT into .tflite bytes with aligned constant buffers."""
-    import flatbuffers
+    import flatbuffers  # type: ignore[import-untyped]
 
     model.buffers = [_AlignedBuffer(b) for b in (model.buffers or [])]
     size = sum(b.data.size for b in model.buffers if b.data is not None)
@@ -319,7 +319,7 @@ def signature_input_names(data: bytes) -> list[str]:
             by_index = {int(tm.tensorIndex): tm.name for tm in sig.inputs or []}
             names = [by_index.get(int(i)) for i in sub.inputs]
             if all(names):
-                return [n.decode() if isinstance(n, bytes) else n for n in names]
+                return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
     raise ConversionError("the model has no signature over its main subgraph's inputs")
 
 
