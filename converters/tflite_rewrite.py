@@ -22,6 +22,8 @@ from converters.tflite_inspect import schema
 # Constant buffers start on a 16-byte boundary, as TF's own flatbuffer writer lays them out
 # (SIMD kernels and memory-mapped loading read weights in place).
 BUFFER_ALIGNMENT = 16
+# Flatbuffers address with signed 32-bit offsets: everything inline must stay under 2 GiB.
+FLATBUFFER_LIMIT = 2**31 - 1
 # The signature key litert-quantizer and TF's signature runner look up by default.
 SIGNATURE_KEY = "serving_default"
 # Ops whose output is a constant when their inputs are: folded into fp32 constants here.
@@ -57,14 +59,18 @@ def _names(enum_name: str) -> dict[int, str]:
 def read_model(data: bytes) -> Any:
     """Unpack .tflite bytes into the schema's mutable object tree (ModelT).
 
-    Files over 2 GB keep their weights after the flatbuffer (Buffer.offset/size), which the
-    object tree does not carry: rewriting them would lose the weights, so they are refused.
+    Some writers (litert-quantizer, TF for models over 2 GB) keep constants after the
+    flatbuffer (Buffer.offset/size), which the object tree does not load: they are read in
+    here and written back inline, so a rewrite never drops weights.
     """
     model = schema().ModelT.InitFromPackedBuf(bytearray(data), 0)
-    if any(int(b.offset or 0) > 1 for b in model.buffers or []):
-        raise ConversionError(
-            "weights stored after the flatbuffer (a model over 2 GB) cannot be rewritten here"
-        )
+    for buf in model.buffers or []:
+        offset, size = int(buf.offset or 0), int(buf.size or 0)
+        if offset > 1:
+            if offset + size > len(data):
+                raise ConversionError(f"buffer at offset {offset} runs past the file's end")
+            buf.data = np.frombuffer(data, dtype=np.uint8, count=size, offset=offset)
+            buf.offset = buf.size = 0
     return model
 
 
@@ -100,6 +106,8 @@ def write_model(model: Any) -> bytes:
 
     model.buffers = [_AlignedBuffer(b) for b in (model.buffers or [])]
     size = sum(b.data.size for b in model.buffers if b.data is not None)
+    if size >= FLATBUFFER_LIMIT:
+        raise ConversionError(f"{size} bytes of constants do not fit one flatbuffer (2 GiB)")
     builder = flatbuffers.Builder(size + 1024 * 1024)
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     return bytes(builder.Output())
