@@ -22,6 +22,8 @@ from converters.tflite_inspect import schema
 # Constant buffers start on a 16-byte boundary, as TF's own flatbuffer writer lays them out
 # (SIMD kernels and memory-mapped loading read weights in place).
 BUFFER_ALIGNMENT = 16
+# Flatbuffers address with signed 32-bit offsets: everything inline must stay under 2 GiB.
+FLATBUFFER_LIMIT = 2**31 - 1
 # The signature key litert-quantizer and TF's signature runner look up by default.
 SIGNATURE_KEY = "serving_default"
 # Ops whose output is a constant when their inputs are: folded into fp32 constants here.
@@ -55,8 +57,21 @@ def _names(enum_name: str) -> dict[int, str]:
 
 
 def read_model(data: bytes) -> Any:
-    """Unpack .tflite bytes into the schema's mutable object tree (ModelT)."""
-    return schema().ModelT.InitFromPackedBuf(bytearray(data), 0)
+    """Unpack .tflite bytes into the schema's mutable object tree (ModelT).
+
+    Some writers (litert-quantizer, TF for models over 2 GB) keep constants after the
+    flatbuffer (Buffer.offset/size), which the object tree does not load: they are read in
+    here and written back inline, so a rewrite never drops weights.
+    """
+    model = schema().ModelT.InitFromPackedBuf(bytearray(data), 0)
+    for buf in model.buffers or []:
+        offset, size = int(buf.offset or 0), int(buf.size or 0)
+        if offset > 1:
+            if offset + size > len(data):
+                raise ConversionError(f"buffer at offset {offset} runs past the file's end")
+            buf.data = np.frombuffer(data, dtype=np.uint8, count=size, offset=offset)
+            buf.offset = buf.size = 0
+    return model
 
 
 class _AlignedBuffer:
@@ -87,10 +102,12 @@ class _AlignedBuffer:
 
 def write_model(model: Any) -> bytes:
     """Pack a ModelT into .tflite bytes with aligned constant buffers."""
-    import flatbuffers
+    import flatbuffers  # type: ignore[import-untyped]
 
     model.buffers = [_AlignedBuffer(b) for b in (model.buffers or [])]
     size = sum(b.data.size for b in model.buffers if b.data is not None)
+    if size >= FLATBUFFER_LIMIT:
+        raise ConversionError(f"{size} bytes of constants do not fit one flatbuffer (2 GiB)")
     builder = flatbuffers.Builder(size + 1024 * 1024)
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     return bytes(builder.Output())
@@ -310,7 +327,7 @@ def signature_input_names(data: bytes) -> list[str]:
             by_index = {int(tm.tensorIndex): tm.name for tm in sig.inputs or []}
             names = [by_index.get(int(i)) for i in sub.inputs]
             if all(names):
-                return [n.decode() if isinstance(n, bytes) else n for n in names]
+                return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
     raise ConversionError("the model has no signature over its main subgraph's inputs")
 
 

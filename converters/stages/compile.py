@@ -15,7 +15,7 @@ from converters.errors import ConverterError
 from converters.evaluate import Evaluation
 from converters.fidelity import Budget, judge
 from converters.report import VariantReport
-from converters.stages.convert import ConvertStage
+from converters.stages.convert import ConvertStage, base_recipe, is_pruned
 
 
 class CompileStage(ConvertStage):
@@ -73,8 +73,11 @@ class CompileStage(ConvertStage):
     def try_variant(self, profile: Any, recipe: str) -> VariantReport:
         """Convert (shared), compile for this profile, check and judge one recipe."""
         key = self.variant_key(profile, recipe)
-        rep = VariantReport(recipe, variant=key)
         var = self.variant(key, profile.id)
+        if var.duplicate_of is not None and _same_recipe(var.duplicate_of, key):
+            key = var.duplicate_of  # e.g. dynamic-pt equal to dynamic: the same recipe's file
+            var = self.variant(key, profile.id)
+        rep = VariantReport(recipe, variant=key)
         if var.duplicate_of is not None:
             rep.status, rep.reason = "dropped", str(var.error)
             return rep
@@ -110,6 +113,11 @@ class CompileStage(ConvertStage):
         if where:
             rep.reason = f"{rep.reason}; {where}"
         return rep
+
+
+def _same_recipe(a: str, b: str) -> bool:
+    """Whether two variant keys are one recipe built two ways ('dynamic' and 'dynamic-pt')."""
+    return base_recipe(a) == base_recipe(b) and is_pruned(a) == is_pruned(b)
 
 
 def _cpu_only_reason(compiled: CompileResult) -> str:

@@ -190,3 +190,25 @@ def test_cli_closing_line_names_profiles_without_an_artifact(tmp_path: Path) -> 
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith("1 of 2 profile(s) have no artifact — corstone-300-u55:"), last
     assert "--calib" in last and "x86-64-gateway" not in last
+
+
+@pytest.mark.slow
+def test_same_recipe_built_two_ways_is_reused_not_dropped(tmp_path: Path) -> None:
+    """A model without Dense layers gives the same file for dynamic and per-tensor dynamic
+    (dynamic-pt, for runtimes before 2.17): the old-runtime profile reuses 'dynamic', whose name
+    is right for it, instead of losing the recipe as a duplicate."""
+    import keras
+
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input(shape=(16, 16, 3), batch_size=1)
+    x = keras.layers.Conv2D(64, 3, activation="relu")(inputs)  # 1728 weights: quantized
+    outputs = keras.layers.GlobalAveragePooling2D()(x)
+    path = tmp_path / "convs.keras"
+    keras.Model(inputs, outputs).save(path)
+    profiles = [narrowed("x86-64-gateway", "dynamic"), narrowed("rpi4", "dynamic")]
+    # Random weights: the budget is not what this test is about, so it admits any fidelity.
+    rep = optimize(path, profiles, out_dir=tmp_path / "out", max_accuracy_drop=100.0)
+    new, old = (p.variants[0] for p in rep.profiles)
+    assert new.variant == "dynamic" and new.status == "selected"
+    assert old.variant == "dynamic" and old.status == "selected", old.reason
+    assert any("recipe dynamic-pt dropped" in n for n in rep.notes)
