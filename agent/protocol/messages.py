@@ -17,15 +17,14 @@ from agent.protocol.limits import (
 )
 from agent.protocol.names import validate_label, validate_name
 from agent.protocol.schema import OMIT_DEFAULT, decode_dataclass, encode
+from agent.protocol.states import AgentState
 from agent.protocol.telemetry import Environment, SeqRange
 from agent.protocol.topics import validate_device_id, validate_sha256
 
 M = TypeVar("M")
 
-# Persisted agent update states (DESIGN.md, "Agent update flow").
-UpdateState = Literal[
-    "idle", "fetching", "verifying", "staged", "self-testing", "active", "failed", "rolled_back"
-]
+# Persisted agent update states (docs/agent.md, "Update state machine"): defined once, in states.py.
+UpdateState = AgentState
 
 
 def _check_version(v: int) -> None:
@@ -90,7 +89,7 @@ class Status:
 
     device_id: str
     online: bool
-    state: UpdateState = "idle"
+    state: UpdateState = AgentState.IDLE
     model_sha256: str | None = None
     previous_sha256: str | None = None
     generation: int = 0

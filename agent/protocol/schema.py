@@ -9,6 +9,7 @@ import sys
 import types
 import typing
 from collections.abc import Callable
+from enum import Enum
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 from agent.protocol.errors import ProtocolError
@@ -154,6 +155,8 @@ def _build(tp: Any) -> Decoder:
             return value
 
         return decode_literal
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        return _build_enum(tp)
     if origin is list or origin is tuple:
         return _build_sequence(get_args(tp)[0])
     if origin is dict:
@@ -173,6 +176,21 @@ def _build(tp: Any) -> Decoder:
         raise ProtocolError(f"{path}: unsupported schema type {_type_name(tp)}")
 
     return unsupported
+
+
+def _build_enum(tp: type[Enum]) -> Decoder:
+    """An Enum: one of its members' values, decoded into the member."""
+    members = {member.value: member for member in tp}
+
+    def decode_enum(value: Any, path: str) -> Enum:
+        try:
+            return members[value]
+        except (KeyError, TypeError):  # TypeError: an unhashable value (a list, an object)
+            raise ProtocolError(
+                f"{path}: must be one of {list(members)}, got {_show(value)}"
+            ) from None
+
+    return decode_enum
 
 
 def _build_union(tp: Any) -> Decoder:
@@ -274,6 +292,8 @@ def encode(value: Any) -> Any:
                 continue
             out[f.name] = encode(item)
         return out
+    if isinstance(value, Enum):
+        return value.value
     if isinstance(value, (list, tuple)):
         return [encode(v) for v in value]
     if isinstance(value, dict):
