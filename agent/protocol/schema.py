@@ -10,6 +10,7 @@ import types
 import typing
 from collections.abc import Callable
 from enum import Enum
+from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 from agent.protocol.errors import ProtocolError
@@ -129,11 +130,17 @@ def _decode_str(value: Any, path: str) -> str:
     return value
 
 
+def _decode_path(value: Any, path: str) -> Path:
+    """A filesystem path, given as a string (agent.toml; no wire message carries one)."""
+    return Path(_decode_str(value, path))
+
+
 _SCALARS: dict[Any, Decoder] = {
     bool: _decode_bool,
     int: _decode_int,
     float: _decode_float,
     str: _decode_str,
+    Path: _decode_path,
 }
 
 
