@@ -20,10 +20,10 @@ from paho.mqtt.client import topic_matches_sub
 from agent.config import AgentConfig
 from agent.daemon import Agent, ReportOutcome, derived_event_id
 from agent.protocol import ArtifactRef, Command, Desired, Manifest, Need, Topics, dump, parse
+from agent.store import ModelStore
 from agent.update.record import UpdateStateFile
 from agent.update.restore import MAX_SELFTEST_ATTEMPTS
 from agent.update.table import MAX_STATE_STORES, UpdateEvent
-from agent.store import ModelStore
 
 pytestmark = pytest.mark.agent
 
@@ -266,7 +266,7 @@ def test_chunks_are_written_by_the_work_thread_not_the_network_thread(
     assert time.perf_counter() - started < 0.5
     assert not agent.config.downloads_dir.exists() or not any(agent.config.downloads_dir.iterdir())
     assert agent.fetcher._chunks.qsize() == 1
-    agent.router.on_message(broker.topics.chunk(manifest.sha256, 1), b"")  # a cleared retained chunk
+    agent.router.on_message(broker.topics.chunk(manifest.sha256, 1), b"")  # a cleared chunk
     assert agent.fetcher._chunks.qsize() == 1, "empty payloads are not chunks"
 
 

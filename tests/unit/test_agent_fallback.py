@@ -22,9 +22,9 @@ from agent.metrics import ServingMetrics
 from agent.protocol import ArtifactRef, Fallback, Manifest
 from agent.runtime import load_interpreter
 from agent.serving import ServingModel
+from agent.store import ModelStore
 from agent.update.record import ArmedFallback, UpdateStateFile
 from agent.update.table import UpdateEvent
-from agent.store import ModelStore
 from tests.unit import test_agent_daemon
 from tests.unit.test_agent_daemon import NEW, OLD, MemoryBroker, _apply, _desired
 

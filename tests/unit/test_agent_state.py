@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.failpoint import ENV_VAR, EXIT_CODE, FailpointHook, parse_failpoint
 from agent.commands import SeenCommands
+from agent.failpoint import ENV_VAR, EXIT_CODE, FailpointHook, parse_failpoint
 from agent.protocol import AgentState
 from agent.update.record import UpdateRecord, UpdateStateFile
 from agent.update.table import UpdateEvent
