@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from agent.config import AgentConfig
@@ -85,7 +86,7 @@ class UpdateFlow:
             self.reporter.publish_status()
             if desired.generation == record.applied_generation:
                 # Redelivered after a restart or reconnect: arm a fallback not armed yet.
-                self.fallback.arm(desired, lambda: self.inbox.cancelled(desired))
+                self.fallback.arm(desired, partial(self.inbox.cancelled, desired))
             return
         artifact = desired.artifact
         threads = self.threads(desired)
@@ -99,8 +100,8 @@ class UpdateFlow:
             elif artifact is None or same_model:
                 self._settle(desired, serving, "already in desired state")
                 if not serving:
-                    rep = self.reporter
-                    rep.emit("update", "already in desired state", desired=desired, suffix="idle")
+                    message = "already in desired state"
+                    self.reporter.emit("update", message, desired=desired, suffix="idle")
             else:
                 self._update(Run(desired, artifact, threads))
         except Superseded:
@@ -110,7 +111,7 @@ class UpdateFlow:
         except UpdateFailed as exc:
             self.fail(desired, str(exc), stage=exc.stage)
             return
-        self.fallback.arm(desired, lambda: self.inbox.cancelled(desired))
+        self.fallback.arm(desired, partial(self.inbox.cancelled, desired))
 
     # ----------------------------------------------------------------- the update
     def _update(self, run: Run) -> None:
@@ -150,9 +151,8 @@ class UpdateFlow:
 
     def _fetch(self, run: Run) -> tuple[UpdateEvent, dict[str, Any]]:
         """fetching: the manifest, then whatever of the model and its golden the store lacks."""
-        timeout_s = self.config.fetch_timeout_s
-        cancelled = lambda: self.inbox.cancelled(run.desired)  # noqa: E731
-        run.fetched = self.stager.fetch(run.artifact, timeout_s, cancelled)
+        cancelled = partial(self.inbox.cancelled, run.desired)
+        run.fetched = self.stager.fetch(run.artifact, self.config.fetch_timeout_s, cancelled)
         return E.FETCHED, {}
 
     def _verify(self, run: Run) -> tuple[UpdateEvent, dict[str, Any]]:
