@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.protocol import (
     IN_FLIGHT_STATES,
@@ -129,3 +132,32 @@ def test_states_decode_into_the_shared_enum_and_encode_as_their_value() -> None:
         parse(payload.replace(b"self-testing", b"exploded"), Status)
     with pytest.raises(ProtocolError, match=r"\$\.state: must be one of"):
         parse(payload.replace(b'"self-testing"', b"[1]"), Status)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(list(UpdateEvent)), st.integers(1, 3)), max_size=60))
+def test_any_event_sequence_follows_the_table_or_changes_nothing(
+    events: list[tuple[UpdateEvent, int]],
+) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "update.json"
+        state = UpdateStateFile(path)
+        for event, generation in events:
+            before = state.record
+            expected = TRANSITIONS.get((before.state, event))
+            same = generation == before.generation and not before.state.terminal
+            stores = (
+                0 if expected is None or expected.terminal else before.stores + 1 if same else 1
+            )
+            try:
+                after = state.fire(event, generation=generation)
+            except TransitionError:
+                assert expected is None
+                assert state.record == before == UpdateStateFile(path).record
+                continue
+            except StateLoopDetected:
+                assert stores == MAX_STATE_STORES + 1
+                assert state.record == before == UpdateStateFile(path).record
+                continue
+            assert (after.state, after.stores) == (expected, stores)
+            assert UpdateStateFile(path).record == after, "persisted before returning"
