@@ -23,9 +23,6 @@ from agent.protocol.topics import validate_device_id, validate_sha256
 
 M = TypeVar("M")
 
-# Persisted agent update states (docs/agent.md, "Update state machine"): defined once, in states.py.
-UpdateState = AgentState
-
 
 def _check_version(v: int) -> None:
     """Refuse a schema version this code does not speak."""
@@ -89,7 +86,7 @@ class Status:
 
     device_id: str
     online: bool
-    state: UpdateState = AgentState.IDLE
+    state: AgentState = AgentState.IDLE
     model_sha256: str | None = None
     previous_sha256: str | None = None
     generation: int = 0
@@ -338,10 +335,10 @@ class Event:
     message: str
     deployment_id: str | None = None
     generation: int | None = None
-    state: UpdateState | None = None
+    state: AgentState | None = None
     # For errors: the update state the failure happened in (fetching = download, verifying,
     # self-testing = load/self-test), so the controller can tell transient from final failures.
-    stage: UpdateState | None = None
+    stage: AgentState | None = None
     model_sha256: str | None = None
     benchmark: BenchmarkReport | None = None
     ts: float = field(default_factory=time.time)
