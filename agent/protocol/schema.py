@@ -288,7 +288,11 @@ def decode_dataclass(value: Any, cls: type[T], path: str = "$") -> T:
 
 
 def encode(value: Any) -> Any:
-    """Turn dataclasses, tuples and dicts into plain JSON-ready values."""
+    """Turn dataclasses, tuples and dicts into plain JSON-ready values.
+
+    Enums of the protocol are `str` subclasses (AgentState): json writes them as their value,
+    so no per-value Enum check costs the telemetry hot path anything.
+    """
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         out = {}
         for f in dataclasses.fields(value):
@@ -299,8 +303,6 @@ def encode(value: Any) -> Any:
                 continue
             out[f.name] = encode(item)
         return out
-    if isinstance(value, Enum):
-        return value.value
     if isinstance(value, (list, tuple)):
         return [encode(v) for v in value]
     if isinstance(value, dict):
