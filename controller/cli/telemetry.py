@@ -42,7 +42,7 @@ def telemetry(
     json_out: JsonOption = False,
 ) -> None:
     """Show a device's telemetry: raw records, then per-minute aggregates once compacted."""
-    from controller.fleet.telemetry.reports import plot_device
+    from controller.fleet.telemetry.plots import plot_device
 
     fleet = Fleet(home or default_home())
     try:
@@ -128,7 +128,7 @@ def report(
     json_out: JsonOption = False,
 ) -> None:
     """Inference cost per profile (or device) × model version, beside on-device benchmarks."""
-    from controller.fleet.telemetry.reports import plot_profile
+    from controller.fleet.telemetry.plots import plot_profile
 
     if plot is not None and profile is None:
         raise _fail(FleetError("--plot needs --profile (the profile to plot)"))
