@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 from agent.config import AgentConfig
 from agent.fetch import Fetcher
-from agent.mqtt import MqttSession
 from agent.protocol import Command, Desired, FleetKeys, Manifest, ProtocolError, Topics, parse
+from agent.protocol.transport import MqttSession
 from agent.reporting import Reporter
 from agent.trust import SecurityRejected, TrustStore
 from agent.update.record import UpdateStateFile
