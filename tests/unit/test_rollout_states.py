@@ -271,3 +271,21 @@ def test_gate_evaluators_limit_and_regression() -> None:
         limit,
         regression,
     ]
+
+
+def test_the_docs_show_the_code_tables() -> None:
+    """docs/rollouts.md's transition tables are the code's, row for row."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "rollouts.md").read_text()
+
+    def table(heading: str) -> list[tuple[str, str, str]]:
+        """The `| from | to | when |` rows under `heading`."""
+        section = doc.split(heading, 1)[1].split("\n### ", 1)[0]
+        rows = [line.strip("|").split(" | ") for line in section.splitlines()]
+        return [
+            (f.strip(" `"), t.strip(" `"), w.strip())
+            for f, t, w in (r for r in rows if len(r) == 3)
+            if f.strip() not in ("from", "---")
+        ]
+
+    assert table("### Transitions") == [(f.value, t.value, w) for f, t, w in TRANSITIONS]
+    assert table("### Rollout states") == [(f.value, t.value, w) for f, t, w in ROLLOUT_TRANSITIONS]
