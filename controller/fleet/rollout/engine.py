@@ -197,9 +197,9 @@ class Rollouts(WaveSteps, DeviceEvents, Control):
 
 def _counts(tx: Connection, rollout_id: str, up_to_wave: int | None = None) -> dict[str, int]:
     """Devices per state in one rollout (or in its waves up to `up_to_wave`)."""
-    if up_to_wave is None:
-        sql, params = "", (rollout_id,)
-    else:
+    params: tuple[str | int, ...] = (rollout_id,)
+    sql = ""
+    if up_to_wave is not None:
         sql, params = " AND wave <= ?", (rollout_id, up_to_wave)
     return dict(
         tx.execute(
