@@ -81,8 +81,8 @@ class Rollouts(WaveSteps, DeviceEvents, Control):
         with self.db.transaction() as tx:
             tx.execute(
                 "INSERT INTO deployments (id, model_id, target, created, kind, policy, state, "
-                "wave, updated) VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?)",
-                (rollout_id, model_id, target, ts, kind, to_json(policy.to_json()), R.RUNNING, ts),
+                f"wave, updated) VALUES (?, ?, ?, ?, ?, ?, '{R.RUNNING}', 0, ?)",
+                (rollout_id, model_id, target, ts, kind, to_json(policy.to_json()), ts),
             )
             for position, (device_id, sha, reason) in enumerate(order):
                 # The newest rollout owns the device: an older one must not start it later.
@@ -104,7 +104,7 @@ class Rollouts(WaveSteps, DeviceEvents, Control):
                         rollout_id,
                         device_id,
                         sha,
-                        D.WAITING if sha else D.SKIPPED,
+                        (D.WAITING if sha else D.SKIPPED).value,
                         reason,
                         ts,
                         position,
