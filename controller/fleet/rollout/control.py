@@ -1,14 +1,13 @@
 """Operator control of rollouts (pause, resume, abort, rollback) and reading their status.
 
-A mixin of `Rollouts` (engine.py). Rollout states change only through `states.move_rollout`,
+A part of `Rollouts` (engine.py). Rollout states change only through `states.move_rollout`,
 device states through `states.move` / `states.move_all`.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from controller.fleet.rollout.policy import Policy, PolicyError
 from controller.fleet.rollout.states import (
@@ -21,10 +20,8 @@ from controller.fleet.rollout.states import (
     move_all,
     move_rollout,
 )
-from controller.storage.db import Connection, Database
-
-if TYPE_CHECKING:
-    from controller.fleet.rollout.selection import Selection
+from controller.fleet.rollout.waves import WaveSteps
+from controller.storage.db import Connection
 
 D, R = DeviceState, RolloutState
 
@@ -36,13 +33,8 @@ COMMITTED: frozenset[DeviceState] = frozenset(
 )
 
 
-class Control:
-    """Operator actions and status of rollouts (mixed into Rollouts)."""
-
-    db: Database
-    clock: Callable[[], float]
-    selection: Selection
-    _roll_back_device: Callable[..., None]
+class Control(WaveSteps):
+    """Operator actions and status of rollouts (a part of Rollouts)."""
 
     def pause(self, rollout_id: str) -> dict[str, Any]:
         """Start no new devices or waves; devices already updating finish."""

@@ -33,7 +33,6 @@ from controller.fleet.rollout.states import (
     move_rollout,
     sql_in,
 )
-from controller.fleet.rollout.waves import WaveSteps
 from controller.storage.db import Connection, now, to_json
 
 if TYPE_CHECKING:
@@ -44,7 +43,7 @@ log = logging.getLogger(__name__)
 D, R = DeviceState, RolloutState
 
 
-class Rollouts(WaveSteps, DeviceEvents, Control):
+class Rollouts(DeviceEvents, Control):
     """Creates and drives rollouts; every method is one or a few short transactions."""
 
     def __init__(self, fleet: Fleet, clock: Callable[[], float] = now) -> None:

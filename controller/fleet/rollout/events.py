@@ -1,13 +1,12 @@
 """Device events applied to rollout rows: activation, errors and retries, benchmarks and gates.
 
-A mixin of `Rollouts` (engine.py), called at ingest inside Fleet.record_event's transaction.
+A part of `Rollouts` (engine.py), called at ingest inside Fleet.record_event's transaction.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from agent.protocol import Event
 from agent.protocol.schema import encode
@@ -15,20 +14,14 @@ from controller.fleet.rollout.evaluators import broken, judge
 from controller.fleet.rollout.outliers import EXCUSABLE_GATES, Outlier, classify
 from controller.fleet.rollout.policy import RETRIABLE_STAGES, Policy
 from controller.fleet.rollout.states import UPDATING, DeviceState, move
+from controller.fleet.rollout.waves import WaveSteps
 from controller.storage.db import Connection, to_json
-
-if TYPE_CHECKING:
-    from controller.fleet.rollout.selection import Selection
 
 D = DeviceState
 
 
-class DeviceEvents:
-    """What a device's event does to its rollout row (mixed into Rollouts)."""
-
-    clock: Callable[[], float]
-    selection: Selection
-    _roll_back_device: Callable[..., None]
+class DeviceEvents(WaveSteps):
+    """What a device's event does to its rollout row (a part of Rollouts)."""
 
     def on_event(self, tx: Connection, event: Event) -> None:
         """Apply a device event to its rollout row (same transaction as storing the event)."""

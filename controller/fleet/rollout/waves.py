@@ -1,6 +1,7 @@
 """Wave steps of the rollout engine: start a wave, point devices, baselines, retries, timeouts.
 
-A mixin of `Rollouts` (engine.py): it uses `self.clock`, `self.driver`, `self.selection`.
+`WaveSteps` is the base of the engine's parts (events.py, control.py; `Rollouts` in engine.py
+composes them): it declares the state they share, so each part sees the others' helpers typed.
 Every device state change goes through `states.move` / `states.move_all`.
 """
 
@@ -18,9 +19,10 @@ from controller.fleet.rollout.states import (
     move,
     move_all,
 )
-from controller.storage.db import Connection, to_json
+from controller.storage.db import Connection, Database, to_json
 
 if TYPE_CHECKING:
+    from controller.fleet.registry import Fleet
     from controller.fleet.rollout.selection import Selection
 
 D = DeviceState
@@ -35,9 +37,11 @@ TAKEABLE: frozenset[DeviceState] = frozenset(
 
 
 class WaveSteps:
-    """Per-device steps of a rollout (mixed into Rollouts)."""
+    """Per-device steps of a rollout, and the state every part of the engine shares."""
 
-    clock: Callable[[], float]
+    fleet: Fleet
+    db: Database
+    clock: Callable[[], float]  # the engine's only source of time (tests pass a fake)
     driver: str
     selection: Selection
 
