@@ -46,7 +46,7 @@ class DeviceState(str, Enum):
 
 D = DeviceState
 
-# States a device row is created in (no edge leads into them from nothing else).
+# States a device row is created in (the INSERT of `Rollouts.create`).
 INITIAL: frozenset[DeviceState] = frozenset({D.WAITING, D.SKIPPED})
 
 # (from, to, when): every edge a device row may take; anything else raises IllegalTransition.
