@@ -23,12 +23,21 @@ from controller.fleet.core import FleetCore
 from controller.fleet.opcheck import refuse_missing_custom_ops
 from controller.fleet.rollout.engine import deploy_policy
 from controller.fleet.rollout.policy import Policy
+from controller.fleet.rollout.states import DeviceState, move_all, sql_in
 from controller.security.signing import DESIRED_VALIDITY_S, FleetSigner
 from controller.storage.db import now
 
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+# Rollout device states whose artifact a device may still download.
+_NEEDS_ARTIFACT = (
+    DeviceState.WAITING,
+    DeviceState.BASELINING,
+    DeviceState.PENDING,
+    DeviceState.IN_PROGRESS,
+    DeviceState.RETRYING,
+)
 
 
 def _fleet_signer(home: Path) -> FleetSigner | None:
@@ -261,7 +270,7 @@ class Publishing(FleetCore):
         rows = self.db.query(
             "SELECT DISTINCT a.sha256, a.golden_sha256 FROM deployment_devices dd "
             "JOIN artifacts a ON a.sha256 = dd.artifact_sha256 "
-            "WHERE dd.state IN ('waiting', 'baselining', 'pending', 'in_progress', 'retrying') "
+            f"WHERE dd.state IN {sql_in(_NEEDS_ARTIFACT)} "
             "UNION SELECT DISTINCT a.sha256, a.golden_sha256 FROM devices d "
             "JOIN artifacts a ON a.sha256 = d.desired_sha256 "
             "WHERE d.desired_generation > d.reported_generation"
@@ -297,10 +306,14 @@ class Publishing(FleetCore):
                 "WHERE id = ? AND published_generation < ?",
                 [(generation, device_id, generation) for device_id, generation in published],
             )
-            tx.executemany(
-                "UPDATE deployment_devices SET state = 'in_progress', updated = ? "
-                "WHERE device_id = ? AND generation = ? AND state = 'pending'",
-                [(ts, device_id, generation) for device_id, generation in published],
+            move_all(
+                tx,
+                DeviceState.IN_PROGRESS,
+                (DeviceState.PENDING,),
+                "device_id = ? AND generation = ?",
+                published,
+                ts=ts,
+                many=True,
             )
 
     def republish_all(self) -> None:
