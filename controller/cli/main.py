@@ -25,6 +25,7 @@ from controller.storage.db import is_postgres, redact_url
 
 app = typer.Typer(
     add_completion=False,
+    pretty_exceptions_enable=False,  # main() prints one line; --debug shows the traceback
     no_args_is_help=True,
     help="edgefleet: optimize models per device profile, roll them out over MQTT, measure them.",
 )
@@ -32,6 +33,23 @@ devices_app = typer.Typer(no_args_is_help=True, help="Register, list, show and r
 profiles_app = typer.Typer(no_args_is_help=True, help="Device profiles (firmware_profiles/).")
 deployments_app = typer.Typer(no_args_is_help=True, help="Direct deployments and their state.")
 models_app = typer.Typer(no_args_is_help=True, help="Register model versions and their artifacts.")
+
+
+def _print_version(value: bool) -> None:
+    """`edgefleet --version`: the installed package's version."""
+    if value:
+        typer.echo(f"edgefleet {_version()}")
+        raise typer.Exit(0)
+
+
+def _version() -> str:
+    """The version of the installed distribution (pyproject's when run from a checkout)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("edgefleet")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 @app.callback()
@@ -45,8 +63,22 @@ def _global_options(
             "(default HOME/edgefleet.db)",
         ),
     ] = None,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", is_eager=True, callback=_print_version, help="print the version and exit"
+        ),
+    ] = False,
+    debug: Annotated[
+        bool,
+        typer.Option(
+            "--debug", envvar="EDGEFLEET_DEBUG", help="tracebacks and TensorFlow's own logging"
+        ),
+    ] = False,
 ) -> None:
     """Options every command takes: --db selects the fleet database (docs/storage.md)."""
+    if debug:
+        os.environ["EDGEFLEET_DEBUG"] = "1"  # main() and quiet_tensorflow() read it
     if db:
         if "://" in db and not is_postgres(db):
             raise fail(f"--db {redact_url(db)!r}: expected a postgresql:// URL or a file path")
@@ -347,8 +379,19 @@ def demo(
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point: an unexpected error is one line (rc 1) unless --debug."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise SystemExit(130) from None
+    except Exception as exc:  # the last resort: one line instead of a traceback
+        if os.environ.get("EDGEFLEET_DEBUG"):
+            raise
+        typer.echo(
+            f"error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", err=True
+        )
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

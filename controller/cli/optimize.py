@@ -220,10 +220,16 @@ def _check(model: Path, profiles: list[firmware_profiles.Profile], json_out: boo
     if model.suffix != ".tflite":
         typer.echo(f"error: --check needs a .tflite file, got {model}", err=True)
         raise typer.Exit(2)
+    from converters.errors import ConverterError
+
     results: dict[str, list[Any]] = {}
-    with tempfile.TemporaryDirectory(prefix="edgefleet-check-") as work:
-        for prof in profiles:
-            results[prof.id] = check_tflite(model, prof, work_dir=Path(work) / prof.id)
+    try:
+        with tempfile.TemporaryDirectory(prefix="edgefleet-check-") as work:
+            for prof in profiles:
+                results[prof.id] = check_tflite(model, prof, work_dir=Path(work) / prof.id)
+    except ConverterError as exc:  # not a model at all: one line, like `optimize` itself
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     failed = any(not r.ok and r.blocking for rs in results.values() for r in rs)
     if json_out:
         typer.echo(as_json({p: [r.to_dict() for r in rs] for p, rs in results.items()}))

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from controller.cli.common import HomeOption, JsonOption, fail, open_fleet
 from controller.cli.render import as_json, num, short, table
+from controller.cli.rollout_wait import exit_code, outcome_line, wait_for
 from controller.errors import FleetError
 
 rollout_app = typer.Typer(
@@ -16,6 +18,10 @@ rollout_app = typer.Typer(
 )
 _fleet = open_fleet
 _fail = fail
+TimeoutOption = Annotated[
+    float | None,
+    typer.Option("--timeout", min=0.0, help="with --wait/--watch: give up after SECONDS (exit 4)"),
+]
 
 
 @rollout_app.command("start")
@@ -57,6 +63,11 @@ def rollout_start(
     max_accuracy_drop: Annotated[
         float | None, typer.Option(help="candidates' host accuracy drop budget, in points")
     ] = None,
+    wait: Annotated[
+        bool,
+        typer.Option("--wait", help="wait until it ends; the exit code tells how (docs/cli.md)"),
+    ] = False,
+    timeout: TimeoutOption = None,
     home: HomeOption = None,
     json_out: JsonOption = False,
 ) -> None:
@@ -79,9 +90,12 @@ def rollout_start(
             fallback_window=fallback_window,
             max_accuracy_drop=max_accuracy_drop,
         )
-        result = _fleet(home).start_rollout(model, to, policy)
+        fleet = _fleet(home)
+        result = fleet.start_rollout(model, to, policy)
     except FleetError as exc:
         raise _fail(exc) from None
+    if wait:
+        _wait(lambda: fleet.deployment(result["id"]), timeout, json_out)
     if json_out:
         typer.echo(as_json(result))
         return
@@ -100,17 +114,32 @@ def rollout_start(
 @rollout_app.command("status")
 def rollout_status(
     rollout_id: Annotated[str | None, typer.Argument(help="rollout id (default: list)")] = None,
+    watch: Annotated[
+        bool,
+        typer.Option("--watch", help="follow ROLLOUT_ID until it ends; exit code as --wait"),
+    ] = False,
+    timeout: TimeoutOption = None,
     home: HomeOption = None,
     json_out: JsonOption = False,
 ) -> None:
-    """List rollouts, or show one with its waves and each device's progress."""
+    """List rollouts, or show one with its waves and each device's progress.
+
+    With an id the exit code tells its state (docs/cli.md): 1 aborted or rolled back, 3
+    completed with failed devices, 4 paused; --watch waits for the end first.
+    """
     fleet = _fleet(home)
+    if watch and not rollout_id:
+        raise _fail("--watch needs a ROLLOUT_ID")
     try:
         result: object = fleet.deployment(rollout_id) if rollout_id else fleet.rollouts.list()
     except FleetError as exc:
         raise _fail(exc) from None
+    if watch and rollout_id:
+        _wait(lambda: fleet.deployment(rollout_id), timeout, json_out)
     if json_out:
         typer.echo(as_json(result))
+        if isinstance(result, dict):
+            raise typer.Exit(exit_code(result))
         return
     if isinstance(result, list):
         typer.echo(
@@ -123,7 +152,25 @@ def rollout_status(
             )
         )
         return
-    _print_rollout(result)  # type: ignore[arg-type]
+    assert isinstance(result, dict)
+    _print_rollout(result)
+    raise typer.Exit(exit_code(result))
+
+
+def _wait(read: Callable[[], dict[str, Any]], timeout: float | None, json_out: bool) -> None:
+    """Follow a rollout to its end, print its outcome and exit with the code that says it."""
+    try:
+        final, code = wait_for(read, timeout)
+    except KeyboardInterrupt:
+        typer.echo("interrupted; the rollout goes on (`edgefleet rollout status ID`)", err=True)
+        raise typer.Exit(130) from None
+    except FleetError as exc:
+        raise _fail(exc) from None
+    if json_out:
+        typer.echo(as_json(final))
+    else:
+        typer.echo(outcome_line(final))
+    raise typer.Exit(code)
 
 
 def _counts(counts: dict[str, int]) -> str:

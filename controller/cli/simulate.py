@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 from typing import Annotated, Any
 
@@ -18,6 +19,20 @@ from controller.simulate.telemetry import DEFAULT_INTERVAL_S
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
 # One progress line per this many seconds from the CLI.
 PROGRESS_INTERVAL_S = 5.0
+# Seconds to wait for the broker's TCP accept before saying it is unreachable: a loopback or
+# LAN broker answers in milliseconds; 5 s also covers a slow remote one.
+PROBE_TIMEOUT_S = 5.0
+
+
+def _probe_broker(broker: str, host: str, port: int) -> None:
+    """Exit 1 with one line saying why if nothing accepts TCP connections at the broker."""
+    try:
+        with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        typer.echo(f"error: broker {broker} unreachable: {reason}", err=True)
+        raise typer.Exit(1) from None
 
 
 def _progress_line(snap: dict[str, Any]) -> str:
@@ -98,6 +113,7 @@ def simulate_command(
     except (SimulationError, ProtocolError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    _probe_broker(broker, sim.host, sim.port)
     sim.start()
     end = None if duration is None else time.monotonic() + duration
     next_progress = time.monotonic() + PROGRESS_INTERVAL_S
