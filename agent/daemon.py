@@ -11,7 +11,6 @@ import logging
 import queue
 
 from agent.commands import CommandDispatcher, SeenCommands
-from agent.config import AgentConfig
 from agent.fallback import EngageFallback, FallbackSwitch
 from agent.fetch import Fetcher
 from agent.loader import ModelLoader
@@ -19,6 +18,7 @@ from agent.local_services import LocalServices
 from agent.memory import release_memory
 from agent.power import PowerModel
 from agent.protocol import Command, Desired, Topics, dump
+from agent.protocol.config import AgentConfig
 from agent.protocol.transport import MqttSession
 from agent.reporting import Reporter, derived_event_id
 from agent.routing import Counters, Router

@@ -8,8 +8,8 @@ import uuid
 from collections.abc import Callable
 from typing import Protocol
 
-from agent.config import AgentConfig
 from agent.protocol import AgentState, BenchmarkReport, Desired, Event, Topics, dump
+from agent.protocol.config import AgentConfig
 from agent.serving import InferenceError
 from agent.status import build_hello, build_status
 from agent.store import ModelStore

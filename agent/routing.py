@@ -6,9 +6,9 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from agent.config import AgentConfig
 from agent.fetch import Fetcher
 from agent.protocol import Command, Desired, FleetKeys, Manifest, ProtocolError, Topics, parse
+from agent.protocol.config import AgentConfig
 from agent.protocol.transport import MqttSession
 from agent.reporting import Reporter
 from agent.trust import SecurityRejected, TrustStore

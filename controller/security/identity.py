@@ -25,8 +25,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.config import AgentConfig, dump_config
 from agent.protocol import DEFAULT_ROOT, ProtocolError, validate_device_id
+from agent.protocol.config import AgentConfig, dump_config
 from controller.security.files import write_private
 
 __all__ = [
@@ -402,7 +402,7 @@ class FleetSecurity:
         File paths in agent.toml are relative: the agent resolves them against the config's
         directory, so the bundle can be copied to the device as one directory. Without
         `data_dir` the key is left out and the agent picks its own by who runs it
-        (agent.config.default_data_dir: systemd StateDirectory, /var/lib as root, else
+        (agent.protocol.config.default_data_dir: systemd StateDirectory, /var/lib as root, else
         ~/.local/share). Returns the agent.toml path.
         """
         from agent.protocol.transport import is_tls_url

@@ -21,7 +21,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.config import AgentConfig
 from agent.daemon import Agent
 from agent.protocol import (
     BUCKET_COUNT,
@@ -46,6 +45,7 @@ from agent.protocol import (
     dump,
     parse,
 )
+from agent.protocol.config import AgentConfig
 from agent.protocol.limits import MAX_CHUNK_SIZE
 from agent.protocol.schema import encode
 

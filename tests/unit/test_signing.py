@@ -14,7 +14,6 @@ import pytest
 pytest.importorskip("cryptography")
 from typer.testing import CliRunner
 
-from agent.config import AgentConfig, ConfigError, config_from_dict, dump_config, load_config
 from agent.protocol import (
     ArtifactRef,
     Desired,
@@ -25,6 +24,13 @@ from agent.protocol import (
     Topics,
     dump,
     parse,
+)
+from agent.protocol.config import (
+    AgentConfig,
+    ConfigError,
+    config_from_dict,
+    dump_config,
+    load_config,
 )
 from agent.protocol.signing import canonical_bytes, key_id
 from agent.trust import SecurityRejected, TrustStore
