@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent import __version__
+from agent.benchmark import BenchmarkCancelled
 from agent.config import AgentConfig
 from agent.facts import device_facts
 from agent.fallback import EngageFallback, FallbackSwitch
 from agent.fetch import Fetcher
 from agent.fsutil import CorruptFileError
+from agent.highwater import HighWater
 from agent.local_services import LocalServices
 from agent.memory import release_memory
 from agent.mqtt import MqttSession
@@ -112,6 +114,8 @@ class Agent:
         self._stop = threading.Event()
         self._latest_generation = 0
         self.trust = TrustStore(config.trusted_keys, config.data_dir / "trusted_keys.json")
+        # Anti-rollback marks kept apart from update.json, which may be rebuilt when corrupt.
+        self.highwater = HighWater(config.data_dir / "highwater.json")
         # The last desired state refused only because its key was unknown: checked again once a
         # signed key rotation arrives (the retained keys and desired may arrive in either order).
         self._unknown_key_desired: tuple[str, bytes] | None = None
@@ -204,7 +208,12 @@ class Agent:
                 "signatures not enforced: no trusted_keys configured (development mode); "
                 "any desired state or manifest on this device's topics will be followed"
             )
-        for problem in (self.state.problem, self.seen_commands.problem, self.trust.problem):
+        for problem in (
+            self.state.problem,
+            self.seen_commands.problem,
+            self.trust.problem,
+            self.highwater.problem,
+        ):
             if problem:
                 self._report_problem(problem)
         record = self.state.record
@@ -347,7 +356,7 @@ class Agent:
             elif parsed.channel == "desired":
                 self._on_desired(topic, payload)
             elif parsed.channel == "cmd":
-                self._work.put(parse(payload, Command))
+                self._on_command(parse(payload, Command))
         except ProtocolError as exc:
             self.counters.reject(f"{topic}: {exc}")
             log.warning("rejected message on %s: %s", topic, exc)
@@ -368,7 +377,10 @@ class Agent:
                     device_id=self.config.device_id,
                     profile=self.config.profile,
                     highest_generation=max(
-                        record.generation, record.applied_generation, self._latest_generation
+                        record.generation,
+                        record.applied_generation,
+                        self._latest_generation,
+                        self.highwater.get("generation"),
                     ),
                     applied_generation=record.applied_generation,
                 )
@@ -376,9 +388,24 @@ class Agent:
                 unknown_key = desired.sig is not None and "unknown key" in str(exc)
                 self._unknown_key_desired = (topic, payload) if unknown_key else None
                 raise
+            self.highwater.raise_to("generation", desired.generation)
         self._unknown_key_desired = None
         self._latest_generation = max(self._latest_generation, desired.generation)
         self._work.put(desired)
+
+    def _on_command(self, command: Command) -> None:
+        """Check a command (signature, device, expiry, replay counter) and queue it."""
+        if self.trust.enforcing:
+            if command.command_id in self.seen_commands:
+                log.info("ignoring repeated command %s", command.command_id)
+                return
+            self.trust.check_command(
+                command,
+                device_id=self.config.device_id,
+                highest_counter=self.highwater.get("command"),
+            )
+            self.highwater.raise_to("command", command.counter)
+        self._work.put(command)
 
     def _on_fleet_keys(self, keys: FleetKeys) -> None:
         """Adopt a signed key rotation (persisted first); then re-check a desired it unblocks."""
@@ -656,7 +683,10 @@ class Agent:
     ) -> bool:
         """Benchmark the serving model and send a benchmark event; True once acknowledged."""
         try:
-            report = self.local.benchmark(runs, warmup, self.runtime)
+            report = self.local.benchmark(runs, warmup, self.runtime, stop=self._stop)
+        except BenchmarkCancelled as exc:  # SIGTERM: answer it now, report nothing
+            log.info("benchmark cancelled: %s", exc)
+            return False
         except InferenceError:  # nothing is loaded
             return self._emit(
                 "error",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
 
 from agent.benchmark import benchmark_interpreter
@@ -130,7 +131,13 @@ class LocalServices:
             self.reporter.collect_now()
         self.serving.clear()
 
-    def benchmark(self, runs: int, warmup: int, runtime: RuntimeInfo) -> BenchmarkReport:
+    def benchmark(
+        self,
+        runs: int,
+        warmup: int,
+        runtime: RuntimeInfo,
+        stop: threading.Event | None = None,
+    ) -> BenchmarkReport:
         """Benchmark the serving model as benchmark_model does; InferenceError if none is loaded.
 
         Served requests wait meanwhile: they would distort the timings, and one interpreter must
@@ -148,6 +155,7 @@ class LocalServices:
                 warmup=warmup,
                 power_source=source,
                 init_ms=self.serving.init_ms or 0.0,
+                stop=stop,
             )
         return BenchmarkReport(
             model_sha256=sha,

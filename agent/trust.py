@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.fsutil import CorruptFileError, atomic_write_json, quarantine, read_json
-from agent.protocol import Desired, FleetKeys, Manifest, ProtocolError
+from agent.protocol import Command, Desired, FleetKeys, Manifest, ProtocolError
 from agent.protocol.signing import (
     PUBLIC_KEY_BYTES,
     SIGNATURE_BYTES,
@@ -90,7 +90,7 @@ class TrustStore:
         """Ids of the trusted keys, sorted."""
         return sorted(self._keys)
 
-    def verify(self, message: Desired | Manifest | FleetKeys, what: str) -> None:
+    def verify(self, message: Desired | Manifest | FleetKeys | Command, what: str) -> None:
         """Raise SecurityRejected unless `message` carries a valid signature by a trusted key."""
         sig = message.sig
         if sig is None:
@@ -150,6 +150,36 @@ class TrustStore:
                     f"desired generation {desired.generation} expired "
                     f"{current - desired.expires:.0f} s ago"
                 )
+
+    def check_command(
+        self,
+        command: Command,
+        *,
+        device_id: str,
+        highest_counter: int,
+        now: float | None = None,
+    ) -> None:
+        """Signature, device binding, expiry and replay counter of a command.
+
+        `highest_counter` is the highest counter already accepted (persisted): a command must
+        carry a strictly higher one, so a captured command is dead once a newer one arrived.
+        """
+        what = f"command {command.command_id} ({command.action})"
+        self.verify(command, what)
+        if command.device_id != device_id:
+            raise SecurityRejected(
+                f"{what} for device {command.device_id!r}, this is {device_id!r}"
+            )
+        if command.expires is None:
+            raise SecurityRejected(f"{what} has no expiry")
+        current = time.time() if now is None else now
+        if command.expires < current:
+            raise SecurityRejected(f"{what} expired {current - command.expires:.0f} s ago")
+        if command.counter <= highest_counter:
+            raise SecurityRejected(
+                f"{what}: counter {command.counter} is not above counter {highest_counter} "
+                "already accepted (replay)"
+            )
 
     def check_manifest(self, manifest: Manifest) -> None:
         """Signature of an artifact manifest (its expiry is checked when a fetch reads it)."""

@@ -11,6 +11,10 @@ from typing import Literal, TypeVar
 from agent.protocol.errors import ProtocolError
 from agent.protocol.limits import (
     MAX_ARTIFACT_SIZE,
+    MAX_BENCHMARK_RUNS,
+    MAX_BENCHMARK_WARMUP,
+    MAX_BUDGET_MB,
+    MAX_BUDGET_MS,
     MAX_CHUNK_SIZE,
     MAX_JSON_BYTES,
     SCHEMA_VERSION,
@@ -50,6 +54,12 @@ def _non_negative(name: str, value: float) -> None:
         raise ProtocolError(f"$.{name}: must be >= 0, got {value}")
 
 
+def _bounded(name: str, value: float, low: float, high: float) -> None:
+    """Refuse a number outside low..high (every number that sizes work or memory is bounded)."""
+    if not low <= value <= high:
+        raise ProtocolError(f"$.{name}: must be {low:g}..{high:g}, got {value}")
+
+
 @dataclass(frozen=True)
 class DeviceFacts:
     """Hardware and software facts an agent reports about its device."""
@@ -62,6 +72,11 @@ class DeviceFacts:
     runtime_version: str
     python: str
     delegates: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        """Counts are not negative (they are stored and shown, never used to size work)."""
+        _non_negative("facts.cpu_count", self.cpu_count)
+        _non_negative("facts.ram_mb", self.ram_mb)
 
 
 @dataclass(frozen=True)
@@ -181,8 +196,11 @@ class Fallback:
 
     def __post_init__(self) -> None:
         """Validate the budget, the window and the thread count."""
-        if not self.latency_ms > 0:
-            raise ProtocolError(f"$.fallback.latency_ms: must be > 0, got {self.latency_ms}")
+        if not 0 < self.latency_ms <= MAX_BUDGET_MS:
+            raise ProtocolError(
+                f"$.fallback.latency_ms: must be > 0 and <= {MAX_BUDGET_MS:g}, "
+                f"got {self.latency_ms}"
+            )
         if not 1.0 <= self.window_s <= 86400.0:
             raise ProtocolError(f"$.fallback.window_s: must be 1..86400 s, got {self.window_s}")
         _threads("fallback.threads", self.threads)
@@ -224,11 +242,10 @@ class Desired:
             _name("profile", "profile id", self.profile)
         if self.generation < 1:
             raise ProtocolError(f"$.generation: must be >= 1, got {self.generation}")
-        if self.benchmark_runs < 1:
-            raise ProtocolError(f"$.benchmark_runs: must be >= 1, got {self.benchmark_runs}")
-        _non_negative("benchmark_warmup", self.benchmark_warmup)
-        _non_negative("latency_budget_ms", self.latency_budget_ms)
-        _non_negative("memory_budget_mb", self.memory_budget_mb)
+        _bounded("benchmark_runs", self.benchmark_runs, 1, MAX_BENCHMARK_RUNS)
+        _bounded("benchmark_warmup", self.benchmark_warmup, 0, MAX_BENCHMARK_WARMUP)
+        _bounded("latency_budget_ms", self.latency_budget_ms, 0, MAX_BUDGET_MS)
+        _bounded("memory_budget_mb", self.memory_budget_mb, 0, MAX_BUDGET_MB)
         _threads("threads", self.threads)
         if self.fallback is not None and self.artifact is None:
             raise ProtocolError("$.fallback: needs an artifact to fall back from")
@@ -363,7 +380,12 @@ class Event:
 
 @dataclass(frozen=True)
 class Command:
-    """One-shot command to a device; its id makes a repeated delivery have one effect."""
+    """One-shot command to a device; its id makes a repeated delivery have one effect.
+
+    Signed like a desired state (docs/security.md, "Signed commands"): bound to one device,
+    expiring, and carrying a per-fleet counter that only grows, so a captured command can be
+    neither redirected, held back, nor replayed once a newer one was accepted.
+    """
 
     command_id: str
     action: Literal["benchmark", "rollback", "resend_status", "resend_telemetry"]
@@ -372,17 +394,23 @@ class Command:
     # resend_telemetry: the sequence numbers the controller is missing (at most 200 ranges).
     seq_ranges: tuple[SeqRange, ...] = ()
     ts: float = field(default_factory=time.time)
+    device_id: str | None = field(default=None, metadata={OMIT_DEFAULT: True})
+    counter: int = field(default=0, metadata={OMIT_DEFAULT: True})
+    expires: float | None = field(default=None, metadata={OMIT_DEFAULT: True})
+    sig: Signature | None = field(default=None, metadata={OMIT_DEFAULT: True})
     v: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
-        """Validate id and counters."""
+        """Validate id, device and counters (runs and warmup are bounded: they size work)."""
         _check_version(self.v)
         if not 1 <= len(self.command_id) <= 64:
             raise ProtocolError("$.command_id: must be 1-64 characters")
         _name("command_id", "command id", self.command_id)
-        if self.runs < 1:
-            raise ProtocolError(f"$.runs: must be >= 1, got {self.runs}")
-        _non_negative("warmup", self.warmup)
+        if self.device_id is not None:
+            validate_device_id(self.device_id)
+        _bounded("runs", self.runs, 1, MAX_BENCHMARK_RUNS)
+        _bounded("warmup", self.warmup, 0, MAX_BENCHMARK_WARMUP)
+        _non_negative("counter", self.counter)
         if len(self.seq_ranges) > 200:
             raise ProtocolError("$.seq_ranges: more than 200 ranges")
         if self.action == "resend_telemetry" and not self.seq_ranges:

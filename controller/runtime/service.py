@@ -524,7 +524,7 @@ class ControllerService:
                 status = parse(payload, Status)
                 _same_device(status.device_id, parsed.ident)
                 if not fleet.has_device(status.device_id):
-                    self._ask_to_announce(status.device_id)
+                    self._ask_to_announce(fleet, status.device_id)
                 fleet.record_status(status)
             elif parsed.channel == "events":
                 event = parse(payload, Event)
@@ -587,10 +587,13 @@ class ControllerService:
         for device_id, ranges in due.items():
             for start in range(0, len(ranges), MAX_RESEND_RANGES):
                 part = tuple(ranges[start : start + MAX_RESEND_RANGES])
-                command = Command(
-                    command_id=f"resend-{uuid.uuid4().hex[:12]}",
-                    action="resend_telemetry",
-                    seq_ranges=part,
+                command = fleet.sign_command(
+                    device_id,
+                    Command(
+                        command_id=f"resend-{uuid.uuid4().hex[:12]}",
+                        action="resend_telemetry",
+                        seq_ranges=part,
+                    ),
                 )
                 self.session.publish(self.topics.cmd(device_id), dump(command))
                 fleet.telemetry.mark_requested(device_id, part, now)
@@ -616,14 +619,17 @@ class ControllerService:
         if folded:
             log.info("compacted %d raw telemetry records into per-minute aggregates", folded)
 
-    def _ask_to_announce(self, device_id: str) -> None:
+    def _ask_to_announce(self, fleet: Fleet, device_id: str) -> None:
         """A device we only know from its retained status lost its hello (it connected before
         our first subscription existed): ask it to announce itself again."""
         now = time.monotonic()
         if now - self._announce_asked.get(device_id, -ANNOUNCE_RETRY_S) < ANNOUNCE_RETRY_S:
             return
         self._announce_asked[device_id] = now
-        command = Command(command_id=f"announce-{uuid.uuid4().hex[:12]}", action="resend_status")
+        command = fleet.sign_command(
+            device_id,
+            Command(command_id=f"announce-{uuid.uuid4().hex[:12]}", action="resend_status"),
+        )
         self.session.publish(self.topics.cmd(device_id), dump(command))
 
     def _reconcile(self, fleet: Fleet) -> None:

@@ -10,12 +10,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from agent.fsutil import atomic_write_bytes
-from agent.protocol import FleetKeys, Signature, dump, parse
+from agent.protocol import Command, FleetKeys, Signature, dump, parse
+from agent.protocol.limits import COMMAND_VALIDITY_S
 from agent.protocol.signing import canonical_bytes, encode_b64, key_id
 
 if TYPE_CHECKING:
@@ -28,7 +30,9 @@ __all__ = [
     "DESIRED_VALIDITY_S",
     "FleetSigner",
     "current_fleet_keys",
+    "next_command_counter",
     "rotate_signing_key",
+    "sign_command",
 ]
 
 SIGNING_KEY = "signing.key"
@@ -133,6 +137,37 @@ class FleetSigner:
         return dataclasses.replace(  # type: ignore[type-var]
             message, sig=Signature(key_id=self.key_id, value=encode_b64(value))
         )
+
+
+_counter_lock = threading.Lock()
+_last_counter = 0
+
+
+def next_command_counter() -> int:
+    """A command counter above every earlier one of this process: unix time in microseconds.
+
+    Time-based like desired generations, so a restarted controller (or another replica with a
+    synchronised clock) keeps counting upwards without shared state; the lock and `+1` keep it
+    strictly increasing within one process even when two commands share a microsecond.
+    """
+    global _last_counter
+    with _counter_lock:
+        _last_counter = max(time.time_ns() // 1000, _last_counter + 1)
+        return _last_counter
+
+
+def sign_command(
+    signer: FleetSigner | None, command: Command, device_id: str, now: float | None = None
+) -> Command:
+    """`command` addressed to `device_id`, with a fresh counter and expiry, signed by the fleet
+    key (addressed and counted but unsigned where `cryptography` is missing: development mode)."""
+    addressed = dataclasses.replace(
+        command,
+        device_id=device_id,
+        counter=next_command_counter(),
+        expires=(time.time() if now is None else now) + COMMAND_VALIDITY_S,
+    )
+    return signer.sign(addressed) if signer is not None else addressed
 
 
 def current_fleet_keys(directory: Path) -> bytes | None:
