@@ -9,7 +9,11 @@ from collections.abc import Callable, Sequence
 from agent.benchmark import benchmark_interpreter
 from agent.config import AgentConfig
 from agent.environment import environment_snapshot
-from agent.failpoint import injected_latency_from_env
+from agent.failpoint import (
+    SlowedInterpreter,
+    benchmark_slowdown_from_env,
+    injected_latency_from_env,
+)
 from agent.fallback import WatchingObserver
 from agent.inference_server import InferenceServer
 from agent.metrics import ServingMetrics
@@ -45,6 +49,7 @@ class LocalServices:
         self._on_problem = on_problem
         # EDGEFLEET_INJECT_LATENCY_MS (tests) is read once here; a bad value stops the start.
         self.serving = ServingModel(injected_latency_from_env())
+        self._benchmark_slowdown = benchmark_slowdown_from_env()
         # Interpreter threads of the serving model (the desired state's, else the config's).
         self.threads: int | None = config.threads
         self.metrics = ServingMetrics()
@@ -149,8 +154,10 @@ class LocalServices:
         # No external delegate is applied today: the runtime's built-in CPU kernels run the model.
         environment = environment_snapshot(threads=threads, delegate=None)
         with self.serving.exclusive() as (interpreter, sha):
+            slowdown = self._benchmark_slowdown.delay_s(sha) if self._benchmark_slowdown else 0.0
+            log.info("benchmark of %s: %d runs after %d warm-up", sha[:12], runs, warmup)
             result = benchmark_interpreter(
-                interpreter,
+                SlowedInterpreter(interpreter, slowdown) if slowdown else interpreter,
                 runs=runs,
                 warmup=warmup,
                 power_source=source,

@@ -13,6 +13,7 @@ import datetime
 import hashlib
 import hmac
 import ipaddress
+import json
 import os
 import re
 import secrets
@@ -70,6 +71,7 @@ TLS_URL_PREFIXES = ("mqtts://", "ssl://")
 _CA_KEY = "ca.key"
 _CA_CERT = "ca.crt"
 _PASSWD = "passwd"
+_REVOKED = "revoked.json"
 _CONTROLLER_SECRET = "controller.secret"
 _HASH_RE = re.compile(r"\$7\$(\d+)\$([A-Za-z0-9+/=]+)\$([A-Za-z0-9+/=]+)")
 
@@ -381,6 +383,9 @@ class FleetSecurity:
         if auth not in AUTH_METHODS:
             raise IdentityError(f"unknown auth {auth!r}: expected one of {', '.join(AUTH_METHODS)}")
         private_dir(bundle_dir)
+        revoked = self.revoked()
+        if device_id in revoked:  # registering again is how a revoked device comes back
+            self._write_revoked(revoked - {device_id})
         if auth == "none":
             # An anonymous broker (loopback `edgefleet up`): no password may linger for the id.
             self.passwords.remove(device_id)
@@ -393,11 +398,42 @@ class FleetSecurity:
         self.passwords.remove(device_id)
         cert_path, key_path = bundle_dir / "device.crt", bundle_dir / "device.key"
         self.ca.issue(device_id, cert_path, key_path)
+        os.chmod(cert_path, 0o600)  # every bundle file is 0600 (docs/security.md)
         return DeviceCredentials(device_id, auth, cert_path=cert_path, key_path=key_path)
 
+    @property
+    def revoked_path(self) -> Path:
+        """HOME/security/revoked.json: ids refused by the broker's ACL and the controller."""
+        return self.directory / _REVOKED
+
+    def revoked(self) -> set[str]:
+        """Ids of revoked devices (until registered again)."""
+        try:
+            data = json.loads(self.revoked_path.read_text())
+        except FileNotFoundError:
+            return set()
+        except ValueError as exc:
+            raise IdentityError(f"{self.revoked_path} is not valid JSON: {exc}") from None
+        if not isinstance(data, list) or not all(isinstance(i, str) for i in data):
+            raise IdentityError(f"{self.revoked_path}: expected a JSON list of device ids")
+        return set(data)
+
+    def _write_revoked(self, ids: set[str]) -> None:
+        """Persist the revoked set (sorted, 0600)."""
+        private_dir(self.directory)
+        write_private(self.revoked_path, (json.dumps(sorted(ids)) + "\n").encode())
+
     def revoke_device(self, device_id: str) -> bool:
-        """Remove a device's password (certificate devices are refused by removing their ACL)."""
-        return self.passwords.remove(device_id)
+        """Revoke a device: its password goes, its id is denied everything in the broker's ACL
+        (certificate devices keep a valid certificate, so the ACL is what stops them) and the
+        controller refuses its messages. True when it had a password."""
+        try:
+            validate_device_id(device_id)
+        except ProtocolError as exc:
+            raise IdentityError(str(exc)) from None
+        had_password = self.passwords.remove(device_id)
+        self._write_revoked(self.revoked() | {device_id})
+        return had_password
 
     def write_bundle(
         self,
