@@ -260,20 +260,17 @@ def resolve_target(
 
 
 def reload_broker_passwords(home: Path, password_file: Path) -> str | None:
-    """Hand a new password file to the running embedded mosquitto (copy + SIGHUP); what it did.
+    """Make the running embedded mosquitto re-read its password file now (SIGHUP); what it did.
 
-    The secured embedded broker reads HOME/broker/passwd, a copy made when `up` started; a
-    device registered later would be refused until the copy is refreshed and reloaded.
+    The secured embedded broker reads the live HOME/security/passwd (`password_file`) and its
+    watcher reloads it within a second anyway; the signal only makes the new device usable at
+    once, before the operator copies the bundle.
     """
     serving = read_serving(home)
     if serving is None or serving.auth != "password" or not serving.embedded:
         return None
-    if not serving.running or serving.broker_pid is None or serving.broker_dir is None:
+    if not serving.running or serving.broker_pid is None or not password_file.exists():
         return None
-    from controller.security.identity import write_private
-
-    target = Path(serving.broker_dir) / "passwd"
-    write_private(target, password_file.read_bytes())
     try:
         os.kill(serving.broker_pid, signal.SIGHUP)
     except ProcessLookupError:
@@ -319,7 +316,7 @@ def onboard(
     broker URL and auth are known to be usable.
     """
     from controller.agent_wheel import build_agent_wheel
-    from controller.fleet import Fleet
+    from controller.fleet.registry import Fleet
 
     if auth is not None and auth not in ("password", "cert", "none"):
         raise ValueError(f"unknown auth {auth!r}: expected one of password, cert, none")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.fleet import Fleet
+from controller.fleet.registry import Fleet
 from controller.onboarding import DEVICE_VENV, read_serving
 from tests.e2e.conftest import DATA, wait_until
 
