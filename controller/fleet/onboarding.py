@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from agent.protocol import DEFAULT_ROOT
 
 if TYPE_CHECKING:
-    from controller.broker import BrokerHandle
+    from controller.brokers.mosquitto import BrokerHandle
 
 __all__ = [
     "SERVING_FILE",
@@ -315,7 +315,7 @@ def onboard(
     and warnings. FleetError / ValueError name what is wrong; nothing is written before the
     broker URL and auth are known to be usable.
     """
-    from controller.agent_wheel import build_agent_wheel
+    from controller.fleet.agent_wheel import build_agent_wheel
     from controller.fleet.registry import Fleet
 
     if auth is not None and auth not in ("password", "cert", "none"):
