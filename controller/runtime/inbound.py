@@ -9,6 +9,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING
 
+from agent.mqtt import is_tls_url
 from agent.protocol import (
     Command,
     Event,
@@ -22,6 +23,7 @@ from agent.protocol import (
 )
 from controller.fleet.registry import Fleet
 from controller.runtime.adopt import Acknowledge
+from controller.runtime.kick import kick_in_background
 from controller.runtime.tuning import (
     ANNOUNCE_RETRY_S,
     MAX_BATCH,
@@ -32,6 +34,10 @@ if TYPE_CHECKING:
     pass
 
 log = logging.getLogger(__name__)
+
+# Least seconds between two takeovers of one revoked device's session: its next message after
+# a takeover (it reconnects before the broker reloaded) triggers another, without a storm.
+REKICK_S = 5.0
 
 
 def _channel_of(topic: str) -> str:
@@ -142,6 +148,9 @@ class Inbound:
         reject bad input with a counted log line."""
         try:
             parsed = self.topics.parse(topic)
+            if parsed.kind == "device" and parsed.ident in self.revoked:
+                self._refuse_revoked(parsed.ident, topic)
+                return
             if parsed.channel == "hello":
                 hello = parse(payload, Hello)
                 _same_device(hello.device_id, parsed.ident)
@@ -206,6 +215,46 @@ class Inbound:
                 if self.metrics is not None:
                     self.metrics.observe_resend()
                 log.info("asked %s to resend %d telemetry range(s)", device_id, len(part))
+
+    def _kick_newly_revoked(self) -> None:
+        """Take over the session of every device revoked since the last look (one stat)."""
+        revoked = self.revoked.snapshot()
+        if revoked is self._revoked_seen:
+            return
+        for device_id in sorted(revoked - self._revoked_seen):
+            self._kick(device_id)
+        self._revoked_seen = revoked
+
+    def _refuse_revoked(self, device_id: str, topic: str) -> None:
+        """Drop a message of a revoked device (a hello must not register it again) and take
+        its broker session over, at most every REKICK_S per device."""
+        self.rejected += 1
+        log.warning("rejected message on %s: device %r is revoked", topic, device_id)
+        self._kick(device_id)
+
+    def _kick(self, device_id: str) -> None:
+        """Take a revoked device's broker session over, at most every REKICK_S per device.
+
+        Only over the plaintext loopback listener, where client ids are kept: on a device
+        listener `use_username_as_clientid` would turn the takeover into one of the
+        controller's own session. There the reloaded password file and ACL deny stop it.
+        """
+        if is_tls_url(self.broker_url):
+            return
+        now = time.monotonic()
+        if now - self._kicked.get(device_id, -REKICK_S) < REKICK_S:
+            return
+        self._kicked[device_id] = now
+        ca_file, cert_file, key_file = self._tls
+        kick_in_background(
+            self.broker_url,
+            device_id,
+            username=self._credentials[0],
+            password=self._credentials[1],
+            ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
+        )
 
     def _ask_to_announce(self, fleet: Fleet, device_id: str) -> None:
         """A device we only know from its retained status lost its hello (it connected before

@@ -13,7 +13,6 @@ import datetime
 import hashlib
 import hmac
 import ipaddress
-import json
 import os
 import re
 import secrets
@@ -29,6 +28,12 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from agent.config import AgentConfig, dump_config
 from agent.fsutil import atomic_write_bytes
 from agent.protocol import DEFAULT_ROOT, ProtocolError, validate_device_id
+from controller.security.revocation import (
+    REVOKED_FILE,
+    RevocationError,
+    read_revoked,
+    write_revoked,
+)
 
 __all__ = [
     "AUTH_METHODS",
@@ -71,7 +76,6 @@ TLS_URL_PREFIXES = ("mqtts://", "ssl://")
 _CA_KEY = "ca.key"
 _CA_CERT = "ca.crt"
 _PASSWD = "passwd"
-_REVOKED = "revoked.json"
 _CONTROLLER_SECRET = "controller.secret"
 _HASH_RE = re.compile(r"\$7\$(\d+)\$([A-Za-z0-9+/=]+)\$([A-Za-z0-9+/=]+)")
 
@@ -404,24 +408,18 @@ class FleetSecurity:
     @property
     def revoked_path(self) -> Path:
         """HOME/security/revoked.json: ids refused by the broker's ACL and the controller."""
-        return self.directory / _REVOKED
+        return self.directory / REVOKED_FILE
 
     def revoked(self) -> set[str]:
         """Ids of revoked devices (until registered again)."""
         try:
-            data = json.loads(self.revoked_path.read_text())
-        except FileNotFoundError:
-            return set()
-        except ValueError as exc:
-            raise IdentityError(f"{self.revoked_path} is not valid JSON: {exc}") from None
-        if not isinstance(data, list) or not all(isinstance(i, str) for i in data):
-            raise IdentityError(f"{self.revoked_path}: expected a JSON list of device ids")
-        return set(data)
+            return read_revoked(self.revoked_path)
+        except RevocationError as exc:
+            raise IdentityError(str(exc)) from None
 
     def _write_revoked(self, ids: set[str]) -> None:
         """Persist the revoked set (sorted, 0600)."""
-        private_dir(self.directory)
-        write_private(self.revoked_path, (json.dumps(sorted(ids)) + "\n").encode())
+        write_revoked(self.revoked_path, ids)
 
     def revoke_device(self, device_id: str) -> bool:
         """Revoke a device: its password goes, its id is denied everything in the broker's ACL
