@@ -25,6 +25,7 @@ from controller.cli.simulate import simulate_command
 from controller.cli.telemetry import report, telemetry
 from controller.cli.tokens import tokens_app
 from controller.fleet.registry import Fleet, FleetError, default_home
+from controller.security.controller_identity import ControllerIdentity, controller_identity
 from controller.storage.db import database_target, is_postgres, redact_url
 
 app = typer.Typer(
@@ -401,6 +402,16 @@ def up(
         fleet.close()
     handle = None
     username = password = None
+    identity = ControllerIdentity()
+    if broker is not None:
+        # The controller's own credentials (and fleet CA for mqtts://) from HOME/security, as
+        # `edgefleet broker config` wrote them; credentials in the URL are refused.
+        try:
+            identity = controller_identity(home, broker)
+        except ValueError as exc:
+            raise _fail(exc) from None
+        username, password = identity.username, identity.password
+        typer.echo(f"broker {broker}: logging in {identity.describe()}", err=True)
     if broker is None:
         security = None
         if not is_loopback(host):
@@ -458,6 +469,9 @@ def up(
         metrics=registry,
         username=username,
         password=password,
+        ca_file=identity.ca_file,
+        cert_file=identity.cert_file,
+        key_file=identity.key_file,
         replica=replica,
     )
     stop = threading.Event()

@@ -9,7 +9,6 @@ import time
 import uuid
 from typing import TYPE_CHECKING
 
-from agent.mqtt import is_tls_url
 from agent.protocol import (
     Command,
     Event,
@@ -239,21 +238,17 @@ class Inbound:
         listener `use_username_as_clientid` would turn the takeover into one of the
         controller's own session. There the reloaded password file and ACL deny stop it.
         """
-        if is_tls_url(self.broker_url):
+        if self.broker_url.lower().startswith(("mqtts://", "ssl://")):
             return
         now = time.monotonic()
         if now - self._kicked.get(device_id, -REKICK_S) < REKICK_S:
             return
         self._kicked[device_id] = now
-        ca_file, cert_file, key_file = self._tls
         kick_in_background(
             self.broker_url,
             device_id,
             username=self._credentials[0],
             password=self._credentials[1],
-            ca_file=ca_file,
-            cert_file=cert_file,
-            key_file=key_file,
         )
 
     def _ask_to_announce(self, fleet: Fleet, device_id: str) -> None:

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
+from urllib.parse import urlsplit
 
-from agent.mqtt import MqttSession
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 log = logging.getLogger(__name__)
 
@@ -30,34 +31,29 @@ def kick_client(
     *,
     username: str | None,
     password: str | None,
-    ca_file: str | None = None,
-    cert_file: str | None = None,
-    key_file: str | None = None,
     timeout_s: float = KICK_TIMEOUT_S,
 ) -> bool:
-    """Connect once as `client_id` with a clean session and disconnect; True once connected."""
-    session = MqttSession(
-        url,
-        client_id,
-        on_message=lambda topic, payload: None,
-        on_connect=lambda: None,
-        username=username,
-        password=password,
-        clean_session=True,
-        ca_file=ca_file,
-        cert_file=cert_file,
-        key_file=key_file,
-        reconnect=False,
+    """Connect once as `client_id` (plaintext loopback) with a clean session and disconnect;
+    True once the broker accepted the connection."""
+    parts = urlsplit(url)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
+    if username:
+        client.username_pw_set(username, password)
+    accepted = threading.Event()
+    client.on_connect = lambda c, u, flags, reason, props: (
+        accepted.set() if not reason.is_failure else None
     )
-    session.start()
     try:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if session.connected.wait(0.05) or session.closed.is_set():
-                break
-        return session.connected.is_set()
+        client.connect(parts.hostname or "127.0.0.1", parts.port or 1883, keepalive=10)
+    except OSError as exc:
+        log.warning("cannot reach the broker to disconnect %s: %s", client_id, exc)
+        return False
+    client.loop_start()
+    try:
+        return accepted.wait(timeout_s)
     finally:
-        session.stop()
+        client.disconnect()
+        client.loop_stop()
 
 
 def kick_in_background(url: str, client_id: str, **credentials: str | None) -> threading.Thread:

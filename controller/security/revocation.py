@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import threading
 from pathlib import Path
-
-from agent.fsutil import atomic_write_bytes
 
 __all__ = [
     "REVOKED_FILE",
@@ -55,7 +54,16 @@ def write_revoked(path: Path, ids: set[str]) -> None:
     """Persist the revoked set sorted, atomically, 0600 in a 0700 directory."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(path.parent, 0o700)
-    atomic_write_bytes(path, (json.dumps(sorted(ids)) + "\n").encode())
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # 0600 from the start
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write((json.dumps(sorted(ids)) + "\n").encode())
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class RevokedSet:

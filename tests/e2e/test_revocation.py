@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from controller.cli.main import app
 from tests.e2e.secured_fleet import SecuredFleet
-from tests.e2e.secured_fleet import secured as secured  # noqa: F401  (the fixture)
+from tests.e2e.secured_fleet import secured as secured
 from tests.polling import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -38,7 +38,7 @@ def _connect_as(fleet: SecuredFleet, username: str, password: str) -> str:
     )
 
 
-def test_revoked_device_is_cut_off_and_reregistration_rotates(secured: SecuredFleet) -> None:  # noqa: F811
+def test_revoked_device_is_cut_off_and_reregistration_rotates(secured: SecuredFleet) -> None:
     runner = CliRunner()
     home = ["--home", str(secured.home)]
     agent = secured.start_agent("dev-r")  # registered after the broker started: no restart
