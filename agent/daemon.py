@@ -28,7 +28,7 @@ from agent.protocol import (
     Command,
     Desired,
     Event,
-    FleetKeys,
+    FleetKeyChain,
     Hello,
     Manifest,
     ProtocolError,
@@ -36,6 +36,7 @@ from agent.protocol import (
     Topics,
     dump,
     parse,
+    parse_fleet_keys,
 )
 from agent.runtime import ModelLoadError, load_interpreter, runtime_info
 from agent.selftest import run_selftest, tighter_budget
@@ -352,7 +353,7 @@ class Agent:
                 self.fetcher.on_manifest(manifest)
             elif parsed.kind == "fleet":
                 if payload:
-                    self._on_fleet_keys(parse(payload, FleetKeys))
+                    self._on_fleet_keys(parse_fleet_keys(payload))
             elif parsed.channel == "desired":
                 self._on_desired(topic, payload)
             elif parsed.channel == "cmd":
@@ -407,12 +408,13 @@ class Agent:
             self.highwater.raise_to("command", command.counter)
         self._work.put(command)
 
-    def _on_fleet_keys(self, keys: FleetKeys) -> None:
-        """Adopt a signed key rotation (persisted first); then re-check a desired it unblocks."""
+    def _on_fleet_keys(self, chain: FleetKeyChain) -> None:
+        """Walk a signed key rotation chain (each link persisted first); then re-check a desired
+        state it unblocks."""
         if not self.trust.enforcing:
-            log.debug("ignoring fleet keys version %d: signatures not enforced", keys.version)
+            log.debug("ignoring fleet keys: signatures not enforced")
             return
-        if self.trust.accept_keys(keys) and self._unknown_key_desired is not None:
+        if self.trust.accept_chain(chain) and self._unknown_key_desired is not None:
             topic, payload = self._unknown_key_desired
             self._unknown_key_desired = None
             self._on_message(topic, payload)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.fsutil import CorruptFileError, atomic_write_json, quarantine, read_json
-from agent.protocol import Command, Desired, FleetKeys, Manifest, ProtocolError
+from agent.protocol import Command, Desired, FleetKeyChain, FleetKeys, Manifest, ProtocolError
 from agent.protocol.signing import (
     PUBLIC_KEY_BYTES,
     SIGNATURE_BYTES,
@@ -206,3 +206,29 @@ class TrustStore:
         self.version, self._keys = message.version, keys
         log.info("trusted keys now version %d: %s", self.version, ", ".join(self.key_ids))
         return True
+
+    def accept_chain(self, chain: FleetKeyChain) -> bool:
+        """Walk a rotation chain from the held version up; True when the key set changed.
+
+        Links at or below the held version are skipped; links before the first one signed by
+        a key this device trusts are skipped too (a bundle written after some rotations already
+        holds later keys). From the first accepted link on, every next link must verify
+        against the keys its predecessor installed, each persisted before the next is checked.
+        """
+        changed = False
+        refused: SecurityRejected | None = None
+        for link in chain.links:
+            if link.version <= self.version:
+                continue
+            try:
+                changed = self.accept_keys(link) or changed
+            except SecurityRejected as exc:
+                if changed:
+                    raise  # a broken link after a good one: stop at the last good version
+                # Report the most telling refusal: a bad signature by a key we hold beats the
+                # "unknown key" of links from before this device's trust point.
+                if refused is None or "unknown key" in str(refused):
+                    refused = exc if refused is None or "unknown key" not in str(exc) else refused
+        if not changed and refused is not None:
+            raise refused
+        return changed

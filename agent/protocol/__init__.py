@@ -6,6 +6,7 @@ Standard library only: both sides read this one package (DESIGN.md, "Wire protoc
 from __future__ import annotations
 
 from agent.protocol.errors import ProtocolError
+from agent.protocol.keychain import FleetKeyChain, parse_fleet_keys
 from agent.protocol.limits import (
     DEFAULT_CHUNK_SIZE,
     LATENCY_BUCKETS_MS,
@@ -72,6 +73,7 @@ __all__ = [
     "Environment",
     "Event",
     "Fallback",
+    "FleetKeyChain",
     "FleetKeys",
     "GoldenRef",
     "Hello",
@@ -89,6 +91,7 @@ __all__ = [
     "Topics",
     "dump",
     "parse",
+    "parse_fleet_keys",
     "validate_device_id",
     "validate_label",
     "validate_name",
