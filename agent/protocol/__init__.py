@@ -35,7 +35,7 @@ from agent.protocol.messages import (
     dump,
     parse,
 )
-from agent.protocol.names import MAX_NAME_LENGTH, validate_label, validate_name
+from agent.protocol.names import MAX_NAME_LENGTH, escape_controls, validate_label, validate_name
 from agent.protocol.telemetry import (
     BUCKET_COUNT,
     Environment,
@@ -90,6 +90,7 @@ __all__ = [
     "TelemetryRecord",
     "Topics",
     "dump",
+    "escape_controls",
     "parse",
     "parse_fleet_keys",
     "validate_device_id",

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import time
@@ -18,6 +19,7 @@ from agent.protocol import (
     Status,
     Telemetry,
     dump,
+    escape_controls,
     parse,
 )
 from controller.fleet.registry import Fleet
@@ -49,6 +51,17 @@ def _same_device(claimed: str, topic_id: str) -> None:
     """A message must be about the device whose topic carries it."""
     if claimed != topic_id:
         raise ProtocolError(f"$.device_id: {claimed!r} does not match topic device {topic_id!r}")
+
+
+def _clean_hello(hello: Hello) -> Hello:
+    """The hello with every free-text fact escaped (escape_controls)."""
+    facts = hello.facts
+    cleaned = {
+        f.name: escape_controls(getattr(facts, f.name))
+        for f in dataclasses.fields(facts)
+        if isinstance(getattr(facts, f.name), str)
+    }
+    return dataclasses.replace(hello, facts=dataclasses.replace(facts, **cleaned))
 
 
 class Inbound:
@@ -153,18 +166,20 @@ class Inbound:
             if parsed.channel == "hello":
                 hello = parse(payload, Hello)
                 _same_device(hello.device_id, parsed.ident)
-                fleet.record_hello(hello)
+                fleet.record_hello(_clean_hello(hello))
             elif parsed.channel == "status":
                 if not payload:
                     return  # a cleared retained message
                 status = parse(payload, Status)
                 _same_device(status.device_id, parsed.ident)
+                status = dataclasses.replace(status, detail=escape_controls(status.detail))
                 if not fleet.has_device(status.device_id):
                     self._ask_to_announce(fleet, status.device_id)
                 fleet.record_status(status)
             elif parsed.channel == "events":
                 event = parse(payload, Event)
                 _same_device(event.device_id, parsed.ident)
+                event = dataclasses.replace(event, message=escape_controls(event.message))
                 fleet.record_event(event)
             elif parsed.channel == "telemetry":
                 message = parse(payload, Telemetry)
