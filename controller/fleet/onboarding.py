@@ -337,14 +337,21 @@ def onboard(
     bundle_dir = Path(row["bundle"])
     wheel = build_agent_wheel(bundle_dir)
     reloaded = None
-    if target.auth == "password":
+    broker_steps: list[str] = []
+    if target.auth in ("password", "cert"):
+        from controller.security.broker_config import refresh_broker_copies
         from controller.security.identity import FleetSecurity
 
-        reloaded = reload_broker_passwords(home, FleetSecurity(home).passwords.path)
+        security = FleetSecurity(home)
+        if target.auth == "password":
+            reloaded = reload_broker_passwords(home, security.passwords.path)
+        # `broker config --out` outputs get fresh passwd/acl copies; their operator reloads.
+        broker_steps = refresh_broker_copies(security)
     row.update(
         broker=target.broker,
         broker_source=target.source,
         broker_reloaded=reloaded,
+        broker_steps=broker_steps,
         topic_root=target.topic_root,
         config=str(bundle_dir / "agent.toml"),
         wheel=str(wheel),

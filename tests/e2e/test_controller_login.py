@@ -114,3 +114,58 @@ def test_second_controller_connection_does_not_kick_the_controller(
     assert session.connection == connections, "the controller was disconnected and reconnected"
     log = (secured.tmp / "broker" / "mosquitto.log").read_text()
     assert "already connected, closing old connection" not in log, log[-2000:]
+
+
+def _device_login(tls: int, ca: Path, user: str, password: str, topic: str) -> bool:
+    """Whether a device password is accepted on the TLS listener (mosquitto_sub, 2 s)."""
+    done = subprocess.run(
+        ["mosquitto_sub", "-h", "localhost", "-p", str(tls), "--cafile", str(ca), "-u", user,
+         "-P", password, "-t", topic, "-C", "1", "-W", "2"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    text = (done.stdout + done.stderr).lower()
+    return "refused" not in text and "not auth" not in text
+
+
+def test_external_broker_operator_is_told_the_exact_reload_step(
+    tmp_path: Path, topic_root: str, mosquitto_binary: str
+) -> None:
+    from typer.testing import CliRunner
+
+    from controller.cli.main import app
+    from controller.fleet.registry import Fleet
+    from controller.security.broker_config import refresh_broker_copies
+
+    home = tmp_path / "home"
+    broker, _, tls = _broker_from_config(tmp_path, home, topic_root)
+    out = tmp_path / "broker-config"
+    ca = out / "ca.crt"
+    try:
+        fleet = Fleet(home)
+        try:
+            fleet.register_device(
+                "ext-1", "rpi4", auth="password", bundle_dir=tmp_path / "b",
+                broker_url=f"mqtts://localhost:{tls}",
+            )  # fmt: skip
+        finally:
+            fleet.close()
+        steps = refresh_broker_copies(FleetSecurity(home))
+        assert steps == [f"kill -HUP $(cat {out / 'mosquitto.pid'})"]
+        hashed = FleetSecurity(home).passwords.path.read_text()
+        assert "ext-1:" in hashed and "ext-1:" in (out / "passwd").read_text()
+        secret = (tmp_path / "b" / "agent.toml").read_text().split('password = "')[1].split('"')[0]
+        topic = f"{topic_root}/devices/ext-1/cmd"
+        assert not _device_login(tls, ca, "ext-1", secret, topic)  # not reloaded yet
+        subprocess.run(["sh", "-c", steps[0]], check=True)
+        wait_until(lambda: _device_login(tls, ca, "ext-1", secret, topic), 10, "ext-1 accepted")
+
+        result = CliRunner().invoke(app, ["devices", "revoke", "ext-1", "--home", str(home)])
+        assert result.exit_code == 0, result.output
+        assert f"reload that broker now: {steps[0]}" in result.output
+        assert "ext-1:" not in (out / "passwd").read_text()
+        assert "user ext-1\ntopic deny #" in (out / "acl").read_text()
+        subprocess.run(["sh", "-c", steps[0]], check=True)
+        wait_until(lambda: not _device_login(tls, ca, "ext-1", secret, topic), 10, "refused")
+    finally:
+        broker.terminate()
+        broker.wait(10)
