@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from agent.protocol import DEFAULT_ROOT
 
 if TYPE_CHECKING:
-    from controller.brokers.mosquitto import BrokerHandle
+    from controller.brokers.base import BrokerHandle
 
 __all__ = [
     "SERVING_FILE",
@@ -289,7 +289,7 @@ def device_commands(bundle: Path, device_id: str, wheel_name: str) -> list[str]:
         "# 1. copy the bundle to the device (it holds the device's secrets: keep it private)",
         f"scp -rp {bundle} DEVICE:{remote}",
         "# 2. install on the device (Debian 12 / Raspberry Pi OS, arm64 or armv7l, no compiler)",
-        "sudo apt-get install -y python3-venv python3-cffi",
+        "sudo apt-get install -y python3-venv python3-cffi python3-numpy python3-psutil",
         f"sudo python3 -m venv --system-site-packages {DEVICE_VENV}",
         f"sudo {DEVICE_VENV}/bin/pip install ~/{remote}/{wheel_name}",
         "# 3. start: in the foreground as you (data in ~/.local/share/edgefleet-agent) ...",

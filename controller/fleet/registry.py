@@ -21,7 +21,8 @@ from controller.fleet.publishing import Publishing
 from controller.fleet.rollout.engine import Rollouts
 from controller.fleet.telemetry.store import TelemetryStore
 from controller.security.revocation import read_revoked, revoked_path, write_revoked
-from controller.storage.db import database_target, now, open_database
+from controller.storage.db import database_target, now
+from controller.storage.open import open_database
 
 log = logging.getLogger(__name__)
 

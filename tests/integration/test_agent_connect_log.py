@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from agent.config import AgentConfig, dump_config
-from controller.brokers.mosquitto import BrokerHandle, free_port, start_mosquitto
+from controller.brokers.base import BrokerHandle, free_port
+from controller.brokers.mosquitto import start_mosquitto
 from controller.security.identity import PasswordFile
 from tests.polling import wait_until
 

@@ -40,7 +40,10 @@ def _modes(directory: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mode & 0o777 for p in directory.iterdir()}
 
 
-def test_defaults_without_up_match_what_up_serves_by_default(tmp_path: Path) -> None:
+def test_defaults_without_up_match_what_up_serves_by_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "state"))
     home = tmp_path / "home"
     row = _register(home, "pi-kitchen")
     bundle = home / "bundles" / "pi-kitchen"
@@ -49,6 +52,7 @@ def test_defaults_without_up_match_what_up_serves_by_default(tmp_path: Path) -> 
     assert "data_dir =" not in text and "ca_file" not in text and "password" not in text
     config = load_config(bundle / "agent.toml")
     assert config.broker == UP_DEFAULT_BROKER and config.username is None
+    assert config.data_dir == tmp_path / "state", "no data_dir: the device picks its own"
     assert config.trusted_keys, "the bundle trusts the fleet's signing key"
     assert _modes(bundle) == {"agent.toml": 0o600, wheel_name(): 0o600}
     assert (bundle.stat().st_mode & 0o777) == 0o700
