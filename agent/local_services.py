@@ -170,7 +170,7 @@ class LocalServices:
             runtime_version=runtime.version,
             threads=threads,
             environment=environment,
-            **result,  # type: ignore[arg-type]
+            **result,
         )
 
     def on_connect(self) -> None:

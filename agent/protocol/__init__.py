@@ -1,6 +1,6 @@
 """The wire contract between controller and agents: topics, strict message types, limits.
 
-Standard library only: both sides read this one package (DESIGN.md, "Wire protocol").
+Standard library only: both sides read this one package (docs/agent.md describes the flow).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from agent.protocol.messages import (
     parse,
 )
 from agent.protocol.names import MAX_NAME_LENGTH, escape_controls, validate_label, validate_name
+from agent.protocol.states import IN_FLIGHT_STATES, TERMINAL_STATES, AgentState
 from agent.protocol.telemetry import (
     BUCKET_COUNT,
     Environment,
@@ -57,6 +58,7 @@ __all__ = [
     "BUCKET_COUNT",
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_ROOT",
+    "IN_FLIGHT_STATES",
     "LATENCY_BUCKETS_MS",
     "MAX_CHUNK_SIZE",
     "MAX_JSON_BYTES",
@@ -65,6 +67,8 @@ __all__ = [
     "MAX_TELEMETRY_RECORDS",
     "MAX_THREADS",
     "SCHEMA_VERSION",
+    "TERMINAL_STATES",
+    "AgentState",
     "ArtifactRef",
     "BenchmarkReport",
     "Command",

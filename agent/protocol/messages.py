@@ -22,6 +22,7 @@ from agent.protocol.limits import (
 )
 from agent.protocol.names import validate_label, validate_name
 from agent.protocol.schema import OMIT_DEFAULT, decode_dataclass, encode
+from agent.protocol.states import AgentState
 from agent.protocol.telemetry import Environment, SeqRange
 from agent.protocol.topics import validate_device_id, validate_sha256
 
@@ -33,11 +34,6 @@ MAX_IDENTITY_CHARS = 128
 # Device-tree compatible lists have 2-4 entries; big.LITTLE SoCs have 2-3 CPU part numbers.
 MAX_IDENTITY_ITEMS = 8
 _CPU_PART = re.compile(r"0x[0-9a-f]{1,4}")
-
-# Persisted agent update states (DESIGN.md, "Agent update flow").
-UpdateState = Literal[
-    "idle", "fetching", "verifying", "staged", "self-testing", "active", "failed", "rolled_back"
-]
 
 
 def _check_version(v: int) -> None:
@@ -134,7 +130,7 @@ class Status:
 
     device_id: str
     online: bool
-    state: UpdateState = "idle"
+    state: AgentState = AgentState.IDLE
     model_sha256: str | None = None
     previous_sha256: str | None = None
     generation: int = 0
@@ -385,10 +381,10 @@ class Event:
     message: str
     deployment_id: str | None = None
     generation: int | None = None
-    state: UpdateState | None = None
+    state: AgentState | None = None
     # For errors: the update state the failure happened in (fetching = download, verifying,
     # self-testing = load/self-test), so the controller can tell transient from final failures.
-    stage: UpdateState | None = None
+    stage: AgentState | None = None
     model_sha256: str | None = None
     benchmark: BenchmarkReport | None = None
     ts: float = field(default_factory=time.time)

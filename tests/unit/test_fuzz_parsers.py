@@ -420,10 +420,8 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Agent, Rec
     config = AgentConfig(
         device_id="dev-fuzz", data_dir=tmp_path_factory.mktemp("fuzz") / "agent", topic_root=ROOT
     )
-    agent = Agent(config)
     session = RecordingSession()
-    agent.session = session  # type: ignore[assignment]
-    agent.fetcher.session = session  # type: ignore[assignment]
+    agent = Agent(config, session=session)  # type: ignore[arg-type]
     agent.restore()
     # Rejections are logged as warnings by design; thousands of them would only slow the run.
     logging.getLogger("agent").setLevel(logging.ERROR)
@@ -462,7 +460,7 @@ ROUTED = (
 
 
 def _rejected_by_protocol(topic: str, payload: bytes) -> bool:
-    """Whether the agent must reject (topic, payload): the routing rules of Agent._on_message."""
+    """Whether the agent must reject (topic, payload): the routing rules of Router.on_message."""
     try:
         parsed = TOPICS.parse(topic)
         if parsed.channel == "manifest" and payload:
@@ -490,14 +488,14 @@ def test_agent_routing_never_raises_and_counts_each_rejection(
         topic, payload = case
         before = daemon.counters.rejected_messages
         published = len(session.published)
-        daemon._on_message(topic, payload)
+        daemon.router.on_message(topic, payload)
         rejected = daemon.counters.rejected_messages - before
         assert rejected == int(_rejected_by_protocol(topic, payload))
         events = [json.loads(p) for t, p in session.published[published:] if t.endswith("/events")]
         assert [e["kind"] for e in events] == ["rejected"] * rejected
         outcomes[bool(rejected)] += 1
-        while not daemon._work.empty():  # the work thread never runs here: keep memory flat
-            daemon._work.get_nowait()
+        while not daemon.inbox.queue.empty():  # the work thread never runs here: keep memory flat
+            daemon.inbox.queue.get_nowait()
 
     run()
     assert outcomes[True] >= 100 and outcomes[False] >= 100, outcomes  # both paths exercised
@@ -547,15 +545,13 @@ def test_enforcing_agent_queues_only_the_signed_command(
         topic_root=ROOT,
         trusted_keys=(signer.public_b64,),
     )
-    daemon = Agent(config)
     session = RecordingSession()
-    daemon.session = session  # type: ignore[assignment]
-    daemon.fetcher.session = session  # type: ignore[assignment]
+    daemon = Agent(config, session=session)  # type: ignore[arg-type]
     daemon.restore()
     signed = sign_command(signer, COMMAND_SAMPLES[action], "dev-fuzz")
     topic = TOPICS.cmd("dev-fuzz")
-    daemon._on_message(topic, dump(signed))
-    assert daemon._work.get_nowait() == signed  # the untouched signed command is accepted
+    daemon.router.on_message(topic, dump(signed))
+    assert daemon.inbox.queue.get_nowait() == signed  # the untouched signed command is accepted
     outcomes: Counter[str] = Counter()
     logging.getLogger("agent").setLevel(logging.ERROR)
     try:
@@ -566,8 +562,8 @@ def test_enforcing_agent_queues_only_the_signed_command(
             EXAMPLES_RUN["signed-commands"] += 1
             before = daemon.counters.rejected_messages
             published = len(session.published)
-            daemon._on_message(topic, text.encode("utf-8", "surrogatepass"))
-            assert daemon._work.empty(), f"queued a forged command: {text[:200]}"
+            daemon.router.on_message(topic, text.encode("utf-8", "surrogatepass"))
+            assert daemon.inbox.queue.empty(), f"queued a forged command: {text[:200]}"
             events = [
                 json.loads(p) for t, p in session.published[published:] if t.endswith("/events")
             ]

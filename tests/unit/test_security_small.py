@@ -216,13 +216,13 @@ def test_quarantined_update_json_keeps_the_anti_rollback_counter(
         )
 
     old, current = signed(3), signed(5)
-    agent._on_message(broker.topics.desired("dev-u"), dump(current))
+    agent.router.on_message(broker.topics.desired("dev-u"), dump(current))
     _apply(agent, current)
     assert agent.state.record.applied_generation == 5
     (tmp_path / "agent" / "update.json").write_text("{not json")
     restarted, broker2 = make_agent(trusted_keys=keys, profile="rpi4")
     assert restarted.state.problem is not None  # quarantined and rebuilt
-    restarted._on_message(broker2.topics.desired("dev-u"), dump(old))
+    restarted.router.on_message(broker2.topics.desired("dev-u"), dump(old))
     refused = broker2.events(kind="security")
     assert refused and "generation 3 is older than generation 5" in refused[-1]["message"]
 
