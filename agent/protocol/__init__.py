@@ -5,6 +5,7 @@ Standard library only: both sides read this one package (docs/agent.md describes
 
 from __future__ import annotations
 
+from agent.protocol.command import Command
 from agent.protocol.errors import ProtocolError
 from agent.protocol.keychain import FleetKeyChain, parse_fleet_keys
 from agent.protocol.limits import (
@@ -20,7 +21,6 @@ from agent.protocol.messages import (
     MAX_THREADS,
     ArtifactRef,
     BenchmarkReport,
-    Command,
     Desired,
     DeviceFacts,
     Event,

@@ -23,7 +23,7 @@ from agent.protocol.limits import (
 from agent.protocol.names import validate_label, validate_name
 from agent.protocol.schema import OMIT_DEFAULT, decode_dataclass, encode
 from agent.protocol.states import AgentState
-from agent.protocol.telemetry import Environment, SeqRange
+from agent.protocol.telemetry import Environment
 from agent.protocol.topics import validate_device_id, validate_sha256
 
 M = TypeVar("M")
@@ -401,45 +401,6 @@ class Event:
             _name("deployment_id", "deployment id", self.deployment_id)
         if self.model_sha256 is not None:
             validate_sha256(self.model_sha256)
-
-
-@dataclass(frozen=True)
-class Command:
-    """One-shot command to a device; its id makes a repeated delivery have one effect.
-
-    Signed like a desired state (docs/security.md, "Signed commands"): bound to one device,
-    expiring, and carrying a per-fleet counter that only grows, so a captured command can be
-    neither redirected, held back, nor replayed once a newer one was accepted.
-    """
-
-    command_id: str
-    action: Literal["benchmark", "rollback", "resend_status", "resend_telemetry"]
-    runs: int = 50
-    warmup: int = 5
-    # resend_telemetry: the sequence numbers the controller is missing (at most 200 ranges).
-    seq_ranges: tuple[SeqRange, ...] = ()
-    ts: float = field(default_factory=time.time)
-    device_id: str | None = field(default=None, metadata={OMIT_DEFAULT: True})
-    counter: int = field(default=0, metadata={OMIT_DEFAULT: True})
-    expires: float | None = field(default=None, metadata={OMIT_DEFAULT: True})
-    sig: Signature | None = field(default=None, metadata={OMIT_DEFAULT: True})
-    v: int = SCHEMA_VERSION
-
-    def __post_init__(self) -> None:
-        """Validate id, device and counters (runs and warmup are bounded: they size work)."""
-        _check_version(self.v)
-        if not 1 <= len(self.command_id) <= 64:
-            raise ProtocolError("$.command_id: must be 1-64 characters")
-        _name("command_id", "command id", self.command_id)
-        if self.device_id is not None:
-            validate_device_id(self.device_id)
-        _bounded("runs", self.runs, 1, MAX_BENCHMARK_RUNS)
-        _bounded("warmup", self.warmup, 0, MAX_BENCHMARK_WARMUP)
-        _non_negative("counter", self.counter)
-        if len(self.seq_ranges) > 200:
-            raise ProtocolError("$.seq_ranges: more than 200 ranges")
-        if self.action == "resend_telemetry" and not self.seq_ranges:
-            raise ProtocolError("$.seq_ranges: resend_telemetry needs at least one range")
 
 
 # A fleet never needs more verify keys at once than this (current + next + a few retiring).
