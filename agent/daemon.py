@@ -18,9 +18,9 @@ from agent.highwater import HighWater
 from agent.loader import ModelLoader
 from agent.local_services import LocalServices
 from agent.memory import release_memory
-from agent.mqtt import MqttSession
 from agent.power import PowerModel
 from agent.protocol import Command, Desired, Topics, dump
+from agent.protocol.transport import MqttSession
 from agent.reporting import Reporter, derived_event_id
 from agent.routing import Counters, Router
 from agent.runtime import runtime_info

@@ -17,9 +17,9 @@ from agent.failpoint import (
 from agent.fallback import WatchingObserver
 from agent.inference_server import InferenceServer
 from agent.metrics import ServingMetrics
-from agent.mqtt import MqttSession
 from agent.power import TELEMETRY_SAMPLE_INTERVAL_S, PowerModel, PowerSource, detect_power_source
 from agent.protocol import BenchmarkReport, SeqRange, Topics
+from agent.protocol.transport import MqttSession
 from agent.runtime import Interpreter, RuntimeInfo
 from agent.serving import ServingModel
 from agent.spool import TelemetrySpool

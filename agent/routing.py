@@ -10,7 +10,6 @@ from agent.commands import SeenCommands
 from agent.config import AgentConfig
 from agent.fetch import Fetcher
 from agent.highwater import HighWater
-from agent.mqtt import MqttSession
 from agent.protocol import (
     Command,
     Desired,
@@ -21,6 +20,7 @@ from agent.protocol import (
     parse,
     parse_fleet_keys,
 )
+from agent.protocol.transport import MqttSession
 from agent.reporting import Reporter
 from agent.trust import SecurityRejected, TrustStore
 from agent.update.record import UpdateStateFile

@@ -254,7 +254,8 @@ def translate_config(obj: Any, accepted: KeyFilter | None = None) -> Any:
 
 def _save_weights(path: Path, weights: list[np.ndarray]) -> None:
     """Save a weight list as .npz, keys numbered so the order survives."""
-    np.savez(path, **{f"w{i:05d}": np.asarray(w) for i, w in enumerate(weights)})
+    arrays = {f"w{i:05d}": np.asarray(w) for i, w in enumerate(weights)}
+    np.savez(path, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
 
 
 def _load_weights(path: Path) -> list[np.ndarray]:
@@ -291,6 +292,7 @@ def _hand_over(
     Returns the child's result.json and the max abs error between the child's pruned outputs
     and this process's on the probe batch.
     """
+    assert samples.y is not None  # prune() refused unlabelled samples before handing over
     probe = samples.x[:PROBE_SAMPLES]
     (work / "architecture.json").write_text(model.to_json())
     _save_weights(work / "weights.npz", model.get_weights())

@@ -34,6 +34,8 @@ from controller.runtime.tuning import (
 if TYPE_CHECKING:
     pass
 
+from controller.runtime.core import ServiceCore
+
 log = logging.getLogger(__name__)
 
 # Least seconds between two takeovers of one revoked device's session: its next message after
@@ -56,15 +58,19 @@ def _same_device(claimed: str, topic_id: str) -> None:
 def _clean_hello(hello: Hello) -> Hello:
     """The hello with every free-text fact escaped (escape_controls)."""
     facts = hello.facts
-    cleaned = {
-        f.name: escape_controls(getattr(facts, f.name))
-        for f in dataclasses.fields(facts)
-        if isinstance(getattr(facts, f.name), str)
-    }
-    return dataclasses.replace(hello, facts=dataclasses.replace(facts, **cleaned))
+    cleaned = dataclasses.replace(
+        facts,
+        arch=escape_controls(facts.arch),
+        system=escape_controls(facts.system),
+        runtime=escape_controls(facts.runtime),
+        runtime_version=escape_controls(facts.runtime_version),
+        python=escape_controls(facts.python),
+        board=escape_controls(facts.board) if facts.board is not None else None,
+    )
+    return dataclasses.replace(hello, facts=cleaned)
 
 
-class Inbound:
+class Inbound(ServiceCore):
     """Drains the inbox into fleet ingest, a transaction per batch (ControllerService mixin)."""
 
     def _ingest(

@@ -56,12 +56,14 @@ def kick_client(
         client.loop_stop()
 
 
-def kick_in_background(url: str, client_id: str, **credentials: str | None) -> threading.Thread:
+def kick_in_background(
+    url: str, client_id: str, *, username: str | None, password: str | None
+) -> threading.Thread:
     """kick_client in a daemon thread, so the controller's message loop never waits for it."""
 
     def run() -> None:
         """Kick and log the outcome."""
-        if kick_client(url, client_id, **credentials):
+        if kick_client(url, client_id, username=username, password=password):
             log.warning("disconnected revoked device %s from the broker", client_id)
         else:
             log.warning("could not take over the session of revoked device %s", client_id)

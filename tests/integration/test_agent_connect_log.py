@@ -92,7 +92,7 @@ def test_closed_port_logs_every_attempt_with_reason_and_backoff(
     port = free_port()  # nothing listens here
     agent = Agent(tmp_path, f"mqtt://127.0.0.1:{port}")
     agents.append(agent)
-    pattern = re.escape(f"WARNING agent.mqtt: cannot connect to mqtt://127.0.0.1:{port}")
+    pattern = re.escape(f"WARNING agent.protocol.transport: cannot connect to mqtt://127.0.0.1:{port}")
     wait_until(lambda: len(_attempts(agent.log(), pattern)) >= 3, 30, "three failure lines")
     _check_backoff(_attempts(agent.log(), pattern)[:3])
     assert "ConnectionRefusedError: [Errno 111] Connection refused" in agent.log()
@@ -112,7 +112,8 @@ def test_refused_credentials_log_every_attempt_with_reason_and_backoff(
         agent = Agent(tmp_path, handle.url, username="dev-x", password="wrong")
         agents.append(agent)
         pattern = re.escape(
-            f"WARNING agent.mqtt: broker 127.0.0.1:{handle.port} refused the connection"
+            f"WARNING agent.protocol.transport: broker 127.0.0.1:{handle.port} "
+            "refused the connection"
         )
         wait_until(lambda: len(_attempts(agent.log(), pattern)) >= 3, 30, "three refusals")
         _check_backoff(_attempts(agent.log(), pattern)[:3])
