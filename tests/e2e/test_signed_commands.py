@@ -147,6 +147,7 @@ def test_sigterm_is_answered_during_a_long_benchmark(secured: SecuredFleet) -> N
     agent.proc.send_signal(signal.SIGTERM)
     code = agent.proc.wait(60)
     took = time.monotonic() - started
+    print(f"SIGTERM during a 10,000-run benchmark answered in {took:.2f} s")
     assert took < SIGTERM_ANSWER_S, f"SIGTERM answered after {took:.1f} s\n{agent.log()[-2000:]}"
     assert code == 0
     assert "benchmark cancelled" in agent.log()
