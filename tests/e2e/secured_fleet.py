@@ -8,6 +8,7 @@ broker or a leaked admin credential: the strongest position short of the signing
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from controller.fleet.registry import Fleet
 from controller.runtime.service import ControllerService
 from controller.security.broker_config import start_secure_mosquitto
 from controller.security.identity import FleetSecurity
+from tests.conftest import running_in_ci
 from tests.e2e.conftest import AgentProcess
 from tests.polling import wait_until
 
@@ -124,9 +126,20 @@ class SecuredFleet:
         subprocess.run(cmd, input=payload, check=True, timeout=PUB_TIMEOUT_S)
 
 
+def require_mosquitto_clients() -> None:
+    """mosquitto_pub and mosquitto_sub (the attacker's tools); skip locally, fail in CI."""
+    missing = [tool for tool in ("mosquitto_pub", "mosquitto_sub") if shutil.which(tool) is None]
+    if missing:
+        reason = f"{', '.join(missing)} not found (apt-get install mosquitto-clients)"
+        if running_in_ci():
+            pytest.fail(f"{reason}; CI must run the attack tests", pytrace=False)
+        pytest.skip(reason)
+
+
 @pytest.fixture
 def secured(mosquitto_binary: str, tmp_path: Path, topic_root: str) -> Iterator[SecuredFleet]:
     """A controller with its own credentials on the generated secured mosquitto config."""
+    require_mosquitto_clients()
     home = tmp_path / "controller"
     fleet = Fleet(home)
     security = FleetSecurity(home)

@@ -19,7 +19,7 @@ pytest.importorskip("cryptography")
 
 from controller.brokers.mosquitto import free_port
 from controller.security.identity import FleetSecurity
-from tests.e2e.secured_fleet import SecuredFleet
+from tests.e2e.secured_fleet import SecuredFleet, require_mosquitto_clients
 from tests.e2e.secured_fleet import secured as secured
 from tests.polling import wait_until
 
@@ -31,7 +31,7 @@ CONNECT_TIMEOUT_S = 30
 
 
 def _broker_from_config(
-    tmp_path: Path, home: Path, topic_root: str
+    tmp_path: Path, home: Path, topic_root: str, binary: str
 ) -> tuple[subprocess.Popen[bytes], int, int]:
     """`edgefleet broker config` into a directory, then mosquitto run on that config."""
     plain, tls = free_port(), free_port()
@@ -42,7 +42,7 @@ def _broker_from_config(
          "--server-name", "localhost", "--topic-root", topic_root, "--home", str(home)],
         check=True, capture_output=True, timeout=60,
     )  # fmt: skip
-    broker = subprocess.Popen(["mosquitto", "-c", str(out / "mosquitto.conf")])
+    broker = subprocess.Popen([binary, "-c", str(out / "mosquitto.conf")])
     wait_until(lambda: (out / "mosquitto.pid").exists(), 10, "mosquitto started")
     return broker, plain, tls
 
@@ -61,7 +61,7 @@ def test_up_logs_in_to_the_generated_broker_with_no_flags(
     tmp_path: Path, topic_root: str, scheme: str, mosquitto_binary: str
 ) -> None:
     home = tmp_path / "home"
-    broker, plain, tls = _broker_from_config(tmp_path, home, topic_root)
+    broker, plain, tls = _broker_from_config(tmp_path, home, topic_root, mosquitto_binary)
     url = f"mqtt://127.0.0.1:{plain}" if scheme == "mqtt" else f"mqtts://localhost:{tls}"
     log = tmp_path / "up.log"
     up = _up(home, url, topic_root, log)
@@ -130,6 +130,7 @@ def _device_login(tls: int, ca: Path, user: str, password: str, topic: str) -> b
 def test_external_broker_operator_is_told_the_exact_reload_step(
     tmp_path: Path, topic_root: str, mosquitto_binary: str
 ) -> None:
+    require_mosquitto_clients()
     from typer.testing import CliRunner
 
     from controller.cli.main import app
@@ -137,7 +138,7 @@ def test_external_broker_operator_is_told_the_exact_reload_step(
     from controller.security.broker_config import refresh_broker_copies
 
     home = tmp_path / "home"
-    broker, _, tls = _broker_from_config(tmp_path, home, topic_root)
+    broker, _, tls = _broker_from_config(tmp_path, home, topic_root, mosquitto_binary)
     out = tmp_path / "broker-config"
     ca = out / "ca.crt"
     try:
