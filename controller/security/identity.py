@@ -70,9 +70,6 @@ LEAF_VALIDITY_DAYS = 1825
 CLOCK_SKEW = datetime.timedelta(minutes=5)
 
 
-# Broker URL schemes that mean TLS, as the agent reads them (agent/mqtt.py).
-TLS_URL_PREFIXES = ("mqtts://", "ssl://")
-
 _CA_KEY = "ca.key"
 _CA_CERT = "ca.crt"
 _PASSWD = "passwd"
@@ -442,10 +439,11 @@ class FleetSecurity:
         (agent.config.default_data_dir: systemd StateDirectory, /var/lib as root, else
         ~/.local/share). Returns the agent.toml path.
         """
+        from agent.protocol.transport import is_tls_url
         from controller.security.signing import describe  # signing imports this module
 
         private_dir(bundle_dir)
-        tls = broker_url.strip().lower().startswith(TLS_URL_PREFIXES)
+        tls = is_tls_url(broker_url.strip())
         if credentials.auth == "cert" and not tls:
             raise IdentityError(
                 f"certificate auth needs a TLS broker URL (mqtts://), got {broker_url!r}"
