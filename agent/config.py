@@ -190,7 +190,7 @@ def config_from_dict(
     wire, update.json and agent.toml). `~` is expanded; relative TLS file paths are resolved
     against `base_dir` (the config file's directory).
     """
-    if "data_dir" not in data:  # the agent picks its own (default_data_dir, docs/agent.md)
+    if "data_dir" not in data:  # the default place for who runs the agent and how
         data = {**data, "data_dir": str(default_data_dir())}
     try:
         config = decode_dataclass(data, AgentConfig)
