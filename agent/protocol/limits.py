@@ -39,3 +39,18 @@ LATENCY_BUCKETS_MS: tuple[float, ...] = tuple(
 MAX_TELEMETRY_RECORDS = 150
 # Byte cap of one telemetry message: AWS IoT Core's payload limit, the strictest broker we target.
 MAX_TELEMETRY_BYTES = 128 * 1024
+
+# Most timed runs one benchmark may ask for (desired state or command). TFLite's benchmark_model
+# defaults to 50; 10,000 runs of a 1 ms model take 10 s and keep 80 KB of samples, while an
+# unbounded value (100,000,000 was tried) froze the agent for minutes and grew it past 1.6 GB.
+MAX_BENCHMARK_RUNS = 10_000
+# Most untimed warm-up runs: a warm-up only has to fill caches; 1,000 is far past that.
+MAX_BENCHMARK_WARMUP = 1_000
+# Largest latency budget (ms) or memory budget (MB) a desired state may carry: an hour per
+# inference / a terabyte of RAM are past any edge device, so anything above is a forged value.
+MAX_BUDGET_MS = 3_600_000.0
+MAX_BUDGET_MB = 1_048_576.0
+# How long a signed command stays valid: commands are not retained, only queued in the device's
+# persistent session, so one that waited an hour for its device is no longer what the operator
+# meant (a benchmark or rollback asked for then), and a captured one cannot be held back longer.
+COMMAND_VALIDITY_S = 3600.0

@@ -16,6 +16,7 @@ from controller.cli.common import HomeOption, JsonOption, fail, open_fleet
 from controller.cli.onboarding import record_serving_or_warn
 from controller.cli.render import as_json, table
 from controller.fleet.registry import Fleet, default_home
+from controller.security.controller_identity import ControllerIdentity, controller_identity
 from controller.storage.db import database_target
 
 if TYPE_CHECKING:
@@ -67,6 +68,16 @@ def up(
     http_address = host_port(http, "--http") if http else None
     handle = None
     username = password = None
+    identity = ControllerIdentity()
+    if broker is not None:
+        # The controller's own credentials (and fleet CA for mqtts://) from HOME/security, as
+        # `edgefleet broker config` wrote them; credentials in the URL are refused.
+        try:
+            identity = controller_identity(home, broker)
+        except ValueError as exc:
+            raise fail(exc) from None
+        username, password = identity.username, identity.password
+        typer.echo(f"broker {broker}: logging in {identity.describe()}", err=True)
     if broker is None:
         handle, username, password = _embedded_broker(home, host, port)
         broker = handle.url
@@ -93,6 +104,9 @@ def up(
         metrics=registry,
         username=username,
         password=password,
+        ca_file=identity.ca_file,
+        cert_file=identity.cert_file,
+        key_file=identity.key_file,
         replica=replica,
     )
     stop = threading.Event()

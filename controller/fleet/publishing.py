@@ -25,6 +25,7 @@ from controller.fleet.rollout.engine import deploy_policy
 from controller.fleet.rollout.policy import Policy
 from controller.fleet.rollout.states import DeviceState, move_all, sql_in
 from controller.security.signing import DESIRED_VALIDITY_S, FleetSigner
+from controller.security.signing import sign_command as sign_for_device
 from controller.storage.db import now
 
 log = logging.getLogger(__name__)
@@ -347,15 +348,26 @@ class Publishing(FleetCore):
         return row
 
     def unpublished_commands(self) -> list[tuple[str, Command]]:
-        """Commands not yet handed to the broker, oldest first."""
+        """Commands not yet handed to the broker, oldest first, signed for their device."""
         rows = self.db.query("SELECT * FROM commands WHERE published IS NULL ORDER BY created")
+        signer = _fleet_signer(self.home) if rows else None
         return [
             (
                 r["device_id"],
-                Command(command_id=r["id"], action=r["action"], runs=r["runs"], warmup=r["warmup"]),
+                sign_for_device(
+                    signer,
+                    Command(
+                        command_id=r["id"], action=r["action"], runs=r["runs"], warmup=r["warmup"]
+                    ),
+                    r["device_id"],
+                ),
             )
             for r in rows
         ]
+
+    def sign_command(self, device_id: str, command: Command) -> Command:
+        """A command the service builds itself (resend, announce), signed for `device_id`."""
+        return sign_for_device(_fleet_signer(self.home), command, device_id)
 
     def mark_command_published(self, command_id: str) -> None:
         """Record that a command was published."""

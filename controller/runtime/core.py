@@ -26,6 +26,7 @@ from controller.runtime.tuning import (
     SHARE_GROUP,
     TELEMETRY_RAW_DAYS,
 )
+from controller.security.revocation import RevokedSet
 
 if TYPE_CHECKING:
     from controller.runtime.prometheus import ControllerMetrics
@@ -45,6 +46,9 @@ class ServiceCore:
         client_id: str = "edgefleet-controller",
         username: str | None = None,
         password: str | None = None,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
         stats_interval_s: float = 60.0,
         resend_grace_s: float = RESEND_GRACE_S,
         telemetry_raw_days: float = TELEMETRY_RAW_DAYS,
@@ -94,6 +98,12 @@ class ServiceCore:
         self.broker_url = broker_url
         self.client_id = client_id
         self._credentials = (username, password)
+        self._tls = (ca_file, cert_file, key_file)
+        # Revoked devices (HOME/security/revoked.json): their messages are refused, their
+        # sessions taken over (controller/runtime/kick.py), at most every REKICK_S each.
+        self.revoked = RevokedSet(home)
+        self._kicked: dict[str, float] = {}
+        self._revoked_seen: frozenset[str] = self.revoked.snapshot()
         self._adoptions: list[Adoption] = []
         self.adopted_messages = 0
         self.session = MqttSession(
@@ -105,6 +115,9 @@ class ServiceCore:
             on_connect=self._on_connect,
             username=username,
             password=password,
+            ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
             clean_session=False,
             max_inflight=CONTROLLER_INFLIGHT,
         )

@@ -95,6 +95,7 @@ class ControllerService(Publisher, Inbound, Leadership):
                 if self._republish_after_reconnect(fleet):
                     timers.next_reconcile = 0.0
                 self._serve_chunks(fleet, needs, first_need)
+                self._kick_newly_revoked()
                 if self.is_leader:  # followers ingest only: the leader drives and publishes
                     self._lead_tick(fleet, timers, dirty)
         except Exception:
