@@ -189,7 +189,7 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
                 else ""
             )
             if b
-            else r["detail"][:40]
+            else r["detail"]
         )
         lines.append(
             (

@@ -120,7 +120,7 @@ def _decision_table(explanation: dict[str, Any]) -> str:
                 num(m.get("energy_mj")),
                 num(m.get("accuracy_drop")),
                 verdict,
-                c["why"][:110],
+                c["why"],
             )
         )
     return table(

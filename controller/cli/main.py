@@ -299,7 +299,7 @@ def deployments_show(
     typer.echo(
         table(
             [
-                (d["device_id"], d["generation"], d["state"], d["detail"][:60])
+                (d["device_id"], d["generation"], d["state"], d["detail"])
                 for d in dep["devices"]
             ],
             ["DEVICE", "GEN", "STATE", "DETAIL"],

@@ -74,7 +74,7 @@ def _variant_rows(report: Any) -> list[tuple[object, ...]]:
                     sparse,
                     accuracy,
                     latency,
-                    v.reason[:70],
+                    v.reason,
                 )
             )
     return rows
@@ -237,7 +237,7 @@ def _check(model: Path, profiles: list[firmware_profiles.Profile], json_out: boo
         typer.echo(
             table(
                 [
-                    (p, r.name, "ok" if r.ok else ("FAIL" if r.blocking else "warn"), r.detail[:90])
+                    (p, r.name, "ok" if r.ok else ("FAIL" if r.blocking else "warn"), r.detail)
                     for p, rs in results.items()
                     for r in rs
                 ],

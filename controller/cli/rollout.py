@@ -212,7 +212,7 @@ def _print_rollout(r: dict[str, object]) -> None:
                     d["attempts"],
                     num((d["result"] or {}).get("p95_ms")),
                     num((d["result"] or {}).get("peak_rss_mb")),
-                    d["detail"][:60] + (" [fell back]" if d.get("fell_back") else ""),
+                    d["detail"] + (" [fell back]" if d.get("fell_back") else ""),
                 )
                 for d in devices
             ],
@@ -236,7 +236,7 @@ def _print_selection(r: dict[str, object]) -> None:
                     t["threads"] or "-",
                     t["state"],
                     num((t["result"] or {}).get("p95_ms")),
-                    (t["outlier"] or t["detail"] or "")[:50],
+                    t["outlier"] or t["detail"] or "",
                 )
                 for t in trials
             ],
