@@ -7,7 +7,7 @@ from typing import Annotated, Any
 import typer
 
 from controller.cli.common import HomeOption, JsonOption, fail, open_fleet
-from controller.cli.render import as_json, num, short, table
+from controller.cli.render import as_json, ms, num, short, table
 from controller.errors import FleetError
 from controller.fleet.candidates import explain
 from controller.fleet.rollout.outliers import fleet_outliers
@@ -67,7 +67,7 @@ def _host_table(candidates: list[dict[str, Any]]) -> str:
                 c["threads"] or "-",
                 short(c["sha256"]),
                 c["size"],
-                num(c["host"].get("latency_ms")),
+                ms(c["host"].get("latency_ms")),
                 num(c["host"].get("accuracy_drop_points")),
                 num(c["host"].get("snr_db")),
             )
@@ -80,7 +80,7 @@ def _host_table(candidates: list[dict[str, Any]]) -> str:
             "THREADS",
             "SHA256",
             "BYTES",
-            "HOST MS",
+            "HOST",
             "ACC DROP",
             "MIN SNR",
         ],
@@ -113,9 +113,9 @@ def _decision_table(explanation: dict[str, Any]) -> str:
         rows.append(
             (
                 c["label"],
-                num(c["host"].get("latency_ms")),
-                num(m.get("p50_ms")),
-                num(m.get("p95_ms")),
+                ms(c["host"].get("latency_ms")),
+                ms(m.get("p50_ms")),
+                ms(m.get("p95_ms")),
                 num(m.get("peak_rss_mb")),
                 num(m.get("energy_mj")),
                 num(m.get("accuracy_drop")),
@@ -125,7 +125,7 @@ def _decision_table(explanation: dict[str, Any]) -> str:
         )
     return table(
         rows,
-        ["CAND", "HOST MS", "P50 MS", "P95 MS", "PEAK MB", "MJ/INF", "DROP", "VERDICT", "WHY"],
+        ["CAND", "HOST", "P50", "P95", "PEAK MB", "MJ/INF", "DROP", "VERDICT", "WHY"],
     )
 
 
@@ -149,13 +149,13 @@ def devices_outliers(
                     r["device_id"],
                     r["profile"],
                     short(r["model_sha256"]),
-                    num(r["p95_ms"]),
-                    num(r["peers_p95_ms"]),
+                    ms(r["p95_ms"]),
+                    ms(r["peers_p95_ms"]),
                     r["peers"],
                     r["reason"] if r["explained"] else f"unexplained: {r['reason']}",
                 )
                 for r in rows
             ],
-            ["DEVICE", "PROFILE", "MODEL", "P95 MS", "PEERS P95", "PEERS", "WHY"],
+            ["DEVICE", "PROFILE", "MODEL", "P95", "PEERS P95", "PEERS", "WHY"],
         )
     )

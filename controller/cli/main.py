@@ -13,7 +13,7 @@ from controller.cli.common import HomeOption, JsonOption, fail, open_fleet
 from controller.cli.explain import devices_outliers, models_explain
 from controller.cli.onboarding import devices_register
 from controller.cli.optimize import optimize
-from controller.cli.render import as_json, num, short, table
+from controller.cli.render import as_json, ms, num, short, table
 from controller.cli.rollout import rollout_app
 from controller.cli.security import broker_app, devices_revoke, keys_app, revocation_notes
 from controller.cli.simulate import simulate_command
@@ -170,15 +170,15 @@ def devices_show(
                 [
                     (
                         short(b["model_sha256"]),
-                        num(b["p50_ms"]),
-                        num(b["p99_ms"]),
+                        ms(b["p50_ms"]),
+                        ms(b["p99_ms"]),
                         num(b["peak_rss_mb"], 1),
                         num(b["power_w"]),
                         b["power_source"],
                     )
                     for b in detail["benchmarks"]
                 ],
-                ["MODEL", "P50 MS", "P99 MS", "PEAK RSS MB", "POWER W", "SOURCE"],
+                ["MODEL", "P50", "P99", "PEAK RSS MB", "POWER W", "SOURCE"],
             )
         )
 

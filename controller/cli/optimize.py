@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 import firmware_profiles
-from controller.cli.render import as_json, num, table
+from controller.cli.render import as_json, ms, num, table
 
 
 def _profiles(selector: str) -> list[firmware_profiles.Profile]:
@@ -63,7 +63,7 @@ def _variant_rows(report: Any) -> list[tuple[object, ...]]:
             sparse = (
                 num(100 * ev.weight_sparsity, 1) if ev and ev.weight_sparsity is not None else "-"
             )
-            latency = f"{num(v.latency_ms, 3)} ({v.latency_source})" if v.latency_ms else "-"
+            latency = f"{ms(v.latency_ms)} ({v.latency_source})" if v.latency_ms else "-"
             rows.append(
                 (
                     prof.profile,
@@ -171,7 +171,7 @@ def optimize(
                     "GZIP KIB",
                     "ZEROS %",
                     "ACC % / SNR DB",
-                    "LATENCY MS",
+                    "LATENCY",
                     "WHY",
                 ],
             )
@@ -195,7 +195,7 @@ def _candidate_lines(report: Any) -> list[str]:
         for c in prof.candidates:
             threads = "- (compiled)" if c.threads is None else str(c.threads)
             v = c.variant
-            latency = f"{num(v.latency_ms, 3)} ms ({v.latency_source})" if v.latency_ms else "-"
+            latency = f"{ms(v.latency_ms)} ({v.latency_source})" if v.latency_ms else "-"
             lines.append(
                 f"candidate {prof.profile} #{c.rank}: {v.variant or v.recipe} "
                 f"threads={threads} {latency} {c.manifest}"

@@ -32,6 +32,11 @@ PIPE_WIDTH = 10_000
 # A column wraps only if it holds free text: a cell with a space and longer than this; ids,
 # states and numbers stay on one line.
 WRAP_MIN_CHARS = 24
+# Narrowest a wrapped free-text column gets (below this a sentence is one word per line); when
+# even that does not fit, the table is wider than the terminal rather than losing text.
+MIN_PROSE_WIDTH = 20
+# Characters between two columns: rich's padding of one on each side plus the column separator.
+COLUMN_GAP = 3
 
 
 def console() -> Console:
@@ -51,23 +56,51 @@ def console() -> Console:
 
 
 def table(rows: Sequence[Sequence[object]], headers: Sequence[str]) -> str:
-    """Columns sized to their cells; long cells wrap within the terminal width, none is cut."""
+    """Columns sized to their cells; free-text columns wrap within the terminal, none is cut."""
     out = console()
+    texts = [["" if c is None else str(c) for c in r] for r in rows]
+    widths = _widths(texts, headers, out.width)
+    out.width = max(out.width, sum(widths) + COLUMN_GAP * (len(widths) - 1))
     grid = Table(
         box=box.SIMPLE_HEAD,
         show_edge=False,
         pad_edge=False,
         header_style="bold" if out.color_system else "",
     )
-    for i, header in enumerate(headers):
-        cells = ["" if r[i] is None else str(r[i]) for r in rows]
-        prose = any(" " in c and len(c) > WRAP_MIN_CHARS for c in cells)
-        grid.add_column(header, overflow="fold", no_wrap=not prose)
-    for row in rows:
-        grid.add_row(*(_cell(c, out.color_system is not None) for c in row))
+    for header, width in zip(headers, widths, strict=True):
+        grid.add_column(header, overflow="fold", width=width)
+    colour = out.color_system is not None
+    for row in texts:
+        grid.add_row(*(Text(c, style=STATE_STYLES.get(c, "") if colour else "") for c in row))
     with out.capture() as captured:
         out.print(grid)
     return "\n".join(line.rstrip() for line in captured.get().rstrip("\n").splitlines())
+
+
+def _widths(texts: list[list[str]], headers: Sequence[str], width: int) -> list[int]:
+    """Each column's width: its widest cell, narrowed only for free text when over `width`.
+
+    Ids, states and numbers keep their full width (rich would fold `in_progress` into
+    `in_pr`/`ogress`); free-text columns share what is left, at least MIN_PROSE_WIDTH each.
+    """
+    natural = [
+        max([len(headers[i]), *(len(r[i]) for r in texts)]) for i in range(len(headers))
+    ]
+    gaps = COLUMN_GAP * (len(headers) - 1)
+    if sum(natural) + gaps <= width:
+        return natural
+    prose = [
+        i
+        for i in range(len(headers))
+        if any(" " in r[i] and len(r[i]) > WRAP_MIN_CHARS for r in texts)
+    ]
+    fixed = sum(w for i, w in enumerate(natural) if i not in prose)
+    left = width - fixed - gaps
+    prose_total = sum(natural[i] for i in prose) or 1
+    for i in prose:
+        share = left * natural[i] // prose_total
+        natural[i] = min(natural[i], max(MIN_PROSE_WIDTH, share))
+    return natural
 
 
 def _cell(value: object, colour: bool) -> Text:
@@ -89,3 +122,14 @@ def short(sha: str | None) -> str:
 def num(value: float | None, digits: int = 2) -> str:
     """A number with fixed decimals, or '-'."""
     return "-" if value is None else f"{value:.{digits}f}"
+
+
+def ms(value: float | None) -> str:
+    """A duration given in ms, in the unit that keeps its digits: 7.3 µs, 12.50 ms, 1.20 s."""
+    if value is None:
+        return "-"
+    if value < 1.0:
+        return f"{value * 1000:.3g} µs"
+    if value < 1000.0:
+        return f"{value:.2f} ms"
+    return f"{value / 1000:.2f} s"

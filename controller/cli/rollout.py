@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from controller.cli.common import HomeOption, JsonOption, fail, open_fleet
-from controller.cli.render import as_json, num, short, table
+from controller.cli.render import as_json, ms, num, short, table
 from controller.cli.rollout_wait import exit_code, outcome_line, wait_for
 from controller.errors import FleetError
 
@@ -210,13 +210,13 @@ def _print_rollout(r: dict[str, object]) -> None:
                     d["wave"],
                     d["state"],
                     d["attempts"],
-                    num((d["result"] or {}).get("p95_ms")),
+                    ms((d["result"] or {}).get("p95_ms")),
                     num((d["result"] or {}).get("peak_rss_mb")),
                     d["detail"] + (" [fell back]" if d.get("fell_back") else ""),
                 )
                 for d in devices
             ],
-            ["DEVICE", "WAVE", "STATE", "RETRIES", "P95 MS", "PEAK MB", "DETAIL"],
+            ["DEVICE", "WAVE", "STATE", "RETRIES", "P95", "PEAK MB", "DETAIL"],
         )
     )
 
@@ -235,12 +235,12 @@ def _print_selection(r: dict[str, object]) -> None:
                     f"#{t['rank']}",
                     t["threads"] or "-",
                     t["state"],
-                    num((t["result"] or {}).get("p95_ms")),
+                    ms((t["result"] or {}).get("p95_ms")),
                     t["outlier"] or t["detail"] or "",
                 )
                 for t in trials
             ],
-            ["PROFILE", "CANARY", "CAND", "THREADS", "TRIAL", "P95 MS", "DETAIL"],
+            ["PROFILE", "CANARY", "CAND", "THREADS", "TRIAL", "P95", "DETAIL"],
         )
     )
     for d in decisions:
