@@ -11,9 +11,18 @@ import typer
 import firmware_profiles
 from controller.cli.common import HomeOption, JsonOption, fail, open_fleet
 from controller.cli.explain import devices_outliers, models_explain
+from controller.cli.listing import (
+    LimitOption,
+    ProfileFilter,
+    StateFilter,
+    device_lines,
+    devices_table,
+    select,
+    showing,
+)
 from controller.cli.onboarding import devices_register
 from controller.cli.optimize import optimize
-from controller.cli.render import as_json, ms, num, short, table
+from controller.cli.render import as_json, short, table
 from controller.cli.rollout import rollout_app
 from controller.cli.security import broker_app, devices_revoke, keys_app, revocation_notes
 from controller.cli.simulate import simulate_command
@@ -21,6 +30,7 @@ from controller.cli.telemetry import report, telemetry
 from controller.cli.tokens import tokens_app
 from controller.cli.up import host_port, replicas_command, up
 from controller.fleet.registry import FleetError, default_home
+from controller.fleet.telemetry.reports import model_names
 from controller.storage.db import is_postgres, redact_url
 
 app = typer.Typer(
@@ -109,29 +119,31 @@ _fail = fail
 
 # ---------------------------------------------------------------------------- devices
 @devices_app.command("list")
-def devices_list(home: HomeOption = None, json_out: JsonOption = False) -> None:
-    """List devices with profile, state and current model."""
-    rows = _fleet(home).devices()
+def devices_list(
+    state: StateFilter = None,
+    profile: ProfileFilter = None,
+    limit: LimitOption = None,
+    home: HomeOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """List devices with profile, link, state and current model (name:version)."""
+    fleet = _fleet(home)
+    every = fleet.devices()
+    rows, matched = select(
+        every,
+        states=state,
+        state_of=lambda d: {d["state"], "online" if d["online"] else "offline"},
+        profiles=profile,
+        limit=limit,
+        json_out=json_out,
+    )
     if json_out:
         typer.echo(as_json(rows))
         return
-    typer.echo(
-        table(
-            [
-                (
-                    d["id"],
-                    d["profile"] or "?",
-                    "online" if d["online"] else "offline",
-                    d["state"],
-                    short(d["model_sha256"]),
-                    d["runtime"] or "-",
-                    d["runtime_version"] or "-",
-                )
-                for d in rows
-            ],
-            ["DEVICE", "PROFILE", "LINK", "STATE", "MODEL", "RUNTIME", "VERSION"],
-        )
-    )
+    typer.echo(devices_table(rows, model_names(fleet.db)))
+    footer = showing(len(rows), matched, len(every), "devices")
+    if footer:
+        typer.echo(footer)
 
 
 @devices_app.command("show")
@@ -141,46 +153,15 @@ def devices_show(
     json_out: JsonOption = False,
 ) -> None:
     """Show one device: facts, profile match, latest benchmarks and events."""
+    fleet = _fleet(home)
     try:
-        detail = _fleet(home).device_detail(device_id)
+        detail = fleet.device_detail(device_id)
     except FleetError as exc:
         raise _fail(exc) from None
     if json_out:
         typer.echo(as_json(detail))
         return
-    for key in (
-        "id",
-        "profile",
-        "profile_reason",
-        "online",
-        "state",
-        "status_detail",
-        "model_sha256",
-        "previous_sha256",
-        "runtime",
-        "runtime_version",
-        "agent_version",
-    ):
-        typer.echo(f"{key:16} {detail[key]}")
-    typer.echo(f"{'facts':16} {detail['facts']}")
-    if detail["benchmarks"]:
-        typer.echo("\nbenchmarks:")
-        typer.echo(
-            table(
-                [
-                    (
-                        short(b["model_sha256"]),
-                        ms(b["p50_ms"]),
-                        ms(b["p99_ms"]),
-                        num(b["peak_rss_mb"], 1),
-                        num(b["power_w"]),
-                        b["power_source"],
-                    )
-                    for b in detail["benchmarks"]
-                ],
-                ["MODEL", "P50", "P99", "PEAK RSS MB", "POWER W", "SOURCE"],
-            )
-        )
+    typer.echo("\n".join(device_lines(detail, model_names(fleet.db))))
 
 
 @devices_app.command("remove")
@@ -298,10 +279,7 @@ def deployments_show(
     typer.echo(f"{dep['id']}  target {dep['target']}")
     typer.echo(
         table(
-            [
-                (d["device_id"], d["generation"], d["state"], d["detail"])
-                for d in dep["devices"]
-            ],
+            [(d["device_id"], d["generation"], d["state"], d["detail"]) for d in dep["devices"]],
             ["DEVICE", "GEN", "STATE", "DETAIL"],
         )
     )

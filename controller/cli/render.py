@@ -83,9 +83,7 @@ def _widths(texts: list[list[str]], headers: Sequence[str], width: int) -> list[
     Ids, states and numbers keep their full width (rich would fold `in_progress` into
     `in_pr`/`ogress`); free-text columns share what is left, at least MIN_PROSE_WIDTH each.
     """
-    natural = [
-        max([len(headers[i]), *(len(r[i]) for r in texts)]) for i in range(len(headers))
-    ]
+    natural = [max([len(headers[i]), *(len(r[i]) for r in texts)]) for i in range(len(headers))]
     gaps = COLUMN_GAP * (len(headers) - 1)
     if sum(natural) + gaps <= width:
         return natural

@@ -9,9 +9,17 @@ from typing import Annotated, Any
 import typer
 
 from controller.cli.common import HomeOption, JsonOption, fail, open_fleet
-from controller.cli.render import as_json, ms, num, short, table
+from controller.cli.listing import (
+    LimitOption,
+    ProfileFilter,
+    StateFilter,
+    select,
+    showing,
+)
+from controller.cli.render import as_json, ms, num, table
 from controller.cli.rollout_wait import exit_code, outcome_line, wait_for
 from controller.errors import FleetError
+from controller.fleet.telemetry.reports import model_label, model_names
 
 rollout_app = typer.Typer(
     no_args_is_help=True, help="Staged rollouts: waves, gates, candidates, automatic rollback."
@@ -119,6 +127,9 @@ def rollout_status(
         typer.Option("--watch", help="follow ROLLOUT_ID until it ends; exit code as --wait"),
     ] = False,
     timeout: TimeoutOption = None,
+    state: StateFilter = None,
+    profile: ProfileFilter = None,
+    limit: LimitOption = None,
     home: HomeOption = None,
     json_out: JsonOption = False,
 ) -> None:
@@ -153,7 +164,23 @@ def rollout_status(
         )
         return
     assert isinstance(result, dict)
-    _print_rollout(result)
+    if profile:  # device rows of a rollout carry no profile: take it from the registry
+        profiles = {d["id"]: d["profile"] for d in fleet.devices()}
+        for d in result["devices"]:
+            d["profile"] = profiles.get(d["device_id"])
+    every = result["devices"]
+    shown, matched = select(
+        every,
+        states=state,
+        state_of=lambda d: {d["state"]},
+        profiles=profile,
+        limit=limit,
+        json_out=False,
+    )
+    _print_rollout({**result, "devices": shown}, model_names(fleet.db))
+    footer = showing(len(shown), matched, len(every), "devices")
+    if footer:
+        typer.echo(footer)
     raise typer.Exit(exit_code(result))
 
 
@@ -178,7 +205,7 @@ def _counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "-"
 
 
-def _print_rollout(r: dict[str, object]) -> None:
+def _print_rollout(r: dict[str, object], labels: dict[str, str]) -> None:
     """Human view of one rollout."""
     policy = r["policy"]
     assert isinstance(policy, dict)
@@ -189,7 +216,7 @@ def _print_rollout(r: dict[str, object]) -> None:
         f"timeout {policy['device_timeout_s']:g} s; retries {policy['retries']}"
     )
     if r.get("phase") == "selecting" or r.get("trials"):
-        _print_selection(r)
+        _print_selection(r, labels)
     waves = r["waves"]
     devices = r["devices"]
     assert isinstance(waves, list) and isinstance(devices, list)
@@ -221,7 +248,7 @@ def _print_rollout(r: dict[str, object]) -> None:
     )
 
 
-def _print_selection(r: dict[str, object]) -> None:
+def _print_selection(r: dict[str, object], labels: dict[str, str]) -> None:
     """Trials of the selection phase and the decisions made so far."""
     trials, decisions = r.get("trials") or [], r.get("decisions") or []
     assert isinstance(trials, list) and isinstance(decisions, list)
@@ -244,7 +271,11 @@ def _print_selection(r: dict[str, object]) -> None:
         )
     )
     for d in decisions:
-        won = f"#{d['winner_rank']} ({short(d['sha256'])})" if d["winner_rank"] else "none"
+        won = (
+            f"#{d['winner_rank']} ({model_label(d['sha256'], labels)})"
+            if d["winner_rank"]
+            else "none"
+        )
         back = f", fallback #{d['fallback_rank']}" if d["fallback_rank"] else ""
         typer.echo(f"{d['profile']}: selected {won}{back} (see `edgefleet models explain`)")
 

@@ -47,7 +47,12 @@ def telemetry(
     fleet = Fleet(home or default_home())
     try:
         start = parse_since(since)
-        found = device_telemetry(fleet, device_id, since=start, limit=limit)
+        if limit < 1:
+            raise FleetError(f"--limit must be >= 1, got {limit}")
+        # One record more than asked tells whether the limit cut anything off.
+        found = device_telemetry(fleet, device_id, since=start, limit=limit + 1)
+        more = len(found["records"]) > limit
+        found["records"] = found["records"][-limit:]  # oldest first: drop the extra oldest
         plotted = plot_device(fleet.db, device_id, plot, since=start) if plot else None
     except FleetError as exc:
         raise _fail(exc) from None
@@ -98,6 +103,8 @@ def telemetry(
             ],
         )
     )
+    if more:
+        typer.echo(f"showing the newest {limit} records; older ones exist (--limit N, --since 1h)")
     missing = [g for g in gaps if g["state"] == "missing"]
     lost = sum(g["seq_last"] - g["seq_first"] + 1 for g in gaps if g["state"] == "lost")
     if cursor:

@@ -177,9 +177,7 @@ def _embedded_broker(
     return handle, username, password
 
 
-def _serve_http(
-    home: Path, http: str | None, address: tuple[str, int], started: list[Any]
-) -> Any:
+def _serve_http(home: Path, http: str | None, address: tuple[str, int], started: list[Any]) -> Any:
     """Start the HTTP API and dashboard; on failure stop what `started` holds and exit."""
     from controller.brokers.base import is_loopback
     from controller.http.server import start_http
