@@ -34,7 +34,7 @@ PIPE_WIDTH = 10_000
 WRAP_MIN_CHARS = 24
 # Narrowest a wrapped free-text column gets (below this a sentence is one word per line); when
 # even that does not fit, the table is wider than the terminal rather than losing text.
-MIN_PROSE_WIDTH = 20
+MIN_PROSE_WIDTH = 12
 # Characters between two columns: rich's padding of one on each side plus the column separator.
 COLUMN_GAP = 3
 
@@ -93,18 +93,20 @@ def _widths(texts: list[list[str]], headers: Sequence[str], width: int) -> list[
         if any(" " in r[i] and len(r[i]) > WRAP_MIN_CHARS for r in texts)
     ]
     fixed = sum(w for i, w in enumerate(natural) if i not in prose)
-    left = width - fixed - gaps
-    prose_total = sum(natural[i] for i in prose) or 1
+    # A wrapped column is never narrower than its longest word (nor MIN_PROSE_WIDTH, unless
+    # it is narrower than that anyway); the room left is shared by how much each one wants.
+    floor = {
+        i: min(
+            natural[i],
+            max(MIN_PROSE_WIDTH, *(len(w) for r in texts for w in r[i].split())),
+        )
+        for i in prose
+    }
+    spare = width - fixed - gaps - sum(floor.values())
+    want = sum(natural[i] - floor[i] for i in prose) or 1
     for i in prose:
-        share = left * natural[i] // prose_total
-        natural[i] = min(natural[i], max(MIN_PROSE_WIDTH, share))
+        natural[i] = floor[i] + max(0, spare) * (natural[i] - floor[i]) // want
     return natural
-
-
-def _cell(value: object, colour: bool) -> Text:
-    """One cell as text, coloured by its state value when colour is on."""
-    text = "" if value is None else str(value)
-    return Text(text, style=STATE_STYLES.get(text, "") if colour else "")
 
 
 def as_json(data: Any) -> str:
