@@ -22,6 +22,7 @@ from controller.cli.listing import (
 )
 from controller.cli.onboarding import devices_register
 from controller.cli.optimize import optimize
+from controller.cli.quiet import quiet_tensorflow
 from controller.cli.render import as_json, short, table
 from controller.cli.rollout import rollout_app
 from controller.cli.security import broker_app, devices_revoke, keys_app, revocation_notes
@@ -89,6 +90,7 @@ def _global_options(
     """Options every command takes: --db selects the fleet database (docs/storage.md)."""
     if debug:
         os.environ["EDGEFLEET_DEBUG"] = "1"  # main() and quiet_tensorflow() read it
+    quiet_tensorflow()  # before any command imports TensorFlow
     if db:
         if "://" in db and not is_postgres(db):
             raise fail(f"--db {redact_url(db)!r}: expected a postgresql:// URL or a file path")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 import firmware_profiles
+from controller.cli.quiet import native_stderr_filtered
 from controller.cli.render import as_json, ms, num, table
 
 
@@ -29,10 +31,26 @@ PRUNE_SPARSITY = 0.5
 PRUNE_EPOCHS = 4
 
 
-def _progress(event: Any) -> None:
-    """One progress line per pipeline step, on stderr."""
-    recipe = f" {event.recipe}" if event.recipe else ""
-    typer.echo(f"  {event.profile:24} {event.stage:10}{recipe} {event.message}", err=True)
+class _Progress:
+    """Progress lines on stderr: `[ 3/12 rpi4        12.3s] convert int8 …`."""
+
+    def __init__(self, profiles: list[str]) -> None:
+        """Count profiles in the order they were asked for; the clock starts now."""
+        self.profiles = profiles
+        self.start = time.monotonic()
+        self.width = max((len(p) for p in profiles), default=0)
+
+    def __call__(self, event: Any) -> None:
+        """One line per pipeline step with the profile's N/M and the elapsed time."""
+        n = self.profiles.index(event.profile) + 1 if event.profile in self.profiles else 0
+        total = len(self.profiles)
+        recipe = f" {event.recipe}" if event.recipe else ""
+        elapsed = time.monotonic() - self.start
+        typer.echo(
+            f"  [{n:>{len(str(total))}}/{total} {event.profile:{self.width}} {elapsed:6.1f}s] "
+            f"{event.stage:10}{recipe} {event.message}".rstrip(),
+            err=True,
+        )
 
 
 def _fidelity_cell(ev: Any) -> str:
@@ -140,20 +158,21 @@ def optimize(
 
     typer.echo(f"optimizing {model} for {len(profiles)} profile(s)", err=True)
     try:
-        report = run_optimize(
-            model,
-            profiles,
-            calib=calib,
-            val=val,
-            max_accuracy_drop=max_accuracy_drop,
-            out_dir=out,
-            progress=_progress,
-            train=train,
-            prune_sparsity=prune_sparsity,
-            prune_epochs=prune_epochs,
-            candidates=candidates,
-            min_snr_db=min_snr_db,
-        )
+        with native_stderr_filtered():
+            report = run_optimize(
+                model,
+                profiles,
+                calib=calib,
+                val=val,
+                max_accuracy_drop=max_accuracy_drop,
+                out_dir=out,
+                progress=_Progress([p.id for p in profiles]),
+                train=train,
+                prune_sparsity=prune_sparsity,
+                prune_epochs=prune_epochs,
+                candidates=candidates,
+                min_snr_db=min_snr_db,
+            )
     except (ConverterError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -224,7 +243,10 @@ def _check(model: Path, profiles: list[firmware_profiles.Profile], json_out: boo
 
     results: dict[str, list[Any]] = {}
     try:
-        with tempfile.TemporaryDirectory(prefix="edgefleet-check-") as work:
+        with (
+            native_stderr_filtered(),
+            tempfile.TemporaryDirectory(prefix="edgefleet-check-") as work,
+        ):
             for prof in profiles:
                 results[prof.id] = check_tflite(model, prof, work_dir=Path(work) / prof.id)
     except ConverterError as exc:  # not a model at all: one line, like `optimize` itself
