@@ -181,6 +181,7 @@ class MqttSession:
         self.connected = threading.Event()
         self.closed = threading.Event()
         self.reconnect = reconnect
+        self._stopping = False  # stop() was called: a disconnect now is ours, not a failure
         # Counts connections, so an Ack taken on an earlier one is never sent on a later one.
         self.connection = 0
         self._on_message_cb = on_message
@@ -219,6 +220,7 @@ class MqttSession:
 
     def stop(self) -> None:
         """Disconnect cleanly (no last will) and stop the network thread."""
+        self._stopping = True
         self.client.disconnect()
         self.client.loop_stop()
 
@@ -305,6 +307,11 @@ class MqttSession:
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
         """Mark disconnected; paho's loop reconnects with backoff."""
         self.connected.clear()
+        if self._stopping:
+            if not self.reconnect:
+                self.closed.set()
+            log.info("disconnected from %s:%s (stopped)", self.host, self.port)
+            return
         if not self.reconnect:
             self.closed.set()
             log.info("disconnected (%s)", reason_code)

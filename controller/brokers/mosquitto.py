@@ -193,6 +193,9 @@ def _spawn_mosquitto(
                 stderr=stderr,
                 cwd=data_dir,
                 close_fds=True,
+                # Out of the terminal's process group: Ctrl-C reaches the owner only, which
+                # disconnects its clients first and then stops the broker (handle.stop()).
+                start_new_session=True,
             )
         except OSError as exc:
             raise BrokerError(f"cannot run {exe}: {exc}") from exc

@@ -17,6 +17,7 @@ import typer
 
 import firmware_profiles
 from agent.protocol.config import AgentConfig, PowerModelConfig, dump_config
+from controller.cli.quiet import native_stderr_filtered
 from controller.cli.render import as_json, num, short, table
 from controller.fleet.registry import Fleet
 from controller.fleet.rollout.policy import Gate, Policy, Threshold, parse_waves
@@ -322,7 +323,8 @@ def run_demo(
     broker = service = None
     try:
         progress("building the digits CNN (trained and converted on first run, then cached)")
-        model = digits_tflite(cache_dir(), recipe="int8")
+        with native_stderr_filtered():  # TensorFlow's C++ logging on a first (training) run
+            model = digits_tflite(cache_dir(), recipe="int8")
         progress(f"model ready: {model.name} ({model.stat().st_size / 1024:.1f} KiB, int8)")
         broker = start_embedded(home / "broker")
         progress(f"embedded {broker.kind} broker on {broker.url}")
@@ -339,7 +341,8 @@ def run_demo(
             progress(f"agents never registered: {', '.join(missing)} (logs in {home / 'agents'})")
             keep = True
             return 1
-        golden = write_golden(model, load_digits_dataset().x_val, home / "digits.golden.npz")
+        with native_stderr_filtered():
+            golden = write_golden(model, load_digits_dataset().x_val, home / "digits.golden.npz")
         fleet.add_model(model, name="digits-cnn", version="1", golden=golden)
         dep = fleet.start_rollout("digits-cnn:1", ",".join(ids), DEMO_POLICY)
         progress(

@@ -19,6 +19,11 @@ from controller.fleet.registry import Fleet, default_home
 from controller.security.controller_identity import ControllerIdentity, controller_identity
 from controller.storage.db import database_target
 
+# Seconds `up` waits for the first CONNACK before saying the broker is not reachable: a
+# reachable broker answers in milliseconds; the transport's own log line for the first failed
+# attempt comes at once, this one says what `up` does about it.
+BROKER_GRACE_S = 3.0
+
 if TYPE_CHECKING:
     from controller.brokers.base import BrokerHandle
 
@@ -115,6 +120,12 @@ def up(
     service.start()
     typer.echo(f"controller running (data in {home}); Ctrl-C to stop", err=True)
     try:
+        if not service.session.connected.wait(BROKER_GRACE_S) and not stop.is_set():
+            typer.echo(
+                f"broker {broker} not reachable yet: retrying with backoff until it is "
+                "(each attempt and its reason is logged)",
+                err=True,
+            )
         while not stop.wait(1.0):
             if not service.alive:
                 typer.echo("error: the controller loop stopped (see the log above)", err=True)
@@ -127,6 +138,7 @@ def up(
             metrics_server.stop()
         if handle:
             handle.stop()
+        typer.echo("controller stopped", err=True)  # the last line, after every disconnect log
 
 
 def _refuse_replica(home: Path, broker: str | None, replica: str | None) -> None:

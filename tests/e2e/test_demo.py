@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,8 @@ import pytest
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 EDGEFLEET = str(Path(sys.executable).parent / "edgefleet")
+# What TensorFlow prints on its own: absl's pre-init warning, oneDNN, MLIR's quantizer, XNNPACK.
+TF_NOISE = re.compile(r"absl::InitializeLog|oneDNN|fully_quantize|XNNPACK|^[IW]\d{4} ")
 
 
 def _demo_processes() -> list[psutil.Process]:
@@ -51,6 +54,8 @@ def test_demo_json_reports_every_device_and_cleans_up() -> None:
         assert 0 < bench["peak_rss_mb"] < 400, "peak RSS is the agent's own, not its parent's"
         assert bench["power_source"] == "estimated" and bench["energy_mj_per_inference"] > 0
     assert "registered" in out.stderr and "egress" in out.stderr, "progress is shown"
+    tf_noise = [line for line in out.stderr.splitlines() if TF_NOISE.search(line)]
+    assert tf_noise == [], "TensorFlow's logging is silenced in the demo"
     # The application's requests, counted by the controller from each device's telemetry.
     telemetry = {r["device"]: r for r in data["telemetry"]}
     assert sorted(telemetry) == ["demo-1", "demo-2", "demo-3"]
