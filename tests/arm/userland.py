@@ -1,0 +1,159 @@
+"""Emulated ARM userlands for tests: build or restore them, install the agent, run processes.
+
+Wraps scripts/arm/build-userland.sh and scripts/arm/run-in-userland.sh (the same scripts a
+developer runs by hand), so the tests exercise exactly what the docs describe.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPTS = REPO / "scripts" / "arm"
+# Where build-userland.sh installs the agent's venv (docs/packaging.md, "Tested on ARM").
+AGENT_VENV = "/opt/edgefleet-agent"
+ARCHES = ("arm64", "armhf")
+# What each userland reports as its architecture (agent/facts.py userland_arch).
+EXPECTED_ARCH = {"arm64": "aarch64", "armhf": "armv7l"}
+# The runtime each documented install brings (requirements/agent.txt, agent-tflite214.txt).
+EXPECTED_RUNTIME = {"arm64": "litert", "armhf": "tflite-runtime"}
+# A cold armhf build is ≈ 8 min on 2 idle cores; the bound leaves room for a busy CI runner.
+BUILD_TIMEOUT_S = 2400
+# pip under emulation: installing one pure-Python wheel takes ≈ 30 s.
+INSTALL_TIMEOUT_S = 600
+
+
+class UserlandUnavailable(RuntimeError):
+    """The machine cannot run emulated userlands (no root, no qemu/apt)."""
+
+
+def prerequisites_problem() -> str | None:
+    """Why this machine cannot build userlands at all, or None when it can try."""
+    if os.geteuid() != 0 and shutil.which("sudo") is None:
+        return "emulated ARM userlands need root (chroot, mounts, binfmt_misc) and there is no sudo"
+    if shutil.which("qemu-aarch64-static") is None and shutil.which("apt-get") is None:
+        return "qemu-user-static is missing and there is no apt-get to install it"
+    return None
+
+
+def ensure_userland(arch: str) -> Path:
+    """The extracted userland of `arch`, built or restored from the cache by the script."""
+    proc = subprocess.run(
+        [str(SCRIPTS / "build-userland.sh"), arch],
+        capture_output=True,
+        text=True,
+        timeout=BUILD_TIMEOUT_S,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"build-userland.sh {arch} failed:\n{proc.stderr[-3000:]}")
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+def build_wheel(out_dir: Path) -> Path:
+    """A wheel of this checkout (what `pip install --no-deps edgefleet` would download)."""
+    src = out_dir / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    for name in ("agent", "controller", "converters", "firmware_profiles"):
+        shutil.copytree(REPO / name, src / name, ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, src / name)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+         "-w", str(out_dir), str(src)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )  # fmt: skip
+    (wheel,) = out_dir.glob("edgefleet-*.whl")
+    return wheel
+
+
+def run_in_userland_cmd(
+    arch: str, command: Sequence[str], binds: Sequence[str] = (), env: Sequence[str] = ()
+) -> list[str]:
+    """The argv of run-in-userland.sh running `command` inside `arch` with binds and env."""
+    argv = [str(SCRIPTS / "run-in-userland.sh"), arch]
+    for bind in binds:
+        argv += ["--bind", bind]
+    for item in env:
+        argv += ["--env", item]
+    return [*argv, "--", *command]
+
+
+def run_in_userland(
+    arch: str, command: Sequence[str], binds: Sequence[str] = (), timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """Run `command` inside the userland and return its result (stdout+stderr captured)."""
+    return subprocess.run(
+        run_in_userland_cmd(arch, command, binds),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def install_agent(arch: str, wheel: Path) -> str:
+    """`pip install --no-deps edgefleet` (this checkout's wheel) into the documented venv."""
+    proc = run_in_userland(
+        arch,
+        [f"{AGENT_VENV}/bin/pip", "install", "--no-deps", "--force-reinstall", "-q", str(wheel)],
+        binds=[str(wheel.parent)],
+        timeout=INSTALL_TIMEOUT_S,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"installing {wheel.name} in {arch} failed:\n{proc.stdout}{proc.stderr}")
+    check = run_in_userland(
+        arch, [f"{AGENT_VENV}/bin/edgefleet-agent", "--help"], timeout=INSTALL_TIMEOUT_S
+    )
+    if check.returncode != 0:
+        raise RuntimeError(f"edgefleet-agent does not start in {arch}:\n{check.stderr[-3000:]}")
+    return proc.stdout
+
+
+@dataclass
+class UserlandProcess:
+    """One process inside an emulated userland, started and stopped by PID (a real agent)."""
+
+    arch: str
+    command: list[str]
+    log_path: Path
+    binds: list[str] = field(default_factory=list)
+    env: list[str] = field(default_factory=list)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start the process; run-in-userland.sh execs into it, so our PID is the agent's."""
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            run_in_userland_cmd(self.arch, self.command, self.binds, self.env),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def terminate(self) -> None:
+        """SIGTERM by PID and wait; SIGKILL if it hangs."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    @property
+    def alive(self) -> bool:
+        """True while the process runs."""
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self) -> str:
+        """The process's output so far (for failure messages)."""
+        return self.log_path.read_text(errors="replace")
