@@ -17,6 +17,32 @@ else:  # pragma: no cover
 from agent.protocol import DEFAULT_ROOT, validate_device_id
 from agent.protocol.signing import PUBLIC_KEY_BYTES, decode_b64
 
+# Where an agent keeps its data when agent.toml names no data_dir (docs/agent.md): systemd's
+# StateDirectory= first, then the FHS place for root, then the XDG place for everyone else.
+SYSTEM_DATA_DIR = "/var/lib/edgefleet-agent"
+USER_DATA_SUBDIR = "edgefleet-agent"
+
+
+def default_data_dir(
+    environ: dict[str, str] | None = None, euid: int | None = None, home: Path | None = None
+) -> Path:
+    """The data dir for an agent.toml without `data_dir`, from who runs the agent and how.
+
+    Under systemd with StateDirectory= the unit's $STATE_DIRECTORY; as root
+    /var/lib/edgefleet-agent; otherwise $XDG_DATA_HOME/edgefleet-agent, by default
+    ~/.local/share/edgefleet-agent. So one bundle fits a service, root and a normal user.
+    """
+    env = os.environ if environ is None else environ
+    state = env.get("STATE_DIRECTORY", "").split(":")[0]
+    if state:
+        return Path(state)
+    if (os.geteuid() if euid is None else euid) == 0:
+        return Path(SYSTEM_DATA_DIR)
+    xdg = env.get("XDG_DATA_HOME", "")
+    if xdg and Path(xdg).is_absolute():
+        return Path(xdg) / USER_DATA_SUBDIR
+    return (home or Path.home()) / ".local" / "share" / USER_DATA_SUBDIR
+
 
 class ConfigError(ValueError):
     """agent.toml is unreadable or holds an unknown, missing or mistyped key."""
@@ -205,10 +231,12 @@ def config_from_dict(
                 raise ConfigError(f"{source}: 'trusted_keys' must be a list of base64 strings")
             value = tuple(value)
         kwargs[key] = value
-    for required in ("device_id", "data_dir"):
-        if required not in kwargs:
-            raise ConfigError(f"{source}: missing key '{required}'")
-    kwargs["data_dir"] = Path(os.path.expanduser(kwargs["data_dir"]))
+    if "device_id" not in kwargs:
+        raise ConfigError(f"{source}: missing key 'device_id'")
+    if "data_dir" in kwargs:
+        kwargs["data_dir"] = Path(os.path.expanduser(kwargs["data_dir"]))
+    else:
+        kwargs["data_dir"] = default_data_dir()
     for key in _TLS_FILE_KEYS:
         if key in kwargs:
             path = Path(os.path.expanduser(kwargs[key]))
@@ -229,12 +257,15 @@ def load_config(path: Path) -> AgentConfig:
     return config_from_dict(data, str(path), base_dir=path.resolve().parent)
 
 
-def dump_config(config: AgentConfig) -> str:
-    """Render a config as agent.toml text (used by the controller to write device bundles)."""
+def dump_config(config: AgentConfig, omit: tuple[str, ...] = ()) -> str:
+    """Render a config as agent.toml text (used by the controller to write device bundles).
+
+    Keys in `omit` are left out, e.g. data_dir so the device picks its own (default_data_dir).
+    """
     lines = []
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        if f.name == "power" or value is None or value == ():
+        if f.name == "power" or f.name in omit or value is None or value == ():
             continue
         if isinstance(value, Path):
             value = str(value)

@@ -156,40 +156,64 @@ def devices_register(
     device_id: Annotated[str, typer.Argument(help="device id ([A-Za-z0-9._-]{1,64})")],
     profile: Annotated[str, typer.Option("--profile", "-p", help="profile id")],
     auth: Annotated[
-        str,
-        typer.Option(help="broker credentials: password, cert (client certificate) or none"),
-    ] = "password",
+        str | None,
+        typer.Option(
+            help="broker credentials: password, cert (client certificate) or none "
+            "(default: what `edgefleet up` serves)"
+        ),
+    ] = None,
     bundle: Annotated[
         Path | None,
         typer.Option(help="write the agent bundle here (default HOME/bundles/ID); 0700"),
     ] = None,
     broker_url: Annotated[
         str | None,
-        typer.Option("--broker", help="broker URL for the bundle (default mqtts://FQDN:8883)"),
+        typer.Option(
+            "--broker",
+            help="broker URL devices use (default: what the running or last `edgefleet up` "
+            "with this data dir serves)",
+        ),
+    ] = None,
+    data_dir: Annotated[
+        str | None,
+        typer.Option(
+            help="the agent's data_dir on the device (default: chosen on the device: "
+            "/var/lib/edgefleet-agent as root or service, else ~/.local/share/edgefleet-agent)"
+        ),
     ] = None,
     home: HomeOption = None,
     json_out: JsonOption = False,
 ) -> None:
-    """Register a device with an explicit profile before it connects; write its agent bundle."""
+    """Register a device; write its agent bundle for the controller as it runs; print the steps."""
+    from controller.onboarding import onboard
+
     try:
-        row = _fleet(home).register_device(
+        row = onboard(
+            home or default_home(),
             device_id,
             profile,
-            auth=None if auth == "none" else auth,
-            bundle_dir=bundle,
-            broker_url=broker_url,
+            auth=auth,
+            bundle=bundle,
+            broker=broker_url,
+            data_dir=data_dir,
         )
-    except FleetError as exc:
+    except (FleetError, ValueError) as exc:
         raise _fail(exc) from None
     if json_out:
         typer.echo(as_json(row))
         return
     typer.echo(f"registered {device_id} as {profile}")
-    if "bundle" in row:
-        typer.echo(
-            f"{row['auth']} credentials and agent.toml in {row['bundle']} (secret: copy it to the "
-            "device, then delete it here); run `edgefleet broker config` to update the broker"
-        )
+    typer.echo(
+        f"bundle {row['bundle']}: agent.toml ({row['auth']} auth, broker {row['broker']}, from "
+        f"{row['broker_source']}) and {Path(row['wheel']).name}"
+    )
+    if row["broker_reloaded"]:
+        typer.echo(row["broker_reloaded"])
+    for warning in row["warnings"]:
+        typer.echo(f"warning: {warning}", err=True)
+    typer.echo("\non the device:")
+    for line in row["commands"]:
+        typer.echo(f"  {line}")
 
 
 @devices_app.command("remove")
@@ -450,6 +474,12 @@ def up(
             raise _fail(exc) from None
         broker = handle.url
         typer.echo(f"embedded {handle.kind} broker on {broker}", err=True)
+    from controller.onboarding import record_serving
+
+    try:
+        record_serving(home, handle, broker, host=host, topic_root=topic_root)
+    except OSError as exc:  # registering devices then needs --broker; the fleet still runs
+        typer.echo(f"warning: cannot write {home / 'serving.json'}: {exc}", err=True)
     registry = ControllerMetrics(database_target(home)) if metrics_address else None
     metrics_server = None
     if registry is not None and metrics_address is not None:
