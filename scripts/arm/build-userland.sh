@@ -3,10 +3,11 @@
 # dependencies installed as docs/packaging.md ("Tested on ARM") tells a user; print its path.
 #
 #   scripts/arm/build-userland.sh arm64      # ~5 min cold, seconds when cached
+#   scripts/arm/build-userland.sh --fresh arm64   # re-extract if run-in-userland.sh used it
 #   scripts/arm/build-userland.sh --print-path armhf   # the path only; builds nothing
 #
 # Cache: $EDGEFLEET_ARM_CACHE (default ~/.cache/edgefleet/arm)/ARCH-KEY.tar.zst, KEY a hash of
-# the requirement file and this script, extracted next to it as ARCH-KEY/. Older keys of the
+# the requirement file and recipe.sh, extracted next to it as ARCH-KEY/. Older keys of the
 # same ARCH are removed. The edgefleet package itself is not in the cache: tests install the
 # worktree's wheel into the userland each run (run-in-userland.sh).
 set -euo pipefail
@@ -18,14 +19,16 @@ if [ "${1:-}" = --print-path ]; then
   rootfs_dir "$2"
   exit 0
 fi
-[ $# -eq 1 ] || die "usage: $0 arm64|armhf"
+FRESH=0
+if [ "${1:-}" = --fresh ]; then FRESH=1; shift; fi
+[ $# -eq 1 ] || die "usage: $0 [--fresh] arm64|armhf"
 ARCH=$1
 arch_info "$ARCH"
 [ "$(id -u)" = "0" ] || exec sudo -E "$0" "$@"
 trap 'echo "error: build-userland.sh $ARCH failed at line $LINENO" >&2' ERR
 
-# Debian 12: the release the issue names, and what Raspberry Pi OS (bookworm) is built on.
-SUITE=bookworm
+# shellcheck source=scripts/arm/recipe.sh
+source "$(dirname "$0")/recipe.sh"
 
 # mirror: the Debian mirror the host's apt already uses (never a host hard-coded here).
 mirror() {
@@ -95,7 +98,9 @@ mkdir -p "$CACHE_DIR"
 exec 9>"$CACHE_DIR/$ARCH.lock"
 flock 9  # one build per ARCH at a time (make and a pytest fixture may both ask)
 
-if [ -e "$ROOT/.ready" ]; then
+# --fresh: a userland something ran in (run-in-userland.sh marks it .used) is replaced by a
+# pristine copy from the tarball, so every test run starts from a device with no agent on it.
+if [ -e "$ROOT/.ready" ] && { [ "$FRESH" = 0 ] || [ ! -e "$ROOT/.used" ]; }; then
   echo "$ROOT"
   exit 0
 fi
@@ -103,7 +108,7 @@ ensure_host_tools
 ensure_binfmt "$QEMU_NAME"
 START=$(date +%s)
 
-# Other keys of this ARCH are stale: requirement file or this script changed.
+# Other keys of this ARCH are stale: the requirement file or recipe.sh changed.
 for old in "$CACHE_DIR/$ARCH"-*; do
   [ -e "$old" ] || continue
   case "$old" in "$ROOT"|"$ROOT".*|"$CACHE_DIR/$ARCH-debootstrap.log") continue ;; esac
@@ -118,11 +123,9 @@ if [ ! -e "$TARBALL" ]; then
     rm -rf --one-file-system "$BUILD"
     MIRROR=$(mirror)
     log "debootstrap $SUITE $DEB_ARCH from $MIRROR into $BUILD"
-    # minbase: no init, no editors, just apt and what we include: the Debian packages of the
-    # documented install (python3-venv has ensurepip; python3-cffi is the build cryptography
-    # needs on armv7l, where PyPI has no cffi wheel) and ca-certificates for pip.
+    # minbase: no init, no editors, just apt and the packages of the recipe.
     unshare --mount --propagation private -- debootstrap --arch="$DEB_ARCH" --variant=minbase \
-      --include="python3,python3-venv,python3-cffi,ca-certificates" \
+      --include="$DEB_PACKAGES" \
       --keyring=/usr/share/keyrings/debian-archive-keyring.gpg \
       "$SUITE" "$BUILD" "$MIRROR" >"$CACHE_DIR/$ARCH-debootstrap.log" 2>&1 \
       || { tail -20 "$CACHE_DIR/$ARCH-debootstrap.log" >&2; die "debootstrap of $ARCH failed"; }
@@ -138,11 +141,8 @@ if [ ! -e "$TARBALL" ]; then
   cp /etc/resolv.conf "$BUILD/etc/resolv.conf"
   mkdir -p "$BUILD/root/edgefleet"
   cp "$REPO/$REQ_FILE" "$BUILD/root/edgefleet/requirements.txt"
-  # The documented device install (docs/packaging.md, "Tested on ARM"): the venv sees Debian's
-  # python3-cffi through --system-site-packages. The agent itself is installed per run.
-  log "python3 -m venv --system-site-packages $AGENT_VENV && pip install -r $REQ_FILE (minutes)"
-  in_root python3 -m venv --system-site-packages "$AGENT_VENV"
-  in_root "$AGENT_VENV/bin/pip" install -r /root/edgefleet/requirements.txt \
+  log "venv $AGENT_VENV and pip install -r $REQ_FILE (emulated: minutes)"
+  install_requirements /root/edgefleet/requirements.txt \
     || die "pip install -r $REQ_FILE failed inside the $ARCH userland"
   in_root "$AGENT_VENV/bin/pip" freeze >"$BUILD/root/edgefleet/freeze.txt"
   # Smaller tarball: downloaded .debs and apt lists are not needed to run the agent.

@@ -1,8 +1,8 @@
 # shellcheck shell=bash
 # Shared by build-userland.sh and run-in-userland.sh: paths, the per-architecture table, host
 # tools (qemu-user-static, debootstrap), binfmt_misc registration and entering a userland.
-# Sourced, never run. Nothing here changes what goes into a cached userland tarball: that is all
-# in build-userland.sh, whose hash is part of the cache key.
+# Sourced, never run. Nothing here changes what goes into a cached userland: that is recipe.sh,
+# part of the cache key with the requirement file.
 
 ARM_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$ARM_DIR/../.." && pwd)
@@ -39,10 +39,10 @@ arch_info() {
   esac
 }
 
-# cache_key ARCH: what the userland depends on (requirement file + the build script), 16 hex.
+# cache_key ARCH: what the userland's content depends on (requirement file + recipe.sh).
 cache_key() {
   arch_info "$1"
-  cat "$REPO/$REQ_FILE" "$ARM_DIR/build-userland.sh" | sha256sum | cut -c1-16
+  { echo "$1"; cat "$REPO/$REQ_FILE" "$ARM_DIR/recipe.sh"; } | sha256sum | cut -c1-16
 }
 
 # rootfs_dir ARCH: the extracted userland for the current cache key.

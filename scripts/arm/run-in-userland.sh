@@ -16,4 +16,5 @@ arch_info "$ARCH"
 [ "$(id -u)" = "0" ] || exec sudo -E "$0" "$ARCH" "$@"
 ROOT=$(rootfs_dir "$ARCH")
 [ -e "$ROOT/.ready" ] || die "no $ARCH userland at $ROOT: run scripts/arm/build-userland.sh $ARCH"
+touch "$ROOT/.used"  # build-userland.sh --fresh replaces it with a pristine copy
 enter "$ARCH" "$ROOT" "$@"

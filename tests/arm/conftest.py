@@ -46,25 +46,14 @@ def _missing(reason: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def agent_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """This checkout built as a wheel, once per session."""
-    return userland.build_wheel(tmp_path_factory.mktemp("wheel"))
+def pristine_userland() -> Callable[[str], Path]:
+    """Factory: the userland of an arch, built or restored, with no agent installed in it yet."""
 
-
-@pytest.fixture(scope="session")
-def agent_userland(agent_wheel: Path) -> Callable[[str], str]:
-    """Factory: the userland of an arch, built or restored, with this checkout's agent in it."""
-    ready: dict[str, str] = {}
-
-    def get(arch: str) -> str:
-        if arch not in ready:
-            problem = userland.prerequisites_problem()
-            if problem:
-                _missing(problem)
-            userland.ensure_userland(arch)
-            userland.install_agent(arch, agent_wheel)
-            ready[arch] = arch
-        return ready[arch]
+    def get(arch: str) -> Path:
+        problem = userland.prerequisites_problem()
+        if problem:
+            _missing(problem)
+        return userland.ensure_userland(arch)
 
     return get
 

@@ -10,6 +10,7 @@ fails, keeping the previous one. Asserts function only: emulated latencies mean 
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,11 @@ import pytest
 from agent.config import AgentConfig, load_config
 from tests.arm.conftest import Controller
 from tests.arm.userland import (
-    AGENT_VENV,
     ARCHES,
     EXPECTED_ARCH,
     EXPECTED_RUNTIME,
     UserlandProcess,
+    run_in_userland,
 )
 from tests.polling import wait_until
 
@@ -31,8 +32,10 @@ pytestmark = [pytest.mark.arm, pytest.mark.e2e]
 DATA = Path(__file__).resolve().parent.parent / "data"
 # The profile a user picks for each board: a 64-bit Pi 4 and a Pi 3 B+ on 32-bit Raspberry Pi OS.
 PROFILE = {"arm64": "rpi4", "armhf": "rpi3b-plus"}
-# Where the bundle goes on the device (the path the register command's instructions use).
-BUNDLE_ON_DEVICE = "/etc/edgefleet-agent"
+# The device user's home: the printed commands copy the bundle to ~ (root in the userland).
+DEVICE_HOME = "/root"
+# pip under emulation: the agent's wheel with its requirements already satisfied takes ≈ 1 min.
+INSTALL_TIMEOUT_S = 900
 # Emulated Python imports numpy and the runtime in ≈ 20-60 s: hello, then each self-test child.
 ONLINE_TIMEOUT_S = 300
 # One rollout: download, self-test child, activation, benchmark, all emulated.
@@ -46,25 +49,32 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _onboard(ctl: Controller, device: str, profile: str, bundle: Path) -> AgentConfig:
-    """Register the device and return its bundle's agent.toml.
+def _onboard(
+    ctl: Controller, arch: str, device: str, tmp_path: Path
+) -> tuple[list[str], str, AgentConfig]:
+    """`devices register`, then what it prints for the device, followed inside the userland.
 
-    By hand until the register command writes a bundle that fits `up` (issue 19, part A).
+    Returns the binds that stand for the copy to the device (the bundle in root's home, the
+    data dir fresh for this run), the printed start command, and the bundle's config.
     """
-    from agent.config import dump_config
-
-    ctl.cli("devices", "register", device, "--profile", profile, "--auth", "none")
-    trusted = tuple(ctl.cli_json("keys", "show")["trusted"])
-    config = AgentConfig(
-        device_id=device,
-        data_dir=Path("/var/lib/edgefleet-agent"),
-        broker=ctl.broker_url,
-        profile=profile,
-        trusted_keys=trusted,
-    )
-    bundle.mkdir(mode=0o700)
-    (bundle / "agent.toml").write_text(dump_config(config))
-    return load_config(bundle / "agent.toml")
+    row = ctl.cli_json("devices", "register", device, "--profile", PROFILE[arch])
+    config = load_config(Path(row["config"]))
+    binds = [f"{tmp_path / 'device-data'}:/var/lib/edgefleet-agent"]  # as root (docs/agent.md)
+    (tmp_path / "device-data").mkdir()
+    run_line = None
+    for line in (c for c in row["commands"] if not c.startswith("#")):
+        line = line.removeprefix("sudo ")  # the userland's commands run as root
+        if copy := re.fullmatch(r"scp -rp (\S+) DEVICE:(\S+)", line):
+            binds.append(f"{copy[1]}:{DEVICE_HOME}/{copy[2]}")
+        elif "edgefleet-agent run " in line:
+            run_line = line
+        elif "edgefleet-agent install-service" in line:
+            continue  # the alternative to `run`: a systemd unit, and no systemd runs in a chroot
+        else:
+            done = run_in_userland(arch, ["sh", "-c", line], binds, timeout=INSTALL_TIMEOUT_S)
+            assert done.returncode == 0, f"{line}\n{done.stdout}{done.stderr}"
+    assert run_line is not None and len(binds) == 2, row["commands"]
+    return binds, run_line, config
 
 
 def _rollout(ctl: Controller, model: str, device: str, *, expect: str) -> dict[str, Any]:
@@ -99,27 +109,22 @@ def _serving(ctl: Controller, device: str, sha: str) -> dict[str, Any]:
 
 @pytest.mark.parametrize("arch", ARCHES)
 def test_onboarded_arm_agent_takes_signed_golden_rollouts_and_refuses_a_bad_model(
-    arch: str, agent_userland: Any, controller_up: Controller, tmp_path: Path
+    arch: str, pristine_userland: Any, controller_up: Controller, tmp_path: Path
 ) -> None:
-    agent_userland(arch)
+    pristine_userland(arch)
     ctl = controller_up
     device = f"pi-{arch}"
-    bundle = tmp_path / "bundle"
-    config = _onboard(ctl, device, PROFILE[arch], bundle)
-    keys = ctl.cli_json("keys", "show")
-    assert list(config.trusted_keys) == keys["trusted"], "the bundle must make the agent check sigs"
-    data = tmp_path / "device-data"  # the device's data_dir, fresh for every run
-    data.mkdir()
+    binds, run_line, config = _onboard(ctl, arch, device, tmp_path)
+    assert list(config.trusted_keys) == ctl.cli_json("keys", "show")["trusted"], (
+        "the bundle makes the agent follow only signed desired states"
+    )
     agent = UserlandProcess(
         arch,
-        [
-            f"{AGENT_VENV}/bin/edgefleet-agent", "run",
-            "--config", f"{BUNDLE_ON_DEVICE}/agent.toml", "--log-level", "DEBUG",
-        ],
+        ["sh", "-c", f"exec {run_line} --log-level DEBUG"],  # exec: our PID is the agent's
         tmp_path / "agent.log",
-        binds=[f"{bundle}:{BUNDLE_ON_DEVICE}", f"{data}:{config.data_dir}"],
+        binds=binds,
         env=["PYTHONUNBUFFERED=1"],
-    )  # fmt: skip
+    )
     agent.start()
     try:
         _exercise(ctl, arch, device, agent)

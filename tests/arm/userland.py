@@ -1,4 +1,4 @@
-"""Emulated ARM userlands for tests: build or restore them, install the agent, run processes.
+"""Emulated ARM userlands for tests: build or restore them, run commands and processes in them.
 
 Wraps scripts/arm/build-userland.sh and scripts/arm/run-in-userland.sh (the same scripts a
 developer runs by hand), so the tests exercise exactly what the docs describe.
@@ -10,7 +10,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +25,6 @@ EXPECTED_ARCH = {"arm64": "aarch64", "armhf": "armv7l"}
 EXPECTED_RUNTIME = {"arm64": "litert", "armhf": "tflite-runtime"}
 # A cold armhf build is ≈ 8 min on 2 idle cores; the bound leaves room for a busy CI runner.
 BUILD_TIMEOUT_S = 2400
-# pip under emulation: installing one pure-Python wheel takes ≈ 30 s.
-INSTALL_TIMEOUT_S = 600
 
 
 class UserlandUnavailable(RuntimeError):
@@ -44,9 +41,9 @@ def prerequisites_problem() -> str | None:
 
 
 def ensure_userland(arch: str) -> Path:
-    """The extracted userland of `arch`, built or restored from the cache by the script."""
+    """A pristine userland of `arch` (no agent installed yet), built or restored from the cache."""
     proc = subprocess.run(
-        [str(SCRIPTS / "build-userland.sh"), arch],
+        [str(SCRIPTS / "build-userland.sh"), "--fresh", arch],
         capture_output=True,
         text=True,
         timeout=BUILD_TIMEOUT_S,
@@ -55,25 +52,6 @@ def ensure_userland(arch: str) -> Path:
     if proc.returncode != 0:
         raise RuntimeError(f"build-userland.sh {arch} failed:\n{proc.stderr[-3000:]}")
     return Path(proc.stdout.strip().splitlines()[-1])
-
-
-def build_wheel(out_dir: Path) -> Path:
-    """A wheel of this checkout (what `pip install --no-deps edgefleet` would download)."""
-    src = out_dir / "src"
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
-    for name in ("agent", "controller", "converters", "firmware_profiles"):
-        shutil.copytree(REPO / name, src / name, ignore=ignore)
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(REPO / name, src / name)
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-         "-w", str(out_dir), str(src)],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )  # fmt: skip
-    (wheel,) = out_dir.glob("edgefleet-*.whl")
-    return wheel
 
 
 def run_in_userland_cmd(
@@ -99,24 +77,6 @@ def run_in_userland(
         timeout=timeout,
         check=False,
     )
-
-
-def install_agent(arch: str, wheel: Path) -> str:
-    """`pip install --no-deps edgefleet` (this checkout's wheel) into the documented venv."""
-    proc = run_in_userland(
-        arch,
-        [f"{AGENT_VENV}/bin/pip", "install", "--no-deps", "--force-reinstall", "-q", str(wheel)],
-        binds=[str(wheel.parent)],
-        timeout=INSTALL_TIMEOUT_S,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"installing {wheel.name} in {arch} failed:\n{proc.stdout}{proc.stderr}")
-    check = run_in_userland(
-        arch, [f"{AGENT_VENV}/bin/edgefleet-agent", "--help"], timeout=INSTALL_TIMEOUT_S
-    )
-    if check.returncode != 0:
-        raise RuntimeError(f"edgefleet-agent does not start in {arch}:\n{check.stderr[-3000:]}")
-    return proc.stdout
 
 
 @dataclass
