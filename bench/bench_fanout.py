@@ -8,7 +8,7 @@ bare publisher (no controller, chunks sent once):
   * controller bytes published / artifact size — target ≈ 1 (once per artifact, not per device)
   * (c) / (b): what the simulated agents themselves cost on top of a bare subscriber
 
-Both sides use one mosquitto started with the generated config (controller/broker.py) on a free
+Both sides use one mosquitto started with the generated config (brokers/mosquitto.py) on a free
 port and N subscribers on one epoll loop in this process; the publisher (the ControllerService
 for (a), a plain paho client for (b) and (c)) runs in its own process, as on a real controller
 host, so it does not share this process's GIL. Rounds alternate (a), (b) and (c); the medians
@@ -42,10 +42,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agent.protocol import DEFAULT_CHUNK_SIZE, ArtifactRef, Desired, Topics, dump  # noqa: E402
-from controller.artifacts import build_manifest  # noqa: E402
-from controller.broker import BrokerHandle, parse_broker_url, start_mosquitto  # noqa: E402
-from controller.fleet import Fleet  # noqa: E402
-from controller.service import CONTROLLER_INFLIGHT, ControllerService  # noqa: E402
+from controller.brokers.mosquitto import BrokerHandle, parse_broker_url, start_mosquitto  # noqa: E402
+from controller.fleet.artifacts import build_manifest  # noqa: E402
+from controller.fleet.registry import Fleet  # noqa: E402
+from controller.runtime.service import CONTROLLER_INFLIGHT, ControllerService  # noqa: E402
 from controller.simulate import Simulation  # noqa: E402
 
 TOPIC_ROOT = "bench/fanout/edgefleet/v1"

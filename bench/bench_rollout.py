@@ -29,9 +29,9 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from controller.broker import start_mosquitto  # noqa: E402
-from controller.fleet import Fleet  # noqa: E402
-from controller.policy import Gate, Policy, Threshold, parse_waves  # noqa: E402
+from controller.brokers.mosquitto import start_mosquitto  # noqa: E402
+from controller.fleet.registry import Fleet  # noqa: E402
+from controller.fleet.rollout.policy import Gate, Policy, Threshold, parse_waves  # noqa: E402
 from controller.simulate import Simulation  # noqa: E402
 
 EDGEFLEET = str(Path(sys.executable).parent / "edgefleet")

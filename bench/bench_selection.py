@@ -27,10 +27,10 @@ sys.path.insert(0, str(ROOT))
 import firmware_profiles  # noqa: E402
 from agent.config import AgentConfig, dump_config  # noqa: E402
 from bench.bench_rollout import wait  # noqa: E402
-from controller.broker import start_mosquitto  # noqa: E402
-from controller.fleet import Fleet  # noqa: E402
-from controller.policy import Policy, Threshold, parse_waves  # noqa: E402
-from controller.service import ControllerService  # noqa: E402
+from controller.brokers.mosquitto import start_mosquitto  # noqa: E402
+from controller.fleet.registry import Fleet  # noqa: E402
+from controller.fleet.rollout.policy import Policy, Threshold, parse_waves  # noqa: E402
+from controller.runtime.service import ControllerService  # noqa: E402
 from converters.datasets import Samples  # noqa: E402
 from converters.digits import digits_keras, load_digits_dataset  # noqa: E402
 from converters.pipeline import optimize  # noqa: E402

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from controller.broker import BrokerHandle, find_mosquitto, start_mosquitto
-from controller.broker_amqtt import start_amqtt
-from controller.db import with_search_path
+from controller.brokers.amqtt_broker import start_amqtt
+from controller.brokers.mosquitto import BrokerHandle, find_mosquitto, start_mosquitto
+from controller.storage.db import with_search_path
 from tests.mqtt_helpers import MqttProbe
 
 MqttProbeFactory = Callable[..., MqttProbe]

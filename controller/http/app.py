@@ -24,18 +24,18 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
 import firmware_profiles
-from controller.candidates import explain, model_candidates
-from controller.db import database_target
-from controller.errors import FleetError
-from controller.fleet import Fleet
-from controller.http.auth import authenticate
-from controller.policy import Policy, PolicyError, policy_from_options
-from controller.telemetry_cmd import (
+from controller.cli.telemetry import (
     check_telemetry_device,
     device_telemetry,
     fleet_report,
     parse_since,
 )
+from controller.errors import FleetError
+from controller.fleet.candidates import explain, model_candidates
+from controller.fleet.registry import Fleet
+from controller.fleet.rollout.policy import Policy, PolicyError, policy_from_options
+from controller.http.auth import authenticate
+from controller.storage.db import database_target
 
 API_PREFIX = "/api/v1"
 # A sanity bound on integer fields of a request (SQLite integers are 64-bit; no fleet needs more).

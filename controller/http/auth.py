@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.protocol import ProtocolError, validate_name
-from controller.db import Database, database_target, now, open_database
 from controller.errors import FleetError
+from controller.storage.db import Database, database_target, now, open_database
 
 ROLES = ("read", "admin")
 # The admin token `edgefleet up --http` makes for the dashboard and the demo, and its file.

@@ -1,6 +1,6 @@
 """The secured mosquitto configuration: password file, per-device ACL patterns, TLS listeners.
 
-`secure_extra_config` is the text appended to controller/broker.py's generated mosquitto.conf
+`secure_extra_config` is the text appended to brokers/mosquitto.py's generated mosquitto.conf
 (after its loopback listener), so `edgefleet broker config`, the embedded broker and the tests
 all run the same lines. docs/security.md explains each one and the EMQX / HiveMQ equivalents.
 """
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.protocol import DEFAULT_ROOT
-from controller.broker import BrokerHandle, free_port, mosquitto_config, start_mosquitto
+from controller.brokers.mosquitto import BrokerHandle, free_port, mosquitto_config, start_mosquitto
 from controller.security.identity import (
     CONTROLLER_USERNAME,
     FleetSecurity,
@@ -113,7 +113,7 @@ def _tls_lines(files: BrokerFiles) -> list[str]:
 def secure_extra_config(
     files: BrokerFiles, *, host: str, tls_port: int, cert_port: int | None
 ) -> str:
-    """Lines appended after the loopback listener of controller/broker.py's mosquitto.conf.
+    """Lines appended after the loopback listener of brokers/mosquitto.py's mosquitto.conf.
 
     The first line still belongs to that loopback listener. With the default
     per_listener_settings false, password_file, acl_file and allow_anonymous are global: every

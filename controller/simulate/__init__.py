@@ -10,7 +10,6 @@ loop_start() costs a thread per client and its select() cannot see fds past 1024
 
 from __future__ import annotations
 
-from controller.simulate.cli import simulate_command
 from controller.simulate.faults import (
     NO_FAULTS,
     Faults,
@@ -36,7 +35,6 @@ __all__ = [
     "assign_faults",
     "parse_fault",
     "parse_speed",
-    "simulate_command",
     "synth_figures",
     "synth_report",
 ]

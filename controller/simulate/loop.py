@@ -33,7 +33,7 @@ from agent.protocol import (
     parse,
     validate_device_id,
 )
-from controller.broker import parse_broker_url
+from controller.brokers.mosquitto import parse_broker_url
 from controller.simulate.agent import RECONNECT_MIN_S, SimAgent, SimCounters
 from controller.simulate.download import Assembly
 from controller.simulate.faults import (

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 
 from agent.config import AgentConfig, dump_config
-from controller.broker import BrokerHandle
-from controller.fleet import Fleet
+from controller.brokers.mosquitto import BrokerHandle
+from controller.fleet.registry import Fleet
+from controller.runtime.service import ControllerService
 from controller.security.signing import FleetSigner
-from controller.service import ControllerService
 from tests.polling import wait_until
 
 DATA = Path(__file__).resolve().parent.parent / "data"

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from agent.client import InferenceClient, wait_for_service
-from controller.decide import TIE
-from controller.policy import Gate, Policy, Threshold, parse_waves
+from controller.fleet.rollout.decide import TIE
+from controller.fleet.rollout.policy import Gate, Policy, Threshold, parse_waves
 from tests.closed_loop_helpers import MODELS, sha256, write_candidates_dir
 from tests.e2e.conftest import DATA, AgentProcess, RunningController, wait_until
 
@@ -202,7 +202,7 @@ def test_optimize_candidates_to_the_fleet_and_serve_the_winner(
     import dataclasses
 
     import firmware_profiles
-    from controller.demo import model_input
+    from controller.cli.demo import model_input
     from converters.datasets import Samples
     from converters.digits import digits_keras, load_digits_dataset
     from converters.pipeline import optimize

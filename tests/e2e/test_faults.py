@@ -36,7 +36,7 @@ from agent.protocol import (
     dump,
     parse,
 )
-from controller.broker import BrokerHandle, start_mosquitto
+from controller.brokers.mosquitto import BrokerHandle, start_mosquitto
 from tests.e2e.conftest import DATA, AgentProcess, RunningController, wait_until
 from tests.e2e.proxy import TcpProxy
 from tests.mqtt_helpers import MqttProbe, ReceivedMessage

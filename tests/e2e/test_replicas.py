@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from controller.broker import BrokerHandle
-from controller.fleet import Fleet
-from controller.policy import Policy, Wave
+from controller.brokers.mosquitto import BrokerHandle
+from controller.fleet.registry import Fleet
+from controller.fleet.rollout.policy import Policy, Wave
 from controller.simulate import Simulation
 from tests.e2e.conftest import DATA, AgentProcess, wait_until
 

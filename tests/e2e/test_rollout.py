@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from agent.protocol import Topics
-from controller.broker import BrokerHandle
-from controller.policy import Gate, Policy, Threshold, parse_waves
+from controller.brokers.mosquitto import BrokerHandle
+from controller.fleet.rollout.policy import Gate, Policy, Threshold, parse_waves
 from tests.conftest import MqttProbeFactory
 from tests.e2e.conftest import DATA, AgentProcess, RunningController, wait_until
 

@@ -25,8 +25,8 @@ from agent.client import InferenceClient, wait_for_service
 from agent.config import AgentConfig, dump_config
 from agent.protocol import ArtifactRef, Desired, Fallback, GoldenRef, Manifest, Topics, dump
 from agent.serving import InferenceError
-from controller.artifacts import build_manifest
-from controller.broker import BrokerHandle
+from controller.brokers.mosquitto import BrokerHandle
+from controller.fleet.artifacts import build_manifest
 from tests.conftest import MqttProbeFactory
 from tests.e2e.conftest import AgentProcess
 from tests.mqtt_helpers import MqttProbe, ReceivedMessage

@@ -1,4 +1,4 @@
-"""Integration tests for controller/broker.py against real mosquitto and amqtt brokers."""
+"""Integration tests for controller/brokers/ against real mosquitto and amqtt brokers."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ import paho.mqtt.client as mqtt
 import psutil
 import pytest
 
-from controller import broker as broker_mod
-from controller.broker import (
+from controller.brokers import mosquitto as broker_mod
+from controller.brokers.amqtt_broker import start_amqtt
+from controller.brokers.mosquitto import (
     MAX_QUEUED_MESSAGES,
     BrokerError,
     BrokerHandle,
@@ -26,7 +27,6 @@ from controller.broker import (
     start_mosquitto,
     wait_for_port,
 )
-from controller.broker_amqtt import start_amqtt
 from tests.mqtt_helpers import LastWill, MqttProbe, wait_until
 
 pytestmark = pytest.mark.integration

@@ -23,11 +23,11 @@ pytest.importorskip("cryptography")
 
 from agent.config import load_config
 from agent.mqtt import tls_context
-from controller.broker import BrokerError, BrokerHandle, free_port, start_embedded
-from controller.fleet import Fleet
+from controller.brokers.mosquitto import BrokerError, BrokerHandle, free_port, start_embedded
+from controller.fleet.registry import Fleet
+from controller.runtime.service import ControllerService
 from controller.security.broker_config import start_secure_mosquitto
 from controller.security.identity import DeviceCredentials, FleetCA, FleetSecurity
-from controller.service import ControllerService
 from tests.e2e.conftest import DATA, AgentProcess
 from tests.mqtt_helpers import MqttProbe
 from tests.polling import wait_until
@@ -347,7 +347,7 @@ def test_embedded_mosquitto_beyond_loopback_requires_authentication(
 
 def test_amqtt_refuses_to_listen_beyond_loopback(tmp_path: Path) -> None:
     pytest.importorskip("amqtt")
-    from controller.broker_amqtt import start_amqtt
+    from controller.brokers.amqtt_broker import start_amqtt
 
     port = free_port("0.0.0.0")
     for start in (

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from controller.broker import BrokerHandle
-from controller.fleet import Fleet
-from controller.policy import Policy, Threshold, parse_waves
-from controller.service import ControllerService
+from controller.brokers.mosquitto import BrokerHandle
+from controller.fleet.registry import Fleet
+from controller.fleet.rollout.policy import Policy, Threshold, parse_waves
+from controller.runtime.service import ControllerService
 from controller.simulate import Simulation, SpeedModel
 from tests.closed_loop_helpers import MODELS, sha256, write_candidates_dir
 from tests.polling import wait_until

@@ -18,9 +18,9 @@ import httpx
 from typer.testing import CliRunner
 
 from agent.protocol import BenchmarkReport, Event, Status
-from controller.cli import app as cli_app
+from controller.cli.main import app as cli_app
 from controller.errors import FleetError
-from controller.fleet import Fleet
+from controller.fleet.registry import Fleet
 from controller.http.auth import TOKEN_FILE, create_token, ensure_local_token
 from controller.http.server import HttpServer
 

@@ -18,10 +18,10 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.generation.modes import GenerationMode
 
-from controller.fleet import Fleet
+from controller.fleet.registry import Fleet
+from controller.fleet.rollout.policy import Policy, parse_waves
 from controller.http.auth import ensure_local_token
 from controller.http.server import HttpServer
-from controller.policy import Policy, parse_waves
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 # Examples per operation: ~14 operations in well under 60 s on two cores.

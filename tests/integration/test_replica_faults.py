@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from agent.protocol import DeviceFacts, Hello, Topics, dump
-from controller.broker import BrokerHandle
-from controller.db import open_database
-from controller.fleet import Fleet
-from controller.service import ControllerService
+from controller.brokers.mosquitto import BrokerHandle
+from controller.fleet.registry import Fleet
+from controller.runtime.service import ControllerService
+from controller.storage.db import open_database
 from tests.mqtt_helpers import MqttProbe, wait_until
 
 pytestmark = pytest.mark.integration

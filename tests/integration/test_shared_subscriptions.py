@@ -1,8 +1,8 @@
 """MQTT shared subscriptions on a real mosquitto: the broker behaviour controller replicas rely on.
 
 Replicas (`edgefleet up --replica NAME`) take device messages through `$share/edgefleet/<filter>`
-with persistent sessions and manual PUBACKs (controller/service.py, agent/mqtt.py `Ack`), read
-`status` through a plain subscription, and adopt a dead replica's session (controller/adopt.py).
+with persistent sessions and manual PUBACKs (runtime/service.py, agent/mqtt.py `Ack`), read
+`status` through a plain subscription, and adopt a dead replica's session (runtime/adopt.py).
 docs/broker-cluster.md says what other brokers must offer for the same guarantees.
 """
 
@@ -21,8 +21,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.protocol import Topics
-from controller.broker import BrokerHandle
-from controller.service import SHARE_GROUP
+from controller.brokers.mosquitto import BrokerHandle
+from controller.runtime.service import SHARE_GROUP
 from tests.mqtt_helpers import MqttProbe
 from tests.polling import wait_until
 
@@ -335,7 +335,7 @@ def test_a_disconnected_persistent_member_keeps_its_share_queued(
     members: Callable[..., Member],
 ) -> None:
     """mosquitto queues an absent persistent member's share; the others never get it; the
-    member's return (same client id) delivers it. This is why controller/adopt.py exists."""
+    member's return (same client id) delivers it. This is why controller/runtime/adopt.py exists."""
     topics = Topics(topic_root)
     telemetry = shared(topics.all_devices("telemetry"))
     a = members(mosquitto_broker, "edgefleet-controller-a", clean_session=False)

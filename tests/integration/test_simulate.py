@@ -30,10 +30,11 @@ from agent.protocol import (
     dump,
     parse,
 )
-from controller.artifacts import build_manifest
-from controller.broker import BrokerHandle, start_mosquitto
-from controller.fleet import Fleet
-from controller.service import ControllerService
+from controller.brokers.mosquitto import BrokerHandle, start_mosquitto
+from controller.cli.simulate import simulate_command
+from controller.fleet.artifacts import build_manifest
+from controller.fleet.registry import Fleet
+from controller.runtime.service import ControllerService
 from controller.simulate import (
     LATENCY_SHAPE,
     NO_FAULTS,
@@ -43,7 +44,6 @@ from controller.simulate import (
     SimulationError,
     assign_faults,
     parse_fault,
-    simulate_command,
     synth_figures,
     synth_report,
 )
@@ -571,7 +571,7 @@ def test_rejects_corrupt_chunks_fetches_golden_and_applies_budgets(
 
 
 def cli_app() -> typer.Typer:
-    """A one-command app, as controller/cli.py registers it."""
+    """A one-command app, as controller/cli/main.py registers it."""
     app = typer.Typer()
     app.command("simulate")(simulate_command)
     app.command("noop")(lambda: None)  # keep "simulate" a sub-command

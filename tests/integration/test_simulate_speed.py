@@ -31,8 +31,8 @@ from agent.protocol import (
     dump,
     parse,
 )
-from controller.artifacts import build_manifest
-from controller.broker import BrokerHandle
+from controller.brokers.mosquitto import BrokerHandle
+from controller.fleet.artifacts import build_manifest
 from controller.simulate import Simulation, SpeedModel
 from controller.simulate.speed import THREAD_EXPONENT
 from tests.mqtt_helpers import MqttProbe

@@ -27,9 +27,10 @@ from agent.protocol import (
     dump,
     parse,
 )
-from controller.artifacts import build_manifest
-from controller.broker import BrokerHandle
-from controller.simulate import FaultSpec, Simulation, parse_fault, simulate_command
+from controller.brokers.mosquitto import BrokerHandle
+from controller.cli.simulate import simulate_command
+from controller.fleet.artifacts import build_manifest
+from controller.simulate import FaultSpec, Simulation, parse_fault
 from controller.simulate.telemetry import served_stats, synth_record
 from tests.mqtt_helpers import MqttProbe
 from tests.mqtt_helpers import wait_until as poll_until

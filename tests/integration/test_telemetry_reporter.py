@@ -24,7 +24,7 @@ from agent.protocol import (
 )
 from agent.spool import TelemetrySpool
 from agent.telemetry import MAX_MESSAGE_BYTES, TelemetryReporter
-from controller.broker import BrokerHandle, start_mosquitto
+from controller.brokers.mosquitto import BrokerHandle, start_mosquitto
 from tests.e2e.proxy import TcpProxy
 from tests.mqtt_helpers import MqttProbe
 from tests.polling import wait_until

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from agent.cli import main as agent_main
-from controller.cli import app
+from controller.cli.main import app
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 runner = CliRunner()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from controller.cli import app
+from controller.cli.main import app
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 runner = CliRunner()

@@ -11,10 +11,10 @@ import pytest
 from typer.testing import CliRunner
 
 from agent.protocol import SeqRange, Telemetry
-from controller.cli import app
-from controller.fleet import Fleet
-from controller.telemetry import TelemetryStore
-from controller.telemetry_cmd import parse_since
+from controller.cli.main import app
+from controller.cli.telemetry import parse_since
+from controller.fleet.registry import Fleet
+from controller.fleet.telemetry.store import TelemetryStore
 from tests.unit.test_telemetry_store import T0, record
 
 DATA = Path(__file__).resolve().parent.parent / "data"

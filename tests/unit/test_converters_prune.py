@@ -13,8 +13,8 @@ import pytest
 from typer.testing import CliRunner
 
 import firmware_profiles
-from controller import optimize_cmd
-from controller.cli import app
+from controller.cli import optimize as optimize_cmd
+from controller.cli.main import app
 from converters import prune
 from converters.datasets import Samples
 from converters.digits import digits_keras, digits_tflite, load_digits_dataset

@@ -19,8 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.protocol import Event, Hello, Need, ProtocolError, Status, Telemetry, dump, parse
-from controller.fleet import Fleet
-from controller.service import ControllerService
+from controller.fleet.registry import Fleet
+from controller.runtime.service import ControllerService
 from tests.unit.test_fuzz_parsers import FUZZ, ROOT, TOPIC_LEVELS, TOPICS, VALID, mutated
 
 DATA = Path(__file__).resolve().parent.parent / "data"

@@ -19,7 +19,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from typer.testing import CliRunner
 
 from agent.config import load_config
-from controller.cli import app
+from controller.cli.main import app
 from controller.security.broker_config import (
     BrokerFiles,
     acl_text,

@@ -14,10 +14,10 @@ pytest.importorskip("prometheus_client")
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.protocol import LATENCY_BUCKETS_MS, SeqRange, Telemetry
-from controller.db import database_target
-from controller.fleet import Fleet
-from controller.prometheus import ControllerMetrics, MetricsServer, serve_metrics
-from controller.telemetry import TelemetryStore
+from controller.fleet.registry import Fleet
+from controller.fleet.telemetry.store import TelemetryStore
+from controller.runtime.prometheus import ControllerMetrics, MetricsServer, serve_metrics
+from controller.storage.db import database_target
 from tests.unit.test_telemetry_store import T0, record
 
 DATA = Path(__file__).resolve().parent.parent / "data"

@@ -13,8 +13,8 @@ from agent.protocol import (
     Event,
     Telemetry,
 )
-from controller.fleet import Fleet
-from controller.reports import (
+from controller.fleet.registry import Fleet
+from controller.fleet.telemetry.reports import (
     device_series,
     model_changes,
     plot_device,
@@ -22,7 +22,7 @@ from controller.reports import (
     profile_series,
     report,
 )
-from controller.telemetry import TelemetryStore
+from controller.fleet.telemetry.store import TelemetryStore
 from tests.unit.test_telemetry_store import T0, record
 
 DATA = Path(__file__).resolve().parent.parent / "data"

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from agent.protocol import BenchmarkReport, Event, Status
-from controller.fleet import Fleet, FleetError
-from controller.policy import (
+from controller.fleet.registry import Fleet, FleetError
+from controller.fleet.rollout.policy import (
     Gate,
     Policy,
     PolicyError,
@@ -461,7 +461,7 @@ def test_one_file_may_serve_two_profiles_but_a_version_never_changes(tmp_path: P
 def test_deployments_from_before_rollouts_are_completed_by_the_migration(tmp_path: Path) -> None:
     import sqlite3
 
-    from controller.db import MIGRATIONS, SqliteDatabase
+    from controller.storage.db import MIGRATIONS, SqliteDatabase
 
     path = tmp_path / "old.db"
     conn = sqlite3.connect(path)

@@ -15,11 +15,11 @@ import pytest
 from typer.testing import CliRunner
 
 from agent.protocol import BenchmarkReport, Environment, Event, Status
-from controller.cli import app
-from controller.decide import Candidate, Trial, decide
-from controller.fleet import Fleet, FleetError
-from controller.outliers import classify, environment_anomaly, robust_z
-from controller.policy import Gate, Policy, PolicyError, Threshold, parse_waves
+from controller.cli.main import app
+from controller.fleet.registry import Fleet, FleetError
+from controller.fleet.rollout.decide import Candidate, Trial, decide
+from controller.fleet.rollout.outliers import classify, environment_anomaly, robust_z
+from controller.fleet.rollout.policy import Gate, Policy, PolicyError, Threshold, parse_waves
 from tests.closed_loop_helpers import write_candidates_dir
 
 DATA = Path(__file__).resolve().parent.parent / "data"

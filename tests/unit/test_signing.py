@@ -28,10 +28,10 @@ from agent.protocol import (
 )
 from agent.protocol.signing import canonical_bytes, key_id
 from agent.trust import SecurityRejected, TrustStore
-from controller.artifacts import build_manifest
-from controller.fleet import Fleet
+from controller.cli.security import keys_app
+from controller.fleet.artifacts import build_manifest
+from controller.fleet.registry import Fleet
 from controller.security.broker_config import acl_text
-from controller.security.cli import keys_app
 from controller.security.identity import FleetSecurity
 from controller.security.signing import (
     DESIRED_VALIDITY_S,

@@ -7,6 +7,7 @@ import typer
 from typer.testing import CliRunner
 
 import firmware_profiles
+from controller.cli.simulate import simulate_command
 from controller.simulate import (
     NO_SPEED,
     Simulation,
@@ -14,7 +15,6 @@ from controller.simulate import (
     SpeedModel,
     SpeedSpec,
     parse_speed,
-    simulate_command,
     synth_report,
 )
 from controller.simulate.fallback import requests_in, served_p95

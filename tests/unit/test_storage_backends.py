@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from controller.db import MIGRATIONS, Database, open_database
-from controller.fleet import Fleet
-from controller.lease import Lease, heartbeat, replicas
-from controller.policy import Policy, parse_waves
+from controller.fleet.registry import Fleet
+from controller.fleet.rollout.policy import Policy, parse_waves
+from controller.runtime.lease import Lease, heartbeat, replicas
+from controller.storage.db import MIGRATIONS, Database, open_database
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 
@@ -194,7 +194,7 @@ def _has_table(db: Database, table: str) -> bool:
 
 
 def test_sql_translation_keeps_literals_and_maps_the_sqlite_idioms() -> None:
-    from controller.db_postgres import translate, translate_ddl
+    from controller.storage.postgres import translate, translate_ddl
 
     assert translate("SELECT * FROM t WHERE a = ? AND b LIKE '50%?'") == (
         "SELECT * FROM t WHERE a = %s AND b LIKE '50%%?'"
@@ -217,7 +217,7 @@ def test_replicas_command_shows_the_leader_and_counters(
 ) -> None:
     from typer.testing import CliRunner
 
-    from controller.cli import app
+    from controller.cli.main import app
 
     db = open_database(db_target)
     try:
@@ -248,8 +248,8 @@ def test_a_second_live_replica_with_the_same_name_is_refused(
 ) -> None:
     from typer.testing import CliRunner
 
-    from controller.cli import app
-    from controller.lease import running_elsewhere
+    from controller.cli.main import app
+    from controller.runtime.lease import running_elsewhere
 
     db = open_database(db_target)
     stop = threading.Event()

@@ -19,9 +19,9 @@ from agent.protocol import (
     Telemetry,
     TelemetryRecord,
 )
-from controller.db import MIGRATIONS, Database, SqliteDatabase, open_database
-from controller.reports import BUCKET_COLUMNS, bucket_index, percentile_from_buckets
-from controller.telemetry import TelemetryStore
+from controller.fleet.telemetry.reports import BUCKET_COLUMNS, bucket_index, percentile_from_buckets
+from controller.fleet.telemetry.store import TelemetryStore
+from controller.storage.db import MIGRATIONS, Database, SqliteDatabase, open_database
 
 SHA_A = "a" * 64
 SHA_B = "b" * 64

@@ -4,7 +4,7 @@ import { api, seg } from "../api.js";
 import { modelLabels, modelText } from "../labels.js";
 import { badge, h, listOf, num, section, short, table, when } from "../util.js";
 
-// Gate metric -> benchmark report field (controller/policy.py GATE_METRICS, REGRESSION_METRICS).
+// Gate metric -> benchmark report field (controller/fleet/rollout/policy.py GATE_METRICS, REGRESSION_METRICS).
 const GATE_FIELDS = {
   p50_ms: "p50_ms",
   p90_ms: "p90_ms",

@@ -1,0 +1,1 @@
+"""MQTT brokers the controller starts or configures: mosquitto and the in-process amqtt."""

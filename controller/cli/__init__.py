@@ -1,0 +1,1 @@
+"""The `edgefleet` command line: parses options, calls the fleet and runtime layers, renders."""

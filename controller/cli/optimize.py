@@ -1,0 +1,217 @@
+"""`edgefleet optimize`: per-profile artifacts from one model, and `--check` of a .tflite."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+import firmware_profiles
+from controller.cli.render import as_json, num, table
+
+
+def _profiles(selector: str) -> list[firmware_profiles.Profile]:
+    """`all` or a comma-separated list of profile ids; unknown ids exit 2 naming them."""
+    try:
+        if selector == "all":
+            return list(firmware_profiles.load_all().values())
+        return [firmware_profiles.load(p.strip()) for p in selector.split(",") if p.strip()]
+    except firmware_profiles.ProfileError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+# converters.prune.DEFAULT_SPARSITY / DEFAULT_EPOCHS, repeated so that the CLI starts without
+# numpy (a test keeps them equal).
+PRUNE_SPARSITY = 0.5
+PRUNE_EPOCHS = 4
+
+
+def _progress(event: Any) -> None:
+    """One progress line per pipeline step, on stderr."""
+    recipe = f" {event.recipe}" if event.recipe else ""
+    typer.echo(f"  {event.profile:24} {event.stage:10}{recipe} {event.message}", err=True)
+
+
+def _variant_rows(report: Any) -> list[tuple[object, ...]]:
+    """One table row per variant of every profile."""
+    rows = []
+    for prof in report.profiles:
+        if not prof.variants:
+            rows.append((prof.profile, "-", prof.status, "-", "-", "-", "-", "-", prof.error or ""))
+        for v in prof.variants:
+            ev = v.evaluation
+            accuracy = (
+                num(100 * ev.accuracy, 1)
+                if ev and ev.accuracy is not None
+                else (f"agree {num(100 * ev.top1_agreement, 1)}" if ev else "-")
+            )
+            size = f"{ev.size_bytes / 1024:.1f}" if ev else "-"
+            gz = f"{ev.compressed_bytes / 1024:.1f}" if ev and ev.compressed_bytes else "-"
+            sparse = (
+                num(100 * ev.weight_sparsity, 1) if ev and ev.weight_sparsity is not None else "-"
+            )
+            latency = f"{num(v.latency_ms, 3)} ({v.latency_source})" if v.latency_ms else "-"
+            rows.append(
+                (
+                    prof.profile,
+                    v.variant or v.recipe,
+                    v.status,
+                    size,
+                    gz,
+                    sparse,
+                    accuracy,
+                    latency,
+                    v.reason[:70],
+                )
+            )
+    return rows
+
+
+def optimize(
+    model: Annotated[Path, typer.Argument(help=".keras/.h5, SavedModel dir, .tflite or .onnx")],
+    profile: Annotated[str, typer.Option("--profile", "-p", help="profile id(s), or 'all'")],
+    calib: Annotated[Path | None, typer.Option(help="calibration data (.npz/.npy/dir)")] = None,
+    val: Annotated[
+        Path | None, typer.Option(help="validation data (with labels for top-1)")
+    ] = None,
+    max_accuracy_drop: Annotated[
+        float, typer.Option(help="accuracy budget in percentage points vs fp32")
+    ] = 1.0,
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("artifacts"),
+    train: Annotated[
+        Path | None,
+        typer.Option(
+            help="training data (.npz/dir with x and y): also try TF-MOT magnitude-pruned "
+            "variants (needs the prune extra)"
+        ),
+    ] = None,
+    prune_sparsity: Annotated[
+        float, typer.Option(help="target share of zero weights for --train pruning")
+    ] = PRUNE_SPARSITY,
+    prune_epochs: Annotated[
+        int, typer.Option(help="fine-tuning epochs while pruning (--train)")
+    ] = PRUNE_EPOCHS,
+    candidates: Annotated[
+        int,
+        typer.Option(
+            help="rank the top K (variant, threads) candidates per profile into "
+            "<out>/<profile>/candidates.json (for rollout --candidates)"
+        ),
+    ] = 1,
+    check: Annotated[
+        bool, typer.Option("--check", help="only run the checks on a .tflite")
+    ] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Build and select the best artifact per device profile, or --check a .tflite against them."""
+    from converters.errors import ConverterError
+
+    profiles = _profiles(profile)
+    if not model.exists():
+        typer.echo(f"error: {model}: no such file or directory", err=True)
+        raise typer.Exit(2)
+    if check:
+        _check(model, profiles, json_out)
+        return
+    from converters.pipeline import optimize as run_optimize
+
+    typer.echo(f"optimizing {model} for {len(profiles)} profile(s)", err=True)
+    try:
+        report = run_optimize(
+            model,
+            profiles,
+            calib=calib,
+            val=val,
+            max_accuracy_drop=max_accuracy_drop,
+            out_dir=out,
+            progress=_progress,
+            train=train,
+            prune_sparsity=prune_sparsity,
+            prune_epochs=prune_epochs,
+            candidates=candidates,
+        )
+    except (ConverterError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if json_out:
+        typer.echo(as_json(report.to_dict()))
+    else:
+        typer.echo(
+            table(
+                _variant_rows(report),
+                [
+                    "PROFILE",
+                    "VARIANT",
+                    "STATUS",
+                    "KIB",
+                    "GZIP KIB",
+                    "ZEROS %",
+                    "ACCURACY %",
+                    "LATENCY MS",
+                    "WHY",
+                ],
+            )
+        )
+        for line in _candidate_lines(report):
+            typer.echo(line)
+        for note in report.notes:
+            typer.echo(f"note: {note}")
+        if report.pruning:
+            typer.echo(_pruning_line(report.pruning))
+    raise typer.Exit(0 if report.ok else 1)
+
+
+def _candidate_lines(report: Any) -> list[str]:
+    """One line per ranked candidate of every profile: rank, variant, threads, latency, manifest."""
+    lines = []
+    for prof in report.profiles:
+        for c in prof.candidates:
+            threads = "- (compiled)" if c.threads is None else str(c.threads)
+            v = c.variant
+            latency = f"{num(v.latency_ms, 3)} ms ({v.latency_source})" if v.latency_ms else "-"
+            lines.append(
+                f"candidate {prof.profile} #{c.rank}: {v.variant or v.recipe} "
+                f"threads={threads} {latency} {c.manifest}"
+            )
+    return lines
+
+
+def _pruning_line(pruning: dict[str, Any]) -> str:
+    """One line summing up the --train pruning run: target, reached, time."""
+    layers = ", ".join(f"{k} {100 * v:.0f}%" for k, v in pruning["layer_sparsity"].items())
+    return (
+        f"pruning: target {100 * pruning['target_sparsity']:.0f}%, pruned kernels "
+        f"{100 * pruning['kernel_sparsity']:.1f}% zero ({layers}); {pruning['epochs']} epochs, "
+        f"train accuracy {100 * pruning['train_accuracy']:.1f}%, {pruning['seconds']:.0f} s"
+    )
+
+
+def _check(model: Path, profiles: list[firmware_profiles.Profile], json_out: bool) -> None:
+    """Run every compatibility check of a .tflite against each profile and print them."""
+    from converters.checks import check_tflite
+
+    if model.suffix != ".tflite":
+        typer.echo(f"error: --check needs a .tflite file, got {model}", err=True)
+        raise typer.Exit(2)
+    results: dict[str, list[Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="edgefleet-check-") as work:
+        for prof in profiles:
+            results[prof.id] = check_tflite(model, prof, work_dir=Path(work) / prof.id)
+    failed = any(not r.ok and r.blocking for rs in results.values() for r in rs)
+    if json_out:
+        typer.echo(as_json({p: [r.to_dict() for r in rs] for p, rs in results.items()}))
+    else:
+        typer.echo(
+            table(
+                [
+                    (p, r.name, "ok" if r.ok else ("FAIL" if r.blocking else "warn"), r.detail[:90])
+                    for p, rs in results.items()
+                    for r in rs
+                ],
+                ["PROFILE", "CHECK", "RESULT", "DETAIL"],
+            )
+        )
+    raise typer.Exit(1 if failed else 0)

@@ -1,0 +1,167 @@
+"""Ranked candidates of a model version per profile, read from `optimize --candidates` output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from agent.protocol import MAX_THREADS
+from controller.errors import FleetError
+from controller.fleet.artifacts import read_converter_manifest
+from controller.storage.db import to_json
+
+if TYPE_CHECKING:
+    from controller.fleet.registry import Fleet
+
+CANDIDATES_SCHEMA = "edgefleet.candidates/v1"
+
+
+def read_candidates(path: Path) -> dict[str, Any]:
+    """A `candidates.json`, checked for every field `models add` reads."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise FleetError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("schema") != CANDIDATES_SCHEMA:
+        raise FleetError(f"{path}: not an edgefleet candidates list ({CANDIDATES_SCHEMA})")
+    if not isinstance(doc.get("profile"), str):
+        raise FleetError(f"{path}: field 'profile' missing or not a string")
+    entries = doc.get("candidates")
+    if not isinstance(entries, list):
+        raise FleetError(f"{path}: 'candidates' must be a list")
+    ranks: set[int] = set()
+    for i, entry in enumerate(entries):
+        where = f"{path}: candidates[{i}]"
+        if not isinstance(entry, dict):
+            raise FleetError(f"{where}: not an object")
+        rank, threads = entry.get("rank"), entry.get("threads")
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1 or rank in ranks:
+            raise FleetError(f"{where}: 'rank' must be a unique integer >= 1, got {rank!r}")
+        ranks.add(rank)
+        if threads is not None and (
+            not isinstance(threads, int) or isinstance(threads, bool)
+            or not 1 <= threads <= MAX_THREADS
+        ):  # fmt: skip
+            raise FleetError(f"{where}: 'threads' must be null or 1..{MAX_THREADS}")
+        for key in ("manifest", "recipe"):
+            if not isinstance(entry.get(key), str):
+                raise FleetError(f"{where}: field {key!r} missing or not a string")
+        if not isinstance(entry.get("host", {}), dict):
+            raise FleetError(f"{where}: 'host' must be an object")
+    return doc
+
+
+def register_candidates(fleet: Fleet, directory: Path, *, name: str, version: str) -> int:
+    """Store every `<profile>/candidates.json` entry of an optimize output; return how many."""
+
+    count = 0
+    for path in sorted(directory.glob("*/candidates.json")):
+        doc = read_candidates(path)
+        profile = str(doc["profile"])
+        if not doc["candidates"]:
+            continue  # no variant passed for this profile: nothing to register
+        rows: list[tuple[int, str, str, int | None, str]] = []
+        for entry in doc["candidates"]:
+            manifest_path = (path.parent / entry["manifest"]).resolve()
+            if path.parent.resolve() not in manifest_path.parents:
+                raise FleetError(f"{path}: manifest {entry['manifest']!r} is outside {path.parent}")
+            manifest = read_converter_manifest(manifest_path)
+            golden = manifest.get("golden")
+            added = fleet.add_artifact(
+                manifest_path.parent / manifest["file"],
+                name=name,
+                version=version,
+                recipe=str(manifest["recipe"]),
+                profile=profile,
+                golden=manifest_path.parent / golden["file"] if golden else None,
+                expected_sha256=manifest["sha256"],
+                link=entry["rank"] == 1,  # rank 1 is the profile's default artifact
+            )
+            host = entry.get("host", {})
+            rows.append(
+                (entry["rank"], added.sha256, entry["recipe"], entry["threads"], to_json(host))
+            )
+        model_id = fleet.model(f"{name}:{version}")["id"]
+        with fleet.db.transaction() as tx:
+            known = tx.execute(
+                "SELECT rank, sha256, recipe, threads, host FROM model_candidates "
+                "WHERE model_id = ? AND profile = ? ORDER BY rank",
+                (model_id, profile),
+            ).fetchall()
+            if known and [tuple(k)[:4] for k in known] != [r[:4] for r in sorted(rows)]:
+                # A selection may be measuring these: a version's candidates never change.
+                raise FleetError(
+                    f"{name}:{version} already has different candidates for profile {profile}; "
+                    "register the new optimize output under a new version"
+                )
+            tx.execute(
+                "DELETE FROM model_candidates WHERE model_id = ? AND profile = ?",
+                (model_id, profile),
+            )
+            tx.executemany(
+                "INSERT INTO model_candidates (model_id, profile, rank, sha256, recipe, threads, "
+                "host) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(model_id, profile, *row) for row in rows],
+            )
+        count += len(rows)
+    return count
+
+
+def model_candidates(fleet: Fleet, model_id: int) -> list[dict[str, Any]]:
+    """The stored candidates of a model version, by profile and rank."""
+    rows = fleet.db.query(
+        "SELECT c.profile, c.rank, c.sha256, c.recipe, c.threads, c.host, a.size "
+        "FROM model_candidates c JOIN artifacts a ON a.sha256 = c.sha256 "
+        "WHERE c.model_id = ? ORDER BY c.profile, c.rank",
+        (model_id,),
+    )
+    for r in rows:
+        r["host"] = json.loads(r["host"] or "{}")
+    return rows
+
+
+def explain(fleet: Fleet, model_ref: str, rollout_id: str | None = None) -> dict[str, Any]:
+    """Registered candidates of a model, the newest (or given) selection and its consequences."""
+    model = fleet.model(model_ref)
+    rollouts = fleet.db.query(
+        "SELECT id, state, phase, created FROM deployments WHERE model_id = ? "
+        "AND EXISTS (SELECT 1 FROM candidate_trials t WHERE t.rollout_id = deployments.id) "
+        "ORDER BY created DESC",
+        (model["id"],),
+    )
+    chosen = None
+    if rollout_id is not None:
+        chosen = next((r for r in rollouts if r["id"] == rollout_id), None)
+        if chosen is None:
+            raise FleetError(
+                f"rollout {rollout_id!r} measured no candidates of {model['name']}:"
+                f"{model['version']} (rollouts that did: {', '.join(r['id'] for r in rollouts)})"
+            )
+    elif rollouts:
+        chosen = rollouts[0]
+    result: dict[str, Any] = {
+        "model": f"{model['name']}:{model['version']}",
+        "candidates": model_candidates(fleet, model["id"]),
+        "rollout": chosen,
+        "decisions": [],
+        "trials": [],
+        "fell_back": [],
+        "outliers": [],
+    }
+    if chosen is None:
+        return result
+    selection = fleet.rollouts.selection
+    result["decisions"] = selection.decisions(chosen["id"])
+    result["trials"] = selection.trials(chosen["id"])
+    result["fell_back"] = fleet.db.query(
+        "SELECT device_id, fell_back AS message FROM deployment_devices "
+        "WHERE deployment_id = ? AND fell_back IS NOT NULL ORDER BY device_id",
+        (chosen["id"],),
+    )
+    result["outliers"] = fleet.db.query(
+        "SELECT device_id, state, outlier AS reason FROM deployment_devices "
+        "WHERE deployment_id = ? AND outlier IS NOT NULL ORDER BY device_id",
+        (chosen["id"],),
+    )
+    return result

@@ -1,0 +1,251 @@
+"""Models and their artifacts: add, version checks, manifests; the registry's model half."""
+
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from agent.protocol import (
+    GoldenRef,
+    Manifest,
+    ProtocolError,
+    dump,
+    parse,
+    validate_name,
+)
+from agent.protocol.schema import encode
+from controller.errors import FleetError
+from controller.fleet.artifacts import build_manifest, check_golden, read_converter_manifest
+from controller.fleet.candidates import register_candidates
+from controller.storage.db import now, to_json
+
+# Offset 4 of every TFLite flatbuffer holds this file identifier (schema.fbs: file_identifier).
+TFLITE_IDENTIFIER = b"TFL3"
+
+
+
+
+def _check_names(*, name: str, version: str | None, recipe: str | None = None) -> None:
+    """Refuse a model name, version or recipe that could not travel as a safe name."""
+    try:
+        validate_name("model name", name)
+        if version:
+            validate_name("model version", version)
+        if recipe is not None:
+            validate_name("recipe name", recipe)
+    except ProtocolError as exc:
+        raise FleetError(str(exc)) from None
+
+
+
+
+
+class ModelCatalog:
+    """Adds and reads models and artifacts (mixed into Fleet; uses self.db, self.artifacts)."""
+
+    # ------------------------------------------------------------------ models & deployments
+    def add_artifact(
+        self,
+        model_path: Path,
+        *,
+        name: str,
+        version: str | None = None,
+        recipe: str = "as-is",
+        profile: str | None = None,
+        golden: Path | None = None,
+        check: bool = True,
+        expected_sha256: str | None = None,
+        link: bool = True,
+    ) -> Manifest:
+        """Store a .tflite file (and its golden .npz) as an artifact of model name:version.
+
+        Without a version, the first 12 hex digits of the file's sha256 are used. The golden
+        file travels as its own content-addressed blob that the manifest points to. With
+        `expected_sha256`, a file that hashes differently is refused before anything is written.
+        `link=False` stores the blob without making it the version's artifact for the profile
+        (a ranked candidate that only a selection phase may promote).
+        """
+        _check_names(name=name, version=version, recipe=recipe)
+        if not model_path.is_file():
+            raise FleetError(f"{model_path}: no such file")
+        if check:
+            with model_path.open("rb") as fh:
+                head = fh.read(8)
+            if head[4:8] != TFLITE_IDENTIFIER:
+                raise FleetError(f"{model_path}: not a TFLite model (no 'TFL3' identifier)")
+        if profile is not None:
+            self._profile(profile)
+        golden_manifest = None
+        try:
+            if golden is not None:
+                check_golden(golden)
+                golden_manifest = build_manifest(
+                    golden, name=name, version=version or "", recipe="golden", profile=profile
+                )
+            manifest = build_manifest(
+                model_path, name=name, version=version or "", recipe=recipe, profile=profile
+            )
+        except ValueError as exc:
+            raise FleetError(str(exc)) from None
+        if expected_sha256 is not None and manifest.sha256 != expected_sha256:
+            raise FleetError(f"{model_path}: sha256 {manifest.sha256} is not {expected_sha256}")
+        if not version:
+            version = manifest.sha256[:12]
+        manifest = dataclasses.replace(
+            manifest,
+            version=version,
+            golden=GoldenRef(golden_manifest.sha256, golden_manifest.size)
+            if golden_manifest
+            else None,
+        )
+        if golden_manifest is not None:
+            golden_manifest = dataclasses.replace(golden_manifest, version=version)
+        try:
+            dump(manifest)  # the manifest must fit the protocol's message cap to be published
+        except ProtocolError as exc:
+            raise FleetError(f"{model_path}: too large to distribute: {exc}") from None
+        if link:
+            self._check_version_free(name, version, profile, manifest.sha256)
+        blobs = [(model_path, manifest, "model")]
+        if golden is not None and golden_manifest is not None:
+            blobs.append((golden, golden_manifest, "golden"))
+        for path, blob_manifest, _ in blobs:
+            if self.artifacts.add_file(path) != blob_manifest.sha256:
+                raise FleetError(f"{path}: changed while it was being added; try again")
+        with self.db.transaction() as tx:
+            tx.execute(
+                "INSERT INTO models (name, version, source, created) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(name, version) DO NOTHING",
+                (name, version, str(model_path), now()),
+            )
+            model_id = tx.execute(
+                "SELECT id FROM models WHERE name = ? AND version = ?", (name, version)
+            ).fetchone()[0]
+            for _, blob_manifest, kind in reversed(blobs):  # the golden row first
+                tx.execute(
+                    "INSERT INTO artifacts (sha256, model_id, recipe, profile, size, chunk_size, "
+                    "manifest, created, kind, golden_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT(sha256) DO UPDATE SET manifest = excluded.manifest, "
+                    "golden_sha256 = excluded.golden_sha256 "
+                    "WHERE excluded.golden_sha256 IS NOT NULL",
+                    (
+                        blob_manifest.sha256,
+                        model_id,
+                        blob_manifest.recipe,
+                        profile,
+                        blob_manifest.size,
+                        blob_manifest.chunk_size,
+                        to_json(encode(blob_manifest)),
+                        now(),
+                        kind,
+                        manifest.golden.sha256 if kind == "model" and manifest.golden else None,
+                    ),
+                )
+            # The same file may serve several models (or profiles): the link is its own row,
+            # one per model version and profile. A version never changes under a rollout.
+            if link:
+                tx.execute(
+                    "INSERT INTO model_artifacts (model_id, sha256, profile, recipe, created) "
+                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                    (model_id, manifest.sha256, profile, recipe, now()),
+                )
+        return manifest
+
+    def _check_version_free(self, name: str, version: str, profile: str | None, sha: str) -> None:
+        """Refuse a different file for a model version and profile that already has one."""
+        row = self.db.query_one(
+            "SELECT l.sha256 FROM model_artifacts l JOIN models m ON m.id = l.model_id "
+            "WHERE m.name = ? AND m.version = ? AND COALESCE(l.profile, '') = ?",
+            (name, version, profile or ""),
+        )
+        if row and row["sha256"] != sha:
+            where = f"profile {profile}" if profile else "every profile"
+            raise FleetError(
+                f"{name}:{version} already has a different artifact for {where} "
+                f"({row['sha256'][:12]}); register the new file under a new version"
+            )
+
+    def add_model(
+        self,
+        path: Path,
+        *,
+        name: str,
+        version: str,
+        profile: str | None = None,
+        golden: Path | None = None,
+    ) -> dict[str, Any]:
+        """Register model name:version from one .tflite or from an `optimize` output directory.
+
+        A directory contributes one artifact per profile, read from the `*.manifest.json`
+        files `edgefleet optimize` writes (each checked against its artifact's sha256).
+        """
+        _check_names(name=name, version=version)
+        if path.is_dir():
+            if golden is not None or profile is not None:
+                raise FleetError("--golden/--profile apply to a single .tflite, not a directory")
+            found = sorted(path.glob("*/*.manifest.json"))
+            if not found:
+                raise FleetError(f"{path}: no */*.manifest.json (run `edgefleet optimize` first)")
+            for manifest_path in found:
+                doc = read_converter_manifest(manifest_path)
+                artifact = manifest_path.parent / doc["file"]
+                golden_path = (
+                    manifest_path.parent / doc["golden"]["file"] if doc.get("golden") else None
+                )
+                self.add_artifact(
+                    artifact,
+                    name=name,
+                    version=version,
+                    recipe=str(doc["recipe"]),
+                    profile=str(doc["profile"]),
+                    golden=golden_path,
+                    expected_sha256=doc["sha256"],  # as recorded in manifest_path
+                )
+            register_candidates(self, path, name=name, version=version)
+        else:
+            self.add_artifact(path, name=name, version=version, profile=profile, golden=golden)
+        return self.model(f"{name}:{version}")
+
+    def model(self, ref: str) -> dict[str, Any]:
+        """A model by `name:version` (or `name` = its newest version) with its artifacts."""
+        name, _, version = ref.partition(":")
+        if version:
+            row = self.db.query_one(
+                "SELECT * FROM models WHERE name = ? AND version = ?", (name, version)
+            )
+        else:
+            row = self.db.query_one(
+                "SELECT * FROM models WHERE name = ? ORDER BY created DESC, id DESC LIMIT 1",
+                (name,),
+            )
+        if row is None:
+            raise FleetError(f"unknown model {ref!r} (see `edgefleet models list`)")
+        row["artifacts"] = self.db.query(
+            "SELECT a.sha256, l.recipe, l.profile, a.size, a.golden_sha256, l.created "
+            "FROM model_artifacts l JOIN artifacts a ON a.sha256 = l.sha256 "
+            "WHERE l.model_id = ? ORDER BY l.profile, l.created",
+            (row["id"],),
+        )
+        return row
+
+    def models(self) -> list[dict[str, Any]]:
+        """Every model version with the profiles it has artifacts for."""
+        rows = self.db.query("SELECT * FROM models ORDER BY name, created")
+        for r in rows:
+            r["profiles"] = [
+                p or "*"
+                for (p,) in self.db.conn.execute(
+                    "SELECT profile FROM model_artifacts WHERE model_id = ? ORDER BY profile",
+                    (r["id"],),
+                )
+            ]
+        return rows
+
+    def manifest(self, sha256: str) -> Manifest:
+        """The stored manifest of an artifact."""
+        row = self.db.query_one("SELECT manifest FROM artifacts WHERE sha256 = ?", (sha256,))
+        if row is None:
+            raise FleetError(f"unknown artifact {sha256}")
+        return parse(row["manifest"], Manifest)

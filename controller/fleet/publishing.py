@@ -1,0 +1,331 @@
+"""Desired states and commands: deploy, rollouts' targets, what the runtime still has to publish."""
+
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import time
+import uuid
+from pathlib import Path
+from typing import Any, TypeVar
+
+from agent.protocol import (
+    ArtifactRef,
+    Command,
+    Desired,
+    Fallback,
+    Manifest,
+    parse,
+)
+from controller.errors import FleetError
+from controller.fleet.rollout.engine import deploy_policy
+from controller.fleet.rollout.policy import Policy
+from controller.security.signing import DESIRED_VALIDITY_S, FleetSigner
+from controller.storage.db import now
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+
+def _fleet_signer(home: Path) -> FleetSigner | None:
+    """The fleet signing key (created on first use); None only where `cryptography` is missing.
+
+    `cryptography` is a hard dependency of the controller install; only the slim device test
+    environment runs the controller without it, and then publishes unsigned (development mode).
+    """
+    try:
+        return FleetSigner.load_or_create(home / "security")
+    except ImportError:
+        log.warning("cryptography is not installed: publishing UNSIGNED desired state")
+        return None
+
+
+def _signed(signer: FleetSigner | None, message: _T) -> _T:
+    """The message signed by the fleet key (unchanged without one)."""
+    return signer.sign(message) if signer is not None else message
+
+
+class Publishing:
+    """What each device should run and be told (mixed into Fleet; uses self.db, self.home)."""
+
+    def deploy(
+        self,
+        model_path: Path,
+        *,
+        devices: list[str] | None = None,
+        profile: str | None = None,
+        name: str | None = None,
+        version: str | None = None,
+        golden: Path | None = None,
+        check: bool = True,
+    ) -> dict[str, Any]:
+        """Direct deployment: one wave, no gates; every chosen device gets this exact file."""
+        if bool(devices) == bool(profile):
+            raise FleetError("choose the target: --to DEVICE (repeatable) or --profile PROFILE")
+        if profile:
+            self._profile(profile)
+            targets = [d["id"] for d in self.devices() if d["profile"] == profile]
+            if not targets:
+                raise FleetError(f"no registered device has profile {profile!r}")
+        else:
+            targets = [self.device(d)["id"] for d in devices or []]
+        manifest = self.add_artifact(
+            model_path,
+            name=name or model_path.stem,
+            version=version,
+            profile=profile,
+            golden=golden,
+            check=check,
+        )
+        model_id = self.model(f"{manifest.name}:{manifest.version}")["id"]
+        target = f"profile:{profile}" if profile else "devices:" + ",".join(targets)
+        deployment_id = self.rollouts.create(
+            kind="deploy",
+            model_id=model_id,
+            target=target,
+            policy=deploy_policy(),
+            assignments=[(d, manifest.sha256, "") for d in targets],
+        )
+        return self.deployment(deployment_id)
+
+    def start_rollout(self, model_ref: str, selector: str, policy: Policy) -> dict[str, Any]:
+        """Staged rollout of model NAME[:VER] to the devices `selector` picks, per `policy`."""
+        model = self.model(model_ref)
+        by_profile = {a["profile"]: a["sha256"] for a in model["artifacts"]}
+        assignments: list[tuple[str, str | None, str]] = []
+        for device in self.select(selector):
+            sha = by_profile.get(device["profile"]) or by_profile.get(None)
+            why = "" if sha else f"no artifact of {model_ref} for profile {device['profile']!r}"
+            assignments.append((device["id"], sha, why))
+        if assignments and not any(sha for _, sha, _ in assignments):
+            profiles = sorted({str(d) for d in by_profile})
+            raise FleetError(
+                f"{model_ref} has artifacts for {', '.join(profiles)}; none of the "
+                f"{len(assignments)} selected devices has one of those profiles"
+            )
+        rollout_id = self.rollouts.create(
+            kind="rollout",
+            model_id=model["id"],
+            target=selector,
+            policy=policy,
+            assignments=assignments,
+        )
+        return self.deployment(rollout_id)
+
+    def select(self, selector: str) -> list[dict[str, Any]]:
+        """Devices matching `all`, `profile:P`, `device:ID` or an id glob; comma = union."""
+        devices = self.devices()
+        chosen: dict[str, dict[str, Any]] = {}
+        for term in (t.strip() for t in selector.split(",")):
+            if not term:
+                raise FleetError(f"--to: empty term in {selector!r}")
+            kind, _, value = term.partition(":")
+            if term == "all":
+                matched = devices
+            elif kind == "profile" and value:
+                self._profile(value)
+                matched = [d for d in devices if d["profile"] == value]
+            elif kind == "device" and value:
+                matched = [self.device(value)]
+            elif ":" not in term:
+                matched = [d for d in devices if fnmatch.fnmatchcase(d["id"], term)]
+            else:
+                raise FleetError(
+                    f"--to: {term!r} is not all, profile:P, device:ID or a device-id glob"
+                )
+            chosen.update((d["id"], d) for d in matched)
+        return [chosen[k] for k in sorted(chosen)]
+
+    def deployment(self, deployment_id: str) -> dict[str, Any]:
+        """A deployment or rollout with the state of each of its devices."""
+        return self.rollouts.status(deployment_id)
+
+    # ------------------------------------------------------------------ desired state (reconcile)
+    def unpublished_desired(self) -> list[tuple[str, Desired, list[Manifest]]]:
+        """Devices whose desired generation is not published yet: desired state + manifests."""
+        rows = self.db.query(
+            "SELECT d.id, d.profile, d.desired_generation, d.desired_deployment_id, a.manifest, "
+            "g.manifest AS golden, p.policy, d.desired_threads, d.desired_fallback FROM devices d "
+            "LEFT JOIN artifacts a ON a.sha256 = d.desired_sha256 "
+            "LEFT JOIN artifacts g ON g.sha256 = a.golden_sha256 "
+            "LEFT JOIN deployments p ON p.id = d.desired_deployment_id "
+            "WHERE d.desired_generation > d.published_generation"
+        )
+        out = []
+        if not rows:
+            return out
+        # Everything published is signed (docs/security.md); re-read each time so a key rotated
+        # by `edgefleet keys rotate` in another process is used from the next reconcile on.
+        signer = _fleet_signer(self.home)
+        expires = time.time() + DESIRED_VALIDITY_S
+        parsed: dict[str, Manifest] = {}  # a wave shares one artifact: parse and sign it once
+        for r in rows:
+            manifests = [
+                parsed.get(m) or parsed.setdefault(m, _signed(signer, parse(m, Manifest)))
+                for m in (r["golden"], r["manifest"])
+                if m
+            ]
+            manifest = manifests[-1] if r["manifest"] else None
+            fallback = None
+            if r["desired_fallback"] and manifest is not None:
+                fallback, extra = self._fallback(json.loads(r["desired_fallback"]), signer, parsed)
+                manifests += extra  # published (golden first) like the primary's
+            profile = self.profiles.get(r["profile"] or "")
+            policy = Policy.from_json(json.loads(r["policy"] or "{}"))
+            desired = Desired(
+                generation=r["desired_generation"],
+                deployment_id=r["desired_deployment_id"],
+                artifact=ArtifactRef(
+                    sha256=manifest.sha256,
+                    size=manifest.size,
+                    name=manifest.name,
+                    version=manifest.version,
+                )
+                if manifest
+                else None,
+                benchmark_runs=policy.benchmark_runs,
+                latency_budget_ms=profile.budgets.latency_ms if profile else 0.0,
+                memory_budget_mb=profile.budgets.peak_rss_mb if profile else 0.0,
+                device_id=r["id"],
+                profile=r["profile"] or None,
+                expires=expires,
+                threads=r["desired_threads"],
+                fallback=fallback,
+            )
+            out.append((r["id"], _signed(signer, desired), manifests))
+        return out
+
+    def _fallback(
+        self, spec: dict[str, Any], signer: FleetSigner | None, parsed: dict[str, Manifest]
+    ) -> tuple[Fallback, list[Manifest]]:
+        """The Fallback of a desired state and the (signed) manifests its artifact needs."""
+        row = self.db.query_one(
+            "SELECT a.manifest, g.manifest AS golden FROM artifacts a "
+            "LEFT JOIN artifacts g ON g.sha256 = a.golden_sha256 WHERE a.sha256 = ?",
+            (spec["sha256"],),
+        )
+        if row is None:
+            raise FleetError(f"fallback artifact {spec['sha256']} is not stored")
+        manifests = [
+            parsed.get(m) or parsed.setdefault(m, _signed(signer, parse(m, Manifest)))
+            for m in (row["golden"], row["manifest"])
+            if m
+        ]
+        target = manifests[-1]
+        fallback = Fallback(
+            artifact=ArtifactRef(
+                sha256=target.sha256, size=target.size, name=target.name, version=target.version
+            ),
+            latency_ms=float(spec["latency_ms"]),
+            threads=spec.get("threads"),
+            window_s=float(spec.get("window_s", 60.0)),
+        )
+        return fallback, manifests
+
+    def set_chunks_retained(self, sha256: str, retained: bool) -> None:
+        """Record whether the broker holds this artifact's chunks as retained messages."""
+        with self.db.transaction() as tx:
+            tx.execute(
+                "UPDATE artifacts SET chunks_retained = ? WHERE sha256 = ?",
+                (int(retained), sha256),
+            )
+
+    def chunks_retained(self) -> set[str]:
+        """Artifacts whose chunks the broker holds retained."""
+        return {
+            r["sha256"]
+            for r in self.db.query("SELECT sha256 FROM artifacts WHERE chunks_retained = 1")
+        }
+
+    def artifacts_in_use(self) -> set[str]:
+        """Artifacts (and their golden blobs) that a device may still need to download."""
+        rows = self.db.query(
+            "SELECT DISTINCT a.sha256, a.golden_sha256 FROM deployment_devices dd "
+            "JOIN artifacts a ON a.sha256 = dd.artifact_sha256 "
+            "WHERE dd.state IN ('waiting', 'baselining', 'pending', 'in_progress', 'retrying') "
+            "UNION SELECT DISTINCT a.sha256, a.golden_sha256 FROM devices d "
+            "JOIN artifacts a ON a.sha256 = d.desired_sha256 "
+            "WHERE d.desired_generation > d.reported_generation"
+        )
+        used = {sha for r in rows for sha in (r["sha256"], r["golden_sha256"]) if sha}
+        # An armed fallback may be fetched late (after the primary's activation). Its JSON is
+        # read here, not with json_extract/->>, which differ between SQLite and PostgreSQL.
+        fallbacks = {
+            json.loads(r["desired_fallback"]).get("sha256")
+            for r in self.db.query(
+                "SELECT DISTINCT desired_fallback FROM devices WHERE desired_fallback IS NOT NULL"
+            )
+        }
+        if fallbacks := {sha for sha in fallbacks if sha}:
+            marks = ", ".join("?" * len(fallbacks))
+            for r in self.db.query(
+                f"SELECT sha256, golden_sha256 FROM artifacts WHERE sha256 IN ({marks})",
+                tuple(fallbacks),
+            ):
+                used |= {sha for sha in (r["sha256"], r["golden_sha256"]) if sha}
+        return used
+
+    def mark_published(self, device_id: str, generation: int) -> None:
+        """Record that a desired generation reached the broker (retained)."""
+        self.mark_published_many([(device_id, generation)])
+
+    def mark_published_many(self, published: list[tuple[str, int]]) -> None:
+        """mark_published for many devices in one transaction (a wave of 1,000 is one commit)."""
+        ts = now()
+        with self.db.transaction() as tx:
+            tx.executemany(
+                "UPDATE devices SET published_generation = ? "
+                "WHERE id = ? AND published_generation < ?",
+                [(generation, device_id, generation) for device_id, generation in published],
+            )
+            tx.executemany(
+                "UPDATE deployment_devices SET state = 'in_progress', updated = ? "
+                "WHERE device_id = ? AND generation = ? AND state = 'pending'",
+                [(ts, device_id, generation) for device_id, generation in published],
+            )
+
+    def republish_all(self) -> None:
+        """Forget what was published (after a broker reconnect retained state may be gone)."""
+        with self.db.transaction() as tx:
+            tx.execute("UPDATE devices SET published_generation = 0")
+
+    # ------------------------------------------------------------------ commands
+    def send_command(self, device_id: str, action: str, *, runs: int = 50, warmup: int = 5) -> str:
+        """Queue a one-shot command (benchmark, rollback, resend_status); the service sends it."""
+        self.device(device_id)
+        command = Command(
+            command_id=f"cmd-{uuid.uuid4().hex[:12]}", action=action, runs=runs, warmup=warmup
+        )  # type: ignore[arg-type]
+        with self.db.transaction() as tx:
+            tx.execute(
+                "INSERT INTO commands (id, device_id, action, runs, warmup, created) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (command.command_id, device_id, action, runs, warmup, now()),
+            )
+        return command.command_id
+
+    def command(self, command_id: str) -> dict[str, Any]:
+        """One command with its state."""
+        row = self.db.query_one("SELECT * FROM commands WHERE id = ?", (command_id,))
+        if row is None:
+            raise FleetError(f"unknown command {command_id!r}")
+        return row
+
+    def unpublished_commands(self) -> list[tuple[str, Command]]:
+        """Commands not yet handed to the broker, oldest first."""
+        rows = self.db.query("SELECT * FROM commands WHERE published IS NULL ORDER BY created")
+        return [
+            (
+                r["device_id"],
+                Command(command_id=r["id"], action=r["action"], runs=r["runs"], warmup=r["warmup"]),
+            )
+            for r in rows
+        ]
+
+    def mark_command_published(self, command_id: str) -> None:
+        """Record that a command was published."""
+        with self.db.transaction() as tx:
+            tx.execute("UPDATE commands SET published = ? WHERE id = ?", (now(), command_id))

@@ -1,0 +1,1 @@
+"""Rollouts: policy, waves, gates, device states, candidate selection on the fleet."""

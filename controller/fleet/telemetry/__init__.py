@@ -1,0 +1,1 @@
+"""Telemetry: exactly-once ingest, gaps and resends, reports."""

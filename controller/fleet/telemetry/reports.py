@@ -1,0 +1,549 @@
+"""Telemetry arithmetic (sum form, percentiles) and what inference costs per profile × model.
+
+The "sum form" turns every weighted mean into a sum and its weight, so raw rows, per-minute
+aggregates and whole fleets merge exactly; the store's compaction uses the same definitions.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+import statistics
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from agent.protocol import BUCKET_COUNT, LATENCY_BUCKETS_MS
+from controller.errors import FleetError
+from controller.storage.db import Database
+
+GroupBy = Literal["profile", "device"]
+
+# Most points per plotted line: ~400 is about one per two pixels on the 11-inch plot, so finer
+# bins add no detail; the bin width grows in whole minutes to stay under it.
+MAX_PLOT_POINTS = 400
+# Smallest series bin: per-minute aggregates are the finest data kept past raw retention.
+MIN_BIN_S = 60
+# Latency axis turns logarithmic when the plotted values span more than this factor, so a
+# 0.2 ms and a 200 ms model stay readable on one plot; below it a linear axis from 0 reads better.
+LOG_SCALE_RATIO = 20.0
+# Group name for devices without a profile (and telemetry from devices no longer registered).
+NO_PROFILE = "?"
+
+
+# Bucket columns b0..b30 of migration 4: one per LATENCY_BUCKETS_MS bound plus +Inf.
+BUCKET_COLUMNS: tuple[str, ...] = tuple(f"b{i}" for i in range(BUCKET_COUNT))
+
+
+def column_names(spaced: str) -> tuple[str, ...]:
+    """Column names written as one space-separated string."""
+    return tuple(spaced.split())
+
+
+# Columns shared by the raw projection and telemetry_minute ("sum form"), and how two rows of
+# that form merge: sums add, maxima take the larger, first/last take the smaller/larger.
+SUM_FIELDS = (
+    *column_names("records interval_s served latency_sum_ms"),
+    *BUCKET_COLUMNS,
+    *column_names(
+        "invocations throughput_sum rss_sum cpu_sum temperature_sum temperature_n power_sum "
+        "power_interval_s energy_sum energy_served cache_hits errors"
+    ),
+)
+MAX_FIELDS = column_names(
+    "max_ms peak_rss_mb temperature_max power_source power_estimated dropped_total seq_last ts_last"
+)
+MIN_FIELDS = column_names("seq_first ts_first")
+
+# The raw table in sum form: every weighted mean becomes a sum and its weight.
+_RAW_AS_SUMS = {
+    "records": "1",
+    "interval_s": "interval_s",
+    "served": "served",
+    "latency_sum_ms": "served * COALESCE(mean_ms, 0)",
+    **{b: b for b in BUCKET_COLUMNS},
+    "invocations": "invocations",
+    "throughput_sum": "throughput_ips * interval_s",
+    "rss_sum": "rss_mb * interval_s",
+    "cpu_sum": "cpu_percent * interval_s",
+    "temperature_sum": "COALESCE(temperature_c, 0)",
+    "temperature_n": "CASE WHEN temperature_c IS NULL THEN 0 ELSE 1 END",
+    "power_sum": "COALESCE(power_w, 0) * interval_s",
+    "power_interval_s": "CASE WHEN power_w IS NULL THEN 0 ELSE interval_s END",
+    "energy_sum": "COALESCE(energy_mj_per_inference, 0) * served",
+    "energy_served": "CASE WHEN energy_mj_per_inference IS NULL THEN 0 ELSE served END",
+    "cache_hits": "cache_hits",
+    "errors": "errors",
+    "max_ms": "max_ms",
+    "peak_rss_mb": "peak_rss_mb",
+    "temperature_max": "temperature_c",
+    "power_source": "power_source",
+    "power_estimated": "power_estimated",
+    "dropped_total": "dropped_total",
+    "seq_last": "seq",
+    "ts_last": "ts",
+    "seq_first": "seq",
+    "ts_first": "ts",
+}
+AGG_FIELDS: tuple[str, ...] = (*SUM_FIELDS, *MAX_FIELDS, *MIN_FIELDS)
+
+
+def raw_sums_sql(raw_where: str) -> str:
+    """Raw telemetry rows matching `raw_where`, in sum form."""
+    raw_cols = ", ".join(f"{expr} AS {name}" for name, expr in _RAW_AS_SUMS.items())
+    return (
+        f"SELECT device_id, minute, COALESCE(model_sha256, '') AS model_sha256, {raw_cols} "
+        f"FROM telemetry WHERE {raw_where}"
+    )
+
+
+def sums_union_sql(raw_where: str, minute_where: str) -> str:
+    """Raw and per-minute rows in one sum-form row set (device_id, minute, model_sha256, ...).
+
+    `raw_where` filters `telemetry`, `minute_where` filters `telemetry_minute`; both may use `?`
+    placeholders (raw first). Callers GROUP BY on top and merge with SUM/MAX/MIN per field.
+    """
+    minute_cols = ", ".join(_RAW_AS_SUMS)
+    return (
+        f"{raw_sums_sql(raw_where)} UNION ALL SELECT device_id, minute, model_sha256, "
+        f"{minute_cols} FROM telemetry_minute WHERE {minute_where}"
+    )
+
+
+def aggregate_sql(alias_prefix: str = "") -> str:
+    """SELECT-list merging sum-form rows: SUM, MAX or MIN per field (portable SQL)."""
+    parts = [f"SUM({alias_prefix}{f}) AS {f}" for f in SUM_FIELDS]
+    parts += [f"MAX({alias_prefix}{f}) AS {f}" for f in MAX_FIELDS]
+    parts += [f"MIN({alias_prefix}{f}) AS {f}" for f in MIN_FIELDS]
+    return ", ".join(parts)
+
+
+def merge_sums(into: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
+    """Merge one sum-form row into another in Python (the same rules as aggregate_sql)."""
+    for f in SUM_FIELDS:
+        into[f] = (into.get(f) or 0) + (row.get(f) or 0)
+    for f in MAX_FIELDS:
+        a, b = into.get(f), row.get(f)
+        into[f] = b if a is None or (b is not None and b > a) else a
+    for f in MIN_FIELDS:
+        a, b = into.get(f), row.get(f)
+        into[f] = b if a is None or (b is not None and b < a) else a
+    return into
+
+
+def bucket_index(latency_ms: float) -> int:
+    """Index of the LATENCY_BUCKETS_MS bucket (le semantics) a latency falls in; last is +Inf."""
+    return bisect.bisect_left(LATENCY_BUCKETS_MS, latency_ms)
+
+
+def percentile_from_buckets(
+    buckets: Sequence[int], q: float, max_ms: float | None = None
+) -> float | None:
+    """The q-quantile (0..1) of a LATENCY_BUCKETS_MS histogram, interpolated within its bucket.
+
+    The rank q * count falls in one bucket (lower, upper]; the estimate moves linearly from
+    lower to upper with the rank inside it. The top bucket's upper edge is the observed max
+    when known (the +Inf bucket has no other). The true quantile lies in the same bucket, so
+    the error is at most that bucket's width (docs/telemetry.md has measurements).
+    """
+    total = sum(buckets)
+    if total <= 0:
+        return None
+    rank = q * total
+    cumulative = 0
+    for i, n in enumerate(buckets):
+        if n and cumulative + n >= rank:
+            lower = LATENCY_BUCKETS_MS[i - 1] if i > 0 else 0.0
+            upper = LATENCY_BUCKETS_MS[i] if i < len(LATENCY_BUCKETS_MS) else math.inf
+            if max_ms is not None:
+                upper = min(upper, max(max_ms, lower))
+            if math.isinf(upper):
+                return lower
+            return lower + (upper - lower) * max(0.0, rank - cumulative) / n
+        cumulative += n
+    return max_ms  # pragma: no cover - rank <= total always lands in a bucket
+
+
+def summarize(sums: dict[str, Any]) -> dict[str, Any]:
+    """Report numbers from a sum-form row: percentiles from buckets, weighted means."""
+    buckets = [int(sums.get(b) or 0) for b in BUCKET_COLUMNS]
+    served = int(sums.get("served") or 0)
+    interval = float(sums.get("interval_s") or 0.0)
+    max_ms = sums.get("max_ms")
+
+    def ratio(num: Any, den: float) -> float | None:
+        """num / den, or None without a weight."""
+        return float(num or 0.0) / den if den else None
+
+    return {
+        "records": int(sums.get("records") or 0),
+        "served": served,
+        "p50_ms": percentile_from_buckets(buckets, 0.50, max_ms),
+        "p95_ms": percentile_from_buckets(buckets, 0.95, max_ms),
+        "p99_ms": percentile_from_buckets(buckets, 0.99, max_ms),
+        "mean_ms": ratio(sums.get("latency_sum_ms"), served),
+        "max_ms": max_ms,
+        "buckets": buckets,
+        "invocations": int(sums.get("invocations") or 0),
+        "throughput_ips": ratio(sums.get("throughput_sum"), interval),
+        "mean_rss_mb": ratio(sums.get("rss_sum"), interval),
+        "peak_rss_mb": sums.get("peak_rss_mb"),
+        "cpu_percent": ratio(sums.get("cpu_sum"), interval),
+        "temperature_c": ratio(sums.get("temperature_sum"), int(sums.get("temperature_n") or 0)),
+        "temperature_max_c": sums.get("temperature_max"),
+        "power_w": ratio(sums.get("power_sum"), float(sums.get("power_interval_s") or 0.0)),
+        "energy_mj_per_inference": ratio(
+            sums.get("energy_sum"), int(sums.get("energy_served") or 0)
+        ),
+        "power_source": sums.get("power_source") or None,
+        "power_estimated": bool(sums.get("power_estimated")),
+        "cache_hits": int(sums.get("cache_hits") or 0),
+        "errors": int(sums.get("errors") or 0),
+        "dropped_total": int(sums.get("dropped_total") or 0),
+        "interval_s": interval,
+    }
+
+
+def model_names(db: Database) -> dict[str, str]:
+    """Artifact sha256 → `name:version` of the model it was registered as (its first model)."""
+    return {
+        row["sha256"]: f"{row['name']}:{row['version']}"
+        for row in db.query(
+            "SELECT a.sha256, m.name, m.version FROM artifacts a JOIN models m ON m.id = a.model_id"
+        )
+    }
+
+
+def model_label(sha: str | None, names: dict[str, str]) -> str:
+    """`name:version` for a known artifact, the short sha for an unknown one, '-' for none."""
+    if not sha:
+        return "-"
+    return names.get(sha, sha[:12])
+
+
+def _matches(label: str, sha: str, model: str | None) -> bool:
+    """Whether a row's model passes a `NAME`, `NAME:VERSION` or sha-prefix filter."""
+    if model is None:
+        return True
+    if ":" in model:
+        return label == model
+    return label.split(":", 1)[0] == model or (len(model) >= 6 and sha.startswith(model))
+
+
+def _since_where(since: float | None) -> tuple[str, str, tuple[Any, ...]]:
+    """WHERE fragments for raw and minute rows from `since` (a minute row overlapping it counts)."""
+    if since is None:
+        return "1 = 1", "1 = 1", ()
+    return "ts >= ?", "minute + 60 > ?", (since, since)
+
+
+def report(
+    db: Database,
+    *,
+    model: str | None = None,
+    by: GroupBy = "profile",
+    since: float | None = None,
+    profile: str | None = None,
+) -> list[dict[str, Any]]:
+    """Per profile (or device) × model version: fleet numbers beside on-device benchmarks.
+
+    Latency percentiles come from the summed histograms (see percentile_from_buckets); means
+    are weighted: latency and energy by inferences, RSS and power by interval length.
+    """
+    if by not in ("profile", "device"):
+        raise FleetError(f"--by must be 'profile' or 'device', got {by!r}")
+    raw_where, minute_where, params = _since_where(since)
+    rows = db.query(
+        f"SELECT device_id, model_sha256, {aggregate_sql()} "
+        f"FROM ({sums_union_sql(raw_where, minute_where)}) AS u "
+        "GROUP BY device_id, model_sha256",
+        params,
+    )
+    profiles = {d["id"]: d["profile"] for d in db.query("SELECT id, profile FROM devices")}
+    names = model_names(db)
+    groups: dict[tuple[str, str], dict[str, Any]] = {}
+    for row in rows:
+        device, sha = row["device_id"], row["model_sha256"]
+        device_profile = profiles.get(device) or NO_PROFILE
+        if profile is not None and device_profile != profile:
+            continue
+        label = model_label(sha, names)
+        if not _matches(label, sha, model):
+            continue
+        key = (device_profile if by == "profile" else device, label)
+        group = groups.setdefault(
+            key, {"sums": {}, "devices": set(), "shas": set(), "sources": set()}
+        )
+        merge_sums(group["sums"], row)
+        group["devices"].add(device)
+        if sha:
+            group["shas"].add(sha)
+        if row["power_source"]:
+            group["sources"].add(row["power_source"])
+    benches = _benchmarks(db, {sha for g in groups.values() for sha in g["shas"]})
+    out = []
+    for (name, label), group in sorted(groups.items()):
+        s = summarize(group["sums"])
+        mine = [
+            b
+            for b in benches
+            if b["model_sha256"] in group["shas"]
+            and (
+                b["device_id"] == name
+                if by == "device"
+                else (profiles.get(b["device_id"]) or NO_PROFILE) == name
+            )
+        ]
+        row: dict[str, Any] = {
+            by: name,
+            "model": label,
+            "model_sha256": sorted(group["shas"]),
+            "devices": len(group["devices"]),
+            "records": s["records"],
+            "inferences": s["served"],
+            "p50_ms": s["p50_ms"],
+            "p95_ms": s["p95_ms"],
+            "p99_ms": s["p99_ms"],
+            "mean_ms": s["mean_ms"],
+            "max_ms": s["max_ms"],
+            "mean_rss_mb": s["mean_rss_mb"],
+            "peak_rss_mb": s["peak_rss_mb"],
+            "mean_power_w": s["power_w"],
+            "energy_mj_per_inference": s["energy_mj_per_inference"],
+            "power_sources": sorted(group["sources"]),
+            "power_estimated": s["power_estimated"],
+            "throughput_ips": s["throughput_ips"],
+            "cache_hits": s["cache_hits"],
+            "errors": s["errors"],
+            **_bench_summary(mine),
+        }
+        if by == "device":
+            row["profile"] = profiles.get(name) or NO_PROFILE
+        out.append(row)
+    return out
+
+
+def _benchmarks(db: Database, shas: set[str]) -> list[dict[str, Any]]:
+    """Benchmark rows of these artifacts, each with its decoded report, oldest first."""
+    if not shas:
+        return []
+    marks = ", ".join("?" * len(shas))
+    rows = db.query(
+        "SELECT device_id, model_sha256, p50_ms, p90_ms, p99_ms, peak_rss_mb, "
+        f"energy_mj_per_inference, report, ts FROM benchmarks WHERE model_sha256 IN ({marks}) "
+        "ORDER BY ts",
+        tuple(sorted(shas)),
+    )
+    for r in rows:
+        r["report"] = json.loads(r["report"])
+    return rows
+
+
+def _bench_summary(benches: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median on-device benchmark numbers of a group, and the newest report's environment."""
+    if not benches:
+        return {
+            "bench_reports": 0,
+            "bench_p50_ms": None,
+            "bench_p95_ms": None,
+            "bench_peak_rss_mb": None,
+            "bench_energy_mj_per_inference": None,
+            "bench_environment": None,
+        }
+    p95s = [b["report"].get("p95_ms") for b in benches]
+    return {
+        "bench_reports": len(benches),
+        "bench_p50_ms": statistics.median(b["p50_ms"] for b in benches),
+        "bench_p95_ms": statistics.median(p for p in p95s if p is not None)
+        if any(p is not None for p in p95s)
+        else None,
+        "bench_peak_rss_mb": statistics.median(b["peak_rss_mb"] for b in benches),
+        "bench_energy_mj_per_inference": statistics.median(
+            b["energy_mj_per_inference"] for b in benches
+        ),
+        "bench_environment": benches[-1]["report"].get("environment"),
+    }
+
+
+# ---------------------------------------------------------------------------- series
+def _series(
+    db: Database,
+    device_filter: str,
+    filter_params: tuple[Any, ...],
+    since: float | None,
+    bin_s: int | None,
+) -> list[dict[str, Any]]:
+    """Time-binned points per model for the devices `device_filter` selects, oldest first."""
+    raw_where, minute_where, since_params = _since_where(since)
+    raw_where = f"{raw_where} AND {device_filter}"
+    minute_where = f"{minute_where} AND {device_filter}"
+    params = (
+        *since_params[:1],
+        *filter_params,
+        *since_params[1:],
+        *filter_params,
+    )
+    union = sums_union_sql(raw_where, minute_where)
+    if bin_s is None:
+        span = db.query_one(
+            f"SELECT MIN(minute) AS lo, MAX(minute) AS hi FROM ({union}) AS u", params
+        )
+        width = (span["hi"] - span["lo"]) if span and span["lo"] is not None else 0
+        bin_s = max(MIN_BIN_S, math.ceil(width / MAX_PLOT_POINTS / MIN_BIN_S) * MIN_BIN_S)
+    rows = db.query(
+        f"SELECT minute - (minute % {int(bin_s)}) AS bin, model_sha256, "
+        f"COUNT(DISTINCT device_id) AS devices, {aggregate_sql()} FROM ({union}) AS u "
+        "GROUP BY bin, model_sha256 ORDER BY bin, model_sha256",
+        params,
+    )
+    names = model_names(db)
+    points = []
+    for row in rows:
+        s = summarize(row)
+        points.append(
+            {
+                "ts": float(row["bin"]),
+                "bin_s": bin_s,
+                "model_sha256": row["model_sha256"] or None,
+                "model": model_label(row["model_sha256"], names),
+                "devices": row["devices"],
+                **{
+                    k: s[k]
+                    for k in (
+                        "records",
+                        "served",
+                        "p50_ms",
+                        "p95_ms",
+                        "p99_ms",
+                        "mean_ms",
+                        "max_ms",
+                        "power_w",
+                        "energy_mj_per_inference",
+                        "mean_rss_mb",
+                        "peak_rss_mb",
+                        "cpu_percent",
+                    )
+                },
+            }
+        )
+    return points
+
+
+def device_series(
+    db: Database, device_id: str, since: float | None = None, bin_s: int | None = None
+) -> list[dict[str, Any]]:
+    """One device's latency, power and memory per time bin and model (bins ≥ 1 minute)."""
+    return _series(db, "device_id = ?", (device_id,), since, bin_s)
+
+
+def profile_series(
+    db: Database, profile: str, since: float | None = None, bin_s: int | None = None
+) -> list[dict[str, Any]]:
+    """All devices of a profile merged per time bin and model (histograms summed exactly)."""
+    return _series(
+        db, "device_id IN (SELECT id FROM devices WHERE profile = ?)", (profile,), since, bin_s
+    )
+
+
+# ---------------------------------------------------------------------------- plots
+def model_changes(points: list[dict[str, Any]]) -> list[tuple[float, str]]:
+    """(time, model) where a model starts serving: its first bin, or its first after a pause."""
+    by_bin: dict[float, set[str]] = {}
+    for p in points:
+        by_bin.setdefault(p["ts"], set()).add(p["model"])
+    changes: list[tuple[float, str]] = []
+    previous: set[str] = set()
+    for ts in sorted(by_bin):
+        changes += [(ts, m) for m in sorted(by_bin[ts] - previous)]
+        previous = by_bin[ts]
+    return changes
+
+
+def _with_breaks(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Insert an empty point where a series skips bins, so the line breaks instead of bridging."""
+    out: list[dict[str, Any]] = []
+    for p in points:
+        if out and p["ts"] - out[-1]["ts"] > p["bin_s"]:
+            out.append({"ts": out[-1]["ts"] + p["bin_s"]})
+        out.append(p)
+    return out
+
+
+def plot_series(points: list[dict[str, Any]], title: str, path: Path) -> Path:
+    """PNG: p50/p95 latency per model (top, log scale) and power (bottom), model changes marked."""
+    if not points:
+        raise FleetError(f"no telemetry to plot for {title}")
+    import matplotlib.dates as mdates
+    import matplotlib.ticker as ticker
+    from matplotlib.figure import Figure
+
+    def when(ts: float) -> datetime:
+        """Epoch seconds as an aware UTC datetime for the time axis."""
+        return datetime.fromtimestamp(ts, UTC)
+
+    fig = Figure(figsize=(11, 6.5), dpi=100, layout="constrained")
+    lat_ax, power_ax = fig.subplots(2, 1, sharex=True, height_ratios=[2, 1])
+    models = list(dict.fromkeys(p["model"] for p in points))
+    colors = {m: f"C{i % 10}" for i, m in enumerate(models)}
+    any_power = False
+    for m in models:
+        mine = _with_breaks([p for p in points if p["model"] == m])
+        xs = [when(p["ts"]) for p in mine]
+
+        def values(key: str, rows: list[dict[str, Any]] = mine) -> list[float]:
+            """A column as floats, NaN (a break in the line) where there is no value."""
+            return [math.nan if r.get(key) is None else float(r[key]) for r in rows]
+
+        lat_ax.plot(xs, values("p50_ms"), "-", color=colors[m], marker=".", label=f"{m} p50")
+        lat_ax.plot(xs, values("p95_ms"), "--", color=colors[m], label=f"{m} p95")
+        if any(p.get("power_w") is not None for p in mine):
+            any_power = True
+            power_ax.plot(xs, values("power_w"), "-", color=colors[m], marker=".", label=m)
+    stacked: dict[float, int] = {}
+    for ts, label in model_changes(points):
+        for ax in (lat_ax, power_ax):
+            ax.axvline(when(ts), color=colors[label], linestyle=":", linewidth=1.2)
+        row = stacked[ts] = stacked.get(ts, -1) + 1  # labels of one bin stack downwards
+        lat_ax.annotate(
+            f" {label}",
+            xy=(when(ts), 1.0 - 0.06 * row),
+            xycoords=("data", "axes fraction"),
+            va="top",
+            ha="left",
+            fontsize=9,
+            color=colors[label],
+        )
+    latencies = [p[k] for p in points for k in ("p50_ms", "p95_ms") if p[k]]
+    if latencies and max(latencies) / min(latencies) > LOG_SCALE_RATIO:
+        lat_ax.set_yscale("log")
+        lat_ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        lat_ax.set_ylabel("latency (ms, log scale)")
+    else:
+        lat_ax.set_ylim(bottom=0, top=max(latencies, default=1.0) * 1.15)
+        lat_ax.set_ylabel("latency (ms)")
+    lat_ax.grid(True, which="both", alpha=0.3)
+    lat_ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
+    lat_ax.set_title(f"{title}: inference latency p50 / p95 and power")
+    power_ax.set_ylabel("power (W)")
+    power_ax.grid(True, alpha=0.3)
+    if not any_power:
+        power_ax.text(0.5, 0.5, "no power readings", transform=power_ax.transAxes, ha="center")
+    locator = mdates.AutoDateLocator(tz=UTC)
+    power_ax.xaxis.set_major_locator(locator)
+    power_ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator, tz=UTC))
+    power_ax.set_xlabel(f"time (UTC), {points[0]['bin_s']} s bins")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
+def plot_device(db: Database, device_id: str, path: Path, since: float | None = None) -> Path:
+    """PNG of one device's latency and power over time, model version changes marked."""
+    return plot_series(device_series(db, device_id, since), f"device {device_id}", path)
+
+
+def plot_profile(db: Database, profile: str, path: Path, since: float | None = None) -> Path:
+    """PNG of a profile's merged latency and power over time, model version changes marked."""
+    return plot_series(profile_series(db, profile, since), f"profile {profile}", path)

@@ -1,0 +1,1 @@
+"""The running controller: MQTT service loop, publishing, replicas and leases, metrics."""

@@ -1,0 +1,1 @@
+"""Storage: the database layer (SQLite, PostgreSQL) and its schema migrations."""

@@ -1,0 +1,313 @@
+"""PostgreSQL backend: the SQLite-dialect SQL of the controller, run through psycopg 3.
+
+The controller writes one SQL dialect (`?` placeholders, ON CONFLICT upserts) and this module
+translates it once per statement text: `?` becomes `%s`, `INSERT OR IGNORE` becomes
+`ON CONFLICT DO NOTHING`, and the migrations' SQLite types become PostgreSQL's. Rows index by
+name and by position like sqlite3.Row; NUMERIC results (SUM of BIGINT) come back as int or
+float, never Decimal. docs/storage.md has the decisions.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+from psycopg import postgres
+from psycopg.adapt import Dumper, Loader
+from psycopg.pq import TransactionStatus
+
+from controller.storage.db import (
+    MIGRATIONS,
+    OPEN_TIMEOUT_S,
+    Connection,
+    Database,
+    check_schema_version,
+    split_statements,
+)
+
+# Advisory-lock namespace: every key is hashtext('edgefleet:<schema>:<name>'), so two fleets in
+# two schemas of one database never block each other.
+_MIGRATE_LOCK = "migrate"
+_EXCLUSIVE_LOCK = "exclusive"
+_SCHEMA_VERSION_DDL = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
+
+
+class Row(Sequence[Any]):
+    """One result row: row[0], row["name"], dict(row), like sqlite3.Row."""
+
+    __slots__ = ("_index", "_values")
+
+    def __init__(self, values: tuple[Any, ...], index: dict[str, int]) -> None:
+        """Wrap the values and the shared column-name index of their result."""
+        self._values = values
+        self._index = index
+
+    def __getitem__(self, key: Any) -> Any:  # type: ignore[override]
+        """By position (int or slice) or by column name."""
+        if isinstance(key, str):
+            return self._values[self._index[key]]
+        return self._values[key]
+
+    def __len__(self) -> int:
+        """Number of columns."""
+        return len(self._values)
+
+    def __iter__(self) -> Iterator[Any]:
+        """The values in column order (as sqlite3.Row iterates)."""
+        return iter(self._values)
+
+    def __eq__(self, other: object) -> bool:
+        """Equal to a row or tuple with the same values."""
+        if isinstance(other, Row):
+            return self._values == other._values
+        return isinstance(other, tuple) and self._values == other
+
+    def __hash__(self) -> int:
+        """Hash of the values."""
+        return hash(self._values)
+
+    def keys(self) -> list[str]:
+        """Column names, so dict(row) works."""
+        return list(self._index)
+
+    def __repr__(self) -> str:
+        """Like a dict of the row."""
+        return repr(dict(zip(self._index, self._values, strict=True)))
+
+
+def _row_factory(cursor: Any) -> Any:
+    """psycopg row factory building Rows that share one name index per result."""
+    description = cursor.description or ()
+    index = {column.name: i for i, column in enumerate(description)}
+
+    def make(values: Sequence[Any]) -> Row:
+        return Row(tuple(values), index)
+
+    return make
+
+
+class _NumericLoader(Loader):
+    """NUMERIC as int when integral text, float otherwise (SUM(BIGINT) is NUMERIC here; SQLite
+    returns int, and Decimal breaks JSON and float arithmetic)."""
+
+    def load(self, data: Any) -> int | float:
+        """Parse the text form."""
+        text = bytes(data).decode()
+        if any(c in text for c in ".eEN"):  # fractions, exponents, NaN
+            return float(text)
+        return int(text)
+
+
+class _BoolAsIntDumper(Dumper):
+    """Python bools as integer 0/1: the schema stores flags in INTEGER columns (as SQLite)."""
+
+    oid = postgres.types["int4"].oid
+
+    def dump(self, obj: Any) -> bytes:
+        """1 or 0."""
+        return b"1" if obj else b"0"
+
+
+@functools.lru_cache(maxsize=2048)
+def translate(sql: str) -> str:
+    """The PostgreSQL text of one controller statement (cached: the texts are few, apart from
+    IN lists of varying length, which the bound keeps from growing without limit)."""
+    out: list[str] = []
+    quote: str | None = None
+    for ch in sql:
+        if quote:
+            out.append("%%" if ch == "%" else ch)
+            if ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+            out.append(ch)
+        elif ch == "?":
+            out.append("%s")
+        elif ch == "%":
+            out.append("%%")
+        else:
+            out.append(ch)
+    text = "".join(out)
+    if re.match(r"\s*INSERT\s+OR\s+IGNORE\s+INTO\b", text, re.IGNORECASE):
+        text = re.sub(r"INSERT\s+OR\s+IGNORE", "INSERT", text, count=1, flags=re.IGNORECASE)
+        text = text.rstrip().rstrip(";") + " ON CONFLICT DO NOTHING"
+    return text
+
+
+def translate_ddl(statement: str) -> str:
+    """A migration statement in PostgreSQL's types: 8-byte INTEGER and REAL, identity keys."""
+    # SQLite's INTEGER is 8 bytes (generations are millisecond timestamps); PostgreSQL's is 4.
+    text = re.sub(r"\bINTEGER\b", "BIGINT", statement)
+    text = re.sub(
+        r"\bBIGINT PRIMARY KEY\b", "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY", text
+    )
+    # SQLite's REAL is 8 bytes; PostgreSQL's is 4 (timestamps would lose seconds).
+    text = re.sub(r"\bREAL\b", "DOUBLE PRECISION", text)
+    # An expression in an index needs its own parentheses in PostgreSQL.
+    text = re.sub(r"COALESCE\((\w+), ''\)\)", r"(COALESCE(\1, '')))", text)
+    return translate(text).replace("%%", "%")
+
+
+class PgConnection:
+    """The sqlite3.Connection surface (execute, executemany) over one psycopg connection."""
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        """Wrap an autocommit psycopg connection (transactions are explicit BEGIN/COMMIT)."""
+        self.pg = conn
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        """Run one statement; returns the cursor (rows, rowcount)."""
+        return self.pg.execute(translate(sql), tuple(params))
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> Any:
+        """Run one statement per parameter row (psycopg pipelines them: one round trip)."""
+        cursor = self.pg.cursor()
+        cursor.executemany(translate(sql), [tuple(r) for r in rows])
+        return cursor
+
+    @property
+    def in_transaction(self) -> bool:
+        """Whether a transaction is open on this connection."""
+        return self.pg.info.transaction_status != TransactionStatus.IDLE
+
+
+class PostgresDatabase(Database):
+    """One PostgreSQL connection; schema version in the schema_version table."""
+
+    dialect = "postgresql"
+
+    def __init__(self, url: str, *, migrate: bool = True) -> None:
+        """Connect, and bring the schema (in the connection's search_path) up to date."""
+        self.url = url
+        try:
+            pg = psycopg.connect(
+                url,
+                autocommit=True,
+                row_factory=_row_factory,
+                connect_timeout=int(OPEN_TIMEOUT_S),
+                application_name="edgefleet",
+            )
+        except psycopg.OperationalError as exc:
+            from controller.storage.db import redact_url
+
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConnectionError(f"cannot connect to {redact_url(url)}: {first}") from None
+        pg.adapters.register_loader("numeric", _NumericLoader)
+        pg.adapters.register_dumper(bool, _BoolAsIntDumper)
+        self.pg = pg
+        self.conn: Connection = PgConnection(pg)
+        self._pgconn = self.conn
+        schema = pg.execute("SELECT current_schema()").fetchone()
+        if schema is None or schema[0] is None:
+            raise ConnectionError(
+                f"{url.split('@')[-1]}: no schema to create tables in (search_path is empty "
+                "or names schemas that do not exist)"
+            )
+        self.schema = str(schema[0])
+        self._savepoints = 0
+        if migrate:
+            self.migrate()
+
+    def _lock_key(self, name: str) -> str:
+        """The hashtext argument of a named advisory lock in this schema."""
+        return f"edgefleet:{self.schema}:{name}"
+
+    def _advisory_lock(self, name: str) -> None:
+        """Take a transaction-scoped advisory lock (released at COMMIT/ROLLBACK)."""
+        self.pg.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self._lock_key(name),))
+
+    def migrate(self, upto: int | None = None) -> int:
+        """Apply every migration newer than the stored version (up to `upto`, for upgrade
+        tests), one replica at a time; return the version."""
+        target = len(MIGRATIONS) if upto is None else upto
+        with self.transaction(exclusive=False):
+            self._advisory_lock(_MIGRATE_LOCK)
+            self.pg.execute(_SCHEMA_VERSION_DDL)
+            row = self.pg.execute("SELECT MAX(version) FROM schema_version").fetchone()
+            current = int(row[0]) if row and row[0] is not None else 0
+            check_schema_version(current)
+            for version, script in enumerate(MIGRATIONS[current:target], start=current + 1):
+                for statement in split_statements(script):
+                    self.pg.execute(translate_ddl(statement))
+                self.pg.execute("DELETE FROM schema_version")
+                self.pg.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
+        return max(current, target)
+
+    def schema_version(self) -> int:
+        """The schema_version row: the number of migrations applied (0 before any)."""
+        exists = self.pg.execute("SELECT to_regclass('schema_version')").fetchone()
+        if exists is None or exists[0] is None:
+            return 0
+        row = self.pg.execute("SELECT MAX(version) FROM schema_version").fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
+
+    @contextmanager
+    def transaction(
+        self, *, exclusive: bool = True, repeatable: bool = False
+    ) -> Iterator[Connection]:
+        """BEGIN … COMMIT (a SAVEPOINT inside an open transaction), rolled back on error.
+
+        Exclusive transactions take one advisory lock first, so read-decide-write code runs
+        one at a time across replicas, as every SQLite transaction does (BEGIN IMMEDIATE).
+        """
+        if self._pgconn.in_transaction:  # type: ignore[attr-defined]
+            if exclusive:
+                self._advisory_lock(_EXCLUSIVE_LOCK)  # re-entrant within a session
+            self._savepoints += 1
+            name = f"sp{self._savepoints}"
+            self.pg.execute(f"SAVEPOINT {name}")
+            try:
+                yield self.conn
+            except BaseException:
+                self.pg.execute(f"ROLLBACK TO SAVEPOINT {name}")
+                self.pg.execute(f"RELEASE SAVEPOINT {name}")
+                raise
+            self.pg.execute(f"RELEASE SAVEPOINT {name}")
+            return
+        self.pg.execute("BEGIN ISOLATION LEVEL REPEATABLE READ" if repeatable else "BEGIN")
+        try:
+            if exclusive:
+                self._advisory_lock(_EXCLUSIVE_LOCK)
+            yield self.conn
+        except BaseException:
+            if not self.pg.closed:
+                self.pg.execute("ROLLBACK")
+            raise
+        self.pg.execute("COMMIT")
+
+    @contextmanager
+    def snapshot(self) -> Iterator[Connection]:
+        """A REPEATABLE READ, READ ONLY transaction: one snapshot for every query inside."""
+        self.pg.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        try:
+            yield self.conn
+        finally:
+            self.pg.execute("COMMIT")
+
+    def healthy(self) -> bool:
+        """Whether the connection still works (psycopg marks it closed or broken for good)."""
+        return not (self.pg.closed or self.pg.broken)
+
+    def clock(self) -> float:
+        """The server's clock: leases never depend on the replicas' clocks agreeing."""
+        row = self.pg.execute("SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8").fetchone()
+        return float(row[0])
+
+    def lock_devices(self, device_ids: Iterable[str]) -> None:
+        """Per-device advisory locks, taken in hash order so two batches never deadlock."""
+        keys = sorted({self._lock_key(f"device:{d}") for d in device_ids})
+        if keys:
+            self.pg.execute(
+                "SELECT pg_advisory_xact_lock(h) FROM "
+                "(SELECT hashtext(k) AS h FROM unnest(%s::text[]) AS k ORDER BY h) AS ordered",
+                (keys,),
+            )
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.pg.close()
