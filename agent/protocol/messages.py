@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import reprlib
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,13 @@ from agent.protocol.telemetry import Environment, SeqRange
 from agent.protocol.topics import validate_device_id, validate_sha256
 
 M = TypeVar("M")
+
+# Board model strings are short ("Raspberry Pi 4 Model B Rev 1.4"); 128 leaves room for vendors'
+# longer ones while a hostile device cannot bloat the registry.
+MAX_IDENTITY_CHARS = 128
+# Device-tree compatible lists have 2-4 entries; big.LITTLE SoCs have 2-3 CPU part numbers.
+MAX_IDENTITY_ITEMS = 8
+_CPU_PART = re.compile(r"0x[0-9a-f]{1,4}")
 
 # Persisted agent update states (DESIGN.md, "Agent update flow").
 UpdateState = Literal[
@@ -62,6 +70,28 @@ class DeviceFacts:
     runtime_version: str
     python: str
     delegates: tuple[str, ...] = ()
+    # Board identity for profile matching (agent/facts.py, firmware_profiles/identity.py): the
+    # device-tree model (or /proc/cpuinfo "Model"), the SoC identifiers (device-tree compatible
+    # entries, cpuinfo "Hardware"), the distinct cpuinfo "CPU part" numbers, and whether the
+    # cores and RAM are an emulator host's (qemu-user). Left out while unset, so a hello without
+    # them is what controllers released before them parse.
+    board: str | None = field(default=None, metadata={OMIT_DEFAULT: True})
+    socs: tuple[str, ...] = field(default=(), metadata={OMIT_DEFAULT: True})
+    cpu_parts: tuple[str, ...] = field(default=(), metadata={OMIT_DEFAULT: True})
+    emulated: bool = field(default=False, metadata={OMIT_DEFAULT: True})
+
+    def __post_init__(self) -> None:
+        """Bound the free-text identity facts (they reach logs, the database and the UI)."""
+        for name, value in (("board", self.board), *(("socs", s) for s in self.socs)):
+            if value is not None and (len(value) > MAX_IDENTITY_CHARS or not value.isprintable()):
+                raise ProtocolError(
+                    f"$.facts.{name}: at most {MAX_IDENTITY_CHARS} printable characters"
+                )
+        if len(self.socs) > MAX_IDENTITY_ITEMS or len(self.cpu_parts) > MAX_IDENTITY_ITEMS:
+            raise ProtocolError(f"$.facts: at most {MAX_IDENTITY_ITEMS} socs and cpu_parts")
+        for part in self.cpu_parts:
+            if not _CPU_PART.fullmatch(part):
+                raise ProtocolError(f"$.facts.cpu_parts: {part!r} is not a hex part like 0xd08")
 
 
 @dataclass(frozen=True)

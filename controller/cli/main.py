@@ -16,6 +16,7 @@ import firmware_profiles
 from agent.protocol import ProtocolError, validate_name
 from controller.cli.common import HomeOption, JsonOption, fail, open_fleet
 from controller.cli.explain import devices_outliers, models_explain
+from controller.cli.onboarding import devices_register, record_serving_or_warn
 from controller.cli.optimize import optimize
 from controller.cli.render import as_json, num, short, table
 from controller.cli.rollout import rollout_app
@@ -69,6 +70,7 @@ app.command("telemetry")(telemetry)
 app.command("report")(report)
 app.command("simulate")(simulate_command)
 models_app.command("explain")(models_explain)
+devices_app.command("register")(devices_register)
 devices_app.command("outliers")(devices_outliers)
 
 _fleet = open_fleet
@@ -149,71 +151,6 @@ def devices_show(
                 ["MODEL", "P50 MS", "P99 MS", "PEAK RSS MB", "POWER W", "SOURCE"],
             )
         )
-
-
-@devices_app.command("register")
-def devices_register(
-    device_id: Annotated[str, typer.Argument(help="device id ([A-Za-z0-9._-]{1,64})")],
-    profile: Annotated[str, typer.Option("--profile", "-p", help="profile id")],
-    auth: Annotated[
-        str | None,
-        typer.Option(
-            help="broker credentials: password, cert (client certificate) or none "
-            "(default: what `edgefleet up` serves)"
-        ),
-    ] = None,
-    bundle: Annotated[
-        Path | None,
-        typer.Option(help="write the agent bundle here (default HOME/bundles/ID); 0700"),
-    ] = None,
-    broker_url: Annotated[
-        str | None,
-        typer.Option(
-            "--broker",
-            help="broker URL devices use (default: what the running or last `edgefleet up` "
-            "with this data dir serves)",
-        ),
-    ] = None,
-    data_dir: Annotated[
-        str | None,
-        typer.Option(
-            help="the agent's data_dir on the device (default: chosen on the device: "
-            "/var/lib/edgefleet-agent as root or service, else ~/.local/share/edgefleet-agent)"
-        ),
-    ] = None,
-    home: HomeOption = None,
-    json_out: JsonOption = False,
-) -> None:
-    """Register a device; write its agent bundle for the controller as it runs; print the steps."""
-    from controller.onboarding import onboard
-
-    try:
-        row = onboard(
-            home or default_home(),
-            device_id,
-            profile,
-            auth=auth,
-            bundle=bundle,
-            broker=broker_url,
-            data_dir=data_dir,
-        )
-    except (FleetError, ValueError) as exc:
-        raise _fail(exc) from None
-    if json_out:
-        typer.echo(as_json(row))
-        return
-    typer.echo(f"registered {device_id} as {profile}")
-    typer.echo(
-        f"bundle {row['bundle']}: agent.toml ({row['auth']} auth, broker {row['broker']}, from "
-        f"{row['broker_source']}) and {Path(row['wheel']).name}"
-    )
-    if row["broker_reloaded"]:
-        typer.echo(row["broker_reloaded"])
-    for warning in row["warnings"]:
-        typer.echo(f"warning: {warning}", err=True)
-    typer.echo("\non the device:")
-    for line in row["commands"]:
-        typer.echo(f"  {line}")
 
 
 @devices_app.command("remove")
@@ -474,12 +411,7 @@ def up(
             raise _fail(exc) from None
         broker = handle.url
         typer.echo(f"embedded {handle.kind} broker on {broker}", err=True)
-    from controller.onboarding import record_serving
-
-    try:
-        record_serving(home, handle, broker, host=host, topic_root=topic_root)
-    except OSError as exc:  # registering devices then needs --broker; the fleet still runs
-        typer.echo(f"warning: cannot write {home / 'serving.json'}: {exc}", err=True)
+    record_serving_or_warn(home, handle, broker, host=host, topic_root=topic_root)
     registry = ControllerMetrics(database_target(home)) if metrics_address else None
     metrics_server = None
     if registry is not None and metrics_address is not None:

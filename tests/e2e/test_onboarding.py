@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from controller.fleet import Fleet
-from controller.onboarding import DEVICE_VENV, read_serving
+from controller.fleet.onboarding import DEVICE_VENV, read_serving
+from controller.fleet.registry import Fleet
 from tests.e2e.conftest import DATA, wait_until
 
 pytestmark = [pytest.mark.e2e]

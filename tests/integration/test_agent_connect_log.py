@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import AgentConfig, dump_config
-from controller.broker import BrokerHandle, free_port, start_mosquitto
+from controller.brokers.mosquitto import BrokerHandle, free_port, start_mosquitto
 from controller.security.identity import PasswordFile
 from tests.polling import wait_until
 

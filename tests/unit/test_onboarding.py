@@ -11,9 +11,9 @@ import pytest
 from typer.testing import CliRunner
 
 from agent.config import default_data_dir, load_config
-from controller.agent_wheel import agent_requirements, build_agent_wheel, wheel_name
-from controller.cli import app
-from controller.onboarding import (
+from controller.cli.main import app
+from controller.fleet.agent_wheel import agent_requirements, build_agent_wheel, wheel_name
+from controller.fleet.onboarding import (
     UP_DEFAULT_BROKER,
     Serving,
     embedded_serving,

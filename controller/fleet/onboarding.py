@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from agent.protocol import DEFAULT_ROOT
 
 if TYPE_CHECKING:
-    from controller.broker import BrokerHandle
+    from controller.brokers.mosquitto import BrokerHandle
 
 __all__ = [
     "SERVING_FILE",
@@ -292,7 +292,7 @@ def device_commands(bundle: Path, device_id: str, wheel_name: str) -> list[str]:
         "# 1. copy the bundle to the device (it holds the device's secrets: keep it private)",
         f"scp -rp {bundle} DEVICE:{remote}",
         "# 2. install on the device (Debian 12 / Raspberry Pi OS, arm64 or armv7l, no compiler)",
-        "sudo apt-get install -y python3-venv python3-cffi",
+        "sudo apt-get install -y python3-venv python3-cffi python3-numpy python3-psutil",
         f"sudo python3 -m venv --system-site-packages {DEVICE_VENV}",
         f"sudo {DEVICE_VENV}/bin/pip install ~/{remote}/{wheel_name}",
         "# 3. start: in the foreground as you (data in ~/.local/share/edgefleet-agent) ...",
@@ -318,8 +318,8 @@ def onboard(
     and warnings. FleetError / ValueError name what is wrong; nothing is written before the
     broker URL and auth are known to be usable.
     """
-    from controller.agent_wheel import build_agent_wheel
-    from controller.fleet import Fleet
+    from controller.fleet.agent_wheel import build_agent_wheel
+    from controller.fleet.registry import Fleet
 
     if auth is not None and auth not in ("password", "cert", "none"):
         raise ValueError(f"unknown auth {auth!r}: expected one of password, cert, none")
