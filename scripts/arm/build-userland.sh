@@ -142,11 +142,12 @@ if [ ! -e "$TARBALL" ]; then
   mkdir -p "$BUILD/root/edgefleet"
   cp "$REPO/$REQ_FILE" "$BUILD/root/edgefleet/requirements.txt"
   log "venv $AGENT_VENV and pip install -r $REQ_FILE (emulated: minutes)"
-  install_requirements /root/edgefleet/requirements.txt \
-    || die "pip install -r $REQ_FILE failed inside the $ARCH userland"
+  # Not in an `||` list: set -e (and the ERR trap naming the line) must apply inside it.
+  install_requirements /root/edgefleet/requirements.txt
   in_root "$AGENT_VENV/bin/pip" freeze >"$BUILD/root/edgefleet/freeze.txt"
-  # Smaller tarball: downloaded .debs and apt lists are not needed to run the agent.
-  rm -rf "$BUILD"/var/cache/apt/archives/*.deb "$BUILD"/var/lib/apt/lists/* "$BUILD/root/.cache"
+  # Smaller tarball: downloaded .debs and pip's cache are not needed (apt lists stay: the
+  # printed device commands run apt-get install, as on a device after apt-get update).
+  rm -rf "$BUILD"/var/cache/apt/archives/*.deb "$BUILD"/var/cache/apt/*.bin "$BUILD/root/.cache"
   rm -f "$BUILD/.debootstrapped"
   log "packing $TARBALL"
   tar --numeric-owner --one-file-system -C "$BUILD" -cf - . | zstd -q -T0 -6 -o "$TARBALL.tmp"

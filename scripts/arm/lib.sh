@@ -33,7 +33,8 @@ arch_info() {
       DEB_ARCH=armhf; QEMU_NAME=arm; UNAME_M=armv7l
       # The Raspberry Pi 2's core, the oldest armv7l board of firmware_profiles/.
       QEMU_CPU_PIN=cortex-a7
-      REQ_FILE=requirements/agent-tflite214.txt
+      # The same file: its markers select tflite-runtime 2.14, numpy<2 and cryptography<46.
+      REQ_FILE=requirements/agent.txt
       ;;
     *) die "unknown architecture '$1': use arm64 or armhf" ;;
   esac

@@ -23,7 +23,8 @@ from tests.arm import userland
 from tests.conftest import running_in_ci
 from tests.polling import wait_until
 
-EDGEFLEET = [sys.executable, "-m", "controller.cli"]
+# The console script of the venv running the tests, as a user runs it.
+EDGEFLEET = [str(Path(sys.executable).parent / "edgefleet")]
 # `edgefleet up` starts mosquitto and connects within a second or two on an idle machine.
 UP_TIMEOUT_S = 60
 

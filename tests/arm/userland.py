@@ -21,8 +21,8 @@ AGENT_VENV = "/opt/edgefleet-agent"
 ARCHES = ("arm64", "armhf")
 # What each userland reports as its architecture (agent/facts.py userland_arch).
 EXPECTED_ARCH = {"arm64": "aarch64", "armhf": "armv7l"}
-# The runtime each documented install brings (requirements/agent.txt, agent-tflite214.txt).
-EXPECTED_RUNTIME = {"arm64": "litert", "armhf": "tflite-runtime"}
+# The runtime (distribution) the markers of requirements/agent.txt pick per architecture.
+EXPECTED_RUNTIME = {"arm64": "ai-edge-litert", "armhf": "tflite-runtime"}
 # A cold armhf build is ≈ 8 min on 2 idle cores; the bound leaves room for a busy CI runner.
 BUILD_TIMEOUT_S = 2400
 
