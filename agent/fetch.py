@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.download import ChunkRejected, Download
-from agent.mqtt import MqttSession
 from agent.protocol import MAX_CHUNK_SIZE, Manifest, Need, ProtocolError, Topics, dump
+from agent.protocol.transport import MqttSession
 from agent.state import Superseded, UpdateFailed
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ MAX_IDENTITY_CHARS = 128
 MAX_IDENTITY_ITEMS = 8
 _CPU_PART = re.compile(r"0x[0-9a-f]{1,4}")
 
-# Persisted agent update states (DESIGN.md, "Agent update flow").
+# Persisted agent update states (docs/agent.md, "Update flow").
 UpdateState = Literal[
     "idle", "fetching", "verifying", "staged", "self-testing", "active", "failed", "rolled_back"
 ]

@@ -12,19 +12,27 @@ from controller.cli.render import as_json
 from controller.fleet.registry import FleetError, default_home
 
 if TYPE_CHECKING:
-    from controller.brokers.mosquitto import BrokerHandle
+    from controller.brokers.base import BrokerHandle
 
 
 def record_serving_or_warn(
     home: Path, handle: BrokerHandle | None, broker: str, *, host: str, topic_root: str
 ) -> None:
     """`up`: write HOME/serving.json for `devices register`; a failure only warns."""
-    from controller.fleet.onboarding import record_serving
+    from controller.fleet.onboarding import read_serving, record_serving
 
     try:
         record_serving(home, handle, broker, host=host, topic_root=topic_root)
     except OSError as exc:  # registering devices then needs --broker; the fleet still runs
         typer.echo(f"warning: cannot write {home / 'serving.json'}: {exc}", err=True)
+        return
+    serving = read_serving(home)
+    if serving is not None:
+        typer.echo(
+            f"devices connect to {serving.device_broker} (auth {serving.auth}); onboard one "
+            "with `edgefleet devices register NAME --profile PROFILE`",
+            err=True,
+        )
 
 
 def devices_register(

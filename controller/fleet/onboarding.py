@@ -16,12 +16,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+
+import psutil
 
 from agent.protocol import DEFAULT_ROOT
+from agent.protocol.transport import is_tls_url, parse_mqtt_url
 
 if TYPE_CHECKING:
-    from controller.brokers.mosquitto import BrokerHandle
+    from controller.brokers.base import BrokerHandle
 
 __all__ = [
     "SERVING_FILE",
@@ -42,32 +44,9 @@ UP_DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
 # Where the printed commands put the agent's virtualenv: one place root, a service user and a
 # login user can all read (a home directory is 0700 on Debian 12, so not there).
 DEVICE_VENV = "/opt/edgefleet-agent"
-
-
-# What the agent accepts (agent/mqtt.py): plain and TLS MQTT URL schemes.
-_PLAIN_SCHEMES = ("mqtt", "tcp")
-_TLS_SCHEMES = ("mqtts", "ssl")
-
-
-def is_tls_url(url: str) -> bool:
-    """Whether a broker URL asks for TLS (mqtts:// or ssl://), as the agent decides it."""
-    return url.split("://", 1)[0].lower() in _TLS_SCHEMES if "://" in url else False
-
-
-def broker_host(url: str) -> str:
-    """The host of a broker URL the agent can use; ValueError naming what is wrong."""
-    parts = urlsplit(url)
-    if parts.scheme.lower() not in _PLAIN_SCHEMES + _TLS_SCHEMES or "://" not in url:
-        raise ValueError(
-            f"unsupported broker URL scheme in {url!r}: expected mqtt://host:port or mqtts://"
-        )
-    if not parts.hostname:
-        raise ValueError(f"broker URL {url!r} has no host")
-    try:
-        parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError:
-        raise ValueError(f"invalid port in broker URL {url!r}") from None
-    return parts.hostname
+# psutil's process start time is rounded to the clock tick and the record is written right after
+# start-up; a second of slack keeps the real `up` recognised while a reused pid is not.
+PID_START_SLACK_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -86,14 +65,25 @@ class Serving:
 
     @property
     def running(self) -> bool:
-        """Whether the `up` process that wrote this record is still alive."""
+        """Whether the `up` process that wrote this record is still alive (not a reused pid)."""
         try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
+            created = psutil.Process(self.pid).create_time()
+        except psutil.Error:
             return False
-        except PermissionError:
-            return True
-        return True
+        # A process that started after the record was written only reuses the pid.
+        return created <= self.started_at + PID_START_SLACK_S
+
+    def broker_process(self) -> psutil.Process | None:
+        """The embedded mosquitto of this record, if that very process still runs."""
+        if self.broker_pid is None or self.broker_dir is None:
+            return None
+        try:
+            process = psutil.Process(self.broker_pid)
+            cmdline = process.cmdline()
+        except psutil.Error:
+            return None
+        # Our mosquitto runs `-c BROKER_DIR/mosquitto.conf`; anything else only reuses the pid.
+        return process if str(Path(self.broker_dir) / "mosquitto.conf") in cmdline else None
 
 
 def write_serving(home: Path, serving: Serving) -> Path:
@@ -245,7 +235,7 @@ def resolve_target(
             topic_root or DEFAULT_ROOT,
             "`edgefleet up` defaults (it has not run with this data dir yet)",
         )
-    host = broker_host(target.broker)  # ValueError on a malformed URL, before anything is written
+    host, _ = parse_mqtt_url(target.broker)  # ValueError on a bad URL, before anything is written
     if host in ("127.0.0.1", "localhost", "::1"):
         warnings.append(
             f"the broker {target.broker} is loopback: only an agent on this machine (or a chroot "
@@ -268,17 +258,17 @@ def reload_broker_passwords(home: Path, password_file: Path) -> str | None:
     serving = read_serving(home)
     if serving is None or serving.auth != "password" or not serving.embedded:
         return None
-    if not serving.running or serving.broker_pid is None or serving.broker_dir is None:
+    broker = serving.broker_process() if serving.running else None
+    if broker is None or serving.broker_dir is None:
         return None
     from controller.security.identity import write_private
 
-    target = Path(serving.broker_dir) / "passwd"
-    write_private(target, password_file.read_bytes())
+    write_private(Path(serving.broker_dir) / "passwd", password_file.read_bytes())
     try:
-        os.kill(serving.broker_pid, signal.SIGHUP)
-    except ProcessLookupError:
+        broker.send_signal(signal.SIGHUP)
+    except psutil.Error:
         return None
-    return f"reloaded the running broker's passwords (pid {serving.broker_pid})"
+    return f"reloaded the running broker's passwords (pid {broker.pid})"
 
 
 def device_commands(bundle: Path, device_id: str, wheel_name: str) -> list[str]:

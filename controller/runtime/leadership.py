@@ -9,15 +9,18 @@ from typing import TYPE_CHECKING
 from controller.fleet.registry import Fleet
 from controller.runtime.adopt import Acknowledge, Adoption, dead_replicas, mark_adopted
 from controller.runtime.lease import LEASE_TTL_S, RENEW_INTERVAL_S, Lease, heartbeat
-from controller.storage.db import Database, database_target, open_database
+from controller.storage.db import Database, database_target
+from controller.storage.open import open_database
 
 if TYPE_CHECKING:
     pass
 
+from controller.runtime.core import ServiceCore
+
 log = logging.getLogger(__name__)
 
 
-class Leadership:
+class Leadership(ServiceCore):
     """Keeps the leader lease; adopts dead replicas' sessions (ControllerService mixin)."""
 
     def _lead_forever(self, started: float) -> None:

@@ -18,7 +18,8 @@ from prometheus_client.utils import floatToGoString
 from agent.protocol import LATENCY_BUCKETS_MS
 from controller.fleet.telemetry.reports import BUCKET_COLUMNS, model_label
 from controller.fleet.telemetry.store import IngestResult
-from controller.storage.db import Connection, open_database
+from controller.storage.db import Connection
+from controller.storage.open import open_database
 
 # Histogram `le` bounds in seconds (Prometheus base unit), one per LATENCY_BUCKETS_MS bound.
 LATENCY_BUCKETS_S: tuple[str, ...] = tuple(
@@ -156,7 +157,7 @@ class FleetCollector(Collector):
         dropped = _rows(conn, "SELECT COALESCE(SUM(dropped_total), 0) AS n FROM telemetry_cursor")[
             0
         ]
-        out = []
+        out: list[Metric] = []
         for name, doc, value in (
             ("edgefleet_telemetry_gaps_open", "Missing sequence ranges not yet resent.", "open"),
             (

@@ -26,8 +26,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.config import AgentConfig, dump_config
-from agent.fsutil import atomic_write_bytes
 from agent.protocol import DEFAULT_ROOT, ProtocolError, validate_device_id
+from controller.security.files import write_private
 
 __all__ = [
     "AUTH_METHODS",
@@ -64,9 +64,6 @@ LEAF_VALIDITY_DAYS = 1825
 CLOCK_SKEW = datetime.timedelta(minutes=5)
 
 
-# Broker URL schemes that mean TLS, as the agent reads them (agent/mqtt.py).
-TLS_URL_PREFIXES = ("mqtts://", "ssl://")
-
 _CA_KEY = "ca.key"
 _CA_CERT = "ca.crt"
 _PASSWD = "passwd"
@@ -80,15 +77,6 @@ class IdentityError(ValueError):
 
 # --------------------------------------------------------------------------- files
 
-
-def write_private(path: Path, data: bytes) -> None:
-    """Write `data` atomically to `path` with mode 0600 (never world-readable, not even briefly).
-
-    atomic_write_bytes writes through mkstemp, which creates the file 0600; the directory is
-    created 0700 first.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    atomic_write_bytes(path, data)
 
 
 def private_dir(path: Path) -> Path:
@@ -417,10 +405,11 @@ class FleetSecurity:
         (agent.config.default_data_dir: systemd StateDirectory, /var/lib as root, else
         ~/.local/share). Returns the agent.toml path.
         """
+        from agent.protocol.transport import is_tls_url
         from controller.security.signing import describe  # signing imports this module
 
         private_dir(bundle_dir)
-        tls = broker_url.strip().lower().startswith(TLS_URL_PREFIXES)
+        tls = is_tls_url(broker_url.strip())
         if credentials.auth == "cert" and not tls:
             raise IdentityError(
                 f"certificate auth needs a TLS broker URL (mqtts://), got {broker_url!r}"

@@ -33,7 +33,7 @@ from agent.protocol import (
     parse,
     validate_device_id,
 )
-from controller.brokers.mosquitto import parse_broker_url
+from controller.brokers.base import parse_broker_url
 from controller.simulate.agent import RECONNECT_MIN_S, SimAgent, SimCounters
 from controller.simulate.download import Assembly
 from controller.simulate.faults import (
@@ -61,7 +61,7 @@ log = logging.getLogger("controller.simulate")
 # Clients whose CONNECT is out but whose CONNACK is not in yet: a 1,000-device start then
 # reaches the broker as a steady stream instead of 1,000 simultaneous handshakes.
 MAX_CONNECTING = 64
-# Keepalive, inflight window and reconnect backoff ceiling as the real agent (agent/mqtt.py).
+# Keepalive, inflight window, reconnect backoff ceiling: as the agent (protocol/transport.py).
 KEEPALIVE_S = 30
 MAX_INFLIGHT = 20
 RECONNECT_MAX_S = 30.0

@@ -72,6 +72,9 @@ def test_register_with_defaults_then_the_printed_command_comes_online_and_deploy
     assert serving is not None and serving.auth == "none"
     assert serving.device_broker.startswith("mqtt://127.0.0.1:")
     assert serving.broker_pid is not None and serving.running
+    assert f"devices connect to {serving.device_broker} (auth none)" in (
+        tmp_path / "up.log"
+    ).read_text()
 
     out = subprocess.run(
         [EDGEFLEET, "devices", "register", "pi-kitchen", "--profile", "rpi4", "--home", str(up)],

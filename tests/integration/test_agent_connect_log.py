@@ -15,11 +15,16 @@ from pathlib import Path
 import pytest
 
 from agent.config import AgentConfig, dump_config
-from controller.brokers.mosquitto import BrokerHandle, free_port, start_mosquitto
-from controller.security.identity import PasswordFile
+from controller.brokers.base import BrokerHandle, free_port
+from controller.brokers.mosquitto import start_mosquitto
+from controller.security.broker_config import start_secure_mosquitto
+from controller.security.identity import FleetSecurity, PasswordFile
 from tests.polling import wait_until
 
 pytestmark = [pytest.mark.integration]
+
+# How the agent's MQTT session logs (level and logger name).
+LOGGER = "WARNING agent.protocol.transport:"
 
 
 class Agent:
@@ -91,7 +96,7 @@ def test_closed_port_logs_every_attempt_with_reason_and_backoff(
     port = free_port()  # nothing listens here
     agent = Agent(tmp_path, f"mqtt://127.0.0.1:{port}")
     agents.append(agent)
-    pattern = re.escape(f"WARNING agent.mqtt: cannot connect to mqtt://127.0.0.1:{port}")
+    pattern = re.escape(f"{LOGGER} cannot connect to mqtt://127.0.0.1:{port}")
     wait_until(lambda: len(_attempts(agent.log(), pattern)) >= 3, 30, "three failure lines")
     _check_backoff(_attempts(agent.log(), pattern)[:3])
     assert "ConnectionRefusedError: [Errno 111] Connection refused" in agent.log()
@@ -111,11 +116,42 @@ def test_refused_credentials_log_every_attempt_with_reason_and_backoff(
         agent = Agent(tmp_path, handle.url, username="dev-x", password="wrong")
         agents.append(agent)
         pattern = re.escape(
-            f"WARNING agent.mqtt: broker 127.0.0.1:{handle.port} refused the connection"
+            f"{LOGGER} broker 127.0.0.1:{handle.port} refused the connection"
         )
         wait_until(lambda: len(_attempts(agent.log(), pattern)) >= 3, 30, "three refusals")
         _check_backoff(_attempts(agent.log(), pattern)[:3])
         assert "): Not authorized; retrying in" in agent.log()
+    finally:
+        for agent in agents:
+            agent.stop()
+        handle.stop()
+
+
+def test_untrusted_broker_certificate_logs_the_tls_reason(
+    tmp_path: Path, agents: list[Agent], mosquitto_binary: str
+) -> None:
+    """A bundle whose CA did not sign the broker's certificate: the TLS error, every attempt."""
+    broker_side = FleetSecurity(tmp_path / "fleet-a")
+    handle = start_secure_mosquitto(
+        broker_side, tmp_path / "broker", host="127.0.0.1", tls_port=0, binary=mosquitto_binary
+    )
+    other_ca = FleetSecurity(tmp_path / "fleet-b").ca.cert_path  # another fleet's CA
+    try:
+        agent = Agent(
+            tmp_path,
+            f"mqtts://127.0.0.1:{handle.tls_port}",
+            username="dev-x",
+            password="whatever",
+            ca_file=str(other_ca),
+        )
+        agents.append(agent)
+        pattern = re.escape(
+            f"{LOGGER} cannot connect to mqtts://127.0.0.1:{handle.tls_port}"
+        )
+        wait_until(lambda: len(_attempts(agent.log(), pattern)) >= 2, 30, "two TLS failures")
+        _check_backoff(_attempts(agent.log(), pattern)[:2])
+        assert "SSLCertVerificationError" in agent.log()
+        assert "certificate verify failed" in agent.log()
     finally:
         for agent in agents:
             agent.stop()

@@ -16,24 +16,23 @@ import pytest
 
 from controller.brokers import mosquitto as broker_mod
 from controller.brokers.amqtt_broker import start_amqtt
-from controller.brokers.mosquitto import (
-    MAX_QUEUED_MESSAGES,
+from controller.brokers.base import (
     BrokerError,
     BrokerHandle,
     PortInUseError,
     free_port,
     parse_broker_url,
-    start_embedded,
-    start_mosquitto,
     wait_for_port,
 )
+from controller.brokers.mosquitto import MAX_QUEUED_MESSAGES, start_mosquitto
+from controller.runtime.embedded_broker import start_embedded
 from tests.mqtt_helpers import LastWill, MqttProbe, wait_until
 
 pytestmark = pytest.mark.integration
 
 ProbeFactory = Callable[..., MqttProbe]
 
-# The protocol's chunk cap (DESIGN.md: chunks ≤ 128 KiB); the largest payload we must carry.
+# The protocol's chunk cap (protocol/limits.py: 128 KiB); the largest payload we must carry.
 CHUNK_BYTES = 128 * 1024
 # More than mosquitto's default max_queued_messages (1000), so the default would drop some.
 BACKLOG_MESSAGES = 1500

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from agent.metrics import ServingMetrics
-from agent.mqtt import MqttSession
 from agent.power import detect_power_source
 from agent.protocol import (
     MAX_JSON_BYTES,
@@ -22,9 +21,11 @@ from agent.protocol import (
     dump,
     parse,
 )
+from agent.protocol.transport import MqttSession
 from agent.spool import TelemetrySpool
 from agent.telemetry import MAX_MESSAGE_BYTES, TelemetryReporter
-from controller.brokers.mosquitto import BrokerHandle, start_mosquitto
+from controller.brokers.base import BrokerHandle
+from controller.brokers.mosquitto import start_mosquitto
 from tests.e2e.proxy import TcpProxy
 from tests.mqtt_helpers import MqttProbe
 from tests.polling import wait_until

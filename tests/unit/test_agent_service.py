@@ -73,6 +73,7 @@ def test_installs_unit_and_config_into_a_root(
     assert unit["User"] == ["edgefleet-agent"] and unit["Group"] == ["edgefleet-agent"]
     assert unit["Restart"] == ["on-failure"] and unit["StateDirectory"] == ["edgefleet-agent"]
     assert unit["TimeoutStopSec"] == ["150"] and unit["KillMode"] == ["mixed"]
+    assert unit["RestartPreventExitStatus"] == ["2"], "a config error does not loop"
     assert unit["NoNewPrivileges"] == ["yes"] and unit["ProtectSystem"] == ["strict"]
     assert unit["WantedBy"] == ["multi-user.target"]
     out = capsys.readouterr().out

@@ -4,6 +4,8 @@ device's commands; the agent picks its data dir by who runs it; the agent wheel 
 from __future__ import annotations
 
 import json
+import os
+import time
 import zipfile
 from pathlib import Path
 
@@ -40,7 +42,10 @@ def _modes(directory: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mode & 0o777 for p in directory.iterdir()}
 
 
-def test_defaults_without_up_match_what_up_serves_by_default(tmp_path: Path) -> None:
+def test_defaults_without_up_match_what_up_serves_by_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "state"))
     home = tmp_path / "home"
     row = _register(home, "pi-kitchen")
     bundle = home / "bundles" / "pi-kitchen"
@@ -49,6 +54,7 @@ def test_defaults_without_up_match_what_up_serves_by_default(tmp_path: Path) -> 
     assert "data_dir =" not in text and "ca_file" not in text and "password" not in text
     config = load_config(bundle / "agent.toml")
     assert config.broker == UP_DEFAULT_BROKER and config.username is None
+    assert config.data_dir == tmp_path / "state", "no data_dir: the device picks its own"
     assert config.trusted_keys, "the bundle trusts the fleet's signing key"
     assert _modes(bundle) == {"agent.toml": 0o600, wheel_name(): 0o600}
     assert (bundle.stat().st_mode & 0o777) == 0o700
@@ -191,3 +197,28 @@ def test_serving_record_knows_a_dead_up(tmp_path: Path) -> None:
     assert read_serving(tmp_path) == serving
     (tmp_path / "serving.json").write_text("{not json")
     assert read_serving(tmp_path) is None
+
+
+def test_reload_never_signals_a_process_that_only_reuses_the_broker_pid(tmp_path: Path) -> None:
+    """The record names this test process as the broker: it is not our mosquitto, so no SIGHUP
+    (which would kill it) and no password file written."""
+    from controller.fleet.onboarding import reload_broker_passwords
+
+    broker_dir = tmp_path / "broker"
+    write_serving(
+        tmp_path,
+        Serving(
+            pid=os.getpid(),
+            started_at=time.time(),
+            device_broker="mqtts://h:8883",
+            auth="password",
+            broker_pid=os.getpid(),
+            broker_dir=str(broker_dir),
+        ),
+    )
+    passwd = tmp_path / "passwd"
+    passwd.write_text("dev:x\n")
+    assert reload_broker_passwords(tmp_path, passwd) is None
+    assert not (broker_dir / "passwd").exists()
+    stale = Serving(pid=os.getpid(), started_at=0.0, device_broker="mqtt://h:1", auth="none")
+    assert not stale.running, "a process started after the record only reuses the pid"
