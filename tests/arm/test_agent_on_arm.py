@@ -4,19 +4,23 @@ Per architecture (arm64 with ai-edge-litert, armhf with tflite-runtime 2.14): th
 as docs/packaging.md tells a user, onboarded with the bundle `edgefleet devices register` writes,
 runs as a real process under qemu-user. It takes two signed rollouts whose goldens are checked on
 the emulated CPU (fp32, then int8), benchmarks them, and refuses a model whose golden self-test
-fails, keeping the previous one. Asserts function only: emulated latencies mean nothing.
+fails, keeping the previous one, and a forged unsigned desired state. Asserts function only:
+emulated latencies mean nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
 from agent.config import AgentConfig, load_config
+from agent.protocol import Desired, Topics, dump, parse
 from tests.arm.conftest import Controller
 from tests.arm.userland import (
     ARCHES,
@@ -107,6 +111,9 @@ def _serving(ctl: Controller, device: str, sha: str) -> dict[str, Any]:
     )
 
 
+# The install steps, the agent's start and three emulated rollouts: ≈ 5 min per arch on a busy
+# 2-core machine, well over pytest's default 300 s; 30 min bounds a slow CI runner.
+@pytest.mark.timeout(1800)
 @pytest.mark.parametrize("arch", ARCHES)
 def test_onboarded_arm_agent_takes_signed_golden_rollouts_and_refuses_a_bad_model(
     arch: str, pristine_userland: Any, controller_up: Controller, tmp_path: Path
@@ -127,7 +134,7 @@ def test_onboarded_arm_agent_takes_signed_golden_rollouts_and_refuses_a_bad_mode
     )
     agent.start()
     try:
-        _exercise(ctl, arch, device, agent)
+        _exercise(ctl, arch, device, agent, config.topic_root)
     except BaseException:
         print(f"--- agent log ({arch}) ---\n{agent.log()[-8000:]}")
         print(f"--- controller log ---\n{ctl.log()[-4000:]}")
@@ -136,8 +143,11 @@ def test_onboarded_arm_agent_takes_signed_golden_rollouts_and_refuses_a_bad_mode
         agent.terminate()
 
 
-def _exercise(ctl: Controller, arch: str, device: str, agent: UserlandProcess) -> None:
-    """Online with ARM facts, two signed golden-checked rollouts, then the refused bad model."""
+def _exercise(
+    ctl: Controller, arch: str, device: str, agent: UserlandProcess, topic_root: str
+) -> None:
+    """Online with ARM facts, two signed golden-checked rollouts, the refused bad model, then
+    a refused forged desired state."""
     online = wait_until(
         lambda: (d := ctl.cli_json("devices", "show", device))["online"] and d["facts"] and d,
         ONLINE_TIMEOUT_S,
@@ -175,3 +185,31 @@ def _exercise(ctl: Controller, arch: str, device: str, agent: UserlandProcess) -
     # Everything arrived signed and verified: the agent reported no security event.
     security = [e for e in kept["events"] if e["kind"] == "security"]
     assert security == [], security
+    _forged_desired_is_refused(ctl, device, topic_root, _sha(int8))
+    assert agent.alive, agent.log()[-3000:]
+
+
+def _forged_desired_is_refused(ctl: Controller, device: str, topic_root: str, kept: str) -> None:
+    """An unsigned desired state (the current one, newer generation, no signature) published
+    retained on the device's topic: the agent's signature check (cryptography on this arch)
+    refuses it with a security event, and the kept model serves on."""
+    from paho.mqtt import publish, subscribe
+
+    url = urlsplit(ctl.broker_url)
+    topic = Topics(topic_root).desired(device)
+    retained = subscribe.simple(topic, hostname=url.hostname, port=url.port, retained=True)
+    current = parse(retained.payload, Desired)
+    forged = dataclasses.replace(current, generation=current.generation + 10, sig=None)
+    publish.single(topic, dump(forged), retain=True, hostname=url.hostname, port=url.port)
+    event = wait_until(
+        lambda: next(
+            (e for e in ctl.cli_json("devices", "show", device)["events"]
+             if e["kind"] == "security"),
+            None,
+        ),
+        120,
+        f"a security event from {device}",
+        interval=1.0,
+    )  # fmt: skip
+    assert "unsigned desired state" in event["message"], event
+    _serving(ctl, device, kept)
