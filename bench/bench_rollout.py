@@ -198,7 +198,7 @@ def main() -> int:
         prefix="bench",
         telemetry_interval_s=args.telemetry_interval,
     )
-    sampler = Sampler(broker=broker.pid, controller=ctl.pid).start()
+    sampler = Sampler(broker=broker.pid, controller=ctl.pid, simulator=os.getpid()).start()
     fleet = Fleet(home)
     run = Run(args.devices)
     ok = False

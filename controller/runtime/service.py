@@ -27,9 +27,11 @@ from agent.protocol import (
     dump,
     parse,
 )
+from agent.protocol.limits import REPUBLISH_ROUND_S
 from controller.fleet.registry import Fleet
 from controller.runtime.adopt import Acknowledge, Adoption, dead_replicas, mark_adopted
 from controller.runtime.lease import LEASE_TTL_S, RENEW_INTERVAL_S, Lease, heartbeat
+from controller.runtime.pacing import DEFAULT_MAX_FETCHING, DEFAULT_PER_MINUTE, FetchPacer
 from controller.security.signing import current_fleet_keys
 from controller.storage.db import Connection, Database, database_target, open_database
 
@@ -53,6 +55,12 @@ SHARE_GROUP = "edgefleet"
 # Requests for chunks are gathered this long before publishing, so devices that start together
 # share one publication of each chunk (egress ≈ one artifact size per wave, not per device).
 NEED_COALESCE_S = 0.25
+# (sha, chunk) republish times remembered before old ones are forgotten: bounds the map on a
+# controller that runs for months; entries older than REPUBLISH_ROUND_S are useless anyway.
+REPUBLISHED_MEMORY = 10_000
+# Desired states read per reconcile beyond the pacer's budget: devices whose new desired state
+# needs no download slot (no artifact) are published even while the window is full.
+PACING_SLACK = 64
 # Most messages handled per database transaction: batching keeps SQLite fast under fan-in.
 MAX_BATCH = 500
 # Ask an unknown device to announce itself at most this often.
@@ -100,8 +108,13 @@ class ControllerService:
         telemetry_raw_days: float = TELEMETRY_RAW_DAYS,
         metrics: ControllerMetrics | None = None,
         replica: str | None = None,
+        max_fetching: int = DEFAULT_MAX_FETCHING,
+        fetches_per_minute: float = DEFAULT_PER_MINUTE,
     ) -> None:
         """Prepare the session; start() connects and begins the loop.
+
+        At most `max_fetching` devices download at once and `fetches_per_minute` start a
+        download per minute (0 = no limit; controller/runtime/pacing.py).
 
         With `replica` (a name unique among the replicas), device messages arrive through
         shared subscriptions and only the replica holding the leader lease drives rollouts and
@@ -137,6 +150,11 @@ class ControllerService:
         self.records_duplicate = 0
         self.messages = 0
         self.resend_requests = 0
+        self.needs_received = 0
+        self.pacer = FetchPacer(max_fetching, fetches_per_minute)
+        self.repairs_coalesced = 0  # chunks asked for but published within the round already
+        # (sha, chunk index) -> when it was last published (retained), for repair coalescing.
+        self._republished: dict[tuple[str, int], float] = {}
         # clean_session=False with a fixed client id: the broker queues device events for us
         # while the controller restarts, so a restart loses nothing.
         if replica is not None:
@@ -330,6 +348,8 @@ class ControllerService:
             "leader_terms": self.leader_terms,
             "adopted_messages": self.adopted_messages,
             "resend_requests": self.resend_requests,
+            "needs_received": self.needs_received,
+            "repairs_coalesced": self.repairs_coalesced,
         }
 
     def _run(self) -> None:
@@ -371,6 +391,7 @@ class ControllerService:
                     # Retained state may be gone (broker restart without persistence): resend.
                     try:
                         fleet.republish_all()
+                        self._republished.clear()  # the broker may have lost retained chunks
                         self._reconnected.clear()
                         next_reconcile = 0.0
                     except Exception:  # retried on the next iteration
@@ -530,12 +551,14 @@ class ControllerService:
                 event = parse(payload, Event)
                 _same_device(event.device_id, parsed.ident)
                 fleet.record_event(event)
+                self.pacer.on_event(event)
             elif parsed.channel == "telemetry":
                 message = parse(payload, Telemetry)
                 _same_device(message.device_id, parsed.ident)
                 telemetry.append(message)
             elif parsed.channel == "need":
                 need = parse(payload, Need)
+                self.needs_received += 1
                 manifest = fleet.manifest(parsed.ident)
                 valid = {i for i in need.chunks if 0 <= i < manifest.chunk_count}
                 needs[parsed.ident] |= valid
@@ -549,10 +572,15 @@ class ControllerService:
     def _log_stats(self) -> None:
         """One INFO line of counters, for operators reading the log."""
         log.info(
-            "stats: %d chunk bytes published (%d chunks), %d telemetry records stored "
-            "(%d duplicates), %d resend requests, %d rejected messages, %d errors",
+            "stats: %d chunk bytes published (%d chunks), %d need messages, %d repairs coalesced, "
+            "%d fetching (%d peak), %d telemetry records stored (%d duplicates), "
+            "%d resend requests, %d rejected messages, %d errors",
             self.bytes_published,
             self.chunks_published,
+            self.needs_received,
+            self.repairs_coalesced,
+            self.pacer.fetching,
+            self.pacer.counters.peak_fetching,
             self.records_stored,
             self.records_duplicate,
             self.resend_requests,
@@ -651,7 +679,13 @@ class ControllerService:
         retained = fleet.chunks_retained()
         in_use: set[str] | None = None
         published: list[tuple[str, int]] = []
-        for device_id, desired, manifests in fleet.unpublished_desired():
+        self.pacer.begin()
+        budget = self.pacer.budget()
+        limit = None if budget is None else budget + PACING_SLACK
+        for device_id, desired, manifests in fleet.unpublished_desired(limit):
+            downloads = desired.artifact is not None or desired.fallback is not None
+            if downloads and not self.pacer.admit(device_id, desired.generation):
+                continue  # stays unpublished until a download slot frees up
             try:
                 for manifest in manifests:  # the golden blob's manifest before the model's
                     sha = manifest.sha256
@@ -689,17 +723,29 @@ class ControllerService:
         for index in indices:
             data = fleet.artifacts.read_chunk(sha, index, manifest.chunk_size)
             self.session.publish(self.topics.chunk(sha, index), data, retain=True)
+            self._republished[(sha, index)] = time.monotonic()
             self.chunks_published += 1
             self.bytes_published += len(data)
 
     def _serve_chunks(
         self, fleet: Fleet, needs: dict[str, set[int]], first_need: dict[str, float]
     ) -> None:
-        """Publish each requested chunk once per coalescing window, on the artifact's topic."""
-        due = [sha for sha, t0 in first_need.items() if time.monotonic() - t0 >= NEED_COALESCE_S]
+        """Republish requested chunks once per coalescing window, and each chunk at most once
+        per REPUBLISH_ROUND_S after it was last published: within that, the broker still holds
+        the retained copy (a broker restart reconnects us, which clears the memory) and serves
+        a device's re-subscription itself. A republish is retained on the chunk's own topic,
+        so it reaches the devices subscribed to that chunk, the ones missing it."""
+        now = time.monotonic()
+        due = [sha for sha, t0 in first_need.items() if now - t0 >= NEED_COALESCE_S]
         for sha in due:
-            indices = sorted(needs.pop(sha, set()))
             del first_need[sha]
+            asked = needs.pop(sha, set())
+            indices = sorted(
+                i for i in asked if now - self._republished.get((sha, i), -1e9) >= REPUBLISH_ROUND_S
+            )
+            self.repairs_coalesced += len(asked) - len(indices)
+            if not indices:
+                continue
             try:
                 self._publish_chunks(fleet, fleet.manifest(sha), indices)
                 # Repairs are retained too: flag them so the sweep clears them later.
@@ -707,6 +753,10 @@ class ControllerService:
             except Exception:  # e.g. the artifact file vanished: log, keep serving the rest
                 self.errors += 1
                 log.exception("cannot serve chunks of %s", sha[:12])
+        if len(self._republished) > REPUBLISHED_MEMORY:
+            self._republished = {
+                k: t for k, t in self._republished.items() if now - t < REPUBLISH_ROUND_S
+            }
 
     def _sweep_retained(self, fleet: Fleet) -> None:
         """Clear the retained chunks of artifacts no device still has to download."""
