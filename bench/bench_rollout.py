@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,32 @@ def stats_line(log: Path) -> dict[str, int]:
     return out
 
 
+def stored_series(log: Path) -> list[tuple[float, int]]:
+    """(wall-clock time, telemetry records stored) from every stats line of the controller."""
+    out = []
+    for line in log.read_text(errors="replace").splitlines():
+        if "telemetry records stored" not in line:
+            continue
+        stamp = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        count = int(line.split(" telemetry records stored", 1)[0].split()[-1])
+        out.append((stamp, count))
+    return out
+
+
+def ingest_lag_s(acked: list[tuple[float, int]], stored: list[tuple[float, int]]) -> float | None:
+    """Longest time between the broker acknowledging records (the simulator's PUBACK count) and
+    the controller having stored as many: the ingest lag, sampled at ~1 s resolution."""
+    if not acked or not stored:
+        return None
+    worst = 0.0
+    for t, count in acked:
+        done = next((ts for ts, n in stored if n >= count and ts >= t - 1.0), None)
+        if done is None:
+            continue  # not stored by the end (lost, or the run ended): counted as backlog
+        worst = max(worst, done - t)
+    return round(worst, 1)
+
+
 def wait(predicate: Any, timeout: float, what: str) -> Any:
     """Poll until truthy or raise naming `what`."""
     deadline = time.monotonic() + timeout
@@ -92,6 +119,10 @@ class Run:
         self.wave_labels: list[str] = []
         self.status: dict[str, Any] = {}
         self.artifact_bytes = 0
+        # Simulator figures once every agent registered (before any chunk traffic).
+        self.sim_at_rest: dict[str, Any] = {}
+        # (wall time, telemetry records the broker acknowledged), sampled through the rollout.
+        self.acked: list[tuple[float, int]] = []
 
     def report(self, sampler: Sampler, log: Path, snap: dict[str, Any]) -> dict[str, Any]:
         """Print the table and return the JSON result."""
@@ -101,8 +132,18 @@ class Run:
         broker = sampler.series.get("broker")
         t0 = self.rollout_t0 if self.rollout_t0 is not None else sampler.now()
         t1 = sampler.now()
+        stored = stored_series(log) if log.exists() else []
         result: dict[str, Any] = {
             "devices": self.devices,
+            "telemetry": {
+                "sent": snap.get("telemetry_sent"),
+                "acked": snap.get("telemetry_acked"),
+                "resent": snap.get("telemetry_resent"),
+                "stored": stats.get("telemetry_records_stored"),
+                "duplicates": stats.get("duplicates"),
+                "resend_requests": stats.get("resend_requests"),
+                "max_ingest_lag_s": ingest_lag_s(self.acked, stored),
+            },
             "phase": self.phase,
             "error": self.error,
             "waves": self.wave_labels,
@@ -120,6 +161,7 @@ class Run:
             if broker
             else None,
             "broker_cpu_s_during_rollout": round(broker.cpu_between(t0, t1), 1) if broker else None,
+            "simulator_at_rest": self.sim_at_rest,
             "simulator": {
                 k: snap[k]
                 for k in (
@@ -153,7 +195,12 @@ class Run:
                 f"{name + ' peak RSS / CPU':<40}{figures['peak_rss_mib']:.1f} MiB / "
                 f"{figures['cpu_s']:.1f} s"
             )
-        print(f"{'simulator RSS per device':<40}{snap.get('rss_per_device_kb')} KiB")
+        if self.acked:
+            print(f"{'telemetry':<40}{result['telemetry']}")
+        print(
+            f"{'simulator RSS per device at rest / end':<40}"
+            f"{self.sim_at_rest.get('rss_per_device_kb')} / {snap.get('rss_per_device_kb')} KiB"
+        )
         print(json.dumps(result))
         return result
 
@@ -214,6 +261,8 @@ def main() -> int:
             "every simulated agent to be registered",
         )
         run.register_s = round(time.monotonic() - t0, 2)
+        rest = sim.snapshot()
+        run.sim_at_rest = {k: rest[k] for k in ("rss_mb", "rss_per_device_kb")}
         artifact = padded_model(work, args.artifact_mib)
         run.artifact_bytes = artifact.stat().st_size
         fleet.add_model(artifact, name="bench", version="1")
@@ -231,6 +280,7 @@ def main() -> int:
         rollout = fleet.start_rollout("bench:1", "all", policy)
         while True:
             run.status = fleet.deployment(rollout["id"])
+            run.acked.append((time.time(), sim.counters.telemetry_acked))
             for w in run.status["waves"]:
                 if w["done"] == w["devices"] and w["wave"] not in run.wave_done:
                     run.wave_done[w["wave"]] = time.monotonic() - t1

@@ -573,7 +573,7 @@ class ControllerService:
         """One INFO line of counters, for operators reading the log."""
         log.info(
             "stats: %d chunk bytes published (%d chunks), %d need messages, %d repairs coalesced, "
-            "%d fetching (%d peak), %d telemetry records stored (%d duplicates), "
+            "%d fetching, %d peak fetching, %d telemetry records stored (%d duplicates), "
             "%d resend requests, %d rejected messages, %d errors",
             self.bytes_published,
             self.chunks_published,
