@@ -26,8 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 from agent.config import AgentConfig, dump_config  # noqa: E402
 from agent.runtime import load_interpreter, random_inputs, runtime_info  # noqa: E402
-from controller.brokers.mosquitto import start_embedded  # noqa: E402
 from controller.fleet.registry import Fleet  # noqa: E402
+from controller.runtime.embedded_broker import start_embedded  # noqa: E402
 from controller.runtime.service import ControllerService  # noqa: E402
 from tests.e2e.conftest import AgentProcess  # noqa: E402
 

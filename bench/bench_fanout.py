@@ -42,7 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agent.protocol import DEFAULT_CHUNK_SIZE, ArtifactRef, Desired, Topics, dump  # noqa: E402
-from controller.brokers.mosquitto import BrokerHandle, parse_broker_url, start_mosquitto  # noqa: E402
+from controller.brokers.base import BrokerHandle, parse_broker_url  # noqa: E402
+from controller.brokers.mosquitto import start_mosquitto  # noqa: E402
 from controller.fleet.artifacts import build_manifest  # noqa: E402
 from controller.fleet.registry import Fleet  # noqa: E402
 from controller.runtime.service import CONTROLLER_INFLIGHT, ControllerService  # noqa: E402

@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_telemetry import PUBLISHERS, Publisher, bare_round, wait_for  # noqa: E402
-from controller.brokers.mosquitto import BrokerHandle, start_mosquitto  # noqa: E402
+from controller.brokers.base import BrokerHandle  # noqa: E402
+from controller.brokers.mosquitto import start_mosquitto  # noqa: E402
 from controller.storage.db import with_search_path  # noqa: E402
 
 PG_URL = os.environ.get(

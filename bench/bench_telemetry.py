@@ -50,7 +50,8 @@ from agent.protocol import (  # noqa: E402
     Topics,
     dump,
 )
-from controller.brokers.mosquitto import BrokerHandle, parse_broker_url, start_mosquitto  # noqa: E402
+from controller.brokers.base import BrokerHandle, parse_broker_url  # noqa: E402
+from controller.brokers.mosquitto import start_mosquitto  # noqa: E402
 from controller.runtime.service import ControllerService  # noqa: E402
 from controller.storage.db import SqliteDatabase  # noqa: E402
 

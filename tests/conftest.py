@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from controller.brokers.amqtt_broker import start_amqtt
-from controller.brokers.mosquitto import BrokerHandle, find_mosquitto, start_mosquitto
+from controller.brokers.base import BrokerHandle
+from controller.brokers.mosquitto import find_mosquitto, start_mosquitto
 from controller.storage.db import with_search_path
 from tests.mqtt_helpers import MqttProbe
 

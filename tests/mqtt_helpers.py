@@ -15,7 +15,7 @@ from paho.mqtt.client import MQTTMessage, topic_matches_sub
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from controller.brokers.mosquitto import BrokerHandle
+from controller.brokers.base import BrokerHandle
 
 # Generous for a loaded CI runner, yet a test that waits this long has certainly failed.
 DEFAULT_TIMEOUT_S = 10.0

@@ -10,7 +10,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from controller.brokers.mosquitto import (
+from controller.brokers.base import (
     _POLL_INTERVAL_S,
     AUTO_PORT_ATTEMPTS,
     START_TIMEOUT_S,

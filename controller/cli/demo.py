@@ -308,9 +308,9 @@ def run_demo(
     With `serve` (host, port), the fleet keeps running afterwards with the HTTP API and the
     dashboard on that address until SIGINT or SIGTERM.
     """
-    from controller.brokers.mosquitto import start_embedded
     from controller.cli.telemetry import report_table
     from controller.fleet.telemetry.reports import report as build_report
+    from controller.runtime.embedded_broker import start_embedded
     from controller.runtime.service import ControllerService
     from converters.digits import digits_tflite, load_digits_dataset
     from converters.evaluate import write_golden

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import logging
 import os
-import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 import firmware_profiles
-from agent.protocol import ProtocolError, validate_name
 from controller.cli.common import HomeOption, JsonOption, fail, open_fleet
 from controller.cli.explain import devices_outliers, models_explain
 from controller.cli.optimize import optimize
@@ -23,9 +19,9 @@ from controller.cli.security import broker_app, keys_app
 from controller.cli.simulate import simulate_command
 from controller.cli.telemetry import report, telemetry
 from controller.cli.tokens import tokens_app
-from controller.fleet.registry import Fleet, FleetError, default_home
-from controller.runtime.pacing import DEFAULT_MAX_FETCHING, DEFAULT_PER_MINUTE
-from controller.storage.db import database_target, is_postgres, redact_url
+from controller.cli.up import host_port, replicas_command, up
+from controller.fleet.registry import FleetError
+from controller.storage.db import is_postgres, redact_url
 
 app = typer.Typer(
     add_completion=False,
@@ -69,6 +65,8 @@ app.command()(optimize)
 app.command("telemetry")(telemetry)
 app.command("report")(report)
 app.command("simulate")(simulate_command)
+app.command()(up)
+app.command("replicas")(replicas_command)
 models_app.command("explain")(models_explain)
 devices_app.command("outliers")(devices_outliers)
 
@@ -370,206 +368,6 @@ def models_list(home: HomeOption = None, json_out: JsonOption = False) -> None:
     )
 
 
-# ---------------------------------------------------------------------------- service
-@app.command()
-def up(
-    broker: Annotated[
-        str | None, typer.Option(help="mqtt://host:port of an existing broker")
-    ] = None,
-    host: Annotated[str, typer.Option(help="embedded broker address")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="embedded broker port (0 = any free port)")] = 1883,
-    topic_root: Annotated[str, typer.Option(help="MQTT topic root")] = "edgefleet/v1",
-    stats_interval: Annotated[
-        float, typer.Option(min=0.1, help="seconds between stats lines in the log")
-    ] = 60.0,
-    max_fetching: Annotated[
-        int,
-        typer.Option(min=0, help="devices downloading an artifact at once (0 = no window)"),
-    ] = DEFAULT_MAX_FETCHING,
-    fetch_rate: Annotated[
-        float,
-        typer.Option(min=0.0, help="devices starting a download per minute (0 = no limit)"),
-    ] = DEFAULT_PER_MINUTE,
-    metrics: Annotated[
-        str | None,
-        typer.Option(help="serve Prometheus /metrics on HOST:PORT (e.g. 127.0.0.1:9464)"),
-    ] = None,
-    telemetry_days: Annotated[
-        float, typer.Option(min=0.01, help="days raw telemetry is kept before per-minute roll-up")
-    ] = 7.0,
-    http: Annotated[
-        str | None,
-        typer.Option(help="serve the HTTP API and dashboard on HOST:PORT (docs/http-api.md)"),
-    ] = None,
-    replica: Annotated[
-        str | None,
-        typer.Option(
-            envvar="EDGEFLEET_REPLICA",
-            help="run as one of several replicas under this unique name: shared subscriptions, "
-            "leader lease (needs --broker; docs/storage.md)",
-        ),
-    ] = None,
-    home: HomeOption = None,
-) -> None:
-    """Run the controller (and an embedded broker unless --broker is given) until interrupted."""
-    from controller.brokers.mosquitto import BrokerError, is_loopback, start_embedded
-    from controller.runtime.prometheus import ControllerMetrics, serve_metrics
-    from controller.runtime.service import ControllerService
-
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    home = home or default_home()
-    if replica is not None:
-        if broker is None:
-            raise _fail("--replica needs --broker: replicas share one broker (and one database)")
-        try:
-            validate_name("--replica", replica)
-        except ProtocolError as exc:
-            raise _fail(exc) from None
-    metrics_address = _host_port(metrics, "--metrics") if metrics else None
-    http_address = _host_port(http, "--http") if http else None
-    fleet = Fleet(home)  # create and migrate the database before anything reads it
-    try:
-        if replica is not None:
-            from controller.runtime.lease import DEAD_AFTER_S, running_elsewhere
-
-            other = running_elsewhere(fleet.db, replica, wait_s=DEAD_AFTER_S + 1)
-            if other is not None:
-                raise _fail(
-                    f"replica {replica!r} is already running on {other['host']} "
-                    f"(pid {other['pid']}): give each replica a name of its own"
-                )
-    finally:
-        fleet.close()
-    handle = None
-    username = password = None
-    if broker is None:
-        security = None
-        if not is_loopback(host):
-            # Devices beyond loopback must authenticate (docs/security.md); the controller then
-            # uses its own credentials on the broker's loopback listener.
-            from controller.security.identity import FleetSecurity
-
-            security = FleetSecurity(home)
-            username, password = security.controller_credentials()
-        try:
-            handle = start_embedded(home / "broker", host=host, port=port, security=security)
-        except BrokerError as exc:
-            raise _fail(exc) from None
-        broker = handle.url
-        typer.echo(f"embedded {handle.kind} broker on {broker}", err=True)
-    registry = ControllerMetrics(database_target(home)) if metrics_address else None
-    metrics_server = None
-    if registry is not None and metrics_address is not None:
-        try:
-            metrics_server = serve_metrics(registry, *metrics_address)
-        except OSError as exc:
-            if handle:
-                handle.stop()
-            raise _fail(f"cannot serve /metrics on {metrics}: {exc}") from None
-        typer.echo(f"Prometheus metrics on {metrics_server.url}", err=True)
-    http_server = None
-    if http_address is not None:
-        from controller.http.server import start_http
-
-        try:
-            http_server, dashboard = start_http(home, *http_address)
-        except OSError as exc:
-            for running in (metrics_server, handle):
-                if running:
-                    running.stop()
-            raise _fail(f"cannot serve HTTP on {http}: {exc}") from None
-        if not is_loopback(http_address[0]):
-            typer.echo(
-                f"warning: --http {http} is beyond loopback and has no TLS: bearer tokens cross "
-                "the network in clear; put a TLS proxy in front of it",
-                err=True,
-            )
-        if sys.stderr.isatty():
-            typer.echo(f"dashboard: {dashboard}", err=True)
-        else:  # a log file or the journal: do not write the admin token into it
-            address = dashboard.split("#", 1)[0]
-            typer.echo(f"dashboard: {address} (token in {home / 'http-token'})", err=True)
-    service = ControllerService(
-        home,
-        broker,
-        topic_root=topic_root,
-        stats_interval_s=stats_interval,
-        max_fetching=max_fetching,
-        fetches_per_minute=fetch_rate,
-        telemetry_raw_days=telemetry_days,
-        metrics=registry,
-        username=username,
-        password=password,
-        replica=replica,
-    )
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    service.start()
-    typer.echo(f"controller running (data in {home}); Ctrl-C to stop", err=True)
-    try:
-        while not stop.wait(1.0):
-            if not service.alive:
-                typer.echo("error: the controller loop stopped (see the log above)", err=True)
-                raise typer.Exit(1)
-    finally:
-        service.stop()
-        if http_server:
-            http_server.stop()
-        if metrics_server:
-            metrics_server.stop()
-        if handle:
-            handle.stop()
-
-
-def _host_port(value: str, option: str) -> tuple[str, int]:
-    """Split HOST:PORT (IPv6 as [::1]:PORT), or exit naming the option and what is wrong."""
-    host, sep, port = value.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise _fail(f"{option} must be HOST:PORT, got {value!r}")
-    return host, int(port)
-
-
-@app.command("replicas")
-def replicas_command(home: HomeOption = None, json_out: JsonOption = False) -> None:
-    """Controller replicas against this database: heartbeat age, leader, counters."""
-    from controller.runtime.lease import LEADER_LEASE, Lease, replicas
-
-    fleet = open_fleet(home)
-    try:
-        rows = replicas(fleet.db)
-        lease = Lease(fleet.db, "", LEADER_LEASE).state()
-        now = fleet.db.clock()
-    finally:
-        fleet.close()
-    leader = lease.holder if lease is not None and lease.expires > now else None
-    if json_out:
-        typer.echo(as_json({"leader": leader, "replicas": rows}))
-        return
-    if not rows:
-        typer.echo("no replica has run against this database")
-        return
-    typer.echo(
-        table(
-            [
-                (
-                    r["name"],
-                    "leader" if r["name"] == leader else "",
-                    f"{r['age_s']:.1f}s",
-                    f"{r['host']}:{r['pid']}",
-                    r["stats"].get("messages", 0),
-                    r["stats"].get("records_stored", 0),
-                )
-                for r in rows
-            ],
-            ["REPLICA", "ROLE", "LAST SEEN", "HOST:PID", "MESSAGES", "RECORDS"],
-        )
-    )
-
-
 @app.command()
 def demo(
     devices: Annotated[int, typer.Option(min=1, max=50, help="number of agents")] = 3,
@@ -583,7 +381,7 @@ def demo(
     """Embedded broker + controller + N real agents + a real model, end to end."""
     from controller.cli.demo import run_demo
 
-    address = _host_port(http, "--http") if serve else None
+    address = host_port(http, "--http") if serve else None
     code = run_demo(devices=devices, json_out=json_out, keep=keep, serve=address)
     raise typer.Exit(code)
 

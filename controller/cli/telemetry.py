@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -14,39 +12,12 @@ from controller.cli.common import HomeOption, JsonOption
 from controller.cli.render import as_json, num, table
 from controller.errors import FleetError
 from controller.fleet.registry import Fleet, default_home
+from controller.fleet.telemetry.queries import device_telemetry, fleet_report, parse_since
 
 SinceOption = Annotated[
     str | None,
     typer.Option(help="start of the time range: 90s, 30m, 1h, 2d, 1w ago; ISO 8601; or epoch"),
 ]
-
-# Seconds per unit of a relative --since ("30m", "1.5h", "2d"), and the pattern it matches.
-_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
-_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
-
-
-def parse_since(value: str | None, now: float | None = None) -> float | None:
-    """`1h`-style durations ago, ISO 8601 (naive = UTC) or epoch seconds → epoch seconds."""
-    if value is None:
-        return None
-    text = value.strip()
-    now = time.time() if now is None else now
-    match = _RELATIVE.match(text)
-    if match:
-        return now - float(match.group(1)) * _UNITS_S[match.group(2)]
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        parsed = datetime.fromisoformat(text)
-    except ValueError:
-        raise FleetError(
-            f"--since {value!r}: expected a duration (30m, 1h, 2d), ISO 8601 time or epoch seconds"
-        ) from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.timestamp()
 
 
 def _fail(exc: Exception) -> typer.Exit:
@@ -71,7 +42,7 @@ def telemetry(
     json_out: JsonOption = False,
 ) -> None:
     """Show a device's telemetry: raw records, then per-minute aggregates once compacted."""
-    from controller.fleet.telemetry.reports import plot_device
+    from controller.fleet.telemetry.plots import plot_device
 
     fleet = Fleet(home or default_home())
     try:
@@ -157,7 +128,7 @@ def report(
     json_out: JsonOption = False,
 ) -> None:
     """Inference cost per profile (or device) × model version, beside on-device benchmarks."""
-    from controller.fleet.telemetry.reports import plot_profile
+    from controller.fleet.telemetry.plots import plot_profile
 
     if plot is not None and profile is None:
         raise _fail(FleetError("--plot needs --profile (the profile to plot)"))
@@ -179,65 +150,6 @@ def report(
         typer.echo(report_table(rows, by))
     if plotted:
         typer.echo(f"plot: {plotted}")
-
-
-def check_telemetry_device(fleet: Fleet, device_id: str) -> None:
-    """Refuse a device that is neither registered nor has stored telemetry (FleetError)."""
-    if fleet.telemetry.cursor(device_id) is None and not fleet.has_device(device_id):
-        raise FleetError(f"unknown device {device_id!r} (see `edgefleet devices list`)")
-
-
-def device_telemetry(
-    fleet: Fleet, device_id: str, *, since: float | None = None, limit: int = 50
-) -> dict[str, Any]:
-    """A device's newest telemetry records (model labelled), its seq cursor and gaps."""
-    from controller.fleet.telemetry.reports import model_label, model_names
-
-    if limit < 1:
-        raise FleetError(f"--limit must be >= 1, got {limit}")
-    check_telemetry_device(fleet, device_id)
-    rows = fleet.telemetry.records(device_id, since=since, limit=limit)
-    labels = model_names(fleet.db)
-    for r in rows:
-        r["model"] = model_label(r["model_sha256"], labels)
-    return {
-        "device_id": device_id,
-        "cursor": fleet.telemetry.cursor(device_id),
-        "gaps": fleet.telemetry.gaps(device_id),
-        "records": rows,
-    }
-
-
-def fleet_report(
-    fleet: Fleet,
-    *,
-    model: str | None = None,
-    by: str = "profile",
-    since: float | None = None,
-    profile: str | None = None,
-) -> list[dict[str, Any]]:
-    """The report rows (per profile or device × model) after checking --model and --by."""
-    from controller.fleet.telemetry.reports import report as build_report
-
-    if model is not None:
-        _check_model(fleet, model)
-    if by not in ("profile", "device"):
-        raise FleetError(f"--by must be 'profile' or 'device', got {by!r}")
-    return build_report(
-        fleet.db,
-        model=model,
-        by="device" if by == "device" else "profile",
-        since=since,
-        profile=profile,
-    )
-
-
-def _check_model(fleet: Fleet, model: str) -> None:
-    """Refuse a --model that names no registered model (a sha prefix is let through)."""
-    name = model.split(":", 1)[0]
-    if ":" not in model and re.fullmatch(r"[0-9a-f]{6,64}", model):
-        return
-    fleet.model(model if ":" in model else name)
 
 
 def report_table(rows: list[dict[str, Any]], by: str) -> str:

@@ -20,7 +20,8 @@ from controller.fleet.models import ModelCatalog
 from controller.fleet.publishing import Publishing
 from controller.fleet.rollout.engine import Rollouts
 from controller.fleet.telemetry.store import TelemetryStore
-from controller.storage.db import database_target, now, open_database
+from controller.storage.db import database_target, now
+from controller.storage.open import open_database
 
 log = logging.getLogger(__name__)
 

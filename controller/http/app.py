@@ -24,16 +24,16 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
 import firmware_profiles
-from controller.cli.telemetry import (
+from controller.errors import FleetError
+from controller.fleet.candidates import explain, model_candidates
+from controller.fleet.registry import Fleet
+from controller.fleet.rollout.policy import Policy, PolicyError, policy_from_options
+from controller.fleet.telemetry.queries import (
     check_telemetry_device,
     device_telemetry,
     fleet_report,
     parse_since,
 )
-from controller.errors import FleetError
-from controller.fleet.candidates import explain, model_candidates
-from controller.fleet.registry import Fleet
-from controller.fleet.rollout.policy import Policy, PolicyError, policy_from_options
 from controller.http.auth import authenticate
 from controller.storage.db import database_target
 

@@ -11,7 +11,8 @@ from typing import Any
 
 from agent.protocol import ProtocolError, validate_name
 from controller.errors import FleetError
-from controller.storage.db import Database, database_target, now, open_database
+from controller.storage.db import Database, database_target, now
+from controller.storage.open import open_database
 
 ROLES = ("read", "admin")
 # The admin token `edgefleet up --http` makes for the dashboard and the demo, and its file.

@@ -18,7 +18,8 @@ from prometheus_client.utils import floatToGoString
 from agent.protocol import LATENCY_BUCKETS_MS
 from controller.fleet.telemetry.reports import BUCKET_COLUMNS, model_label
 from controller.fleet.telemetry.store import IngestResult
-from controller.storage.db import Connection, open_database
+from controller.storage.db import Connection
+from controller.storage.open import open_database
 
 # Histogram `le` bounds in seconds (Prometheus base unit), one per LATENCY_BUCKETS_MS bound.
 LATENCY_BUCKETS_S: tuple[str, ...] = tuple(

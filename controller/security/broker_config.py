@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.protocol import DEFAULT_ROOT
-from controller.brokers.mosquitto import BrokerHandle, free_port, mosquitto_config, start_mosquitto
+from controller.brokers.base import BrokerHandle, free_port
+from controller.brokers.mosquitto import mosquitto_config, start_mosquitto
 from controller.security.identity import (
     CONTROLLER_USERNAME,
     FleetSecurity,

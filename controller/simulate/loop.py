@@ -31,7 +31,7 @@ from agent.protocol import (
     parse,
     validate_device_id,
 )
-from controller.brokers.mosquitto import parse_broker_url
+from controller.brokers.base import parse_broker_url
 from controller.simulate.agent import SimAgent, SimCounters
 from controller.simulate.download import Assembly
 from controller.simulate.faults import (

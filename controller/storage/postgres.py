@@ -21,13 +21,13 @@ from psycopg.adapt import Dumper, Loader
 from psycopg.pq import TransactionStatus
 
 from controller.storage.db import (
-    MIGRATIONS,
     OPEN_TIMEOUT_S,
     Connection,
     Database,
     check_schema_version,
     split_statements,
 )
+from controller.storage.migrations import MIGRATIONS
 
 # Advisory-lock namespace: every key is hashtext('edgefleet:<schema>:<name>'), so two fleets in
 # two schemas of one database never block each other.

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from agent.config import AgentConfig, dump_config
-from controller.brokers.mosquitto import BrokerHandle
+from controller.brokers.base import BrokerHandle
 from controller.fleet.registry import Fleet
 from controller.runtime.service import ControllerService
 from controller.security.signing import FleetSigner

@@ -18,7 +18,7 @@ import pytest
 
 from agent.client import InferenceClient, wait_for_service
 from agent.protocol import Command, Topics, dump
-from controller.brokers.mosquitto import BrokerHandle, free_port
+from controller.brokers.base import BrokerHandle, free_port
 from controller.fleet.registry import Fleet
 from tests.e2e.conftest import DATA, AgentProcess, wait_until
 

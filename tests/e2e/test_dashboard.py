@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from agent.client import wait_for_service
-from controller.brokers.mosquitto import BrokerHandle
+from controller.brokers.base import BrokerHandle
 from controller.fleet.rollout.policy import Gate, Policy, Threshold, parse_waves
 from tests.closed_loop_helpers import MODELS, sha256, write_candidates_dir
 from tests.e2e.browser import chromium, require_chromium

@@ -36,7 +36,8 @@ from agent.protocol import (
     dump,
     parse,
 )
-from controller.brokers.mosquitto import BrokerHandle, start_mosquitto
+from controller.brokers.base import BrokerHandle
+from controller.brokers.mosquitto import start_mosquitto
 from tests.e2e.conftest import DATA, AgentProcess, RunningController, wait_until
 from tests.e2e.proxy import TcpProxy
 from tests.mqtt_helpers import MqttProbe, ReceivedMessage

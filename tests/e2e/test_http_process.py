@@ -16,7 +16,7 @@ pytest.importorskip("fastapi")  # controller-only (not in the slim device env)
 pytest.importorskip("httpx")  # controller-only (not in the slim device env)
 import httpx
 
-from controller.brokers.mosquitto import BrokerHandle, free_port
+from controller.brokers.base import BrokerHandle, free_port
 from controller.http.auth import TOKEN_FILE
 from tests.e2e.conftest import AgentProcess, wait_until
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from controller.brokers.mosquitto import BrokerHandle, start_mosquitto
+from controller.brokers.base import BrokerHandle
+from controller.brokers.mosquitto import start_mosquitto
 from tests.e2e.conftest import DATA, AgentProcess, RunningController, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.agent]

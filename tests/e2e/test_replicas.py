@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.brokers.mosquitto import BrokerHandle
+from controller.brokers.base import BrokerHandle
 from controller.fleet.registry import Fleet
 from controller.fleet.rollout.policy import Policy, Wave
 from controller.simulate import Simulation

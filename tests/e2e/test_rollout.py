@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from agent.protocol import Topics
-from controller.brokers.mosquitto import BrokerHandle
+from controller.brokers.base import BrokerHandle
 from controller.fleet.rollout.policy import Gate, Policy, Threshold, parse_waves
 from tests.conftest import MqttProbeFactory
 from tests.e2e.conftest import DATA, AgentProcess, RunningController, wait_until

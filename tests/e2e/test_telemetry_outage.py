@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from controller.brokers.mosquitto import BrokerHandle, start_mosquitto
+from controller.brokers.base import BrokerHandle
+from controller.brokers.mosquitto import start_mosquitto
 from tests.e2e.conftest import AgentProcess, RunningController, wait_until
 from tests.e2e.test_telemetry import (
     INTERVAL_S,

@@ -25,7 +25,7 @@ from agent.client import InferenceClient, wait_for_service
 from agent.config import AgentConfig, dump_config
 from agent.protocol import ArtifactRef, Desired, Fallback, GoldenRef, Manifest, Topics, dump
 from agent.serving import InferenceError
-from controller.brokers.mosquitto import BrokerHandle
+from controller.brokers.base import BrokerHandle
 from controller.fleet.artifacts import build_manifest
 from tests.conftest import MqttProbeFactory
 from tests.e2e.conftest import AgentProcess

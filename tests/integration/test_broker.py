@@ -16,17 +16,16 @@ import pytest
 
 from controller.brokers import mosquitto as broker_mod
 from controller.brokers.amqtt_broker import start_amqtt
-from controller.brokers.mosquitto import (
-    MAX_QUEUED_MESSAGES,
+from controller.brokers.base import (
     BrokerError,
     BrokerHandle,
     PortInUseError,
     free_port,
     parse_broker_url,
-    start_embedded,
-    start_mosquitto,
     wait_for_port,
 )
+from controller.brokers.mosquitto import MAX_QUEUED_MESSAGES, start_mosquitto
+from controller.runtime.embedded_broker import start_embedded
 from tests.mqtt_helpers import LastWill, MqttProbe, wait_until
 
 pytestmark = pytest.mark.integration

@@ -23,8 +23,9 @@ pytest.importorskip("cryptography")
 
 from agent.config import load_config
 from agent.mqtt import tls_context
-from controller.brokers.mosquitto import BrokerError, BrokerHandle, free_port, start_embedded
+from controller.brokers.base import BrokerError, BrokerHandle, free_port
 from controller.fleet.registry import Fleet
+from controller.runtime.embedded_broker import start_embedded
 from controller.runtime.service import ControllerService
 from controller.security.broker_config import start_secure_mosquitto
 from controller.security.identity import DeviceCredentials, FleetCA, FleetSecurity

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.brokers.mosquitto import BrokerHandle
+from controller.brokers.base import BrokerHandle
 from controller.fleet.registry import Fleet
 from controller.fleet.rollout.policy import Policy, Threshold, parse_waves
 from controller.runtime.service import ControllerService

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from agent.protocol import DeviceFacts, Hello, Topics, dump
-from controller.brokers.mosquitto import BrokerHandle
+from controller.brokers.base import BrokerHandle
 from controller.fleet.registry import Fleet
 from controller.runtime.service import ControllerService
-from controller.storage.db import open_database
+from controller.storage.open import open_database
 from tests.mqtt_helpers import MqttProbe, wait_until
 
 pytestmark = pytest.mark.integration

@@ -21,7 +21,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.protocol import Topics
-from controller.brokers.mosquitto import BrokerHandle
+from controller.brokers.base import BrokerHandle
 from controller.runtime.service import SHARE_GROUP
 from tests.mqtt_helpers import MqttProbe
 from tests.polling import wait_until

@@ -30,7 +30,8 @@ from agent.protocol import (
     dump,
     parse,
 )
-from controller.brokers.mosquitto import BrokerHandle, start_mosquitto
+from controller.brokers.base import BrokerHandle
+from controller.brokers.mosquitto import start_mosquitto
 from controller.cli.simulate import simulate_command
 from controller.fleet.artifacts import build_manifest
 from controller.fleet.registry import Fleet

@@ -31,7 +31,7 @@ from agent.protocol import (
     dump,
     parse,
 )
-from controller.brokers.mosquitto import BrokerHandle
+from controller.brokers.base import BrokerHandle
 from controller.fleet.artifacts import build_manifest
 from controller.simulate import Simulation, SpeedModel
 from controller.simulate.speed import THREAD_EXPONENT

@@ -27,7 +27,7 @@ from agent.protocol import (
     dump,
     parse,
 )
-from controller.brokers.mosquitto import BrokerHandle
+from controller.brokers.base import BrokerHandle
 from controller.cli.simulate import simulate_command
 from controller.fleet.artifacts import build_manifest
 from controller.simulate import FaultSpec, Simulation, parse_fault

@@ -24,7 +24,8 @@ from agent.protocol import (
 )
 from agent.spool import TelemetrySpool
 from agent.telemetry import MAX_MESSAGE_BYTES, TelemetryReporter
-from controller.brokers.mosquitto import BrokerHandle, start_mosquitto
+from controller.brokers.base import BrokerHandle
+from controller.brokers.mosquitto import start_mosquitto
 from tests.e2e.proxy import TcpProxy
 from tests.mqtt_helpers import MqttProbe
 from tests.polling import wait_until

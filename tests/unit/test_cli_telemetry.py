@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from agent.protocol import SeqRange, Telemetry
 from controller.cli.main import app
-from controller.cli.telemetry import parse_since
 from controller.fleet.registry import Fleet
+from controller.fleet.telemetry.queries import parse_since
 from controller.fleet.telemetry.store import TelemetryStore
 from tests.unit.test_telemetry_store import T0, record
 

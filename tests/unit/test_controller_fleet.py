@@ -10,7 +10,8 @@ import pytest
 
 from agent.protocol import BenchmarkReport, DeviceFacts, Event, Hello, Status
 from controller.fleet.registry import Fleet, FleetError
-from controller.storage.db import MIGRATIONS, SqliteDatabase
+from controller.storage.migrations import MIGRATIONS
+from controller.storage.sqlite import SqliteDatabase
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 FACTS = DeviceFacts("aarch64", "Linux", 4, 3792, "tflite-runtime", "2.14.0", "3.11.2")

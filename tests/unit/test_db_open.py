@@ -5,7 +5,8 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from controller.storage.db import MIGRATIONS, SqliteDatabase
+from controller.storage.migrations import MIGRATIONS
+from controller.storage.sqlite import SqliteDatabase
 
 
 def test_threads_opening_a_new_database_at_once_all_succeed(tmp_path: Path) -> None:

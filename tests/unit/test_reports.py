@@ -14,14 +14,8 @@ from agent.protocol import (
     Telemetry,
 )
 from controller.fleet.registry import Fleet
-from controller.fleet.telemetry.reports import (
-    device_series,
-    model_changes,
-    plot_device,
-    plot_profile,
-    profile_series,
-    report,
-)
+from controller.fleet.telemetry.plots import model_changes, plot_device, plot_profile
+from controller.fleet.telemetry.reports import device_series, profile_series, report
 from controller.fleet.telemetry.store import TelemetryStore
 from tests.unit.test_telemetry_store import T0, record
 

@@ -461,7 +461,8 @@ def test_one_file_may_serve_two_profiles_but_a_version_never_changes(tmp_path: P
 def test_deployments_from_before_rollouts_are_completed_by_the_migration(tmp_path: Path) -> None:
     import sqlite3
 
-    from controller.storage.db import MIGRATIONS, SqliteDatabase
+    from controller.storage.migrations import MIGRATIONS
+    from controller.storage.sqlite import SqliteDatabase
 
     path = tmp_path / "old.db"
     conn = sqlite3.connect(path)

@@ -13,7 +13,9 @@ import pytest
 from controller.fleet.registry import Fleet
 from controller.fleet.rollout.policy import Policy, parse_waves
 from controller.runtime.lease import Lease, heartbeat, replicas
-from controller.storage.db import MIGRATIONS, Database, open_database
+from controller.storage.db import Database
+from controller.storage.migrations import MIGRATIONS
+from controller.storage.open import open_database
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 

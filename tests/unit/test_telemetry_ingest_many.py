@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from agent.protocol import SeqRange, Telemetry
 from controller.fleet.telemetry import store as telemetry
 from controller.fleet.telemetry.store import IngestResult, TelemetryStore
-from controller.storage.db import Database, SqliteDatabase
+from controller.storage.db import Database
+from controller.storage.sqlite import SqliteDatabase
 from tests.unit.test_telemetry_store import SHA_A, SHA_B, T0, message, record
 
 DEVICES = ("d0", "d1", "d2", "d3", "d4")

@@ -21,7 +21,10 @@ from agent.protocol import (
 )
 from controller.fleet.telemetry.reports import BUCKET_COLUMNS, bucket_index, percentile_from_buckets
 from controller.fleet.telemetry.store import TelemetryStore
-from controller.storage.db import MIGRATIONS, Database, SqliteDatabase, open_database
+from controller.storage.db import Database
+from controller.storage.migrations import MIGRATIONS
+from controller.storage.open import open_database
+from controller.storage.sqlite import SqliteDatabase
 
 SHA_A = "a" * 64
 SHA_B = "b" * 64

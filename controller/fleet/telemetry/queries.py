@@ -1,0 +1,100 @@
+"""Telemetry and report queries shared by the CLI and the HTTP API (argument checks included)."""
+
+from __future__ import annotations
+
+import re
+import time
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from controller.errors import FleetError
+
+if TYPE_CHECKING:
+    from controller.fleet.registry import Fleet
+
+# Seconds per unit of a relative --since ("30m", "1.5h", "2d"), and the pattern it matches.
+_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
+_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
+
+
+def parse_since(value: str | None, now: float | None = None) -> float | None:
+    """`1h`-style durations ago, ISO 8601 (naive = UTC) or epoch seconds → epoch seconds."""
+    if value is None:
+        return None
+    text = value.strip()
+    now = time.time() if now is None else now
+    match = _RELATIVE.match(text)
+    if match:
+        return now - float(match.group(1)) * _UNITS_S[match.group(2)]
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise FleetError(
+            f"--since {value!r}: expected a duration (30m, 1h, 2d), ISO 8601 time or epoch seconds"
+        ) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.timestamp()
+
+
+def check_telemetry_device(fleet: Fleet, device_id: str) -> None:
+    """Refuse a device that is neither registered nor has stored telemetry (FleetError)."""
+    if fleet.telemetry.cursor(device_id) is None and not fleet.has_device(device_id):
+        raise FleetError(f"unknown device {device_id!r} (see `edgefleet devices list`)")
+
+
+def device_telemetry(
+    fleet: Fleet, device_id: str, *, since: float | None = None, limit: int = 50
+) -> dict[str, Any]:
+    """A device's newest telemetry records (model labelled), its seq cursor and gaps."""
+    from controller.fleet.telemetry.reports import model_label, model_names
+
+    if limit < 1:
+        raise FleetError(f"--limit must be >= 1, got {limit}")
+    check_telemetry_device(fleet, device_id)
+    rows = fleet.telemetry.records(device_id, since=since, limit=limit)
+    labels = model_names(fleet.db)
+    for r in rows:
+        r["model"] = model_label(r["model_sha256"], labels)
+    return {
+        "device_id": device_id,
+        "cursor": fleet.telemetry.cursor(device_id),
+        "gaps": fleet.telemetry.gaps(device_id),
+        "records": rows,
+    }
+
+
+def fleet_report(
+    fleet: Fleet,
+    *,
+    model: str | None = None,
+    by: str = "profile",
+    since: float | None = None,
+    profile: str | None = None,
+) -> list[dict[str, Any]]:
+    """The report rows (per profile or device × model) after checking --model and --by."""
+    from controller.fleet.telemetry.reports import report as build_report
+
+    if model is not None:
+        _check_model(fleet, model)
+    if by not in ("profile", "device"):
+        raise FleetError(f"--by must be 'profile' or 'device', got {by!r}")
+    return build_report(
+        fleet.db,
+        model=model,
+        by="device" if by == "device" else "profile",
+        since=since,
+        profile=profile,
+    )
+
+
+def _check_model(fleet: Fleet, model: str) -> None:
+    """Refuse a --model that names no registered model (a sha prefix is let through)."""
+    name = model.split(":", 1)[0]
+    if ":" not in model and re.fullmatch(r"[0-9a-f]{6,64}", model):
+        return
+    fleet.model(model if ":" in model else name)

@@ -1,0 +1,216 @@
+"""Inbound device messages: drained in batches, parsed, handed to the fleet's ingest; resends."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+import uuid
+from typing import TYPE_CHECKING
+
+from agent.protocol import (
+    Command,
+    Event,
+    Hello,
+    Need,
+    ProtocolError,
+    Status,
+    Telemetry,
+    dump,
+    parse,
+)
+from controller.fleet.registry import Fleet
+from controller.runtime.adopt import Acknowledge
+from controller.runtime.tuning import (
+    ANNOUNCE_RETRY_S,
+    MAX_BATCH,
+    MAX_RESEND_RANGES,
+)
+
+if TYPE_CHECKING:
+    pass
+
+log = logging.getLogger(__name__)
+
+
+def _channel_of(topic: str) -> str:
+    """The channel a topic ends in (hello, events, telemetry, need, ...), for metric labels."""
+    last = topic.rsplit("/", 1)[-1]
+    return last if last.isalpha() else "unknown"
+
+
+def _same_device(claimed: str, topic_id: str) -> None:
+    """A message must be about the device whose topic carries it."""
+    if claimed != topic_id:
+        raise ProtocolError(f"$.device_id: {claimed!r} does not match topic device {topic_id!r}")
+
+
+class Inbound:
+    """Drains the inbox into fleet ingest, a transaction per batch (ControllerService mixin)."""
+
+    def _ingest(
+        self,
+        fleet: Fleet,
+        batch: list[tuple[str, bytes]],
+        needs: dict[str, set[int]],
+        first_need: dict[str, float],
+    ) -> None:
+        """Apply a batch: the device messages in one exclusive commit (each message a
+        savepoint; if the commit itself fails, one by one rather than lose them), then its
+        telemetry in a transaction that locks only those devices, so replicas ingest it in
+        parallel (docs/storage.md)."""
+        self.messages += len(batch)
+        telemetry: list[Telemetry] = []
+        others: list[tuple[str, bytes]] = []
+        for topic, payload in batch:
+            if _channel_of(topic) == "telemetry":
+                self._handle(fleet, topic, payload, needs, first_need, telemetry)
+            else:
+                others.append((topic, payload))
+        if others:
+            try:
+                with fleet.db.transaction():
+                    self._handle_each(fleet, others, needs, first_need)
+            except Exception:
+                self.errors += 1
+                log.exception("batch of %d messages failed; applying one by one", len(others))
+                self._handle_each(fleet, others, needs, first_need)
+        if telemetry:
+            self._store_telemetry(fleet, telemetry)
+
+    def _handle_each(
+        self,
+        fleet: Fleet,
+        batch: list[tuple[str, bytes]],
+        needs: dict[str, set[int]],
+        first_need: dict[str, float],
+    ) -> None:
+        """Handle messages; one bad message never stops the others."""
+        for topic, payload in batch:
+            try:
+                self._handle(fleet, topic, payload, needs, first_need, [])
+            except Exception:
+                self.errors += 1
+                log.exception("failed to handle a message on %s", topic)
+
+    def _store_telemetry(self, fleet: Fleet, messages: list[Telemetry]) -> None:
+        """Store a batch's telemetry in one transaction; if that fails, message by message."""
+        try:
+            results = [fleet.telemetry.ingest_many(messages, time.time())]
+        except Exception:
+            self.errors += 1
+            log.exception(
+                "telemetry batch of %d messages failed; storing one by one", len(messages)
+            )
+            results = []
+            for message in messages:
+                try:
+                    results.append(fleet.telemetry.ingest(message, time.time()))
+                except Exception:
+                    self.errors += 1
+                    log.exception("cannot store telemetry from %s", message.device_id)
+        for result in results:
+            self.records_stored += result.stored
+            self.records_duplicate += result.duplicates
+            if self.metrics is not None:
+                self.metrics.observe_ingest(result)
+
+    def _drain(self, timeout: float) -> list[tuple[str, bytes, Acknowledge | None]]:
+        """Up to MAX_BATCH queued messages, waiting at most `timeout` for the first."""
+        try:
+            batch = [self._inbox.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+        while len(batch) < MAX_BATCH:
+            try:
+                batch.append(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _handle(
+        self,
+        fleet: Fleet,
+        topic: str,
+        payload: bytes,
+        needs: dict[str, set[int]],
+        first_need: dict[str, float],
+        telemetry: list[Telemetry],
+    ) -> None:
+        """Parse and apply one inbound message (telemetry is only parsed and collected);
+        reject bad input with a counted log line."""
+        try:
+            parsed = self.topics.parse(topic)
+            if parsed.channel == "hello":
+                hello = parse(payload, Hello)
+                _same_device(hello.device_id, parsed.ident)
+                fleet.record_hello(hello)
+            elif parsed.channel == "status":
+                if not payload:
+                    return  # a cleared retained message
+                status = parse(payload, Status)
+                _same_device(status.device_id, parsed.ident)
+                if not fleet.has_device(status.device_id):
+                    self._ask_to_announce(status.device_id)
+                fleet.record_status(status)
+            elif parsed.channel == "events":
+                event = parse(payload, Event)
+                _same_device(event.device_id, parsed.ident)
+                fleet.record_event(event)
+                self.pacer.on_event(event)  # past `fetching`: its download slot is free
+            elif parsed.channel == "telemetry":
+                message = parse(payload, Telemetry)
+                _same_device(message.device_id, parsed.ident)
+                telemetry.append(message)
+            elif parsed.channel == "need":
+                need = parse(payload, Need)
+                self.needs_received += 1
+                manifest = fleet.manifest(parsed.ident)
+                valid = {i for i in need.chunks if 0 <= i < manifest.chunk_count}
+                needs[parsed.ident] |= valid
+                first_need.setdefault(parsed.ident, time.monotonic())
+        except (ProtocolError, ValueError) as exc:
+            self.rejected += 1
+            if self.metrics is not None:
+                self.metrics.observe_rejected(_channel_of(topic))
+            log.warning("rejected message on %s: %s", topic, exc)
+
+    def _request_resends(self, fleet: Fleet) -> None:
+        """Ask devices for telemetry records missing longer than the grace period."""
+        if not self.session.connected.is_set():
+            return
+        now = time.time()
+        due = fleet.telemetry.due_resends(
+            now, grace_s=self.resend_grace_s, retry_s=self.resend_retry_s
+        )
+        if fleet.telemetry.last_expired:
+            log.warning(
+                "%d telemetry records marked lost: resends went unanswered",
+                fleet.telemetry.last_expired,
+            )
+            if self.metrics is not None:
+                self.metrics.observe_expired(fleet.telemetry.last_expired)
+        for device_id, ranges in due.items():
+            for start in range(0, len(ranges), MAX_RESEND_RANGES):
+                part = tuple(ranges[start : start + MAX_RESEND_RANGES])
+                command = Command(
+                    command_id=f"resend-{uuid.uuid4().hex[:12]}",
+                    action="resend_telemetry",
+                    seq_ranges=part,
+                )
+                self.session.publish(self.topics.cmd(device_id), dump(command))
+                fleet.telemetry.mark_requested(device_id, part, now)
+                self.resend_requests += 1
+                if self.metrics is not None:
+                    self.metrics.observe_resend()
+                log.info("asked %s to resend %d telemetry range(s)", device_id, len(part))
+
+    def _ask_to_announce(self, device_id: str) -> None:
+        """A device we only know from its retained status lost its hello (it connected before
+        our first subscription existed): ask it to announce itself again."""
+        now = time.monotonic()
+        if now - self._announce_asked.get(device_id, -ANNOUNCE_RETRY_S) < ANNOUNCE_RETRY_S:
+            return
+        self._announce_asked[device_id] = now
+        command = Command(command_id=f"announce-{uuid.uuid4().hex[:12]}", action="resend_status")
+        self.session.publish(self.topics.cmd(device_id), dump(command))
