@@ -161,6 +161,13 @@ class Run:
             if broker
             else None,
             "broker_cpu_s_during_rollout": round(broker.cpu_between(t0, t1), 1) if broker else None,
+            # Cores each process got during the rollout (CPU seconds / wall seconds), and the
+            # machine's load: on a shared 2-vCPU box the simulator's share is the usual limit.
+            "cores_during_rollout": {
+                name: round(series.cpu_between(t0, t1) / max(t1 - t0, 1e-9), 2)
+                for name, series in sampler.series.items()
+            },
+            "loadavg_1_5_15": [round(x, 1) for x in os.getloadavg()],
             "simulator_at_rest": self.sim_at_rest,
             "simulator": {
                 k: snap[k]
@@ -197,6 +204,8 @@ class Run:
             )
         if self.acked:
             print(f"{'telemetry':<40}{result['telemetry']}")
+        print(f"{'cores used during the rollout':<40}{result['cores_during_rollout']}")
+        print(f"{'load average (1, 5, 15 min)':<40}{result['loadavg_1_5_15']}")
         print(
             f"{'simulator RSS per device at rest / end':<40}"
             f"{self.sim_at_rest.get('rss_per_device_kb')} / {snap.get('rss_per_device_kb')} KiB"

@@ -64,6 +64,7 @@ class SimCounters:
     chunks_dropped: int = 0  # chunks lost on purpose by the drop fault
     needs_sent: int = 0
     repair_rounds: int = 0  # re-subscriptions of missing chunks (served by the broker)
+    repairs_deferred: int = 0  # repair checks put off: bytes still unread in the socket
     events_sent: int = 0
     benchmarks_sent: int = 0
     commands_handled: int = 0

@@ -11,10 +11,13 @@ each (the broker re-sends them to this agent alone); a round that brought nothin
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import random
+import struct
 import tempfile
+import termios
 import time
 from typing import TYPE_CHECKING, NamedTuple, cast
 
@@ -151,6 +154,7 @@ class ArtifactFetch:
     if TYPE_CHECKING:
         sim: Simulation
         device_id: str
+        fd: int | None
         faults: Faults
         rng: random.Random | None
         connected: bool
@@ -309,10 +313,25 @@ class ArtifactFetch:
             return
         now = time.monotonic()
         if now - upd.quiet_since >= wait and now >= upd.hold_until:
-            if self.connected:
+            if self.connected and not self._unread():
                 self._repair_round(upd)
             upd.quiet_since = now  # offline: the reconnect repairs after its spread
         self._arm_repair(upd)
+
+    def _unread(self) -> bool:
+        """Whether bytes wait in this agent's socket: the simulation's loop is behind (its one
+        thread starved of CPU), so the agent is not hearing silence. A device has its own CPU;
+        without this, one starved loop makes every agent in it repair at once."""
+        fd = self.fd
+        if fd is None:
+            return False
+        try:
+            pending = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+        except OSError:
+            return False
+        if pending:
+            self.sim.counters.repairs_deferred += 1
+        return pending > 0
 
     def _resume(self, upd: Update) -> None:
         """Reconnected mid-download (the clean session dropped every subscription): repair
