@@ -30,8 +30,12 @@ test-pg: env mosquitto postgres chromium
 test-slim:
 	$(SLIM)/bin/python -m pytest -m "agent and not slow" -p no:cacheprovider $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
+# ruff, then mypy (zero errors; strict on the wire contract, storage and the state machines),
+# then the import contracts (layers, one-way imports): docs/architecture.md.
 lint: env
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 env: $(VENV)/.installed
 slim-env: $(SLIM)/.installed

@@ -7,7 +7,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -201,9 +201,10 @@ def config_from_dict(
             names = " or ".join(t.__name__ for t in _TYPES[key])
             raise ConfigError(f"{source}: '{key}' must be {names}, got {value!r}")
         if key == "trusted_keys":
-            if not all(isinstance(k, str) for k in value):
+            keys = cast("list[object]", value)  # _TYPES made sure it is a list
+            if not all(isinstance(k, str) for k in keys):
                 raise ConfigError(f"{source}: 'trusted_keys' must be a list of base64 strings")
-            value = tuple(value)
+            value = tuple(keys)
         kwargs[key] = value
     for required in ("device_id", "data_dir"):
         if required not in kwargs:

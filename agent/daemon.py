@@ -19,7 +19,6 @@ from agent.fetch import Fetcher
 from agent.fsutil import CorruptFileError
 from agent.local_services import LocalServices
 from agent.memory import release_memory
-from agent.mqtt import MqttSession
 from agent.power import PowerModel
 from agent.protocol import (
     BenchmarkReport,
@@ -35,6 +34,7 @@ from agent.protocol import (
     dump,
     parse,
 )
+from agent.protocol.transport import MqttSession
 from agent.runtime import ModelLoadError, load_interpreter, runtime_info
 from agent.selftest import run_selftest, tighter_budget
 from agent.serving import InferenceError

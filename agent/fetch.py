@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.download import ChunkRejected, Download
-from agent.mqtt import MqttSession
 from agent.protocol import MAX_CHUNK_SIZE, Manifest, Need, ProtocolError, Topics, dump
 from agent.protocol.limits import (
     MAX_REPAIR_TOPICS,
@@ -32,6 +31,7 @@ from agent.protocol.limits import (
     REPAIR_BACKOFF_MAX_S,
     REPAIR_JITTER,
 )
+from agent.protocol.transport import MqttSession
 from agent.state import Superseded, UpdateFailed
 
 log = logging.getLogger(__name__)

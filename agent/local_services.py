@@ -12,9 +12,9 @@ from agent.failpoint import injected_latency_from_env
 from agent.fallback import WatchingObserver
 from agent.inference_server import InferenceServer
 from agent.metrics import ServingMetrics
-from agent.mqtt import MqttSession
 from agent.power import TELEMETRY_SAMPLE_INTERVAL_S, PowerModel, PowerSource, detect_power_source
 from agent.protocol import BenchmarkReport, SeqRange, Topics
+from agent.protocol.transport import MqttSession
 from agent.runtime import Interpreter, RuntimeInfo
 from agent.serving import ServingModel
 from agent.spool import TelemetrySpool
@@ -155,7 +155,7 @@ class LocalServices:
             runtime_version=runtime.version,
             threads=threads,
             environment=environment,
-            **result,  # type: ignore[arg-type]
+            **result,
         )
 
     def on_connect(self) -> None:

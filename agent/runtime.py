@@ -156,7 +156,7 @@ def load_interpreter(
     except Exception as exc:  # the runtimes raise ValueError, RuntimeError or decode errors
         empty = " (the file is empty)" if _is_empty_file(path) else ""
         raise ModelLoadError(f"{path}: {_error_text(exc)}{empty}") from exc
-    return interpreter  # type: ignore[no-any-return]
+    return interpreter
 
 
 def _is_empty_file(path: str) -> bool:

@@ -18,7 +18,6 @@ from pathlib import Path
 
 from agent.environment import read_temperature_c
 from agent.metrics import IntervalStats, ProcessSampler, ServingMetrics
-from agent.mqtt import MqttSession
 from agent.power import EnergyReading, PowerSource
 from agent.protocol import (
     MAX_TELEMETRY_BYTES,
@@ -29,6 +28,7 @@ from agent.protocol import (
     TelemetryRecord,
     dump,
 )
+from agent.protocol.transport import MqttSession
 from agent.spool import TelemetrySpool
 
 log = logging.getLogger(__name__)

@@ -54,7 +54,8 @@ from controller.brokers.base import BrokerHandle, parse_broker_url  # noqa: E402
 from controller.brokers.mosquitto import start_mosquitto  # noqa: E402
 from controller.fleet.artifacts import build_manifest  # noqa: E402
 from controller.fleet.registry import Fleet  # noqa: E402
-from controller.runtime.service import CONTROLLER_INFLIGHT, ControllerService  # noqa: E402
+from controller.runtime.service import ControllerService  # noqa: E402
+from controller.runtime.tuning import CONTROLLER_INFLIGHT  # noqa: E402
 from controller.simulate import Simulation  # noqa: E402
 
 TOPIC_ROOT = "bench/fanout/edgefleet/v1"

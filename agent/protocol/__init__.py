@@ -1,6 +1,6 @@
 """The wire contract between controller and agents: topics, strict message types, limits.
 
-Standard library only: both sides read this one package (DESIGN.md, "Wire protocol").
+Standard library only (but transport.py): both sides read this one package (docs/architecture.md).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from agent.protocol.topics import validate_device_id, validate_sha256
 
 M = TypeVar("M")
 
-# Persisted agent update states (DESIGN.md, "Agent update flow").
+# Persisted agent update states (docs/agent.md, "Update flow").
 UpdateState = Literal[
     "idle", "fetching", "verifying", "staged", "self-testing", "active", "failed", "rolled_back"
 ]

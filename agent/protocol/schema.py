@@ -224,7 +224,7 @@ def _fields_of(cls: type) -> tuple[frozenset[str], tuple[tuple[str, Decoder, boo
     cached = _FIELDS.get(cls)
     if cached is None:
         hints = _hints(cls)
-        fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+        fields = dataclasses.fields(cls)
         plan = tuple(
             (
                 f.name,

@@ -23,7 +23,7 @@ def open_fleet(home: Path | None) -> Fleet:
     return Fleet(home or default_home())
 
 
-def fail(exc: Exception, code: int = 2) -> typer.Exit:
+def fail(exc: Exception | str, code: int = 2) -> typer.Exit:
     """Print a clear error and return the exit to raise."""
     typer.echo(f"error: {exc}", err=True)
     return typer.Exit(code)

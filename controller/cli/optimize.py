@@ -37,7 +37,7 @@ def _progress(event: Any) -> None:
 
 def _variant_rows(report: Any) -> list[tuple[object, ...]]:
     """One table row per variant of every profile."""
-    rows = []
+    rows: list[tuple[object, ...]] = []
     for prof in report.profiles:
         if not prof.variants:
             rows.append((prof.profile, "-", prof.status, "-", "-", "-", "-", "-", prof.error or ""))

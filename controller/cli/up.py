@@ -6,7 +6,8 @@ import logging
 import signal
 import sys
 import threading
-from typing import Annotated
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -16,6 +17,9 @@ from controller.cli.render import as_json, table
 from controller.fleet.registry import Fleet, default_home
 from controller.runtime.pacing import DEFAULT_MAX_FETCHING, DEFAULT_PER_MINUTE
 from controller.storage.db import database_target
+
+if TYPE_CHECKING:
+    from controller.brokers.base import BrokerHandle
 
 
 # ---------------------------------------------------------------------------- service
@@ -59,8 +63,6 @@ def up(
     home: HomeOption = None,
 ) -> None:
     """Run the controller (and an embedded broker unless --broker is given) until interrupted."""
-    from controller.brokers.base import BrokerError, is_loopback
-    from controller.runtime.embedded_broker import start_embedded
     from controller.runtime.prometheus import ControllerMetrics, serve_metrics
     from controller.runtime.service import ControllerService
 
@@ -68,45 +70,14 @@ def up(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     home = home or default_home()
-    if replica is not None:
-        if broker is None:
-            raise fail("--replica needs --broker: replicas share one broker (and one database)")
-        try:
-            validate_name("--replica", replica)
-        except ProtocolError as exc:
-            raise fail(exc) from None
+    _refuse_replica(home, broker, replica)
     metrics_address = host_port(metrics, "--metrics") if metrics else None
     http_address = host_port(http, "--http") if http else None
-    fleet = Fleet(home)  # create and migrate the database before anything reads it
-    try:
-        if replica is not None:
-            from controller.runtime.lease import DEAD_AFTER_S, running_elsewhere
-
-            other = running_elsewhere(fleet.db, replica, wait_s=DEAD_AFTER_S + 1)
-            if other is not None:
-                raise fail(
-                    f"replica {replica!r} is already running on {other['host']} "
-                    f"(pid {other['pid']}): give each replica a name of its own"
-                )
-    finally:
-        fleet.close()
     handle = None
     username = password = None
     if broker is None:
-        security = None
-        if not is_loopback(host):
-            # Devices beyond loopback must authenticate (docs/security.md); the controller then
-            # uses its own credentials on the broker's loopback listener.
-            from controller.security.identity import FleetSecurity
-
-            security = FleetSecurity(home)
-            username, password = security.controller_credentials()
-        try:
-            handle = start_embedded(home / "broker", host=host, port=port, security=security)
-        except BrokerError as exc:
-            raise fail(exc) from None
+        handle, username, password = _embedded_broker(home, host, port)
         broker = handle.url
-        typer.echo(f"embedded {handle.kind} broker on {broker}", err=True)
     registry = ControllerMetrics(database_target(home)) if metrics_address else None
     metrics_server = None
     if registry is not None and metrics_address is not None:
@@ -119,26 +90,7 @@ def up(
         typer.echo(f"Prometheus metrics on {metrics_server.url}", err=True)
     http_server = None
     if http_address is not None:
-        from controller.http.server import start_http
-
-        try:
-            http_server, dashboard = start_http(home, *http_address)
-        except OSError as exc:
-            for running in (metrics_server, handle):
-                if running:
-                    running.stop()
-            raise fail(f"cannot serve HTTP on {http}: {exc}") from None
-        if not is_loopback(http_address[0]):
-            typer.echo(
-                f"warning: --http {http} is beyond loopback and has no TLS: bearer tokens cross "
-                "the network in clear; put a TLS proxy in front of it",
-                err=True,
-            )
-        if sys.stderr.isatty():
-            typer.echo(f"dashboard: {dashboard}", err=True)
-        else:  # a log file or the journal: do not write the admin token into it
-            address = dashboard.split("#", 1)[0]
-            typer.echo(f"dashboard: {address} (token in {home / 'http-token'})", err=True)
+        http_server = _serve_http(home, http, http_address, [metrics_server, handle])
     service = ControllerService(
         home,
         broker,
@@ -170,6 +122,82 @@ def up(
             metrics_server.stop()
         if handle:
             handle.stop()
+
+
+def _refuse_replica(home: Path, broker: str | None, replica: str | None) -> None:
+    """Exit when --replica is misused or its name is taken by another live process."""
+    if replica is None:
+        return
+    if broker is None:
+        raise fail("--replica needs --broker: replicas share one broker (and one database)")
+    try:
+        validate_name("--replica", replica)
+    except ProtocolError as exc:
+        raise fail(exc) from None
+    fleet = Fleet(home)  # create and migrate the database before anything reads it
+    try:
+        from controller.runtime.lease import DEAD_AFTER_S, running_elsewhere
+
+        other = running_elsewhere(fleet.db, replica, wait_s=DEAD_AFTER_S + 1)
+        if other is not None:
+            raise fail(
+                f"replica {replica!r} is already running on {other['host']} "
+                f"(pid {other['pid']}): give each replica a name of its own"
+            )
+    finally:
+        fleet.close()
+
+
+def _embedded_broker(
+    home: Path, host: str, port: int
+) -> tuple[BrokerHandle, str | None, str | None]:
+    """Start the embedded broker; beyond loopback, with the controller's own credentials."""
+    from controller.brokers.base import BrokerError, is_loopback
+    from controller.runtime.embedded_broker import start_embedded
+
+    security = None
+    username = password = None
+    if not is_loopback(host):
+        # Devices beyond loopback must authenticate (docs/security.md); the controller then
+        # uses its own credentials on the broker's loopback listener.
+        from controller.security.identity import FleetSecurity
+
+        security = FleetSecurity(home)
+        username, password = security.controller_credentials()
+    try:
+        handle = start_embedded(home / "broker", host=host, port=port, security=security)
+    except BrokerError as exc:
+        raise fail(exc) from None
+    typer.echo(f"embedded {handle.kind} broker on {handle.url}", err=True)
+    return handle, username, password
+
+
+def _serve_http(
+    home: Path, http: str | None, address: tuple[str, int], started: list[Any]
+) -> Any:
+    """Start the HTTP API and dashboard; on failure stop what `started` holds and exit."""
+    from controller.brokers.base import is_loopback
+    from controller.http.server import start_http
+
+    try:
+        server, dashboard = start_http(home, *address)
+    except OSError as exc:
+        for running in started:
+            if running:
+                running.stop()
+        raise fail(f"cannot serve HTTP on {http}: {exc}") from None
+    if not is_loopback(address[0]):
+        typer.echo(
+            f"warning: --http {http} is beyond loopback and has no TLS: bearer tokens cross "
+            "the network in clear; put a TLS proxy in front of it",
+            err=True,
+        )
+    if sys.stderr.isatty():
+        typer.echo(f"dashboard: {dashboard}", err=True)
+    else:  # a log file or the journal: do not write the admin token into it
+        url = dashboard.split("#", 1)[0]
+        typer.echo(f"dashboard: {url} (token in {home / 'http-token'})", err=True)
+    return server
 
 
 def host_port(value: str, option: str) -> tuple[str, int]:

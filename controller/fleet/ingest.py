@@ -10,10 +10,11 @@ from agent.protocol import (
     Status,
 )
 from agent.protocol.schema import encode
+from controller.fleet.core import FleetCore
 from controller.storage.db import now, to_json
 
 
-class Ingest:
+class Ingest(FleetCore):
     """Records what devices report (mixed into Fleet; uses self.db, self.rollouts)."""
 
     # ------------------------------------------------------------------ ingest

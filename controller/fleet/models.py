@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from agent.protocol import (
     GoldenRef,
@@ -19,7 +19,11 @@ from agent.protocol.schema import encode
 from controller.errors import FleetError
 from controller.fleet.artifacts import build_manifest, check_golden, read_converter_manifest
 from controller.fleet.candidates import register_candidates
+from controller.fleet.core import FleetCore
 from controller.storage.db import now, to_json
+
+if TYPE_CHECKING:
+    from controller.fleet.registry import Fleet
 
 # Offset 4 of every TFLite flatbuffer holds this file identifier (schema.fbs: file_identifier).
 TFLITE_IDENTIFIER = b"TFL3"
@@ -42,7 +46,7 @@ def _check_names(*, name: str, version: str | None, recipe: str | None = None) -
 
 
 
-class ModelCatalog:
+class ModelCatalog(FleetCore):
     """Adds and reads models and artifacts (mixed into Fleet; uses self.db, self.artifacts)."""
 
     # ------------------------------------------------------------------ models & deployments
@@ -203,7 +207,7 @@ class ModelCatalog:
                     golden=golden_path,
                     expected_sha256=doc["sha256"],  # as recorded in manifest_path
                 )
-            register_candidates(self, path, name=name, version=version)
+            register_candidates(cast("Fleet", self), path, name=name, version=version)
         else:
             self.add_artifact(path, name=name, version=version, profile=profile, golden=golden)
         return self.model(f"{name}:{version}")

@@ -19,6 +19,7 @@ from agent.protocol import (
     parse,
 )
 from controller.errors import FleetError
+from controller.fleet.core import FleetCore
 from controller.fleet.rollout.engine import deploy_policy
 from controller.fleet.rollout.policy import Policy
 from controller.security.signing import DESIRED_VALIDITY_S, FleetSigner
@@ -47,7 +48,7 @@ def _signed(signer: FleetSigner | None, message: _T) -> _T:
     return signer.sign(message) if signer is not None else message
 
 
-class Publishing:
+class Publishing(FleetCore):
     """What each device should run and be told (mixed into Fleet; uses self.db, self.home)."""
 
     def deploy(
@@ -164,7 +165,7 @@ class Publishing:
             if limit is not None
             else self.db.query(sql)
         )
-        out = []
+        out: list[tuple[str, Desired, list[Manifest]]] = []
         if not rows:
             return out
         # Everything published is signed (docs/security.md); re-read each time so a key rotated
@@ -307,8 +308,11 @@ class Publishing:
         """Queue a one-shot command (benchmark, rollback, resend_status); the service sends it."""
         self.device(device_id)
         command = Command(
-            command_id=f"cmd-{uuid.uuid4().hex[:12]}", action=action, runs=runs, warmup=warmup
-        )  # type: ignore[arg-type]
+            command_id=f"cmd-{uuid.uuid4().hex[:12]}",
+            action=action,  # type: ignore[arg-type]  # Command.__post_init__ checks the value
+            runs=runs,
+            warmup=warmup,
+        )
         with self.db.transaction() as tx:
             tx.execute(
                 "INSERT INTO commands (id, device_id, action, runs, warmup, created) "

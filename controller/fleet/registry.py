@@ -4,58 +4,28 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
-import firmware_profiles
 from agent.protocol import (
     ProtocolError,
     validate_device_id,
 )
 from controller.errors import FleetError
-from controller.fleet.artifacts import ArtifactStore
+from controller.fleet.core import default_home
 from controller.fleet.ingest import Ingest
 from controller.fleet.models import ModelCatalog
 from controller.fleet.publishing import Publishing
-from controller.fleet.rollout.engine import Rollouts
-from controller.fleet.telemetry.store import TelemetryStore
-from controller.storage.db import database_target, now
-from controller.storage.open import open_database
+from controller.storage.db import now
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Fleet", "FleetError", "default_home"]
 
 
-def default_home() -> Path:
-    """Data directory: $EDGEFLEET_HOME or ~/.local/share/edgefleet."""
-    return Path(os.environ.get("EDGEFLEET_HOME", "~/.local/share/edgefleet")).expanduser()
-
-
 class Fleet(Publishing, Ingest, ModelCatalog):
     """Everything that changes or reads fleet state; owns one database connection."""
 
-    def __init__(self, home: Path, db: str | None = None) -> None:
-        """Open the database (`db`, $EDGEFLEET_DB or HOME/edgefleet.db) and the artifact store
-        under `home`."""
-        self.home = home
-        self.db = open_database(database_target(home, db))
-        self.artifacts = ArtifactStore(home / "artifacts")
-        self.rollouts = Rollouts(self)
-        self.telemetry = TelemetryStore(self.db)
-        self._profiles: dict[str, firmware_profiles.Profile] | None = None
-
-    @property
-    def profiles(self) -> dict[str, firmware_profiles.Profile]:
-        """Profiles loaded once per Fleet (matching runs on every hello)."""
-        if self._profiles is None:
-            self._profiles = firmware_profiles.load_all()
-        return self._profiles
-
-    def close(self) -> None:
-        """Release the database connection."""
-        self.db.close()
 
     # ------------------------------------------------------------------ devices
     def register_device(
@@ -118,20 +88,6 @@ class Fleet(Publishing, Ingest, ModelCatalog):
         with self.db.transaction() as tx:
             tx.execute("DELETE FROM devices WHERE id = ?", (device_id,))
 
-    def devices(self) -> list[dict[str, Any]]:
-        """All devices, ordered by id."""
-        return [_device_row(r) for r in self.db.query("SELECT * FROM devices ORDER BY id")]
-
-    def has_device(self, device_id: str) -> bool:
-        """True when the device is in the registry."""
-        return self.db.query_one("SELECT 1 FROM devices WHERE id = ?", (device_id,)) is not None
-
-    def device(self, device_id: str) -> dict[str, Any]:
-        """One device, or FleetError naming the id."""
-        row = self.db.query_one("SELECT * FROM devices WHERE id = ?", (device_id,))
-        if row is None:
-            raise FleetError(f"unknown device {device_id!r} (see `edgefleet devices list`)")
-        return _device_row(row)
 
     def device_detail(self, device_id: str, limit: int = 20) -> dict[str, Any]:
         """A device with its latest benchmarks and events."""
@@ -155,21 +111,5 @@ class Fleet(Publishing, Ingest, ModelCatalog):
             {**json.loads(r["report"]), "deployment_id": r["deployment_id"], "ts": r["ts"]}
             for r in rows
         ]
-
-    @staticmethod
-    def _profile(profile: str) -> firmware_profiles.Profile:
-        """Load a profile or raise FleetError naming it."""
-        try:
-            return firmware_profiles.load(profile)
-        except firmware_profiles.ProfileError as exc:
-            raise FleetError(str(exc)) from None
-
-
-def _device_row(row: dict[str, Any]) -> dict[str, Any]:
-    """Decode JSON columns and booleans of a device row."""
-    row = dict(row)
-    row["facts"] = json.loads(row.get("facts") or "{}")
-    row["online"] = bool(row["online"])
-    return row
 
 

@@ -233,153 +233,11 @@ def create_app(home: Path, db: str | None = None) -> FastAPI:
     Admin = [Depends(admin)]
     api = APIRouter(prefix=API_PREFIX, dependencies=[Depends(caller), Depends(_strict_query)])
 
-    # ------------------------------------------------------------------ devices
-    @api.get("/devices", responses=_errors())
-    def list_devices(fleet: FleetDep) -> list[dict[str, Any]]:
-        """Devices with profile, online, state, model and last seen (`devices list`)."""
-        return fleet.devices()
-
-    @api.get("/devices/{device_id}", responses=_errors(404))
-    def show_device(device_id: str, fleet: FleetDep) -> dict[str, Any]:
-        """One device: facts, profile match, latest benchmarks and events (`devices show`)."""
-        return _found(lambda: fleet.device_detail(device_id))
-
-    @api.post("/devices", status_code=201, dependencies=Admin, responses=_errors(400, 403))
-    def register_device(body: DeviceIn, fleet: FleetDep) -> dict[str, Any]:
-        """Register a device with an explicit profile (`devices register --auth none`)."""
-        return fleet.register_device(body.id, body.profile)
-
-    @api.delete(
-        "/devices/{device_id}", status_code=204, dependencies=Admin, responses=_errors(403, 404)
-    )
-    def remove_device(device_id: str, fleet: FleetDep) -> Response:
-        """Forget a device; its events and benchmarks are kept (`devices remove`)."""
-        _found(lambda: fleet.remove_device(device_id))
-        return Response(status_code=204)
-
-    @api.get("/devices/{device_id}/telemetry", responses=_errors(400, 404))
-    def device_telemetry_records(
-        device_id: str,
-        fleet: FleetDep,
-        since: Annotated[str | None, Query(description="30m, 1h, 2d; ISO 8601; epoch")] = None,
-        limit: Annotated[int, Query(ge=1, le=MAX_TELEMETRY_LIMIT)] = 50,
-    ) -> dict[str, Any]:
-        """Stored telemetry: raw records, then per-minute aggregates (`telemetry`)."""
-        _found(lambda: check_telemetry_device(fleet, device_id))
-        return device_telemetry(fleet, device_id, since=parse_since(since), limit=limit)
-
-    # ------------------------------------------------------------------ profiles and models
-    @api.get("/profiles", responses=_errors())
-    def list_profiles() -> list[dict[str, Any]]:
-        """Device profiles (`profiles list --json`)."""
-        return [p.to_dict() for p in firmware_profiles.load_all().values()]
-
-    @api.get("/models", responses=_errors())
-    def list_models(fleet: FleetDep) -> list[dict[str, Any]]:
-        """Model versions with the profiles they have artifacts for (`models list`)."""
-        return fleet.models()
-
-    @api.get("/models/{ref}", responses=_errors(404))
-    def show_model(ref: str, fleet: FleetDep) -> dict[str, Any]:
-        """One version (NAME:VERSION, or NAME = newest) with artifacts and ranked candidates."""
-        model = _found(lambda: fleet.model(ref))
-        return {**model, "candidates": model_candidates(fleet, model["id"])}
-
-    @api.get("/models/{ref}/explain", responses=_errors(400, 404))
-    def explain_model(
-        ref: str,
-        fleet: FleetDep,
-        rollout: Annotated[str | None, Query(description="a rollout that measured it")] = None,
-    ) -> dict[str, Any]:
-        """Candidates with host and device numbers and why each won or lost (`models explain`)."""
-        _found(lambda: fleet.model(ref))
-        return explain(fleet, ref, rollout)
-
-    # ------------------------------------------------------------------ rollouts
-    @api.get("/rollouts", responses=_errors())
-    def list_rollouts(fleet: FleetDep) -> list[dict[str, Any]]:
-        """Rollouts and deployments, newest first, with device counts (`rollout status`)."""
-        return fleet.rollouts.list()
-
-    @api.post("/rollouts", status_code=201, dependencies=Admin, responses=_errors(400, 403))
-    def start_rollout(body: RolloutIn, fleet: FleetDep) -> dict[str, Any]:
-        """Start a staged rollout; a running `edgefleet up` drives it (`rollout start`)."""
-        return fleet.start_rollout(body.model, body.to, body.policy())
-
-    @api.get("/rollouts/{rollout_id}", responses=_errors(404))
-    def show_rollout(rollout_id: str, fleet: FleetDep) -> dict[str, Any]:
-        """One rollout: policy, waves, devices, trials and decisions (`rollout status ID`)."""
-        return _found(lambda: fleet.deployment(rollout_id))
-
-    @api.post(
-        "/rollouts/{rollout_id}/{action}",
-        dependencies=Admin,
-        responses=_errors(403, 404, 409),
-    )
-    def act_on_rollout(
-        rollout_id: str,
-        action: Literal["pause", "resume", "abort", "rollback"],
-        fleet: FleetDep,
-    ) -> dict[str, Any]:
-        """pause, resume, abort or rollback (`rollout pause|resume|abort|rollback ID`)."""
-        _found(lambda: fleet.deployment(rollout_id))
-        try:
-            result: dict[str, Any] = getattr(fleet.rollouts, action)(rollout_id)
-        except PolicyError as exc:
-            raise HTTPException(409, str(exc)) from None
-        return result
-
-    # ------------------------------------------------------------------ reports
-    @api.get("/report", responses=_errors(400))
-    def fleet_report_rows(
-        fleet: FleetDep,
-        model: Annotated[str | None, Query(description="NAME, NAME:VERSION or sha prefix")] = None,
-        by: Annotated[Literal["profile", "device"], Query()] = "profile",
-        profile: Annotated[str | None, Query(description="only devices of this profile")] = None,
-        since: Annotated[str | None, Query(description="30m, 1h, 2d; ISO 8601; epoch")] = None,
-    ) -> dict[str, Any]:
-        """Inference cost per profile (or device) × model beside benchmarks (`report`)."""
-        rows = fleet_report(fleet, model=model, by=by, since=parse_since(since), profile=profile)
-        return {"rows": rows}
-
-    # ------------------------------------------------------------------ events
-    @api.get(
-        "/events/stream",
-        response_class=StreamingResponse,
-        responses={**_errors(), 200: {"content": {"text/event-stream": {}}}},
-    )
-    async def events_stream(request: Request) -> StreamingResponse:
-        """Server-sent events: `change` whenever devices, rollouts or events change."""
-
-        async def changes() -> Any:
-            """`: connected`, then one `change` event per new fleet version, pings between.
-
-            The stream ends after EVENTS_MAX_S (the client reconnects and its token is checked
-            again) and when the server stops; a ping every EVENTS_PING_S keeps proxies from
-            cutting it and lets a dead client be noticed.
-            """
-            last = await anyio.to_thread.run_sync(lambda: fleet_version(fleets()))
-            yield ": connected\n\n"  # after the first read: any later change is reported
-            opened = pinged = time.monotonic()
-            while not await request.is_disconnected() and not stopping.is_set():
-                await anyio.sleep(EVENTS_POLL_S)
-                now = time.monotonic()
-                if now - opened > EVENTS_MAX_S:
-                    return
-                current = await anyio.to_thread.run_sync(lambda: fleet_version(fleets()))
-                if current != last:
-                    yield f"event: change\ndata: {json.dumps(current)}\n\n"
-                    pinged = now
-                elif now - pinged > EVENTS_PING_S:
-                    yield ": ping\n\n"
-                    pinged = now
-                last = current
-
-        return StreamingResponse(
-            changes(),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+    _device_routes(api, FleetDep, Admin)
+    _model_routes(api, FleetDep, Admin)
+    _rollout_routes(api, FleetDep, Admin)
+    _report_routes(api, FleetDep, Admin)
+    _event_routes(api, fleets, stopping)
 
     app = FastAPI(
         title="edgefleet",
@@ -424,3 +282,161 @@ def _mount_dashboard(app: FastAPI) -> None:
     from controller.http.dashboard import mount_dashboard
 
     mount_dashboard(app)
+
+
+def _device_routes(api: APIRouter, FleetDep: Any, Admin: list[Any]) -> None:
+    """Devices: list, show, register, remove, their telemetry."""
+    @api.get("/devices", responses=_errors())
+    def list_devices(fleet: FleetDep) -> list[dict[str, Any]]:
+        """Devices with profile, online, state, model and last seen (`devices list`)."""
+        return fleet.devices()
+
+    @api.get("/devices/{device_id}", responses=_errors(404))
+    def show_device(device_id: str, fleet: FleetDep) -> dict[str, Any]:
+        """One device: facts, profile match, latest benchmarks and events (`devices show`)."""
+        return _found(lambda: fleet.device_detail(device_id))
+
+    @api.post("/devices", status_code=201, dependencies=Admin, responses=_errors(400, 403))
+    def register_device(body: DeviceIn, fleet: FleetDep) -> dict[str, Any]:
+        """Register a device with an explicit profile (`devices register --auth none`)."""
+        return fleet.register_device(body.id, body.profile)
+
+    @api.delete(
+        "/devices/{device_id}", status_code=204, dependencies=Admin, responses=_errors(403, 404)
+    )
+    def remove_device(device_id: str, fleet: FleetDep) -> Response:
+        """Forget a device; its events and benchmarks are kept (`devices remove`)."""
+        _found(lambda: fleet.remove_device(device_id))
+        return Response(status_code=204)
+
+    @api.get("/devices/{device_id}/telemetry", responses=_errors(400, 404))
+    def device_telemetry_records(
+        device_id: str,
+        fleet: FleetDep,
+        since: Annotated[str | None, Query(description="30m, 1h, 2d; ISO 8601; epoch")] = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_TELEMETRY_LIMIT)] = 50,
+    ) -> dict[str, Any]:
+        """Stored telemetry: raw records, then per-minute aggregates (`telemetry`)."""
+        _found(lambda: check_telemetry_device(fleet, device_id))
+        return device_telemetry(fleet, device_id, since=parse_since(since), limit=limit)
+
+
+def _model_routes(api: APIRouter, FleetDep: Any, Admin: list[Any]) -> None:
+    """Profiles and models: list, show, explain the selection."""
+    @api.get("/profiles", responses=_errors())
+    def list_profiles() -> list[dict[str, Any]]:
+        """Device profiles (`profiles list --json`)."""
+        return [p.to_dict() for p in firmware_profiles.load_all().values()]
+
+    @api.get("/models", responses=_errors())
+    def list_models(fleet: FleetDep) -> list[dict[str, Any]]:
+        """Model versions with the profiles they have artifacts for (`models list`)."""
+        return fleet.models()
+
+    @api.get("/models/{ref}", responses=_errors(404))
+    def show_model(ref: str, fleet: FleetDep) -> dict[str, Any]:
+        """One version (NAME:VERSION, or NAME = newest) with artifacts and ranked candidates."""
+        model = _found(lambda: fleet.model(ref))
+        return {**model, "candidates": model_candidates(fleet, model["id"])}
+
+    @api.get("/models/{ref}/explain", responses=_errors(400, 404))
+    def explain_model(
+        ref: str,
+        fleet: FleetDep,
+        rollout: Annotated[str | None, Query(description="a rollout that measured it")] = None,
+    ) -> dict[str, Any]:
+        """Candidates with host and device numbers and why each won or lost (`models explain`)."""
+        _found(lambda: fleet.model(ref))
+        return explain(fleet, ref, rollout)
+
+
+def _rollout_routes(api: APIRouter, FleetDep: Any, Admin: list[Any]) -> None:
+    """Rollouts: list, start, show, pause/resume/abort/rollback."""
+    @api.get("/rollouts", responses=_errors())
+    def list_rollouts(fleet: FleetDep) -> list[dict[str, Any]]:
+        """Rollouts and deployments, newest first, with device counts (`rollout status`)."""
+        return fleet.rollouts.list()
+
+    @api.post("/rollouts", status_code=201, dependencies=Admin, responses=_errors(400, 403))
+    def start_rollout(body: RolloutIn, fleet: FleetDep) -> dict[str, Any]:
+        """Start a staged rollout; a running `edgefleet up` drives it (`rollout start`)."""
+        return fleet.start_rollout(body.model, body.to, body.policy())
+
+    @api.get("/rollouts/{rollout_id}", responses=_errors(404))
+    def show_rollout(rollout_id: str, fleet: FleetDep) -> dict[str, Any]:
+        """One rollout: policy, waves, devices, trials and decisions (`rollout status ID`)."""
+        return _found(lambda: fleet.deployment(rollout_id))
+
+    @api.post(
+        "/rollouts/{rollout_id}/{action}",
+        dependencies=Admin,
+        responses=_errors(403, 404, 409),
+    )
+    def act_on_rollout(
+        rollout_id: str,
+        action: Literal["pause", "resume", "abort", "rollback"],
+        fleet: FleetDep,
+    ) -> dict[str, Any]:
+        """pause, resume, abort or rollback (`rollout pause|resume|abort|rollback ID`)."""
+        _found(lambda: fleet.deployment(rollout_id))
+        try:
+            result: dict[str, Any] = getattr(fleet.rollouts, action)(rollout_id)
+        except PolicyError as exc:
+            raise HTTPException(409, str(exc)) from None
+        return result
+
+
+def _report_routes(api: APIRouter, FleetDep: Any, Admin: list[Any]) -> None:
+    """The fleet report (inference cost per profile or device × model)."""
+    @api.get("/report", responses=_errors(400))
+    def fleet_report_rows(
+        fleet: FleetDep,
+        model: Annotated[str | None, Query(description="NAME, NAME:VERSION or sha prefix")] = None,
+        by: Annotated[Literal["profile", "device"], Query()] = "profile",
+        profile: Annotated[str | None, Query(description="only devices of this profile")] = None,
+        since: Annotated[str | None, Query(description="30m, 1h, 2d; ISO 8601; epoch")] = None,
+    ) -> dict[str, Any]:
+        """Inference cost per profile (or device) × model beside benchmarks (`report`)."""
+        rows = fleet_report(fleet, model=model, by=by, since=parse_since(since), profile=profile)
+        return {"rows": rows}
+
+
+def _event_routes(api: APIRouter, fleets: FleetPerThread, stopping: threading.Event) -> None:
+    """The change stream the dashboard follows."""
+    @api.get(
+        "/events/stream",
+        response_class=StreamingResponse,
+        responses={**_errors(), 200: {"content": {"text/event-stream": {}}}},
+    )
+    async def events_stream(request: Request) -> StreamingResponse:
+        """Server-sent events: `change` whenever devices, rollouts or events change."""
+
+        async def changes() -> Any:
+            """`: connected`, then one `change` event per new fleet version, pings between.
+
+            The stream ends after EVENTS_MAX_S (the client reconnects and its token is checked
+            again) and when the server stops; a ping every EVENTS_PING_S keeps proxies from
+            cutting it and lets a dead client be noticed.
+            """
+            last = await anyio.to_thread.run_sync(lambda: fleet_version(fleets()))
+            yield ": connected\n\n"  # after the first read: any later change is reported
+            opened = pinged = time.monotonic()
+            while not await request.is_disconnected() and not stopping.is_set():
+                await anyio.sleep(EVENTS_POLL_S)
+                now = time.monotonic()
+                if now - opened > EVENTS_MAX_S:
+                    return
+                current = await anyio.to_thread.run_sync(lambda: fleet_version(fleets()))
+                if current != last:
+                    yield f"event: change\ndata: {json.dumps(current)}\n\n"
+                    pinged = now
+                elif now - pinged > EVENTS_PING_S:
+                    yield ": ping\n\n"
+                    pinged = now
+                last = current
+
+        return StreamingResponse(
+            changes(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )

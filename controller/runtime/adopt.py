@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from agent.mqtt import Ack, MqttSession
+from agent.protocol.transport import Ack, MqttSession
 from controller.runtime.lease import DEAD_AFTER_S
 from controller.storage.db import Database
 
@@ -28,7 +28,7 @@ QUIET_S = 2.0
 # ...or after this long in all (a busy fleet keeps queuing until the unsubscribe lands).
 MAX_ADOPTION_S = 60.0
 
-# Sends one message's PUBACK: an agent.mqtt.Ack, or an adoption's counting wrapper of one.
+# Sends one message's PUBACK: a transport Ack, or an adoption's counting wrapper of one.
 Acknowledge = Callable[[], None]
 Deliver = Callable[[str, bytes, Acknowledge | None], None]
 

@@ -30,6 +30,8 @@ from controller.runtime.tuning import (
 if TYPE_CHECKING:
     pass
 
+from controller.runtime.core import ServiceCore
+
 log = logging.getLogger(__name__)
 
 
@@ -45,7 +47,7 @@ def _same_device(claimed: str, topic_id: str) -> None:
         raise ProtocolError(f"$.device_id: {claimed!r} does not match topic device {topic_id!r}")
 
 
-class Inbound:
+class Inbound(ServiceCore):
     """Drains the inbox into fleet ingest, a transaction per batch (ControllerService mixin)."""
 
     def _ingest(

@@ -15,10 +15,12 @@ from controller.storage.open import open_database
 if TYPE_CHECKING:
     pass
 
+from controller.runtime.core import ServiceCore
+
 log = logging.getLogger(__name__)
 
 
-class Leadership:
+class Leadership(ServiceCore):
     """Keeps the leader lease; adopts dead replicas' sessions (ControllerService mixin)."""
 
     def _lead_forever(self, started: float) -> None:

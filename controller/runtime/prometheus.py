@@ -157,7 +157,7 @@ class FleetCollector(Collector):
         dropped = _rows(conn, "SELECT COALESCE(SUM(dropped_total), 0) AS n FROM telemetry_cursor")[
             0
         ]
-        out = []
+        out: list[Metric] = []
         for name, doc, value in (
             ("edgefleet_telemetry_gaps_open", "Missing sequence ranges not yet resent.", "open"),
             (

@@ -26,10 +26,12 @@ from controller.storage.db import Connection
 if TYPE_CHECKING:
     pass
 
+from controller.runtime.core import ServiceCore
+
 log = logging.getLogger(__name__)
 
 
-class Publisher:
+class Publisher(ServiceCore):
     """Publishes what the fleet wants devices to have (mixed into ControllerService)."""
 
     def _housekeep(self, fleet: Fleet, task: Callable[[Fleet], None]) -> None:

@@ -26,8 +26,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.config import AgentConfig, dump_config
-from agent.fsutil import atomic_write_bytes
 from agent.protocol import DEFAULT_ROOT, ProtocolError, validate_device_id
+from controller.security.files import write_private
 
 __all__ = [
     "AUTH_METHODS",
@@ -79,15 +79,6 @@ class IdentityError(ValueError):
 
 # --------------------------------------------------------------------------- files
 
-
-def write_private(path: Path, data: bytes) -> None:
-    """Write `data` atomically to `path` with mode 0600 (never world-readable, not even briefly).
-
-    atomic_write_bytes writes through mkstemp, which creates the file 0600; the directory is
-    created 0700 first.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    atomic_write_bytes(path, data)
 
 
 def private_dir(path: Path) -> Path:

@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from agent.fsutil import atomic_write_bytes
 from agent.protocol import FleetKeys, Signature, dump, parse
 from agent.protocol.signing import canonical_bytes, encode_b64, key_id
+from controller.security.files import write_private
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -50,11 +50,6 @@ def private_dir(path: Path) -> Path:
     os.chmod(path, 0o700)
     return path
 
-
-def write_private(path: Path, data: bytes) -> None:
-    """Write `data` atomically, mode 0600 from the start (mkstemp), in a 0700 directory."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    atomic_write_bytes(path, data)
 
 
 def _new_key() -> Ed25519PrivateKey:

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 # One logger for the whole package, named as before the split (log lines show the name).
 log = logging.getLogger("controller.simulate")
 
-# First reconnect delay, as the real agent (agent/mqtt.py); doubles up to RECONNECT_MAX_S.
+# First reconnect delay, as the real agent (protocol/transport.py); doubles to RECONNECT_MAX_S.
 RECONNECT_MIN_S = 1.0
 # How long a simulated agent whose model "crashed the self-test" stays down before restarting.
 CRASH_RESTART_S = 2.0

@@ -57,7 +57,7 @@ from controller.simulate.telemetry import (
 # One logger for the whole package, named as before the split (log lines show the name).
 log = logging.getLogger("controller.simulate")
 
-# Keepalive as the real agent (agent/mqtt.py).
+# Keepalive as the agent (protocol/transport.py).
 KEEPALIVE_S = 30
 # A CONNECT unanswered for this long is dropped and retried (a broker that slow is broken).
 CONNACK_TIMEOUT_S = 10.0

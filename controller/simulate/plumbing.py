@@ -26,7 +26,7 @@ log = logging.getLogger("controller.simulate")
 # Clients whose CONNECT is out but whose CONNACK is not in yet: a 1,000-device start then
 # reaches the broker as a steady stream instead of 1,000 simultaneous handshakes.
 MAX_CONNECTING = 64
-# Inflight window and reconnect backoff ceiling as the real agent (agent/mqtt.py).
+# Inflight window, reconnect backoff ceiling: as the agent (protocol/transport.py).
 MAX_INFLIGHT = 20
 RECONNECT_MAX_S = 30.0
 # ±20 % jitter on reconnect delays, so a broker restart is not answered by one burst.

@@ -38,10 +38,10 @@ class Connection(Protocol):
     """The connection surface the controller writes SQL against (SQLite's, which the
     PostgreSQL backend mirrors): `?` placeholders, rows indexable by name and position."""
 
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
+    def execute(self, sql: str, params: Sequence[Any] = (), /) -> Cursor:
         """Run one statement."""
 
-    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> Cursor:
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]], /) -> Cursor:
         """Run one statement for each parameter row."""
 
 

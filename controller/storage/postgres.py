@@ -46,7 +46,7 @@ class Row(Sequence[Any]):
         self._values = values
         self._index = index
 
-    def __getitem__(self, key: Any) -> Any:  # type: ignore[override]
+    def __getitem__(self, key: Any) -> Any:
         """By position (int or slice) or by column name."""
         if isinstance(key, str):
             return self._values[self._index[key]]
@@ -255,7 +255,7 @@ class PostgresDatabase(Database):
         Exclusive transactions take one advisory lock first, so read-decide-write code runs
         one at a time across replicas, as every SQLite transaction does (BEGIN IMMEDIATE).
         """
-        if self._pgconn.in_transaction:  # type: ignore[attr-defined]
+        if self._pgconn.in_transaction:
             if exclusive:
                 self._advisory_lock(_EXCLUSIVE_LOCK)  # re-entrant within a session
             self._savepoints += 1
@@ -296,6 +296,7 @@ class PostgresDatabase(Database):
     def clock(self) -> float:
         """The server's clock: leases never depend on the replicas' clocks agreeing."""
         row = self.pg.execute("SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8").fetchone()
+        assert row is not None  # SELECT without FROM always returns one row
         return float(row[0])
 
     def lock_devices(self, device_ids: Iterable[str]) -> None:

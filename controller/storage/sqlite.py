@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import cast
 
 from controller.storage.db import (
     OPEN_TIMEOUT_S,
@@ -31,7 +32,9 @@ class SqliteDatabase(Database):
         # isolation_level=None: we issue BEGIN/COMMIT ourselves so batches are one transaction.
         self.sqlite = sqlite3.connect(path, isolation_level=None, timeout=OPEN_TIMEOUT_S)
         self.sqlite.row_factory = sqlite3.Row
-        self.conn = self.sqlite
+        # sqlite3.Connection is the surface Connection describes; typeshed's wider parameter
+        # types (mappings, buffers) are what mypy cannot match against the Protocol.
+        self.conn = cast(Connection, self.sqlite)
         self._wal_mode()
         # NORMAL is durable across application crashes in WAL mode, and much faster than FULL.
         self.sqlite.execute("PRAGMA synchronous=NORMAL")
@@ -69,7 +72,7 @@ class SqliteDatabase(Database):
                 for statement in split_statements(script):
                     self.sqlite.execute(statement)
                 self.sqlite.execute(f"PRAGMA user_version={version}")
-        return max(current, target)
+        return int(max(current, target))
 
     def schema_version(self) -> int:
         """PRAGMA user_version: the number of migrations applied."""
@@ -89,7 +92,7 @@ class SqliteDatabase(Database):
             name = f"sp{self._savepoints}"
             self.sqlite.execute(f"SAVEPOINT {name}")
             try:
-                yield self.sqlite
+                yield self.conn
             except BaseException:
                 self.sqlite.execute(f"ROLLBACK TO {name}")
                 self.sqlite.execute(f"RELEASE {name}")
@@ -98,7 +101,7 @@ class SqliteDatabase(Database):
             return
         self.sqlite.execute("BEGIN IMMEDIATE")
         try:
-            yield self.sqlite
+            yield self.conn
         except BaseException:
             self.sqlite.execute("ROLLBACK")
             raise
@@ -109,14 +112,14 @@ class SqliteDatabase(Database):
         """BEGIN (deferred: takes no write lock) … COMMIT: WAL readers see one snapshot."""
         self.sqlite.execute("BEGIN")
         try:
-            yield self.sqlite
+            yield self.conn
         finally:
             self.sqlite.execute("COMMIT")
 
     def changed_elsewhere(self) -> bool:
         """PRAGMA data_version moves when another connection commits (a CLI command)."""
         version = self.sqlite.execute("PRAGMA data_version").fetchone()[0]
-        changed = version != self._data_version
+        changed = bool(version != self._data_version)
         self._data_version = version
         return changed
 

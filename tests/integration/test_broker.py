@@ -32,7 +32,7 @@ pytestmark = pytest.mark.integration
 
 ProbeFactory = Callable[..., MqttProbe]
 
-# The protocol's chunk cap (DESIGN.md: chunks ≤ 128 KiB); the largest payload we must carry.
+# The protocol's chunk cap (protocol/limits.py: 128 KiB); the largest payload we must carry.
 CHUNK_BYTES = 128 * 1024
 # More than mosquitto's default max_queued_messages (1000), so the default would drop some.
 BACKLOG_MESSAGES = 1500

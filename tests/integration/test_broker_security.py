@@ -22,7 +22,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 pytest.importorskip("cryptography")
 
 from agent.config import load_config
-from agent.mqtt import tls_context
+from agent.protocol.transport import tls_context
 from controller.brokers.base import BrokerError, BrokerHandle, free_port
 from controller.fleet.registry import Fleet
 from controller.runtime.embedded_broker import start_embedded

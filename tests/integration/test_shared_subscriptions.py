@@ -1,7 +1,7 @@
 """MQTT shared subscriptions on a real mosquitto: the broker behaviour controller replicas rely on.
 
 Replicas (`edgefleet up --replica NAME`) take device messages through `$share/edgefleet/<filter>`
-with persistent sessions and manual PUBACKs (runtime/service.py, agent/mqtt.py `Ack`), read
+with persistent sessions and manual PUBACKs (runtime/service.py, protocol/transport.py `Ack`), read
 `status` through a plain subscription, and adopt a dead replica's session (runtime/adopt.py).
 docs/broker-cluster.md says what other brokers must offer for the same guarantees.
 """
@@ -22,7 +22,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.protocol import Topics
 from controller.brokers.base import BrokerHandle
-from controller.runtime.service import SHARE_GROUP
+from controller.runtime.tuning import SHARE_GROUP
 from tests.mqtt_helpers import MqttProbe
 from tests.polling import wait_until
 

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from agent.metrics import ServingMetrics
-from agent.mqtt import MqttSession
 from agent.power import detect_power_source
 from agent.protocol import (
     MAX_JSON_BYTES,
@@ -22,6 +21,7 @@ from agent.protocol import (
     dump,
     parse,
 )
+from agent.protocol.transport import MqttSession
 from agent.spool import TelemetrySpool
 from agent.telemetry import MAX_MESSAGE_BYTES, TelemetryReporter
 from controller.brokers.base import BrokerHandle

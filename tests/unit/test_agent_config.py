@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import AgentConfig, ConfigError, PowerModelConfig, dump_config, load_config
-from agent.mqtt import parse_mqtt_url
+from agent.protocol.transport import parse_mqtt_url
 
 pytestmark = pytest.mark.agent
 
@@ -131,7 +131,7 @@ def test_tls_config_errors(tmp_path: Path, kwargs: dict[str, str], message: str)
 
 
 def test_mqtts_url_and_missing_tls_file(tmp_path: Path) -> None:
-    from agent.mqtt import MqttSession, is_tls_url
+    from agent.protocol.transport import MqttSession, is_tls_url
 
     assert parse_mqtt_url("mqtts://b") == ("b", 8883)
     assert parse_mqtt_url("ssl://b:9") == ("b", 9)

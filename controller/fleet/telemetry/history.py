@@ -17,6 +17,7 @@ from controller.fleet.telemetry.reports import (
     raw_sums_sql,
     summarize,
 )
+from controller.storage.db import Database
 
 
 def max_sql(table: str, column: str, wins: str = ">") -> str:
@@ -91,6 +92,8 @@ def _minute_record(row: dict[str, Any]) -> dict[str, Any]:
 
 class TelemetryHistory:
     """Reads and compacts what ingest stored (mixin of TelemetryStore; uses self.db)."""
+
+    db: Database  # set by TelemetryStore.__init__
 
     def gaps(self, device_id: str | None = None) -> list[dict[str, Any]]:
         """Gap rows (missing and lost), for one device or all."""

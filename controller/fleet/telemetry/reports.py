@@ -259,8 +259,8 @@ def report(
     profiles = {d["id"]: d["profile"] for d in db.query("SELECT id, profile FROM devices")}
     names = model_names(db)
     groups: dict[tuple[str, str], dict[str, Any]] = {}
-    for row in rows:
-        device, sha = row["device_id"], row["model_sha256"]
+    for raw in rows:
+        device, sha = raw["device_id"], raw["model_sha256"]
         device_profile = profiles.get(device) or NO_PROFILE
         if profile is not None and device_profile != profile:
             continue
@@ -271,12 +271,12 @@ def report(
         group = groups.setdefault(
             key, {"sums": {}, "devices": set(), "shas": set(), "sources": set()}
         )
-        merge_sums(group["sums"], row)
+        merge_sums(group["sums"], raw)
         group["devices"].add(device)
         if sha:
             group["shas"].add(sha)
-        if row["power_source"]:
-            group["sources"].add(row["power_source"])
+        if raw["power_source"]:
+            group["sources"].add(raw["power_source"])
     benches = _benchmarks(db, {sha for g in groups.values() for sha in g["shas"]})
     out = []
     for (name, label), group in sorted(groups.items()):

@@ -308,9 +308,9 @@ class TelemetryStore(TelemetryHistory):
         ]
         tx.executemany(_TOTALS_SQL, rows)
         step = MAX_SQL_PARAMS // 2  # also keeps the `+ ?` chain under SQLite's depth limit (1000)
-        for key, (_, _, latency) in keys.items():
-            for i in range(1, len(latency), step):
-                part = latency[i : i + step]
+        for key, (_, _, lat) in keys.items():
+            for i in range(1, len(lat), step):
+                part = lat[i : i + step]
                 tx.execute(
                     "UPDATE telemetry_latency_totals SET latency_sum_ms = latency_sum_ms"
                     + " + ?" * len(part)

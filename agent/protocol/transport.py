@@ -1,4 +1,8 @@
-"""The agent's MQTT session: paho 2.x with reconnect/backoff, last will, QoS1 publishes."""
+"""The MQTT session both sides use: paho 2.x with reconnect/backoff, last will, QoS1, acks.
+
+The one module of agent.protocol that is not standard library only: paho-mqtt is a dependency
+of the agent and the controller alike (docs/architecture.md).
+"""
 
 from __future__ import annotations
 
