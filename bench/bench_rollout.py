@@ -214,6 +214,11 @@ class Run:
         return result
 
 
+def _terminated(signum: int, frame: object) -> None:
+    """SIGTERM (e.g. from `timeout`): end like a timeout, so the figures are still printed."""
+    raise TimeoutError(f"terminated by signal {signum}")
+
+
 def main() -> int:
     """Run the benchmark and print a table and one JSON line (also on a timeout)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -236,6 +241,7 @@ def main() -> int:
     )
     parser.add_argument("--up-args", default="", help="extra `edgefleet up` options")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, _terminated)
 
     work = Path(tempfile.mkdtemp(prefix="edgefleet-bench-rollout-"))
     broker = start_mosquitto(work / "mosquitto")
