@@ -11,13 +11,10 @@ each (the broker re-sends them to this agent alone); a round that brought nothin
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import random
-import struct
 import tempfile
-import termios
 import time
 from typing import TYPE_CHECKING, NamedTuple, cast
 
@@ -29,6 +26,7 @@ from agent.protocol.limits import (
     REPAIR_JITTER,
 )
 from controller.simulate.figures import MIB
+from controller.simulate.netutil import unread_bytes
 
 if TYPE_CHECKING:
     import random
@@ -322,16 +320,10 @@ class ArtifactFetch:
         """Whether bytes wait in this agent's socket: the simulation's loop is behind (its one
         thread starved of CPU), so the agent is not hearing silence. A device has its own CPU;
         without this, one starved loop makes every agent in it repair at once."""
-        fd = self.fd
-        if fd is None:
+        if self.fd is None or not unread_bytes(self.fd):
             return False
-        try:
-            pending = struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
-        except OSError:
-            return False
-        if pending:
-            self.sim.counters.repairs_deferred += 1
-        return pending > 0
+        self.sim.counters.repairs_deferred += 1
+        return True
 
     def _resume(self, upd: Update) -> None:
         """Reconnected mid-download (the clean session dropped every subscription): repair

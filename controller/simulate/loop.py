@@ -44,6 +44,7 @@ from controller.simulate.faults import (
     assign_faults,
 )
 from controller.simulate.figures import MIB
+from controller.simulate.netutil import unread_bytes
 from controller.simulate.plumbing import PahoPlumbing
 from controller.simulate.speed import NO_SPEED, SpeedModel
 from controller.simulate.telemetry import (
@@ -386,13 +387,18 @@ class Simulation(PahoPlumbing):
 
         Each client is visited every SWEEP_SLICES × MISC_INTERVAL_S (10 s): its PINGREQ then
         goes out at most 10 s late (30-40 s of silence; the broker waits 1.5 × 30 s), and the
-        sweep costs a tenth of visiting 10,000 clients every second, which was ~0.1 core.
+        sweep costs a tenth of visiting 10,000 clients every second, which was ~0.1 core. A
+        client with unread bytes is skipped: when this one thread is starved of CPU its CONNACKs
+        and PINGRESPs wait in the socket, and judging timeouts then dropped ~3,000 healthy
+        connections of 10,000 (bench/RESULTS.md, "Rollout at scale").
         """
         now = time.monotonic()
         self._slice = (self._slice + 1) % SWEEP_SLICES
         for agent in self.agents[self._slice :: SWEEP_SLICES]:
             if agent.fd is None:
                 continue
+            if unread_bytes(agent.fd):
+                continue  # the loop is behind, not the broker: read first (a CONNACK, a PINGRESP)
             if agent.connecting is not None and now - agent.connecting > CONNACK_TIMEOUT_S:
                 self.drop_connection(agent, 0.0)
             agent.client.loop_misc()
