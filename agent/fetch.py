@@ -32,7 +32,7 @@ from agent.protocol.limits import (
     REPAIR_JITTER,
 )
 from agent.protocol.transport import MqttSession
-from agent.state import Superseded, UpdateFailed
+from agent.update.errors import Superseded, UpdateFailed
 
 log = logging.getLogger(__name__)
 

@@ -233,7 +233,7 @@ class Simulation(PahoPlumbing):
             "devices": len(agents),
             "elapsed_s": round(time.monotonic() - self._started, 2) if self._started else 0.0,
             **asdict(self.counters),
-            "states": dict(sorted(Counter(a.state for a in agents).items())),
+            "states": dict(sorted(Counter(a.state.value for a in agents).items())),
             "faults": dict(sorted(faults.items())),
             "telemetry_spooled": sum(
                 len(a.telemetry.pending) // RECORD.size for a in agents if a.telemetry is not None
