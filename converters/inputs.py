@@ -87,7 +87,7 @@ def convert_model(
                 f"Recipe {recipe!r} needs the Keras/SavedModel source; {path} is already a "
                 f".tflite: use one of {', '.join(recipes_for(path))}"
             )
-        return requantize_tflite(path, recipe)
+        return requantize_tflite(path, recipe, calib=calib)
     with tempfile.TemporaryDirectory(prefix="edgefleet-onnx-") as tmp:
         saved = prepare_source(path, Path(tmp))
         return convert_saved_model(saved, recipe, calib=calib, per_tensor_dense=per_tensor_dense)

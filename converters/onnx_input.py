@@ -71,7 +71,9 @@ def onnx_to_saved_model(onnx_path: Path, out_dir: Path) -> Path:
     require_onnx(src)
     if not src.is_file():
         raise ModelInputError(f"Model not found: {src}")
-    out = Path(out_dir)
+    # onnx2tf runs in `work` as its working directory: every path it gets must be absolute, or
+    # a relative --out (the README's `--out out/`) points into the wrong directory.
+    src, out = src.resolve(), Path(out_dir).resolve()
     work = out.with_name(out.name + "_onnx2tf")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -84,7 +86,7 @@ def onnx_to_saved_model(onnx_path: Path, out_dir: Path) -> Path:
         "-i",
         str(model_copy),
         "-o",
-        str(out.resolve()),
+        str(out),
         "-osd",  # also write signature defs, which TFLiteConverter.from_saved_model reads
         "-n",  # non-verbose
     ]

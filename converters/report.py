@@ -31,7 +31,7 @@ class VariantReport:
 
     recipe: str
     variant: str = ""  # the built variant: the recipe, or e.g. "dynamic-pt" for old runtimes
-    status: str = "pending"  # selected | rejected | failed
+    status: str = "pending"  # selected | rejected | failed | dropped (duplicate of another)
     reason: str = ""
     latency_ms: float | None = None
     latency_source: str | None = None  # host | vela
@@ -116,6 +116,8 @@ class Candidate:
                 "top1_agreement": ev.top1_agreement if ev else None,
                 "size_bytes": ev.size_bytes if ev else None,
                 "compressed_bytes": ev.compressed_bytes if ev else None,
+                "snr_db": ev.snr_db if ev else None,
+                "outputs": [o.to_dict() for o in ev.outputs] if ev else [],
                 "reason": v.reason,
             },
         }
@@ -130,6 +132,7 @@ class ProfileReport:
     error: str | None = None
     variants: list[VariantReport] = field(default_factory=list)
     candidates: list[Candidate] = field(default_factory=list)  # ranked, rank 1 = selected
+    warnings: list[str] = field(default_factory=list)  # e.g. a compiler that is not installed
 
     @property
     def selected(self) -> VariantReport | None:
@@ -146,6 +149,7 @@ class ProfileReport:
             "selected": chosen.recipe if chosen else None,
             "variants": [v.to_dict() for v in self.variants],
             "candidates": [c.to_dict() for c in self.candidates],
+            "warnings": list(self.warnings),
         }
 
 
@@ -166,6 +170,20 @@ class OptimizeReport:
         """True when every profile got an artifact."""
         return all(p.status == "ok" for p in self.profiles)
 
+    @property
+    def warnings(self) -> list[str]:
+        """Every profile's warnings, prefixed with the profile id."""
+        return [f"{p.profile}: {w}" for p in self.profiles for w in p.warnings]
+
+    def summary(self) -> str:
+        """The closing line: how many profiles got an artifact, and which did not and why."""
+        total = len(self.profiles)
+        missing = [p for p in self.profiles if p.status != "ok"]
+        if not missing:
+            return f"all {total} profile(s) have an artifact"
+        why = "; ".join(f"{p.profile}: {_short(p.error or p.status)}" for p in missing)
+        return f"{len(missing)} of {total} profile(s) have no artifact — {why}"
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form for `--json`."""
         return {
@@ -175,6 +193,18 @@ class OptimizeReport:
             "ok": self.ok,
             "seconds": round(self.seconds, 3),
             "notes": list(self.notes),
+            "warnings": self.warnings,
+            "summary": self.summary(),
             "pruning": self.pruning,
             "profiles": [p.to_dict() for p in self.profiles],
         }
+
+
+# A closing line names every failed profile; each reason is cut to this many characters.
+SUMMARY_REASON_CHARS = 240
+
+
+def _short(text: str) -> str:
+    """One line of at most SUMMARY_REASON_CHARS characters."""
+    line = " ".join(text.split())
+    return line if len(line) <= SUMMARY_REASON_CHARS else line[: SUMMARY_REASON_CHARS - 1] + "…"

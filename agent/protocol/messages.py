@@ -12,13 +12,18 @@ from typing import Literal, TypeVar
 from agent.protocol.errors import ProtocolError
 from agent.protocol.limits import (
     MAX_ARTIFACT_SIZE,
+    MAX_BENCHMARK_RUNS,
+    MAX_BENCHMARK_WARMUP,
+    MAX_BUDGET_MB,
+    MAX_BUDGET_MS,
     MAX_CHUNK_SIZE,
     MAX_JSON_BYTES,
     SCHEMA_VERSION,
 )
 from agent.protocol.names import validate_label, validate_name
 from agent.protocol.schema import OMIT_DEFAULT, decode_dataclass, encode
-from agent.protocol.telemetry import Environment, SeqRange
+from agent.protocol.states import AgentState
+from agent.protocol.telemetry import Environment
 from agent.protocol.topics import validate_device_id, validate_sha256
 
 M = TypeVar("M")
@@ -29,11 +34,6 @@ MAX_IDENTITY_CHARS = 128
 # Device-tree compatible lists have 2-4 entries; big.LITTLE SoCs have 2-3 CPU part numbers.
 MAX_IDENTITY_ITEMS = 8
 _CPU_PART = re.compile(r"0x[0-9a-f]{1,4}")
-
-# Persisted agent update states (docs/agent.md, "Update flow").
-UpdateState = Literal[
-    "idle", "fetching", "verifying", "staged", "self-testing", "active", "failed", "rolled_back"
-]
 
 
 def _check_version(v: int) -> None:
@@ -56,6 +56,12 @@ def _non_negative(name: str, value: float) -> None:
     """Refuse a negative count, size or duration."""
     if value < 0:
         raise ProtocolError(f"$.{name}: must be >= 0, got {value}")
+
+
+def _bounded(name: str, value: float, low: float, high: float) -> None:
+    """Refuse a number outside low..high (every number that sizes work or memory is bounded)."""
+    if not low <= value <= high:
+        raise ProtocolError(f"$.{name}: must be {low:g}..{high:g}, got {value}")
 
 
 @dataclass(frozen=True)
@@ -81,7 +87,8 @@ class DeviceFacts:
     emulated: bool = field(default=False, metadata={OMIT_DEFAULT: True})
 
     def __post_init__(self) -> None:
-        """Bound the free-text identity facts (they reach logs, the database and the UI)."""
+        """Bound the free-text identity facts (they reach logs, the database and the UI) and
+        the counts."""
         for name, value in (("board", self.board), *(("socs", s) for s in self.socs)):
             if value is not None and (len(value) > MAX_IDENTITY_CHARS or not value.isprintable()):
                 raise ProtocolError(
@@ -92,6 +99,9 @@ class DeviceFacts:
         for part in self.cpu_parts:
             if not _CPU_PART.fullmatch(part):
                 raise ProtocolError(f"$.facts.cpu_parts: {part!r} is not a hex part like 0xd08")
+        # Counts are not negative (they are stored and shown, never used to size work).
+        _non_negative("facts.cpu_count", self.cpu_count)
+        _non_negative("facts.ram_mb", self.ram_mb)
 
 
 @dataclass(frozen=True)
@@ -120,7 +130,7 @@ class Status:
 
     device_id: str
     online: bool
-    state: UpdateState = "idle"
+    state: AgentState = AgentState.IDLE
     model_sha256: str | None = None
     previous_sha256: str | None = None
     generation: int = 0
@@ -211,8 +221,11 @@ class Fallback:
 
     def __post_init__(self) -> None:
         """Validate the budget, the window and the thread count."""
-        if not self.latency_ms > 0:
-            raise ProtocolError(f"$.fallback.latency_ms: must be > 0, got {self.latency_ms}")
+        if not 0 < self.latency_ms <= MAX_BUDGET_MS:
+            raise ProtocolError(
+                f"$.fallback.latency_ms: must be > 0 and <= {MAX_BUDGET_MS:g}, "
+                f"got {self.latency_ms}"
+            )
         if not 1.0 <= self.window_s <= 86400.0:
             raise ProtocolError(f"$.fallback.window_s: must be 1..86400 s, got {self.window_s}")
         _threads("fallback.threads", self.threads)
@@ -254,11 +267,10 @@ class Desired:
             _name("profile", "profile id", self.profile)
         if self.generation < 1:
             raise ProtocolError(f"$.generation: must be >= 1, got {self.generation}")
-        if self.benchmark_runs < 1:
-            raise ProtocolError(f"$.benchmark_runs: must be >= 1, got {self.benchmark_runs}")
-        _non_negative("benchmark_warmup", self.benchmark_warmup)
-        _non_negative("latency_budget_ms", self.latency_budget_ms)
-        _non_negative("memory_budget_mb", self.memory_budget_mb)
+        _bounded("benchmark_runs", self.benchmark_runs, 1, MAX_BENCHMARK_RUNS)
+        _bounded("benchmark_warmup", self.benchmark_warmup, 0, MAX_BENCHMARK_WARMUP)
+        _bounded("latency_budget_ms", self.latency_budget_ms, 0, MAX_BUDGET_MS)
+        _bounded("memory_budget_mb", self.memory_budget_mb, 0, MAX_BUDGET_MB)
         _threads("threads", self.threads)
         if self.fallback is not None and self.artifact is None:
             raise ProtocolError("$.fallback: needs an artifact to fall back from")
@@ -369,10 +381,10 @@ class Event:
     message: str
     deployment_id: str | None = None
     generation: int | None = None
-    state: UpdateState | None = None
+    state: AgentState | None = None
     # For errors: the update state the failure happened in (fetching = download, verifying,
     # self-testing = load/self-test), so the controller can tell transient from final failures.
-    stage: UpdateState | None = None
+    stage: AgentState | None = None
     model_sha256: str | None = None
     benchmark: BenchmarkReport | None = None
     ts: float = field(default_factory=time.time)
@@ -389,34 +401,6 @@ class Event:
             _name("deployment_id", "deployment id", self.deployment_id)
         if self.model_sha256 is not None:
             validate_sha256(self.model_sha256)
-
-
-@dataclass(frozen=True)
-class Command:
-    """One-shot command to a device; its id makes a repeated delivery have one effect."""
-
-    command_id: str
-    action: Literal["benchmark", "rollback", "resend_status", "resend_telemetry"]
-    runs: int = 50
-    warmup: int = 5
-    # resend_telemetry: the sequence numbers the controller is missing (at most 200 ranges).
-    seq_ranges: tuple[SeqRange, ...] = ()
-    ts: float = field(default_factory=time.time)
-    v: int = SCHEMA_VERSION
-
-    def __post_init__(self) -> None:
-        """Validate id and counters."""
-        _check_version(self.v)
-        if not 1 <= len(self.command_id) <= 64:
-            raise ProtocolError("$.command_id: must be 1-64 characters")
-        _name("command_id", "command id", self.command_id)
-        if self.runs < 1:
-            raise ProtocolError(f"$.runs: must be >= 1, got {self.runs}")
-        _non_negative("warmup", self.warmup)
-        if len(self.seq_ranges) > 200:
-            raise ProtocolError("$.seq_ranges: more than 200 ranges")
-        if self.action == "resend_telemetry" and not self.seq_ranges:
-            raise ProtocolError("$.seq_ranges: resend_telemetry needs at least one range")
 
 
 # A fleet never needs more verify keys at once than this (current + next + a few retiring).

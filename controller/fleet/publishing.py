@@ -1,6 +1,5 @@
 """Desired states and commands: deploy, rollouts' targets, what the runtime still has to publish."""
 
-
 from __future__ import annotations
 
 import fnmatch
@@ -21,14 +20,25 @@ from agent.protocol import (
 )
 from controller.errors import FleetError
 from controller.fleet.core import FleetCore
+from controller.fleet.opcheck import refuse_missing_custom_ops
 from controller.fleet.rollout.engine import deploy_policy
 from controller.fleet.rollout.policy import Policy
+from controller.fleet.rollout.states import DeviceState, move_all, sql_in
 from controller.security.signing import DESIRED_VALIDITY_S, FleetSigner
+from controller.security.signing import sign_command as sign_for_device
 from controller.storage.db import now
 
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+# Rollout device states whose artifact a device may still download.
+_NEEDS_ARTIFACT = (
+    DeviceState.WAITING,
+    DeviceState.BASELINING,
+    DeviceState.PENDING,
+    DeviceState.IN_PROGRESS,
+    DeviceState.RETRYING,
+)
 
 
 def _fleet_signer(home: Path) -> FleetSigner | None:
@@ -73,6 +83,8 @@ class Publishing(FleetCore):
                 raise FleetError(f"no registered device has profile {profile!r}")
         else:
             targets = [self.device(d)["id"] for d in devices or []]
+        if check:
+            refuse_missing_custom_ops(model_path, self._runtimes_of(targets))
         manifest = self.add_artifact(
             model_path,
             name=name or model_path.stem,
@@ -91,6 +103,19 @@ class Publishing(FleetCore):
             assignments=[(d, manifest.sha256, "") for d in targets],
         )
         return self.deployment(deployment_id)
+
+    def _runtimes_of(self, device_ids: list[str]) -> dict[str, tuple[str, str, str]]:
+        """Each device's runtime as it reported it (else its profile's) and profile compiler."""
+        out = {}
+        for device_id in device_ids:
+            row = self.device(device_id)
+            prof = self._profile(row["profile"]) if row.get("profile") else None
+            name = row.get("runtime") or (prof.runtime.name if prof else None)
+            version = row.get("runtime_version") or (prof.runtime.version if prof else None)
+            if name and version:  # a device that never said hello and has no profile: unknown
+                kind = prof.compiler.kind if prof else "none"
+                out[f"device {device_id}"] = (str(name), str(version), kind)
+        return out
 
     def start_rollout(self, model_ref: str, selector: str, policy: Policy) -> dict[str, Any]:
         """Staged rollout of model NAME[:VER] to the devices `selector` picks, per `policy`."""
@@ -145,15 +170,26 @@ class Publishing(FleetCore):
         return self.rollouts.status(deployment_id)
 
     # ------------------------------------------------------------------ desired state (reconcile)
-    def unpublished_desired(self) -> list[tuple[str, Desired, list[Manifest]]]:
-        """Devices whose desired generation is not published yet: desired state + manifests."""
-        rows = self.db.query(
+    def unpublished_desired(
+        self, limit: int | None = None
+    ) -> list[tuple[str, Desired, list[Manifest]]]:
+        """Devices whose desired generation is not published yet: desired state + manifests.
+
+        With `limit`, at most that many, in device-id order (the service's download pacing
+        publishes a window's worth at a time and need not sign 10,000 desired states a tick).
+        """
+        sql = (
             "SELECT d.id, d.profile, d.desired_generation, d.desired_deployment_id, a.manifest, "
             "g.manifest AS golden, p.policy, d.desired_threads, d.desired_fallback FROM devices d "
             "LEFT JOIN artifacts a ON a.sha256 = d.desired_sha256 "
             "LEFT JOIN artifacts g ON g.sha256 = a.golden_sha256 "
             "LEFT JOIN deployments p ON p.id = d.desired_deployment_id "
             "WHERE d.desired_generation > d.published_generation"
+        )
+        rows = (
+            self.db.query(sql + " ORDER BY d.id LIMIT ?", (limit,))
+            if limit is not None
+            else self.db.query(sql)
         )
         out: list[tuple[str, Desired, list[Manifest]]] = []
         if not rows:
@@ -246,7 +282,7 @@ class Publishing(FleetCore):
         rows = self.db.query(
             "SELECT DISTINCT a.sha256, a.golden_sha256 FROM deployment_devices dd "
             "JOIN artifacts a ON a.sha256 = dd.artifact_sha256 "
-            "WHERE dd.state IN ('waiting', 'baselining', 'pending', 'in_progress', 'retrying') "
+            f"WHERE dd.state IN {sql_in(_NEEDS_ARTIFACT)} "
             "UNION SELECT DISTINCT a.sha256, a.golden_sha256 FROM devices d "
             "JOIN artifacts a ON a.sha256 = d.desired_sha256 "
             "WHERE d.desired_generation > d.reported_generation"
@@ -282,10 +318,14 @@ class Publishing(FleetCore):
                 "WHERE id = ? AND published_generation < ?",
                 [(generation, device_id, generation) for device_id, generation in published],
             )
-            tx.executemany(
-                "UPDATE deployment_devices SET state = 'in_progress', updated = ? "
-                "WHERE device_id = ? AND generation = ? AND state = 'pending'",
-                [(ts, device_id, generation) for device_id, generation in published],
+            move_all(
+                tx,
+                DeviceState.IN_PROGRESS,
+                (DeviceState.PENDING,),
+                "device_id = ? AND generation = ?",
+                published,
+                ts=ts,
+                many=True,
             )
 
     def republish_all(self) -> None:
@@ -319,15 +359,26 @@ class Publishing(FleetCore):
         return row
 
     def unpublished_commands(self) -> list[tuple[str, Command]]:
-        """Commands not yet handed to the broker, oldest first."""
+        """Commands not yet handed to the broker, oldest first, signed for their device."""
         rows = self.db.query("SELECT * FROM commands WHERE published IS NULL ORDER BY created")
+        signer = _fleet_signer(self.home) if rows else None
         return [
             (
                 r["device_id"],
-                Command(command_id=r["id"], action=r["action"], runs=r["runs"], warmup=r["warmup"]),
+                sign_for_device(
+                    signer,
+                    Command(
+                        command_id=r["id"], action=r["action"], runs=r["runs"], warmup=r["warmup"]
+                    ),
+                    r["device_id"],
+                ),
             )
             for r in rows
         ]
+
+    def sign_command(self, device_id: str, command: Command) -> Command:
+        """A command the service builds itself (resend, announce), signed for `device_id`."""
+        return sign_for_device(_fleet_signer(self.home), command, device_id)
 
     def mark_command_published(self, command_id: str) -> None:
         """Record that a command was published."""

@@ -32,6 +32,13 @@ class CompileResult:
     npu_ops: int | None = None
     cpu_ops: int | None = None
     log: str = ""
+    # Set when the profile's compiler was not installed and the .tflite ships uncompiled.
+    missing_tool: str | None = None
+
+    @property
+    def runs_on_cpu(self) -> bool:
+        """True when the accelerator runs nothing: no op mapped, or the compiler was absent."""
+        return self.missing_tool is not None or self.npu_ops == 0
 
     @property
     def npu_op_share(self) -> float | None:
@@ -42,7 +49,13 @@ class CompileResult:
 
     @property
     def estimated_latency_ms(self) -> float | None:
-        """The compiler's inference-time estimate in milliseconds, if it made one."""
+        """The compiler's inference-time estimate in milliseconds, if it made one.
+
+        None when no op runs on the accelerator: Vela then reports 0 NPU cycles (0.0 ms),
+        which says nothing about the CPU that does all the work.
+        """
+        if self.runs_on_cpu:
+            return None
         value = self.estimates.get("inference_time_ms")
         return float(value) if value is not None else None
 
@@ -56,6 +69,8 @@ class CompileResult:
             "npu_ops": self.npu_ops,
             "cpu_ops": self.cpu_ops,
             "npu_op_share": self.npu_op_share,
+            "runs_on_cpu": self.runs_on_cpu,
+            "missing_tool": self.missing_tool,
         }
 
 
@@ -63,6 +78,8 @@ class ModelCompiler(Protocol):
     """One ahead-of-time compiler: none, vela or edgetpu."""
 
     kind: str
+    tool: str  # what a user installs: the binary or package name
+    install_hint: str  # how to get it, quoted when it is missing
 
     def available(self) -> bool:
         """Whether the compiler can run on this machine."""

@@ -45,6 +45,8 @@ class EdgeTpuCompiler:
     """Compile a full-int8 .tflite for the Coral Edge TPU."""
 
     kind = "edgetpu"
+    tool = EDGETPU_BINARY
+    install_hint = MISSING_HINT
 
     def available(self) -> bool:
         """Whether edgetpu_compiler is on PATH."""

@@ -14,6 +14,8 @@ class NoCompiler:
     """Pass-through: the artifact is the converted .tflite itself."""
 
     kind = "none"
+    tool = ""
+    install_hint = ""
 
     def available(self) -> bool:
         """Always available."""

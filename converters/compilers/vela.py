@@ -25,6 +25,7 @@ VELA_OPTIONS = {
     "max_block_dependency": "--max-block-dependency",
     "cpu_tensor_alignment": "--cpu-tensor-alignment",
 }
+VELA_HINT = "pip install ethos-u-vela (the version your device's Ethos-U driver stack accepts)"
 # Vela compiles digits in under a second and MobileNetV2 in about a minute on 2 cores.
 VELA_TIMEOUT_S = 900
 # Summary CSV columns kept with the artifact (name in the CSV → name in our estimates).
@@ -92,6 +93,8 @@ class VelaCompiler:
     """Run `python -m ethosu.vela` in a subprocess (Vela keeps global state between calls)."""
 
     kind = "vela"
+    tool = "ethos-u-vela"
+    install_hint = VELA_HINT
 
     def available(self) -> bool:
         """Whether ethos-u-vela is installed in this interpreter."""
@@ -116,7 +119,7 @@ class VelaCompiler:
     def compile(self, tflite: Path, out_dir: Path, options: Mapping[str, Any]) -> CompileResult:
         """Compile, then collect `<stem>_vela.tflite`, the summary CSV and the CPU fallbacks."""
         if not self.available():
-            raise CompilerError("Vela is not installed: pip install ethos-u-vela")
+            raise CompilerError(f"Vela is not installed: {VELA_HINT}")
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         cmd = self.command(Path(tflite), out, options)

@@ -82,6 +82,8 @@ def test_vela_reports_cpu_fallbacks_for_float_models(cache_dir: Path, tmp_path: 
     )
     assert result.npu_ops == 0 and result.cpu_ops and result.cpu_ops > 0
     assert result.npu_op_share == 0.0
+    # No op on the NPU: "runs on CPU", never Vela's 0-cycle estimate as a latency.
+    assert result.runs_on_cpu and result.estimated_latency_ms is None
     ops = {f.op for f in result.cpu_fallbacks}
     assert {"FULLY_CONNECTED", "SOFTMAX"} <= ops
     assert all("Float32" in f.reason for f in result.cpu_fallbacks)

@@ -9,7 +9,7 @@ import pytest
 
 from converters.datasets import load_samples
 from converters.digits import digits_keras, digits_tflite, load_digits_dataset
-from converters.errors import ConversionError, ModelInputError
+from converters.errors import CalibrationError, ConversionError, ModelInputError
 from converters.inputs import (
     ORIGINAL,
     convert_model,
@@ -18,8 +18,9 @@ from converters.inputs import (
 )
 from converters.interpreter import load_host_model
 from converters.recipes import RECIPES
-from converters.requantize import TFLITE_RECIPES, requantize_tflite
+from converters.requantize import STATIC_TFLITE_RECIPES, TFLITE_RECIPES, requantize_tflite
 from converters.tflite_inspect import inspect_bytes
+from converters.tflite_rewrite import fingerprint
 
 
 def test_detect_format(tmp_path: Path, cache_dir: Path) -> None:
@@ -79,24 +80,29 @@ def test_h5_input_converts(tmp_path: Path, cache_dir: Path) -> None:
 
 
 def test_tflite_original_and_refusals(cache_dir: Path) -> None:
-    """'original' returns the file unchanged; TF-converter recipes on a .tflite are refused."""
+    """'original' returns the file unchanged; 'fp32' of an fp32 file is the same model;
+    fp16 (TF converter only) is refused; int8 without calibration data says what it needs."""
     fp32 = digits_tflite(cache_dir, "fp32")
     assert convert_model(fp32, ORIGINAL) == fp32.read_bytes()
+    assert fingerprint(convert_model(fp32, "fp32")) == fingerprint(fp32.read_bytes())
     with pytest.raises(ConversionError, match="Keras/SavedModel source"):
+        convert_model(fp32, "fp16")
+    with pytest.raises(CalibrationError, match="--calib"):
         convert_model(fp32, "int8")
     with pytest.raises(ValueError, match="weight-int8"):
         requantize_tflite(fp32, "int3")
 
 
-@pytest.mark.parametrize("recipe", list(TFLITE_RECIPES))
+@pytest.mark.parametrize("recipe", [r for r in TFLITE_RECIPES if r != "fp32"])
 def test_requantize_tflite(recipe: str, cache_dir: Path) -> None:
     """litert-quantizer recipes shrink the model and keep accuracy within 1.5 points (LiteRT)."""
     pytest.importorskip("litert_quantizer")
     fp32 = digits_tflite(cache_dir, "fp32")
-    data = convert_model(fp32, recipe)
+    ds = load_digits_dataset()
+    calib = ds.x_train if recipe in STATIC_TFLITE_RECIPES else None
+    data = convert_model(fp32, recipe, calib=calib)
     max_ratio = 0.2 if "int4" in recipe else 0.32  # int4 weights take half of int8's bytes
     assert len(data) <= max_ratio * fp32.stat().st_size
-    ds = load_digits_dataset()
     acc = {}
     for name, model in (("fp32", fp32.read_bytes()), (recipe, data)):
         pred = load_host_model(model).predict(ds.x_val)

@@ -209,7 +209,7 @@ def test_digits_onnx_fp32_matches_onnxruntime(cache_dir: Path, tmp_path: Path) -
     assert not (tmp_path / "sm_onnx2tf").exists()  # onnx2tf's scratch dir is removed
     ds = load_digits_dataset()
     host = load_host_model(convert_model(saved, "fp32"))
-    assert tuple(host.input_detail["shape"]) == (1, 8, 8, 1)  # NCHW became NHWC
+    assert tuple(host.input_details[0]["shape"]) == (1, 8, 8, 1)  # NCHW became NHWC
     got = host.predict(ds.x_val)
     want = onnxruntime_outputs(model, ds.x_val)
     err = float(np.abs(got - want).max())
@@ -276,4 +276,29 @@ def test_optimize_onnx_fp32_and_int8(cache_dir: Path, tmp_path: Path) -> None:
     selected = prof.selected
     assert selected is not None and selected.artifact is not None and selected.artifact.is_file()
     assert selected.manifest is not None and selected.manifest.is_file()
-    assert load_host_model(selected.artifact).input_detail["dtype"] in (np.int8, np.float32)
+    assert load_host_model(selected.artifact).input_details[0]["dtype"] in (np.int8, np.float32)
+
+
+@pytest.mark.slow
+def test_cli_optimize_onnx_with_relative_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's `edgefleet optimize model.onnx … --out out/`, run from the model's directory
+    with relative paths, converts (onnx2tf runs in a scratch directory of its own) offline."""
+    from typer.testing import CliRunner
+
+    from controller.cli.main import app
+
+    require_onnx_extra()
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")  # a download attempt fails at once
+    rgb_onnx(tmp_path / "rgb.onnx")
+    monkeypatch.chdir(tmp_path)
+    args = ["optimize", "rgb.onnx", "--profile", "x86-64-gateway", "--out", "out/", "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    selected = next(iter((tmp_path / "out" / "x86-64-gateway").glob("rgb-*.tflite")))
+    x = np.random.default_rng(2).random((4, 16, 16, 3), dtype=np.float32)
+    want = onnxruntime_outputs(tmp_path / "rgb.onnx", x)
+    got = load_host_model(selected).predict(x)
+    assert float(np.abs(got - want).max()) <= 0.05  # fp32/fp16/dynamic all stay this close

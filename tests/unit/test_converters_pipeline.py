@@ -61,15 +61,19 @@ def report(cache_dir: Path, digits: tuple, tmp_path_factory: pytest.TempPathFact
 
 
 def test_every_profile_gets_a_verdict(report: tuple) -> None:
-    """CPU and Vela profiles get an artifact; the Coral says what it lacks; progress covers all."""
+    """CPU and Vela profiles get an artifact; without edgetpu_compiler the Coral gets the int8
+    .tflite for its CPU and a warning saying what it lacks; progress covers all."""
     rep, events, _ = report
     status = {p.profile: p.status for p in rep.profiles}
     assert status["rpi4"] == status["imx93"] == status["corstone-300-u55"] == "ok"
     coral = next(p for p in rep.profiles if p.profile == "coral-dev-board")
     if shutil.which("edgetpu_compiler") is None:
-        assert coral.status == "no_variant"
-        assert "edgetpu_compiler is not on PATH" in coral.variants[0].reason
-    assert not rep.ok
+        assert coral.status == "ok" and coral.selected is not None
+        assert coral.selected.compiled is not None
+        assert coral.selected.compiled.missing_tool == "edgetpu_compiler"
+        assert any("edgetpu_compiler is not on PATH" in w for w in coral.warnings)
+        assert any(w.startswith("coral-dev-board: edgetpu_compiler") for w in rep.warnings)
+    assert rep.ok == (set(status.values()) == {"ok"})
     done = {e.profile for e in events if e.stage == "done"}
     assert done == set(status)
     assert {e.stage for e in events} >= {"start", "convert", "evaluate", "compile", "check"}
