@@ -19,8 +19,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from agent.config import AgentConfig, load_config
 from agent.protocol import Desired, Topics, dump, parse
+from agent.protocol.config import AgentConfig, load_config
 from tests.arm.conftest import Controller
 from tests.arm.userland import (
     ARCHES,
