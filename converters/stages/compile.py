@@ -7,6 +7,7 @@ op on the accelerator is "runs on CPU" and is timed on the host, never by the co
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from converters.checks import blocking_failures, run_checks
@@ -38,7 +39,7 @@ class CompileStage(ConvertStage):
         disagreement = (1.0 - ev.top1_agreement) * 100.0
         return disagreement <= self.max_drop, f"top-1 disagreement {disagreement:.2f} points"
 
-    def compile_for(self, profile: Any, recipe: str, path: Any) -> CompileResult:
+    def compile_for(self, profile: Any, recipe: str, path: Path) -> CompileResult:
         """Compile `path` for the profile; an absent compiler gives the file itself, for the CPU."""
         kind = profile.compiler.kind
         compiler = get_compiler(kind)
