@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from agent import __version__
-from agent.config import ConfigError, load_config
+from agent.protocol.config import ConfigError, load_config
 
 
 def _positive(text: str) -> int:
@@ -53,6 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="agent.toml (env EDGEFLEET_AGENT_CONFIG; default ./agent.toml)",
     )
     run.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING")
+
+    service = sub.add_parser(
+        "install-service",
+        help="install the systemd unit and this bundle's config (/etc/edgefleet-agent), enable it",
+    )
+    service.add_argument("--config", "-c", type=Path, required=True, help="the bundle's agent.toml")
+    service.add_argument(
+        "--root",
+        type=Path,
+        default=Path("/"),
+        help="install into this tree instead of / (files only)",
+    )
+    service.add_argument("--dry-run", action="store_true", help="print what would be done")
+    service.add_argument("--user", default="edgefleet-agent", help="the service's system user")
 
     bench = sub.add_parser(
         "benchmark", help="measure a model like benchmark_model: init, percentiles, memory, power"
@@ -106,11 +120,27 @@ def benchmark(model: Path, runs: int, warmup: int, threads: int | None, as_json:
     return 0
 
 
+def install_service(config: Path, root: Path, dry_run: bool, user: str) -> int:
+    """Install the systemd unit and the bundle's config; exit 2 with a one-line error."""
+    from agent.protocol.config import ConfigError
+    from agent.service import InstallError
+    from agent.service import install_service as install
+
+    try:
+        install(config, root=root, dry_run=dry_run, user=user)
+    except (ConfigError, InstallError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Console-script entry point; returns the exit code."""
     args = build_parser().parse_args(argv)
     if args.command == "run":
         return run(args.config, args.log_level)
+    if args.command == "install-service":
+        return install_service(args.config, args.root, args.dry_run, args.user)
     return benchmark(args.model, args.runs, args.warmup, args.threads, args.as_json)
 
 

@@ -333,7 +333,8 @@ class InferenceClient:
             if self.socket_path is not None:
                 header, _ = self._socket_call({"op": "model"}, [])
                 return dict(header["model"])
-            return self._http_call("GET", "/v1/model", None)
+            info: dict[str, Any] = self._http_call("GET", "/v1/model", None)
+            return info
 
     # ------------------------------------------------------------------ transports
 

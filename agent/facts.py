@@ -6,6 +6,8 @@ import ctypes.util
 import functools
 import platform
 import struct
+from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 
@@ -51,9 +53,98 @@ def userland_arch(machine: str | None = None, pointer_bytes: int | None = None) 
     return machine
 
 
+# Where Linux exposes the flattened device tree (ARM boards); the /proc path is a symlink to it.
+DEVICE_TREE_DIRS = (Path("/proc/device-tree"), Path("/sys/firmware/devicetree/base"))
+CPUINFO = Path("/proc/cpuinfo")
+# Identity strings longer than this are cut (protocol limit: agent/protocol/messages.py).
+_MAX_CHARS = 128
+_MAX_ITEMS = 8
+
+
+@dataclass(frozen=True)
+class BoardIdentity:
+    """What identifies the board: model, SoC identifiers, CPU part numbers, emulation."""
+
+    board: str | None = None
+    socs: tuple[str, ...] = ()
+    cpu_parts: tuple[str, ...] = ()
+    emulated: bool = False
+
+
+def parse_cpuinfo(text: str) -> dict[str, object]:
+    """The identity lines of /proc/cpuinfo: Model, Hardware, distinct CPU parts, x86-ness.
+
+    Pi kernels add `Model` (the board) and, 32-bit ones, `Hardware : BCM2835` on every Pi;
+    arm64 kernels list `CPU part` per core (0xd03 Cortex-A53, 0xd08 A72, 0xd0b A76, ...).
+    """
+    model = hardware = None
+    parts: list[str] = []
+    x86 = False
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            continue
+        key, value = key.strip().lower(), value.strip()
+        if key == "model" and value and not value.isdigit():  # x86 "model : 154" is a number
+            model = value
+        elif key == "hardware" and value:
+            hardware = value
+        elif key == "cpu part" and value:
+            part = value.lower()
+            if part not in parts:
+                parts.append(part)
+        elif key in ("vendor_id", "flags"):
+            x86 = True
+    return {"model": model, "hardware": hardware, "cpu_parts": tuple(parts), "x86": x86}
+
+
+def board_identity(
+    cpuinfo: str, dt_model: str | None, dt_compatible: str | None, arch: str
+) -> BoardIdentity:
+    """Identity from /proc/cpuinfo text and the device tree's model and compatible (NUL lists).
+
+    An ARM userland reading an x86 cpuinfo runs under qemu-user: its cores and RAM are the
+    host's, which the controller then ignores when it matches a profile.
+    """
+    info = parse_cpuinfo(cpuinfo)
+    model = (dt_model or "").replace("\x00", "").strip() or info["model"]
+    socs = [c.strip() for c in (dt_compatible or "").split("\x00") if c.strip()]
+    if isinstance(info["hardware"], str):
+        socs.append(info["hardware"])
+    parts = info["cpu_parts"] if isinstance(info["cpu_parts"], tuple) else ()
+    emulated = arch in ("aarch64", "armv7l") and bool(info["x86"]) and not parts
+    return BoardIdentity(
+        board=str(model)[:_MAX_CHARS] if model else None,
+        socs=tuple(s[:_MAX_CHARS] for s in dict.fromkeys(socs))[:_MAX_ITEMS],
+        cpu_parts=tuple(parts)[:_MAX_ITEMS],
+        emulated=emulated,
+    )
+
+
+def _read_text(path: Path) -> str | None:
+    """A small text file's content, or None when it cannot be read."""
+    try:
+        return path.read_bytes().decode(errors="replace")
+    except OSError:
+        return None
+
+
+@functools.cache
+def local_identity() -> BoardIdentity:
+    """This device's identity (read once per process: the board does not change)."""
+    dt_model = dt_compatible = None
+    for base in DEVICE_TREE_DIRS:
+        dt_model = _read_text(base / "model")
+        dt_compatible = _read_text(base / "compatible")
+        if dt_model or dt_compatible:
+            break
+    return board_identity(_read_text(CPUINFO) or "", dt_model, dt_compatible, userland_arch())
+
+
 def device_facts() -> DeviceFacts:
-    """Collect arch, OS, cores, RAM, the TFLite runtime and delegates."""
+    """Collect arch, OS, cores, RAM, the TFLite runtime and delegates, and the board identity."""
     info = runtime_info()
+    identity = local_identity()
     return DeviceFacts(
         arch=userland_arch(),
         system=platform.system(),
@@ -63,4 +154,8 @@ def device_facts() -> DeviceFacts:
         runtime_version=info.version,
         python=platform.python_version(),
         delegates=detect_delegates(),
+        board=identity.board,
+        socs=identity.socs,
+        cpu_parts=identity.cpu_parts,
+        emulated=identity.emulated,
     )

@@ -24,14 +24,15 @@ import numpy as np
 from agent.protocol import Desired
 from agent.runtime import ModelLoadError
 from agent.selftest import run_selftest, tighter_budget
-from agent.state import ArmedFallback, Superseded, UpdateFailed
+from agent.update.errors import Superseded, UpdateFailed
+from agent.update.record import ArmedFallback
 
 if TYPE_CHECKING:
-    from agent.config import AgentConfig
     from agent.metrics import ServingMetrics
+    from agent.protocol.config import AgentConfig
     from agent.staging import ArtifactStager
-    from agent.state import UpdateStateFile
     from agent.store import ModelStore
+    from agent.update.record import UpdateStateFile
 
 log = logging.getLogger(__name__)
 

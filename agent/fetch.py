@@ -18,7 +18,7 @@ from pathlib import Path
 from agent.download import ChunkRejected, Download
 from agent.protocol import MAX_CHUNK_SIZE, Manifest, Need, ProtocolError, Topics, dump
 from agent.protocol.transport import MqttSession
-from agent.state import Superseded, UpdateFailed
+from agent.update.errors import Superseded, UpdateFailed
 
 log = logging.getLogger(__name__)
 

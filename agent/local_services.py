@@ -6,7 +6,6 @@ import logging
 from collections.abc import Callable, Sequence
 
 from agent.benchmark import benchmark_interpreter
-from agent.config import AgentConfig
 from agent.environment import environment_snapshot
 from agent.failpoint import injected_latency_from_env
 from agent.fallback import WatchingObserver
@@ -14,6 +13,7 @@ from agent.inference_server import InferenceServer
 from agent.metrics import ServingMetrics
 from agent.power import TELEMETRY_SAMPLE_INTERVAL_S, PowerModel, PowerSource, detect_power_source
 from agent.protocol import BenchmarkReport, SeqRange, Topics
+from agent.protocol.config import AgentConfig
 from agent.protocol.transport import MqttSession
 from agent.runtime import Interpreter, RuntimeInfo
 from agent.serving import ServingModel

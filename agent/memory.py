@@ -46,7 +46,8 @@ def rss_mb() -> float:
         return kib / 1024.0
     import psutil
 
-    return psutil.Process().memory_info().rss / (1024.0 * 1024.0)
+    rss: int = psutil.Process().memory_info().rss
+    return rss / (1024.0 * 1024.0)
 
 
 @functools.cache

@@ -1,10 +1,10 @@
 """Child-process self-test of a staged model: a crashing model cannot take the agent down.
 
 Run as `python -m agent.selftest MODEL [--threads N] [--golden GOLDEN.npz]`; prints one JSON
-object on stdout. With a golden file (written by converters/evaluate.py write_golden: keys
-`inputs`, `outputs`, `atol`, optionally `input_quantization`/`output_quantization`) every golden
-input is run and its outputs must be finite and within `atol` of the expected ones. Without
-one, seeded random inputs are run and only finiteness is checked.
+object on stdout. With a golden file (agent/golden.py describes the format; v1 files hold one
+input and one output, v2 files every input and every output) every golden sample is run and
+every output must be finite and within its own `atol` of the expected one. Without one, seeded
+random inputs are run and only finiteness is checked.
 """
 
 from __future__ import annotations
@@ -15,18 +15,16 @@ import math
 import subprocess
 import sys
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from agent.golden import GoldenError, describe, load_golden
+
 # Invocations timed in the self-test: enough for a stable median, cheap on a slow device.
 SELFTEST_RUNS = 5
-# Relative tolerance when comparing the golden's recorded quantization with the model's:
-# both are float32 in the flatbuffer, so anything beyond rounding means another model.
-_QUANT_RTOL = 1e-6
 
 
 @dataclass(frozen=True)
@@ -41,100 +39,48 @@ class SelfTestResult:
     detail: str = ""
 
 
-class GoldenError(Exception):
-    """The golden file cannot be used with this model; the message says why."""
-
-
-def _describe(array_or_detail: Any) -> str:
-    """`dtype shape` of an array or of an interpreter tensor detail, for messages."""
-    if isinstance(array_or_detail, dict):
-        shape = tuple(int(d) for d in array_or_detail["shape"])
-        return f"{np.dtype(array_or_detail['dtype']).name} {shape}"
-    return f"{array_or_detail.dtype.name} {tuple(array_or_detail.shape)}"
-
-
-def load_golden(path: Path, interpreter: Any) -> tuple[np.ndarray, np.ndarray, float]:
-    """(inputs, expected outputs, atol) from a golden .npz, checked against the model's tensors."""
-    try:
-        loaded = np.load(path, allow_pickle=False)
-        if not hasattr(loaded, "files"):
-            raise GoldenError("golden file holds a single array, not an .npz archive")
-        with loaded as npz:
-            missing = [k for k in ("inputs", "outputs", "atol") if k not in npz.files]
-            if missing:
-                raise GoldenError(f"golden file lacks {', '.join(missing)}")
-            data = {k: npz[k] for k in npz.files}
-    except GoldenError:
-        raise
-    except ValueError as exc:  # object arrays need pickle, which a device never unpickles
-        raise GoldenError(f"golden file refused: {exc}") from None
-    except (OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise GoldenError(f"golden file is not a readable .npz: {exc}") from None
-    inputs, expected = data["inputs"], data["outputs"]
-    try:
-        atol = float(data["atol"])
-    except (TypeError, ValueError):
-        raise GoldenError(f"golden atol is not a number: {data['atol']!r}") from None
-    if not math.isfinite(atol) or atol < 0:
-        raise GoldenError(f"golden atol must be finite and >= 0, got {atol}")
-    in_details = interpreter.get_input_details()
-    out_details = interpreter.get_output_details()
-    if len(in_details) != 1 or len(out_details) != 1:
-        raise GoldenError(
-            "golden files carry one input and one output; the model has "
-            f"{len(in_details)} inputs and {len(out_details)} outputs"
-        )
-    if inputs.ndim == 0 or inputs.shape[0] == 0 or inputs.shape[0] != expected.shape[0]:
-        raise GoldenError(
-            f"golden has {_describe(inputs)} inputs for {_describe(expected)} outputs: "
-            "expected one row per sample in both"
-        )
-    for kind, array, detail in (
-        ("inputs", inputs, in_details[0]),
-        ("outputs", expected, out_details[0]),
-    ):
-        shape = tuple(int(d) for d in detail["shape"])
-        if array.dtype != np.dtype(detail["dtype"]) or tuple(array.shape[1:]) != shape[1:]:
-            raise GoldenError(
-                f"golden {kind} are {_describe(array)} (one row per sample) but the model's "
-                f"{kind[:-1]} is {_describe(detail)}: the golden was made for another model"
-            )
-        recorded = data.get(f"{kind[:-1]}_quantization")
-        actual = np.asarray(detail.get("quantization", (0.0, 0)), dtype=np.float64)
-        if (
-            recorded is not None
-            and recorded.shape == actual.shape
-            and not np.allclose(recorded.astype(np.float64), actual, rtol=_QUANT_RTOL, atol=0.0)
-        ):
-            raise GoldenError(
-                f"golden {kind} were quantized with (scale, zero point) "
-                f"{tuple(recorded.tolist())} but the model uses {tuple(actual.tolist())}"
-            )
-    return inputs, expected, atol
-
-
 def _check_golden(interpreter: Any, golden: Path) -> tuple[str | None, list[np.ndarray], str]:
-    """Run every golden sample; (failure or None, inputs to time with, what was checked)."""
+    """Run every golden sample; every output must be finite and within its own tolerance.
+
+    Returns (failure or None, inputs to time with, what was checked).
+    """
     from agent.runtime import run_once
 
     try:
-        inputs, expected, atol = load_golden(golden, interpreter)
+        data = load_golden(golden, interpreter)
     except GoldenError as exc:
         return str(exc), [], ""
-    worst = 0.0
-    for i in range(inputs.shape[0]):
-        got = run_once(interpreter, [inputs[i : i + 1]])[0]
-        want = expected[i : i + 1]
-        if got.shape != want.shape:
-            return f"golden sample {i}: output {_describe(got)}, expected {_describe(want)}", [], ""
-        if got.dtype.kind == "f" and not bool(np.all(np.isfinite(got))):
-            return f"output 0 is not finite (NaN or Inf) on golden sample {i}", [], ""
-        error = float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64))))
-        if not error <= atol:
-            return f"golden sample {i}: max abs error {error:.6g} > atol {atol:.6g}", [], ""
-        worst = max(worst, error)
-    detail = f"golden: {inputs.shape[0]} samples, max abs error {worst:.3g} <= atol {atol:.3g}"
-    return None, [inputs[0:1]], detail
+    worst = [0.0] * len(data.outputs)
+    for i in range(data.samples):
+        got = run_once(interpreter, [array[i : i + 1] for array in data.inputs])
+        for k, out in enumerate(got):
+            if out.dtype.kind == "f" and not bool(np.all(np.isfinite(out))):
+                return f"{data.label(k)} is not finite (NaN or Inf) on golden sample {i}", [], ""
+            have = data.comparable(out[0], k)
+            want = data.expected(i, k)
+            if have.shape != want.shape:
+                return (
+                    f"golden sample {i}, {data.label(k)}: {describe(have)}, expected "
+                    f"{describe(want)}",
+                    [],
+                    "",
+                )
+            error = float(np.max(np.abs(have.astype(np.float64) - want.astype(np.float64))))
+            if not error <= data.atol[k]:
+                where = f"golden sample {i}" + (f", {data.label(k)}" if len(got) > 1 else "")
+                return f"{where}: max abs error {error:.6g} > atol {data.atol[k]:.6g}", [], ""
+            worst[k] = max(worst[k], error)
+    if len(worst) == 1:
+        detail = (
+            f"golden: {data.samples} samples, max abs error {worst[0]:.3g} <= atol "
+            f"{data.atol[0]:.3g}"
+        )
+    else:
+        detail = f"golden: {data.samples} samples, {len(worst)} outputs: " + "; ".join(
+            f"{data.label(k)} max abs error {worst[k]:.3g} <= atol {data.atol[k]:.3g}"
+            for k in range(len(worst))
+        )
+    return None, [array[0:1] for array in data.inputs], detail
 
 
 def _child(model: Path, threads: int | None, golden: Path | None = None) -> dict[str, object]:

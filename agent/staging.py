@@ -15,8 +15,8 @@ from pathlib import Path
 from agent.download import Download, prune_partials
 from agent.fetch import Fetcher
 from agent.protocol import ArtifactRef, GoldenRef, Manifest
-from agent.state import UpdateFailed
 from agent.store import ModelStore, sha256_file
+from agent.update.errors import UpdateFailed
 
 log = logging.getLogger(__name__)
 

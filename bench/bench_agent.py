@@ -24,7 +24,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agent.config import AgentConfig, dump_config  # noqa: E402
+from agent.protocol.config import AgentConfig, dump_config  # noqa: E402
 from agent.runtime import load_interpreter, random_inputs, runtime_info  # noqa: E402
 from controller.fleet.registry import Fleet  # noqa: E402
 from controller.runtime.embedded_broker import start_embedded  # noqa: E402

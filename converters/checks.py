@@ -13,6 +13,12 @@ from typing import Any
 
 from converters.compilers.base import CompileResult
 from converters.errors import ConverterError, ModelInputError
+from converters.op_support import (
+    LoadResult,
+    load_on_runtime,
+    unresolved_builtin_ops,
+    unresolved_custom_ops,
+)
 from converters.runtime_versions import required_runtime, tflite_compat_version, version_at_least
 from converters.tflite_inspect import ModelInfo, inspect_tflite
 
@@ -21,6 +27,8 @@ from converters.tflite_inspect import ModelInfo, inspect_tflite
 # runtimes at least this new are trusted with them.
 UNDERSTATED_VERSIONS_VERIFIED_RUNTIME = "2.21.0"
 MIB = 1024 * 1024
+# Custom ops a profile's compiler writes and its delegate (not the op resolver) runs.
+COMPILER_CUSTOM_OPS = {"vela": frozenset({"ethos-u"}), "edgetpu": frozenset({"edgetpu-custom-op"})}
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,22 @@ class CheckContext:
     def int8_only_accelerators(self) -> list[Any]:
         """The profile's accelerators that run integer models only."""
         return [a for a in self.profile.accelerators if a.int8_only]
+
+    @property
+    def delegate_ops(self) -> frozenset[str]:
+        """Custom ops the profile's delegate runs (Vela's ethos-u, the Edge TPU's op)."""
+        return COMPILER_CUSTOM_OPS.get(self.profile.compiler.kind, frozenset())
+
+    @property
+    def load(self) -> LoadResult | None:
+        """The artifact loaded on the profile's exact runtime version, when one is reachable.
+
+        Artifacts with delegate ops are not loaded: the host runtime has no NPU delegate.
+        """
+        if any(op in self.delegate_ops for op in self.info.custom_ops):
+            return None
+        runtime = self.profile.runtime
+        return load_on_runtime(self.artifact, runtime.name, runtime.version)
 
     @property
     def is_mcu(self) -> bool:
@@ -72,7 +96,16 @@ def op_versions_supported(ctx: CheckContext) -> tuple[bool, str]:
     have = tflite_compat_version(runtime.name, runtime.version)
     if have is None:
         return True, f"{runtime.name} resolves kernels by op code and ignores op versions"
-    req = required_runtime(ctx.info.op_versions, ctx.info.min_runtime_version)
+    loaded = ctx.load
+    if loaded is not None and loaded.ok:
+        return True, f"loads on {loaded.runtime} {loaded.version} (load check)"
+    if loaded is not None and "builtin" in loaded.error and loaded.unresolved:
+        return False, f"{loaded.runtime} {loaded.version}: {_first_line(loaded.error)}"
+    known, rest, entry = unresolved_builtin_ops(ctx.info.op_versions, runtime.name, runtime.version)
+    if entry is not None and not rest:
+        return True, f"{entry.label} resolves all {len(known)} builtin ops (op table)"
+    rest_with_custom = {**rest, **{o: v for o, v in ctx.info.op_versions.items() if ":" in o}}
+    req = required_runtime(rest_with_custom, ctx.info.min_runtime_version)
     label = f"{runtime.name} {runtime.version} (TF Lite {have})"
     too_new = [f"{op} needs {v}" for op, v in req.by_op.items() if not version_at_least(have, v)]
     if too_new:
@@ -83,9 +116,42 @@ def op_versions_supported(ctx: CheckContext) -> tuple[bool, str]:
     if req.unknown:
         pairs = ", ".join(f"{op} v{v}" for op, v in req.unknown)
         if not meta:
-            return False, f"no runtime data for {pairs} and no min_runtime_version metadata"
+            seen = f"; {entry.label}'s op table lacks them" if entry else ""
+            return False, f"no runtime data for {pairs} and no min_runtime_version metadata{seen}"
         return True, f"{label} ≥ min_runtime_version {meta} (table lacks {pairs})"
     return True, f"{label} ≥ required {req.version or 'any'}"
+
+
+def custom_ops_registered(ctx: CheckContext) -> tuple[bool, str]:
+    """Every custom op must be registered by the device's runtime or its delegate: otherwise the
+    model converts and runs on the host and first fails on the device ("Encountered unresolved
+    custom op").
+    """
+    runtime = ctx.profile.runtime
+    custom = [op for op in ctx.info.custom_ops if op not in ctx.delegate_ops]
+    if not custom:
+        return True, "no custom ops" if not ctx.info.custom_ops else "only delegate custom ops"
+    loaded = ctx.load
+    if loaded is not None and loaded.ok:
+        return True, f"{', '.join(custom)} resolved: loads on {loaded.runtime} {loaded.version}"
+    if loaded is not None and loaded.unresolved:
+        missing = [op for op in custom if op in loaded.error] or custom
+        return False, (
+            f"custom op {', '.join(missing)} is not in {loaded.runtime} {loaded.version} "
+            f"(load check: {_first_line(loaded.error)})"
+        )
+    missing, source = unresolved_custom_ops(custom, runtime.name, runtime.version)
+    if missing:
+        return False, (
+            f"custom op {', '.join(missing)} is not in {runtime.name} {runtime.version} ({source})"
+        )
+    return True, f"{', '.join(custom)} resolved by {runtime.name} {runtime.version} ({source})"
+
+
+def _first_line(text: str) -> str:
+    """The first line of a runtime's error, without the model path prefix."""
+    line = text.strip().splitlines()[0] if text.strip() else text
+    return line.split(": ", 1)[1] if line.startswith("/") and ": " in line else line
 
 
 def op_versions_consistent(ctx: CheckContext) -> tuple[bool, str]:
@@ -165,6 +231,7 @@ def io_dtypes_match_accelerator(ctx: CheckContext) -> tuple[bool, str]:
 
 CHECKS: tuple[Callable[[CheckContext], tuple[bool, str]], ...] = (
     op_versions_supported,
+    custom_ops_registered,
     op_versions_consistent,
     accelerator_runs_all_ops,
     fits_storage_budget,
@@ -242,3 +309,19 @@ def check_tflite(tflite_path: Path, profile: Any, *, work_dir: Path) -> list[Che
             failed = CheckResult("compiles_for_profile", False, str(exc), reason)
             return [failed, *run_checks(path, profile)]
     return run_checks(path, profile, compiled=compiled)
+
+
+def custom_op_problem(
+    tflite_path: Path, runtime_name: str, runtime_version: str, compiler_kind: str = "none"
+) -> str | None:
+    """One line naming the custom ops `runtime_name runtime_version` lacks, or None when it has
+    them all (for `models add` and `deploy`, which know a runtime but not a compile)."""
+    from types import SimpleNamespace
+
+    profile = SimpleNamespace(
+        runtime=SimpleNamespace(name=runtime_name, version=runtime_version),
+        compiler=SimpleNamespace(kind=compiler_kind),
+    )
+    ctx = CheckContext(Path(tflite_path), inspect_tflite(Path(tflite_path)), profile)
+    ok, detail = custom_ops_registered(ctx)
+    return None if ok else detail

@@ -1,4 +1,7 @@
-"""Measure a variant against the fp32 reference: accuracy/fidelity, size, latency, goldens."""
+"""Measure a variant against the fp32 reference: per-output fidelity, accuracy, size, latency.
+
+Golden files live in converters/golden.py (re-exported here for existing callers).
+"""
 
 from __future__ import annotations
 
@@ -9,9 +12,22 @@ from typing import Any
 
 import numpy as np
 
-from converters.errors import GoldenMismatchError
+from converters.fidelity import OutputFidelity, compare_outputs, labelled_output, top1_accuracy
+from converters.golden import GOLDEN_SAMPLES, build_golden, verify_golden, write_golden
 from converters.interpreter import HostModel, load_host_model
 from converters.sparsity import compressed_size, weight_sparsity
+
+__all__ = [
+    "GOLDEN_SAMPLES",
+    "Evaluation",
+    "build_golden",
+    "evaluate_variant",
+    "fidelity",
+    "interleaved_latency",
+    "top1_accuracy",
+    "verify_golden",
+    "write_golden",
+]
 
 # Latency sampling: at least this many timed runs, more until this much time has been spent,
 # never more than the cap (keeps MobileNet-sized fp32 models under ~2 s per variant).
@@ -19,12 +35,6 @@ LATENCY_MIN_RUNS = 10
 LATENCY_MAX_RUNS = 200
 LATENCY_TARGET_S = 0.5
 LATENCY_WARMUP_RUNS = 3
-# A handful of golden samples keeps the .npz tiny while covering several classes.
-GOLDEN_SAMPLES = 4
-# Float outputs may differ across runtimes (XNNPACK vs reference kernels, fused ops): allow a
-# relative error of 1e-3 of the output range; integer outputs may differ by one quantization step.
-FLOAT_RELATIVE_TOLERANCE = 1e-3
-INTEGER_TOLERANCE_STEPS = 1
 
 
 @dataclass(frozen=True)
@@ -35,15 +45,22 @@ class Evaluation:
     size_bytes: int
     accuracy: float | None
     reference_accuracy: float | None
-    top1_agreement: float
-    cosine_similarity: float
-    max_abs_error: float
+    top1_agreement: float | None  # of the first class output; None when no output is one
+    cosine_similarity: float  # the lowest over the outputs
+    max_abs_error: float  # the highest over the outputs
     latency_ms_median: float
     latency_ms_p95: float
     latency_runs: int
     # Measured from the file: gzip -9 size, and the zero share of its kernels (pruning shows here).
     compressed_bytes: int | None = None
     weight_sparsity: float | None = None
+    outputs: tuple[OutputFidelity, ...] = ()  # every output, in model order
+
+    @property
+    def snr_db(self) -> float | None:
+        """The lowest SNR over the outputs whose reference is not flat (None if all are)."""
+        judged = [o.snr_db for o in self.outputs if not o.flat]
+        return min(judged) if judged else None
 
     @property
     def accuracy_drop_points(self) -> float | None:
@@ -53,8 +70,14 @@ class Evaluation:
         return (self.reference_accuracy - self.accuracy) * 100.0
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly form, with the accuracy drop included."""
-        return {**asdict(self), "accuracy_drop_points": self.accuracy_drop_points}
+        """JSON-friendly form, with the accuracy drop, worst SNR and every output included."""
+        data = {k: v for k, v in asdict(self).items() if k != "outputs"}
+        return {
+            **data,
+            "accuracy_drop_points": self.accuracy_drop_points,
+            "snr_db": self.snr_db,
+            "outputs": [o.to_dict() for o in self.outputs],
+        }
 
 
 def _flatten(outputs: np.ndarray) -> np.ndarray:
@@ -63,7 +86,10 @@ def _flatten(outputs: np.ndarray) -> np.ndarray:
 
 
 def fidelity(outputs: np.ndarray, reference: np.ndarray) -> tuple[float, float, float]:
-    """(top-1 agreement, mean cosine similarity, max abs error) of outputs vs reference outputs."""
+    """(arg-max agreement, mean cosine, max abs error) of one output array vs its reference.
+
+    A low-level helper for class vectors; converters.fidelity judges outputs by their kind.
+    """
     a, b = _flatten(outputs), _flatten(reference)
     if a.shape != b.shape:
         raise ValueError(f"Output shape {outputs.shape} differs from reference {reference.shape}")
@@ -73,14 +99,16 @@ def fidelity(outputs: np.ndarray, reference: np.ndarray) -> tuple[float, float, 
     return agreement, float(np.mean(cos)), float(np.max(np.abs(a - b)))
 
 
-def top1_accuracy(outputs: np.ndarray, labels: np.ndarray) -> float:
-    """Share of samples whose arg-max output equals the label."""
-    return float(np.mean(_flatten(outputs).argmax(axis=1) == labels))
+def _as_list(x: np.ndarray | list[np.ndarray]) -> list[np.ndarray]:
+    """One array per model input."""
+    return [x] if isinstance(x, np.ndarray) else list(x)
 
 
-def host_latency(model: HostModel, sample: np.ndarray) -> tuple[float, float, int]:
+def host_latency(
+    model: HostModel, sample: np.ndarray | list[np.ndarray]
+) -> tuple[float, float, int]:
     """(median ms, p95 ms, runs) of single invokes of `sample` on the host interpreter."""
-    raw = model.quantize_input(sample[:1])
+    raw = model.quantize_inputs([x[:1] for x in _as_list(sample)])
     for _ in range(LATENCY_WARMUP_RUNS):
         model.invoke_raw(raw)
     times: list[float] = []
@@ -96,7 +124,11 @@ def host_latency(model: HostModel, sample: np.ndarray) -> tuple[float, float, in
 
 
 def interleaved_latency(
-    models: dict[str, Path], sample: np.ndarray, *, rounds: int = 7, runs_per_round: int = 10
+    models: dict[str, Path],
+    sample: np.ndarray | list[np.ndarray],
+    *,
+    rounds: int = 7,
+    runs_per_round: int = 10,
 ) -> dict[str, float]:
     """Median ms per model, timing the models in turn so that load changes hit all of them.
 
@@ -104,7 +136,9 @@ def interleaved_latency(
     winner; interleaving rounds and taking the median per model removes that bias.
     """
     hosts = {key: load_host_model(path, num_threads=1) for key, path in models.items()}
-    raws = {key: host.quantize_input(sample[:1]) for key, host in hosts.items()}
+    raws = {
+        key: host.quantize_inputs([x[:1] for x in _as_list(sample)]) for key, host in hosts.items()
+    }
     for key, host in hosts.items():
         for _ in range(LATENCY_WARMUP_RUNS):
             host.invoke_raw(raws[key])
@@ -120,77 +154,44 @@ def interleaved_latency(
 
 def evaluate_variant(
     model: Path | bytes,
-    x_val: np.ndarray,
-    reference_outputs: np.ndarray,
+    x_val: np.ndarray | list[np.ndarray],
+    reference_outputs: np.ndarray | list[np.ndarray],
     *,
     y_val: np.ndarray | None = None,
     reference_accuracy: float | None = None,
 ) -> Evaluation:
-    """Run the variant on `x_val` with the real interpreter and compare it with the reference."""
+    """Run the variant on `x_val` with the real interpreter and compare every output.
+
+    `reference_outputs` holds one array per output (a bare array for single-output models).
+    With labels, accuracy is measured on the first class-shaped output.
+    """
     host = load_host_model(model, num_threads=1)
-    outputs = host.predict(x_val)
-    agreement, cos, max_err = fidelity(outputs, reference_outputs)
-    accuracy = top1_accuracy(outputs, y_val) if y_val is not None else None
-    if y_val is not None and reference_accuracy is None:
-        reference_accuracy = top1_accuracy(reference_outputs, y_val)
+    outputs = host.predict_all(x_val)
+    refs = [reference_outputs] if isinstance(reference_outputs, np.ndarray) else reference_outputs
+    names = host.output_names
+    per_output = compare_outputs(outputs, list(refs), names, labelled=y_val is not None)
+    accuracy = None
+    target = labelled_output(list(refs)) if y_val is not None else None
+    if y_val is not None and target is not None:
+        accuracy = top1_accuracy(outputs[target], y_val)
+        if reference_accuracy is None:
+            reference_accuracy = top1_accuracy(refs[target], y_val)
+    classes = [o for o in per_output if o.top1_agreement is not None]
     median, p95, runs = host_latency(host, x_val)
     data = bytes(model) if isinstance(model, bytes | bytearray) else Path(model).read_bytes()
+    inputs = _as_list(x_val)
     return Evaluation(
-        samples=int(x_val.shape[0]),
+        samples=int(inputs[0].shape[0]),
         size_bytes=len(data),
         accuracy=accuracy,
-        reference_accuracy=reference_accuracy if y_val is not None else None,
-        top1_agreement=agreement,
-        cosine_similarity=cos,
-        max_abs_error=max_err,
+        reference_accuracy=reference_accuracy if accuracy is not None else None,
+        top1_agreement=classes[0].top1_agreement if classes else None,
+        cosine_similarity=min(o.cosine for o in per_output),
+        max_abs_error=max(o.max_abs_error for o in per_output),
         latency_ms_median=median,
         latency_ms_p95=p95,
         latency_runs=runs,
         compressed_bytes=compressed_size(data),
         weight_sparsity=weight_sparsity(data).weight_sparsity,
+        outputs=tuple(per_output),
     )
-
-
-def write_golden(model: Path | bytes, x: np.ndarray, out_path: Path) -> Path:
-    """Save a few inputs, as the device feeds them, and the outputs this model gives, as .npz.
-
-    Keys: `inputs` and `outputs` in the model's own dtypes (already quantized), their
-    (scale, zero_point), and `atol`, the tolerance a self-test should allow per output element.
-    For Vela-compiled artifacts pass the int8 model before compilation: the host cannot run the
-    ethos-u op, and the NPU is designed to match TF Lite's int8 reference kernels.
-    """
-    host = load_host_model(model, num_threads=1)
-    samples = x[:GOLDEN_SAMPLES]
-    raw_in = np.stack([host.quantize_input(samples[i : i + 1])[0] for i in range(len(samples))])
-    raw_out = np.stack([host.invoke_raw(raw_in[i : i + 1])[0] for i in range(len(samples))])
-    if raw_out.dtype.kind == "f":
-        span = float(np.max(np.abs(raw_out))) if raw_out.size else 0.0
-        atol = FLOAT_RELATIVE_TOLERANCE * max(span, 1.0)
-    else:
-        atol = float(INTEGER_TOLERANCE_STEPS)
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("wb") as fh:
-        np.savez(
-            fh,
-            inputs=raw_in,
-            outputs=raw_out,
-            input_quantization=np.array(host.input_detail["quantization"], dtype=np.float64),
-            output_quantization=np.array(host.output_detail["quantization"], dtype=np.float64),
-            atol=np.array(atol),
-        )
-    return out
-
-
-def verify_golden(model: Path | bytes, golden_path: Path) -> float:
-    """Run a golden file's inputs through `model`; return the max abs error (raise if > atol)."""
-    host = load_host_model(model, num_threads=1)
-    with np.load(golden_path) as golden:
-        inputs, expected, atol = golden["inputs"], golden["outputs"], float(golden["atol"])
-    worst = 0.0
-    for i in range(inputs.shape[0]):
-        got = host.invoke_raw(inputs[i : i + 1])[0]
-        worst = max(worst, float(np.max(np.abs(got.astype(np.float64) - expected[i]))))
-    if worst > atol:
-        raise GoldenMismatchError(f"Golden check failed for {golden_path}: {worst} > atol {atol}")
-    return worst

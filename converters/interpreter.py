@@ -32,54 +32,90 @@ def interpreter_class() -> Any:
 
 @dataclass
 class HostModel:
-    """A loaded and allocated .tflite model with float-in/float-out helpers."""
+    """A loaded and allocated .tflite model with float-in/float-out helpers over every I/O."""
 
     interpreter: Any
     source: str
 
     @property
-    def input_detail(self) -> dict[str, Any]:
-        """The first input's tensor details (name, shape, dtype, quantization)."""
-        return self.interpreter.get_input_details()[0]
+    def input_details(self) -> list[dict[str, Any]]:
+        """Every input's tensor details (name, shape, dtype, quantization), in model order."""
+        return list(self.interpreter.get_input_details())
 
     @property
-    def output_detail(self) -> dict[str, Any]:
-        """The first output's tensor details."""
-        return self.interpreter.get_output_details()[0]
+    def output_details(self) -> list[dict[str, Any]]:
+        """Every output's tensor details, in model order."""
+        return list(self.interpreter.get_output_details())
 
-    def quantize_input(self, x: np.ndarray) -> np.ndarray:
-        """Convert float inputs to the model's input dtype with its scale and zero point."""
-        detail = self.input_detail
-        return quantize(x, detail["dtype"], detail["quantization"])
+    @property
+    def output_names(self) -> list[str]:
+        """Each output's name: its SignatureDef key ('boxes') when the model has one signature,
+        else the tensor name ('StatefulPartitionedCall:1')."""
+        names = {int(d["index"]): str(d["name"]) for d in self.output_details}
+        try:
+            signatures = self.interpreter.get_signature_list()
+            if len(signatures) == 1:
+                runner = self.interpreter.get_signature_runner(next(iter(signatures)))
+                for key, detail in runner.get_output_details().items():
+                    if int(detail["index"]) in names:
+                        names[int(detail["index"])] = str(key)
+        except (AttributeError, ValueError, RuntimeError, KeyError):
+            pass  # older runtimes or no signature: tensor names
+        return [names[int(d["index"])] for d in self.output_details]
 
-    def invoke_raw(self, x: np.ndarray) -> np.ndarray:
-        """Run one batch already in the input dtype; return the raw output tensor (a copy)."""
+    def quantize_inputs(self, xs: list[np.ndarray]) -> list[np.ndarray]:
+        """Convert float inputs (one array per model input) to each input's dtype and scale."""
+        details = self.input_details
+        if len(xs) != len(details):
+            raise ValueError(f"model has {len(details)} inputs, got {len(xs)} arrays")
+        return [
+            quantize(x, d["dtype"], d["quantization"]) for x, d in zip(xs, details, strict=True)
+        ]
+
+    def invoke_raw(self, xs: list[np.ndarray]) -> list[np.ndarray]:
+        """Run one batch already in the input dtypes; return every raw output tensor (copies)."""
         interp = self.interpreter
-        inp = self.input_detail
-        if tuple(inp["shape"]) != tuple(x.shape):
-            interp.resize_tensor_input(inp["index"], list(x.shape))
+        details = self.input_details
+        if len(xs) != len(details):
+            raise ValueError(f"model has {len(details)} inputs, got {len(xs)} arrays")
+        if any(tuple(d["shape"]) != tuple(x.shape) for d, x in zip(details, xs, strict=True)):
+            for d, x in zip(details, xs, strict=True):
+                interp.resize_tensor_input(d["index"], list(x.shape))
             interp.allocate_tensors()
-        interp.set_tensor(inp["index"], x)
+            details = self.input_details
+        for d, x in zip(details, xs, strict=True):
+            interp.set_tensor(d["index"], x)
         interp.invoke()
-        return np.array(interp.get_tensor(self.output_detail["index"]))
+        return [np.array(interp.get_tensor(d["index"])) for d in self.output_details]
 
     @property
     def static_batch(self) -> int | None:
-        """The input's fixed batch size, or None when the batch dimension is dynamic (-1)."""
-        detail = self.input_detail
+        """The first input's fixed batch size, or None when its batch dimension is dynamic."""
+        detail = self.input_details[0]
         signature = detail.get("shape_signature")
         if signature is None or len(signature) == 0 or int(signature[0]) == -1:
             return None
         return int(detail["shape"][0])
 
-    def predict(self, x: np.ndarray, *, batch: int = 1) -> np.ndarray:
-        """Float outputs for float inputs `x` (N, ...); `batch` per invoke when it is dynamic."""
+    def predict_all(self, xs: np.ndarray | list[np.ndarray], *, batch: int = 1) -> list[np.ndarray]:
+        """Float outputs (one (N, ...) array per model output) for float inputs (N, ...)."""
+        inputs = [xs] if isinstance(xs, np.ndarray) else list(xs)
         batch = self.static_batch or batch
-        outs = []
-        for start in range(0, x.shape[0], batch):
-            raw = self.invoke_raw(self.quantize_input(x[start : start + batch]))
-            outs.append(dequantize(raw, self.output_detail["quantization"]))
-        return np.concatenate(outs, axis=0)
+        count = inputs[0].shape[0]
+        per_output: list[list[np.ndarray]] = [[] for _ in self.output_details]
+        for start in range(0, count, batch):
+            chunk = [x[start : start + batch] for x in inputs]
+            raws = self.invoke_raw(self.quantize_inputs(chunk))
+            for k, (raw, d) in enumerate(zip(raws, self.output_details, strict=True)):
+                per_output[k].append(dequantize(raw, d["quantization"]))
+        return [np.concatenate(parts, axis=0) for parts in per_output]
+
+    def predict(self, x: np.ndarray, *, batch: int = 1) -> np.ndarray:
+        """Float outputs of a single-output model (use predict_all for several outputs)."""
+        outputs = self.predict_all(x, batch=batch)
+        if len(outputs) != 1:
+            raise ValueError(f"model has {len(outputs)} outputs: use predict_all()")
+        return outputs[0]
 
 
 def quantize(x: np.ndarray, dtype: Any, quantization: tuple[float, int]) -> np.ndarray:

@@ -14,6 +14,7 @@ import numpy as np
 
 from converters.datasets import Samples, load_samples
 from converters.errors import ModelInputError
+from converters.fidelity import DEFAULT_MIN_SNR_DB, Budget
 from converters.inputs import ORIGINAL, detect_format, prepare_source
 from converters.manifest import source_sha256
 from converters.prune import (
@@ -71,11 +72,14 @@ class _Run(PublishStage):
         max_drop: float,
         progress: ProgressCallback | None,
         max_candidates: int = 1,
+        min_snr_db: float = DEFAULT_MIN_SNR_DB,
     ) -> None:
         """Prepare the output tree and the source model (ONNX → SavedModel once)."""
         self.model_path = Path(model_path)
         self.out_dir = Path(out_dir)
         self.calib, self.val, self.max_drop = calib, val, max_drop
+        self.budget = Budget(max_drop, min_snr_db)
+        self.layer_explanations: dict[str, str] = {}
         self.progress, self.max_candidates = progress, max_candidates
         self.variants: dict[str, Variant] = {}
         self.fingerprints: dict[str, str] = {}
@@ -87,8 +91,8 @@ class _Run(PublishStage):
         self.source_sha = source_sha256(self.model_path)
         self.stem = self.model_path.stem if self.model_path.is_file() else self.model_path.name
         self.reference_recipe = ORIGINAL if self.fmt == "tflite" else "fp32"
-        self.reference_outputs: np.ndarray | None = None
-        self.val_x: np.ndarray | None = None
+        self.reference_outputs: list[np.ndarray] | None = None
+        self.val_x: list[np.ndarray] | None = None
         self.pruning: PruneResult | None = None
         self.pruned_tag = ""
         if self.fmt == "tflite":
@@ -183,15 +187,18 @@ def optimize(
     prune_sparsity: float = DEFAULT_SPARSITY,
     prune_epochs: int = DEFAULT_EPOCHS,
     candidates: int = 1,
+    min_snr_db: float = DEFAULT_MIN_SNR_DB,
 ) -> OptimizeReport:
     """Build the best artifact for each profile; one profile's failure does not stop the others.
 
     `max_accuracy_drop` is in percentage points of top-1 accuracy when `val` has labels, else of
-    top-1 disagreement with the reference. With `train` (inputs + labels) the Keras model is also
-    magnitude-pruned to `prune_sparsity` (TF-MOT, child process) and every recipe is tried on it
-    too. Raises only for problems with the model or data themselves (ModelInputError) or with
-    pruning (PruningError); everything per profile is reported in the result. Each profile's
-    top `candidates` (variant, threads) pairs are listed in `<out>/<profile>/candidates.json`.
+    top-1 disagreement with the reference, for class-shaped outputs; every other output must
+    keep an SNR of at least `min_snr_db` (converters/fidelity.py; the worst output decides).
+    With `train` (inputs + labels) the Keras model is also magnitude-pruned to `prune_sparsity`
+    (TF-MOT, child process) and every recipe is tried on it too. Raises only for problems with
+    the model or data themselves (ModelInputError) or with pruning (PruningError); everything
+    per profile is reported in the result. Each profile's top `candidates` (variant, threads)
+    pairs are listed in `<out>/<profile>/candidates.json`.
     """
     if max_accuracy_drop < 0:
         raise ValueError(f"max_accuracy_drop must be ≥ 0, got {max_accuracy_drop}")
@@ -200,7 +207,7 @@ def optimize(
     train_samples = _training_samples(Path(model_path), train, prune_sparsity, prune_epochs)
     started = time.perf_counter()
     run = _Run(Path(model_path), Path(out_dir), _as_samples(calib), _as_samples(val),
-               max_accuracy_drop, progress, candidates)  # fmt: skip
+               max_accuracy_drop, progress, candidates, min_snr_db)  # fmt: skip
     report = OptimizeReport(Path(model_path), Path(out_dir), max_accuracy_drop)
     if train_samples is not None:
         report.pruning = run.prune(train_samples, prune_sparsity, prune_epochs).to_dict()

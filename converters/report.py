@@ -116,6 +116,8 @@ class Candidate:
                 "top1_agreement": ev.top1_agreement if ev else None,
                 "size_bytes": ev.size_bytes if ev else None,
                 "compressed_bytes": ev.compressed_bytes if ev else None,
+                "snr_db": ev.snr_db if ev else None,
+                "outputs": [o.to_dict() for o in ev.outputs] if ev else [],
                 "reason": v.reason,
             },
         }

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Final
 
 from agent.protocol.names import validate_name
+from firmware_profiles.identity import DeviceIdentity, identity_score
 from firmware_profiles.schema import (
     ID_PATTERN,
     Accelerator,
@@ -172,7 +173,11 @@ def _log_distance(device: int | None, profile: float) -> float:
 
 
 def _distance(
-    profile: Profile, cores: int | None, ram_mb: int | None, delegates: frozenset[str]
+    profile: Profile,
+    cores: int | None,
+    ram_mb: int | None,
+    delegates: frozenset[str],
+    identity: DeviceIdentity,
 ) -> tuple[float, str]:
     """Score of a profile for a device (lower is closer; 0 = same cores and RAM) and a short why."""
     distance = _log_distance(cores, profile.cpu.cores)
@@ -187,13 +192,39 @@ def _distance(
             why.append(f"delegates {', '.join(sorted(wanted & delegates))} reported")
         if missing:
             why.append(f"delegates {', '.join(missing)} not reported")
+    delta, identity_why = identity_score(profile.identity, identity)
+    distance += delta
+    why += identity_why
     return distance, f"{profile.id} ({'; '.join(why)}; score {distance:.2f})"
+
+
+def _other_arch_boards(
+    profiles: Mapping[str, Profile], arch: str, identity: DeviceIdentity, best: Profile
+) -> str:
+    """'; the board is also named by rpi4 (aarch64) ...' when another arch's profile names the
+    board more specifically than the chosen one (a Pi 4 running a 32-bit userland)."""
+    chosen = identity.board_matches(best.identity) or ""
+    named = [
+        p for p in profiles.values()
+        if p.runs_agent and p.cpu.arch != arch
+        and len(identity.board_matches(p.identity) or "") > len(chosen)
+    ]  # fmt: skip
+    if not named:
+        return ""
+    which = ", ".join(f"{p.id} ({p.cpu.arch})" for p in named)
+    return f"; the board is also named by {which}, which needs that userland, not {arch}"
 
 
 def match(
     facts: Mapping[str, object], profiles: Mapping[str, Profile] | None = None
 ) -> tuple[str | None, str]:
-    """Pick the profile for a device's hello facts and say why (or why none fits)."""
+    """Pick the profile for a device's hello facts and say why (or why none fits).
+
+    The userland arch must match (it decides the runtime). Among those profiles the closest by
+    cores, RAM, delegates and board identity wins (firmware_profiles/identity.py), unless even
+    it is further than MAX_MATCH_DISTANCE. An emulated device's cores and RAM are its host's and
+    are ignored; without identity it matches only when its arch has a single profile.
+    """
     if profiles is None:
         profiles = load_all()
     declared = facts.get("declared_profile")
@@ -206,6 +237,7 @@ def match(
     arch = _normalize_arch(facts.get("arch"))
     if arch is None:
         return None, "device reported no arch, so no profile can be matched; declare one"
+    identity = DeviceIdentity.from_facts(facts)
     cores = _positive_int(facts.get("cpu_count"))
     ram_mb = _positive_int(facts.get("ram_mb"))
     raw_delegates = facts.get("delegates")
@@ -218,6 +250,10 @@ def match(
         f"{arch}, {cores if cores else 'unknown'} cores, {ram_mb if ram_mb else 'unknown'} MB RAM, "
         f"delegates {', '.join(sorted(delegates)) or 'none'}"
     )
+    if identity.known or identity.emulated:
+        device += f", {identity.describe()}"
+    if identity.emulated:
+        cores = ram_mb = None
     candidates = [p for p in profiles.values() if p.runs_agent and p.cpu.arch == arch]
     if not candidates:
         archs = sorted({p.cpu.arch for p in profiles.values() if p.runs_agent})
@@ -226,17 +262,26 @@ def match(
             f"profiles exist for {', '.join(archs) or 'no arch'}"
         )
     ranked = sorted(
-        ((*_distance(p, cores, ram_mb, delegates), p.id) for p in candidates),
+        ((*_distance(p, cores, ram_mb, delegates, identity), p.id) for p in candidates),
         key=lambda item: (item[0], item[2]),
     )
     best_distance, best_why, best_id = ranked[0]
     runner_up = f"; runner-up {ranked[1][1]}" if len(ranked) > 1 else ""
+    elsewhere = _other_arch_boards(profiles, arch, identity, profiles[best_id])
+    if identity.emulated and not identity.known and len(candidates) > 1:
+        return None, (
+            f"emulated device ({device}): its cores and RAM are the host's and it reports no "
+            f"board, so {len(candidates)} {arch} profiles fit equally; declare a profile"
+        )
     if best_distance > MAX_MATCH_DISTANCE:
         return None, (
             f"no close profile for {device}: nearest is {best_why}, "
-            f"above the limit {MAX_MATCH_DISTANCE}; declare a profile or add one"
+            f"above the limit {MAX_MATCH_DISTANCE}{elsewhere}; declare a profile or add one"
         )
+    basis = "arch alone (emulated)" if identity.emulated and not identity.known else (
+        "cores, RAM, delegates and board identity"
+    )
     return best_id, (
-        f"matched by hardware ({device}): nearest {arch} profile by cores, RAM and delegates is "
-        f"{best_why}{runner_up}"
+        f"matched by hardware ({device}): nearest {arch} profile by {basis} is "
+        f"{best_why}{runner_up}{elsewhere}"
     )

@@ -277,6 +277,34 @@ class Budgets:
         _check_number(self.peak_rss_mb, "budgets.peak_rss_mb", positive=True)
 
 
+_CPU_PART_PATTERN = re.compile(r"0x[0-9a-f]{1,4}")
+
+
+@dataclass(frozen=True)
+class Match:
+    """How a device proves it is this board (firmware_profiles/identity.py scores it).
+
+    Case-insensitive substrings of the device-tree model (`boards`) and of the SoC identifiers
+    (`socs`: device-tree compatible entries, cpuinfo Hardware), and cpuinfo CPU part numbers.
+    """
+
+    boards: tuple[str, ...] = ()
+    socs: tuple[str, ...] = ()
+    cpu_parts: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        """Turn lists into tuples of non-empty strings; CPU parts as lowercase 0x hex."""
+        for name in ("boards", "socs", "cpu_parts"):
+            value = getattr(self, name)
+            if not isinstance(value, list | tuple):
+                _fail(f"match.{name}", f"must be an array of strings, got {value!r}")
+            for item in value:
+                _check_str(item, f"match.{name}")
+            object.__setattr__(self, name, tuple(value))
+        for part in self.cpu_parts:
+            _check_pattern(part, "match.cpu_parts", _CPU_PART_PATTERN, "lowercase hex like 0xd08")
+
+
 @dataclass(frozen=True)
 class Profile:
     """A device class: what the hardware is, what runs on it, and where each figure comes from."""
@@ -295,6 +323,7 @@ class Profile:
     budgets: Budgets = field(metadata={"section": Budgets})
     sources: Mapping[str, str] = field(hash=False)
     accelerators: tuple[Accelerator, ...] = field(default=(), metadata={"array_of": Accelerator})
+    identity: Match = field(default_factory=Match, metadata={"section": Match, "toml": "match"})
     # Where the profile was loaded from; not part of the TOML schema nor of equality.
     path: str | None = field(default=None, compare=False, metadata={"toml": None})
 

@@ -6,6 +6,7 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 DATA = Path(__file__).resolve().parent / "data"
 # Recipe -> a real .tflite of that recipe, made by the TF Lite converter (tests/data/README.md).
@@ -61,9 +62,30 @@ def write_candidates_dir(
                 "recipe": recipe,
                 "threads": threads,
                 "manifest": str(file.with_suffix(".manifest.json").relative_to(pdir)),
-                "host": {"latency_ms": 0.1 * rank, "accuracy_drop_points": drop},
+                "host": {
+                    "latency_ms": 0.1 * rank,
+                    "accuracy_drop_points": drop,
+                    "snr_db": 40.0 - rank,
+                    "outputs": [_output(rank)],
+                },
             }
         )
     doc = {"schema": "edgefleet.candidates/v1", "profile": profile, "candidates": entries}
     (pdir / "candidates.json").write_text(json.dumps(doc))
     return root
+
+
+def _output(rank: int) -> dict[str, Any]:
+    """The host fidelity of the tiny model's one output, as optimize writes it (SNR 40 - rank)."""
+    return {
+        "index": 0,
+        "name": "logits",
+        "shape": [10],
+        "kind": "tensor",
+        "snr_db": 40.0 - rank,
+        "cosine": 0.9999,
+        "max_abs_error": 0.01 * rank,
+        "top1_agreement": None,
+        "flat": False,
+        "reference_range": 12.5,
+    }

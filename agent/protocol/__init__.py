@@ -35,6 +35,7 @@ from agent.protocol.messages import (
     parse,
 )
 from agent.protocol.names import MAX_NAME_LENGTH, validate_label, validate_name
+from agent.protocol.states import IN_FLIGHT_STATES, TERMINAL_STATES, AgentState
 from agent.protocol.telemetry import (
     BUCKET_COUNT,
     Environment,
@@ -56,6 +57,7 @@ __all__ = [
     "BUCKET_COUNT",
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_ROOT",
+    "IN_FLIGHT_STATES",
     "LATENCY_BUCKETS_MS",
     "MAX_CHUNK_SIZE",
     "MAX_JSON_BYTES",
@@ -64,6 +66,8 @@ __all__ = [
     "MAX_TELEMETRY_RECORDS",
     "MAX_THREADS",
     "SCHEMA_VERSION",
+    "TERMINAL_STATES",
+    "AgentState",
     "ArtifactRef",
     "BenchmarkReport",
     "Command",

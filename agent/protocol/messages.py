@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import reprlib
 import time
 from dataclasses import dataclass, field
@@ -17,15 +18,18 @@ from agent.protocol.limits import (
 )
 from agent.protocol.names import validate_label, validate_name
 from agent.protocol.schema import OMIT_DEFAULT, decode_dataclass, encode
+from agent.protocol.states import AgentState
 from agent.protocol.telemetry import Environment, SeqRange
 from agent.protocol.topics import validate_device_id, validate_sha256
 
 M = TypeVar("M")
 
-# Persisted agent update states (docs/agent.md, "Update flow").
-UpdateState = Literal[
-    "idle", "fetching", "verifying", "staged", "self-testing", "active", "failed", "rolled_back"
-]
+# Board model strings are short ("Raspberry Pi 4 Model B Rev 1.4"); 128 leaves room for vendors'
+# longer ones while a hostile device cannot bloat the registry.
+MAX_IDENTITY_CHARS = 128
+# Device-tree compatible lists have 2-4 entries; big.LITTLE SoCs have 2-3 CPU part numbers.
+MAX_IDENTITY_ITEMS = 8
+_CPU_PART = re.compile(r"0x[0-9a-f]{1,4}")
 
 
 def _check_version(v: int) -> None:
@@ -62,6 +66,28 @@ class DeviceFacts:
     runtime_version: str
     python: str
     delegates: tuple[str, ...] = ()
+    # Board identity for profile matching (agent/facts.py, firmware_profiles/identity.py): the
+    # device-tree model (or /proc/cpuinfo "Model"), the SoC identifiers (device-tree compatible
+    # entries, cpuinfo "Hardware"), the distinct cpuinfo "CPU part" numbers, and whether the
+    # cores and RAM are an emulator host's (qemu-user). Left out while unset, so a hello without
+    # them is what controllers released before them parse.
+    board: str | None = field(default=None, metadata={OMIT_DEFAULT: True})
+    socs: tuple[str, ...] = field(default=(), metadata={OMIT_DEFAULT: True})
+    cpu_parts: tuple[str, ...] = field(default=(), metadata={OMIT_DEFAULT: True})
+    emulated: bool = field(default=False, metadata={OMIT_DEFAULT: True})
+
+    def __post_init__(self) -> None:
+        """Bound the free-text identity facts (they reach logs, the database and the UI)."""
+        for name, value in (("board", self.board), *(("socs", s) for s in self.socs)):
+            if value is not None and (len(value) > MAX_IDENTITY_CHARS or not value.isprintable()):
+                raise ProtocolError(
+                    f"$.facts.{name}: at most {MAX_IDENTITY_CHARS} printable characters"
+                )
+        if len(self.socs) > MAX_IDENTITY_ITEMS or len(self.cpu_parts) > MAX_IDENTITY_ITEMS:
+            raise ProtocolError(f"$.facts: at most {MAX_IDENTITY_ITEMS} socs and cpu_parts")
+        for part in self.cpu_parts:
+            if not _CPU_PART.fullmatch(part):
+                raise ProtocolError(f"$.facts.cpu_parts: {part!r} is not a hex part like 0xd08")
 
 
 @dataclass(frozen=True)
@@ -90,7 +116,7 @@ class Status:
 
     device_id: str
     online: bool
-    state: UpdateState = "idle"
+    state: AgentState = AgentState.IDLE
     model_sha256: str | None = None
     previous_sha256: str | None = None
     generation: int = 0
@@ -339,10 +365,10 @@ class Event:
     message: str
     deployment_id: str | None = None
     generation: int | None = None
-    state: UpdateState | None = None
+    state: AgentState | None = None
     # For errors: the update state the failure happened in (fetching = download, verifying,
     # self-testing = load/self-test), so the controller can tell transient from final failures.
-    stage: UpdateState | None = None
+    stage: AgentState | None = None
     model_sha256: str | None = None
     benchmark: BenchmarkReport | None = None
     ts: float = field(default_factory=time.time)

@@ -9,6 +9,8 @@ import sys
 import types
 import typing
 from collections.abc import Callable
+from enum import Enum
+from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 from agent.protocol.errors import ProtocolError
@@ -128,11 +130,17 @@ def _decode_str(value: Any, path: str) -> str:
     return value
 
 
+def _decode_path(value: Any, path: str) -> Path:
+    """A filesystem path, given as a string (agent.toml; no wire message carries one)."""
+    return Path(_decode_str(value, path))
+
+
 _SCALARS: dict[Any, Decoder] = {
     bool: _decode_bool,
     int: _decode_int,
     float: _decode_float,
     str: _decode_str,
+    Path: _decode_path,
 }
 
 
@@ -154,6 +162,8 @@ def _build(tp: Any) -> Decoder:
             return value
 
         return decode_literal
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        return _build_enum(tp)
     if origin is list or origin is tuple:
         return _build_sequence(get_args(tp)[0])
     if origin is dict:
@@ -173,6 +183,21 @@ def _build(tp: Any) -> Decoder:
         raise ProtocolError(f"{path}: unsupported schema type {_type_name(tp)}")
 
     return unsupported
+
+
+def _build_enum(tp: type[Enum]) -> Decoder:
+    """An Enum: one of its members' values, decoded into the member."""
+    members = {member.value: member for member in tp}
+
+    def decode_enum(value: Any, path: str) -> Enum:
+        try:
+            return members[value]
+        except (KeyError, TypeError):  # TypeError: an unhashable value (a list, an object)
+            raise ProtocolError(
+                f"{path}: must be one of {list(members)}, got {_show(value)}"
+            ) from None
+
+    return decode_enum
 
 
 def _build_union(tp: Any) -> Decoder:
@@ -263,7 +288,11 @@ def decode_dataclass(value: Any, cls: type[T], path: str = "$") -> T:
 
 
 def encode(value: Any) -> Any:
-    """Turn dataclasses, tuples and dicts into plain JSON-ready values."""
+    """Turn dataclasses, tuples and dicts into plain JSON-ready values.
+
+    Enums of the protocol are `str` subclasses (AgentState): json writes them as their value,
+    so no per-value Enum check costs the telemetry hot path anything.
+    """
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         out = {}
         for f in dataclasses.fields(value):

@@ -71,6 +71,50 @@ def tls_context(
     return context
 
 
+class _Client(paho.Client):
+    """paho's client, remembering why the last connection attempt failed.
+
+    paho's on_connect_fail callback gets no exception, and paho logs the failure only at its own
+    DEBUG level through a logger nobody enabled: the agent then said nothing while it could not
+    reach the broker. reconnect() is where paho opens the socket (and TLS), so the error is
+    caught there and re-raised unchanged.
+    """
+
+    last_error: BaseException | None = None
+    # Whether the attempt in progress is the first one of connect_async(): paho then waits
+    # twice before the next (once in its first-connection loop, once in its main loop).
+    first_attempt = False
+
+    def reconnect(self) -> paho.MQTTErrorCode:
+        """paho's reconnect, keeping the OSError (refused, DNS, TLS) for the failure log."""
+        connect_async = getattr(
+            getattr(paho, "_ConnectionState", None), "MQTT_CS_CONNECT_ASYNC", object()
+        )
+        first = getattr(self, "_state", None) == connect_async
+        self.first_attempt = False
+        try:
+            return super().reconnect()
+        except OSError as exc:
+            self.last_error = exc
+            self.first_attempt = first  # the double wait follows only a failed socket
+            raise
+
+
+def next_backoff_s(client: paho.Client) -> float:
+    """The wait paho applies before its next attempt (its exponential backoff, min..max).
+
+    Read from paho 2.x's own state (tests/integration/test_agent_connect_log.py checks the
+    prediction against the real gaps between attempts, so a paho change shows up there).
+    """
+    current = getattr(client, "_reconnect_delay", None)
+    low = getattr(client, "_reconnect_min_delay", RECONNECT_MIN_S)
+    high = getattr(client, "_reconnect_max_delay", RECONNECT_MAX_S)
+    wait = low if current is None else min(current * 2, high)
+    if getattr(client, "first_attempt", False):
+        wait += min(wait * 2, high)
+    return float(wait)
+
+
 MessageHandler = Callable[[str, bytes], None]
 
 
@@ -142,7 +186,9 @@ class MqttSession:
         self._on_message_cb = on_message
         self._on_acked_cb = on_acked_message
         self._on_connect_cb = on_connect
-        self.client = paho.Client(
+        # Consecutive failed attempts since the last successful CONNACK (for the log).
+        self.failures = 0
+        self.client = _Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=paho.MQTTv311,
@@ -162,6 +208,7 @@ class MqttSession:
         if will:
             self.client.will_set(will[0], will[1], qos=1, retain=True)
         self.client.on_connect = self._handle_connect
+        self.client.on_connect_fail = self._handle_connect_fail
         self.client.on_disconnect = self._handle_disconnect
         self.client.on_message = self._handle_message
 
@@ -213,12 +260,47 @@ class MqttSession:
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
         """Mark connected and let the owner (re)subscribe and announce itself."""
         if reason_code.is_failure:
-            log.warning("broker refused connection: %s", reason_code)
+            self.failures += 1
+            log.warning(
+                "broker %s:%s refused the connection (attempt %d): %s%s",
+                self.host,
+                self.port,
+                self.failures,
+                reason_code,
+                self._retry_note(),
+            )
             return
-        log.info("connected to %s:%s", self.host, self.port)
+        if self.failures:
+            log.info(
+                "connected to %s:%s after %d failed attempts", self.host, self.port, self.failures
+            )
+        else:
+            log.info("connected to %s:%s", self.host, self.port)
+        self.failures = 0
         self.connection += 1
         self.connected.set()
         self._on_connect_cb()
+
+    def _retry_note(self) -> str:
+        """'; retrying in N s' with paho's backoff, or '' for a one-shot session."""
+        if not self.reconnect:
+            return ""
+        return f"; retrying in {next_backoff_s(self.client):.0f} s"
+
+    def _handle_connect_fail(self, client, userdata) -> None:  # type: ignore[no-untyped-def]
+        """Log a connection attempt that failed before MQTT (refused, DNS, TLS) and the backoff."""
+        self.failures += 1
+        error = getattr(client, "last_error", None)
+        reason = f"{type(error).__name__}: {error}" if error is not None else "unknown error"
+        log.warning(
+            "cannot connect to %s%s:%s (attempt %d): %s%s",
+            "mqtts://" if self.tls else "mqtt://",
+            self.host,
+            self.port,
+            self.failures,
+            reason,
+            self._retry_note(),
+        )
 
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
         """Mark disconnected; paho's loop reconnects with backoff."""

@@ -16,10 +16,11 @@ import numpy as np
 import typer
 
 import firmware_profiles
-from agent.config import AgentConfig, PowerModelConfig, dump_config
+from agent.protocol.config import AgentConfig, PowerModelConfig, dump_config
 from controller.cli.render import as_json, num, short, table
 from controller.fleet.registry import Fleet
 from controller.fleet.rollout.policy import Gate, Policy, Threshold, parse_waves
+from controller.fleet.rollout.states import ACTIVE, DeviceState
 
 # Profiles the demo agents declare, in turn: a board, a phone, a gateway, an NPU board.
 DEMO_PROFILES = ("rpi4", "pixel-8", "x86-64-gateway", "imx93", "rpi5", "jetson-orin-nano-cpu")
@@ -141,7 +142,7 @@ def wait_deployment(fleet: Fleet, deployment_id: str, progress: Progress) -> dic
             if seen.get(d["device_id"]) != label:
                 seen[d["device_id"]] = label
                 progress(f"{d['device_id']}: rollout {d['state']}, agent {device['state']}")
-        if dep["state"] not in ("running", "paused") or time.monotonic() > deadline:
+        if dep["state"] not in ACTIVE or time.monotonic() > deadline:
             progress(f"rollout {dep['state']} {dep['reason']}".rstrip())
             return dep
         time.sleep(0.2)
@@ -349,7 +350,7 @@ def run_demo(
         )
         dep = wait_deployment(fleet, dep["id"], progress)
         rows = result_rows(fleet, dep)
-        failed = [r for r in rows if r["deployment_state"] != "succeeded"]
+        failed = [r for r in rows if r["deployment_state"] != DeviceState.SUCCEEDED]
         telemetry: list[dict[str, Any]] = []
         if not failed:
             data = load_digits_dataset()

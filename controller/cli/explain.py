@@ -33,6 +33,8 @@ def models_explain(
     if result["rollout"] is None:
         typer.echo("no rollout has measured its candidates on devices yet; host ranking:")
         typer.echo(_host_table(result["candidates"]))
+        for line in output_lines(result["candidates"]):
+            typer.echo(line)
         return
     r = result["rollout"]
     typer.echo(f"selection by rollout {r['id']} ({r['state']}, phase {r['phase']})")
@@ -46,6 +48,8 @@ def models_explain(
         typer.echo(_decision_table(decision["explanation"]))
         for note in decision["explanation"].get("notes", []):
             typer.echo(f"  note: {note}")
+    for line in output_lines(result["candidates"]):
+        typer.echo(line)
     for o in result["outliers"]:
         typer.echo(f"outlier: {o['device_id']} ({o['state']}): {o['reason']}")
     for f in result["fell_back"]:
@@ -65,11 +69,39 @@ def _host_table(candidates: list[dict[str, Any]]) -> str:
                 c["size"],
                 num(c["host"].get("latency_ms")),
                 num(c["host"].get("accuracy_drop_points")),
+                num(c["host"].get("snr_db")),
             )
             for c in candidates
         ],
-        ["PROFILE", "RANK", "RECIPE", "THREADS", "SHA256", "BYTES", "HOST MS", "ACC DROP"],
+        [
+            "PROFILE",
+            "RANK",
+            "RECIPE",
+            "THREADS",
+            "SHA256",
+            "BYTES",
+            "HOST MS",
+            "ACC DROP",
+            "MIN SNR",
+        ],
     )
+
+
+def output_lines(candidates: list[dict[str, Any]]) -> list[str]:
+    """Per candidate, every output's fidelity on the host: the worst one decided its budget."""
+    lines = []
+    for c in candidates:
+        for o in c["host"].get("outputs") or []:
+            top1 = o.get("top1_agreement")
+            agree = f", top-1 {100 * top1:.1f} %" if top1 is not None else ""
+            flat = " (flat fp32 reference: not judged)" if o.get("flat") else ""
+            shape = "x".join(str(d) for d in o.get("shape") or []) or "scalar"
+            lines.append(
+                f"  {c['profile']} #{c['rank']} {c['recipe']}: output {o['index']} "
+                f"'{o['name']}' [{shape}] {o['kind']}: SNR {num(o['snr_db'])} dB, cosine "
+                f"{o['cosine']:.6f}, max abs error {o['max_abs_error']:.4g}{agree}{flat}"
+            )
+    return lines
 
 
 def _decision_table(explanation: dict[str, Any]) -> str:

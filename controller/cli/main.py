@@ -11,6 +11,7 @@ import typer
 import firmware_profiles
 from controller.cli.common import HomeOption, JsonOption, fail, open_fleet
 from controller.cli.explain import devices_outliers, models_explain
+from controller.cli.onboarding import devices_register
 from controller.cli.optimize import optimize
 from controller.cli.render import as_json, num, short, table
 from controller.cli.rollout import rollout_app
@@ -67,6 +68,7 @@ app.command("simulate")(simulate_command)
 app.command()(up)
 app.command("replicas")(replicas_command)
 models_app.command("explain")(models_explain)
+devices_app.command("register")(devices_register)
 devices_app.command("outliers")(devices_outliers)
 
 _fleet = open_fleet
@@ -146,47 +148,6 @@ def devices_show(
                 ],
                 ["MODEL", "P50 MS", "P99 MS", "PEAK RSS MB", "POWER W", "SOURCE"],
             )
-        )
-
-
-@devices_app.command("register")
-def devices_register(
-    device_id: Annotated[str, typer.Argument(help="device id ([A-Za-z0-9._-]{1,64})")],
-    profile: Annotated[str, typer.Option("--profile", "-p", help="profile id")],
-    auth: Annotated[
-        str,
-        typer.Option(help="broker credentials: password, cert (client certificate) or none"),
-    ] = "password",
-    bundle: Annotated[
-        Path | None,
-        typer.Option(help="write the agent bundle here (default HOME/bundles/ID); 0700"),
-    ] = None,
-    broker_url: Annotated[
-        str | None,
-        typer.Option("--broker", help="broker URL for the bundle (default mqtts://FQDN:8883)"),
-    ] = None,
-    home: HomeOption = None,
-    json_out: JsonOption = False,
-) -> None:
-    """Register a device with an explicit profile before it connects; write its agent bundle."""
-    try:
-        row = _fleet(home).register_device(
-            device_id,
-            profile,
-            auth=None if auth == "none" else auth,
-            bundle_dir=bundle,
-            broker_url=broker_url,
-        )
-    except FleetError as exc:
-        raise _fail(exc) from None
-    if json_out:
-        typer.echo(as_json(row))
-        return
-    typer.echo(f"registered {device_id} as {profile}")
-    if "bundle" in row:
-        typer.echo(
-            f"{row['auth']} credentials and agent.toml in {row['bundle']} (secret: copy it to the "
-            "device, then delete it here); run `edgefleet broker config` to update the broker"
         )
 
 

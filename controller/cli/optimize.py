@@ -35,6 +35,20 @@ def _progress(event: Any) -> None:
     typer.echo(f"  {event.profile:24} {event.stage:10}{recipe} {event.message}", err=True)
 
 
+def _fidelity_cell(ev: Any) -> str:
+    """Accuracy with labels, else top-1 agreement of a class output, plus the worst SNR."""
+    if ev is None:
+        return "-"
+    parts = []
+    if ev.accuracy is not None:
+        parts.append(num(100 * ev.accuracy, 1))
+    elif ev.top1_agreement is not None:
+        parts.append(f"agree {num(100 * ev.top1_agreement, 1)}")
+    if ev.snr_db is not None and any(o.kind == "tensor" for o in ev.outputs):
+        parts.append(f"snr {ev.snr_db:.1f}")
+    return " ".join(parts) or "flat"
+
+
 def _variant_rows(report: Any) -> list[tuple[object, ...]]:
     """One table row per variant of every profile."""
     rows: list[tuple[object, ...]] = []
@@ -43,11 +57,7 @@ def _variant_rows(report: Any) -> list[tuple[object, ...]]:
             rows.append((prof.profile, "-", prof.status, "-", "-", "-", "-", "-", prof.error or ""))
         for v in prof.variants:
             ev = v.evaluation
-            accuracy = (
-                num(100 * ev.accuracy, 1)
-                if ev and ev.accuracy is not None
-                else (f"agree {num(100 * ev.top1_agreement, 1)}" if ev else "-")
-            )
+            accuracy = _fidelity_cell(ev)
             size = f"{ev.size_bytes / 1024:.1f}" if ev else "-"
             gz = f"{ev.compressed_bytes / 1024:.1f}" if ev and ev.compressed_bytes else "-"
             sparse = (
@@ -78,8 +88,18 @@ def optimize(
         Path | None, typer.Option(help="validation data (with labels for top-1)")
     ] = None,
     max_accuracy_drop: Annotated[
-        float, typer.Option(help="accuracy budget in percentage points vs fp32")
+        float,
+        typer.Option(
+            help="accuracy budget in percentage points vs fp32 (top-1 disagreement without "
+            "labels), for class-shaped outputs"
+        ),
     ] = 1.0,
+    min_snr_db: Annotated[
+        float,
+        typer.Option(
+            help="lowest SNR in dB (peak, as AI Hub's PSNR) allowed for every other output"
+        ),
+    ] = 20.0,  # = converters.fidelity.DEFAULT_MIN_SNR_DB, not imported to keep CLI start light
     out: Annotated[Path, typer.Option(help="output directory")] = Path("artifacts"),
     train: Annotated[
         Path | None,
@@ -132,6 +152,7 @@ def optimize(
             prune_sparsity=prune_sparsity,
             prune_epochs=prune_epochs,
             candidates=candidates,
+            min_snr_db=min_snr_db,
         )
     except (ConverterError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -149,7 +170,7 @@ def optimize(
                     "KIB",
                     "GZIP KIB",
                     "ZEROS %",
-                    "ACCURACY %",
+                    "ACC % / SNR DB",
                     "LATENCY MS",
                     "WHY",
                 ],

@@ -13,6 +13,7 @@ import typer
 
 from agent.protocol import ProtocolError, validate_name
 from controller.cli.common import HomeOption, JsonOption, fail, open_fleet
+from controller.cli.onboarding import record_serving_or_warn
 from controller.cli.render import as_json, table
 from controller.fleet.registry import Fleet, default_home
 from controller.storage.db import database_target
@@ -69,6 +70,7 @@ def up(
     if broker is None:
         handle, username, password = _embedded_broker(home, host, port)
         broker = handle.url
+    record_serving_or_warn(home, handle, broker, host=host, topic_root=topic_root)
     registry = ControllerMetrics(database_target(home)) if metrics_address else None
     metrics_server = None
     if registry is not None and metrics_address is not None:

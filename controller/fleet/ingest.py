@@ -34,6 +34,10 @@ class Ingest(FleetCore):
                     "ram_mb": hello.facts.ram_mb,
                     "declared_profile": hello.profile,
                     "delegates": list(hello.facts.delegates),
+                    "board": hello.facts.board,
+                    "socs": list(hello.facts.socs),
+                    "cpu_parts": list(hello.facts.cpu_parts),
+                    "emulated": hello.facts.emulated,
                 },
                 self.profiles,
             )

@@ -1,6 +1,5 @@
 """Models and their artifacts: add, version checks, manifests; the registry's model half."""
 
-
 from __future__ import annotations
 
 import dataclasses
@@ -20,6 +19,7 @@ from controller.errors import FleetError
 from controller.fleet.artifacts import build_manifest, check_golden, read_converter_manifest
 from controller.fleet.candidates import register_candidates
 from controller.fleet.core import FleetCore
+from controller.fleet.opcheck import refuse_missing_custom_ops
 from controller.storage.db import now, to_json
 
 if TYPE_CHECKING:
@@ -27,8 +27,6 @@ if TYPE_CHECKING:
 
 # Offset 4 of every TFLite flatbuffer holds this file identifier (schema.fbs: file_identifier).
 TFLITE_IDENTIFIER = b"TFL3"
-
-
 
 
 def _check_names(*, name: str, version: str | None, recipe: str | None = None) -> None:
@@ -41,9 +39,6 @@ def _check_names(*, name: str, version: str | None, recipe: str | None = None) -
             validate_name("recipe name", recipe)
     except ProtocolError as exc:
         raise FleetError(str(exc)) from None
-
-
-
 
 
 class ModelCatalog(FleetCore):
@@ -80,7 +75,7 @@ class ModelCatalog(FleetCore):
             if head[4:8] != TFLITE_IDENTIFIER:
                 raise FleetError(f"{model_path}: not a TFLite model (no 'TFL3' identifier)")
         if profile is not None:
-            self._profile(profile)
+            self._check_profile_ops(model_path, profile, check)
         golden_manifest = None
         try:
             if golden is not None:
@@ -156,6 +151,13 @@ class ModelCatalog(FleetCore):
                     (model_id, manifest.sha256, profile, recipe, now()),
                 )
         return manifest
+
+    def _check_profile_ops(self, model_path: Path, profile: str, check: bool) -> None:
+        """The profile must exist; with `check`, its runtime must resolve every custom op."""
+        prof = self._profile(profile)
+        if check:
+            runtime = (prof.runtime.name, prof.runtime.version, prof.compiler.kind)
+            refuse_missing_custom_ops(model_path, {f"profile {profile}": runtime})
 
     def _check_version_free(self, name: str, version: str, profile: str | None, sha: str) -> None:
         """Refuse a different file for a model version and profile that already has one."""

@@ -1,6 +1,5 @@
 """Desired states and commands: deploy, rollouts' targets, what the runtime still has to publish."""
 
-
 from __future__ import annotations
 
 import fnmatch
@@ -21,14 +20,24 @@ from agent.protocol import (
 )
 from controller.errors import FleetError
 from controller.fleet.core import FleetCore
+from controller.fleet.opcheck import refuse_missing_custom_ops
 from controller.fleet.rollout.engine import deploy_policy
 from controller.fleet.rollout.policy import Policy
+from controller.fleet.rollout.states import DeviceState, move_all, sql_in
 from controller.security.signing import DESIRED_VALIDITY_S, FleetSigner
 from controller.storage.db import now
 
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+# Rollout device states whose artifact a device may still download.
+_NEEDS_ARTIFACT = (
+    DeviceState.WAITING,
+    DeviceState.BASELINING,
+    DeviceState.PENDING,
+    DeviceState.IN_PROGRESS,
+    DeviceState.RETRYING,
+)
 
 
 def _fleet_signer(home: Path) -> FleetSigner | None:
@@ -73,6 +82,8 @@ class Publishing(FleetCore):
                 raise FleetError(f"no registered device has profile {profile!r}")
         else:
             targets = [self.device(d)["id"] for d in devices or []]
+        if check:
+            refuse_missing_custom_ops(model_path, self._runtimes_of(targets))
         manifest = self.add_artifact(
             model_path,
             name=name or model_path.stem,
@@ -91,6 +102,19 @@ class Publishing(FleetCore):
             assignments=[(d, manifest.sha256, "") for d in targets],
         )
         return self.deployment(deployment_id)
+
+    def _runtimes_of(self, device_ids: list[str]) -> dict[str, tuple[str, str, str]]:
+        """Each device's runtime as it reported it (else its profile's) and profile compiler."""
+        out = {}
+        for device_id in device_ids:
+            row = self.device(device_id)
+            prof = self._profile(row["profile"]) if row.get("profile") else None
+            name = row.get("runtime") or (prof.runtime.name if prof else None)
+            version = row.get("runtime_version") or (prof.runtime.version if prof else None)
+            if name and version:  # a device that never said hello and has no profile: unknown
+                kind = prof.compiler.kind if prof else "none"
+                out[f"device {device_id}"] = (str(name), str(version), kind)
+        return out
 
     def start_rollout(self, model_ref: str, selector: str, policy: Policy) -> dict[str, Any]:
         """Staged rollout of model NAME[:VER] to the devices `selector` picks, per `policy`."""
@@ -246,7 +270,7 @@ class Publishing(FleetCore):
         rows = self.db.query(
             "SELECT DISTINCT a.sha256, a.golden_sha256 FROM deployment_devices dd "
             "JOIN artifacts a ON a.sha256 = dd.artifact_sha256 "
-            "WHERE dd.state IN ('waiting', 'baselining', 'pending', 'in_progress', 'retrying') "
+            f"WHERE dd.state IN {sql_in(_NEEDS_ARTIFACT)} "
             "UNION SELECT DISTINCT a.sha256, a.golden_sha256 FROM devices d "
             "JOIN artifacts a ON a.sha256 = d.desired_sha256 "
             "WHERE d.desired_generation > d.reported_generation"
@@ -282,10 +306,14 @@ class Publishing(FleetCore):
                 "WHERE id = ? AND published_generation < ?",
                 [(generation, device_id, generation) for device_id, generation in published],
             )
-            tx.executemany(
-                "UPDATE deployment_devices SET state = 'in_progress', updated = ? "
-                "WHERE device_id = ? AND generation = ? AND state = 'pending'",
-                [(ts, device_id, generation) for device_id, generation in published],
+            move_all(
+                tx,
+                DeviceState.IN_PROGRESS,
+                (DeviceState.PENDING,),
+                "device_id = ? AND generation = ?",
+                published,
+                ts=ts,
+                many=True,
             )
 
     def republish_all(self) -> None:

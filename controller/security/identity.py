@@ -25,8 +25,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.config import AgentConfig, dump_config
 from agent.protocol import DEFAULT_ROOT, ProtocolError, validate_device_id
+from agent.protocol.config import AgentConfig, dump_config
 from controller.security.files import write_private
 
 __all__ = [
@@ -45,7 +45,7 @@ __all__ = [
 # The controller's broker username. '@' cannot occur in a device id ([A-Za-z0-9._-]), so no
 # device can ever be registered under the controller's name and inherit its ACL.
 CONTROLLER_USERNAME = "ctl@edgefleet"
-AUTH_METHODS = ("password", "cert")
+AUTH_METHODS = ("password", "cert", "none")
 # mosquitto 2.0's own default iteration count (mosquitto_passwd writes $7$101$...). Stretching
 # protects guessable passwords; ours are 256 random bits, where it adds nothing but per-CONNECT
 # CPU on the broker during a fleet-wide reconnect storm.
@@ -63,8 +63,6 @@ LEAF_VALIDITY_DAYS = 1825
 # Certificates become valid a little in the past so a device whose clock lags still accepts them.
 CLOCK_SKEW = datetime.timedelta(minutes=5)
 
-# Where a bundle's agent keeps its models and spool unless told otherwise (FHS: /var/lib).
-DEFAULT_AGENT_DATA_DIR = "/var/lib/edgefleet-agent"
 
 _CA_KEY = "ca.key"
 _CA_CERT = "ca.crt"
@@ -371,6 +369,10 @@ class FleetSecurity:
         if auth not in AUTH_METHODS:
             raise IdentityError(f"unknown auth {auth!r}: expected one of {', '.join(AUTH_METHODS)}")
         private_dir(bundle_dir)
+        if auth == "none":
+            # An anonymous broker (loopback `edgefleet up`): no password may linger for the id.
+            self.passwords.remove(device_id)
+            return DeviceCredentials(device_id, auth)
         if auth == "password":
             password = generate_password()
             self.passwords.set(device_id, password)
@@ -395,31 +397,53 @@ class FleetSecurity:
         data_dir: str | None = None,
         topic_root: str | None = None,
     ) -> Path:
-        """Write agent.toml + ca.crt (+ device.crt/key) into `bundle_dir` (0700/0600); its path.
+        """Write agent.toml (+ ca.crt for TLS, + device.crt/key) into `bundle_dir` (0700/0600).
 
         File paths in agent.toml are relative: the agent resolves them against the config's
-        directory, so the bundle can be copied to the device as one directory.
+        directory, so the bundle can be copied to the device as one directory. Without
+        `data_dir` the key is left out and the agent picks its own by who runs it
+        (agent.protocol.config.default_data_dir: systemd StateDirectory, /var/lib as root, else
+        ~/.local/share). Returns the agent.toml path.
         """
+        from agent.protocol.transport import is_tls_url
         from controller.security.signing import describe  # signing imports this module
 
         private_dir(bundle_dir)
+        tls = is_tls_url(broker_url.strip())
+        if credentials.auth == "cert" and not tls:
+            raise IdentityError(
+                f"certificate auth needs a TLS broker URL (mqtts://), got {broker_url!r}"
+            )
         ca_copy = bundle_dir / "ca.crt"
-        ca_copy.write_bytes(self.ca.cert_path.read_bytes())
-        os.chmod(ca_copy, 0o600)
+        if tls:
+            write_private(ca_copy, self.ca.cert_path.read_bytes())
+        else:
+            ca_copy.unlink(missing_ok=True)  # a stale CA from an earlier TLS bundle
         config = AgentConfig(
             device_id=credentials.device_id,
-            data_dir=Path(data_dir or DEFAULT_AGENT_DATA_DIR),
+            # A placeholder when the device picks its own: dump_config leaves the key out.
+            data_dir=Path(data_dir or "."),
             broker=broker_url,
             topic_root=topic_root or DEFAULT_ROOT,
             profile=profile,
             username=credentials.device_id if credentials.auth == "password" else None,
             password=credentials.password,
-            ca_file=ca_copy.name,
+            ca_file=ca_copy.name if tls else None,
             cert_file=credentials.cert_path.name if credentials.cert_path else None,
             key_file=credentials.key_path.name if credentials.key_path else None,
             # The fleet verify keys: the device follows only what they signed.
             trusted_keys=tuple(describe(self.directory)["trusted"]),  # type: ignore[arg-type]
         )
         path = bundle_dir / "agent.toml"
-        write_private(path, dump_config(config).encode())
+        header = (
+            f"# agent.toml for {credentials.device_id}, written by `edgefleet devices register`.\n"
+            + (
+                ""
+                if data_dir
+                else "# No data_dir: the agent uses $STATE_DIRECTORY (systemd), /var/lib/edgefleet-"
+                "agent as root, else ~/.local/share/edgefleet-agent (docs/agent.md).\n"
+            )
+        )
+        body = dump_config(config, omit=() if data_dir else ("data_dir",))
+        write_private(path, (header + body).encode())
         return path

@@ -1,7 +1,7 @@
 """`edgefleet simulate`: many simulated agents in one process, speaking the real wire protocol.
 
 Each simulated agent holds its own MQTT connection (client id = device id) and follows its
-retained desired state the way agent/daemon.py does, without a model runtime: chunks are hashed
+retained desired state the way agent/update/flow.py does, without a model runtime: chunks are hashed
 for real, self-test and benchmark figures are synthesized from the device profile
 (docs/simulate.md). Every connection is driven from one epoll loop in one thread: paho's
 loop_start() costs a thread per client and its select() cannot see fds past 1024, which made

@@ -1,4 +1,4 @@
-"""One simulated agent: the daemon's update state machine in memory, on one paho client."""
+"""One simulated agent: the daemon's update flow in memory (states: agent.protocol.AgentState)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import firmware_profiles
 from agent import __version__ as AGENT_VERSION
 from agent.protocol import (
+    AgentState,
     BenchmarkReport,
     Command,
     Desired,
@@ -138,7 +139,7 @@ class SimAgent(FallbackSwitch):
         self.models: dict[str, StoredModel] = {}
         self.current: str | None = None
         self.previous: str | None = None
-        self.state = "idle"
+        self.state: AgentState = AgentState.IDLE
         self.detail = ""
         self.applied_generation = 0
         self.latest_generation = 0
@@ -174,7 +175,7 @@ class SimAgent(FallbackSwitch):
         return Status(
             device_id=self.device_id,
             online=online,
-            state=self.state,  # type: ignore[arg-type]
+            state=self.state,
             model_sha256=self.current,
             previous_sha256=self.previous,
             generation=self.applied_generation,
@@ -192,7 +193,7 @@ class SimAgent(FallbackSwitch):
         *,
         event_id: str | None = None,
         desired: Desired | None = None,
-        stage: str | None = None,
+        stage: AgentState | None = None,
         benchmark: BenchmarkReport | None = None,
     ) -> None:
         """Publish an event; ids are the daemon's (g<generation>-<suffix>, command ids)."""
@@ -203,8 +204,8 @@ class SimAgent(FallbackSwitch):
             message=message[:4000],
             deployment_id=desired.deployment_id if desired else None,
             generation=desired.generation if desired else None,
-            state=self.state,  # type: ignore[arg-type]
-            stage=stage,  # type: ignore[arg-type]
+            state=self.state,
+            stage=stage,
             model_sha256=self.current,
             benchmark=benchmark,
         )
@@ -228,7 +229,7 @@ class SimAgent(FallbackSwitch):
         if self.pending_crash is not None:
             desired, self.pending_crash = self.pending_crash, None
             reason = "self-test failed: model crashed the self-test (signal 11)"
-            self._failed(desired, "self-testing", reason)
+            self._failed(desired, AgentState.SELF_TESTING, reason)
         topics = [self.base + "desired", self.base + "cmd"]
         upd = self.update
         if upd is not None and upd.waiting_manifest:
@@ -285,7 +286,7 @@ class SimAgent(FallbackSwitch):
         self.fallback = None  # a new desired state decides; a watch of the old one ends
         artifact = desired.artifact
         if artifact is None or (artifact.sha256 == self.current and self._same_threads(desired)):
-            self.state = "active" if self.current else "idle"
+            self.state = AgentState.ACTIVE if self.current else AgentState.IDLE
             self.applied_generation = desired.generation
             self.detail = "already in desired state"
             self.publish_status()
@@ -298,7 +299,7 @@ class SimAgent(FallbackSwitch):
             return
         upd = self.update = Update(desired)
         upd.deadline = time.monotonic() + self.sim.fetch_timeout_s
-        self._step(upd, "fetching")
+        self._step(upd, AgentState.FETCHING)
         self._wait_manifest(upd, upd.sha)
         self.sim.call_at(upd.deadline, lambda: self._deadline(upd))
 
@@ -312,14 +313,13 @@ class SimAgent(FallbackSwitch):
     def _downloaded(self, upd: Update) -> None:
         """Everything fetched: verify whole files (once per process), then self-test."""
         if upd.fallback is None:
-            self._step(upd, "verifying")
+            self._step(upd, AgentState.VERIFYING)
         for assembly in upd.fetched:
             actual = self.sim.verify(assembly)
             if actual != assembly.manifest.sha256:
                 what = "assembled" if assembly.manifest.sha256 == upd.sha else "golden"
-                self._fail(
-                    upd, "verifying", f"verification failed: {what} file has sha256 {actual}"
-                )
+                reason = f"verification failed: {what} file has sha256 {actual}"
+                self._fail(upd, AgentState.VERIFYING, reason)
                 return
         if upd.fallback is not None:
             self._release_fetched(upd)
@@ -328,8 +328,8 @@ class SimAgent(FallbackSwitch):
         if any(a.manifest.sha256 == upd.sha for a in upd.fetched):
             self.sim.counters.files_verified += 1
         self._release_fetched(upd)
-        self._step(upd, "staged")
-        self._step(upd, "self-testing")
+        self._step(upd, AgentState.STAGED)
+        self._step(upd, AgentState.SELF_TESTING)
         if self.faults.crash:
             self.update = None
             self.pending_crash = upd.desired
@@ -347,10 +347,10 @@ class SimAgent(FallbackSwitch):
         latency, peak = self._figures(upd.sha, entry)
         reason = self._judge(desired, latency, peak)
         if reason:
-            self._fail(upd, "self-testing", f"self-test failed: {reason}")
+            self._fail(upd, AgentState.SELF_TESTING, f"self-test failed: {reason}")
             return
         self.update = None
-        self.state = "active"
+        self.state = AgentState.ACTIVE
         self.applied_generation = desired.generation
         detail = (
             f"self-test {latency:.2f} ms, peak RSS {peak:.1f} MB; "
@@ -394,14 +394,14 @@ class SimAgent(FallbackSwitch):
         self._benchmark(desired.benchmark_runs, desired.benchmark_warmup, desired)
         self._install_fallback(desired)
 
-    def _step(self, upd: Update, state: str) -> None:
+    def _step(self, upd: Update, state: AgentState) -> None:
         """One transition: status, then an update event g<generation>-<state>."""
         self.state = state
         self.publish_status()
         gen = upd.desired.generation
-        self.emit("update", state, event_id=f"g{gen}-{state}", desired=upd.desired)
+        self.emit("update", state.value, event_id=f"g{gen}-{state.value}", desired=upd.desired)
 
-    def _fail(self, upd: Update, stage: str, reason: str) -> None:
+    def _fail(self, upd: Update, stage: AgentState, reason: str) -> None:
         """End an update as failed; the previous model keeps serving."""
         self._abandon(upd)
         if upd.fallback is not None:
@@ -409,10 +409,10 @@ class SimAgent(FallbackSwitch):
             return
         self._failed(upd.desired, stage, reason)
 
-    def _failed(self, desired: Desired, stage: str, reason: str) -> None:
+    def _failed(self, desired: Desired, stage: AgentState, reason: str) -> None:
         """Record and report a failed generation (stage = the update state it failed in)."""
         log.info("%s: generation %d failed: %s", self.device_id, desired.generation, reason)
-        self.state = "failed"
+        self.state = AgentState.FAILED
         self.applied_generation = desired.generation
         self.detail = reason
         self.publish_status()
@@ -447,7 +447,7 @@ class SimAgent(FallbackSwitch):
             else:
                 self.current, self.previous = self.previous, self.current
                 self.fallback = None  # the watched model no longer serves
-                self.state = "rolled_back"
+                self.state = AgentState.ROLLED_BACK
                 self.detail = f"rolled back by {command.command_id}"
             self.publish_status()
         self.sim.counters.commands_handled += 1
@@ -486,7 +486,7 @@ class SimAgent(FallbackSwitch):
             "device_id": self.device_id,
             "profile": self.profile.id,
             "connected": self.connected,
-            "state": self.state,
+            "state": self.state.value,
             "model_sha256": self.current,
             "previous_sha256": self.previous,
             "generation": self.applied_generation,

@@ -14,7 +14,7 @@ import tempfile
 import time
 from typing import TYPE_CHECKING, NamedTuple, cast
 
-from agent.protocol import ArtifactRef, Desired, Fallback, Manifest, Need, dump
+from agent.protocol import AgentState, ArtifactRef, Desired, Fallback, Manifest, Need, dump
 from controller.simulate.figures import MIB
 
 if TYPE_CHECKING:
@@ -138,7 +138,7 @@ class ArtifactFetch:
         def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> int: ...
         def subscribe(self, *topics: str) -> None: ...
         def unsubscribe(self, *topics: str) -> None: ...
-        def _fail(self, upd: Update, stage: str, reason: str) -> None: ...
+        def _fail(self, upd: Update, stage: AgentState, reason: str) -> None: ...
         def _downloaded(self, upd: Update) -> None: ...
 
     def _wait_manifest(self, upd: Update, sha: str) -> None:
@@ -154,12 +154,16 @@ class ArtifactFetch:
         upd.waiting_manifest = None
         self.unsubscribe(self.sim.topics.manifest(manifest.sha256))
         if manifest.expires is not None and manifest.expires < time.time():
-            self._fail(upd, "fetching", f"manifest for {manifest.sha256[:12]} expired")
+            self._fail(upd, AgentState.FETCHING, f"manifest for {manifest.sha256[:12]} expired")
             return
         if manifest.sha256 == upd.sha:
             if manifest.size != upd.ref.size:
                 size = upd.ref.size
-                self._fail(upd, "fetching", f"manifest size {manifest.size} != desired size {size}")
+                self._fail(
+                    upd,
+                    AgentState.FETCHING,
+                    f"manifest size {manifest.size} != desired size {size}",
+                )
                 return
             upd.model_manifest = manifest
             if manifest.sha256 not in self.models:
@@ -169,7 +173,7 @@ class ArtifactFetch:
             golden = upd.model_manifest.golden if upd.model_manifest else None
             if golden is not None and manifest.size != golden.size:
                 reason = f"golden manifest size {manifest.size} != referenced size {golden.size}"
-                self._fail(upd, "fetching", reason)
+                self._fail(upd, AgentState.FETCHING, reason)
                 return
             self._fetch_blob(upd, manifest)
             return
@@ -269,11 +273,13 @@ class ArtifactFetch:
         if self.update is not upd:
             return
         if upd.waiting_manifest:
-            self._fail(upd, "fetching", f"manifest for {upd.waiting_manifest[:12]} never arrived")
+            self._fail(
+                upd, AgentState.FETCHING, f"manifest for {upd.waiting_manifest[:12]} never arrived"
+            )
         elif upd.blob is not None:
             sha, total = upd.blob.sha256[:12], upd.blob.chunk_count
             reason = f"download of {sha} timed out: {upd.missing} of {total} chunks missing"
-            self._fail(upd, "fetching", reason)
+            self._fail(upd, AgentState.FETCHING, reason)
 
     def _maybe_go_offline(self, upd: Update) -> None:
         """offline fault: drop the link once half the model is in (at once for one chunk)."""

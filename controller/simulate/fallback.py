@@ -18,7 +18,7 @@ from statistics import NormalDist
 from typing import TYPE_CHECKING
 
 import firmware_profiles
-from agent.protocol import BenchmarkReport, Desired, Fallback
+from agent.protocol import AgentState, BenchmarkReport, Desired, Fallback
 from controller.simulate.download import ArtifactFetch, StoredModel, Update
 from controller.simulate.telemetry import MAX_BUSY_SHARE, SERVED_RATE_PER_S, SERVED_SIGMA
 
@@ -76,7 +76,7 @@ class FallbackSwitch(ArtifactFetch):
             *,
             event_id: str | None = None,
             desired: Desired | None = None,
-            stage: str | None = None,
+            stage: AgentState | None = None,
             benchmark: BenchmarkReport | None = None,
         ) -> None: ...
         def _figures(self, sha: str, entry: StoredModel) -> tuple[float, float]: ...

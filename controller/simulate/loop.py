@@ -75,7 +75,7 @@ POLL_INTERVAL_S = 0.1
 MISC_INTERVAL_S = 1.0
 # At stop, time allowed for offline statuses and DISCONNECTs to be written.
 SHUTDOWN_TIMEOUT_S = 5.0
-# Download deadline and repair interval: the real agent's defaults (agent/config.py).
+# Download deadline and repair interval: the real agent's defaults (agent/protocol/config.py).
 FETCH_TIMEOUT_S = 300.0
 REPAIR_INTERVAL_S = 2.0
 # More devices than this in one process is a typo (10,000 were measured at ~5 KB each).
@@ -237,7 +237,7 @@ class Simulation:
             "devices": len(agents),
             "elapsed_s": round(time.monotonic() - self._started, 2) if self._started else 0.0,
             **asdict(self.counters),
-            "states": dict(sorted(Counter(a.state for a in agents).items())),
+            "states": dict(sorted(Counter(a.state.value for a in agents).items())),
             "faults": dict(sorted(faults.items())),
             "telemetry_spooled": sum(
                 len(a.telemetry.pending) // RECORD.size for a in agents if a.telemetry is not None

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from controller.storage.db import Database, is_postgres, redact_url
-from controller.storage.postgres import PostgresDatabase
 from controller.storage.sqlite import SqliteDatabase
 
 
@@ -14,6 +13,9 @@ def open_database(target: str | Path, *, migrate: bool = True) -> Database:
     only for readers of a schema someone already brought up to date (metrics scrapes)."""
     text = str(target)
     if is_postgres(text):
+        # psycopg only when asked for: a device-test venv (make test-slim) has none.
+        from controller.storage.postgres import PostgresDatabase
+
         return PostgresDatabase(text, migrate=migrate)
     if "://" in text:
         raise ValueError(

@@ -14,6 +14,7 @@ from converters.checks import blocking_failures, run_checks
 from converters.compilers import CompileResult, get_compiler
 from converters.errors import ConverterError
 from converters.evaluate import Evaluation
+from converters.fidelity import Budget, judge
 from converters.report import VariantReport
 from converters.stages.convert import ConvertStage, base_recipe, is_pruned
 
@@ -22,6 +23,8 @@ class CompileStage(ConvertStage):
     """Per profile and recipe: compile (or fall back to the CPU), check, judge."""
 
     max_drop: float
+    budget: Budget
+    layer_explanations: dict[str, str]  # variant → the debugger's worst layers, computed once
     warnings: dict[str, list[str]]  # profile id → warnings, each once
 
     def warn(self, profile: str, message: str) -> None:
@@ -31,13 +34,27 @@ class CompileStage(ConvertStage):
             seen.append(message)
             self.emit(profile, "warning", None, message)
 
-    def within_budget(self, ev: Evaluation) -> tuple[bool, str]:
-        """Accuracy drop (with labels) or top-1 disagreement (without) against the budget."""
-        drop = ev.accuracy_drop_points
-        if drop is not None:
-            return drop <= self.max_drop, f"accuracy drop {drop:.2f} points"
-        disagreement = (1.0 - ev.top1_agreement) * 100.0
-        return disagreement <= self.max_drop, f"top-1 disagreement {disagreement:.2f} points"
+    def within_budget(self, ev: Evaluation, profile: str = "*") -> tuple[bool, str]:
+        """Every output against the budget (the worst decides); a flat reference is a warning."""
+        verdict = judge(list(ev.outputs), self.budget, ev.accuracy_drop_points)
+        for warning in verdict.warnings:
+            self.warn(profile, warning)
+        return verdict.ok, verdict.text
+
+    def layer_explanation(self, key: str) -> str:
+        """For an int8 variant of a Keras model refused on fidelity: its worst layers (once)."""
+        if key != "int8" or self.fmt != "keras" or self.calib is None:
+            return ""
+        cache = self.layer_explanations
+        if key not in cache:
+            from converters.qdebug import worst_layers
+
+            try:
+                layers = worst_layers(self.source, self.calib.x)
+                cache[key] = f"; worst int8 layers (TF quantization debugger): {', '.join(layers)}"
+            except ConverterError:
+                cache[key] = ""
+        return cache[key]
 
     def compile_for(self, profile: Any, recipe: str, path: Path) -> CompileResult:
         """Compile `path` for the profile; an absent compiler gives the file itself, for the CPU."""
@@ -84,13 +101,13 @@ class CompileStage(ConvertStage):
         else:
             rep.latency_ms, rep.latency_source = var.evaluation.latency_ms_median, "host"
         failed = blocking_failures(rep.checks)
-        ok_budget, budget_text = self.within_budget(var.evaluation)
+        ok_budget, budget_text = self.within_budget(var.evaluation, profile.id)
         if failed:
             rep.status = "rejected"
             rep.reason = "; ".join(f"{c.name}: {c.detail}" for c in failed)
         elif not ok_budget:
             rep.status = "rejected"
-            rep.reason = f"{budget_text} exceeds the budget of {self.max_drop:g}"
+            rep.reason = budget_text + self.layer_explanation(key)
         else:
             rep.status, rep.reason = "passed", budget_text
         where = _cpu_only_reason(rep.compiled)

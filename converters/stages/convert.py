@@ -65,8 +65,8 @@ class ConvertStage:
     fingerprints: dict[str, str]
     notes: list[str]
     reference_recipe: str
-    reference_outputs: np.ndarray | None
-    val_x: np.ndarray | None
+    reference_outputs: list[np.ndarray] | None
+    val_x: list[np.ndarray] | None
     pruning: PruneResult | None
     pruned_tag: str
 
@@ -143,7 +143,7 @@ class ConvertStage:
             if ref.path is None:
                 raise ConverterError(f"reference {self.reference_recipe} failed: {ref.error}")
             self.val_x = self._validation_inputs(ref.path)
-            self.reference_outputs = load_host_model(ref.path).predict(self.val_x)
+            self.reference_outputs = load_host_model(ref.path).predict_all(self.val_x)
         assert self.val_x is not None
         labels = self.val.y if self.val is not None else None
         return evaluate_variant(path, self.val_x, self.reference_outputs, y_val=labels)
@@ -156,17 +156,22 @@ class ConvertStage:
         keep = ("target_sparsity", "kernel_sparsity", "layer_sparsity", "epochs", "tools")
         return {"pruning": {k: info[k] for k in keep}}
 
-    def _validation_inputs(self, reference: Path) -> np.ndarray:
-        """--val inputs, else the calibration inputs, else random inputs of the model's shape."""
-        if self.val is not None:
-            return self.val.x
-        if self.calib is not None:
-            self.notes.append("no --val data: fidelity measured on the calibration inputs")
-            return self.calib.x
-        shape = tuple(inspect_bytes(reference.read_bytes()).inputs[0].shape[1:])
-        self.notes.append(f"no --val/--calib data: fidelity on {RANDOM_VAL_SAMPLES} random inputs")
+    def _validation_inputs(self, reference: Path) -> list[np.ndarray]:
+        """One array per model input: --val, else --calib, else random inputs of its shape.
+
+        --val/--calib files hold one input array, so a model with several inputs is measured
+        on random inputs (a note says so).
+        """
+        specs = inspect_bytes(reference.read_bytes()).inputs
+        given = self.val if self.val is not None else self.calib
+        if given is not None and len(specs) == 1:
+            if self.val is None:
+                self.notes.append("no --val data: fidelity measured on the calibration inputs")
+            return [given.x]
+        why = "no --val/--calib data" if given is None else f"{len(specs)} model inputs"
+        self.notes.append(f"{why}: fidelity on {RANDOM_VAL_SAMPLES} random inputs")
         rng = np.random.default_rng(0)
-        return rng.random((RANDOM_VAL_SAMPLES, *shape), dtype=np.float32)
+        return [rng.random((RANDOM_VAL_SAMPLES, *t.shape[1:]), dtype=np.float32) for t in specs]
 
     def candidates(self, profile: Any) -> list[str]:
         """Recipes to try for a profile: the allowed ones that apply to this model's format.

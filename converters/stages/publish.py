@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from converters._files import atomic_write_bytes
-from converters.evaluate import write_golden
+from converters.golden import build_golden, golden_cap
 from converters.manifest import CANDIDATES_DIR, ArtifactManifest, write_candidates
 from converters.report import Candidate, VariantReport, candidate_threads, rank_candidates
 from converters.stages.select import SelectStage
@@ -37,7 +37,15 @@ class PublishStage(SelectStage):
         artifact = dest_dir / f"{self.stem}-{chosen.variant}{suffix}.tflite"
         atomic_write_bytes(artifact, Path(compiled.artifact).read_bytes())
         assert self.val_x is not None
-        golden = write_golden(var.path, self.val_x, artifact.with_suffix(".golden.npz"))
+        written = build_golden(
+            var.path,
+            self.val_x,
+            artifact.with_suffix(".golden.npz"),
+            max_bytes=golden_cap(artifact.stat().st_size),
+        )
+        if written.note:
+            self.notes.append(f"{profile.id} {chosen.variant}: {written.note}")
+        golden = written.path
         info = inspect_bytes(var.path.read_bytes())
         manifest = ArtifactManifest(
             artifact=artifact,

@@ -301,6 +301,10 @@ def test_model_page_explains_the_selection_as_it_happens(
     expect(variants.locator("tbody tr").nth(0)).to_contain_text(sha256(MODELS["int8"])[:12])
     expect(variants.locator("tbody tr").nth(1)).to_contain_text(sha256(MODELS["fp32"])[:12])
     expect(variants).to_contain_text("0.200")  # rank 2's host latency (closed_loop_helpers)
+    outputs = dashboard.testid("outputs-rpi4")  # every output of every candidate, host numbers
+    expect(outputs.locator("tbody tr")).to_have_count(2)
+    expect(dashboard.testid("output-rpi4-1-0")).to_contain_text("39.0")
+    expect(dashboard.testid("output-rpi4-2-0")).to_contain_text("0 logits")
     expect(dashboard.testid("explain")).to_contain_text("No rollout has measured candidates")
     page.evaluate("window.__sameDocument = 'yes'")
 

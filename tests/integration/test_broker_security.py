@@ -21,7 +21,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 # The controller needs `cryptography`; the slim device env (agent tests only) lacks it.
 pytest.importorskip("cryptography")
 
-from agent.config import load_config
+from agent.protocol.config import load_config
 from agent.protocol.transport import tls_context
 from controller.brokers.base import BrokerError, BrokerHandle, free_port
 from controller.fleet.registry import Fleet

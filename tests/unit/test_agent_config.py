@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import AgentConfig, ConfigError, PowerModelConfig, dump_config, load_config
+from agent.protocol.config import (
+    AgentConfig,
+    ConfigError,
+    PowerModelConfig,
+    dump_config,
+    load_config,
+)
 from agent.protocol.transport import parse_mqtt_url
 
 pytestmark = pytest.mark.agent
@@ -41,7 +47,15 @@ def test_round_trip(tmp_path: Path) -> None:
     [
         ('device_id = "d"\ndata_dir = "/x"\nbogus = 1\n', "unknown key 'bogus'"),
         ('data_dir = "/x"\n', "missing key 'device_id'"),
-        ('device_id = "d"\ndata_dir = "/x"\nthreads = "2"\n', "'threads' must be int"),
+        (
+            'device_id = "d"\ndata_dir = "/x"\nthreads = "2"\n',
+            "'threads': expected an integer, got '2'",
+        ),
+        ('device_id = "d"\ndata_dir = "/x"\nreported = true\n', "unknown key 'reported'"),
+        ('device_id = "d"\ndata_dir = 7\n', "'data_dir': expected a string, got int"),
+        ('device_id = "d"\ndata_dir = "/x"\nthreads = true\n', "expected an integer, got True"),
+        ('device_id = "d"\ndata_dir = "/x"\npower = 3\n', "'power': expected an object"),
+        ('device_id = "d"\ndata_dir = "/x"\n[power]\nidle_w = "2"\n', "'power.idle_w': expected"),
         ('device_id = "a/b"\ndata_dir = "/x"\n', "Invalid device id"),
         ('device_id = "d"\ndata_dir = "/x"\n[power]\nwatts = 3\n', "unknown key 'power.watts'"),
         ('device_id = "d"\ndata_dir = "/x"\nthreads = 0\n', "threads must be >= 1"),

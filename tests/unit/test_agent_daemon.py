@@ -17,11 +17,13 @@ from typing import Any
 import pytest
 from paho.mqtt.client import topic_matches_sub
 
-from agent.config import AgentConfig
 from agent.daemon import Agent, ReportOutcome, derived_event_id
 from agent.protocol import ArtifactRef, Command, Desired, Manifest, Need, Topics, dump, parse
-from agent.state import MAX_SELFTEST_ATTEMPTS, UpdateStateFile
+from agent.protocol.config import AgentConfig
 from agent.store import ModelStore
+from agent.update.record import UpdateStateFile
+from agent.update.restore import MAX_SELFTEST_ATTEMPTS
+from agent.update.table import MAX_STATE_STORES, UpdateEvent
 
 pytestmark = pytest.mark.agent
 
@@ -134,11 +136,9 @@ def make_agent(tmp_path: Path) -> Iterator[Callable[..., tuple[Agent, MemoryBrok
         config = AgentConfig(
             device_id="dev-u", data_dir=tmp_path / "agent", topic_root=ROOT, **settings
         )
-        agent = Agent(config)
         broker = broker or MemoryBroker()
-        broker.deliver = agent._on_message
-        agent.session = broker  # type: ignore[assignment]
-        agent.fetcher.session = broker  # type: ignore[assignment]
+        agent = Agent(config, session=broker)  # type: ignore[arg-type]
+        broker.deliver = agent.router.on_message
         agent.restore()
         return agent, broker
 
@@ -147,8 +147,8 @@ def make_agent(tmp_path: Path) -> Iterator[Callable[..., tuple[Agent, MemoryBrok
 
 def _apply(agent: Agent, desired: Desired) -> None:
     """What the agent's work thread does with a delivered desired state."""
-    agent._latest_generation = max(agent._latest_generation, desired.generation)
-    agent._apply_desired(desired)
+    agent.inbox.latest_generation = max(agent.inbox.latest_generation, desired.generation)
+    agent.flow.apply(desired)
 
 
 def test_update_sends_deterministic_event_ids_and_one_result(
@@ -171,7 +171,7 @@ def test_update_sends_deterministic_event_ids_and_one_result(
     assert agent.state.record.reported and agent.state.record.benchmarked
     # A restart (new process over the same data dir) re-sends nothing: both were acknowledged.
     again, broker2 = make_agent()
-    again._report_outcome()
+    again.reporter.report_outcome()
     assert not broker2.events()
 
 
@@ -187,7 +187,7 @@ def test_unacknowledged_result_is_resent_with_the_same_ids_after_a_restart(
     assert not agent.state.record.reported
 
     restarted, broker2 = make_agent()  # the connect queues ReportOutcome
-    restarted._report_outcome()
+    restarted.reporter.report_outcome()
     assert [e["event_id"] for e in broker2.events()] == ["g8-active", "g8-benchmark"]
     assert broker2.events(kind="benchmark")[0]["benchmark"]["runs"] == 3, "desired's runs kept"
     assert restarted.state.record.reported and restarted.state.record.benchmarked
@@ -204,7 +204,7 @@ def test_kill_between_active_and_report_then_stale_redelivery_still_reports(
     state.update(reported=False, benchmarked=False)
     restarted, broker2 = make_agent()
     _apply(restarted, _desired(9, manifest))  # the retained desired again: stale, ignored
-    restarted._report_outcome()
+    restarted.reporter.report_outcome()
     assert [e["event_id"] for e in broker2.events()] == ["g9-active", "g9-benchmark"]
     assert not broker2.events(kind="update", state="fetching"), "nothing was downloaded again"
 
@@ -219,7 +219,7 @@ def test_failure_reports_its_stage_once(
     assert [(e["event_id"], e["stage"]) for e in errors] == [("g3-failed", "self-testing")]
     assert "over budget" in errors[0]["message"]
     restarted, broker2 = make_agent()
-    restarted._report_outcome()
+    restarted.reporter.report_outcome()
     assert not broker2.events(), "acknowledged failures are not re-sent"
 
 
@@ -227,14 +227,30 @@ def test_crash_loop_guard_fails_with_stage_self_testing(
     make_agent: Callable[..., tuple[Agent, MemoryBroker]], tmp_path: Path
 ) -> None:
     state = UpdateStateFile(tmp_path / "agent" / "update.json")
-    for step in ("fetching", "verifying", "staged", "self-testing"):
-        state.transition(step, deployment_id="dep-9", generation=4, sha256="ab" * 32)
+    for event in (UpdateEvent.DOWNLOAD, UpdateEvent.FETCHED, UpdateEvent.VERIFIED):
+        state.fire(event, deployment_id="dep-9", generation=4, sha256="ab" * 32)
+    state.fire(UpdateEvent.SELFTEST)
     state.update(selftest_attempts=MAX_SELFTEST_ATTEMPTS)
     agent, broker = make_agent()
-    agent._report_outcome()
+    agent.reporter.report_outcome()
     error = broker.events(kind="error")[0]
     assert error["event_id"] == "g4-failed" and error["stage"] == "self-testing"
     assert "crashed the agent 3 times" in error["message"]
+
+
+def test_restart_loop_in_any_in_flight_state_is_failed_by_the_loop_guard(
+    make_agent: Callable[..., tuple[Agent, MemoryBroker]], tmp_path: Path
+) -> None:
+    state = UpdateStateFile(tmp_path / "agent" / "update.json")
+    state.fire(UpdateEvent.DOWNLOAD, deployment_id="dep-9", generation=6, sha256="ab" * 32)
+    state.fire(UpdateEvent.FETCHED)
+    state.update(stores=MAX_STATE_STORES)  # restarted in `verifying` again and again
+    agent, broker = make_agent()
+    assert agent.state.record.state == "failed" and agent.state.record.stage == "verifying"
+    agent.reporter.report_outcome()
+    (error,) = broker.events(kind="error", generation=6)
+    assert error["event_id"] == "g6-failed" and error["stage"] == "verifying"
+    assert error["message"].startswith("state loop detected: 31 persisted states")
 
 
 def test_chunks_are_written_by_the_work_thread_not_the_network_thread(
@@ -244,13 +260,13 @@ def test_chunks_are_written_by_the_work_thread_not_the_network_thread(
     manifest = broker.offer(OLD.read_bytes(), chunk_size=1024)
     agent.fetcher._accepting = manifest.sha256  # as during a fetch
     started = time.perf_counter()
-    agent._on_message(
+    agent.router.on_message(
         broker.topics.chunk(manifest.sha256, 0), broker.blobs[manifest.sha256][1][:1024]
     )
     assert time.perf_counter() - started < 0.5
     assert not agent.config.downloads_dir.exists() or not any(agent.config.downloads_dir.iterdir())
     assert agent.fetcher._chunks.qsize() == 1
-    agent._on_message(broker.topics.chunk(manifest.sha256, 1), b"")  # a cleared retained chunk
+    agent.router.on_message(broker.topics.chunk(manifest.sha256, 1), b"")  # a cleared chunk
     assert agent.fetcher._chunks.qsize() == 1, "empty payloads are not chunks"
 
 
@@ -282,7 +298,7 @@ def test_corrupt_update_json_is_quarantined_reported_and_rebuilt(
     assert restarted.state.record.state == "active"
     assert "rebuilt" in restarted.state.record.detail
     error = broker2.events(kind="error")[0]
-    assert "update.json" in error["message"] and "'state' has a bad value" in error["message"]
+    assert "update.json" in error["message"] and "$.state: must be one of" in error["message"]
     # The retained desired state is applied again: already served, so activated at once.
     _apply(restarted, _desired(2, manifest))
     assert [e["event_id"] for e in broker2.events(generation=2)] == ["g2-active", "g2-benchmark"]
@@ -315,7 +331,7 @@ def test_committed_model_that_no_longer_loads_is_reported_failed(
     model.write_bytes(model.read_bytes()[:100])  # and then the file rots
     restarted, broker2 = make_agent()
     assert restarted.serving.sha256 == old.sha256
-    restarted._report_outcome()
+    restarted.reporter.report_outcome()
     error = broker2.events(kind="error", generation=2)[0]
     assert error["event_id"] == "g2-failed" and error["stage"] == "active"
     assert "no longer loads" in error["message"]
@@ -329,10 +345,10 @@ def test_commands_have_one_effect_across_restarts(
     manifest = broker.offer(OLD.read_bytes())
     _apply(agent, _desired(1, manifest))
     command = Command(command_id="c-1", action="benchmark", runs=2, warmup=0)
-    agent._run_command(command)
-    agent._run_command(command)
+    agent.commands.run(command)
+    agent.commands.run(command)
     restarted, broker2 = make_agent()
-    restarted._run_command(command)
+    restarted.commands.run(command)
     assert len(broker.events(event_id="c-1")) == 1
     assert len(broker.events(event_id="c-1-bench")) == 1
     assert not broker2.events(event_id="c-1")
@@ -349,6 +365,6 @@ def test_report_outcome_is_a_work_item_queued_on_connect(
     make_agent: Callable[..., tuple[Agent, MemoryBroker]],
 ) -> None:
     agent, _ = make_agent()
-    agent._on_connect()
-    items = [agent._work.get_nowait() for _ in range(agent._work.qsize())]
+    agent.router.on_connect(agent.session)
+    items = [agent.inbox.queue.get_nowait() for _ in range(agent.inbox.queue.qsize())]
     assert any(isinstance(i, ReportOutcome) for i in items)

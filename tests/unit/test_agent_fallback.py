@@ -22,8 +22,9 @@ from agent.metrics import ServingMetrics
 from agent.protocol import ArtifactRef, Fallback, Manifest
 from agent.runtime import load_interpreter
 from agent.serving import ServingModel
-from agent.state import ArmedFallback, UpdateStateFile
 from agent.store import ModelStore
+from agent.update.record import ArmedFallback, UpdateStateFile
+from agent.update.table import UpdateEvent
 from tests.unit import test_agent_daemon
 from tests.unit.test_agent_daemon import NEW, OLD, MemoryBroker, _apply, _desired
 
@@ -185,7 +186,7 @@ def test_fallback_and_serving_threads_survive_a_reload(tmp_path: Path) -> None:
     armed = ArmedFallback(
         sha256="b" * 64, latency_ms=12.5, window_s=30.0, threads=2, primary_sha256=SHA_A
     )
-    state.transition("active", sha256=SHA_A, serving_sha256=SHA_A, serving_threads=4)
+    state.fire(UpdateEvent.SERVING, sha256=SHA_A, serving_sha256=SHA_A, serving_threads=4)
     state.update(fallback=armed)
     again = UpdateStateFile(path)
     assert again.problem is None
@@ -311,10 +312,10 @@ def test_fallback_is_armed_engaged_once_and_kept_after_restart(make_agent: MakeA
     # Served requests over budget in every 0.2 s slice of the 1 s window: the watch queues the
     # switch for the work thread (nothing switches on the serving thread).
     deadline = time.monotonic() + 5.0
-    while agent._work.empty() and time.monotonic() < deadline:
+    while agent.inbox.queue.empty() and time.monotonic() < deadline:
         agent.local.observer.observe_request(25.0)
         time.sleep(0.005)
-    item = agent._work.get_nowait()
+    item = agent.inbox.queue.get_nowait()
     assert isinstance(item, EngageFallback) and item.sha256 == new.sha256
     assert agent.serving.sha256 == old.sha256
     agent.fallback.engage(item)
@@ -338,7 +339,7 @@ def test_fallback_is_armed_engaged_once_and_kept_after_restart(make_agent: MakeA
     assert restarted.serving.sha256 == new.sha256 and restarted.local.threads == 2
     assert restarted.state.record.state == "active"
     assert restarted.local.observer.watch is None  # engaged: nothing left to watch
-    restarted._report_outcome()
+    restarted.reporter.report_outcome()
     restarted.fallback.report()
     assert len(broker.events(kind="fallback")) == 1
 

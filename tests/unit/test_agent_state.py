@@ -11,17 +11,20 @@ from pathlib import Path
 
 import pytest
 
+from agent.commands import SeenCommands
 from agent.failpoint import ENV_VAR, EXIT_CODE, FailpointHook, parse_failpoint
-from agent.state import TRANSITIONS, SeenCommands, UpdateRecord, UpdateStateFile
+from agent.protocol import AgentState
+from agent.update.record import UpdateRecord, UpdateStateFile
+from agent.update.table import UpdateEvent
 
 pytestmark = pytest.mark.agent
 
-STATES = frozenset(TRANSITIONS)
+STATES = frozenset(s.value for s in AgentState)
 
 
 def test_record_round_trips_the_reporting_flags(tmp_path: Path) -> None:
     state = UpdateStateFile(tmp_path / "update.json")
-    state.transition("active", generation=3, applied_generation=3, stage=None, reported=True)
+    state.fire(UpdateEvent.SERVING, generation=3, applied_generation=3, stage=None, reported=True)
     again = UpdateStateFile(tmp_path / "update.json")
     assert again.record.reported and not again.record.benchmarked
     assert again.problem is None
@@ -46,12 +49,13 @@ def test_unknown_fields_are_ignored_not_fatal(tmp_path: Path) -> None:
     [
         (b'{"state": "fetch', "not valid JSON"),
         (b"\xff\xfe", "not valid JSON"),
-        (b"[]", "expected a JSON object"),
-        (b'{"state": "exploded"}', "unknown state"),
-        (b'{"state": "idle", "generation": "7"}', "'generation' has a bad value"),
-        (b'{"state": "idle", "reported": 1}', "'reported' has a bad value"),
-        (b'{"state": "idle", "generation": true}', "'generation' has a bad value"),
-        (b'{"state": "idle", "generation": -1}', "out of range"),
+        (b"[]", "$: expected an object, got list"),
+        (b'{"state": "exploded"}', "$.state: must be one of ['idle', 'fetching'"),
+        (b'{"state": "idle", "generation": "7"}', "$.generation: expected an integer, got '7'"),
+        (b'{"state": "idle", "reported": 1}', "$.reported: expected a boolean, got 1"),
+        (b'{"state": "idle", "generation": true}', "$.generation: expected an integer, got True"),
+        (b'{"state": "idle", "generation": -1}', "counter out of range"),
+        (b'{"state": "idle", "stores": -1}', "counter out of range"),
     ],
 )
 def test_corrupt_record_is_quarantined_and_starts_afresh(
@@ -64,7 +68,7 @@ def test_corrupt_record_is_quarantined_and_starts_afresh(
     assert state.problem is not None and why in state.problem
     assert (tmp_path / "update.json.corrupt").read_bytes() == content
     assert not path.exists()
-    state.transition("fetching")  # and it keeps working
+    state.fire(UpdateEvent.DOWNLOAD)  # and it keeps working
     assert UpdateStateFile(path).record.state == "fetching"
 
 
@@ -134,9 +138,10 @@ def test_failpoint_is_inert_when_unset(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_exit_after_ends_the_process_right_after_the_write(tmp_path: Path) -> None:
     script = (
-        "from pathlib import Path; from agent.state import UpdateStateFile; "
+        "from pathlib import Path; from agent.update.record import UpdateStateFile; "
+        "from agent.update.table import UpdateEvent as E; "
         f"s = UpdateStateFile(Path({str(tmp_path / 'update.json')!r})); "
-        "s.transition('fetching'); s.transition('verifying'); print('not reached')"
+        "s.fire(E.DOWNLOAD); s.fire(E.FETCHED); print('not reached')"
     )
     proc = subprocess.run(
         [sys.executable, "-c", script],

@@ -11,13 +11,6 @@ import pytest
 from agent.download import ChunkRejected, Download, prune_partials
 from agent.fsutil import CorruptFileError
 from agent.protocol import Manifest
-from agent.state import (
-    MAX_SELFTEST_ATTEMPTS,
-    RESTORE,
-    TRANSITIONS,
-    TransitionError,
-    UpdateStateFile,
-)
 from agent.store import ModelStore, Pointers, sha256_file
 
 pytestmark = pytest.mark.agent
@@ -153,25 +146,6 @@ def test_download_ignores_bitmap_of_another_manifest(tmp_path: Path) -> None:
         dl.accept(i, data[i * 1000 : (i + 1) * 1000])
     other = _manifest(data, chunk_size=1500)
     assert Download(other, tmp_path).missing() == [0, 1]
-
-
-def test_state_transitions_are_persisted(tmp_path: Path) -> None:
-    path = tmp_path / "update.json"
-    state = UpdateStateFile(path)
-    state.transition("fetching", generation=2, sha256="ab" * 32)
-    reloaded = UpdateStateFile(path)
-    assert reloaded.record.state == "fetching" and reloaded.record.generation == 2
-
-
-def test_illegal_transition_raises(tmp_path: Path) -> None:
-    state = UpdateStateFile(tmp_path / "update.json")
-    with pytest.raises(TransitionError, match="idle -> self-testing"):
-        state.transition("self-testing")
-
-
-def test_every_state_has_a_restore_rule() -> None:
-    assert set(RESTORE) == set(TRANSITIONS)
-    assert MAX_SELFTEST_ATTEMPTS >= 2
 
 
 def test_golden_lives_beside_its_model_and_goes_with_it(tmp_path: Path) -> None:

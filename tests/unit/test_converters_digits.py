@@ -61,8 +61,8 @@ def test_int8_digits_has_int8_io_and_keeps_accuracy(cache_dir: Path) -> None:
     data = load_digits_dataset()
     int8 = load_host_model(digits_tflite(cache_dir))
     fp32 = load_host_model(digits_tflite(cache_dir, "fp32"))
-    assert np.dtype(int8.input_detail["dtype"]) == np.int8
-    assert np.dtype(int8.output_detail["dtype"]) == np.int8
+    assert np.dtype(int8.input_details[0]["dtype"]) == np.int8
+    assert np.dtype(int8.output_details[0]["dtype"]) == np.int8
     acc8 = (int8.predict(data.x_test, batch=64).argmax(1) == data.y_test).mean()
     acc32 = (fp32.predict(data.x_test, batch=64).argmax(1) == data.y_test).mean()
     assert acc8 >= acc32 - 0.01

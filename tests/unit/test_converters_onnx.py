@@ -209,7 +209,7 @@ def test_digits_onnx_fp32_matches_onnxruntime(cache_dir: Path, tmp_path: Path) -
     assert not (tmp_path / "sm_onnx2tf").exists()  # onnx2tf's scratch dir is removed
     ds = load_digits_dataset()
     host = load_host_model(convert_model(saved, "fp32"))
-    assert tuple(host.input_detail["shape"]) == (1, 8, 8, 1)  # NCHW became NHWC
+    assert tuple(host.input_details[0]["shape"]) == (1, 8, 8, 1)  # NCHW became NHWC
     got = host.predict(ds.x_val)
     want = onnxruntime_outputs(model, ds.x_val)
     err = float(np.abs(got - want).max())
@@ -276,7 +276,7 @@ def test_optimize_onnx_fp32_and_int8(cache_dir: Path, tmp_path: Path) -> None:
     selected = prof.selected
     assert selected is not None and selected.artifact is not None and selected.artifact.is_file()
     assert selected.manifest is not None and selected.manifest.is_file()
-    assert load_host_model(selected.artifact).input_detail["dtype"] in (np.int8, np.float32)
+    assert load_host_model(selected.artifact).input_details[0]["dtype"] in (np.int8, np.float32)
 
 
 @pytest.mark.slow

@@ -21,7 +21,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.config import AgentConfig
 from agent.daemon import Agent
 from agent.protocol import (
     BUCKET_COUNT,
@@ -46,6 +45,7 @@ from agent.protocol import (
     dump,
     parse,
 )
+from agent.protocol.config import AgentConfig
 from agent.protocol.limits import MAX_CHUNK_SIZE
 from agent.protocol.schema import encode
 
@@ -419,10 +419,8 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Agent, Rec
     config = AgentConfig(
         device_id="dev-fuzz", data_dir=tmp_path_factory.mktemp("fuzz") / "agent", topic_root=ROOT
     )
-    agent = Agent(config)
     session = RecordingSession()
-    agent.session = session  # type: ignore[assignment]
-    agent.fetcher.session = session  # type: ignore[assignment]
+    agent = Agent(config, session=session)  # type: ignore[arg-type]
     agent.restore()
     # Rejections are logged as warnings by design; thousands of them would only slow the run.
     logging.getLogger("agent").setLevel(logging.ERROR)
@@ -461,7 +459,7 @@ ROUTED = (
 
 
 def _rejected_by_protocol(topic: str, payload: bytes) -> bool:
-    """Whether the agent must reject (topic, payload): the routing rules of Agent._on_message."""
+    """Whether the agent must reject (topic, payload): the routing rules of Router.on_message."""
     try:
         parsed = TOPICS.parse(topic)
         if parsed.channel == "manifest" and payload:
@@ -489,14 +487,14 @@ def test_agent_routing_never_raises_and_counts_each_rejection(
         topic, payload = case
         before = daemon.counters.rejected_messages
         published = len(session.published)
-        daemon._on_message(topic, payload)
+        daemon.router.on_message(topic, payload)
         rejected = daemon.counters.rejected_messages - before
         assert rejected == int(_rejected_by_protocol(topic, payload))
         events = [json.loads(p) for t, p in session.published[published:] if t.endswith("/events")]
         assert [e["kind"] for e in events] == ["rejected"] * rejected
         outcomes[bool(rejected)] += 1
-        while not daemon._work.empty():  # the work thread never runs here: keep memory flat
-            daemon._work.get_nowait()
+        while not daemon.inbox.queue.empty():  # the work thread never runs here: keep memory flat
+            daemon.inbox.queue.get_nowait()
 
     run()
     assert outcomes[True] >= 100 and outcomes[False] >= 100, outcomes  # both paths exercised

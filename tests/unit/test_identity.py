@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from typer.testing import CliRunner
 
-from agent.config import load_config
+from agent.protocol.config import load_config
 from controller.cli.main import app
 from controller.security.broker_config import (
     BrokerFiles,

@@ -138,10 +138,34 @@ def bench(sha: str, p95: float, rss: float = 50.0) -> BenchmarkReport:
     )  # fmt: skip
 
 
+class FakeClock:
+    """The rollout engine's time: starts at the real time and moves only when a test says so."""
+
+    def __init__(self) -> None:
+        """Start now (benchmarks' receive times stay comparable)."""
+        self.t = time.time()
+
+    def __call__(self) -> float:
+        """The current fake time."""
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        """Let `seconds` pass (instead of sleeping them)."""
+        self.t += seconds
+
+
 @pytest.fixture
-def fleet(tmp_path: Path) -> Fleet:
-    """A fleet of ten rpi4 devices running the OLD model, and model digits:1 (NEW) + :0 (OLD)."""
+def clock() -> FakeClock:
+    """A fake clock for the rollout engine."""
+    return FakeClock()
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, clock: FakeClock) -> Fleet:
+    """A fleet of ten rpi4 devices running the OLD model, and model digits:1 (NEW) + :0 (OLD);
+    its rollout engine reads `clock`."""
     fleet = Fleet(tmp_path / "home")
+    fleet.rollouts.clock = clock
     fleet.add_model(OLD, name="digits", version="0")
     fleet.add_model(NEW, name="digits", version="1")
     old_sha = fleet.model("digits:0")["artifacts"][0]["sha256"]
@@ -288,7 +312,9 @@ def test_transport_failures_are_retried_self_test_failures_are_not(fleet: Fleet)
     assert agents.row(ro, "d0")["state"] == "failed", "retries exhausted"
 
 
-def test_timeouts_retry_then_fail_and_the_device_is_pointed_back(fleet: Fleet) -> None:
+def test_timeouts_retry_then_fail_and_the_device_is_pointed_back(
+    fleet: Fleet, clock: FakeClock
+) -> None:
     ro = fleet.start_rollout(
         "digits:1",
         "device:d0",
@@ -299,12 +325,12 @@ def test_timeouts_retry_then_fail_and_the_device_is_pointed_back(fleet: Fleet) -
             max_failures=Threshold(count=5),
         ),
     )["id"]
-    time.sleep(0.1)
+    clock.advance(0.1)
     fleet.rollouts.tick()  # timeout -> retrying
     fleet.rollouts.tick()  # retrying -> pending with a new generation
     row = FakeDevices(fleet).row(ro, "d0")
     assert row["state"] == "pending" and row["attempts"] == 1
-    time.sleep(0.1)
+    clock.advance(0.1)
     fleet.rollouts.tick()
     row = FakeDevices(fleet).row(ro, "d0")
     assert row["state"] == "failed" and "timed out after 0.05 s in state pending" in row["detail"]
@@ -415,8 +441,11 @@ def test_a_newer_rollout_takes_waiting_devices_from_an_older_one(fleet: Fleet) -
     assert states(fleet, older) == dict.fromkeys(states(fleet, older), "superseded")
 
 
-def test_abort_of_a_device_without_previous_model_and_an_offline_one(tmp_path: Path) -> None:
+def test_abort_of_a_device_without_previous_model_and_an_offline_one(
+    tmp_path: Path, clock: FakeClock
+) -> None:
     fleet = Fleet(tmp_path / "home")
+    fleet.rollouts.clock = clock
     fleet.add_model(NEW, name="m", version="1")
     for device in ("fresh", "gone"):
         fleet.register_device(device, "rpi4")
@@ -429,7 +458,7 @@ def test_abort_of_a_device_without_previous_model_and_an_offline_one(tmp_path: P
     assert desired["fresh"].artifact is None, "no previous model: the update is called off"
     # The agent answers an empty desired state from idle; the offline one never answers.
     FakeDevices(fleet).event(ro, "fresh", "update", state="idle", message="already in desired")
-    time.sleep(0.1)
+    clock.advance(0.1)
     fleet.rollouts.tick()
     assert states(fleet, ro) == {"fresh": "rolled_back", "gone": "rollback_failed"}
 

@@ -14,7 +14,6 @@ import pytest
 pytest.importorskip("cryptography")
 from typer.testing import CliRunner
 
-from agent.config import AgentConfig, ConfigError, config_from_dict, dump_config, load_config
 from agent.protocol import (
     ArtifactRef,
     Desired,
@@ -25,6 +24,13 @@ from agent.protocol import (
     Topics,
     dump,
     parse,
+)
+from agent.protocol.config import (
+    AgentConfig,
+    ConfigError,
+    config_from_dict,
+    dump_config,
+    load_config,
 )
 from agent.protocol.signing import canonical_bytes, key_id
 from agent.trust import SecurityRejected, TrustStore
@@ -257,7 +263,7 @@ def test_config_trusted_keys_round_trip_and_bad_key(tmp_path: Path, signer: Flee
     assert "trusted_keys =" not in dump_config(AgentConfig(device_id="d", data_dir=tmp_path))
     with pytest.raises(ConfigError, match="not valid base64"):
         config_from_dict({"device_id": "d", "data_dir": "/x", "trusted_keys": ["!!"]})
-    with pytest.raises(ConfigError, match="must be a list of base64 strings"):
+    with pytest.raises(ConfigError, match=r"'trusted_keys\[0\]': expected a string, got int"):
         config_from_dict({"device_id": "d", "data_dir": "/x", "trusted_keys": [1]})
 
 

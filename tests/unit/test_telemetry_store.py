@@ -500,7 +500,6 @@ def test_bucket_columns_match_the_protocols_histogram(db: Database) -> None:
     assert set(BUCKET_COLUMNS) <= columns and f"b{BUCKET_COUNT}" not in columns
 
 
-
 def _columns(db: Database, table: str) -> set[str]:
     """A table's column names, on either backend."""
     if db.dialect == "sqlite":

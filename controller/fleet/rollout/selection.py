@@ -13,10 +13,13 @@ from typing import TYPE_CHECKING, Any
 from agent.protocol import Event
 from controller.fleet.rollout.decide import Candidate, Trial, decide
 from controller.fleet.rollout.policy import RETRIABLE_STAGES, Policy
-from controller.storage.db import Connection, now, to_json
+from controller.fleet.rollout.states import DeviceState, move, sql_in
+from controller.storage.db import Connection, to_json
 
 if TYPE_CHECKING:
     from controller.fleet.rollout.engine import Rollouts
+
+D = DeviceState
 
 # Trial states that end a trial.
 TRIAL_DONE = frozenset({"measured", "failed", "cancelled"})
@@ -35,7 +38,7 @@ class Selection:
         rows = tx.execute(
             "SELECT dd.device_id, dv.profile, dv.online FROM deployment_devices dd "
             "JOIN devices dv ON dv.id = dd.device_id WHERE dd.deployment_id = ? "
-            "AND dd.state = 'waiting' ORDER BY dd.position",
+            f"AND dd.state = '{D.WAITING}' ORDER BY dd.position",
             (rollout_id,),
         ).fetchall()
         by_profile: dict[str, list[tuple[str, int]]] = {}
@@ -43,7 +46,7 @@ class Selection:
             if profile:
                 by_profile.setdefault(profile, []).append((device_id, online))
         planned = 0
-        ts = now()
+        ts = self.rollouts.clock()
         for profile, devices in sorted(by_profile.items()):
             candidates = tx.execute(
                 "SELECT rank, sha256, threads FROM model_candidates "
@@ -58,16 +61,13 @@ class Selection:
                 current = tx.execute(
                     "SELECT model_sha256 FROM devices WHERE id = ?", (device_id,)
                 ).fetchone()[0]
-                tx.execute(
-                    "UPDATE deployment_devices SET state = 'trialing', previous_sha256 = ?, "
-                    "detail = ?, updated = ? WHERE deployment_id = ? AND device_id = ?",
-                    (
-                        current,
-                        f"canary: measuring {len(candidates)} candidates",
-                        ts,
-                        rollout_id,
-                        device_id,
-                    ),
+                move(
+                    tx,
+                    (rollout_id, device_id),
+                    D.TRIALING,
+                    ts=ts,
+                    detail=f"canary: measuring {len(candidates)} candidates",
+                    previous_sha256=current,
                 )
                 tx.executemany(
                     "INSERT INTO candidate_trials (rollout_id, profile, device_id, rank, sha256, "
@@ -83,7 +83,7 @@ class Selection:
 
         Returns (selection complete, notes).
         """
-        ts = now()
+        ts = self.rollouts.clock()
         notes: list[str] = []
         # A canary taken by a newer rollout, removed, or ended otherwise leaves the selection:
         # its open trials end here, so this rollout never points the device again.
@@ -91,7 +91,7 @@ class Selection:
             "UPDATE candidate_trials SET state = 'cancelled', detail = ?, updated = ? "
             "WHERE rollout_id = ? AND state IN ('waiting', 'running', 'activated') AND ("
             "device_id NOT IN (SELECT id FROM devices) OR device_id NOT IN (SELECT device_id "
-            "FROM deployment_devices WHERE deployment_id = ? AND state = 'trialing'))",
+            f"FROM deployment_devices WHERE deployment_id = ? AND state = '{D.TRIALING}'))",
             ("the canary left the selection (taken by a newer rollout or removed)", ts,
              rollout_id, rollout_id),
         ).rowcount  # fmt: skip
@@ -159,7 +159,7 @@ class Selection:
         generation = self.rollouts.point_device(
             tx, rollout_id, device_id, sha, threads=threads, fallback=None
         )
-        ts = now()
+        ts = self.rollouts.clock()
         tx.execute(
             "UPDATE candidate_trials SET state = 'running', generation = ?, deadline = ?, "
             "updated = ? WHERE rollout_id = ? AND device_id = ? AND rank = ?",
@@ -189,7 +189,7 @@ class Selection:
                 state,
                 detail[:2000],
                 to_json(result) if result is not None else None,
-                now(),
+                self.rollouts.clock(),
                 rollout_id,
                 device_id,
                 rank,
@@ -217,7 +217,13 @@ class Selection:
             tx.execute(
                 "UPDATE candidate_trials SET state = 'waiting', attempts = attempts + 1, "
                 "detail = ?, updated = ? WHERE rollout_id = ? AND device_id = ? AND rank = ?",
-                (f"attempt {attempts + 1}: {why}"[:2000], now(), rollout_id, device_id, rank),
+                (
+                    f"attempt {attempts + 1}: {why}"[:2000],
+                    self.rollouts.clock(),
+                    rollout_id,
+                    device_id,
+                    rank,
+                ),
             )
         else:
             self._end_trial(tx, rollout_id, device_id, rank, "failed", why)
@@ -239,7 +245,7 @@ class Selection:
             tx.execute(
                 "UPDATE candidate_trials SET state = 'activated', detail = ?, updated = ? "
                 "WHERE rollout_id = ? AND device_id = ? AND rank = ?",
-                (event.message[:2000], now(), *key),
+                (event.message[:2000], self.rollouts.clock(), *key),
             )
         elif event.kind == "error":
             stage = f" (stage {event.stage})" if event.stage else ""
@@ -254,7 +260,7 @@ class Selection:
         tx.execute(
             "UPDATE candidate_trials SET state = 'cancelled', detail = ?, updated = ? "
             "WHERE rollout_id = ? AND state IN ('waiting', 'running', 'activated')",
-            (reason[:2000], now(), rollout_id),
+            (reason[:2000], self.rollouts.clock(), rollout_id),
         )
 
     # ------------------------------------------------------------------ deciding
@@ -310,7 +316,7 @@ class Selection:
                 winner.threads if winner else None,
                 fallback.rank if fallback else None,
                 to_json(explanation),
-                now(),
+                self.rollouts.clock(),
             ),
         )
         # The profile's devices, and its canaries even if since removed or re-profiled.
@@ -318,7 +324,7 @@ class Selection:
             "SELECT dd.device_id, dv.id IS NOT NULL, EXISTS (SELECT 1 FROM candidate_trials t "
             "WHERE t.rollout_id = dd.deployment_id AND t.device_id = dd.device_id) "
             "FROM deployment_devices dd LEFT JOIN devices dv ON dv.id = dd.device_id "
-            "WHERE dd.deployment_id = ? AND dd.state IN ('waiting', 'trialing') AND "
+            f"WHERE dd.deployment_id = ? AND dd.state IN {sql_in((D.WAITING, D.TRIALING))} AND "
             "(dv.profile = ? OR EXISTS (SELECT 1 FROM candidate_trials t WHERE t.rollout_id = "
             "dd.deployment_id AND t.device_id = dd.device_id AND t.profile = ?))",
             (rollout_id, profile, profile),
@@ -348,21 +354,16 @@ class Selection:
         )
         for device_id in devices:
             # Canaries join wave 0: they must not sit on their last candidate until a later wave.
-            tx.execute(
-                "UPDATE deployment_devices SET artifact_sha256 = ?, threads = ?, fallback = ?, "
-                "state = 'waiting', detail = ?, updated = ?, "
-                "wave = CASE WHEN ? = 1 THEN 0 ELSE wave END "
-                "WHERE deployment_id = ? AND device_id = ?",
-                (
-                    winner.sha256,
-                    winner.threads,
-                    fallback_json,
-                    f"selected {winner.label()} on the canaries",
-                    now(),
-                    int(device_id in canaries),
-                    rollout_id,
-                    device_id,
-                ),
+            move(
+                tx,
+                (rollout_id, device_id),
+                D.WAITING,
+                ts=self.rollouts.clock(),
+                detail=f"selected {winner.label()} on the canaries",
+                artifact_sha256=winner.sha256,
+                threads=winner.threads,
+                fallback=fallback_json,
+                **({"wave": 0} if device_id in canaries else {}),
             )
         return f"{rollout_id}: {profile}: selected {winner.label()}"
 

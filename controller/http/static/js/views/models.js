@@ -43,7 +43,35 @@ function hostCells(c) {
     num(host.latency_ms, 3) + (host.latency_source ? ` (${host.latency_source})` : ""),
     num(host.accuracy_drop_points, 2),
     num(host.top1_agreement, 3),
+    num(host.snr_db, 1),
   ];
+}
+
+/** Every output of every candidate, as the host measured it (the worst one decided). */
+function outputsTable(profile, own) {
+  const rows = own.flatMap((c) =>
+    listOf(c.host?.outputs).map((o) => ({
+      attrs: { "data-testid": `output-${profile}-${c.rank}-${o.index}` },
+      cells: [
+        `#${c.rank} ${c.recipe}`,
+        `${o.index} ${o.name}`,
+        listOf(o.shape).join("×") || "scalar",
+        o.kind,
+        num(o.snr_db, 1),
+        num(o.cosine, 6),
+        num(o.max_abs_error, 4),
+        o.top1_agreement == null ? "-" : num(100 * o.top1_agreement, 1),
+        o.flat ? "flat fp32 reference: not judged" : "",
+      ],
+    })),
+  );
+  if (!rows.length) return null;
+  return table(
+    `Outputs, profile ${profile}`,
+    ["Candidate", "Output", "Shape", "Kind", "SNR dB", "Cosine", "Max abs error", "Top-1 %", "Note"],
+    rows,
+    { "data-testid": `outputs-${profile}` },
+  );
 }
 
 function variants(model, candidates) {
@@ -77,17 +105,21 @@ function variants(model, candidates) {
               "-",
               "-",
               "-",
+              "-",
               "the only variant registered for this profile",
             ],
           },
         ];
-    return table(
-      `Profile ${profile}`,
-      ["Rank", "Recipe", "Threads", "Artifact", "Size", "Host latency ms", "Accuracy drop (points)", "Top-1 agreement", "Why"],
-      rows,
-      { "data-testid": `variants-${profile}` },
-    );
-  });
+    return [
+      table(
+        `Profile ${profile}`,
+        ["Rank", "Recipe", "Threads", "Artifact", "Size", "Host latency ms", "Accuracy drop (points)", "Top-1 agreement", "Min SNR dB", "Why"],
+        rows,
+        { "data-testid": `variants-${profile}` },
+      ),
+      outputsTable(profile, own),
+    ];
+  }).flat().filter(Boolean);
 }
 
 /** One model version with its candidates and the newest selection's explanation. */

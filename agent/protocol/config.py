@@ -7,15 +7,42 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-from agent.protocol import DEFAULT_ROOT, validate_device_id
+from agent.protocol import DEFAULT_ROOT, ProtocolError, validate_device_id
+from agent.protocol.schema import decode_dataclass
 from agent.protocol.signing import PUBLIC_KEY_BYTES, decode_b64
+
+# Where an agent keeps its data when agent.toml names no data_dir (docs/agent.md): systemd's
+# StateDirectory= first, then the FHS place for root, then the XDG place for everyone else.
+SYSTEM_DATA_DIR = "/var/lib/edgefleet-agent"
+USER_DATA_SUBDIR = "edgefleet-agent"
+
+
+def default_data_dir(
+    environ: dict[str, str] | None = None, euid: int | None = None, home: Path | None = None
+) -> Path:
+    """The data dir for an agent.toml without `data_dir`, from who runs the agent and how.
+
+    Under systemd with StateDirectory= the unit's $STATE_DIRECTORY; as root
+    /var/lib/edgefleet-agent; otherwise $XDG_DATA_HOME/edgefleet-agent, by default
+    ~/.local/share/edgefleet-agent. So one bundle fits a service, root and a normal user.
+    """
+    env = os.environ if environ is None else environ
+    state = env.get("STATE_DIRECTORY", "").split(":")[0]
+    if state:
+        return Path(state)
+    if (os.geteuid() if euid is None else euid) == 0:
+        return Path(SYSTEM_DATA_DIR)
+    xdg = env.get("XDG_DATA_HOME", "")
+    if xdg and Path(xdg).is_absolute():
+        return Path(xdg) / USER_DATA_SUBDIR
+    return (home or Path.home()) / ".local" / "share" / USER_DATA_SUBDIR
 
 
 class ConfigError(ValueError):
@@ -140,39 +167,18 @@ class AgentConfig:
         return self.data_dir / "downloads"
 
 
-_TYPES: dict[str, tuple[type, ...]] = {
-    "device_id": (str,),
-    "data_dir": (str,),
-    "broker": (str,),
-    "topic_root": (str,),
-    "profile": (str,),
-    "username": (str,),
-    "password": (str,),
-    "ca_file": (str,),
-    "cert_file": (str,),
-    "key_file": (str,),
-    "trusted_keys": (list,),
-    "threads": (int,),
-    "benchmark_runs": (int,),
-    "benchmark_warmup": (int,),
-    "fetch_timeout_s": (int, float),
-    "repair_interval_s": (int, float),
-    "selftest_timeout_s": (int, float),
-    "latency_budget_ms": (int, float),
-    "memory_budget_mb": (int, float),
-    "serve_socket": (str,),
-    "serve_http": (str,),
-    "batch_window_ms": (int, float),
-    "max_batch": (int,),
-    "result_cache_entries": (int,),
-    "telemetry_interval_s": (int, float),
-    "spool_max_records": (int,),
-    "spool_overflow": (str,),
-    "spool_keep_acked": (int,),
-}
-
-
 _TLS_FILE_KEYS = ("ca_file", "cert_file", "key_file")
+
+
+def _config_error(exc: ProtocolError, source: str) -> ConfigError:
+    """The decoder's `$.key: problem` in agent.toml's terms: the file, then the key."""
+    where, _, problem = str(exc).partition(": ")
+    key = where.removeprefix("$").lstrip(".")
+    if problem == "unknown field":
+        return ConfigError(f"{source}: unknown key '{key}'")
+    if problem == "missing field":
+        return ConfigError(f"{source}: missing key '{key}'")
+    return ConfigError(f"{source}: '{key}': {problem}" if key else f"{source}: {problem}")
 
 
 def config_from_dict(
@@ -180,43 +186,25 @@ def config_from_dict(
 ) -> AgentConfig:
     """Build an AgentConfig from parsed TOML, naming the file and key of anything wrong.
 
-    Relative TLS file paths are resolved against `base_dir` (the config file's directory).
+    The protocol's strict decoder checks every key and type (one validation approach for the
+    wire, update.json and agent.toml). `~` is expanded; relative TLS file paths are resolved
+    against `base_dir` (the config file's directory).
     """
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        if key == "power":
-            if not isinstance(value, dict):
-                raise ConfigError(f"{source}: [power] must be a table")
-            known = {f.name for f in dataclasses.fields(PowerModelConfig)}
-            for pkey, pval in value.items():
-                if pkey not in known:
-                    raise ConfigError(f"{source}: unknown key 'power.{pkey}'")
-                if isinstance(pval, bool) or not isinstance(pval, (int, float)):
-                    raise ConfigError(f"{source}: 'power.{pkey}' must be a number")
-            kwargs["power"] = PowerModelConfig(**{k: float(v) for k, v in value.items()})
-            continue
-        if key not in _TYPES:
-            raise ConfigError(f"{source}: unknown key '{key}'")
-        if isinstance(value, bool) or not isinstance(value, _TYPES[key]):
-            names = " or ".join(t.__name__ for t in _TYPES[key])
-            raise ConfigError(f"{source}: '{key}' must be {names}, got {value!r}")
-        if key == "trusted_keys":
-            keys = cast("list[object]", value)  # _TYPES made sure it is a list
-            if not all(isinstance(k, str) for k in keys):
-                raise ConfigError(f"{source}: 'trusted_keys' must be a list of base64 strings")
-            value = tuple(keys)
-        kwargs[key] = value
-    for required in ("device_id", "data_dir"):
-        if required not in kwargs:
-            raise ConfigError(f"{source}: missing key '{required}'")
-    kwargs["data_dir"] = Path(os.path.expanduser(kwargs["data_dir"]))
+    if "data_dir" not in data:  # the default place for who runs the agent and how
+        data = {**data, "data_dir": str(default_data_dir())}
+    try:
+        config = decode_dataclass(data, AgentConfig)
+    except ProtocolError as exc:
+        raise _config_error(exc, source) from None
+    paths: dict[str, Any] = {"data_dir": config.data_dir.expanduser()}
     for key in _TLS_FILE_KEYS:
-        if key in kwargs:
-            path = Path(os.path.expanduser(kwargs[key]))
+        value = getattr(config, key)
+        if value is not None:
+            path = Path(value).expanduser()
             if base_dir is not None and not path.is_absolute():
                 path = base_dir / path
-            kwargs[key] = str(path)
-    return AgentConfig(**kwargs)
+            paths[key] = str(path)
+    return dataclasses.replace(config, **paths)
 
 
 def load_config(path: Path) -> AgentConfig:
@@ -230,12 +218,15 @@ def load_config(path: Path) -> AgentConfig:
     return config_from_dict(data, str(path), base_dir=path.resolve().parent)
 
 
-def dump_config(config: AgentConfig) -> str:
-    """Render a config as agent.toml text (used by the controller to write device bundles)."""
+def dump_config(config: AgentConfig, omit: tuple[str, ...] = ()) -> str:
+    """Render a config as agent.toml text (used by the controller to write device bundles).
+
+    Keys in `omit` are left out, e.g. data_dir so the device picks its own (default_data_dir).
+    """
     lines = []
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        if f.name == "power" or value is None or value == ():
+        if f.name == "power" or f.name in omit or value is None or value == ():
             continue
         if isinstance(value, Path):
             value = str(value)
