@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Callable
 from typing import Protocol
 
+from agent.benchmark import BenchmarkCancelled
 from agent.protocol import AgentState, BenchmarkReport, Desired, Event, Topics, dump
 from agent.protocol.config import AgentConfig
 from agent.serving import InferenceError
@@ -183,6 +184,9 @@ class Reporter:
         """Benchmark the serving model and send a benchmark event; True once acknowledged."""
         try:
             report = self.benchmark(runs, warmup)
+        except BenchmarkCancelled as exc:  # SIGTERM: answer it now, report nothing
+            log.info("benchmark cancelled: %s", exc)
+            return False
         except InferenceError:  # nothing is loaded
             return self.emit(
                 "error",
