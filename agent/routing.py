@@ -19,6 +19,7 @@ from agent.protocol import (
     parse,
     parse_fleet_keys,
 )
+from agent.protocol.config import AgentConfig
 from agent.protocol.transport import MqttSession
 from agent.reporting import Reporter
 from agent.trust import SecurityRejected, TrustStore

@@ -54,3 +54,23 @@ MAX_BUDGET_MB = 1_048_576.0
 # persistent session, so one that waited an hour for its device is no longer what the operator
 # meant (a benchmark or rollback asked for then), and a captured one cannot be held back longer.
 COMMAND_VALIDITY_S = 3600.0
+# Chunk distribution (docs/rollouts.md, "Distribution"). The controller publishes each chunk
+# once, retained; a device that misses some re-subscribes to those chunks' own topics, and the
+# broker re-sends its retained copies to that device alone. Only when that brings nothing (the
+# broker lost its retained copies) does the device send a `need`.
+# Chunk topics re-subscribed in one repair round: 256 × 64 KiB = 16 MiB asked at once, so one
+# SUBSCRIBE stays small (~30 KB of filters) and a large gap is taken in bounded bites.
+MAX_REPAIR_TOPICS = 256
+# Repair rounds without progress back off ×2 up to this, with ±REPAIR_JITTER, so devices that
+# lost the same chunks (one broker hiccup) do not all ask again in the same instant.
+REPAIR_BACKOFF_MAX_S = 30.0
+REPAIR_JITTER = 0.2
+# After a reconnect a download waits a random 0..RECONNECT_SPREAD_S before re-subscribing its
+# missing chunks: a broker restart with 10,000 devices downloading becomes ~2,000 re-subscribes
+# a second instead of 10,000 at once (each one a burst of retained chunks from the broker).
+RECONNECT_SPREAD_S = 5.0
+# The controller republishes a chunk asked for by `need` at most once per this many seconds,
+# whoever and however many ask: a republish (retained) reaches every device subscribed to that
+# chunk, i.e. exactly the ones missing it, so one per round serves them all. It is the devices'
+# REPAIR_BACKOFF_MAX_S, so a device that backed off fully still finds a fresh copy each round.
+REPUBLISH_ROUND_S = 30.0

@@ -170,15 +170,26 @@ class Publishing(FleetCore):
         return self.rollouts.status(deployment_id)
 
     # ------------------------------------------------------------------ desired state (reconcile)
-    def unpublished_desired(self) -> list[tuple[str, Desired, list[Manifest]]]:
-        """Devices whose desired generation is not published yet: desired state + manifests."""
-        rows = self.db.query(
+    def unpublished_desired(
+        self, limit: int | None = None
+    ) -> list[tuple[str, Desired, list[Manifest]]]:
+        """Devices whose desired generation is not published yet: desired state + manifests.
+
+        With `limit`, at most that many, in device-id order (the service's download pacing
+        publishes a window's worth at a time and need not sign 10,000 desired states a tick).
+        """
+        sql = (
             "SELECT d.id, d.profile, d.desired_generation, d.desired_deployment_id, a.manifest, "
             "g.manifest AS golden, p.policy, d.desired_threads, d.desired_fallback FROM devices d "
             "LEFT JOIN artifacts a ON a.sha256 = d.desired_sha256 "
             "LEFT JOIN artifacts g ON g.sha256 = a.golden_sha256 "
             "LEFT JOIN deployments p ON p.id = d.desired_deployment_id "
             "WHERE d.desired_generation > d.published_generation"
+        )
+        rows = (
+            self.db.query(sql + " ORDER BY d.id LIMIT ?", (limit,))
+            if limit is not None
+            else self.db.query(sql)
         )
         out: list[tuple[str, Desired, list[Manifest]]] = []
         if not rows:

@@ -18,6 +18,7 @@ from agent.protocol.transport import Ack, MqttSession
 from controller.fleet.registry import Fleet
 from controller.runtime.adopt import Acknowledge, Adoption
 from controller.runtime.lease import Lease
+from controller.runtime.pacing import DEFAULT_MAX_FETCHING, DEFAULT_PER_MINUTE, FetchPacer
 from controller.runtime.tuning import (
     CONTROLLER_INFLIGHT,
     RESEND_GRACE_S,
@@ -54,8 +55,13 @@ class ServiceCore:
         telemetry_raw_days: float = TELEMETRY_RAW_DAYS,
         metrics: ControllerMetrics | None = None,
         replica: str | None = None,
+        max_fetching: int = DEFAULT_MAX_FETCHING,
+        fetches_per_minute: float = DEFAULT_PER_MINUTE,
     ) -> None:
         """Prepare the session; start() connects and begins the loop.
+
+        At most `max_fetching` devices download at once and `fetches_per_minute` start a
+        download per minute (0 = no limit; controller/runtime/pacing.py).
 
         With `replica` (a name unique among the replicas), device messages arrive through
         shared subscriptions and only the replica holding the leader lease drives rollouts and
@@ -91,6 +97,11 @@ class ServiceCore:
         self.records_duplicate = 0
         self.messages = 0
         self.resend_requests = 0
+        self.needs_received = 0
+        self.repairs_coalesced = 0  # chunks asked for but published within the round already
+        # (sha, chunk index) -> when it was last published (retained), for repair coalescing.
+        self._republished: dict[tuple[str, int], float] = {}
+        self.pacer = FetchPacer(max_fetching, fetches_per_minute)
         # clean_session=False with a fixed client id: the broker queues device events for us
         # while the controller restarts, so a restart loses nothing.
         if replica is not None:
@@ -161,6 +172,8 @@ class ServiceCore:
             "leader_terms": self.leader_terms,
             "adopted_messages": self.adopted_messages,
             "resend_requests": self.resend_requests,
+            "needs_received": self.needs_received,
+            "repairs_coalesced": self.repairs_coalesced,
         }
 
     def _still_leading(self, fleet: Fleet) -> bool:

@@ -1,6 +1,5 @@
 """Inbound device messages: drained in batches, parsed, handed to the fleet's ingest; resends."""
 
-
 from __future__ import annotations
 
 import dataclasses
@@ -187,12 +186,14 @@ class Inbound(ServiceCore):
                 _same_device(event.device_id, parsed.ident)
                 event = dataclasses.replace(event, message=escape_controls(event.message))
                 fleet.record_event(event)
+                self.pacer.on_event(event)  # past `fetching`: its download slot is free
             elif parsed.channel == "telemetry":
                 message = parse(payload, Telemetry)
                 _same_device(message.device_id, parsed.ident)
                 telemetry.append(message)
             elif parsed.channel == "need":
                 need = parse(payload, Need)
+                self.needs_received += 1
                 manifest = fleet.manifest(parsed.ident)
                 valid = {i for i in need.chunks if 0 <= i < manifest.chunk_count}
                 needs[parsed.ident] |= valid

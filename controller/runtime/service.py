@@ -136,6 +136,7 @@ class ControllerService(Publisher, Inbound, Leadership):
         # Retained state may be gone (broker restart without persistence): resend.
         try:
             fleet.republish_all()
+            self._republished.clear()  # the broker may have lost retained chunks
         except Exception:  # retried on the next iteration
             self.errors += 1
             log.exception("cannot reset the published state")
@@ -184,10 +185,15 @@ class ControllerService(Publisher, Inbound, Leadership):
     def _log_stats(self) -> None:
         """One INFO line of counters, for operators reading the log."""
         log.info(
-            "stats: %d chunk bytes published (%d chunks), %d telemetry records stored "
-            "(%d duplicates), %d resend requests, %d rejected messages, %d errors",
+            "stats: %d chunk bytes published (%d chunks), %d need messages, %d repairs coalesced, "
+            "%d fetching, %d peak fetching, %d telemetry records stored (%d duplicates), "
+            "%d resend requests, %d rejected messages, %d errors",
             self.bytes_published,
             self.chunks_published,
+            self.needs_received,
+            self.repairs_coalesced,
+            self.pacer.fetching,
+            self.pacer.counters.peak_fetching,
             self.records_stored,
             self.records_duplicate,
             self.resend_requests,

@@ -19,7 +19,7 @@ import pytest
 
 pytest.importorskip("cryptography")
 
-from agent.config import load_config
+from agent.protocol.config import load_config
 from controller.brokers.mosquitto import BrokerHandle, free_port
 from controller.fleet.registry import Fleet
 from controller.runtime.service import ControllerService
