@@ -213,3 +213,26 @@ def test_a_chunk_that_never_verifies_times_out_is_retried_then_fails(
     )
     assert len({e["generation"] for e in errors}) == 2, "one failure per attempt"
     assert _serving(controller)["ro-a"] == _sha(OLD), "the device kept serving its model"
+
+
+@pytest.mark.slow
+def test_rollout_start_wait_exits_0_once_the_real_fleet_completes(
+    controller: RunningController, start_agent: Callable[..., AgentProcess]
+) -> None:
+    """What a CI script does: `rollout start … --wait`, then branch on the exit code."""
+    import subprocess
+    import sys
+
+    _fleet_on_old_model(controller, start_agent)
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "edgefleet"), "rollout", "start", "digits:2",
+         "--to", "profile:rpi4", "--waves", "1d,100", "--max-failures", "0",
+         "--gate", "p95_ms<=1000", "--wait", "--timeout", str(TIMEOUT_S),
+         "--home", str(controller.home)],
+        capture_output=True, text=True, timeout=TIMEOUT_S + 60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout
+    assert done.stdout.strip().splitlines()[-1].startswith("rollout ro-"), done.stdout
+    assert ": completed" in done.stdout.strip().splitlines()[-1], done.stdout
+    assert "done 3/3" in done.stderr, done.stderr
+    assert set(_serving(controller).values()) == {_sha(NEW)}
