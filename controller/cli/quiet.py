@@ -12,6 +12,7 @@ import os
 import re
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator
 
 # Lines TensorFlow, TFLite and absl print to fd 2 that say nothing an operator can act on.
@@ -35,6 +36,9 @@ def quiet_tensorflow() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # C++: errors only (read at import)
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    # Python warnings raised inside TensorFlow/Keras (`Statistics for quantized inputs were
+    # expected…`): about TF's internals, not about anything the operator passed.
+    warnings.filterwarnings("ignore", module=r"(tensorflow|keras|tf_keras|absl)(\.|$)")
     with contextlib.suppress(ImportError):
         from absl import logging as absl_logging
 

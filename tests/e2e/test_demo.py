@@ -15,8 +15,11 @@ import pytest
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 EDGEFLEET = str(Path(sys.executable).parent / "edgefleet")
-# What TensorFlow prints on its own: absl's pre-init warning, oneDNN, MLIR's quantizer, XNNPACK.
-TF_NOISE = re.compile(r"absl::InitializeLog|oneDNN|fully_quantize|XNNPACK|^[IW]\d{4} ")
+# What TensorFlow prints on its own: absl's pre-init warning, oneDNN, MLIR's quantizer, XNNPACK,
+# Python warnings from inside TF.
+TF_NOISE = re.compile(
+    r"absl::InitializeLog|oneDNN|fully_quantize|XNNPACK|^[IW]\d{4} |Warning: |warnings\.warn"
+)
 
 
 def _demo_processes() -> list[psutil.Process]:

@@ -215,7 +215,6 @@ def test_a_chunk_that_never_verifies_times_out_is_retried_then_fails(
     assert _serving(controller)["ro-a"] == _sha(OLD), "the device kept serving its model"
 
 
-@pytest.mark.slow
 def test_rollout_start_wait_exits_0_once_the_real_fleet_completes(
     controller: RunningController, start_agent: Callable[..., AgentProcess]
 ) -> None:

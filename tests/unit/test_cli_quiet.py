@@ -15,8 +15,11 @@ from controller.cli.quiet import NOISE
 from tests import model_fixtures
 
 EXE = Path(sys.executable).parent / "edgefleet"
-# What TensorFlow prints on its own: absl's pre-init warning, oneDNN, MLIR's quantizer, XNNPACK.
-TF_NOISE = re.compile(r"absl::InitializeLog|oneDNN|fully_quantize|XNNPACK|^[IW]\d{4} ")
+# What TensorFlow prints on its own: absl's pre-init warning, oneDNN, MLIR's quantizer, XNNPACK,
+# Python warnings from inside TF.
+TF_NOISE = re.compile(
+    r"absl::InitializeLog|oneDNN|fully_quantize|XNNPACK|^[IW]\d{4} |Warning: |warnings\.warn"
+)
 
 
 def _optimize(model: Path, calib: Path, out: Path, *global_opts: str) -> str:
