@@ -366,7 +366,17 @@ def demo(
 def main() -> None:
     """Console-script entry point: an unexpected error is one line (rc 1) unless --debug."""
     try:
-        app()
+        code = app(standalone_mode=False)  # errors come here, to be printed as one line
+    except typer.Abort:
+        typer.echo("interrupted", err=True)
+        raise SystemExit(130) from None
+    except typer.TyperException as exc:  # click's (vendored) usage and parameter errors
+        code = int(getattr(exc, "exit_code", 2))
+        context = getattr(exc, "ctx", None)
+        where = f" (see `{context.command_path} --help`)" if code == 2 and context else ""
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        typer.echo(f"error: {message}{where}", err=True)
+        raise SystemExit(code) from None
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         raise SystemExit(130) from None
@@ -377,6 +387,7 @@ def main() -> None:
             f"error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", err=True
         )
         raise SystemExit(1) from None
+    raise SystemExit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -159,3 +159,9 @@ def test_subprocess_exit_codes_and_one_line_errors(home: Path, tmp_path: Path) -
     check = run("optimize", str(DATA / "garbage.tflite"), "--check", "-p", "rpi4")
     assert check.returncode == 2 and len(check.stderr.strip().splitlines()) == 1, check.stderr
     assert "Traceback" not in check.stderr and check.stdout == ""
+    usage = run("rollout", "status", "--bogus")
+    assert usage.returncode == EXIT_USAGE
+    assert usage.stderr.strip() == (
+        "error: No such option: --bogus (see `edgefleet rollout status --help`)"
+    )
+    assert run("devices", "list", "--limit", "-1", "--home", str(home)).returncode == EXIT_USAGE
