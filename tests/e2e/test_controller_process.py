@@ -57,6 +57,15 @@ class ControllerProcess:
             self.args, stdout=self.log.open("ab"), stderr=subprocess.STDOUT
         )
 
+    def wait_connected(self, timeout: float = 30.0) -> None:
+        """Wait until its MQTT session is up (and so subscribed): a device's first-ever
+        messages reach a controller session only once that session exists on the broker."""
+        wait_until(
+            lambda: b"agent.protocol.transport: connected to" in self.log.read_bytes(),
+            timeout,
+            "the controller's MQTT session",
+        )
+
     def stop(self) -> int:
         """SIGTERM by PID and wait for a clean exit."""
         assert self.proc is not None
@@ -248,6 +257,7 @@ def test_up_serves_prometheus_metrics_of_a_serving_device(
     ctl = ControllerProcess(tmp_path / "ctl", e2e_broker, topic_root, tmp_path / "ctl.log")
     ctl.args += ["--metrics", f"127.0.0.1:{port}"]
     ctl.start()
+    ctl.wait_connected()  # else the agent's first telemetry record may precede the session
     try:
         fleet = Fleet(tmp_path / "ctl")
         agent = start_agent("dev-m", telemetry_interval_s=0.5)
