@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 import firmware_profiles
 from controller.errors import FleetError
 from controller.fleet.candidates import explain, model_candidates
+from controller.fleet.device_search import DEFAULT_PAGE, MAX_PAGE, DeviceQuery, search_devices
 from controller.fleet.registry import Fleet
 from controller.fleet.rollout.policy import Policy, PolicyError, policy_from_options
 from controller.fleet.telemetry.queries import (
@@ -183,6 +184,26 @@ def _found(call: Callable[[], _T]) -> _T:
         raise HTTPException(404, str(exc)) from None
 
 
+def _query_int(name: str, value: str) -> int:
+    """An integer query parameter, or FleetError (400) naming it."""
+    try:
+        return int(value.strip())
+    except ValueError:
+        raise FleetError(f"{name}: expected an integer, got {value!r}") from None
+
+
+def _query_bool(name: str, value: str | None) -> bool | None:
+    """true/false (1/0, yes/no) query parameter, None when absent, or FleetError naming it."""
+    if value is None:
+        return None
+    lowered = value.strip().lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise FleetError(f"{name}: expected true or false, got {value!r}")
+
+
 def _query_names(dependant: Dependant) -> set[str]:
     """Query parameters an endpoint and its dependencies declare."""
     names = {p.alias for p in dependant.query_params}
@@ -286,10 +307,29 @@ def _mount_dashboard(app: FastAPI) -> None:
 
 def _device_routes(api: APIRouter, FleetDep: Any, Admin: list[Any]) -> None:
     """Devices: list, show, register, remove, their telemetry."""
-    @api.get("/devices", responses=_errors())
-    def list_devices(fleet: FleetDep) -> list[dict[str, Any]]:
-        """Devices with profile, online, state, model and last seen (`devices list`)."""
-        return fleet.devices()
+    @api.get("/devices", responses=_errors(400))
+    def list_devices(
+        fleet: FleetDep,
+        q: Annotated[str, Query(description="substring of the device id, any case")] = "",
+        profile: Annotated[str | None, Query(description="profile id; (none) = no profile")] = None,
+        state: Annotated[str | None, Query(description="device state, e.g. running")] = None,
+        online: Annotated[str | None, Query(description="true | false")] = None,
+        limit: Annotated[str, Query(description=f"page size, 1..{MAX_PAGE}")] = str(DEFAULT_PAGE),
+        offset: Annotated[str, Query(description="rows to skip, >= 0")] = "0",
+    ) -> dict[str, Any]:
+        """One page of devices by id: `{items, total, limit, offset, summary}` (`devices list`).
+
+        Numbers and booleans are parsed here so that a bad one is a 400 naming the parameter.
+        """
+        query = DeviceQuery(
+            q=q,
+            profile=profile,
+            state=state,
+            online=_query_bool("online", online),
+            limit=_query_int("limit", limit),
+            offset=_query_int("offset", offset),
+        )
+        return search_devices(fleet.db, query)
 
     @api.get("/devices/{device_id}", responses=_errors(404))
     def show_device(device_id: str, fleet: FleetDep) -> dict[str, Any]:

@@ -62,7 +62,7 @@ def test_up_serves_the_api_with_its_local_token(
     start_agent("http-dev")
 
     def online() -> bool:
-        devices = httpx.get(f"{base}/api/v1/devices", headers=headers, timeout=10).json()
+        devices = httpx.get(f"{base}/api/v1/devices", headers=headers, timeout=10).json()["items"]
         return any(d["id"] == "http-dev" and d["online"] for d in devices)
 
     wait_until(online, 30, "the agent's hello, read through the HTTP API")
