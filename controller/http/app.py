@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal, TypeVar, cast
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.dependencies.models import Dependant
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
@@ -36,6 +36,7 @@ from controller.fleet.telemetry.queries import (
     parse_since,
 )
 from controller.http.auth import authenticate
+from controller.http.dashboard import STATIC_DIR
 from controller.storage.db import database_target
 
 API_PREFIX = "/api/v1"
@@ -266,7 +267,7 @@ def create_app(home: Path, db: str | None = None) -> FastAPI:
         version="1",
         openapi_url=f"{API_PREFIX}/openapi.json",
         # No Swagger UI: it loads its script from a CDN into the dashboard's origin, where the
-        # admin token lives in localStorage. The OpenAPI document is served as JSON.
+        # admin token lives in localStorage. /api/v1/docs renders the JSON with our own page.
         docs_url=None,
         redoc_url=None,
         default_response_class=SafeJSONResponse,
@@ -281,6 +282,11 @@ def create_app(home: Path, db: str | None = None) -> FastAPI:
     def healthz() -> dict[str, bool]:
         """Liveness, without auth."""
         return {"ok": True}
+
+    @app.get(f"{API_PREFIX}/docs", include_in_schema=False)
+    def api_docs() -> FileResponse:
+        """The API reference page: our own renderer of openapi.json (no CDN script)."""
+        return FileResponse(STATIC_DIR / "api-docs.html", media_type="text/html")
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next: Any) -> Response:
