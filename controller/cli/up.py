@@ -99,6 +99,8 @@ def up(
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     service.start()
+    if http_server:
+        http_server.set_status(service.health)
     typer.echo(f"controller running (data in {home}); Ctrl-C to stop", err=True)
     try:
         while not stop.wait(1.0):

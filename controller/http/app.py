@@ -37,6 +37,8 @@ from controller.fleet.telemetry.queries import (
 )
 from controller.http.auth import authenticate
 from controller.http.dashboard import STATIC_DIR
+from controller.http.health import health_report
+from controller.http.params import query_bool, query_int
 from controller.storage.db import database_target
 
 API_PREFIX = "/api/v1"
@@ -185,26 +187,6 @@ def _found(call: Callable[[], _T]) -> _T:
         raise HTTPException(404, str(exc)) from None
 
 
-def _query_int(name: str, value: str) -> int:
-    """An integer query parameter, or FleetError (400) naming it."""
-    try:
-        return int(value.strip())
-    except ValueError:
-        raise FleetError(f"{name}: expected an integer, got {value!r}") from None
-
-
-def _query_bool(name: str, value: str | None) -> bool | None:
-    """true/false (1/0, yes/no) query parameter, None when absent, or FleetError naming it."""
-    if value is None:
-        return None
-    lowered = value.strip().lower()
-    if lowered in ("true", "1", "yes"):
-        return True
-    if lowered in ("false", "0", "no"):
-        return False
-    raise FleetError(f"{name}: expected true or false, got {value!r}")
-
-
 def _query_names(dependant: Dependant) -> set[str]:
     """Query parameters an endpoint and its dependencies declare."""
     names = {p.alias for p in dependant.query_params}
@@ -279,9 +261,15 @@ def create_app(home: Path, db: str | None = None) -> FastAPI:
         return SafeJSONResponse({"detail": str(exc)}, status_code=400)
 
     @app.get("/healthz", include_in_schema=False)
-    def healthz() -> dict[str, bool]:
-        """Liveness, without auth."""
-        return {"ok": True}
+    def healthz() -> JSONResponse:
+        """Health without auth: database, and the controller loop of this process if any.
+
+        503 when the database does not answer, or the controller loop stopped or has no broker
+        connection; the body says which. No URLs, names of devices or credentials.
+        """
+        status = app.state.status
+        report = health_report(fleets, status() if status is not None else None)
+        return SafeJSONResponse(report, status_code=200 if report["ok"] else 503)
 
     @app.get(f"{API_PREFIX}/docs", include_in_schema=False)
     def api_docs() -> FileResponse:
@@ -300,6 +288,8 @@ def create_app(home: Path, db: str | None = None) -> FastAPI:
     app.include_router(api)
     app.state.fleets = fleets
     app.state.stopping = stopping
+    # Set by HttpServer.set_status(): the controller loop's health() when it runs in-process.
+    app.state.status = None
     _mount_dashboard(app)
     return app
 
@@ -331,9 +321,9 @@ def _device_routes(api: APIRouter, FleetDep: Any, Admin: list[Any]) -> None:
             q=q,
             profile=profile,
             state=state,
-            online=_query_bool("online", online),
-            limit=_query_int("limit", limit),
-            offset=_query_int("offset", offset),
+            online=query_bool("online", online),
+            limit=query_int("limit", limit),
+            offset=query_int("offset", offset),
         )
         return search_devices(fleet.db, query)
 
