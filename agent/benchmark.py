@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -91,12 +92,31 @@ def _set_inputs(interpreter: Interpreter, inputs: list[np.ndarray]) -> None:
         interpreter.set_tensor(detail["index"], array)
 
 
-def _timed_invokes(interpreter: Interpreter, runs: int) -> list[int]:
-    """Nanoseconds of each of `runs` invokes; nothing but the clock and invoke in the loop."""
+class BenchmarkCancelled(Exception):
+    """The benchmark was stopped from outside (the agent is shutting down)."""
+
+
+def _timed_invokes(
+    interpreter: Interpreter, runs: int, stop: threading.Event | None = None
+) -> list[int]:
+    """Nanoseconds of each of `runs` invokes; nothing but the clock and invoke in the loop.
+
+    With `stop`, the flag is read between invokes (outside the timed span), so SIGTERM is
+    answered after at most one more inference.
+    """
     invoke = interpreter.invoke
     clock = time.perf_counter_ns
     samples = [0] * runs
+    if stop is None:
+        for i in range(runs):
+            started = clock()
+            invoke()
+            samples[i] = clock() - started
+        return samples
+    stopped = stop.is_set
     for i in range(runs):
+        if stopped():
+            raise BenchmarkCancelled(f"stopped after {i} of {runs} timed runs")
         started = clock()
         invoke()
         samples[i] = clock() - started
@@ -112,6 +132,7 @@ def benchmark_interpreter(
     power_source: PowerSource | None = None,
     seed: int = 0,
     init_ms: float = 0.0,
+    stop: threading.Event | None = None,
 ) -> InterpreterBenchmark:
     """Time one first invoke, `warmup` untimed invokes, then `runs` timed invokes.
 
@@ -131,13 +152,17 @@ def benchmark_interpreter(
     interpreter.invoke()
     first_ns = time.perf_counter_ns() - started
     for _ in range(warmup):
+        if stop is not None and stop.is_set():
+            raise BenchmarkCancelled("stopped during warm-up")
         interpreter.invoke()
 
     process = psutil.Process()
     rss_before = _rss_bytes(process)
     token = source.start()
-    samples = _timed_invokes(interpreter, runs)
-    energy = source.stop(token)
+    try:
+        samples = _timed_invokes(interpreter, runs, stop)
+    finally:
+        energy = source.stop(token)
     rss_after = _rss_bytes(process)
     peak = max(rss_before, rss_after, _max_rss_bytes())
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from agent import __version__
-from agent.config import ConfigError, load_config
+from agent.protocol.config import ConfigError, load_config
 
 
 def _positive(text: str) -> int:
@@ -122,7 +122,7 @@ def benchmark(model: Path, runs: int, warmup: int, threads: int | None, as_json:
 
 def install_service(config: Path, root: Path, dry_run: bool, user: str) -> int:
     """Install the systemd unit and the bundle's config; exit 2 with a one-line error."""
-    from agent.config import ConfigError
+    from agent.protocol.config import ConfigError
     from agent.service import InstallError
     from agent.service import install_service as install
 

@@ -11,14 +11,15 @@ import logging
 import queue
 
 from agent.commands import CommandDispatcher, SeenCommands
-from agent.config import AgentConfig
 from agent.fallback import EngageFallback, FallbackSwitch
 from agent.fetch import Fetcher
+from agent.highwater import HighWater
 from agent.loader import ModelLoader
 from agent.local_services import LocalServices
 from agent.memory import release_memory
 from agent.power import PowerModel
 from agent.protocol import Command, Desired, Topics, dump
+from agent.protocol.config import AgentConfig
 from agent.protocol.transport import MqttSession
 from agent.reporting import Reporter, derived_event_id
 from agent.routing import Counters, Router
@@ -63,6 +64,8 @@ class Agent:
         self.state = UpdateStateFile(config.data_dir / "update.json")
         self.seen_commands = SeenCommands(config.data_dir / "commands.json")
         self.trust = TrustStore(config.trusted_keys, config.data_dir / "trusted_keys.json")
+        # Anti-rollback marks kept apart from update.json, which may be rebuilt when corrupt.
+        self.highwater = HighWater(config.data_dir / "highwater.json")
         self.runtime = runtime_info()
         self.inbox = Inbox()
         self.power_model = PowerModel(
@@ -78,7 +81,9 @@ class Agent:
             self.state,
             self.store,
             serving_sha=lambda: self.serving.sha256,
-            benchmark=lambda runs, warmup: self.local.benchmark(runs, warmup, self.runtime),
+            benchmark=lambda runs, warmup: self.local.benchmark(
+                runs, warmup, self.runtime, stop=self.inbox.stopping
+            ),
         )
         self.fetcher = Fetcher(
             self.session,
@@ -115,6 +120,8 @@ class Agent:
             self.inbox,
             self.reporter,
             on_connected=self.local.on_connect,
+            highwater=self.highwater,
+            seen_commands=self.seen_commands,
         )
         self.counters = self.router.counters
         self.flow = UpdateFlow(
@@ -145,7 +152,7 @@ class Agent:
             self.fallback,
             self.reporter,
             self.trust,
-            problems=(self.seen_commands.problem,),
+            problems=(self.seen_commands.problem, self.highwater.problem),
         )
 
     def _connect_session(self) -> MqttSession:

@@ -16,6 +16,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ class InjectedLatency:
         return 0.0
 
 
-def parse_injected_latency(text: str) -> InjectedLatency | None:
+def parse_injected_latency(text: str, env_var: str = LATENCY_ENV_VAR) -> InjectedLatency | None:
     """Parse `<sha-prefix>:<ms>[,...]`; None for an empty value, FailpointError for a bad one."""
     text = text.strip()
     if not text:
@@ -116,17 +117,17 @@ def parse_injected_latency(text: str) -> InjectedLatency | None:
         prefix = prefix.lower()
         if not sep or not 1 <= len(prefix) <= 64 or not set(prefix) <= _HEX:
             raise FailpointError(
-                f"{LATENCY_ENV_VAR}={text!r}: expected <sha256 hex prefix>:<ms>[,...], "
+                f"{env_var}={text!r}: expected <sha256 hex prefix>:<ms>[,...], "
                 f"got {item.strip()!r}"
             )
         try:
             ms = float(ms_text)
         except ValueError:
             raise FailpointError(
-                f"{LATENCY_ENV_VAR}={text!r}: {ms_text!r} is not a number of milliseconds"
+                f"{env_var}={text!r}: {ms_text!r} is not a number of milliseconds"
             ) from None
         if not 0 <= ms <= 60_000:
-            raise FailpointError(f"{LATENCY_ENV_VAR}={text!r}: ms must be 0..60000, got {ms}")
+            raise FailpointError(f"{env_var}={text!r}: ms must be 0..60000, got {ms}")
         rules.append((prefix, ms))
     return InjectedLatency(tuple(rules))
 
@@ -136,4 +137,37 @@ def injected_latency_from_env() -> InjectedLatency | None:
     injected = parse_injected_latency(os.environ.get(LATENCY_ENV_VAR, ""))
     if injected is not None:
         log.warning("failpoint: injecting serving latency %s", injected.rules)
+    return injected
+
+
+# Same syntax, applied to the benchmark's invokes only (tests: a benchmark that takes long, to
+# show SIGTERM is answered during one, without slowing what the device serves).
+BENCHMARK_LATENCY_ENV_VAR = "EDGEFLEET_INJECT_BENCHMARK_LATENCY_MS"
+
+
+class SlowedInterpreter:
+    """An interpreter whose invoke() sleeps first; everything else is the wrapped one's."""
+
+    def __init__(self, interpreter: Any, delay_s: float) -> None:
+        """Wrap `interpreter`, adding `delay_s` before every invoke."""
+        self._interpreter = interpreter
+        self._delay_s = delay_s
+
+    def invoke(self) -> None:
+        """Sleep, then invoke."""
+        time.sleep(self._delay_s)
+        self._interpreter.invoke()
+
+    def __getattr__(self, name: str) -> Any:
+        """Every other attribute of the wrapped interpreter."""
+        return getattr(self._interpreter, name)
+
+
+def benchmark_slowdown_from_env() -> InjectedLatency | None:
+    """The benchmark slowdown EDGEFLEET_INJECT_BENCHMARK_LATENCY_MS asks for, or None."""
+    injected = parse_injected_latency(
+        os.environ.get(BENCHMARK_LATENCY_ENV_VAR, ""), BENCHMARK_LATENCY_ENV_VAR
+    )
+    if injected is not None:
+        log.warning("failpoint: injecting benchmark latency %s", injected.rules)
     return injected

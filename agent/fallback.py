@@ -28,8 +28,8 @@ from agent.update.errors import Superseded, UpdateFailed
 from agent.update.record import ArmedFallback
 
 if TYPE_CHECKING:
-    from agent.config import AgentConfig
     from agent.metrics import ServingMetrics
+    from agent.protocol.config import AgentConfig
     from agent.staging import ArtifactStager
     from agent.store import ModelStore
     from agent.update.record import UpdateStateFile

@@ -1,4 +1,11 @@
-"""Fetching content-addressed blobs (models, goldens): retained manifest, fanned-out chunks, repair.
+"""Fetching content-addressed blobs (models, goldens): retained manifest and chunks, repair.
+
+The controller publishes every chunk once, retained (docs/rollouts.md, "Distribution"). A fetch
+subscribes `chunks/+` and the broker hands it the retained copies; chunks still missing after
+that are re-subscribed one topic each, so the broker re-sends its retained copy to this device
+alone. Only a repair round that brings nothing sends a `need` (the broker lost its retained
+copies), and rounds back off with jitter, after a reconnect too: no device's repair costs the
+other downloading devices anything.
 
 paho's network thread only queues what arrives (`on_manifest`, `on_chunk`); the work thread
 verifies and writes chunks (`fetch`), so a slow disk or an fsync never stalls keepalives,
@@ -9,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -17,6 +25,12 @@ from pathlib import Path
 
 from agent.download import ChunkRejected, Download
 from agent.protocol import MAX_CHUNK_SIZE, Manifest, Need, ProtocolError, Topics, dump
+from agent.protocol.limits import (
+    MAX_REPAIR_TOPICS,
+    RECONNECT_SPREAD_S,
+    REPAIR_BACKOFF_MAX_S,
+    REPAIR_JITTER,
+)
 from agent.protocol.transport import MqttSession
 from agent.update.errors import Superseded, UpdateFailed
 
@@ -29,12 +43,9 @@ CHUNK_QUEUE_DEPTH = 16
 # later): a full queue means the disk is slow, and paho must keep answering pings meanwhile.
 CHUNK_QUEUE_PUT_S = 1.0
 # The controller publishes chunks retained, so subscribing delivers them without asking: wait
-# this long for a first chunk before sending a `need` (loopback delivers within milliseconds,
-# a 300 ms RTT link within one RTT), so devices that join later cost the controller nothing.
+# this long of silence after the last chunk before a repair round (loopback delivers within
+# milliseconds, a 300 ms RTT link within one RTT), so devices that join later cost nothing.
 RETAINED_SETTLE_S = 0.5
-# Silent repair rounds back off (×2 each) up to this: a dead link then costs one `need` per
-# 30 s instead of one per repair interval, all of them flushed to the controller on reconnect.
-REPAIR_BACKOFF_MAX_S = 30.0
 
 
 @dataclass
@@ -47,6 +58,7 @@ class FetchCounters:
     chunks_rejected: int = 0
     chunks_dropped: int = 0
     need_requests: int = 0
+    repair_rounds: int = 0  # re-subscriptions of missing chunks (served by the broker)
 
 
 class Fetcher:
@@ -107,7 +119,12 @@ class Fetcher:
             log.warning("chunk %d of %s dropped: writer behind (asked again)", index, sha256[:12])
 
     def subscriptions(self) -> list[str]:
-        """Topics to subscribe again after a reconnect (clean session); logs download progress."""
+        """Topics to subscribe again after a reconnect (clean session); logs download progress.
+
+        Not the chunk topics of a download: its work thread re-subscribes the missing ones after
+        a random spread (RECONNECT_SPREAD_S), so a fleet reconnecting at once does not ask the
+        broker for every retained chunk in the same second.
+        """
         download = self._current
         if download is not None:
             self._reconnected.set()
@@ -118,7 +135,7 @@ class Fetcher:
                 have,
                 download.manifest.chunk_count,
             )
-        return list(self._subscribed)
+        return [t for t in self._subscribed if "/chunks/" not in t]
 
     # ------------------------------------------------------------------ work thread
     def manifest(self, sha256: str, deadline: float, cancelled: Callable[[], bool]) -> Manifest:
@@ -166,6 +183,7 @@ class Fetcher:
         try:
             self._write_until_quiet(download, deadline, cancelled, RETAINED_SETTLE_S)
             quiet_s = self.repair_interval_s
+            barren = 0  # repair rounds in a row that brought nothing
             while True:
                 missing = download.missing()
                 if not missing:
@@ -185,19 +203,18 @@ class Fetcher:
                     )
                 if cancelled():
                     raise Superseded()
-                if self.session.connected.is_set():  # offline: the reconnect re-subscribes
-                    need = Need(device_id=self.device_id, chunks=tuple(missing))
-                    self.counters.need_requests += 1
-                    log.debug("asking for %d of %d chunks of %s", len(missing), total, sha[:12])
-                    self.session.publish(self.topics.need(sha), dump(need))
+                if self.session.connected.is_set():  # offline: the reconnect resumes repair
+                    self._repair_round(sha, missing, ask_controller=barren > 0)
                 before = len(missing)
-                self._write_until_quiet(download, deadline, cancelled, quiet_s)
-                if self._reconnected.is_set():  # retained chunks come with the new subscription
+                self._write_until_quiet(download, deadline, cancelled, _jittered(quiet_s))
+                if self._reconnected.is_set():
+                    # Spread the fleet's re-subscribes (the next round re-subscribes the gaps).
                     self._reconnected.clear()
-                    self._write_until_quiet(download, deadline, cancelled, RETAINED_SETTLE_S)
-                    quiet_s = self.repair_interval_s
+                    self._sleep_unless(cancelled, random.uniform(0.0, RECONNECT_SPREAD_S))
+                    quiet_s, barren = self.repair_interval_s, 0
                     continue
                 progressed = len(download.missing()) < before
+                barren = 0 if progressed else barren + 1
                 quiet_s = (
                     self.repair_interval_s
                     if progressed
@@ -210,6 +227,33 @@ class Fetcher:
             self.session.unsubscribe(*self._subscribed)
             self._subscribed = []
             self._drain_queue()
+
+    def _repair_round(self, sha: str, missing: list[int], *, ask_controller: bool) -> None:
+        """Re-subscribe the missing chunks' own topics: the broker re-sends its retained copies
+        to this device alone. After a round that brought nothing, also ask the controller
+        (`need`): the broker has lost them, and a republish reaches only devices missing them."""
+        wanted = [self.topics.chunk(sha, i) for i in missing[:MAX_REPAIR_TOPICS]]
+        stale = [t for t in self._subscribed if t not in wanted]
+        if stale:
+            self.session.unsubscribe(*stale)
+        self._subscribed = wanted
+        self.session.subscribe(*wanted)
+        self.counters.repair_rounds += 1
+        log.debug(
+            "re-subscribing %d of %d missing chunks of %s", len(wanted), len(missing), sha[:12]
+        )
+        if ask_controller:
+            need = Need(device_id=self.device_id, chunks=tuple(missing))
+            self.counters.need_requests += 1
+            total = self._current.manifest.chunk_count if self._current else len(missing)
+            log.debug("asking for %d of %d chunks of %s", len(missing), total, sha[:12])
+            self.session.publish(self.topics.need(sha), dump(need))
+
+    def _sleep_unless(self, cancelled: Callable[[], bool], seconds: float) -> None:
+        """Wait `seconds` (checking cancellation every 0.2 s)."""
+        until = time.monotonic() + seconds
+        while not cancelled() and time.monotonic() < until:
+            time.sleep(min(0.2, max(0.0, until - time.monotonic())))
 
     def _write_until_quiet(
         self,
@@ -248,3 +292,8 @@ class Fetcher:
                 self._chunks.get_nowait()
             except queue.Empty:
                 return
+
+
+def _jittered(seconds: float) -> float:
+    """`seconds` ± REPAIR_JITTER, so devices that lost the same chunks do not ask in lockstep."""
+    return seconds * random.uniform(1.0 - REPAIR_JITTER, 1.0 + REPAIR_JITTER)

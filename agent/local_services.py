@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
 
 from agent.benchmark import benchmark_interpreter
-from agent.config import AgentConfig
 from agent.environment import environment_snapshot
-from agent.failpoint import injected_latency_from_env
+from agent.failpoint import (
+    SlowedInterpreter,
+    benchmark_slowdown_from_env,
+    injected_latency_from_env,
+)
 from agent.fallback import WatchingObserver
 from agent.inference_server import InferenceServer
 from agent.metrics import ServingMetrics
 from agent.power import TELEMETRY_SAMPLE_INTERVAL_S, PowerModel, PowerSource, detect_power_source
 from agent.protocol import BenchmarkReport, SeqRange, Topics
+from agent.protocol.config import AgentConfig
 from agent.protocol.transport import MqttSession
 from agent.runtime import Interpreter, RuntimeInfo
 from agent.serving import ServingModel
@@ -44,6 +49,7 @@ class LocalServices:
         self._on_problem = on_problem
         # EDGEFLEET_INJECT_LATENCY_MS (tests) is read once here; a bad value stops the start.
         self.serving = ServingModel(injected_latency_from_env())
+        self._benchmark_slowdown = benchmark_slowdown_from_env()
         # Interpreter threads of the serving model (the desired state's, else the config's).
         self.threads: int | None = config.threads
         self.metrics = ServingMetrics()
@@ -130,7 +136,13 @@ class LocalServices:
             self.reporter.collect_now()
         self.serving.clear()
 
-    def benchmark(self, runs: int, warmup: int, runtime: RuntimeInfo) -> BenchmarkReport:
+    def benchmark(
+        self,
+        runs: int,
+        warmup: int,
+        runtime: RuntimeInfo,
+        stop: threading.Event | None = None,
+    ) -> BenchmarkReport:
         """Benchmark the serving model as benchmark_model does; InferenceError if none is loaded.
 
         Served requests wait meanwhile: they would distort the timings, and one interpreter must
@@ -142,12 +154,15 @@ class LocalServices:
         # No external delegate is applied today: the runtime's built-in CPU kernels run the model.
         environment = environment_snapshot(threads=threads, delegate=None)
         with self.serving.exclusive() as (interpreter, sha):
+            slowdown = self._benchmark_slowdown.delay_s(sha) if self._benchmark_slowdown else 0.0
+            log.info("benchmark of %s: %d runs after %d warm-up", sha[:12], runs, warmup)
             result = benchmark_interpreter(
-                interpreter,
+                SlowedInterpreter(interpreter, slowdown) if slowdown else interpreter,
                 runs=runs,
                 warmup=warmup,
                 power_source=source,
                 init_ms=self.serving.init_ms or 0.0,
+                stop=stop,
             )
         return BenchmarkReport(
             model_sha256=sha,

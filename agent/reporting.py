@@ -8,8 +8,9 @@ import uuid
 from collections.abc import Callable
 from typing import Protocol
 
-from agent.config import AgentConfig
+from agent.benchmark import BenchmarkCancelled
 from agent.protocol import AgentState, BenchmarkReport, Desired, Event, Topics, dump
+from agent.protocol.config import AgentConfig
 from agent.serving import InferenceError
 from agent.status import build_hello, build_status
 from agent.store import ModelStore
@@ -183,6 +184,9 @@ class Reporter:
         """Benchmark the serving model and send a benchmark event; True once acknowledged."""
         try:
             report = self.benchmark(runs, warmup)
+        except BenchmarkCancelled as exc:  # SIGTERM: answer it now, report nothing
+            log.info("benchmark cancelled: %s", exc)
+            return False
         except InferenceError:  # nothing is loaded
             return self.emit(
                 "error",

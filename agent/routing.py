@@ -6,9 +6,20 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from agent.config import AgentConfig
+from agent.commands import SeenCommands
 from agent.fetch import Fetcher
-from agent.protocol import Command, Desired, FleetKeys, Manifest, ProtocolError, Topics, parse
+from agent.highwater import HighWater
+from agent.protocol import (
+    Command,
+    Desired,
+    FleetKeyChain,
+    Manifest,
+    ProtocolError,
+    Topics,
+    parse,
+    parse_fleet_keys,
+)
+from agent.protocol.config import AgentConfig
 from agent.protocol.transport import MqttSession
 from agent.reporting import Reporter
 from agent.trust import SecurityRejected, TrustStore
@@ -44,8 +55,12 @@ class Router:
         inbox: Inbox,
         reporter: Reporter,
         on_connected: Callable[[], None],
+        highwater: HighWater,
+        seen_commands: SeenCommands,
     ) -> None:
         """Wire the router; `on_connected` runs after each (re)subscribe (telemetry flush)."""
+        self.highwater = highwater
+        self.seen_commands = seen_commands
         self.config = config
         self.topics = topics
         self.trust = trust
@@ -83,11 +98,11 @@ class Router:
                     self._on_manifest(parsed.ident, parse(payload, Manifest))
             elif parsed.kind == "fleet":
                 if payload:
-                    self._on_fleet_keys(parse(payload, FleetKeys))
+                    self._on_fleet_keys(parse_fleet_keys(payload))
             elif parsed.channel == "desired":
                 self._on_desired(topic, payload)
             elif parsed.channel == "cmd":
-                self.inbox.put(parse(payload, Command))
+                self._on_command(parse(payload, Command))
         except ProtocolError as exc:
             self.counters.reject(f"{topic}: {exc}")
             log.warning("rejected message on %s: %s", topic, exc)
@@ -120,7 +135,10 @@ class Router:
                     device_id=self.config.device_id,
                     profile=self.config.profile,
                     highest_generation=max(
-                        record.generation, record.applied_generation, self.inbox.latest_generation
+                        record.generation,
+                        record.applied_generation,
+                        self.inbox.latest_generation,
+                        self.highwater.get("generation"),
                     ),
                     applied_generation=record.applied_generation,
                 )
@@ -128,15 +146,31 @@ class Router:
                 unknown_key = desired.sig is not None and "unknown key" in str(exc)
                 self._unknown_key_desired = (topic, payload) if unknown_key else None
                 raise
+            self.highwater.raise_to("generation", desired.generation)
         self._unknown_key_desired = None
         self.inbox.put_desired(desired)
 
-    def _on_fleet_keys(self, keys: FleetKeys) -> None:
-        """Adopt a signed key rotation (persisted first); then re-check a desired it unblocks."""
+    def _on_command(self, command: Command) -> None:
+        """Check a command (signature, device, expiry, replay counter) and queue it."""
+        if self.trust.enforcing:
+            if command.command_id in self.seen_commands:
+                log.info("ignoring repeated command %s", command.command_id)
+                return
+            self.trust.check_command(
+                command,
+                device_id=self.config.device_id,
+                highest_counter=self.highwater.get("command"),
+            )
+            self.highwater.raise_to("command", command.counter)
+        self.inbox.put(command)
+
+    def _on_fleet_keys(self, chain: FleetKeyChain) -> None:
+        """Walk a signed key rotation chain (each link persisted first); then re-check a desired
+        state it unblocks."""
         if not self.trust.enforcing:
-            log.debug("ignoring fleet keys version %d: signatures not enforced", keys.version)
+            log.debug("ignoring fleet keys: signatures not enforced")
             return
-        if self.trust.accept_keys(keys) and self._unknown_key_desired is not None:
+        if self.trust.accept_chain(chain) and self._unknown_key_desired is not None:
             topic, payload = self._unknown_key_desired
             self._unknown_key_desired = None
             self.on_message(topic, payload)

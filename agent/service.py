@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.config import load_config
+from agent.protocol.config import load_config
 
 if sys.version_info >= (3, 11):
     import tomllib

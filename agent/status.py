@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from agent import __version__
-from agent.config import AgentConfig
 from agent.facts import device_facts
 from agent.fsutil import CorruptFileError
 from agent.protocol import Hello, Status
+from agent.protocol.config import AgentConfig
 from agent.store import ModelStore
 from agent.update.record import UpdateRecord
 

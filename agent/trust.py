@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.fsutil import CorruptFileError, atomic_write_json, quarantine, read_json
-from agent.protocol import Desired, FleetKeys, Manifest, ProtocolError
+from agent.protocol import Command, Desired, FleetKeyChain, FleetKeys, Manifest, ProtocolError
 from agent.protocol.signing import (
     PUBLIC_KEY_BYTES,
     SIGNATURE_BYTES,
@@ -90,7 +90,7 @@ class TrustStore:
         """Ids of the trusted keys, sorted."""
         return sorted(self._keys)
 
-    def verify(self, message: Desired | Manifest | FleetKeys, what: str) -> None:
+    def verify(self, message: Desired | Manifest | FleetKeys | Command, what: str) -> None:
         """Raise SecurityRejected unless `message` carries a valid signature by a trusted key."""
         sig = message.sig
         if sig is None:
@@ -151,6 +151,36 @@ class TrustStore:
                     f"{current - desired.expires:.0f} s ago"
                 )
 
+    def check_command(
+        self,
+        command: Command,
+        *,
+        device_id: str,
+        highest_counter: int,
+        now: float | None = None,
+    ) -> None:
+        """Signature, device binding, expiry and replay counter of a command.
+
+        `highest_counter` is the highest counter already accepted (persisted): a command must
+        carry a strictly higher one, so a captured command is dead once a newer one arrived.
+        """
+        what = f"command {command.command_id} ({command.action})"
+        self.verify(command, what)
+        if command.device_id != device_id:
+            raise SecurityRejected(
+                f"{what} for device {command.device_id!r}, this is {device_id!r}"
+            )
+        if command.expires is None:
+            raise SecurityRejected(f"{what} has no expiry")
+        current = time.time() if now is None else now
+        if command.expires < current:
+            raise SecurityRejected(f"{what} expired {current - command.expires:.0f} s ago")
+        if command.counter <= highest_counter:
+            raise SecurityRejected(
+                f"{what}: counter {command.counter} is not above counter {highest_counter} "
+                "already accepted (replay)"
+            )
+
     def check_manifest(self, manifest: Manifest) -> None:
         """Signature of an artifact manifest (its expiry is checked when a fetch reads it)."""
         self.verify(manifest, f"manifest of {manifest.sha256[:12]}")
@@ -176,3 +206,29 @@ class TrustStore:
         self.version, self._keys = message.version, keys
         log.info("trusted keys now version %d: %s", self.version, ", ".join(self.key_ids))
         return True
+
+    def accept_chain(self, chain: FleetKeyChain) -> bool:
+        """Walk a rotation chain from the held version up; True when the key set changed.
+
+        Links at or below the held version are skipped; links before the first one signed by
+        a key this device trusts are skipped too (a bundle written after some rotations already
+        holds later keys). From the first accepted link on, every next link must verify
+        against the keys its predecessor installed, each persisted before the next is checked.
+        """
+        changed = False
+        refused: SecurityRejected | None = None
+        for link in chain.links:
+            if link.version <= self.version:
+                continue
+            try:
+                changed = self.accept_keys(link) or changed
+            except SecurityRejected as exc:
+                if changed:
+                    raise  # a broken link after a good one: stop at the last good version
+                # Report the most telling refusal: a bad signature by a key we hold beats the
+                # "unknown key" of links from before this device's trust point.
+                if refused is None or "unknown key" in str(refused):
+                    refused = exc if refused is None or "unknown key" not in str(exc) else refused
+        if not changed and refused is not None:
+            raise refused
+        return changed

@@ -7,6 +7,11 @@ bare publisher (no controller, chunks sent once):
     publisher needs to fan the same 64 KiB chunks out to N bare subscribers — target <= 1.5
   * controller bytes published / artifact size — target ≈ 1 (once per artifact, not per device)
   * (c) / (b): what the simulated agents themselves cost on top of a bare subscriber
+  * the broker's peak RSS and CPU seconds over the run (bench/sampling.py)
+
+The bare subscribers of (b) verify every chunk against its sha256 as the agents do (the same
+per-chunk hashing), so (a)/(b) and (c)/(b) compare the same work and the ratios measure the
+distribution path, not the hashing.
 
 Both sides use one mosquitto started with the generated config (brokers/mosquitto.py) on a free
 port and N subscribers on one epoll loop in this process; the publisher (the ControllerService
@@ -20,10 +25,12 @@ Run: .venv/bin/python bench/bench_fanout.py [--devices 100] [--size-mib 8] [--ro
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
 import select
+import shutil
 import statistics
 import subprocess
 import sys
@@ -42,6 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agent.protocol import DEFAULT_CHUNK_SIZE, ArtifactRef, Desired, Topics, dump  # noqa: E402
+from bench.sampling import Sampler  # noqa: E402
 from controller.brokers.base import BrokerHandle, parse_broker_url  # noqa: E402
 from controller.brokers.mosquitto import start_mosquitto  # noqa: E402
 from controller.fleet.artifacts import build_manifest  # noqa: E402
@@ -92,12 +100,15 @@ def make_artifact(path: Path, size: int, seed: int) -> bytes:
 
 
 class BareSubscribers:
-    """N plain paho subscribers on one epoll loop that only count received bytes."""
+    """N plain paho subscribers on one epoll loop that verify each chunk's sha256 and count bytes
+    (the agents' per-chunk work, without the protocol around it)."""
 
     def __init__(self, url: str, count: int, topic_filter: str) -> None:
         """Connect every subscriber and subscribe it to `topic_filter` at QoS1."""
         self.host, self.port = parse_broker_url(url)
         self.received = [0] * count
+        self.chunk_sha256: list[str] = []  # of the artifact being fanned out (set per round)
+        self.rejected = 0
         self.subscribed = 0
         self._ep = select.epoll()
         self._by_fd: dict[int, paho.Client] = {}
@@ -130,7 +141,11 @@ class BareSubscribers:
         self.subscribed += 1
 
     def _message(self, _c: paho.Client, index: int, message: paho.MQTTMessage) -> None:
-        """Count payload bytes."""
+        """Verify the chunk against its sha256 (as an agent does), then count its bytes."""
+        chunk = int(message.topic.rsplit("/", 1)[1])
+        if hashlib.sha256(message.payload).hexdigest() != self.chunk_sha256[chunk]:
+            self.rejected += 1
+            return
         self.received[index] += len(message.payload)
 
     def _run(self) -> None:
@@ -180,6 +195,11 @@ def bare_publisher(url: str, topic: str, artifact: Path) -> None:
 def bare_fanout(url: str, subs: BareSubscribers, artifact: Path, size: int, round_no: int) -> float:
     """Seconds from "go" to the publisher process until every subscriber counted every byte."""
     subs.received = [0] * len(subs.clients)
+    data = artifact.read_bytes()
+    subs.chunk_sha256 = [
+        hashlib.sha256(data[i : i + DEFAULT_CHUNK_SIZE]).hexdigest()
+        for i in range(0, len(data), DEFAULT_CHUNK_SIZE)
+    ]
     publisher = helper("--bare-publish", url, f"{TOPIC_ROOT}/bare/{round_no}/chunks", str(artifact))
     try:
         t0 = time.monotonic()
@@ -345,6 +365,7 @@ def main() -> None:
     home = work / "controller"
     fleet = Fleet(home)  # creates the database before the controller process opens it
     controller = helper("--serve-controller", str(home), broker.url)
+    sampler = Sampler(broker=broker.pid, controller=controller.pid, bench=os.getpid()).start()
     sim = Simulation(broker.url, args.devices, topic_root=TOPIC_ROOT, prefix="bench")
     sim.start()
     direct = Simulation(broker.url, args.devices, topic_root=DIRECT_ROOT, prefix="direct")
@@ -375,8 +396,10 @@ def main() -> None:
         subs.close()
         send(controller, "stop")
         controller.wait(30)
+        sampler.stop()
         fleet.close()
         broker.stop()
+        shutil.rmtree(work, ignore_errors=True)  # the artifacts: rounds × size-mib
 
     print(
         f"\n{args.devices} agents, {size / 2**20:.1f} MiB artifact, "
@@ -409,6 +432,11 @@ def main() -> None:
         f"(c)/(b) {best['direct_seconds'] / best['bare_seconds']:.2f}"
     )
     print(f"controller bytes published / artifact size, median: {egress:.2f}   target ≈ 1")
+    processes = sampler.summary()
+    for name, figures in processes.items():
+        print(f"{name}: peak RSS {figures['peak_rss_mib']:.1f} MiB, CPU {figures['cpu_s']:.1f} s")
+    if subs.rejected:
+        print(f"bare subscribers rejected {subs.rejected} chunks (sha256 mismatch)")
     snap = sim.snapshot()
     print(
         json.dumps(
@@ -429,7 +457,8 @@ def main() -> None:
                 # controller sends, fail an 8 MiB model on the 50 ms profiles (docs/simulate.md).
                 "activated": snap["activated"],
                 "failed": snap["failed"],
-                "sim_rss_mb": snap["rss_mb"],
+                "sim_rss_mib": snap["rss_mb"],
+                "processes": processes,
                 "mosquitto_max_queued_messages": queued,
             }
         )

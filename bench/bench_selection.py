@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import firmware_profiles  # noqa: E402
-from agent.config import AgentConfig, dump_config  # noqa: E402
+from agent.protocol.config import AgentConfig, dump_config  # noqa: E402
 from bench.bench_rollout import wait  # noqa: E402
 from controller.brokers.mosquitto import start_mosquitto  # noqa: E402
 from controller.fleet.registry import Fleet  # noqa: E402

@@ -5,7 +5,9 @@ Standard library only (but transport.py): both sides read this one package (docs
 
 from __future__ import annotations
 
+from agent.protocol.command import Command
 from agent.protocol.errors import ProtocolError
+from agent.protocol.keychain import FleetKeyChain, parse_fleet_keys
 from agent.protocol.limits import (
     DEFAULT_CHUNK_SIZE,
     LATENCY_BUCKETS_MS,
@@ -19,7 +21,6 @@ from agent.protocol.messages import (
     MAX_THREADS,
     ArtifactRef,
     BenchmarkReport,
-    Command,
     Desired,
     DeviceFacts,
     Event,
@@ -34,7 +35,7 @@ from agent.protocol.messages import (
     dump,
     parse,
 )
-from agent.protocol.names import MAX_NAME_LENGTH, validate_label, validate_name
+from agent.protocol.names import MAX_NAME_LENGTH, escape_controls, validate_label, validate_name
 from agent.protocol.states import IN_FLIGHT_STATES, TERMINAL_STATES, AgentState
 from agent.protocol.telemetry import (
     BUCKET_COUNT,
@@ -76,6 +77,7 @@ __all__ = [
     "Environment",
     "Event",
     "Fallback",
+    "FleetKeyChain",
     "FleetKeys",
     "GoldenRef",
     "Hello",
@@ -92,7 +94,9 @@ __all__ = [
     "TelemetryRecord",
     "Topics",
     "dump",
+    "escape_controls",
     "parse",
+    "parse_fleet_keys",
     "validate_device_id",
     "validate_label",
     "validate_name",

@@ -12,6 +12,10 @@ from typing import Literal, TypeVar
 from agent.protocol.errors import ProtocolError
 from agent.protocol.limits import (
     MAX_ARTIFACT_SIZE,
+    MAX_BENCHMARK_RUNS,
+    MAX_BENCHMARK_WARMUP,
+    MAX_BUDGET_MB,
+    MAX_BUDGET_MS,
     MAX_CHUNK_SIZE,
     MAX_JSON_BYTES,
     SCHEMA_VERSION,
@@ -19,7 +23,7 @@ from agent.protocol.limits import (
 from agent.protocol.names import validate_label, validate_name
 from agent.protocol.schema import OMIT_DEFAULT, decode_dataclass, encode
 from agent.protocol.states import AgentState
-from agent.protocol.telemetry import Environment, SeqRange
+from agent.protocol.telemetry import Environment
 from agent.protocol.topics import validate_device_id, validate_sha256
 
 M = TypeVar("M")
@@ -54,6 +58,12 @@ def _non_negative(name: str, value: float) -> None:
         raise ProtocolError(f"$.{name}: must be >= 0, got {value}")
 
 
+def _bounded(name: str, value: float, low: float, high: float) -> None:
+    """Refuse a number outside low..high (every number that sizes work or memory is bounded)."""
+    if not low <= value <= high:
+        raise ProtocolError(f"$.{name}: must be {low:g}..{high:g}, got {value}")
+
+
 @dataclass(frozen=True)
 class DeviceFacts:
     """Hardware and software facts an agent reports about its device."""
@@ -77,7 +87,8 @@ class DeviceFacts:
     emulated: bool = field(default=False, metadata={OMIT_DEFAULT: True})
 
     def __post_init__(self) -> None:
-        """Bound the free-text identity facts (they reach logs, the database and the UI)."""
+        """Bound the free-text identity facts (they reach logs, the database and the UI) and
+        the counts."""
         for name, value in (("board", self.board), *(("socs", s) for s in self.socs)):
             if value is not None and (len(value) > MAX_IDENTITY_CHARS or not value.isprintable()):
                 raise ProtocolError(
@@ -88,6 +99,9 @@ class DeviceFacts:
         for part in self.cpu_parts:
             if not _CPU_PART.fullmatch(part):
                 raise ProtocolError(f"$.facts.cpu_parts: {part!r} is not a hex part like 0xd08")
+        # Counts are not negative (they are stored and shown, never used to size work).
+        _non_negative("facts.cpu_count", self.cpu_count)
+        _non_negative("facts.ram_mb", self.ram_mb)
 
 
 @dataclass(frozen=True)
@@ -207,8 +221,11 @@ class Fallback:
 
     def __post_init__(self) -> None:
         """Validate the budget, the window and the thread count."""
-        if not self.latency_ms > 0:
-            raise ProtocolError(f"$.fallback.latency_ms: must be > 0, got {self.latency_ms}")
+        if not 0 < self.latency_ms <= MAX_BUDGET_MS:
+            raise ProtocolError(
+                f"$.fallback.latency_ms: must be > 0 and <= {MAX_BUDGET_MS:g}, "
+                f"got {self.latency_ms}"
+            )
         if not 1.0 <= self.window_s <= 86400.0:
             raise ProtocolError(f"$.fallback.window_s: must be 1..86400 s, got {self.window_s}")
         _threads("fallback.threads", self.threads)
@@ -250,11 +267,10 @@ class Desired:
             _name("profile", "profile id", self.profile)
         if self.generation < 1:
             raise ProtocolError(f"$.generation: must be >= 1, got {self.generation}")
-        if self.benchmark_runs < 1:
-            raise ProtocolError(f"$.benchmark_runs: must be >= 1, got {self.benchmark_runs}")
-        _non_negative("benchmark_warmup", self.benchmark_warmup)
-        _non_negative("latency_budget_ms", self.latency_budget_ms)
-        _non_negative("memory_budget_mb", self.memory_budget_mb)
+        _bounded("benchmark_runs", self.benchmark_runs, 1, MAX_BENCHMARK_RUNS)
+        _bounded("benchmark_warmup", self.benchmark_warmup, 0, MAX_BENCHMARK_WARMUP)
+        _bounded("latency_budget_ms", self.latency_budget_ms, 0, MAX_BUDGET_MS)
+        _bounded("memory_budget_mb", self.memory_budget_mb, 0, MAX_BUDGET_MB)
         _threads("threads", self.threads)
         if self.fallback is not None and self.artifact is None:
             raise ProtocolError("$.fallback: needs an artifact to fall back from")
@@ -385,34 +401,6 @@ class Event:
             _name("deployment_id", "deployment id", self.deployment_id)
         if self.model_sha256 is not None:
             validate_sha256(self.model_sha256)
-
-
-@dataclass(frozen=True)
-class Command:
-    """One-shot command to a device; its id makes a repeated delivery have one effect."""
-
-    command_id: str
-    action: Literal["benchmark", "rollback", "resend_status", "resend_telemetry"]
-    runs: int = 50
-    warmup: int = 5
-    # resend_telemetry: the sequence numbers the controller is missing (at most 200 ranges).
-    seq_ranges: tuple[SeqRange, ...] = ()
-    ts: float = field(default_factory=time.time)
-    v: int = SCHEMA_VERSION
-
-    def __post_init__(self) -> None:
-        """Validate id and counters."""
-        _check_version(self.v)
-        if not 1 <= len(self.command_id) <= 64:
-            raise ProtocolError("$.command_id: must be 1-64 characters")
-        _name("command_id", "command id", self.command_id)
-        if self.runs < 1:
-            raise ProtocolError(f"$.runs: must be >= 1, got {self.runs}")
-        _non_negative("warmup", self.warmup)
-        if len(self.seq_ranges) > 200:
-            raise ProtocolError("$.seq_ranges: more than 200 ranges")
-        if self.action == "resend_telemetry" and not self.seq_ranges:
-            raise ProtocolError("$.seq_ranges: resend_telemetry needs at least one range")
 
 
 # A fleet never needs more verify keys at once than this (current + next + a few retiring).

@@ -92,3 +92,15 @@ def validate_label(kind: str, value: object, *, max_length: int = MAX_LABEL_LENG
             f"{_describe(char)} at position {position}"
         )
     return value
+
+
+def escape_controls(text: str) -> str:
+    """`text` with every non-printable character (controls, newlines, ESC, bidi overrides,
+    zero-width marks) written as its Python escape (`\\n`, `\\x1b`, `\\u202e`), so free text
+    from a device can neither forge a log line nor drive a terminal; printable text, including
+    letters outside ASCII, is unchanged."""
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
+    )

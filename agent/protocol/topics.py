@@ -26,6 +26,11 @@ def validate_device_id(device_id: object) -> str:
         )
     if device_id in (".", ".."):
         raise ProtocolError(f"Invalid device id: {device_id!r} (path component)")
+    if device_id.startswith("-"):
+        raise ProtocolError(
+            f"Invalid device id: {device_id!r} (starts with '-': a shell tool such as "
+            "mosquitto_passwd would read it as an option)"
+        )
     return device_id
 
 

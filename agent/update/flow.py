@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from agent.config import AgentConfig
 from agent.fallback import FallbackSwitch
 from agent.loader import ModelLoader
 from agent.local_services import LocalServices
 from agent.protocol import AgentState, ArtifactRef, Desired
+from agent.protocol.config import AgentConfig
 from agent.reporting import Reporter
 from agent.runtime import ModelLoadError
 from agent.selftest import run_selftest, tighter_budget

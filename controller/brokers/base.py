@@ -7,6 +7,7 @@ import errno
 import ipaddress
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -154,7 +155,10 @@ def parse_broker_url(url: str) -> tuple[str, int]:
             "expected mqtt:// or tcp:// (TLS and websockets are not supported)"
         )
     if parts.username is not None or parts.password is not None:
-        raise ValueError(f"credentials in broker URL {url!r} are not supported; remove 'user@'")
+        redacted = re.sub(r"(://)[^/@]*@", r"\1***@", text)  # never echo the secret
+        raise ValueError(
+            f"credentials in broker URL {redacted!r} are not supported; remove 'user@'"
+        )
     if parts.path not in ("", "/"):
         raise ValueError(f"unexpected path {parts.path!r} in broker URL {url!r}")
     if parts.query or parts.fragment:

@@ -34,13 +34,28 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# mosquitto's default (1000) silently drops QoS1 messages for a subscriber that lags, e.g. a
-# device downloading a few hundred 128 KiB chunks while telemetry flows. Queued entries are
-# references to one shared message store, so the fan-out of one chunk costs one copy in memory.
-MAX_QUEUED_MESSAGES = 100_000
-# mosquitto's default is 20; 64 lets a fast device keep ~8 MiB of chunks in flight (64 × 128 KiB)
-# without letting one slow client pin an unbounded amount of the broker's memory.
+# Broker memory is bounded by what these allow (docs/rollouts.md, "Distribution", has the
+# formula). Queued entries are references to one shared message store (a chunk fanned out to
+# 1,000 devices is one copy), but a message in flight is copied into the client's output
+# buffer: 64 in flight × 64 KiB chunks is 4 MiB per downloading device, 40 GB at 10,000 (what
+# issue 20 measured growing past 16 GB). So in-flight bytes are capped per client:
+# 256 KiB = 4 chunks keeps a device's link busy (2.5 MB/s at a 100 ms RTT, 40× that on a LAN)
+# and bounds the copies at 256 KiB per downloading device, 256 MiB for 1,000 at once.
+MAX_INFLIGHT_BYTES = 256 * 1024
+# Small messages (events, telemetry, commands) are limited by count, not bytes: 64 lets the
+# controller's session (which acknowledges after its database commit) keep ~64 messages in
+# flight, ~1,300 messages/s at a 50 ms commit, above a 10,000-device fleet's ~1,000/s.
 MAX_INFLIGHT_MESSAGES = 64
+# Queued beyond the in-flight window, per client. mosquitto's default (1000) silently drops
+# QoS1 messages for a subscriber that lags, so it is sized deliberately: 100,000 messages is
+# ~100 s of a 10,000-device fleet's events and telemetry for the controller's persistent
+# session (a restart of that length loses nothing), and a device's queued retained chunks (a
+# 100 MiB model is 1,600) fit easily.
+MAX_QUEUED_MESSAGES = 100_000
+# ...and in bytes: 128 MiB bounds the controller's backlog (its messages are unique, not shared)
+# and a device's queued chunks at 2,048 × 64 KiB; past that mosquitto drops QoS1 (counted in
+# $SYS) and a device re-subscribes the chunks it lacks in rounds (agent/fetch.py).
+MAX_QUEUED_BYTES = 128 * 1024 * 1024
 # 16 × the 128 KiB chunk cap: room for MQTT headers and for manifests listing many chunk hashes,
 # while a runaway publisher is still cut off (disconnected, loudly). Not `message_size_limit`:
 # it PUBACKs an oversize MQTT 3.1.1 publish as a success and drops it, and answers an MQTT 5 one
@@ -98,7 +113,9 @@ def mosquitto_config(
         f"log_dest file {data_dir / _LOG_NAME}",
         "log_timestamp_format %Y-%m-%dT%H:%M:%S",
         f"max_queued_messages {MAX_QUEUED_MESSAGES}",
+        f"max_queued_bytes {MAX_QUEUED_BYTES}",
         f"max_inflight_messages {MAX_INFLIGHT_MESSAGES}",
+        f"max_inflight_bytes {MAX_INFLIGHT_BYTES}",
         f"max_packet_size {MAX_PACKET_SIZE}",
     ]
     if persistence:
@@ -256,5 +273,3 @@ def _log_tail(stderr_path: Path, logfile: Path, log_offset: int) -> str:
 
 
 # --------------------------------------------------------------------------- embedded default
-
-

@@ -16,7 +16,7 @@ import numpy as np
 import typer
 
 import firmware_profiles
-from agent.config import AgentConfig, PowerModelConfig, dump_config
+from agent.protocol.config import AgentConfig, PowerModelConfig, dump_config
 from controller.cli.render import as_json, num, short, table
 from controller.fleet.registry import Fleet
 from controller.fleet.rollout.policy import Gate, Policy, Threshold, parse_waves

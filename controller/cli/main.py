@@ -15,13 +15,13 @@ from controller.cli.onboarding import devices_register
 from controller.cli.optimize import optimize
 from controller.cli.render import as_json, num, short, table
 from controller.cli.rollout import rollout_app
-from controller.cli.security import broker_app, keys_app
+from controller.cli.security import broker_app, devices_revoke, keys_app, revocation_notes
 from controller.cli.simulate import simulate_command
 from controller.cli.status import status
 from controller.cli.telemetry import report, telemetry
 from controller.cli.tokens import tokens_app
 from controller.cli.up import host_port, replicas_command, up
-from controller.fleet.registry import FleetError
+from controller.fleet.registry import FleetError, default_home
 from controller.storage.db import is_postgres, redact_url
 
 app = typer.Typer(
@@ -157,12 +157,17 @@ def devices_show(
 def devices_remove(
     device_id: Annotated[str, typer.Argument(help="device id")], home: HomeOption = None
 ) -> None:
-    """Forget a device."""
+    """Revoke a device and forget it (`devices register` brings it back)."""
     try:
         _fleet(home).remove_device(device_id)
     except FleetError as exc:
         raise _fail(exc) from None
-    typer.echo(f"removed {device_id}")
+    typer.echo(f"removed and revoked {device_id}")
+    for note in revocation_notes(home or default_home(), device_id):
+        typer.echo(note)
+
+
+devices_app.command("revoke")(devices_revoke)
 
 
 @devices_app.command("benchmark")

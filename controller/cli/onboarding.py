@@ -92,6 +92,8 @@ def devices_register(
     )
     if row["broker_reloaded"]:
         typer.echo(row["broker_reloaded"])
+    for step in row["broker_steps"]:
+        typer.echo(f"broker config refreshed; reload that broker now: {step}")
     for warning in row["warnings"]:
         typer.echo(f"warning: {warning}", err=True)
     typer.echo("\non the device:")

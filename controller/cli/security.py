@@ -7,8 +7,9 @@ from typing import Annotated
 
 import typer
 
-from controller.cli.common import HomeOption, JsonOption
+from controller.cli.common import HomeOption, JsonOption, fail, open_fleet
 from controller.cli.render import as_json
+from controller.errors import FleetError
 from controller.fleet.registry import default_home
 
 broker_app = typer.Typer(no_args_is_help=True, help="Secured MQTT broker configuration.")
@@ -113,3 +114,52 @@ def keys_rotate(home: HomeOption = None, json_out: JsonOption = False) -> None:
         f"rotated: {old.key_id} -> {new.key_id} (keys version {keys.version}, signed by "
         f"{old.key_id}); the controller publishes it on its next reconcile"
     )
+
+
+def revocation_notes(home: Path, device_id: str) -> list[str]:
+    """What happens at the broker after a revocation, and the exact step an operator still owes.
+
+    The embedded broker of a running `up` reloads by itself; `broker config` outputs recorded in
+    HOME/security get fresh passwd/acl copies and their reload command; any other broker gets
+    the manual steps.
+    """
+    from controller.fleet.onboarding import read_serving
+
+    notes: list[str] = []
+    serving = read_serving(home)
+    if serving is not None and serving.embedded and serving.running and serving.auth != "none":
+        notes.append(
+            f"the embedded broker of the running `edgefleet up` (pid {serving.pid}) reloads "
+            "its password file and ACL within a second; the controller disconnects the device"
+        )
+    try:
+        from controller.security.broker_config import refresh_broker_copies
+        from controller.security.identity import FleetSecurity
+    except ImportError:  # no `cryptography`: no secured broker was ever configured here
+        return notes
+    for step in refresh_broker_copies(FleetSecurity(home)):
+        notes.append(f"broker config refreshed; reload that broker now: {step}")
+    if serving is not None and not serving.embedded:
+        notes.append(
+            f"external broker {serving.device_broker}: if it was not configured by `edgefleet "
+            f"broker config`, remove user {device_id} from its password file, add `user "
+            f"{device_id}` + `topic deny #` to its ACL, then reload it (mosquitto: kill -HUP PID)"
+        )
+    return notes
+
+
+def devices_revoke(
+    device_id: Annotated[str, typer.Argument(help="device id")], home: HomeOption = None
+) -> None:
+    """Revoke a device: its password goes, the broker ACL denies it, its messages are refused."""
+    home = home or default_home()
+    fleet = open_fleet(home)
+    try:
+        fleet.revoke_device(device_id)
+    except FleetError as exc:
+        raise fail(exc) from None
+    finally:
+        fleet.close()
+    typer.echo(f"revoked {device_id} (register it again to bring it back)")
+    for note in revocation_notes(home, device_id):
+        typer.echo(note)

@@ -16,6 +16,8 @@ from controller.cli.common import HomeOption, JsonOption, fail, open_fleet
 from controller.cli.onboarding import record_serving_or_warn
 from controller.cli.render import as_json, table
 from controller.fleet.registry import Fleet, default_home
+from controller.runtime.pacing import DEFAULT_MAX_FETCHING, DEFAULT_PER_MINUTE
+from controller.security.controller_identity import ControllerIdentity, controller_identity
 from controller.storage.db import database_target
 
 if TYPE_CHECKING:
@@ -33,6 +35,14 @@ def up(
     stats_interval: Annotated[
         float, typer.Option(min=0.1, help="seconds between stats lines in the log")
     ] = 60.0,
+    max_fetching: Annotated[
+        int,
+        typer.Option(min=0, help="devices downloading an artifact at once (0 = no window)"),
+    ] = DEFAULT_MAX_FETCHING,
+    fetch_rate: Annotated[
+        float,
+        typer.Option(min=0.0, help="devices starting a download per minute (0 = no limit)"),
+    ] = DEFAULT_PER_MINUTE,
     metrics: Annotated[
         str | None,
         typer.Option(help="serve Prometheus /metrics on HOST:PORT (e.g. 127.0.0.1:9464)"),
@@ -67,6 +77,16 @@ def up(
     http_address = host_port(http, "--http") if http else None
     handle = None
     username = password = None
+    identity = ControllerIdentity()
+    if broker is not None:
+        # The controller's own credentials (and fleet CA for mqtts://) from HOME/security, as
+        # `edgefleet broker config` wrote them; credentials in the URL are refused.
+        try:
+            identity = controller_identity(home, broker)
+        except ValueError as exc:
+            raise fail(exc) from None
+        username, password = identity.username, identity.password
+        typer.echo(f"broker {broker}: logging in {identity.describe()}", err=True)
     if broker is None:
         handle, username, password = _embedded_broker(home, host, port)
         broker = handle.url
@@ -89,10 +109,15 @@ def up(
         broker,
         topic_root=topic_root,
         stats_interval_s=stats_interval,
+        max_fetching=max_fetching,
+        fetches_per_minute=fetch_rate,
         telemetry_raw_days=telemetry_days,
         metrics=registry,
         username=username,
         password=password,
+        ca_file=identity.ca_file,
+        cert_file=identity.cert_file,
+        key_file=identity.key_file,
         replica=replica,
     )
     stop = threading.Event()

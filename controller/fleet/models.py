@@ -31,6 +31,12 @@ TFLITE_IDENTIFIER = b"TFL3"
 
 def _check_names(*, name: str, version: str | None, recipe: str | None = None) -> None:
     """Refuse a model name, version or recipe that could not travel as a safe name."""
+    if ":" in name:
+        # A model is referred to as NAME:VERSION (split at the first ':'): 'a:b' version 1
+        # would read back as model 'a' version 'b:1' and collide with model 'a'.
+        raise FleetError(
+            f"Invalid model name: {name!r} contains ':' (models are referred to as NAME:VERSION)"
+        )
     try:
         validate_name("model name", name)
         if version:

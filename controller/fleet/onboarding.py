@@ -250,20 +250,18 @@ def resolve_target(
 
 
 def reload_broker_passwords(home: Path, password_file: Path) -> str | None:
-    """Hand a new password file to the running embedded mosquitto (copy + SIGHUP); what it did.
+    """Make the running embedded mosquitto re-read its password file now (SIGHUP); what it did.
 
-    The secured embedded broker reads HOME/broker/passwd, a copy made when `up` started; a
-    device registered later would be refused until the copy is refreshed and reloaded.
+    The secured embedded broker reads the live HOME/security/passwd (`password_file`) and its
+    watcher reloads it within a second anyway; the signal only makes the new device usable at
+    once, before the operator copies the bundle.
     """
     serving = read_serving(home)
     if serving is None or serving.auth != "password" or not serving.embedded:
         return None
     broker = serving.broker_process() if serving.running else None
-    if broker is None or serving.broker_dir is None:
+    if broker is None or not password_file.exists():
         return None
-    from controller.security.identity import write_private
-
-    write_private(Path(serving.broker_dir) / "passwd", password_file.read_bytes())
     try:
         broker.send_signal(signal.SIGHUP)
     except psutil.Error:
@@ -330,14 +328,21 @@ def onboard(
     bundle_dir = Path(row["bundle"])
     wheel = build_agent_wheel(bundle_dir)
     reloaded = None
-    if target.auth == "password":
+    broker_steps: list[str] = []
+    if target.auth in ("password", "cert"):
+        from controller.security.broker_config import refresh_broker_copies
         from controller.security.identity import FleetSecurity
 
-        reloaded = reload_broker_passwords(home, FleetSecurity(home).passwords.path)
+        security = FleetSecurity(home)
+        if target.auth == "password":
+            reloaded = reload_broker_passwords(home, security.passwords.path)
+        # `broker config --out` outputs get fresh passwd/acl copies; their operator reloads.
+        broker_steps = refresh_broker_copies(security)
     row.update(
         broker=target.broker,
         broker_source=target.source,
         broker_reloaded=reloaded,
+        broker_steps=broker_steps,
         topic_root=target.topic_root,
         config=str(bundle_dir / "agent.toml"),
         wheel=str(wheel),

@@ -25,6 +25,7 @@ from controller.fleet.rollout.engine import deploy_policy
 from controller.fleet.rollout.policy import Policy
 from controller.fleet.rollout.states import DeviceState, move_all, sql_in
 from controller.security.signing import DESIRED_VALIDITY_S, FleetSigner
+from controller.security.signing import sign_command as sign_for_device
 from controller.storage.db import now
 
 log = logging.getLogger(__name__)
@@ -169,15 +170,26 @@ class Publishing(FleetCore):
         return self.rollouts.status(deployment_id)
 
     # ------------------------------------------------------------------ desired state (reconcile)
-    def unpublished_desired(self) -> list[tuple[str, Desired, list[Manifest]]]:
-        """Devices whose desired generation is not published yet: desired state + manifests."""
-        rows = self.db.query(
+    def unpublished_desired(
+        self, limit: int | None = None
+    ) -> list[tuple[str, Desired, list[Manifest]]]:
+        """Devices whose desired generation is not published yet: desired state + manifests.
+
+        With `limit`, at most that many, in device-id order (the service's download pacing
+        publishes a window's worth at a time and need not sign 10,000 desired states a tick).
+        """
+        sql = (
             "SELECT d.id, d.profile, d.desired_generation, d.desired_deployment_id, a.manifest, "
             "g.manifest AS golden, p.policy, d.desired_threads, d.desired_fallback FROM devices d "
             "LEFT JOIN artifacts a ON a.sha256 = d.desired_sha256 "
             "LEFT JOIN artifacts g ON g.sha256 = a.golden_sha256 "
             "LEFT JOIN deployments p ON p.id = d.desired_deployment_id "
             "WHERE d.desired_generation > d.published_generation"
+        )
+        rows = (
+            self.db.query(sql + " ORDER BY d.id LIMIT ?", (limit,))
+            if limit is not None
+            else self.db.query(sql)
         )
         out: list[tuple[str, Desired, list[Manifest]]] = []
         if not rows:
@@ -347,15 +359,26 @@ class Publishing(FleetCore):
         return row
 
     def unpublished_commands(self) -> list[tuple[str, Command]]:
-        """Commands not yet handed to the broker, oldest first."""
+        """Commands not yet handed to the broker, oldest first, signed for their device."""
         rows = self.db.query("SELECT * FROM commands WHERE published IS NULL ORDER BY created")
+        signer = _fleet_signer(self.home) if rows else None
         return [
             (
                 r["device_id"],
-                Command(command_id=r["id"], action=r["action"], runs=r["runs"], warmup=r["warmup"]),
+                sign_for_device(
+                    signer,
+                    Command(
+                        command_id=r["id"], action=r["action"], runs=r["runs"], warmup=r["warmup"]
+                    ),
+                    r["device_id"],
+                ),
             )
             for r in rows
         ]
+
+    def sign_command(self, device_id: str, command: Command) -> Command:
+        """A command the service builds itself (resend, announce), signed for `device_id`."""
+        return sign_for_device(_fleet_signer(self.home), command, device_id)
 
     def mark_command_published(self, command_id: str) -> None:
         """Record that a command was published."""

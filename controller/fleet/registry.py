@@ -16,6 +16,7 @@ from controller.fleet.core import default_home
 from controller.fleet.ingest import Ingest
 from controller.fleet.models import ModelCatalog
 from controller.fleet.publishing import Publishing
+from controller.security.revocation import read_revoked, revoked_path, write_revoked
 from controller.storage.db import now
 
 log = logging.getLogger(__name__)
@@ -83,10 +84,33 @@ class Fleet(Publishing, Ingest, ModelCatalog):
         return row
 
     def remove_device(self, device_id: str) -> None:
-        """Forget a device (its history of events and benchmarks is kept)."""
+        """Revoke a device and forget it (its history of events and benchmarks is kept).
+
+        Removing without revoking would leave its credentials working and let its next hello
+        register it again; `devices register` brings a removed device back.
+        """
         self.device(device_id)
+        self.revoke_device(device_id)
         with self.db.transaction() as tx:
             tx.execute("DELETE FROM devices WHERE id = ?", (device_id,))
+
+    def revoke_device(self, device_id: str) -> bool:
+        """Revoke a device's broker access and refuse its messages (docs/security.md,
+        "Revocation"); True when it had a password to remove."""
+        try:
+            validate_device_id(device_id)
+        except ProtocolError as exc:
+            raise FleetError(str(exc)) from None
+        try:
+            from controller.security.identity import FleetSecurity, IdentityError
+        except ImportError:  # no `cryptography`: no password file can exist; record the id
+            path = revoked_path(self.home)
+            write_revoked(path, read_revoked(path) | {device_id})
+            return False
+        try:
+            return FleetSecurity(self.home).revoke_device(device_id)
+        except IdentityError as exc:
+            raise FleetError(str(exc)) from None
 
 
     def device_detail(self, device_id: str, limit: int = 20) -> dict[str, Any]:

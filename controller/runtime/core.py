@@ -18,6 +18,7 @@ from agent.protocol.transport import Ack, MqttSession
 from controller.fleet.registry import Fleet
 from controller.runtime.adopt import Acknowledge, Adoption
 from controller.runtime.lease import Lease
+from controller.runtime.pacing import DEFAULT_MAX_FETCHING, DEFAULT_PER_MINUTE, FetchPacer
 from controller.runtime.tuning import (
     CONTROLLER_INFLIGHT,
     RESEND_GRACE_S,
@@ -26,6 +27,7 @@ from controller.runtime.tuning import (
     SHARE_GROUP,
     TELEMETRY_RAW_DAYS,
 )
+from controller.security.revocation import RevokedSet
 
 if TYPE_CHECKING:
     from controller.runtime.prometheus import ControllerMetrics
@@ -45,13 +47,21 @@ class ServiceCore:
         client_id: str = "edgefleet-controller",
         username: str | None = None,
         password: str | None = None,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
         stats_interval_s: float = 60.0,
         resend_grace_s: float = RESEND_GRACE_S,
         telemetry_raw_days: float = TELEMETRY_RAW_DAYS,
         metrics: ControllerMetrics | None = None,
         replica: str | None = None,
+        max_fetching: int = DEFAULT_MAX_FETCHING,
+        fetches_per_minute: float = DEFAULT_PER_MINUTE,
     ) -> None:
         """Prepare the session; start() connects and begins the loop.
+
+        At most `max_fetching` devices download at once and `fetches_per_minute` start a
+        download per minute (0 = no limit; controller/runtime/pacing.py).
 
         With `replica` (a name unique among the replicas), device messages arrive through
         shared subscriptions and only the replica holding the leader lease drives rollouts and
@@ -89,6 +99,11 @@ class ServiceCore:
         self.records_duplicate = 0
         self.messages = 0
         self.resend_requests = 0
+        self.needs_received = 0
+        self.repairs_coalesced = 0  # chunks asked for but published within the round already
+        # (sha, chunk index) -> when it was last published (retained), for repair coalescing.
+        self._republished: dict[tuple[str, int], float] = {}
+        self.pacer = FetchPacer(max_fetching, fetches_per_minute)
         # clean_session=False with a fixed client id: the broker queues device events for us
         # while the controller restarts, so a restart loses nothing.
         if replica is not None:
@@ -96,6 +111,12 @@ class ServiceCore:
         self.broker_url = broker_url
         self.client_id = client_id
         self._credentials = (username, password)
+        self._tls = (ca_file, cert_file, key_file)
+        # Revoked devices (HOME/security/revoked.json): their messages are refused, their
+        # sessions taken over (controller/runtime/kick.py), at most every REKICK_S each.
+        self.revoked = RevokedSet(home)
+        self._kicked: dict[str, float] = {}
+        self._revoked_seen: frozenset[str] = self.revoked.snapshot()
         self._adoptions: list[Adoption] = []
         self.adopted_messages = 0
         self.session = MqttSession(
@@ -107,6 +128,9 @@ class ServiceCore:
             on_connect=self._on_connect,
             username=username,
             password=password,
+            ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
             clean_session=False,
             max_inflight=CONTROLLER_INFLIGHT,
         )
@@ -150,6 +174,8 @@ class ServiceCore:
             "leader_terms": self.leader_terms,
             "adopted_messages": self.adopted_messages,
             "resend_requests": self.resend_requests,
+            "needs_received": self.needs_received,
+            "repairs_coalesced": self.repairs_coalesced,
         }
 
     def _still_leading(self, fleet: Fleet) -> bool:

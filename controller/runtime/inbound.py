@@ -1,8 +1,8 @@
 """Inbound device messages: drained in batches, parsed, handed to the fleet's ingest; resends."""
 
-
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import time
@@ -18,10 +18,12 @@ from agent.protocol import (
     Status,
     Telemetry,
     dump,
+    escape_controls,
     parse,
 )
 from controller.fleet.registry import Fleet
 from controller.runtime.adopt import Acknowledge
+from controller.runtime.kick import kick_in_background
 from controller.runtime.tuning import (
     ANNOUNCE_RETRY_S,
     MAX_BATCH,
@@ -35,6 +37,10 @@ from controller.runtime.core import ServiceCore
 
 log = logging.getLogger(__name__)
 
+# Least seconds between two takeovers of one revoked device's session: its next message after
+# a takeover (it reconnects before the broker reloaded) triggers another, without a storm.
+REKICK_S = 5.0
+
 
 def _channel_of(topic: str) -> str:
     """The channel a topic ends in (hello, events, telemetry, need, ...), for metric labels."""
@@ -46,6 +52,21 @@ def _same_device(claimed: str, topic_id: str) -> None:
     """A message must be about the device whose topic carries it."""
     if claimed != topic_id:
         raise ProtocolError(f"$.device_id: {claimed!r} does not match topic device {topic_id!r}")
+
+
+def _clean_hello(hello: Hello) -> Hello:
+    """The hello with every free-text fact escaped (escape_controls)."""
+    facts = hello.facts
+    cleaned = dataclasses.replace(
+        facts,
+        arch=escape_controls(facts.arch),
+        system=escape_controls(facts.system),
+        runtime=escape_controls(facts.runtime),
+        runtime_version=escape_controls(facts.runtime_version),
+        python=escape_controls(facts.python),
+        board=escape_controls(facts.board) if facts.board is not None else None,
+    )
+    return dataclasses.replace(hello, facts=cleaned)
 
 
 class Inbound(ServiceCore):
@@ -144,28 +165,35 @@ class Inbound(ServiceCore):
         reject bad input with a counted log line."""
         try:
             parsed = self.topics.parse(topic)
+            if parsed.kind == "device" and parsed.ident in self.revoked:
+                self._refuse_revoked(parsed.ident, topic)
+                return
             if parsed.channel == "hello":
                 hello = parse(payload, Hello)
                 _same_device(hello.device_id, parsed.ident)
-                fleet.record_hello(hello)
+                fleet.record_hello(_clean_hello(hello))
             elif parsed.channel == "status":
                 if not payload:
                     return  # a cleared retained message
                 status = parse(payload, Status)
                 _same_device(status.device_id, parsed.ident)
+                status = dataclasses.replace(status, detail=escape_controls(status.detail))
                 if not fleet.has_device(status.device_id):
-                    self._ask_to_announce(status.device_id)
+                    self._ask_to_announce(fleet, status.device_id)
                 fleet.record_status(status)
             elif parsed.channel == "events":
                 event = parse(payload, Event)
                 _same_device(event.device_id, parsed.ident)
+                event = dataclasses.replace(event, message=escape_controls(event.message))
                 fleet.record_event(event)
+                self.pacer.on_event(event)  # past `fetching`: its download slot is free
             elif parsed.channel == "telemetry":
                 message = parse(payload, Telemetry)
                 _same_device(message.device_id, parsed.ident)
                 telemetry.append(message)
             elif parsed.channel == "need":
                 need = parse(payload, Need)
+                self.needs_received += 1
                 manifest = fleet.manifest(parsed.ident)
                 valid = {i for i in need.chunks if 0 <= i < manifest.chunk_count}
                 needs[parsed.ident] |= valid
@@ -194,10 +222,13 @@ class Inbound(ServiceCore):
         for device_id, ranges in due.items():
             for start in range(0, len(ranges), MAX_RESEND_RANGES):
                 part = tuple(ranges[start : start + MAX_RESEND_RANGES])
-                command = Command(
-                    command_id=f"resend-{uuid.uuid4().hex[:12]}",
-                    action="resend_telemetry",
-                    seq_ranges=part,
+                command = fleet.sign_command(
+                    device_id,
+                    Command(
+                        command_id=f"resend-{uuid.uuid4().hex[:12]}",
+                        action="resend_telemetry",
+                        seq_ranges=part,
+                    ),
                 )
                 self.session.publish(self.topics.cmd(device_id), dump(command))
                 fleet.telemetry.mark_requested(device_id, part, now)
@@ -206,12 +237,51 @@ class Inbound(ServiceCore):
                     self.metrics.observe_resend()
                 log.info("asked %s to resend %d telemetry range(s)", device_id, len(part))
 
-    def _ask_to_announce(self, device_id: str) -> None:
+    def _kick_newly_revoked(self) -> None:
+        """Take over the session of every device revoked since the last look (one stat)."""
+        revoked = self.revoked.snapshot()
+        if revoked is self._revoked_seen:
+            return
+        for device_id in sorted(revoked - self._revoked_seen):
+            self._kick(device_id)
+        self._revoked_seen = revoked
+
+    def _refuse_revoked(self, device_id: str, topic: str) -> None:
+        """Drop a message of a revoked device (a hello must not register it again) and take
+        its broker session over, at most every REKICK_S per device."""
+        self.rejected += 1
+        log.warning("rejected message on %s: device %r is revoked", topic, device_id)
+        self._kick(device_id)
+
+    def _kick(self, device_id: str) -> None:
+        """Take a revoked device's broker session over, at most every REKICK_S per device.
+
+        Only over the plaintext loopback listener, where client ids are kept: on a device
+        listener `use_username_as_clientid` would turn the takeover into one of the
+        controller's own session. There the reloaded password file and ACL deny stop it.
+        """
+        if self.broker_url.lower().startswith(("mqtts://", "ssl://")):
+            return
+        now = time.monotonic()
+        if now - self._kicked.get(device_id, -REKICK_S) < REKICK_S:
+            return
+        self._kicked[device_id] = now
+        kick_in_background(
+            self.broker_url,
+            device_id,
+            username=self._credentials[0],
+            password=self._credentials[1],
+        )
+
+    def _ask_to_announce(self, fleet: Fleet, device_id: str) -> None:
         """A device we only know from its retained status lost its hello (it connected before
         our first subscription existed): ask it to announce itself again."""
         now = time.monotonic()
         if now - self._announce_asked.get(device_id, -ANNOUNCE_RETRY_S) < ANNOUNCE_RETRY_S:
             return
         self._announce_asked[device_id] = now
-        command = Command(command_id=f"announce-{uuid.uuid4().hex[:12]}", action="resend_status")
+        command = fleet.sign_command(
+            device_id,
+            Command(command_id=f"announce-{uuid.uuid4().hex[:12]}", action="resend_status"),
+        )
         self.session.publish(self.topics.cmd(device_id), dump(command))

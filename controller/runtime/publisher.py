@@ -1,6 +1,5 @@
 """Outbound: reconciles desired state, manifests and chunks into MQTT; housekeeping passes."""
 
-
 from __future__ import annotations
 
 import logging
@@ -12,10 +11,13 @@ from agent.protocol import (
     Manifest,
     dump,
 )
+from agent.protocol.limits import REPUBLISH_ROUND_S
 from controller.fleet.registry import Fleet
 from controller.runtime.tuning import (
     COMPACT_BUDGET_S,
     NEED_COALESCE_S,
+    PACING_SLACK,
+    REPUBLISHED_MEMORY,
     TICK_GRACE_S,
 )
 from controller.security.signing import current_fleet_keys
@@ -83,7 +85,13 @@ class Publisher(ServiceCore):
         retained = fleet.chunks_retained()
         in_use: set[str] | None = None
         published: list[tuple[str, int]] = []
-        for device_id, desired, manifests in fleet.unpublished_desired():
+        self.pacer.begin()
+        budget = self.pacer.budget()
+        limit = None if budget is None else budget + PACING_SLACK
+        for device_id, desired, manifests in fleet.unpublished_desired(limit):
+            downloads = desired.artifact is not None or desired.fallback is not None
+            if downloads and not self.pacer.admit(device_id, desired.generation):
+                continue  # stays unpublished until a download slot frees up (pacing.py)
             try:
                 for manifest in manifests:  # the golden blob's manifest before the model's
                     sha = manifest.sha256
@@ -121,17 +129,29 @@ class Publisher(ServiceCore):
         for index in indices:
             data = fleet.artifacts.read_chunk(sha, index, manifest.chunk_size)
             self.session.publish(self.topics.chunk(sha, index), data, retain=True)
+            self._republished[(sha, index)] = time.monotonic()
             self.chunks_published += 1
             self.bytes_published += len(data)
 
     def _serve_chunks(
         self, fleet: Fleet, needs: dict[str, set[int]], first_need: dict[str, float]
     ) -> None:
-        """Publish each requested chunk once per coalescing window, on the artifact's topic."""
-        due = [sha for sha, t0 in first_need.items() if time.monotonic() - t0 >= NEED_COALESCE_S]
+        """Republish requested chunks once per coalescing window, and each chunk at most once
+        per REPUBLISH_ROUND_S after it was last published: within that, the broker still holds
+        the retained copy (a broker restart reconnects us, which clears the memory) and serves
+        a device's re-subscription itself. A republish is retained on the chunk's own topic,
+        so it reaches the devices subscribed to that chunk, the ones missing it."""
+        now = time.monotonic()
+        due = [sha for sha, t0 in first_need.items() if now - t0 >= NEED_COALESCE_S]
         for sha in due:
-            indices = sorted(needs.pop(sha, set()))
             del first_need[sha]
+            asked = needs.pop(sha, set())
+            indices = sorted(
+                i for i in asked if now - self._republished.get((sha, i), -1e9) >= REPUBLISH_ROUND_S
+            )
+            self.repairs_coalesced += len(asked) - len(indices)
+            if not indices:
+                continue
             try:
                 self._publish_chunks(fleet, fleet.manifest(sha), indices)
                 # Repairs are retained too: flag them so the sweep clears them later.
@@ -139,6 +159,10 @@ class Publisher(ServiceCore):
             except Exception:  # e.g. the artifact file vanished: log, keep serving the rest
                 self.errors += 1
                 log.exception("cannot serve chunks of %s", sha[:12])
+        if len(self._republished) > REPUBLISHED_MEMORY:
+            self._republished = {
+                k: t for k, t in self._republished.items() if now - t < REPUBLISH_ROUND_S
+            }
 
     def _sweep_retained(self, fleet: Fleet) -> None:
         """Clear the retained chunks of artifacts no device still has to download."""

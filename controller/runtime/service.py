@@ -115,6 +115,7 @@ class ControllerService(Publisher, Inbound, Leadership):
                 if self._republish_after_reconnect(fleet):
                     timers.next_reconcile = 0.0
                 self._serve_chunks(fleet, needs, first_need)
+                self._kick_newly_revoked()
                 if self.is_leader:  # followers ingest only: the leader drives and publishes
                     self._lead_tick(fleet, timers, dirty)
         except Exception:
@@ -155,6 +156,7 @@ class ControllerService(Publisher, Inbound, Leadership):
         # Retained state may be gone (broker restart without persistence): resend.
         try:
             fleet.republish_all()
+            self._republished.clear()  # the broker may have lost retained chunks
         except Exception:  # retried on the next iteration
             self.errors += 1
             log.exception("cannot reset the published state")
@@ -204,10 +206,15 @@ class ControllerService(Publisher, Inbound, Leadership):
     def _log_stats(self) -> None:
         """One INFO line of counters, for operators reading the log."""
         log.info(
-            "stats: %d chunk bytes published (%d chunks), %d telemetry records stored "
-            "(%d duplicates), %d resend requests, %d rejected messages, %d errors",
+            "stats: %d chunk bytes published (%d chunks), %d need messages, %d repairs coalesced, "
+            "%d fetching, %d peak fetching, %d telemetry records stored (%d duplicates), "
+            "%d resend requests, %d rejected messages, %d errors",
             self.bytes_published,
             self.chunks_published,
+            self.needs_received,
+            self.repairs_coalesced,
+            self.pacer.fetching,
+            self.pacer.counters.peak_fetching,
             self.records_stored,
             self.records_duplicate,
             self.resend_requests,

@@ -10,6 +10,12 @@ SHARE_GROUP = "edgefleet"
 # Requests for chunks are gathered this long before publishing, so devices that start together
 # share one publication of each chunk (egress ≈ one artifact size per wave, not per device).
 NEED_COALESCE_S = 0.25
+# (sha, chunk) publish times remembered before old ones are forgotten: bounds the map on a
+# controller that runs for months; entries older than REPUBLISH_ROUND_S are useless anyway.
+REPUBLISHED_MEMORY = 10_000
+# Desired states read per reconcile beyond the pacer's budget: devices whose new desired state
+# needs no download slot (no artifact) are published even while the window is full.
+PACING_SLACK = 64
 # Most messages handled per database transaction: batching keeps SQLite fast under fan-in.
 MAX_BATCH = 500
 # Ask an unknown device to announce itself at most this often.

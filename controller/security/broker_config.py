@@ -7,9 +7,14 @@ all run the same lines. docs/security.md explains each one and the EMQX / HiveMQ
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
 import os
 import shutil
+import signal
 import socket
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +30,14 @@ from controller.security.identity import (
     write_private,
 )
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "DEVICE_PUBLISHES",
     "DEVICE_SUBSCRIBES",
     "BrokerFiles",
     "acl_text",
+    "refresh_broker_copies",
     "secure_extra_config",
     "start_secure_mosquitto",
     "write_broker_files",
@@ -46,6 +54,11 @@ DEVICE_SUBSCRIBES = ("desired", "cmd")
 # TLS 1.2 is the oldest version without known protocol breaks that embedded TLS stacks
 # (mbedTLS, wolfSSL) still commonly ship; 1.3 is negotiated when both sides have it.
 TLS_MIN_VERSION = "tlsv1.2"
+# How often the embedded broker's watcher looks at the live password and revocation files: a
+# registration or revocation takes effect within a second, for two stat() calls per second.
+WATCH_INTERVAL_S = 0.5
+# Where `broker config --out DIR` outputs are recorded, so register/revoke refresh their copies.
+BROKER_COPIES = "broker_copies.json"
 
 
 @dataclass(frozen=True)
@@ -74,7 +87,11 @@ class BrokerFiles:
         )
 
 
-def acl_text(topic_root: str = DEFAULT_ROOT, controller_username: str = CONTROLLER_USERNAME) -> str:
+def acl_text(
+    topic_root: str = DEFAULT_ROOT,
+    controller_username: str = CONTROLLER_USERNAME,
+    revoked: Iterable[str] = (),
+) -> str:
     """mosquitto ACL file: the controller owns the root; each device only its own channels.
 
     `pattern` lines apply to every authenticated client with `%u` = its username (= device id,
@@ -87,8 +104,12 @@ def acl_text(topic_root: str = DEFAULT_ROOT, controller_username: str = CONTROLL
         f"user {controller_username}",
         f"topic readwrite {topic_root}/#",
         "",
-        "# Every device (username = device id):",
     ]
+    # A `topic deny` in a user's section wins over the patterns below (checked with mosquitto
+    # 2.0.11): a revoked certificate device still passes TLS but may neither read nor write.
+    for device_id in sorted(revoked):
+        lines += [f"# revoked: {device_id}", f"user {device_id}", "topic deny #", ""]
+    lines += ["# Every device (username = device id):"]
     lines += [f"pattern write {topic_root}/devices/%u/{c}" for c in DEVICE_PUBLISHES]
     lines += [f"pattern read {topic_root}/devices/%u/{c}" for c in DEVICE_SUBSCRIBES]
     lines += [
@@ -125,8 +146,8 @@ def secure_extra_config(
             raise IdentityError(f"{str(path)!r} contains a newline; mosquitto cannot use it")
     lines = [
         "# ---- edgefleet security (controller/security/broker_config.py, docs/security.md)",
-        "# Loopback listener: the client id is forced to the username, so A cannot take B's.",
-        "use_username_as_clientid true",
+        "# Loopback listener (the controller, its replicas, an operator's mosquitto_sub): client",
+        "# ids are kept, so two connections as the controller user never take over each other.",
         "allow_anonymous false",
         f"password_file {files.passwd}",
         f"acl_file {files.acl}",
@@ -172,6 +193,7 @@ def write_broker_files(
     server_names: Iterable[str] = (),
     topic_root: str = DEFAULT_ROOT,
     persistence: bool = True,
+    live: bool = False,
 ) -> BrokerFiles:
     """Write mosquitto.conf, passwd, acl, ca.crt and a server cert/key into `out_dir` (0700).
 
@@ -180,12 +202,16 @@ def write_broker_files(
     """
     files = BrokerFiles.at(private_dir(out_dir.resolve()))
     security.controller_credentials()  # the controller must be able to connect
+    if live:  # the embedded broker reads the controller's own password file, never a copy
+        files = dataclasses.replace(files, passwd=security.passwords.path)
     ca = security.ca
     shutil.copyfile(ca.cert_path, files.ca)
     names = [*server_names] or default_server_names(host)
     ca.issue("edgefleet broker", files.server_cert, files.server_key, server_names=names)
-    write_private(files.passwd, security.passwords.path.read_bytes())
-    files.acl.write_text(acl_text(topic_root))
+    if not live:
+        write_private(files.passwd, security.passwords.path.read_bytes())
+        _record_copy(security, files.directory, topic_root)
+    files.acl.write_text(acl_text(topic_root, revoked=security.revoked()))
     extra = secure_extra_config(files, host=host, tls_port=tls_port, cert_port=cert_port)
     conf = mosquitto_config(
         files.directory,
@@ -195,7 +221,7 @@ def write_broker_files(
         extra_config=extra,
     )
     files.conf.write_text(conf)
-    for path in (files.ca, files.server_cert, files.acl, files.conf):
+    for path in (files.ca, files.server_cert, files.acl, files.conf, files.passwd):
         os.chmod(path, 0o600)
     return files
 
@@ -230,6 +256,7 @@ def start_secure_mosquitto(
         server_names=server_names,
         topic_root=topic_root,
         persistence=persistence,
+        live=True,
     )
     handle = start_mosquitto(
         files.directory,
@@ -240,4 +267,91 @@ def start_secure_mosquitto(
         binary=binary,
     )
     handle.tls_port, handle.cert_port = tls_port, cert_port
+    CredentialWatcher(handle, security, files.acl, topic_root).start()
     return handle
+
+
+class CredentialWatcher(threading.Thread):
+    """Reloads the embedded mosquitto when the live password or revocation file changes.
+
+    The broker reads HOME/security/passwd itself; a registration, re-registration or revocation
+    by any process (CLI, HTTP, Python) changes it, this thread rewrites the ACL from the revoked
+    set and sends SIGHUP, mosquitto's documented reload. Ends when the broker stops.
+    """
+
+    def __init__(
+        self, handle: BrokerHandle, security: FleetSecurity, acl: Path, topic_root: str
+    ) -> None:
+        """Watch for `handle`'s broker; `acl` is the file its config names."""
+        super().__init__(name="broker-credential-watcher", daemon=True)
+        self.handle, self.security, self.acl, self.topic_root = handle, security, acl, topic_root
+        self.reloads = 0
+        self._seen = self._stamp()
+
+    def _stamp(self) -> tuple[tuple[int, int, int] | None, ...]:
+        """(mtime_ns, size, inode) of the watched files; None for a missing one."""
+        stamps: list[tuple[int, int, int] | None] = []
+        for path in (self.security.passwords.path, self.security.revoked_path):
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                stamps.append(None)
+                continue
+            stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
+        return tuple(stamps)
+
+    def run(self) -> None:
+        """Poll until the broker stops; reload on every change."""
+        while self.handle.is_running():
+            threading.Event().wait(WATCH_INTERVAL_S)
+            stamp = self._stamp()
+            if stamp == self._seen:
+                continue
+            self._seen = stamp
+            try:
+                self.reload()
+            except (OSError, IdentityError) as exc:
+                log.error("broker credential reload failed: %s", exc)
+
+    def reload(self) -> None:
+        """Rewrite the ACL from the revoked set, then SIGHUP the broker."""
+        self.acl.write_text(acl_text(self.topic_root, revoked=self.security.revoked()))
+        os.chmod(self.acl, 0o600)
+        if self.handle.pid is not None:
+            os.kill(self.handle.pid, signal.SIGHUP)
+            self.reloads += 1
+            log.info("broker reloaded its password file and ACL (pid %d)", self.handle.pid)
+
+
+def _record_copy(security: FleetSecurity, directory: Path, topic_root: str) -> None:
+    """Remember a `broker config --out` directory, so register/revoke refresh its copies."""
+    path = security.directory / BROKER_COPIES
+    copies = _copies(security)
+    copies[str(directory)] = topic_root
+    write_private(path, (json.dumps(copies, indent=2) + "\n").encode())
+
+
+def _copies(security: FleetSecurity) -> dict[str, str]:
+    """Recorded output directories -> their topic roots."""
+    try:
+        data = json.loads((security.directory / BROKER_COPIES).read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
+def refresh_broker_copies(security: FleetSecurity) -> list[str]:
+    """Rewrite passwd and acl in every recorded `broker config` output that still exists.
+
+    Returns the exact reload command for each (the broker there is run by its operator, maybe
+    on another machine): mosquitto re-reads both files on SIGHUP.
+    """
+    steps: list[str] = []
+    for directory, topic_root in sorted(_copies(security).items()):
+        files = BrokerFiles.at(Path(directory))
+        if not files.conf.exists():
+            continue
+        write_private(files.passwd, security.passwords.path.read_bytes())
+        write_private(files.acl, acl_text(topic_root, revoked=security.revoked()).encode())
+        steps.append(f"kill -HUP $(cat {files.directory / 'mosquitto.pid'})")
+    return steps

@@ -25,9 +25,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.config import AgentConfig, dump_config
 from agent.protocol import DEFAULT_ROOT, ProtocolError, validate_device_id
+from agent.protocol.config import AgentConfig, dump_config
 from controller.security.files import write_private
+from controller.security.revocation import (
+    REVOKED_FILE,
+    RevocationError,
+    read_revoked,
+    write_revoked,
+)
 
 __all__ = [
     "AUTH_METHODS",
@@ -369,6 +375,9 @@ class FleetSecurity:
         if auth not in AUTH_METHODS:
             raise IdentityError(f"unknown auth {auth!r}: expected one of {', '.join(AUTH_METHODS)}")
         private_dir(bundle_dir)
+        revoked = self.revoked()
+        if device_id in revoked:  # registering again is how a revoked device comes back
+            self._write_revoked(revoked - {device_id})
         if auth == "none":
             # An anonymous broker (loopback `edgefleet up`): no password may linger for the id.
             self.passwords.remove(device_id)
@@ -381,11 +390,36 @@ class FleetSecurity:
         self.passwords.remove(device_id)
         cert_path, key_path = bundle_dir / "device.crt", bundle_dir / "device.key"
         self.ca.issue(device_id, cert_path, key_path)
+        os.chmod(cert_path, 0o600)  # every bundle file is 0600 (docs/security.md)
         return DeviceCredentials(device_id, auth, cert_path=cert_path, key_path=key_path)
 
+    @property
+    def revoked_path(self) -> Path:
+        """HOME/security/revoked.json: ids refused by the broker's ACL and the controller."""
+        return self.directory / REVOKED_FILE
+
+    def revoked(self) -> set[str]:
+        """Ids of revoked devices (until registered again)."""
+        try:
+            return read_revoked(self.revoked_path)
+        except RevocationError as exc:
+            raise IdentityError(str(exc)) from None
+
+    def _write_revoked(self, ids: set[str]) -> None:
+        """Persist the revoked set (sorted, 0600)."""
+        write_revoked(self.revoked_path, ids)
+
     def revoke_device(self, device_id: str) -> bool:
-        """Remove a device's password (certificate devices are refused by removing their ACL)."""
-        return self.passwords.remove(device_id)
+        """Revoke a device: its password goes, its id is denied everything in the broker's ACL
+        (certificate devices keep a valid certificate, so the ACL is what stops them) and the
+        controller refuses its messages. True when it had a password."""
+        try:
+            validate_device_id(device_id)
+        except ProtocolError as exc:
+            raise IdentityError(str(exc)) from None
+        had_password = self.passwords.remove(device_id)
+        self._write_revoked(self.revoked() | {device_id})
+        return had_password
 
     def write_bundle(
         self,
@@ -402,7 +436,7 @@ class FleetSecurity:
         File paths in agent.toml are relative: the agent resolves them against the config's
         directory, so the bundle can be copied to the device as one directory. Without
         `data_dir` the key is left out and the agent picks its own by who runs it
-        (agent.config.default_data_dir: systemd StateDirectory, /var/lib as root, else
+        (agent.protocol.config.default_data_dir: systemd StateDirectory, /var/lib as root, else
         ~/.local/share). Returns the agent.toml path.
         """
         from agent.protocol.transport import is_tls_url

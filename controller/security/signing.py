@@ -8,13 +8,15 @@ Files under HOME/security (docs/security.md, "Signed desired state and manifests
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from agent.protocol import FleetKeys, Signature, dump, parse
+from agent.protocol import Command, FleetKeyChain, FleetKeys, Signature, dump, parse
+from agent.protocol.keychain import MAX_CHAIN_LINKS
+from agent.protocol.limits import COMMAND_VALIDITY_S
 from agent.protocol.signing import canonical_bytes, encode_b64, key_id
 from controller.security.files import write_private
 
@@ -28,11 +30,15 @@ __all__ = [
     "DESIRED_VALIDITY_S",
     "FleetSigner",
     "current_fleet_keys",
+    "next_command_counter",
     "rotate_signing_key",
+    "sign_command",
 ]
 
 SIGNING_KEY = "signing.key"
 FLEET_KEYS = "fleet_keys.json"
+# Every rotation since the first, oldest first (what is published: agents walk it).
+KEY_CHAIN = "fleet_keys_chain.json"
 RETIRED_DIR = "retired"
 # How long a signed desired state stays valid. The controller re-signs (fresh expiry) whenever it
 # republishes, and republishes everything on every reconnect; 30 days lets a device that was
@@ -130,13 +136,56 @@ class FleetSigner:
         )
 
 
-def current_fleet_keys(directory: Path) -> bytes | None:
-    """The signed FleetKeys message to publish retained (None before the first rotation)."""
-    path = directory / FLEET_KEYS
+_counter_lock = threading.Lock()
+_last_counter = 0
+
+
+def next_command_counter() -> int:
+    """A command counter above every earlier one of this process: unix time in microseconds.
+
+    Time-based like desired generations, so a restarted controller (or another replica with a
+    synchronised clock) keeps counting upwards without shared state; the lock and `+1` keep it
+    strictly increasing within one process even when two commands share a microsecond.
+    """
+    global _last_counter
+    with _counter_lock:
+        _last_counter = max(time.time_ns() // 1000, _last_counter + 1)
+        return _last_counter
+
+
+def sign_command(
+    signer: FleetSigner | None, command: Command, device_id: str, now: float | None = None
+) -> Command:
+    """`command` addressed to `device_id`, with a fresh counter and expiry, signed by the fleet
+    key (addressed and counted but unsigned where `cryptography` is missing: development mode)."""
+    addressed = dataclasses.replace(
+        command,
+        device_id=device_id,
+        counter=next_command_counter(),
+        expires=(time.time() if now is None else now) + COMMAND_VALIDITY_S,
+    )
+    return signer.sign(addressed) if signer is not None else addressed
+
+
+def key_chain(directory: Path) -> FleetKeyChain | None:
+    """Every rotation link so far (None before the first rotation).
+
+    A data dir from before the chain has only fleet_keys.json: that link is the chain.
+    """
     try:
-        return path.read_bytes()
+        return parse((directory / KEY_CHAIN).read_bytes(), FleetKeyChain)
+    except FileNotFoundError:
+        pass
+    try:
+        return FleetKeyChain(links=(parse((directory / FLEET_KEYS).read_bytes(), FleetKeys),))
     except FileNotFoundError:
         return None
+
+
+def current_fleet_keys(directory: Path) -> bytes | None:
+    """The signed rotation chain to publish retained (None before the first rotation)."""
+    chain = key_chain(directory)
+    return dump(chain) if chain is not None else None
 
 
 def rotate_signing_key(directory: Path) -> tuple[FleetSigner, FleetSigner, FleetKeys]:
@@ -148,12 +197,18 @@ def rotate_signing_key(directory: Path) -> tuple[FleetSigner, FleetSigner, Fleet
     message signed by a key they already trust.
     """
     old = FleetSigner.load_or_create(directory)
-    previous = current_fleet_keys(directory)
-    version = parse(previous, FleetKeys).version + 1 if previous else 1
+    chain = key_chain(directory)
+    links = chain.links if chain is not None else ()
+    version = links[-1].version + 1 if links else 1
     new_key = _new_key()
     new = FleetSigner(new_key)
     keys = old.sign(
         FleetKeys(version=version, keys=(new.public_b64, old.public_b64), ts=time.time())
+    )
+    # The chain first (what agents walk), then the latest link; the oldest links drop out past
+    # MAX_CHAIN_LINKS (a device that slept through that many rotations is re-provisioned).
+    write_private(
+        directory / KEY_CHAIN, dump(FleetKeyChain(links=(*links, keys)[-MAX_CHAIN_LINKS:]))
     )
     write_private(directory / FLEET_KEYS, dump(keys))
     retired = private_dir(directory / RETIRED_DIR)
@@ -165,10 +220,12 @@ def rotate_signing_key(directory: Path) -> tuple[FleetSigner, FleetSigner, Fleet
 def describe(directory: Path) -> dict[str, object]:
     """Key id, public key and keys-message version, for `edgefleet keys show`."""
     signer = FleetSigner.load_or_create(directory)
-    keys = current_fleet_keys(directory)
+    chain = key_chain(directory)
+    latest = chain.links[-1] if chain is not None else None
     return {
         "key_id": signer.key_id,
         "public_key": signer.public_b64,
-        "keys_version": json.loads(keys)["version"] if keys else 0,
-        "trusted": list(parse(keys, FleetKeys).keys) if keys else [signer.public_b64],
+        "keys_version": latest.version if latest else 0,
+        "trusted": list(latest.keys) if latest else [signer.public_b64],
+        "chain_length": len(chain.links) if chain is not None else 0,
     }

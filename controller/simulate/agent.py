@@ -64,6 +64,8 @@ class SimCounters:
     chunks_rejected: int = 0  # chunks with a wrong length or digest
     chunks_dropped: int = 0  # chunks lost on purpose by the drop fault
     needs_sent: int = 0
+    repair_rounds: int = 0  # re-subscriptions of missing chunks (served by the broker)
+    repairs_deferred: int = 0  # repair checks put off: bytes still unread in the socket
     events_sent: int = 0
     benchmarks_sent: int = 0
     commands_handled: int = 0
@@ -234,12 +236,10 @@ class SimAgent(FallbackSwitch):
         upd = self.update
         if upd is not None and upd.waiting_manifest:
             topics.append(self.sim.topics.manifest(upd.waiting_manifest))
-        if upd is not None and upd.prefix:
-            topics.append(upd.prefix + "+")
         self.subscribe(*topics)
         self.announce()
         if upd is not None and upd.prefix and upd.missing:
-            self._send_need(upd)  # resume from the bitmap: ask only for the gaps
+            self._resume(upd)  # from the bitmap: re-subscribe only the gaps, after a spread
         if self.telemetry is not None:
             self.telemetry.flush()  # records spooled while offline
 

@@ -2,20 +2,31 @@
 
 A simulated agent keeps one bitmap per blob; the bytes of every artifact are written once per
 process into a shared temp file (Assembly), hashed once, then dropped. ArtifactFetch is the
-fetch half of SimAgent's update state machine (manifest, chunks, Need repair, offline fault),
-as agent/fetch.py is for the daemon.
+fetch half of SimAgent's update state machine (manifest, chunks, repair, offline fault), as
+agent/fetch.py is for the daemon, with the same distribution rules (docs/rollouts.md): chunks
+come retained through `chunks/+`; after a silence the missing ones are re-subscribed one topic
+each (the broker re-sends them to this agent alone); a round that brought nothing also sends a
+`need`; rounds back off with jitter, and a reconnect waits a random spread before repairing.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import random
 import tempfile
 import time
 from typing import TYPE_CHECKING, NamedTuple, cast
 
 from agent.protocol import AgentState, ArtifactRef, Desired, Fallback, Manifest, Need, dump
+from agent.protocol.limits import (
+    MAX_REPAIR_TOPICS,
+    RECONNECT_SPREAD_S,
+    REPAIR_BACKOFF_MAX_S,
+    REPAIR_JITTER,
+)
 from controller.simulate.figures import MIB
+from controller.simulate.netutil import unread_bytes
 
 if TYPE_CHECKING:
     import random
@@ -82,18 +93,22 @@ class Update:
 
     __slots__ = (
         "assembly",
+        "backoff",
         "blob",
         "deadline",
         "desired",
         "fallback",
         "fetched",
         "have",
+        "hold_until",
         "missing",
         "model_manifest",
         "offline_done",
         "prefix",
         "quiet_since",
         "ref",
+        "repairing",
+        "round_missing",
         "sha",
         "waiting_manifest",
     )
@@ -118,6 +133,13 @@ class Update:
         self.fetched: list[Assembly] = []
         self.quiet_since = time.monotonic()
         self.offline_done = False
+        # Repair state: chunk indices subscribed one by one (None: on `chunks/+`), the current
+        # wait between rounds, `missing` at the last round (-1: none yet) and, after a
+        # reconnect, the spread time before which no round starts.
+        self.repairing: tuple[int, ...] | None = None
+        self.backoff = 0.0
+        self.round_missing = -1
+        self.hold_until = 0.0
 
 
 class ArtifactFetch:
@@ -130,6 +152,7 @@ class ArtifactFetch:
     if TYPE_CHECKING:
         sim: Simulation
         device_id: str
+        fd: int | None
         faults: Faults
         rng: random.Random | None
         connected: bool
@@ -192,16 +215,24 @@ class ArtifactFetch:
         self._downloaded(upd)
 
     def _fetch_blob(self, upd: Update, manifest: Manifest) -> None:
-        """Subscribe a blob's chunks; the broker delivers the retained ones, Need repairs gaps."""
+        """Subscribe a blob's chunks; the broker delivers the retained ones, repair fills gaps."""
         upd.blob = manifest
         upd.have = bytearray(manifest.chunk_count)
         upd.missing = manifest.chunk_count
         upd.assembly = self.sim.assembly_for(manifest)
         upd.prefix = f"{self.sim.topics.root}/artifacts/{manifest.sha256}/chunks/"
+        upd.repairing, upd.round_missing = None, -1
+        upd.backoff = self.sim.repair_interval_s
         self.subscribe(upd.prefix + "+")
         upd.quiet_since = time.monotonic()
         self._arm_repair(upd)
         self._maybe_go_offline(upd)
+
+    def _chunk_topics(self, upd: Update) -> list[str]:
+        """The chunk topics this update is subscribed to now."""
+        if upd.repairing is None:
+            return [upd.prefix + "+"]
+        return [upd.prefix + str(i) for i in upd.repairing]
 
     def _on_chunk(self, upd: Update, topic: str, payload: bytes) -> None:
         """Verify one chunk's length and sha256 against the manifest, then set its bit."""
@@ -236,37 +267,84 @@ class ArtifactFetch:
         if upd.missing:
             self._maybe_go_offline(upd)
             return
-        self.unsubscribe(upd.prefix + "+")
+        self.unsubscribe(*self._chunk_topics(upd))
         upd.fetched.append(upd.assembly)
         upd.assembly, upd.blob, upd.prefix = None, None, ""
         self._next_blob(upd)
 
     def _send_need(self, upd: Update) -> None:
-        """Ask for every chunk still missing (the controller coalesces requests)."""
+        """Ask the controller for every chunk still missing (it republishes once per round)."""
         assert upd.blob is not None
         missing = tuple(i for i, bit in enumerate(upd.have) if not bit)
         need = Need(device_id=self.device_id, chunks=missing)
         self.publish(self.sim.topics.need(upd.blob.sha256), dump(need))
         self.sim.counters.needs_sent += 1
-        upd.quiet_since = time.monotonic()
+
+    def _repair_round(self, upd: Update) -> None:
+        """Re-subscribe the missing chunks one topic each (the broker re-sends its retained
+        copies to this agent alone); after a round that brought nothing, also send a `need`."""
+        missing = [i for i, bit in enumerate(upd.have) if not bit][:MAX_REPAIR_TOPICS]
+        barren = upd.round_missing == upd.missing
+        if upd.repairing is None:
+            stale = [upd.prefix + "+"]
+        else:  # the ones that arrived; the rest are subscribed again (retained re-sent)
+            stale = [upd.prefix + str(i) for i in upd.repairing if upd.have[i]]
+        if stale:
+            self.unsubscribe(*stale)
+        upd.repairing = tuple(missing)
+        self.subscribe(*(upd.prefix + str(i) for i in missing))
+        self.sim.counters.repair_rounds += 1
+        if barren:
+            self._send_need(upd)
+            upd.backoff = min(
+                upd.backoff * 2, max(REPAIR_BACKOFF_MAX_S, self.sim.repair_interval_s)
+            )
+        else:
+            upd.backoff = self.sim.repair_interval_s
+        upd.round_missing = upd.missing
 
     def _arm_repair(self, upd: Update) -> None:
-        """Check for silence one repair interval after the last chunk or request."""
+        """Check for silence one (jittered, backed-off) round after the last chunk or round."""
         blob = upd.blob
-        when = upd.quiet_since + self.sim.repair_interval_s
-        self.sim.call_at(when, lambda: self._repair(upd, blob))
+        wait = upd.backoff * random.uniform(1.0 - REPAIR_JITTER, 1.0 + REPAIR_JITTER)
+        self.sim.call_at(upd.quiet_since + wait, lambda: self._repair(upd, blob, wait))
 
-    def _repair(self, upd: Update, blob: Manifest | None) -> None:
-        """After a repair interval without progress, ask again for the gaps (daemon: fetch)."""
+    def _repair(self, upd: Update, blob: Manifest | None, wait: float) -> None:
+        """After a silent round: re-subscribe the gaps (daemon: Fetcher._repair_round)."""
         if self.update is not upd or upd.blob is not blob or not upd.prefix:
             return
         now = time.monotonic()
-        if now - upd.quiet_since >= self.sim.repair_interval_s:
-            if self.connected:
-                self._send_need(upd)
-            else:
-                upd.quiet_since = now  # offline: the reconnect asks for the gaps
+        if now - upd.quiet_since >= wait and now >= upd.hold_until:
+            if self.connected and not self._unread():
+                self._repair_round(upd)
+            upd.quiet_since = now  # offline: the reconnect repairs after its spread
         self._arm_repair(upd)
+
+    def _unread(self) -> bool:
+        """Whether bytes wait in this agent's socket: the simulation's loop is behind (its one
+        thread starved of CPU), so the agent is not hearing silence. A device has its own CPU;
+        without this, one starved loop makes every agent in it repair at once."""
+        if self.fd is None or not unread_bytes(self.fd):
+            return False
+        self.sim.counters.repairs_deferred += 1
+        return True
+
+    def _resume(self, upd: Update) -> None:
+        """Reconnected mid-download (the clean session dropped every subscription): repair
+        after a random 0..RECONNECT_SPREAD_S, so a fleet reconnecting at once is spread out."""
+        upd.repairing = ()
+        upd.round_missing = -1
+        upd.backoff = self.sim.repair_interval_s
+        upd.hold_until = time.monotonic() + random.uniform(0.0, RECONNECT_SPREAD_S)
+        blob = upd.blob
+        self.sim.call_at(upd.hold_until, lambda: self._resumed(upd, blob))
+
+    def _resumed(self, upd: Update, blob: Manifest | None) -> None:
+        """The spread after a reconnect is over: one repair round now."""
+        if self.update is not upd or upd.blob is not blob or not upd.prefix or not self.connected:
+            return
+        self._repair_round(upd)
+        upd.quiet_since = time.monotonic()
 
     def _deadline(self, upd: Update) -> None:
         """The fetch deadline passed: fail the way the daemon words it."""
@@ -298,7 +376,9 @@ class ArtifactFetch:
             self.unsubscribe(self.sim.topics.manifest(upd.waiting_manifest))
             upd.waiting_manifest = None
         if upd.prefix:
-            self.unsubscribe(upd.prefix + "+")
+            topics = self._chunk_topics(upd)
+            if topics:
+                self.unsubscribe(*topics)
             upd.prefix = ""
         if upd.assembly is not None:
             upd.fetched.append(upd.assembly)

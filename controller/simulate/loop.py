@@ -18,9 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any, cast
 
-import paho.mqtt.client as paho
 import psutil
-from paho.mqtt.enums import CallbackAPIVersion
 
 import firmware_profiles
 from agent.protocol import (
@@ -34,7 +32,7 @@ from agent.protocol import (
     validate_device_id,
 )
 from controller.brokers.base import parse_broker_url
-from controller.simulate.agent import RECONNECT_MIN_S, SimAgent, SimCounters
+from controller.simulate.agent import SimAgent, SimCounters
 from controller.simulate.download import Assembly
 from controller.simulate.faults import (
     FAULT_ATTRS,
@@ -46,6 +44,8 @@ from controller.simulate.faults import (
     assign_faults,
 )
 from controller.simulate.figures import MIB
+from controller.simulate.netutil import unread_bytes
+from controller.simulate.plumbing import PahoPlumbing
 from controller.simulate.speed import NO_SPEED, SpeedModel
 from controller.simulate.telemetry import (
     DEFAULT_INTERVAL_S,
@@ -58,24 +58,19 @@ from controller.simulate.telemetry import (
 # One logger for the whole package, named as before the split (log lines show the name).
 log = logging.getLogger("controller.simulate")
 
-# Clients whose CONNECT is out but whose CONNACK is not in yet: a 1,000-device start then
-# reaches the broker as a steady stream instead of 1,000 simultaneous handshakes.
-MAX_CONNECTING = 64
-# Keepalive, inflight window, reconnect backoff ceiling: as the agent (protocol/transport.py).
+# Keepalive as the agent (protocol/transport.py).
 KEEPALIVE_S = 30
-MAX_INFLIGHT = 20
-RECONNECT_MAX_S = 30.0
-# ±20 % jitter on reconnect delays, so a broker restart is not answered by one burst.
-RECONNECT_JITTER = 0.2
 # A CONNECT unanswered for this long is dropped and retried (a broker that slow is broken).
 CONNACK_TIMEOUT_S = 10.0
 # Longest epoll wait: bounds how late stop() and the keepalive sweep are noticed.
 POLL_INTERVAL_S = 0.1
-# Each connected client gets loop_misc() (PINGREQ when due) this often; keepalive is 30 s.
+# The keepalive sweep (loop_misc: PINGREQ when due) runs this often; keepalive is 30 s...
 MISC_INTERVAL_S = 1.0
+# ...one slice of them per interval: every client is swept every 10 s (see _sweep).
+SWEEP_SLICES = 10
 # At stop, time allowed for offline statuses and DISCONNECTs to be written.
 SHUTDOWN_TIMEOUT_S = 5.0
-# Download deadline and repair interval: the real agent's defaults (agent/config.py).
+# Download deadline and repair interval: the real agent's defaults (agent/protocol/config.py).
 FETCH_TIMEOUT_S = 300.0
 REPAIR_INTERVAL_S = 2.0
 # More devices than this in one process is a typo (10,000 were measured at ~5 KB each).
@@ -87,7 +82,7 @@ def default_profiles() -> list[str]:
     return [p.id for p in firmware_profiles.load_all().values() if p.runs_agent]
 
 
-class Simulation:
+class Simulation(PahoPlumbing):
     """N simulated agents on one epoll loop in one thread; start(), then stop()."""
 
     def __init__(
@@ -160,6 +155,7 @@ class Simulation:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._started = 0.0
+        self._slice = 0  # the keepalive sweep's current slice
         fault_map = assign_faults(faults, devices, seed)
         self.agents = [
             SimAgent(self, ids[i], chosen[i % len(chosen)], fault_map.get(i, NO_FAULTS))
@@ -331,134 +327,6 @@ class Simulation:
 
         self.call_at(0.0, drop)
 
-    # ----------------------------------------------------------------- paho plumbing
-    def new_client(self, agent: SimAgent) -> paho.Client:
-        """A paho client for an agent: MQTT 3.1.1, clean session, driven by our epoll loop."""
-        client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=agent.device_id,
-            protocol=paho.MQTTv311,
-            clean_session=True,
-            userdata=agent,
-        )
-        client.max_inflight_messages_set(MAX_INFLIGHT)
-        client.max_queued_messages_set(0)  # keep QoS1 messages across a reconnect
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
-        if agent.telemetry is not None:
-            client.on_publish = self._on_publish  # PUBACKs release telemetry batches
-        client.on_socket_open = self._on_socket_open
-        client.on_socket_close = self._on_socket_close
-        client.connect_async(self.host, self.port, keepalive=self.keepalive_s)
-        return client
-
-    def _on_socket_open(self, client: paho.Client, agent: SimAgent, sock: Any) -> None:
-        """Watch a new socket for reads."""
-        agent.fd = sock.fileno()
-        agent.write_registered = False
-        self._by_fd[agent.fd] = agent
-        self._ep.register(agent.fd, select.EPOLLIN)
-
-    def _on_socket_close(self, client: paho.Client, agent: SimAgent, sock: Any) -> None:
-        """Stop watching a socket paho is about to close."""
-        if agent.fd is not None:
-            self._by_fd.pop(agent.fd, None)
-            with contextlib.suppress(OSError, ValueError):
-                self._ep.unregister(agent.fd)
-            agent.fd = None
-
-    def _on_connect(
-        self, client: paho.Client, agent: SimAgent, flags: Any, reason: Any, props: Any
-    ) -> None:
-        """CONNACK: count it and let the agent subscribe and announce itself."""
-        self._connect_done(agent)
-        if reason.is_failure:
-            self.counters.connect_failures += 1
-            log.warning("%s: broker refused the connection: %s", agent.device_id, reason)
-            return
-        agent.connected = True
-        agent.backoff = RECONNECT_MIN_S
-        self.counters.connected += 1
-        self.counters.connects += 1
-        self._guard(agent, agent.on_connected)
-
-    def _on_disconnect(
-        self, client: paho.Client, agent: SimAgent, flags: Any, reason: Any, props: Any
-    ) -> None:
-        """Lost or closed: schedule a reconnect with backoff (after a fault's down time)."""
-        self._connect_done(agent)
-        was_connected = agent.connected
-        if was_connected:
-            agent.connected = False
-            self.counters.connected -= 1
-        if self._stopping:
-            return
-        if was_connected:
-            delay = RECONNECT_MIN_S
-        else:
-            delay = agent.backoff
-            agent.backoff = min(agent.backoff * 2, RECONNECT_MAX_S)
-        self._schedule_connect(agent, delay)
-
-    def _on_publish(
-        self, client: paho.Client, agent: SimAgent, mid: int, reason: Any, props: Any
-    ) -> None:
-        """PUBACK of a QoS1 publish: a telemetry batch with this packet id is delivered."""
-        if agent.telemetry is not None:
-            self._guard(agent, agent.telemetry.on_puback, mid)
-
-    def _on_message(self, client: paho.Client, agent: SimAgent, message: paho.MQTTMessage) -> None:
-        """Hand a message to its agent."""
-        self._guard(agent, agent.on_message, message.topic, message.payload)
-
-    def _guard(self, agent: SimAgent, func: Callable[..., None], *args: Any) -> None:
-        """Run agent code; a bug hits one message of one agent, not the loop."""
-        try:
-            func(*args)
-        except Exception:
-            self.counters.errors += 1
-            log.exception("%s: simulated agent failed", agent.device_id)
-        self._dirty.add(agent)
-
-    def _connect_done(self, agent: SimAgent) -> None:
-        """The connect attempt of an agent ended (CONNACK or failure)."""
-        if agent.connecting is not None:
-            agent.connecting = None
-            self._connecting -= 1
-
-    def _schedule_connect(self, agent: SimAgent, delay: float) -> None:
-        """Queue a (re)connect after `delay` ± jitter, never before a fault's down time ends."""
-        if agent.reconnect_pending:
-            return
-        agent.reconnect_pending = True
-        jitter = 1.0 + random.uniform(-RECONNECT_JITTER, RECONNECT_JITTER)
-        when = max(time.monotonic() + delay * jitter, agent.down_until)
-        self.call_at(when, lambda: self._connect_queue.append(agent))
-
-    def _start_connects(self) -> None:
-        """Open connections from the queue while fewer than MAX_CONNECTING await CONNACK."""
-        while self._connect_queue and self._connecting < MAX_CONNECTING and not self._stopping:
-            agent = self._connect_queue.popleft()
-            agent.reconnect_pending = False
-            client = agent.client
-            # The will carries the state at connect time, like the daemon's.
-            client.will_set(
-                agent.base + "status", dump(agent.status(online=False)), qos=1, retain=True
-            )
-            try:
-                client.reconnect()
-            except OSError as exc:
-                self.counters.connect_failures += 1
-                log.debug("%s: connect failed: %s", agent.device_id, exc)
-                delay = agent.backoff
-                agent.backoff = min(agent.backoff * 2, RECONNECT_MAX_S)
-                self._schedule_connect(agent, delay)
-                continue
-            agent.connecting = time.monotonic()
-            self._connecting += 1
-            self._dirty.add(agent)
-
     # ----------------------------------------------------------------- the loop
     def _run(self) -> None:
         """The one loop: epoll, timers, keepalive sweep, connects, then flush writes."""
@@ -515,15 +383,27 @@ class Simulation:
                 log.exception("simulation timer failed")
 
     def _sweep(self) -> None:
-        """Keepalive for every connected client; drop connects that never got a CONNACK."""
+        """Keepalive for one slice of the clients; drop connects that never got a CONNACK.
+
+        Each client is visited every SWEEP_SLICES × MISC_INTERVAL_S (10 s): its PINGREQ then
+        goes out at most 10 s late (30-40 s of silence; the broker waits 1.5 × 30 s), and the
+        sweep costs a tenth of visiting 10,000 clients every second, which was ~0.1 core. A
+        client with unread bytes is skipped: when this one thread is starved of CPU its CONNACKs
+        and PINGRESPs wait in the socket, and judging timeouts then dropped ~3,000 healthy
+        connections of 10,000 (bench/RESULTS.md, "Rollout at scale").
+        """
         now = time.monotonic()
-        for agent in self.agents:
+        self._slice = (self._slice + 1) % SWEEP_SLICES
+        for agent in self.agents[self._slice :: SWEEP_SLICES]:
             if agent.fd is None:
                 continue
+            if unread_bytes(agent.fd):
+                continue  # the loop is behind, not the broker: read first (a CONNACK, a PINGRESP)
             if agent.connecting is not None and now - agent.connecting > CONNACK_TIMEOUT_S:
                 self.drop_connection(agent, 0.0)
             agent.client.loop_misc()
-            self._dirty.add(agent)
+            if agent.client.want_write():
+                self._dirty.add(agent)
 
     def _flush(self) -> None:
         """Write pending output of touched clients; watch for writability only when blocked."""

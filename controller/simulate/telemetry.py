@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from controller.simulate.loop import Simulation
 
 # ---- spool and sending ------------------------------------------------------------------------
-# The real agent's default interval (agent/config.py): 10,000 devices then take 1,000 records/s.
+# The real agent's default interval (protocol/config.py): 10,000 devices then send 1,000 records/s.
 DEFAULT_INTERVAL_S = 10.0
 # Records spooled while offline. The real agent keeps 10,000 in SQLite; in memory, 1,000 packed
 # records (26 KB, 2.8 h of 10 s intervals) per device keep a 10,000-device outage under 300 MB.

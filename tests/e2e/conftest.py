@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from agent.config import AgentConfig, dump_config
+from agent.protocol.config import AgentConfig, dump_config
 from controller.brokers.base import BrokerHandle
 from controller.fleet.registry import Fleet
 from controller.runtime.service import ControllerService

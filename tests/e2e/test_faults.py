@@ -23,7 +23,6 @@ from typing import Any
 
 import pytest
 
-from agent.config import AgentConfig, dump_config
 from agent.failpoint import ENV_VAR as FAILPOINT_ENV
 from agent.protocol import (
     ArtifactRef,
@@ -36,6 +35,7 @@ from agent.protocol import (
     dump,
     parse,
 )
+from agent.protocol.config import AgentConfig, dump_config
 from controller.brokers.base import BrokerHandle
 from controller.brokers.mosquitto import start_mosquitto
 from tests.e2e.conftest import DATA, AgentProcess, RunningController, wait_until

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import AgentConfig, dump_config
+from agent.protocol.config import AgentConfig, dump_config
 from controller.brokers.base import BrokerHandle, free_port
 from controller.brokers.mosquitto import start_mosquitto
 from controller.security.broker_config import start_secure_mosquitto

@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 
 from agent.client import InferenceClient, wait_for_service
-from agent.config import AgentConfig, dump_config
 from agent.protocol import ArtifactRef, Desired, Fallback, GoldenRef, Manifest, Topics, dump
+from agent.protocol.config import AgentConfig, dump_config
 from agent.serving import InferenceError
 from controller.brokers.base import BrokerHandle
 from controller.fleet.artifacts import build_manifest

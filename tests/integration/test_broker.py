@@ -595,6 +595,13 @@ def test_parse_broker_url_bad(url: str, names: str) -> None:
         parse_broker_url(url)
 
 
+def test_credentials_in_a_broker_url_are_not_echoed() -> None:
+    """The refusal names the problem without printing the secret (issue 21)."""
+    with pytest.raises(ValueError, match="credentials") as caught:
+        parse_broker_url("mqtt://ctl:hunter2@h:1883")
+    assert "hunter2" not in str(caught.value) and "mqtt://***@h:1883" in str(caught.value)
+
+
 def test_ipv6_url_round_trips() -> None:
     """An IPv6 handle's URL brackets the host so it parses back."""
     handle = BrokerHandle("mosquitto", "::1", 1999, None, None)

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import AgentConfig, ConfigError, PowerModelConfig, dump_config, load_config
+from agent.protocol.config import (
+    AgentConfig,
+    ConfigError,
+    PowerModelConfig,
+    dump_config,
+    load_config,
+)
 from agent.protocol.transport import parse_mqtt_url
 
 pytestmark = pytest.mark.agent

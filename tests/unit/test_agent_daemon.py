@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 from paho.mqtt.client import topic_matches_sub
 
-from agent.config import AgentConfig
 from agent.daemon import Agent, ReportOutcome, derived_event_id
 from agent.protocol import ArtifactRef, Command, Desired, Manifest, Need, Topics, dump, parse
+from agent.protocol.config import AgentConfig
 from agent.store import ModelStore
 from agent.update.record import UpdateStateFile
 from agent.update.restore import MAX_SELFTEST_ATTEMPTS

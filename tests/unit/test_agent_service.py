@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent.cli import main
-from agent.config import AgentConfig, dump_config
+from agent.protocol.config import AgentConfig, dump_config
 from agent.service import UNIT_TEMPLATE, plan_install
 
 pytestmark = [pytest.mark.agent]

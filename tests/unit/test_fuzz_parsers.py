@@ -21,7 +21,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.config import AgentConfig
 from agent.daemon import Agent
 from agent.protocol import (
     BUCKET_COUNT,
@@ -46,6 +45,7 @@ from agent.protocol import (
     dump,
     parse,
 )
+from agent.protocol.config import AgentConfig
 from agent.protocol.limits import MAX_CHUNK_SIZE
 from agent.protocol.schema import encode
 
@@ -254,9 +254,10 @@ def _containers(node: Any) -> list[Any]:
 
 
 @st.composite
-def mutated(draw: st.DrawFn, cls: type) -> str:
-    """A valid message of `cls` with one to four structure-aware mutations, as JSON text."""
-    document = encode(VALID[cls])
+def mutated(draw: st.DrawFn, cls: type, sample: Any = None) -> str:
+    """A valid message of `cls` (or `sample`) with one to four structure-aware mutations, as
+    JSON text."""
+    document = encode(VALID[cls] if sample is None else sample)
     for _ in range(draw(st.integers(1, 4))):
         node = draw(st.sampled_from(_containers(document)))
         operation = draw(st.sampled_from(["drop", "add", "rename", "replace", "wrap"]))
@@ -498,6 +499,86 @@ def test_agent_routing_never_raises_and_counts_each_rejection(
 
     run()
     assert outcomes[True] >= 100 and outcomes[False] >= 100, outcomes  # both paths exercised
+
+
+# One valid sample of every command action, in the signed form the controller sends (issue 21):
+# addressed to the fuzzed device, with a counter, an expiry and a signature slot.
+COMMAND_SAMPLES = {
+    "benchmark": Command("cmd-b", "benchmark", 10_000, 1_000, device_id="dev-fuzz", counter=7),
+    "rollback": Command("cmd-r", "rollback", device_id="dev-fuzz", counter=8, expires=2e9),
+    "resend_status": Command("cmd-s", "resend_status", device_id="dev-fuzz", counter=9),
+    "resend_telemetry": Command(
+        "cmd-t", "resend_telemetry", seq_ranges=(SeqRange(1, 4),), device_id="dev-fuzz", counter=10
+    ),
+}
+
+
+@pytest.mark.parametrize("action", sorted(COMMAND_SAMPLES))
+def test_every_command_parse_or_reject(action: str) -> None:
+    """Structure-aware mutations of each command action (numbers at their bounds included)."""
+    sample = COMMAND_SAMPLES[action]
+    assert check_parse(dump(sample), Command)
+
+    @FUZZ
+    @given(mutated(Command, sample), st.booleans())
+    def run(text: str, as_bytes: bool) -> None:
+        EXAMPLES_RUN["commands"] += 1
+        check_parse(text.encode("utf-8", "surrogatepass") if as_bytes else text, Command)
+
+    run()
+
+
+@pytest.mark.parametrize("action", sorted(COMMAND_SAMPLES))
+def test_enforcing_agent_queues_only_the_signed_command(
+    action: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """With trusted keys, no mutation of a signed command is ever queued: each one is refused
+    (malformed: `rejected`; signature, device, expiry, replay: `security`), never raised."""
+    pytest.importorskip("cryptography")
+    from controller.security.signing import FleetSigner, sign_command
+
+    directory = tmp_path_factory.mktemp("fuzz-signed")
+    signer = FleetSigner.load_or_create(directory / "security")
+    config = AgentConfig(
+        device_id="dev-fuzz",
+        data_dir=directory / "agent",
+        topic_root=ROOT,
+        trusted_keys=(signer.public_b64,),
+    )
+    session = RecordingSession()
+    daemon = Agent(config, session=session)  # type: ignore[arg-type]
+    daemon.restore()
+    signed = sign_command(signer, COMMAND_SAMPLES[action], "dev-fuzz")
+    topic = TOPICS.cmd("dev-fuzz")
+    daemon.router.on_message(topic, dump(signed))
+    assert daemon.inbox.queue.get_nowait() == signed  # the untouched signed command is accepted
+    outcomes: Counter[str] = Counter()
+    logging.getLogger("agent").setLevel(logging.ERROR)
+    try:
+
+        @FUZZ
+        @given(mutated(Command, signed))
+        def run(text: str) -> None:
+            EXAMPLES_RUN["signed-commands"] += 1
+            before = daemon.counters.rejected_messages
+            published = len(session.published)
+            daemon.router.on_message(topic, text.encode("utf-8", "surrogatepass"))
+            assert daemon.inbox.queue.empty(), f"queued a forged command: {text[:200]}"
+            events = [
+                json.loads(p) for t, p in session.published[published:] if t.endswith("/events")
+            ]
+            kinds = [e["kind"] for e in events]
+            if daemon.counters.rejected_messages == before:
+                assert not kinds  # the same command id again: ignored, nothing to report
+                outcomes["ignored"] += 1
+            else:
+                assert kinds in (["rejected"], ["security"]), kinds
+                outcomes[kinds[0]] += 1
+
+        run()
+    finally:
+        logging.getLogger("agent").setLevel(logging.NOTSET)
+    assert outcomes["security"] and outcomes["rejected"], outcomes
 
 
 # Inputs that crashed a parser before the fixes in agent/protocol (each was an uncaught error).

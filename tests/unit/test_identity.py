@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from typer.testing import CliRunner
 
-from agent.config import load_config
+from agent.protocol.config import load_config
 from controller.cli.main import app
 from controller.security.broker_config import (
     BrokerFiles,
@@ -201,7 +201,11 @@ def test_extra_config_listeners(tmp_path: Path) -> None:
     text = secure_extra_config(files, host="0.0.0.0", tls_port=8883, cert_port=8884)
     sections = text.split("\nlistener ")
     assert len(sections) == 3
-    for section in sections:
+    # Device listeners bind the client id to the username (no device can kick another); the
+    # loopback listener keeps client ids, so the controller's connections (replicas, an
+    # operator's mosquitto_sub) never take over each other's sessions (issue 21, finding 6).
+    assert "use_username_as_clientid" not in sections[0]
+    for section in sections[1:]:
         assert "use_username_as_clientid true" in section
     assert "require_certificate" not in sections[1] and "keyfile" in sections[1]
     assert "require_certificate true" in sections[2]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from agent.config import default_data_dir, load_config
+from agent.protocol.config import default_data_dir, load_config
 from controller.cli.main import app
 from controller.fleet.agent_wheel import agent_requirements, build_agent_wheel, wheel_name
 from controller.fleet.onboarding import (

@@ -14,10 +14,10 @@ import pytest
 pytest.importorskip("cryptography")
 from typer.testing import CliRunner
 
-from agent.config import AgentConfig, ConfigError, config_from_dict, dump_config, load_config
 from agent.protocol import (
     ArtifactRef,
     Desired,
+    FleetKeyChain,
     FleetKeys,
     Manifest,
     ProtocolError,
@@ -25,6 +25,13 @@ from agent.protocol import (
     Topics,
     dump,
     parse,
+)
+from agent.protocol.config import (
+    AgentConfig,
+    ConfigError,
+    config_from_dict,
+    dump_config,
+    load_config,
 )
 from agent.protocol.signing import canonical_bytes, key_id
 from agent.trust import SecurityRejected, TrustStore
@@ -182,7 +189,8 @@ def test_rotation_signed_by_old_key_is_adopted_and_persisted(
     old, new, keys = rotate_signing_key(directory)
     assert old.key_id == signer.key_id and new.key_id != old.key_id
     assert keys.version == 1 and keys.keys == (new.public_b64, old.public_b64)
-    assert current_fleet_keys(directory) == dump(keys)
+    # What is published is the rotation chain (agents walk it), here one link.
+    assert current_fleet_keys(directory) == dump(FleetKeyChain(links=(keys,)))
     assert FleetSigner.load_or_create(directory).key_id == new.key_id
     assert (directory / "retired" / f"{old.key_id}.key").exists()
     with pytest.raises(SecurityRejected, match="unknown key"):

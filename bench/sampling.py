@@ -1,0 +1,112 @@
+"""Resource sampling shared by the scale benches: RSS and CPU of processes, sampled in a thread.
+
+Every scale bench samples the broker (and the controller, when it runs as its own process) all
+through the run, so the figure that breaks first (usually the broker's memory) is on record even
+when the run times out. Sizes are MiB (2**20 bytes) everywhere, labelled as such.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+
+MIB = 2**20
+# Sampling period: fine enough to catch a broker growing by GBs within seconds, coarse enough
+# that psutil's /proc reads cost nothing measurable next to the processes being measured.
+SAMPLE_INTERVAL_S = 0.5
+
+
+@dataclass
+class Series:
+    """RSS and CPU samples of one process: peak, last, CPU seconds used since the first sample."""
+
+    name: str
+    pid: int
+    peak_rss_mib: float = 0.0
+    last_rss_mib: float = 0.0
+    cpu_s: float = 0.0
+    cpu_first: float | None = None
+    samples: list[tuple[float, float, float]] = field(default_factory=list)  # (t, rss, cpu)
+    gone: bool = False
+
+    def take(self, t: float) -> None:
+        """One sample; a process that exited is marked gone (its last figures stay)."""
+        try:
+            proc = psutil.Process(self.pid)
+            rss = proc.memory_info().rss / MIB
+            times = proc.cpu_times()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            self.gone = True
+            return
+        cpu = times.user + times.system
+        if self.cpu_first is None:
+            self.cpu_first = cpu
+        self.cpu_s = cpu - self.cpu_first
+        self.last_rss_mib = rss
+        self.peak_rss_mib = max(self.peak_rss_mib, rss)
+        self.samples.append((t, rss, cpu))
+
+    def cpu_between(self, t0: float, t1: float) -> float:
+        """CPU seconds used between two bench times (nearest samples); 0 without samples."""
+        inside = [s for s in self.samples if t0 <= s[0] <= t1]
+        if len(inside) < 2:
+            return 0.0
+        return inside[-1][2] - inside[0][2]
+
+    def peak_between(self, t0: float, t1: float) -> float:
+        """Peak RSS (MiB) sampled between two bench times."""
+        inside = [s[1] for s in self.samples if t0 <= s[0] <= t1]
+        return max(inside, default=0.0)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready figures."""
+        return {
+            "peak_rss_mib": round(self.peak_rss_mib, 1),
+            "last_rss_mib": round(self.last_rss_mib, 1),
+            "cpu_s": round(self.cpu_s, 1),
+            "exited": self.gone,
+        }
+
+
+class Sampler:
+    """Samples named processes every SAMPLE_INTERVAL_S in a daemon thread until stop()."""
+
+    def __init__(self, **pids: int | None) -> None:
+        """`name=pid` pairs; a None pid (e.g. an in-process broker) is skipped."""
+        self.t0 = time.monotonic()
+        self.series = {name: Series(name, pid) for name, pid in pids.items() if pid is not None}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-sampler", daemon=True)
+
+    def start(self) -> Sampler:
+        """Start sampling (returns self for chaining)."""
+        self._thread.start()
+        return self
+
+    def now(self) -> float:
+        """Seconds since the sampler was made: the time axis of every sample."""
+        return time.monotonic() - self.t0
+
+    def _run(self) -> None:
+        """Sample until stopped."""
+        while not self._stop.is_set():
+            t = self.now()
+            for series in self.series.values():
+                series.take(t)
+            self._stop.wait(SAMPLE_INTERVAL_S)
+
+    def stop(self) -> None:
+        """Take a last sample and stop the thread."""
+        self._stop.set()
+        self._thread.join(timeout=5)
+        t = self.now()
+        for series in self.series.values():
+            series.take(t)
+
+    def summary(self) -> dict[str, Any]:
+        """Figures of every process, by name."""
+        return {name: s.summary() for name, s in self.series.items()}
