@@ -7,6 +7,7 @@ op on the accelerator is "runs on CPU" and is timed on the host, never by the co
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from converters.checks import blocking_failures, run_checks
@@ -55,7 +56,7 @@ class CompileStage(ConvertStage):
                 cache[key] = ""
         return cache[key]
 
-    def compile_for(self, profile: Any, recipe: str, path: Any) -> CompileResult:
+    def compile_for(self, profile: Any, recipe: str, path: Path) -> CompileResult:
         """Compile `path` for the profile; an absent compiler gives the file itself, for the CPU."""
         kind = profile.compiler.kind
         compiler = get_compiler(kind)
