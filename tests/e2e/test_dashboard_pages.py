@@ -4,6 +4,7 @@ partial rollout failures, human generation times, the API reference page."""
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -12,9 +13,10 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from agent.protocol import Event
+from agent.protocol import Event, Telemetry
 from controller.fleet.registry import Fleet
 from tests.e2e.browser import chromium, require_chromium
+from tests.unit.test_telemetry_store import record
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page
@@ -60,6 +62,19 @@ def _finished_rollout_with_one_failure(fleet: Fleet) -> str:
     )  # fmt: skip
     fleet.rollouts.tick()
     assert fleet.deployment(rollout)["state"] == "completed"
+    # Two minutes of served telemetry from the devices that run the model (for the report).
+    sha = next(d for d in fleet.deployment(rollout)["devices"])["artifact_sha256"]
+    now = time.time()
+    fleet.telemetry.ingest_many(
+        [
+            Telemetry(
+                device_id=device,
+                records=tuple(record(seq, ts=now - 120 + 10 * seq, sha=sha) for seq in (1, 2, 3)),
+            )
+            for device in DEVICES[:3]
+        ],
+        now,
+    )
     return rollout
 
 
@@ -130,4 +145,25 @@ def test_api_docs_page_renders_the_openapi_document(board: Board) -> None:
     expect(page.get_by_test_id("op-post-/api/v1/rollouts")).to_contain_text("max_failures")
     # Self-contained: nothing is loaded from another origin.
     assert all(url.startswith(board.url) or url.startswith("data:") for url in requests), requests
+    assert board.errors == []
+
+
+def test_the_report_page_shows_cost_per_profile_and_device(board: Board) -> None:
+    from playwright.sync_api import expect
+
+    page = board.page
+    page.goto(f"{board.url}/#/report&token={board.token}")
+    row = page.get_by_test_id("report-row-rpi4-tiny:1")
+    # 3 devices × 3 records × 3 served inferences (the records' default latencies).
+    expect(row.locator("td").nth(3)).to_have_text("27")
+    expect(row.locator("td").nth(2)).to_have_text("3")
+    api_rows = page.evaluate(
+        "async (t) => (await (await fetch('/api/v1/report?by=profile&since=24h', "
+        "{headers: {Authorization: 'Bearer ' + t}})).json()).rows",
+        board.token,
+    )
+    expect(row.locator("td").nth(5)).to_have_text(f"{api_rows[0]['p95_ms']:.3f}")
+    page.get_by_test_id("report-by").select_option("device")
+    expect(page.get_by_test_id("report-row-p-0-tiny:1")).to_be_visible()
+    expect(page.get_by_test_id("report-row-p-3-tiny:1")).to_have_count(0)
     assert board.errors == []
