@@ -5,6 +5,8 @@ Applications import this module (numpy + stdlib only) and call the active model:
     from agent.client import InferenceClient
     with InferenceClient(socket_path="/var/lib/edgefleet/infer.sock") as client:
         logits = client.infer(image)            # one input -> one output array
+        # float in, float out: an int8 model's input is quantized and its output dequantized
+        # with the model's parameters; client.infer(q, raw=True) sends and returns raw tensors.
 
 Frame (both directions), documented in docs/inference.md:
 
@@ -27,12 +29,13 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 
+from agent.quantization import ModelCodec
 from agent.serving import InferenceError
 
 MAGIC = b"EFI1"  # "EdgeFleet Inference", framing version 1
@@ -276,6 +279,8 @@ class InferenceClient:
         self._sock: socket.socket | None = None
         self._reader: BinaryIO | None = None
         self._http: http.client.HTTPConnection | None = None
+        # The active model's quantization, for float in/out (refreshed when the model changes).
+        self._codec: ModelCodec | None = None
         if url is not None:
             parts = urllib.parse.urlsplit(url)
             if parts.scheme != "http" or not parts.hostname or parts.port is None:
@@ -295,16 +300,55 @@ class InferenceClient:
         with self._lock:
             self._disconnect()
 
-    def infer(self, inputs: np.ndarray | Sequence[Any]) -> np.ndarray | list[np.ndarray]:
+    def infer(
+        self, inputs: np.ndarray | Sequence[Any], *, raw: bool = False
+    ) -> np.ndarray | list[np.ndarray]:
         """Run the active model: an array in -> its single output array (or the list if the
-        model has several outputs); a list of arrays in (one per input) -> the list of outputs."""
+        model has several outputs); a list of arrays in (one per input) -> the list of outputs.
+
+        Float input to a quantized (int8/uint8) model is quantized with the model's scale and
+        zero point, and quantized outputs come back dequantized as float32; `raw=True` sends
+        and returns the tensors exactly as given and computed.
+        """
         arrays, single = _as_inputs(inputs)
-        outputs = self.infer_detailed(arrays).outputs
+        outputs = self.infer_detailed(arrays, raw=raw).outputs
         return outputs[0] if single and len(outputs) == 1 else outputs
 
-    def infer_detailed(self, inputs: np.ndarray | Sequence[Any]) -> InferenceReply:
-        """Run the active model and return outputs with the model's sha256 and the latency."""
+    def infer_detailed(
+        self, inputs: np.ndarray | Sequence[Any], *, raw: bool = False
+    ) -> InferenceReply:
+        """Run the active model and return outputs with the model's sha256 and the latency
+        (float in and out as in infer(), unless `raw`)."""
         arrays, _ = _as_inputs(inputs)
+        if raw:
+            return self._infer_raw(arrays)
+        codec = self._codec or self._describe()
+        for attempt in (1, 2):
+            sent = codec.encode(arrays)
+            try:
+                reply = self._infer_raw(sent)
+            except InferenceError as exc:
+                # Refused by a model swapped in since it was described: describe it, retry once.
+                if attempt == 2 or exc.model_sha256 in (None, codec.model_sha256):
+                    raise
+                codec = self._describe()
+                continue
+            if reply.model_sha256 != codec.model_sha256:
+                codec = self._describe()
+                if attempt == 1 and any(
+                    a is not b for a, b in zip(codec.encode(arrays), sent, strict=False)
+                ):
+                    continue  # the new model takes these inputs differently: ask it again
+            return replace(reply, outputs=codec.decode(reply.outputs))
+        raise AssertionError("unreachable: the second attempt returns or raises")
+
+    def _describe(self) -> ModelCodec:
+        """Fetch the active model's quantization and keep it until a reply names another."""
+        self._codec = ModelCodec.from_info(self.model_info())
+        return self._codec
+
+    def _infer_raw(self, arrays: list[np.ndarray]) -> InferenceReply:
+        """One inference with the tensors exactly as given."""
         with self._lock:
             if self.socket_path is not None:
                 header, payload = self._socket_call({"op": "infer"}, arrays)

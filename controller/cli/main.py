@@ -27,6 +27,7 @@ from controller.cli.render import as_json, short, table
 from controller.cli.rollout import rollout_app
 from controller.cli.security import broker_app, devices_revoke, keys_app, revocation_notes
 from controller.cli.simulate import simulate_command
+from controller.cli.status import status
 from controller.cli.telemetry import report, telemetry
 from controller.cli.tokens import tokens_app
 from controller.cli.up import host_port, replicas_command, up
@@ -111,6 +112,7 @@ app.command("report")(report)
 app.command("simulate")(simulate_command)
 app.command()(up)
 app.command("replicas")(replicas_command)
+app.command("status")(status)
 models_app.command("explain")(models_explain)
 devices_app.command("register")(devices_register)
 devices_app.command("outliers")(devices_outliers)

@@ -129,6 +129,8 @@ def up(
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     service.start()
+    if http_server:
+        http_server.set_status(service.health)
     typer.echo(f"controller running (data in {home}); Ctrl-C to stop", err=True)
     try:
         if not service.session.connected.wait(BROKER_GRACE_S) and not stop.is_set():

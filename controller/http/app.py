@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal, TypeVar, cast
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.dependencies.models import Dependant
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 import firmware_profiles
 from controller.errors import FleetError
 from controller.fleet.candidates import explain, model_candidates
+from controller.fleet.device_search import DEFAULT_PAGE, MAX_PAGE, DeviceQuery, search_devices
 from controller.fleet.registry import Fleet
 from controller.fleet.rollout.policy import Policy, PolicyError, policy_from_options
 from controller.fleet.telemetry.queries import (
@@ -35,6 +36,9 @@ from controller.fleet.telemetry.queries import (
     parse_since,
 )
 from controller.http.auth import authenticate
+from controller.http.dashboard import STATIC_DIR
+from controller.http.health import health_report
+from controller.http.params import query_bool, query_int
 from controller.storage.db import database_target
 
 API_PREFIX = "/api/v1"
@@ -245,7 +249,7 @@ def create_app(home: Path, db: str | None = None) -> FastAPI:
         version="1",
         openapi_url=f"{API_PREFIX}/openapi.json",
         # No Swagger UI: it loads its script from a CDN into the dashboard's origin, where the
-        # admin token lives in localStorage. The OpenAPI document is served as JSON.
+        # admin token lives in localStorage. /api/v1/docs renders the JSON with our own page.
         docs_url=None,
         redoc_url=None,
         default_response_class=SafeJSONResponse,
@@ -257,9 +261,20 @@ def create_app(home: Path, db: str | None = None) -> FastAPI:
         return SafeJSONResponse({"detail": str(exc)}, status_code=400)
 
     @app.get("/healthz", include_in_schema=False)
-    def healthz() -> dict[str, bool]:
-        """Liveness, without auth."""
-        return {"ok": True}
+    def healthz() -> JSONResponse:
+        """Health without auth: database, and the controller loop of this process if any.
+
+        503 when the database does not answer, or the controller loop stopped or has no broker
+        connection; the body says which. No URLs, names of devices or credentials.
+        """
+        status = app.state.status
+        report = health_report(fleets, status() if status is not None else None)
+        return SafeJSONResponse(report, status_code=200 if report["ok"] else 503)
+
+    @app.get(f"{API_PREFIX}/docs", include_in_schema=False)
+    def api_docs() -> FileResponse:
+        """The API reference page: our own renderer of openapi.json (no CDN script)."""
+        return FileResponse(STATIC_DIR / "api-docs.html", media_type="text/html")
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next: Any) -> Response:
@@ -273,6 +288,8 @@ def create_app(home: Path, db: str | None = None) -> FastAPI:
     app.include_router(api)
     app.state.fleets = fleets
     app.state.stopping = stopping
+    # Set by HttpServer.set_status(): the controller loop's health() when it runs in-process.
+    app.state.status = None
     _mount_dashboard(app)
     return app
 
@@ -286,10 +303,29 @@ def _mount_dashboard(app: FastAPI) -> None:
 
 def _device_routes(api: APIRouter, FleetDep: Any, Admin: list[Any]) -> None:
     """Devices: list, show, register, remove, their telemetry."""
-    @api.get("/devices", responses=_errors())
-    def list_devices(fleet: FleetDep) -> list[dict[str, Any]]:
-        """Devices with profile, online, state, model and last seen (`devices list`)."""
-        return fleet.devices()
+    @api.get("/devices", responses=_errors(400))
+    def list_devices(
+        fleet: FleetDep,
+        q: Annotated[str, Query(description="substring of the device id, any case")] = "",
+        profile: Annotated[str | None, Query(description="profile id; (none) = no profile")] = None,
+        state: Annotated[str | None, Query(description="device state, e.g. running")] = None,
+        online: Annotated[str | None, Query(description="true | false")] = None,
+        limit: Annotated[str, Query(description=f"page size, 1..{MAX_PAGE}")] = str(DEFAULT_PAGE),
+        offset: Annotated[str, Query(description="rows to skip, >= 0")] = "0",
+    ) -> dict[str, Any]:
+        """One page of devices by id: `{items, total, limit, offset, summary}` (`devices list`).
+
+        Numbers and booleans are parsed here so that a bad one is a 400 naming the parameter.
+        """
+        query = DeviceQuery(
+            q=q,
+            profile=profile,
+            state=state,
+            online=query_bool("online", online),
+            limit=query_int("limit", limit),
+            offset=query_int("offset", offset),
+        )
+        return search_devices(fleet.db, query)
 
     @api.get("/devices/{device_id}", responses=_errors(404))
     def show_device(device_id: str, fleet: FleetDep) -> dict[str, Any]:

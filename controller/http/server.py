@@ -6,15 +6,20 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import uvicorn
+from fastapi import FastAPI
 
 from controller.http.app import create_app
 from controller.http.auth import ensure_local_token
 
 log = logging.getLogger(__name__)
 
+# Where `up --http` writes its URL under the home (`edgefleet status` reads it).
+HTTP_URL_FILE = "http-url"
 # How long start() waits for uvicorn to serve on the bound socket before giving up.
 START_TIMEOUT_S = 15.0
 # Open connections (an event stream) get this long to finish once stop() is called.
@@ -35,6 +40,8 @@ class HttpServer:
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._socket: socket.socket | None = None
+        self._status: Callable[[], dict[str, Any]] | None = None
+        self._app: FastAPI | None = None
 
     @property
     def url(self) -> str:
@@ -42,14 +49,22 @@ class HttpServer:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
+    def set_status(self, status: Callable[[], dict[str, Any]] | None) -> None:
+        """Report `status()` (the controller loop's health) in /healthz; None: no loop here."""
+        self._status = status
+        if self._app is not None:
+            self._app.state.status = status
+
     def start(self) -> HttpServer:
         """Bind (OSError if the address is taken), start serving, wait until it accepts."""
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         sock = socket.create_server((self.host, self.port), family=family, reuse_port=False)
         self._socket = sock
         self.port = sock.getsockname()[1]
+        app = self._app = create_app(self.home, self.db)
+        app.state.status = self._status
         config = uvicorn.Config(
-            create_app(self.home, self.db),
+            app,
             log_level="warning",
             lifespan="off",
             timeout_graceful_shutdown=GRACEFUL_STOP_S,
@@ -88,7 +103,19 @@ class HttpServer:
 
 
 def start_http(home: Path, host: str, port: int) -> tuple[HttpServer, str]:
-    """`edgefleet up --http`: the `local` admin token, a started server and the dashboard URL."""
+    """`edgefleet up --http`: the `local` admin token, a started server and the dashboard URL.
+
+    The server's URL is written to HOME/HTTP_URL_FILE for `edgefleet status`.
+    """
     token = ensure_local_token(home)
     server = HttpServer(home, host, port).start()
+    (home / HTTP_URL_FILE).write_text(server.url + "\n")
     return server, f"{server.url}/#token={token}"
+
+
+def recorded_url(home: Path) -> str | None:
+    """The URL the last `up --http` on `home` served on, or None."""
+    try:
+        return (home / HTTP_URL_FILE).read_text().strip() or None
+    except FileNotFoundError:
+        return None

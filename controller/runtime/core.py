@@ -71,6 +71,8 @@ class ServiceCore:
         self.replica = replica
         self.name = replica or "controller"
         self.is_leader = False
+        # time.monotonic() of the last reconcile pass that finished without error (/healthz).
+        self.last_reconcile_at: float | None = None
         self.leader_terms = 0
         self._lease: Lease | None = None
         self.topics = Topics(topic_root)

@@ -7,7 +7,7 @@ import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from controller.fleet.registry import Fleet
 from controller.runtime.adopt import Acknowledge
@@ -62,6 +62,26 @@ class ControllerService(Publisher, Inbound, Leadership):
     def alive(self) -> bool:
         """True while the service loop runs (`edgefleet up` exits if it died)."""
         return self._thread is not None and self._thread.is_alive()
+
+    def health(self) -> dict[str, Any]:
+        """What /healthz and `edgefleet status` report of this process's controller loop.
+
+        Read from other threads: only flags, numbers and timestamps, no database access.
+        """
+        connected = self.session.connected.is_set()
+        now = time.monotonic()
+        last = self.last_reconcile_at
+        return {
+            "running": self.alive,
+            "replica": self.name,
+            "leader": self.is_leader,
+            "broker": {
+                "connected": connected,
+                "connected_for_s": round(now - self._connected_at, 1) if connected else None,
+            },
+            "last_reconcile_age_s": None if last is None else round(now - last, 1),
+            "errors": self.errors,
+        }
 
     def stop(self) -> None:
         """Stop the loop and disconnect."""
@@ -162,6 +182,7 @@ class ControllerService(Publisher, Inbound, Leadership):
             timers.next_reconcile = now + RECONCILE_INTERVAL_S
             try:
                 self._reconcile(fleet)
+                self.last_reconcile_at = time.monotonic()
             except Exception:  # retried on the next tick; never kills the loop
                 self.errors += 1
                 log.exception("reconcile failed")

@@ -132,7 +132,7 @@ def test_demo_serve_keeps_the_fleet_with_its_dashboard_until_interrupted() -> No
             f"http://127.0.0.1:{port}/api/v1/devices", headers={"Authorization": f"Bearer {token}"}
         )
         with urllib.request.urlopen(request, timeout=10) as response:
-            devices = json.loads(response.read())
+            devices = json.loads(response.read())["items"]
         assert [(d["id"], d["online"]) for d in devices] == [("demo-1", True)]
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as response:
             assert b"<html" in response.read().lower()

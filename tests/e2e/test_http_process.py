@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -57,12 +58,26 @@ def test_up_serves_the_api_with_its_local_token(
     token = (home / TOKEN_FILE).read_text().strip()
     assert token not in log.read_text(), "the admin token must not go into a log file"
     headers = {"Authorization": f"Bearer {token}"}
-    assert httpx.get(f"{base}/healthz").json() == {"ok": True}
+
+    def healthy() -> dict[str, Any] | None:
+        response = httpx.get(f"{base}/healthz", timeout=10)
+        body: dict[str, Any] = response.json()
+        return body if response.status_code == 200 and body["controller"] else None
+
+    # `up` passes its loop's health to the HTTP server: broker, database, leader, reconcile.
+    health = wait_until(healthy, 30, "/healthz reporting the controller loop")
+    assert health["ok"] and health["database"]["ok"] and health["controller"]["leader"]
+    assert health["controller"]["broker"]["connected"]
+    status = subprocess.run(
+        [EDGEFLEET, "status", "--home", str(home)], capture_output=True, text=True, timeout=60
+    )
+    assert status.returncode == 0, status.stderr
+    assert f"controller  {base}: ok" in status.stdout and "leader      yes" in status.stdout
     assert httpx.get(f"{base}/api/v1/devices").status_code == 401
     start_agent("http-dev")
 
     def online() -> bool:
-        devices = httpx.get(f"{base}/api/v1/devices", headers=headers, timeout=10).json()
+        devices = httpx.get(f"{base}/api/v1/devices", headers=headers, timeout=10).json()["items"]
         return any(d["id"] == "http-dev" and d["online"] for d in devices)
 
     wait_until(online, 30, "the agent's hello, read through the HTTP API")

@@ -185,6 +185,12 @@ class TelemetryStore(TelemetryHistory):
                 ],
             )  # fmt: skip
             self._add_latency_totals(tx, applied)
+            # Any message is a sign of life: one statement per batch, never moving backwards.
+            tx.executemany(
+                "UPDATE devices SET last_seen = ? WHERE id = ? "
+                "AND (last_seen IS NULL OR last_seen < ?)",
+                [(received, d, received) for d in sorted(states)],
+            )
         opened = closed = lost = recovered = 0
         for a in applied:
             opened, closed = opened + a.opened, closed + a.closed

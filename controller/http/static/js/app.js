@@ -4,6 +4,7 @@ import { ApiError, api, captureTokenFromHash, clearToken, setToken, token } from
 import * as device from "./views/device.js";
 import * as models from "./views/models.js";
 import * as overview from "./views/overview.js";
+import * as report from "./views/report.js";
 import * as rollouts from "./views/rollouts.js";
 import * as startForm from "./views/start.js";
 import { h } from "./util.js";
@@ -23,6 +24,7 @@ const ROUTES = [
   [/^#\/rollouts\/([^/]+)$/, rollouts.detailView, "rollouts"],
   [/^#\/models\/?$/, models.listView, "models"],
   [/^#\/models\/([^/]+)$/, models.detailView, "models"],
+  [/^#\/report\/?$/, report.view, "report"],
 ];
 
 const state = { generation: 0, lastJson: null, timer: null, busy: false, route: null };

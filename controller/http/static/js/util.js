@@ -109,3 +109,16 @@ export function listOf(data, ...keys) {
 export function section(title, testid, ...content) {
   return h("section", { "data-testid": testid, "aria-label": title }, h("h2", {}, title), content);
 }
+
+// Generations below this are counters, not epoch milliseconds (2001-09-09 in ms).
+const GENERATION_EPOCH_MS = 1e12;
+
+/** A generation (epoch ms of when it was issued) as "2026-12-06 21:03:07 UTC", the raw number
+ * in its tooltip; 0 as "none", small counters as they are. */
+export function generation(value, testid) {
+  if (value === null || value === undefined) return "-";
+  const n = Number(value);
+  if (!n) return h("span", { "data-testid": testid }, "none");
+  if (n < GENERATION_EPOCH_MS) return h("span", { "data-testid": testid }, String(n));
+  return h("time", { title: `generation ${n}`, "data-testid": testid }, `${when(n / 1000)} UTC`);
+}

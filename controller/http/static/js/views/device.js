@@ -3,7 +3,7 @@
 import { api, seg } from "../api.js";
 import { lineChart } from "../charts.js";
 import { modelLabels, modelText } from "../labels.js";
-import { ago, badge, clockTick, h, listOf, num, section, table, when } from "../util.js";
+import { ago, badge, clockTick, generation, h, listOf, num, section, table, when } from "../util.js";
 
 // Telemetry window choices (the API's `since` durations); the chosen one survives re-renders.
 const WINDOWS = ["15m", "1h", "6h", "24h"];
@@ -20,7 +20,15 @@ function factList(d) {
     ["Detail", d.status_detail || "-"],
     ["Agent", d.agent_version || "-"],
     ["Runtime", [d.runtime, d.runtime_version].filter(Boolean).join(" ") || "-"],
-    ["Generation", `${d.reported_generation ?? "-"} reported / ${d.desired_generation ?? "-"} desired`],
+    [
+      "Generation",
+      [
+        generation(d.reported_generation, "generation-reported"),
+        " reported / ",
+        generation(d.desired_generation, "generation-desired"),
+        " desired",
+      ],
+    ],
     ["Last seen", `${ago(d.last_seen)} (${when(d.last_seen)} UTC)`],
   ];
   for (const key of ["machine", "cpu_count", "memory_mb", "os"]) {
@@ -139,7 +147,7 @@ export const view = {
           updates.map((e) => [
             when(e.ts),
             e.deployment_id ? h("a", { href: `#/rollouts/${encodeURIComponent(e.deployment_id)}` }, e.deployment_id) : "-",
-            e.generation ?? "-",
+            generation(e.generation),
             badge(e.state),
             e.message || "",
           ]),

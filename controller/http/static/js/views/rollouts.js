@@ -38,6 +38,29 @@ function summary(counts) {
     .join(", ");
 }
 
+// Device states of a rollout that mean "did not get the model" (controller/fleet/rollout/states.py
+// FAILED, plus a rollback that itself failed).
+const FAILED_STATES = ["failed", "gate_failed", "rollback_failed"];
+
+/** Devices of a rollout that failed, from its per-state counts. */
+export function failedCount(counts) {
+  return FAILED_STATES.reduce((n, s) => n + Number((counts || {})[s] || 0), 0);
+}
+
+/** The rollout's state as a badge; a finished rollout with failed devices says how many
+ * ("completed with 10 failed", amber) instead of a green "completed". */
+export function outcomeBadge(r, testid) {
+  const failed = failedCount(r.counts);
+  if (failed && r.state === "completed") {
+    return h(
+      "span",
+      { class: "badge state-partial", "data-testid": testid, title: summary(r.counts) },
+      `${r.state} with ${failed} failed`,
+    );
+  }
+  return badge(r.state, testid);
+}
+
 /** The list of rollouts, newest first. */
 export const listView = {
   async load() {
@@ -60,7 +83,7 @@ export const listView = {
             r.kind || "-",
             r.model ? h("a", { href: `#/models/${encodeURIComponent(r.model)}` }, r.model) : "-",
             r.target || "-",
-            badge(r.state, `rollout-state-${r.id}`),
+            outcomeBadge(r, `rollout-state-${r.id}`),
             r.wave ?? "-",
             summary(r.counts),
             when(r.created),
@@ -235,7 +258,7 @@ export const detailView = {
       "div",
       { "data-testid": "page-rollout" },
       h("p", { class: "crumbs" }, h("a", { href: "#/rollouts" }, "Rollouts"), " / ", r.id),
-      h("h1", {}, `Rollout ${r.id} `, badge(r.state, "rollout-state")),
+      h("h1", {}, `Rollout ${r.id} `, outcomeBadge(r, "rollout-state")),
       h(
         "dl",
         { class: "facts" },
