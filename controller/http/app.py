@@ -63,7 +63,8 @@ class Problem(BaseModel):
 
 
 _DESCRIPTIONS = {
-    400: "bad input (the service layer's message)",
+    400: "bad input: the service layer's message, an unknown or repeated query parameter, or "
+    "a malformed HTTP request (refused by the server before the route)",
     401: "missing or unknown bearer token",
     403: "a read token on a write",
     404: "unknown id",
@@ -72,8 +73,10 @@ _DESCRIPTIONS = {
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses` for these error codes (and the 401 every API route can answer)."""
-    return {c: {"model": Problem, "description": _DESCRIPTIONS[c]} for c in sorted({401, *codes})}
+    """OpenAPI `responses` for these error codes, and the 400 and 401 every API route can answer
+    (a strict query check and the bearer token run on every route)."""
+    every = {400, 401, *codes}
+    return {c: {"model": Problem, "description": _DESCRIPTIONS[c]} for c in sorted(every)}
 
 
 class DeviceIn(BaseModel):

@@ -68,8 +68,9 @@ class Controller:
     proc: subprocess.Popen[bytes]
     log_path: Path
 
-    def cli(self, *args: str, timeout: float = 120) -> str:
-        """Run `edgefleet ARGS --home HOME` and return stdout; fail with stderr on error."""
+    def cli(self, *args: str, timeout: float = 120, ok: tuple[int, ...] = (0,)) -> str:
+        """Run `edgefleet ARGS --home HOME` and return stdout; fail with stderr on an exit code
+        not in `ok` (docs/cli.md: `rollout status` exits 1 aborted, 3 partial, 4 paused)."""
         proc = subprocess.run(
             [*EDGEFLEET, *args, "--home", str(self.home)],
             capture_output=True,
@@ -77,12 +78,12 @@ class Controller:
             timeout=timeout,
             check=False,
         )
-        assert proc.returncode == 0, f"edgefleet {' '.join(args)}: {proc.stderr}{proc.stdout}"
+        assert proc.returncode in ok, f"edgefleet {' '.join(args)}: {proc.stderr}{proc.stdout}"
         return proc.stdout
 
-    def cli_json(self, *args: str) -> Any:
+    def cli_json(self, *args: str, ok: tuple[int, ...] = (0,)) -> Any:
         """`edgefleet ARGS --json` parsed."""
-        return json.loads(self.cli(*args, "--json"))
+        return json.loads(self.cli(*args, "--json", ok=ok))
 
     def log(self) -> str:
         """The controller's log so far."""

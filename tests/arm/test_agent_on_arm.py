@@ -89,7 +89,7 @@ def _rollout(ctl: Controller, model: str, device: str, *, expect: str) -> dict[s
     )  # fmt: skip
     final = wait_until(
         lambda: (
-            (r := ctl.cli_json("rollout", "status", started["id"]))["state"]
+            (r := ctl.cli_json("rollout", "status", started["id"], ok=(0, 1)))["state"]
             in ("completed", "aborted")
             and r
         ),

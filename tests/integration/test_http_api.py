@@ -64,10 +64,10 @@ def api(tmp_path: Path) -> Iterator[Api]:
     server.stop()
 
 
-def cli(home: Path, *args: str) -> Any:
+def cli(home: Path, *args: str, exit_code: int = 0) -> Any:
     """Run an `edgefleet ... --json` command in-process on `home`; its parsed output."""
     result = CliRunner().invoke(cli_app, [*args, "--home", str(home), "--json"])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == exit_code, result.output
     return json.loads(result.stdout)
 
 
@@ -201,7 +201,8 @@ def test_devices_models_and_a_rollout_through_the_api(api: Api) -> None:
     assert [d["device_id"] for d in rollout["devices"]] == ["cam-1"]
 
     assert api.admin.post(f"/api/v1/rollouts/{rid}/pause").json()["state"] == "paused"
-    assert cli(api.home, "rollout", "status", rid)["state"] == "paused"
+    # docs/cli.md: `rollout status` of a paused rollout exits 4.
+    assert cli(api.home, "rollout", "status", rid, exit_code=4)["state"] == "paused"
     again = api.admin.post(f"/api/v1/rollouts/{rid}/pause")
     assert again.status_code == 409 and "is paused, not running" in again.json()["detail"]
     # The CLI resumes it; the API sees it running.
