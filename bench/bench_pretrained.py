@@ -25,7 +25,7 @@ import numpy as np
 
 import firmware_profiles
 from converters.datasets import Samples
-from converters.interpreter import interpreter_class
+from converters.interpreter import load_host_model
 from converters.pipeline import optimize
 from converters.report import ProgressEvent
 
@@ -41,25 +41,7 @@ SEED = 18  # any fixed value: the same random inputs on every run
 
 def all_outputs(path: Path, x: np.ndarray) -> list[np.ndarray]:
     """Every output of a .tflite for each sample, dequantized to float32."""
-    interp = interpreter_class()(model_path=str(path))
-    interp.allocate_tensors()
-    inp = interp.get_input_details()[0]
-    outs: list[list[np.ndarray]] = [[] for _ in interp.get_output_details()]
-    for sample in x:
-        value = sample[None].astype(np.float32)
-        if inp["dtype"] != np.float32:
-            scale, zero = inp["quantization"]
-            info = np.iinfo(inp["dtype"])
-            value = np.clip(np.round(value / scale) + zero, info.min, info.max)
-        interp.set_tensor(inp["index"], value.astype(inp["dtype"]))
-        interp.invoke()
-        for k, det in enumerate(interp.get_output_details()):
-            y = np.array(interp.get_tensor(det["index"]), dtype=np.float32)
-            if det["dtype"] != np.float32:
-                scale, zero = det["quantization"]
-                y = (y - zero) * scale
-            outs[k].append(y)
-    return [np.concatenate(o) for o in outs]
+    return load_host_model(path).predict_all(x.astype(np.float32))
 
 
 def snr_db(got: np.ndarray, want: np.ndarray) -> float:

@@ -16,7 +16,7 @@ from controller.cli.main import app
 from converters.compilers import CompileResult
 from converters.errors import CalibrationError
 from converters.inputs import ORIGINAL, convert_model
-from converters.interpreter import interpreter_class
+from converters.interpreter import load_host_model
 from converters.pipeline import optimize
 from converters.requantize import TFLITE_RECIPES, requantize_tflite
 from converters.tflite_inspect import inspect_bytes
@@ -38,25 +38,7 @@ def scenes() -> np.ndarray:
 
 def detector_outputs(data: bytes, x: np.ndarray) -> list[np.ndarray]:
     """Both outputs, dequantized to float, for every sample (boxes and scores by tensor name)."""
-    interp = interpreter_class()(model_content=data)
-    interp.allocate_tensors()
-    inp = interp.get_input_details()[0]
-    outs: list[list[np.ndarray]] = [[] for _ in interp.get_output_details()]
-    for sample in x:
-        value = sample[None]
-        if inp["dtype"] != np.float32:
-            scale, zero = inp["quantization"]
-            info = np.iinfo(inp["dtype"])
-            value = np.clip(np.round(value / scale) + zero, info.min, info.max)
-        interp.set_tensor(inp["index"], value.astype(inp["dtype"]))
-        interp.invoke()
-        for k, det in enumerate(interp.get_output_details()):
-            y = np.array(interp.get_tensor(det["index"]), dtype=np.float32)
-            if det["dtype"] != np.float32:
-                scale, zero = det["quantization"]
-                y = (y - zero) * scale
-            outs[k].append(y)
-    return [np.concatenate(o) for o in outs]
+    return load_host_model(data).predict_all(x)
 
 
 def snr_db(got: np.ndarray, want: np.ndarray) -> float:
