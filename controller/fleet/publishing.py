@@ -106,7 +106,7 @@ class Publishing(FleetCore):
 
     def _runtimes_of(self, device_ids: list[str]) -> dict[str, tuple[str, str, str]]:
         """Each device's runtime as it reported it (else its profile's) and profile compiler."""
-        out = {}
+        out: dict[str, tuple[str, str, str]] = {}
         for device_id in device_ids:
             row = self.device(device_id)
             prof = self._profile(row["profile"]) if row.get("profile") else None
