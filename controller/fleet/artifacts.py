@@ -10,8 +10,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from agent.protocol import DEFAULT_CHUNK_SIZE, Manifest, validate_sha256
 from controller.errors import FleetError
+from converters.manifest import MANIFEST_SCHEMA, ManifestDoc
+from firmware_profiles.validation import one_line
 
 
 class ArtifactStore:
@@ -106,25 +110,25 @@ def build_manifest(
 
 
 # What `edgefleet optimize` writes beside each selected artifact (converters/manifest.py).
-CONVERTER_MANIFEST_SCHEMA = "edgefleet.artifact-manifest/v1"
+CONVERTER_MANIFEST_SCHEMA = MANIFEST_SCHEMA
 
 
-def read_converter_manifest(path: Path) -> dict[str, Any]:
-    """A converters manifest.json, checked for the fields `models add` reads."""
+def read_json_doc(path: Path, schema: str, what: str) -> dict[str, Any]:
+    """A JSON object from `path` whose `schema` is `schema`, else a FleetError saying so."""
     try:
         doc = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise FleetError(f"{path}: unreadable ({exc})") from None
-    if not isinstance(doc, dict) or doc.get("schema") != CONVERTER_MANIFEST_SCHEMA:
-        raise FleetError(
-            f"{path}: not an edgefleet artifact manifest ({CONVERTER_MANIFEST_SCHEMA})"
-        )
-    for key in ("file", "sha256", "recipe", "profile"):
-        if not isinstance(doc.get(key), str):
-            raise FleetError(f"{path}: field {key!r} missing or not a string")
-    golden = doc.get("golden")
-    if golden is not None and not (
-        isinstance(golden, dict) and isinstance(golden.get("file"), str)
-    ):
-        raise FleetError(f"{path}: field 'golden' must be null or {{\"file\": ...}}")
+    if not isinstance(doc, dict) or doc.get("schema") != schema:
+        raise FleetError(f"{path}: not an edgefleet {what} ({schema})")
     return doc
+
+
+def read_converter_manifest(path: Path) -> dict[str, Any]:
+    """A converters manifest.json, validated by its model (ManifestDoc), as a plain dict."""
+    doc = read_json_doc(path, MANIFEST_SCHEMA, "artifact manifest")
+    try:
+        manifest = ManifestDoc.model_validate(doc)
+    except ValidationError as exc:
+        raise FleetError(f"{path}: {one_line(exc)}") from None
+    return manifest.model_dump(by_alias=True)

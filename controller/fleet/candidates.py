@@ -6,50 +6,27 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import ValidationError
+
 from agent.protocol import MAX_THREADS
 from controller.errors import FleetError
-from controller.fleet.artifacts import read_converter_manifest
+from controller.fleet.artifacts import read_converter_manifest, read_json_doc
 from controller.storage.db import to_json
+from converters.manifest import CANDIDATES_SCHEMA, CandidatesDoc
+from firmware_profiles.validation import one_line
 
 if TYPE_CHECKING:
     from controller.fleet.registry import Fleet
 
-CANDIDATES_SCHEMA = "edgefleet.candidates/v1"
-
 
 def read_candidates(path: Path) -> dict[str, Any]:
-    """A `candidates.json`, checked for every field `models add` reads."""
+    """A `candidates.json`, validated by its model (CandidatesDoc), as a plain dict."""
+    doc = read_json_doc(path, CANDIDATES_SCHEMA, "candidates list")
     try:
-        doc = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise FleetError(f"{path}: unreadable ({exc})") from None
-    if not isinstance(doc, dict) or doc.get("schema") != CANDIDATES_SCHEMA:
-        raise FleetError(f"{path}: not an edgefleet candidates list ({CANDIDATES_SCHEMA})")
-    if not isinstance(doc.get("profile"), str):
-        raise FleetError(f"{path}: field 'profile' missing or not a string")
-    entries = doc.get("candidates")
-    if not isinstance(entries, list):
-        raise FleetError(f"{path}: 'candidates' must be a list")
-    ranks: set[int] = set()
-    for i, entry in enumerate(entries):
-        where = f"{path}: candidates[{i}]"
-        if not isinstance(entry, dict):
-            raise FleetError(f"{where}: not an object")
-        rank, threads = entry.get("rank"), entry.get("threads")
-        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1 or rank in ranks:
-            raise FleetError(f"{where}: 'rank' must be a unique integer >= 1, got {rank!r}")
-        ranks.add(rank)
-        if threads is not None and (
-            not isinstance(threads, int) or isinstance(threads, bool)
-            or not 1 <= threads <= MAX_THREADS
-        ):  # fmt: skip
-            raise FleetError(f"{where}: 'threads' must be null or 1..{MAX_THREADS}")
-        for key in ("manifest", "recipe"):
-            if not isinstance(entry.get(key), str):
-                raise FleetError(f"{where}: field {key!r} missing or not a string")
-        if not isinstance(entry.get("host", {}), dict):
-            raise FleetError(f"{where}: 'host' must be an object")
-    return doc
+        candidates = CandidatesDoc.model_validate(doc, context={"max_threads": MAX_THREADS})
+    except ValidationError as exc:
+        raise FleetError(f"{path}: {one_line(exc, items=True)}") from None
+    return candidates.model_dump(by_alias=True)
 
 
 def register_candidates(fleet: Fleet, directory: Path, *, name: str, version: str) -> int:
