@@ -24,7 +24,7 @@ from agent.client import MAX_PAYLOAD_BYTES, InferenceClient, infer
 from agent.inference_server import InferenceServer
 from agent.runtime import Interpreter, load_interpreter, run_once
 from agent.serving import InferenceError, ServingModel
-from tests.unit.test_agent_serving import CountingObserver, batch_model, run_once_resized
+from tests.unit.agent.test_serving import CountingObserver, batch_model, run_once_resized
 
 pytestmark = pytest.mark.agent
 
