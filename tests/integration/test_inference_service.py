@@ -39,15 +39,6 @@ def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.fixture(scope="module")
-def cache_dir() -> Path:
-    """The shared test cache (same place as tests/unit/conftest.py's) for built models."""
-    default = Path(tempfile.gettempdir()) / "edgefleet-test-cache"
-    path = Path(os.environ.get("EDGEFLEET_TEST_CACHE") or default)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 @pytest.fixture
 def short_dir() -> Iterator[Path]:
     """A directory under /tmp short enough for AF_UNIX paths (pytest's tmp_path can be long)."""

@@ -7,13 +7,11 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import firmware_profiles
 from converters._files import sha256_file
-from converters.datasets import Samples
-from converters.digits import digits_keras, load_digits_dataset
+from converters.digits import digits_keras
 from converters.evaluate import verify_golden
 from converters.manifest import CANDIDATES_SCHEMA, MANIFEST_SCHEMA
 from converters.pipeline import optimize
@@ -32,13 +30,6 @@ RPI4 = ("rpi4", "int8", "fp32", "dynamic")
 VELA = ("corstone-300-u55", "int8", "int16x8")
 # How select() words the reason of a variant that passed but was not selected.
 PASSED = ("slower", "tied", "passes but")
-
-
-@pytest.fixture(scope="module")
-def digits() -> tuple[np.ndarray, Samples]:
-    """Calibration inputs and labelled validation samples."""
-    data = load_digits_dataset()
-    return data.x_train, Samples(data.x_val, data.y_val)
 
 
 @pytest.fixture(scope="module")

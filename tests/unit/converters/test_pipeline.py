@@ -30,13 +30,6 @@ def narrowed(profile_id: str, *allowed: str) -> firmware_profiles.Profile:
 
 
 @pytest.fixture(scope="module")
-def digits() -> tuple[np.ndarray, Samples]:
-    """Calibration inputs and labelled validation samples."""
-    data = load_digits_dataset()
-    return data.x_train, Samples(data.x_val, data.y_val)
-
-
-@pytest.fixture(scope="module")
 def report(cache_dir: Path, digits: tuple, tmp_path_factory: pytest.TempPathFactory) -> tuple:
     """One optimize() run over a CPU profile, a Vela MCU, a Vela SoC and the Edge TPU board."""
     calib, val = digits

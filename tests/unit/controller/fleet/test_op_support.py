@@ -114,9 +114,8 @@ def test_optimize_check_refuses_the_custom_op_in_one_line() -> None:
     assert checks["rpi5"]["custom_ops_registered"]["ok"] is True
 
 
-def test_models_add_and_deploy_refuse_before_any_device_sees_it(tmp_path: Path) -> None:
+def test_models_add_and_deploy_refuse_before_any_device_sees_it(fleet: Fleet) -> None:
     """models add --profile rpi4 and deploy to a tflite-runtime 2.14 device both refuse."""
-    fleet = Fleet(tmp_path / "home")
     with pytest.raises(FleetError, match=f"cannot run on profile rpi4: custom op {OP}"):
         fleet.add_artifact(CUSTOM, name="ct", version="1", profile="rpi4")
     assert fleet.add_artifact(CUSTOM, name="ct", version="2", profile="rpi5").sha256

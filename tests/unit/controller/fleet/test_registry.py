@@ -18,12 +18,6 @@ DATA = TEST_DATA
 FACTS = DeviceFacts("aarch64", "Linux", 4, 3792, "tflite-runtime", "2.14.0", "3.11.2")
 
 
-@pytest.fixture
-def fleet(tmp_path: Path) -> Fleet:
-    """A fleet in a fresh data dir."""
-    return Fleet(tmp_path / "home")
-
-
 def test_database_is_wal_and_migrated(tmp_path: Path) -> None:
     db = SqliteDatabase(tmp_path / "x.db")
     assert db.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -32,23 +31,21 @@ LATENCIES = {
 
 
 @pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[Fleet]:
+def deployed_fleet(fleet: Fleet) -> Fleet:
     """Three devices on two profiles (one online), model tiny:1, one running deployment."""
-    f = Fleet(tmp_path / "home")
     for device, profile in (("pi-1", "rpi4"), ("pi-2", "rpi4"), ("nx-1", "imx93")):
-        f.register_device(device, profile)
-    with f.db.transaction() as tx:
+        fleet.register_device(device, profile)
+    with fleet.db.transaction() as tx:
         tx.execute("UPDATE devices SET online = 1, state = 'idle' WHERE id = 'pi-1'")
-    f.add_model(DATA / "tiny_fp32.tflite", name="tiny", version="1")
-    f.deploy(DATA / "tiny_fp32.tflite", devices=["pi-2"], name="tiny", version="1")
-    yield f
-    f.close()
+    fleet.add_model(DATA / "tiny_fp32.tflite", name="tiny", version="1")
+    fleet.deploy(DATA / "tiny_fp32.tflite", devices=["pi-2"], name="tiny", version="1")
+    return fleet
 
 
 @pytest.fixture
-def served(fleet: Fleet) -> Iterator[tuple[ControllerMetrics, MetricsServer]]:
+def served(deployed_fleet: Fleet) -> Iterator[tuple[ControllerMetrics, MetricsServer]]:
     """Metrics on a real HTTP server bound to 127.0.0.1 on a free port."""
-    metrics = ControllerMetrics(database_target(fleet.home))
+    metrics = ControllerMetrics(database_target(deployed_fleet.home))
     server = serve_metrics(metrics, "127.0.0.1", 0)
     yield metrics, server
     server.stop()
@@ -81,7 +78,9 @@ def test_binds_where_told_and_reports_the_real_port(
     assert server.url == f"http://127.0.0.1:{server.port}/metrics"
 
 
-def test_fleet_state_gauges(fleet: Fleet, served: tuple[ControllerMetrics, MetricsServer]) -> None:
+def test_fleet_state_gauges(
+    deployed_fleet: Fleet, served: tuple[ControllerMetrics, MetricsServer]
+) -> None:
     _, server = served
     families = scrape(server)
     devices = families["edgefleet_devices"]
@@ -97,11 +96,11 @@ def test_fleet_state_gauges(fleet: Fleet, served: tuple[ControllerMetrics, Metri
 
 
 def test_latency_histograms_are_cumulative_and_match_stored_records(
-    fleet: Fleet, served: tuple[ControllerMetrics, MetricsServer]
+    deployed_fleet: Fleet, served: tuple[ControllerMetrics, MetricsServer]
 ) -> None:
     metrics, server = served
-    store = TelemetryStore(fleet.db)
-    model = sha(fleet)
+    store = TelemetryStore(deployed_fleet.db)
+    model = sha(deployed_fleet)
     expected: dict[str, list[float]] = {"rpi4": [], "imx93": []}
     for device, profile in (("pi-1", "rpi4"), ("pi-2", "rpi4"), ("nx-1", "imx93")):
         batch = tuple(
@@ -148,11 +147,11 @@ def test_latency_histograms_are_cumulative_and_match_stored_records(
 
 
 def test_gap_and_loss_gauges_and_service_counters(
-    fleet: Fleet, served: tuple[ControllerMetrics, MetricsServer]
+    deployed_fleet: Fleet, served: tuple[ControllerMetrics, MetricsServer]
 ) -> None:
     metrics, server = served
-    store = TelemetryStore(fleet.db)
-    model = sha(fleet)
+    store = TelemetryStore(deployed_fleet.db)
+    model = sha(deployed_fleet)
     first = store.ingest(
         Telemetry("pi-1", tuple(record(s, sha=model) for s in (1, 5, 9))), received=T0
     )
@@ -193,7 +192,7 @@ def test_gap_and_loss_gauges_and_service_counters(
 
 
 def test_exposition_in_process_matches_the_endpoint(
-    fleet: Fleet, served: tuple[ControllerMetrics, MetricsServer]
+    deployed_fleet: Fleet, served: tuple[ControllerMetrics, MetricsServer]
 ) -> None:
     metrics, server = served
     local = {f.name for f in text_string_to_metric_families(metrics.exposition().decode())}

@@ -162,10 +162,9 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def fleet(tmp_path: Path, clock: FakeClock) -> Fleet:
-    """A fleet of ten rpi4 devices running the OLD model, and model digits:1 (NEW) + :0 (OLD);
-    its rollout engine reads `clock`."""
-    fleet = Fleet(tmp_path / "home")
+def fleet_on_old(fleet: Fleet, clock: FakeClock) -> Fleet:
+    """Ten rpi4 devices running the OLD model, and model digits:1 (NEW) + :0 (OLD); the rollout
+    engine reads `clock`."""
     fleet.rollouts.clock = clock
     fleet.add_model(OLD, name="digits", version="0")
     fleet.add_model(NEW, name="digits", version="1")
@@ -197,34 +196,34 @@ def in_wave(fleet: Fleet, rollout: str, wave: int) -> list[str]:
     return [d["device_id"] for d in fleet.deployment(rollout)["devices"] if d["wave"] == wave]
 
 
-def test_waves_advance_only_when_the_wave_is_done(fleet: Fleet) -> None:
-    agents = FakeDevices(fleet)
-    ro = fleet.start_rollout("digits:1", "all", policy())["id"]
-    assert [len(in_wave(fleet, ro, w)) for w in range(3)] == [1, 4, 5]
-    first = in_wave(fleet, ro, 0)
-    assert {s for d, s in states(fleet, ro).items() if d not in first} == {"waiting"}
-    desired = {d: dv for d, dv, _ in fleet.unpublished_desired()}
+def test_waves_advance_only_when_the_wave_is_done(fleet_on_old: Fleet) -> None:
+    agents = FakeDevices(fleet_on_old)
+    ro = fleet_on_old.start_rollout("digits:1", "all", policy())["id"]
+    assert [len(in_wave(fleet_on_old, ro, w)) for w in range(3)] == [1, 4, 5]
+    first = in_wave(fleet_on_old, ro, 0)
+    assert {s for d, s in states(fleet_on_old, ro).items() if d not in first} == {"waiting"}
+    desired = {d: dv for d, dv, _ in fleet_on_old.unpublished_desired()}
     assert set(desired) == set(first), "only wave 0 gets a desired state"
     assert desired[first[0]].latency_budget_ms == 100.0, "rpi4 budget travels with it"
-    fleet.rollouts.tick()
-    assert states(fleet, ro)[in_wave(fleet, ro, 1)[0]] == "waiting"
+    fleet_on_old.rollouts.tick()
+    assert states(fleet_on_old, ro)[in_wave(fleet_on_old, ro, 1)[0]] == "waiting"
     agents.activate(ro, first[0])
-    fleet.rollouts.tick()
-    assert {states(fleet, ro)[d] for d in in_wave(fleet, ro, 1)} == {"pending"}
-    for d in in_wave(fleet, ro, 1):
+    fleet_on_old.rollouts.tick()
+    assert {states(fleet_on_old, ro)[d] for d in in_wave(fleet_on_old, ro, 1)} == {"pending"}
+    for d in in_wave(fleet_on_old, ro, 1):
         agents.activate(ro, d)
-    fleet.rollouts.tick()
-    for d in in_wave(fleet, ro, 2):
+    fleet_on_old.rollouts.tick()
+    for d in in_wave(fleet_on_old, ro, 2):
         agents.activate(ro, d)
-    fleet.rollouts.tick()
-    status = fleet.deployment(ro)
+    fleet_on_old.rollouts.tick()
+    status = fleet_on_old.deployment(ro)
     assert status["state"] == "completed" and status["counts"] == {"succeeded": 10}
 
 
-def test_gate_violation_rolls_the_device_back_and_enough_abort(fleet: Fleet) -> None:
-    agents = FakeDevices(fleet)
-    old_sha = fleet.model("digits:0")["artifacts"][0]["sha256"]
-    ro = fleet.start_rollout(
+def test_gate_violation_rolls_the_device_back_and_enough_abort(fleet_on_old: Fleet) -> None:
+    agents = FakeDevices(fleet_on_old)
+    old_sha = fleet_on_old.model("digits:0")["artifacts"][0]["sha256"]
+    ro = fleet_on_old.start_rollout(
         "digits:1",
         "all",
         policy(
@@ -233,35 +232,35 @@ def test_gate_violation_rolls_the_device_back_and_enough_abort(fleet: Fleet) -> 
             gates=(Gate("p95_ms", 10.0),),
         ),
     )["id"]
-    slow, ok = in_wave(fleet, ro, 0)
+    slow, ok = in_wave(fleet_on_old, ro, 0)
     agents.activate(ro, slow, p95=25.0)
     row = agents.row(ro, slow)
     assert row["state"] == "gate_failed" and "p95_ms 25.000 over 10" in row["detail"]
-    desired = {d: dv for d, dv, _ in fleet.unpublished_desired()}
+    desired = {d: dv for d, dv, _ in fleet_on_old.unpublished_desired()}
     assert desired[slow].artifact is not None and desired[slow].artifact.sha256 == old_sha
-    fleet.rollouts.tick()
-    assert fleet.deployment(ro)["state"] == "running", "1 failure is within a threshold of 1"
+    fleet_on_old.rollouts.tick()
+    assert fleet_on_old.deployment(ro)["state"] == "running", "1 failure is within a threshold of 1"
     agents.activate(ro, ok, p95=30.0)
-    fleet.rollouts.tick()
-    status = fleet.deployment(ro)
+    fleet_on_old.rollouts.tick()
+    status = fleet_on_old.deployment(ro)
     assert status["state"] == "aborted" and "2 of 2 executed devices failed" in status["reason"]
-    assert {states(fleet, ro)[d] for d in in_wave(fleet, ro, 1)} == {"cancelled"}
+    assert {states(fleet_on_old, ro)[d] for d in in_wave(fleet_on_old, ro, 1)} == {"cancelled"}
     # Every device that got the new model is pointed back at the old one.
-    desired = {d: dv for d, dv, _ in fleet.unpublished_desired()}
+    desired = {d: dv for d, dv, _ in fleet_on_old.unpublished_desired()}
     assert {d for d in desired} >= {slow, ok}
     assert all(dv.artifact and dv.artifact.sha256 == old_sha for dv in desired.values())
 
 
-def test_regression_gate_uses_the_devices_own_baseline(fleet: Fleet) -> None:
-    agents = FakeDevices(fleet)
-    old_sha = fleet.model("digits:0")["artifacts"][0]["sha256"]
+def test_regression_gate_uses_the_devices_own_baseline(fleet_on_old: Fleet) -> None:
+    agents = FakeDevices(fleet_on_old)
+    old_sha = fleet_on_old.model("digits:0")["artifacts"][0]["sha256"]
     # d0..d1 have a baseline of the old model at 10 ms; the rest have none.
     for device in ("d0", "d1"):
-        fleet.record_event(
+        fleet_on_old.record_event(
             Event(device_id=device, event_id=uuid.uuid4().hex, kind="benchmark",
                   message="baseline", benchmark=bench(old_sha, 10.0))
         )  # fmt: skip
-    ro = fleet.start_rollout(
+    ro = fleet_on_old.start_rollout(
         "digits:1",
         "device:d0,device:d1,device:d2",
         policy(
@@ -270,28 +269,28 @@ def test_regression_gate_uses_the_devices_own_baseline(fleet: Fleet) -> None:
             max_failures=Threshold(count=5),
         ),
     )["id"]
-    assert states(fleet, ro) == {"d0": "pending", "d1": "pending", "d2": "baselining"}
-    commands = fleet.unpublished_commands()
+    assert states(fleet_on_old, ro) == {"d0": "pending", "d1": "pending", "d2": "baselining"}
+    commands = fleet_on_old.unpublished_commands()
     assert [(d, c.action) for d, c in commands] == [("d2", "benchmark")]
     agents.activate(ro, "d0", p95=10.5)  # +5 %
     agents.activate(ro, "d1", p95=12.0)  # +20 %
-    assert states(fleet, ro)["d0"] == "succeeded"
-    assert states(fleet, ro)["d1"] == "gate_failed"
+    assert states(fleet_on_old, ro)["d0"] == "succeeded"
+    assert states(fleet_on_old, ro)["d1"] == "gate_failed"
     assert "+20.0% vs baseline 10.000" in agents.row(ro, "d1")["detail"]
     # d2's baseline arrives (answer to the benchmark command): only then does it get the model.
-    fleet.record_event(
+    fleet_on_old.record_event(
         Event(device_id="d2", event_id=commands[0][1].command_id, kind="benchmark",
               message="baseline", benchmark=bench(old_sha, 4.0))
     )  # fmt: skip
-    fleet.rollouts.tick()
-    assert states(fleet, ro)["d2"] == "pending"
+    fleet_on_old.rollouts.tick()
+    assert states(fleet_on_old, ro)["d2"] == "pending"
     agents.activate(ro, "d2", p95=4.1)
-    assert states(fleet, ro)["d2"] == "succeeded"
+    assert states(fleet_on_old, ro)["d2"] == "succeeded"
 
 
-def test_transport_failures_are_retried_self_test_failures_are_not(fleet: Fleet) -> None:
-    agents = FakeDevices(fleet)
-    ro = fleet.start_rollout(
+def test_transport_failures_are_retried_self_test_failures_are_not(fleet_on_old: Fleet) -> None:
+    agents = FakeDevices(fleet_on_old)
+    ro = fleet_on_old.start_rollout(
         "digits:1",
         "device:d0,device:d1",
         policy(waves=parse_waves("100"), retries=1, max_failures=Threshold(count=5)),
@@ -299,12 +298,12 @@ def test_transport_failures_are_retried_self_test_failures_are_not(fleet: Fleet)
     gen0 = agents.row(ro, "d0")["generation"]
     agents.event(ro, "d0", "error", stage="fetching", message="download timed out: 1 of 1")
     agents.event(ro, "d1", "error", stage="self-testing", message="self-test failed: NaN")
-    assert states(fleet, ro) == {"d0": "retrying", "d1": "failed"}
-    fleet.rollouts.tick()
+    assert states(fleet_on_old, ro) == {"d0": "retrying", "d1": "failed"}
+    fleet_on_old.rollouts.tick()
     row = agents.row(ro, "d0")
     assert row["state"] == "pending" and row["attempts"] == 1 and row["generation"] > gen0
     # A late event for the superseded generation changes nothing.
-    fleet.record_event(
+    fleet_on_old.record_event(
         Event(device_id="d0", event_id=uuid.uuid4().hex, kind="error", message="late",
               deployment_id=ro, generation=gen0, stage="fetching")
     )  # fmt: skip
@@ -314,9 +313,9 @@ def test_transport_failures_are_retried_self_test_failures_are_not(fleet: Fleet)
 
 
 def test_timeouts_retry_then_fail_and_the_device_is_pointed_back(
-    fleet: Fleet, clock: FakeClock
+    fleet_on_old: Fleet, clock: FakeClock
 ) -> None:
-    ro = fleet.start_rollout(
+    ro = fleet_on_old.start_rollout(
         "digits:1",
         "device:d0",
         policy(
@@ -327,35 +326,35 @@ def test_timeouts_retry_then_fail_and_the_device_is_pointed_back(
         ),
     )["id"]
     clock.advance(0.1)
-    fleet.rollouts.tick()  # timeout -> retrying
-    fleet.rollouts.tick()  # retrying -> pending with a new generation
-    row = FakeDevices(fleet).row(ro, "d0")
+    fleet_on_old.rollouts.tick()  # timeout -> retrying
+    fleet_on_old.rollouts.tick()  # retrying -> pending with a new generation
+    row = FakeDevices(fleet_on_old).row(ro, "d0")
     assert row["state"] == "pending" and row["attempts"] == 1
     clock.advance(0.1)
-    fleet.rollouts.tick()
-    row = FakeDevices(fleet).row(ro, "d0")
+    fleet_on_old.rollouts.tick()
+    row = FakeDevices(fleet_on_old).row(ro, "d0")
     assert row["state"] == "failed" and "timed out after 0.05 s in state pending" in row["detail"]
-    old_sha = fleet.model("digits:0")["artifacts"][0]["sha256"]
-    desired = {d: dv for d, dv, _ in fleet.unpublished_desired()}
+    old_sha = fleet_on_old.model("digits:0")["artifacts"][0]["sha256"]
+    desired = {d: dv for d, dv, _ in fleet_on_old.unpublished_desired()}
     assert desired["d0"].artifact and desired["d0"].artifact.sha256 == old_sha, (
         "a device that timed out must not install the artifact when it returns"
     )
-    fleet.rollouts.tick()
-    assert fleet.deployment(ro)["state"] == "completed"
+    fleet_on_old.rollouts.tick()
+    assert fleet_on_old.deployment(ro)["state"] == "completed"
 
 
-def test_pause_resume_abort_rollback_and_restart(fleet: Fleet, tmp_path: Path) -> None:
-    agents = FakeDevices(fleet)
-    ro = fleet.start_rollout("digits:1", "all", policy())["id"]
-    first = in_wave(fleet, ro, 0)[0]
-    fleet.rollouts.pause(ro)
+def test_pause_resume_abort_rollback_and_restart(fleet_on_old: Fleet, tmp_path: Path) -> None:
+    agents = FakeDevices(fleet_on_old)
+    ro = fleet_on_old.start_rollout("digits:1", "all", policy())["id"]
+    first = in_wave(fleet_on_old, ro, 0)[0]
+    fleet_on_old.rollouts.pause(ro)
     agents.activate(ro, first)
-    fleet.rollouts.tick()
-    assert fleet.deployment(ro)["wave"] == 0, "a paused rollout starts no wave"
+    fleet_on_old.rollouts.tick()
+    assert fleet_on_old.deployment(ro)["wave"] == 0, "a paused rollout starts no wave"
     with pytest.raises(PolicyError, match="is paused, not running"):
-        fleet.rollouts.pause(ro)
+        fleet_on_old.rollouts.pause(ro)
     # A controller restart (new Fleet on the same files) picks up exactly where it was.
-    fleet.close()
+    fleet_on_old.close()
     again = Fleet(tmp_path / "home")
     again.rollouts.resume(ro)
     again.rollouts.tick()
@@ -372,25 +371,24 @@ def test_pause_resume_abort_rollback_and_restart(fleet: Fleet, tmp_path: Path) -
         again.rollouts.abort(ro)
 
 
-def test_artifact_per_profile_and_skipped_devices(fleet: Fleet) -> None:
-    fleet.register_device("phone", "pixel-8")
-    fleet.add_model(NEW, name="cnn", version="2", profile="rpi4")
-    ro = fleet.start_rollout("cnn:2", "all", policy(waves=parse_waves("100")))
+def test_artifact_per_profile_and_skipped_devices(fleet_on_old: Fleet) -> None:
+    fleet_on_old.register_device("phone", "pixel-8")
+    fleet_on_old.add_model(NEW, name="cnn", version="2", profile="rpi4")
+    ro = fleet_on_old.start_rollout("cnn:2", "all", policy(waves=parse_waves("100")))
     phone = next(d for d in ro["devices"] if d["device_id"] == "phone")
     assert (
         phone["state"] == "skipped"
         and "no artifact of cnn:2 for profile 'pixel-8'" in (phone["detail"])
     )
     with pytest.raises(FleetError, match="none of the 1 selected devices"):
-        fleet.start_rollout("cnn:2", "device:phone", policy())
+        fleet_on_old.start_rollout("cnn:2", "device:phone", policy())
     with pytest.raises(FleetError, match="unknown model 'nope'"):
-        fleet.start_rollout("nope", "all", policy())
+        fleet_on_old.start_rollout("nope", "all", policy())
     with pytest.raises(FleetError, match="not all, profile:P"):
-        fleet.start_rollout("cnn:2", "tag:x", policy())
+        fleet_on_old.start_rollout("cnn:2", "tag:x", policy())
 
 
-def test_models_add_reads_an_optimize_directory_with_goldens(tmp_path: Path) -> None:
-    fleet = Fleet(tmp_path / "home")
+def test_models_add_reads_an_optimize_directory_with_goldens(fleet: Fleet, tmp_path: Path) -> None:
     out = tmp_path / "out" / "rpi4"
     out.mkdir(parents=True)
     artifact = out / "m-int8.tflite"
@@ -418,34 +416,33 @@ def test_models_add_reads_an_optimize_directory_with_goldens(tmp_path: Path) -> 
 
 
 # ----------------------------------------------------------------------------- review cases
-def test_rolling_back_an_older_rollout_leaves_devices_a_newer_one_took(fleet: Fleet) -> None:
-    agents = FakeDevices(fleet)
+def test_rolling_back_an_older_rollout_leaves_devices_a_newer_one_took(fleet_on_old: Fleet) -> None:
+    agents = FakeDevices(fleet_on_old)
     one = policy(waves=parse_waves("100"))
-    older = fleet.start_rollout("digits:1", "device:d0,device:d1", one)["id"]
+    older = fleet_on_old.start_rollout("digits:1", "device:d0,device:d1", one)["id"]
     for device in ("d0", "d1"):
         agents.activate(older, device)
-    newer = fleet.start_rollout("digits:0", "device:d0", one)["id"]
-    fleet.rollouts.rollback(older)
-    assert states(fleet, older) == {"d0": "superseded", "d1": "rolling_back"}
-    assert states(fleet, newer) == {"d0": "pending"}, "the newer rollout keeps its device"
+    newer = fleet_on_old.start_rollout("digits:0", "device:d0", one)["id"]
+    fleet_on_old.rollouts.rollback(older)
+    assert states(fleet_on_old, older) == {"d0": "superseded", "d1": "rolling_back"}
+    assert states(fleet_on_old, newer) == {"d0": "pending"}, "the newer rollout keeps its device"
 
 
-def test_a_newer_rollout_takes_waiting_devices_from_an_older_one(fleet: Fleet) -> None:
-    agents = FakeDevices(fleet)
-    older = fleet.start_rollout("digits:1", "all", policy())["id"]
-    newer = fleet.start_rollout("digits:0", "all", policy(waves=parse_waves("100")))["id"]
-    assert set(states(fleet, older).values()) == {"superseded"}
-    for device in states(fleet, newer):
+def test_a_newer_rollout_takes_waiting_devices_from_an_older_one(fleet_on_old: Fleet) -> None:
+    agents = FakeDevices(fleet_on_old)
+    older = fleet_on_old.start_rollout("digits:1", "all", policy())["id"]
+    newer = fleet_on_old.start_rollout("digits:0", "all", policy(waves=parse_waves("100")))["id"]
+    assert set(states(fleet_on_old, older).values()) == {"superseded"}
+    for device in states(fleet_on_old, newer):
         agents.activate(newer, device)
-    fleet.rollouts.tick()
-    assert fleet.deployment(older)["state"] == "completed"
-    assert states(fleet, older) == dict.fromkeys(states(fleet, older), "superseded")
+    fleet_on_old.rollouts.tick()
+    assert fleet_on_old.deployment(older)["state"] == "completed"
+    assert states(fleet_on_old, older) == dict.fromkeys(states(fleet_on_old, older), "superseded")
 
 
 def test_abort_of_a_device_without_previous_model_and_an_offline_one(
-    tmp_path: Path, clock: FakeClock
+    fleet: Fleet, clock: FakeClock
 ) -> None:
-    fleet = Fleet(tmp_path / "home")
     fleet.rollouts.clock = clock
     fleet.add_model(NEW, name="m", version="1")
     for device in ("fresh", "gone"):
@@ -464,22 +461,21 @@ def test_abort_of_a_device_without_previous_model_and_an_offline_one(
     assert states(fleet, ro) == {"fresh": "rolled_back", "gone": "rollback_failed"}
 
 
-def test_a_failure_after_activation_points_the_device_back(fleet: Fleet) -> None:
-    agents = FakeDevices(fleet)
-    old_sha = fleet.model("digits:0")["artifacts"][0]["sha256"]
-    ro = fleet.start_rollout("digits:1", "device:d0", policy(waves=parse_waves("100"), retries=2))[
-        "id"
-    ]
+def test_a_failure_after_activation_points_the_device_back(fleet_on_old: Fleet) -> None:
+    agents = FakeDevices(fleet_on_old)
+    old_sha = fleet_on_old.model("digits:0")["artifacts"][0]["sha256"]
+    ro = fleet_on_old.start_rollout(
+        "digits:1", "device:d0", policy(waves=parse_waves("100"), retries=2)
+    )["id"]
     agents.event(ro, "d0", "update", state="active", message="activated")
     agents.event(ro, "d0", "error", stage="active", message="benchmark failed: invoke error")
     row = agents.row(ro, "d0")
     assert row["state"] == "failed" and row["attempts"] == 0
-    desired = {d: dv for d, dv, _ in fleet.unpublished_desired()}
+    desired = {d: dv for d, dv, _ in fleet_on_old.unpublished_desired()}
     assert desired["d0"].artifact and desired["d0"].artifact.sha256 == old_sha
 
 
-def test_one_file_may_serve_two_profiles_but_a_version_never_changes(tmp_path: Path) -> None:
-    fleet = Fleet(tmp_path / "home")
+def test_one_file_may_serve_two_profiles_but_a_version_never_changes(fleet: Fleet) -> None:
     fleet.add_model(NEW, name="m", version="1", profile="rpi4")
     fleet.add_model(NEW, name="m", version="1", profile="rpi5")
     assert {a["profile"] for a in fleet.model("m:1")["artifacts"]} == {"rpi4", "rpi5"}
@@ -508,8 +504,9 @@ def test_deployments_from_before_rollouts_are_completed_by_the_migration(tmp_pat
     assert row == {"state": "completed", "reason": "deployed before rollouts existed"}
 
 
-def test_models_add_refuses_a_file_that_differs_from_its_manifest(tmp_path: Path) -> None:
-    fleet = Fleet(tmp_path / "home")
+def test_models_add_refuses_a_file_that_differs_from_its_manifest(
+    fleet: Fleet, tmp_path: Path
+) -> None:
     out = tmp_path / "out" / "rpi4"
     out.mkdir(parents=True)
     (out / "m.tflite").write_bytes(NEW.read_bytes())
@@ -522,9 +519,8 @@ def test_models_add_refuses_a_file_that_differs_from_its_manifest(tmp_path: Path
     assert fleet.models() == [] and list(fleet.artifacts.root.iterdir()) == []
 
 
-def test_rollback_to_a_model_the_controller_never_had(tmp_path: Path) -> None:
+def test_rollback_to_a_model_the_controller_never_had(fleet: Fleet) -> None:
     """A switched device is told to swap back (command); one not switched yet is cancelled."""
-    fleet = Fleet(tmp_path / "home")
     fleet.add_model(NEW, name="m", version="1")
     foreign = "ab" * 32  # installed by someone else: no artifact row here
     agents = FakeDevices(fleet)

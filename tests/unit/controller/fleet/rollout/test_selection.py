@@ -235,9 +235,8 @@ class Devices:
 
 
 @pytest.fixture
-def fleet(tmp_path: Path) -> Fleet:
+def ranked_fleet(fleet: Fleet, tmp_path: Path) -> Fleet:
     """Three rpi4 devices on an old model, and digits:2 with 3 ranked rpi4 candidates."""
-    fleet = Fleet(tmp_path / "home")
     fleet.add_model(OLD, name="digits", version="1", profile="rpi4")
     old = fleet.model("digits:1")["artifacts"][0]["sha256"]
     for i in range(3):
@@ -248,10 +247,10 @@ def fleet(tmp_path: Path) -> Fleet:
     return fleet
 
 
-def test_models_add_registers_ranked_candidates(fleet: Fleet, tmp_path: Path) -> None:
-    model = fleet.model("digits:2")
+def test_models_add_registers_ranked_candidates(ranked_fleet: Fleet, tmp_path: Path) -> None:
+    model = ranked_fleet.model("digits:2")
     assert len(model["artifacts"]) == 1, "only rank 1 is the profile's default artifact"
-    rows = fleet.db.query("SELECT rank, recipe, threads FROM model_candidates ORDER BY rank")
+    rows = ranked_fleet.db.query("SELECT rank, recipe, threads FROM model_candidates ORDER BY rank")
     assert [(r["rank"], r["recipe"], r["threads"]) for r in rows] == [
         (1, "int8", 1), (2, "int8", 4), (3, "fp32", 1)
     ]  # fmt: skip
@@ -261,25 +260,25 @@ def test_models_add_registers_ranked_candidates(fleet: Fleet, tmp_path: Path) ->
     doc["candidates"][0]["threads"] = 0
     (bad / "rpi4/candidates.json").write_text(json.dumps(doc))
     with pytest.raises(FleetError, match=r"candidates\[0\]: 'threads' must be null or 1..64"):
-        fleet.add_model(bad, name="digits", version="3")
+        ranked_fleet.add_model(bad, name="digits", version="3")
     doc["candidates"][0].update(threads=1, manifest="../../escape.manifest.json")
     (bad / "rpi4/candidates.json").write_text(json.dumps(doc))
     with pytest.raises(FleetError, match="outside"):
-        fleet.add_model(bad, name="digits", version="3")
+        ranked_fleet.add_model(bad, name="digits", version="3")
 
 
-def test_candidates_trialed_on_a_canary_then_the_winner_rolls_out(fleet: Fleet) -> None:
-    devices = Devices(fleet)
+def test_candidates_trialed_on_a_canary_then_the_winner_rolls_out(ranked_fleet: Fleet) -> None:
+    devices = Devices(ranked_fleet)
     policy = Policy(
         waves=parse_waves("1d,100"), max_failures=Threshold(percent=50), device_timeout_s=600,
         gates=(Gate("p95_ms", 20.0),), candidates=3, canaries=1, fallback=True,
         fallback_window_s=30,
     )  # fmt: skip
-    ro = fleet.start_rollout("digits:2", "all", policy)
+    ro = ranked_fleet.start_rollout("digits:2", "all", policy)
     assert ro["phase"] == "selecting"
     canary = next(d["device_id"] for d in ro["devices"] if d["state"] == "trialing")
     assert set(devices.desired()) == set(), "trials start at the first tick"
-    fleet.rollouts.tick()
+    ranked_fleet.rollouts.tick()
     assert set(devices.desired()) == {canary}, "only the canary gets candidates"
     # On the device, 4 threads (#2) beat the host's pick (#1); fp32 (#3) is lighter on memory
     # but slow.
@@ -290,9 +289,9 @@ def test_candidates_trialed_on_a_canary_then_the_winner_rolls_out(fleet: Fleet) 
         seen.append((desired.artifact.sha256[:8], desired.threads))  # type: ignore[union-attr]
         p95, rss, energy = measured[rank]
         devices.install(canary, p95, rss=rss, energy=energy)
-        fleet.rollouts.tick()
+        ranked_fleet.rollouts.tick()
     assert seen[0][0] == seen[1][0] and [t for _, t in seen] == [1, 4, 1]
-    status = fleet.deployment(ro["id"])
+    status = ranked_fleet.deployment(ro["id"])
     assert status["phase"] == "waves"
     (decision,) = status["decisions"]
     assert (decision["winner_rank"], decision["threads"], decision["fallback_rank"]) == (2, 4, 1)
@@ -305,105 +304,111 @@ def test_candidates_trialed_on_a_canary_then_the_winner_rolls_out(fleet: Fleet) 
     assert desired.fallback.window_s == 30
     winner_sha = desired.artifact.sha256  # type: ignore[union-attr]
     devices.install(canary, 4.1)
-    fleet.rollouts.tick()
+    ranked_fleet.rollouts.tick()
     others = [d for d in ("d0", "d1", "d2") if d != canary]
     for d in others:
         assert devices.desired()[d].artifact.sha256 == winner_sha  # type: ignore[union-attr]
         devices.install(d, 4.2)
-    fleet.rollouts.tick()
-    status = fleet.deployment(ro["id"])
+    ranked_fleet.rollouts.tick()
+    status = ranked_fleet.deployment(ro["id"])
     assert status["state"] == "completed" and status["counts"] == {"succeeded": 3}
     # The fallback event is recorded on the device's row and shown by explain.
     gen = next(d["generation"] for d in status["devices"] if d["device_id"] == others[0])
     devices.event(others[0], "fallback", ro["id"], gen, message="p95 31 ms > 20 ms for 30 s")
-    result = CliRunner().invoke(app, ["models", "explain", "digits:2", "--home", str(fleet.home)])
+    result = CliRunner().invoke(
+        app, ["models", "explain", "digits:2", "--home", str(ranked_fleet.home)]
+    )
     assert result.exit_code == 0, result.output
     assert "won" in result.output and "front" in result.output
     assert f"fell back: {others[0]}: p95 31 ms" in result.output
     data = json.loads(
         CliRunner()
-        .invoke(app, ["models", "explain", "digits", "--json", "--home", str(fleet.home)])
+        .invoke(app, ["models", "explain", "digits", "--json", "--home", str(ranked_fleet.home)])
         .output
     )
     assert data["rollout"]["id"] == ro["id"] and data["decisions"][0]["winner_rank"] == 2
 
 
 def test_abort_during_selection_returns_the_canary_and_restart_resumes(
-    fleet: Fleet, tmp_path: Path
+    ranked_fleet: Fleet, tmp_path: Path
 ) -> None:
-    devices = Devices(fleet)
-    old = fleet.model("digits:1")["artifacts"][0]["sha256"]
-    ro = fleet.start_rollout("digits:2", "all", Policy(candidates=3, device_timeout_s=600))["id"]
-    fleet.rollouts.tick()
+    devices = Devices(ranked_fleet)
+    old = ranked_fleet.model("digits:1")["artifacts"][0]["sha256"]
+    ro = ranked_fleet.start_rollout("digits:2", "all", Policy(candidates=3, device_timeout_s=600))[
+        "id"
+    ]
+    ranked_fleet.rollouts.tick()
     canary = next(iter(devices.desired()))
     devices.install(canary, 5.0)
     # A controller restart mid-selection resumes from the database.
-    fleet.close()
-    fleet = Fleet(fleet.home)
-    devices = Devices(fleet)
-    fleet.rollouts.tick()
-    trials = fleet.deployment(ro)["trials"]
+    ranked_fleet.close()
+    ranked_fleet = Fleet(ranked_fleet.home)
+    devices = Devices(ranked_fleet)
+    ranked_fleet.rollouts.tick()
+    trials = ranked_fleet.deployment(ro)["trials"]
     assert [t["state"] for t in trials] == ["measured", "running", "waiting"]
-    fleet.rollouts.abort(ro)
+    ranked_fleet.rollouts.abort(ro)
     desired = devices.desired()[canary]
     assert desired.artifact is not None and desired.artifact.sha256 == old
     assert desired.threads is None and desired.fallback is None
-    trials = fleet.deployment(ro)["trials"]
+    trials = ranked_fleet.deployment(ro)["trials"]
     assert [t["state"] for t in trials] == ["measured", "cancelled", "cancelled"]
 
 
-def test_a_failing_candidate_loses_and_timeouts_end_trials(fleet: Fleet) -> None:
-    devices = Devices(fleet)
-    ro = fleet.start_rollout("digits:2", "all", Policy(candidates=2, device_timeout_s=600))["id"]
-    fleet.rollouts.tick()
+def test_a_failing_candidate_loses_and_timeouts_end_trials(ranked_fleet: Fleet) -> None:
+    devices = Devices(ranked_fleet)
+    ro = ranked_fleet.start_rollout("digits:2", "all", Policy(candidates=2, device_timeout_s=600))[
+        "id"
+    ]
+    ranked_fleet.rollouts.tick()
     canary = next(iter(devices.desired()))
     desired = devices.desired()[canary]
     devices.event(canary, "error", ro, desired.generation, stage="self-testing",
                   message="self-test failed: p95 over the 100 ms budget")  # fmt: skip
-    fleet.rollouts.tick()
-    fleet.db.conn.execute("UPDATE candidate_trials SET deadline = 1 WHERE state = 'running'")
-    fleet.rollouts.tick()
-    (decision,) = fleet.deployment(ro)["decisions"]
+    ranked_fleet.rollouts.tick()
+    ranked_fleet.db.conn.execute("UPDATE candidate_trials SET deadline = 1 WHERE state = 'running'")
+    ranked_fleet.rollouts.tick()
+    (decision,) = ranked_fleet.deployment(ro)["decisions"]
     assert decision["winner_rank"] is None
     whys = [c["why"] for c in decision["explanation"]["candidates"]]
     assert "self-test failed" in whys[0] and "timed out after 600 s" in whys[1]
-    rows = {d["device_id"]: d for d in fleet.deployment(ro)["devices"]}
+    rows = {d["device_id"]: d for d in ranked_fleet.deployment(ro)["devices"]}
     assert rows[canary]["state"] == "rolling_back", "the canary goes back to its old model"
     assert {r["state"] for d, r in rows.items() if d != canary} == {"skipped"}
     assert "no candidate passed" in next(r for d, r in rows.items() if d != canary)["detail"]
 
 
-def test_a_hot_device_breaking_a_gate_is_an_outlier_not_a_failure(fleet: Fleet) -> None:
-    devices = Devices(fleet)
+def test_a_hot_device_breaking_a_gate_is_an_outlier_not_a_failure(ranked_fleet: Fleet) -> None:
+    devices = Devices(ranked_fleet)
     policy = Policy(
         waves=parse_waves("100"), max_failures=Threshold(count=0), device_timeout_s=600,
         gates=(Gate("p95_ms", 10.0),),
     )  # fmt: skip
-    ro = fleet.start_rollout("digits:2", "all", policy)["id"]
+    ro = ranked_fleet.start_rollout("digits:2", "all", policy)["id"]
     cool = Environment(governor="performance", cpu_freq_mhz=1800, cpu_max_freq_mhz=1800)
     devices.install("d0", 5.0, env=cool)
     devices.install("d1", 5.1, env=cool)
     hot = Environment(governor="performance", cpu_freq_mhz=1000, cpu_max_freq_mhz=1800,
                       temperature_c=84.0)  # fmt: skip
     devices.install("d2", 14.0, env=hot)
-    fleet.rollouts.tick()
-    status = fleet.deployment(ro)
+    ranked_fleet.rollouts.tick()
+    status = ranked_fleet.deployment(ro)
     rows = {d["device_id"]: d for d in status["devices"]}
     assert rows["d2"]["state"] == "outlier" and "temperature 84.0" in rows["d2"]["outlier"]
     assert "not a model failure" in rows["d2"]["detail"]
     assert status["state"] == "completed", "an outlier does not count against max-failures 0"
     # The same breach on a device in normal conditions is the model's: gate_failed.
-    ro2 = fleet.start_rollout("digits:1", "all", policy)["id"]
+    ro2 = ranked_fleet.start_rollout("digits:1", "all", policy)["id"]
     devices.install("d0", 5.0, env=cool)
     devices.install("d1", 5.0, env=cool)
     devices.install("d2", 14.0, env=cool)
-    assert {d["device_id"]: d["state"] for d in fleet.deployment(ro2)["devices"]}["d2"] == (
+    assert {d["device_id"]: d["state"] for d in ranked_fleet.deployment(ro2)["devices"]}["d2"] == (
         "gate_failed"
     )
 
 
-def test_cli_starts_a_selection_and_shows_its_trials(fleet: Fleet) -> None:
-    home = ["--home", str(fleet.home)]
+def test_cli_starts_a_selection_and_shows_its_trials(ranked_fleet: Fleet) -> None:
+    home = ["--home", str(ranked_fleet.home)]
     runner = CliRunner()
     bad = runner.invoke(app, ["rollout", "start", "digits:2", "--candidates", "3",
                               "--objective", "speed", *home])  # fmt: skip
@@ -413,11 +418,11 @@ def test_cli_starts_a_selection_and_shows_its_trials(fleet: Fleet) -> None:
     assert result.exit_code == 0, result.output
     assert "first 3 candidates per profile on 1 canary device(s)" in result.output
     rollout_id = result.output.split()[1].rstrip(":")
-    fleet.rollouts.tick()
+    ranked_fleet.rollouts.tick()
     shown = runner.invoke(app, ["rollout", "status", rollout_id, *home])
     assert shown.exit_code == 0, shown.output
     assert "selection phase: selecting" in shown.output and "#1" in shown.output
-    policy = fleet.deployment(rollout_id)["policy"]
+    policy = ranked_fleet.deployment(rollout_id)["policy"]
     assert policy["fallback_window_s"] == 120 and policy["candidates"] == 3
     explained = runner.invoke(app, ["models", "explain", "digits:2", *home])
     assert "not decided yet" in explained.output
@@ -425,19 +430,19 @@ def test_cli_starts_a_selection_and_shows_its_trials(fleet: Fleet) -> None:
     assert missing.exit_code == 2 and "measured no candidates" in missing.output
 
 
-def test_devices_outliers_lists_the_slow_device_with_its_reason(fleet: Fleet) -> None:
-    devices = Devices(fleet)
+def test_devices_outliers_lists_the_slow_device_with_its_reason(ranked_fleet: Fleet) -> None:
+    devices = Devices(ranked_fleet)
     for i in range(3, 6):
-        fleet.register_device(f"d{i}", "rpi4")
-    ro = fleet.start_rollout("digits:2", "all", Policy(device_timeout_s=600))["id"]
+        ranked_fleet.register_device(f"d{i}", "rpi4")
+    ro = ranked_fleet.start_rollout("digits:2", "all", Policy(device_timeout_s=600))["id"]
     normal = Environment(governor="performance", cpu_freq_mhz=1800, cpu_max_freq_mhz=1800)
     for d, p95 in (("d0", 5.0), ("d1", 5.1), ("d2", 4.9), ("d3", 5.05)):
         devices.install(d, p95, env=normal)
     devices.install("d4", 11.0, env=Environment(governor="powersave", cpu_freq_mhz=600,
                                                 cpu_max_freq_mhz=1800))  # fmt: skip
     devices.install("d5", 12.0, env=normal)
-    assert fleet.deployment(ro)["counts"] == {"succeeded": 6}
-    home = ["--home", str(fleet.home)]
+    assert ranked_fleet.deployment(ro)["counts"] == {"succeeded": 6}
+    home = ["--home", str(ranked_fleet.home)]
     rows = json.loads(CliRunner().invoke(app, ["devices", "outliers", "--json", *home]).output)
     by_device = {r["device_id"]: r for r in rows}
     assert set(by_device) == {"d4", "d5"}, rows
@@ -456,95 +461,105 @@ def test_negative_accuracy_drops_do_not_break_the_tie_band() -> None:
     assert result["winner"] == 1
 
 
-def test_a_canary_taken_by_a_newer_rollout_is_not_taken_back(fleet: Fleet) -> None:
-    devices = Devices(fleet)
-    ro1 = fleet.start_rollout("digits:2", "all", Policy(candidates=3, device_timeout_s=600))["id"]
-    fleet.rollouts.tick()
+def test_a_canary_taken_by_a_newer_rollout_is_not_taken_back(ranked_fleet: Fleet) -> None:
+    devices = Devices(ranked_fleet)
+    ro1 = ranked_fleet.start_rollout("digits:2", "all", Policy(candidates=3, device_timeout_s=600))[
+        "id"
+    ]
+    ranked_fleet.rollouts.tick()
     canary = next(iter(devices.desired()))
-    ro2 = fleet.start_rollout("digits:1", f"device:{canary}", Policy(device_timeout_s=600))["id"]
+    ro2 = ranked_fleet.start_rollout("digits:1", f"device:{canary}", Policy(device_timeout_s=600))[
+        "id"
+    ]
     devices.install(canary, 5.0)
-    fleet.db.conn.execute("UPDATE candidate_trials SET deadline = 1")  # ro1's trial times out
+    ranked_fleet.db.conn.execute(
+        "UPDATE candidate_trials SET deadline = 1"
+    )  # ro1's trial times out
     for _ in range(3):
-        fleet.rollouts.tick()
-    assert fleet.device(canary)["desired_deployment_id"] == ro2
-    assert fleet.deployment(ro2)["state"] == "completed"
-    first = fleet.deployment(ro1)
+        ranked_fleet.rollouts.tick()
+    assert ranked_fleet.device(canary)["desired_deployment_id"] == ro2
+    assert ranked_fleet.deployment(ro2)["state"] == "completed"
+    first = ranked_fleet.deployment(ro1)
     assert {t["state"] for t in first["trials"]} <= {"cancelled", "failed"}
     assert first["state"] == "completed", "no canary left: the profile is skipped, not stuck"
     assert {d["state"] for d in first["devices"]} == {"superseded", "skipped"}
 
 
-def test_a_removed_canary_does_not_hang_the_rollout(fleet: Fleet) -> None:
-    ro = fleet.start_rollout("digits:2", "all", Policy(candidates=2, device_timeout_s=600))["id"]
-    fleet.rollouts.tick()
+def test_a_removed_canary_does_not_hang_the_rollout(ranked_fleet: Fleet) -> None:
+    ro = ranked_fleet.start_rollout("digits:2", "all", Policy(candidates=2, device_timeout_s=600))[
+        "id"
+    ]
+    ranked_fleet.rollouts.tick()
     canary = next(
-        d["device_id"] for d in fleet.deployment(ro)["devices"] if d["state"] == "trialing"
+        d["device_id"] for d in ranked_fleet.deployment(ro)["devices"] if d["state"] == "trialing"
     )
-    fleet.remove_device(canary)
+    ranked_fleet.remove_device(canary)
     for _ in range(3):
-        fleet.rollouts.tick()
-    status = fleet.deployment(ro)
+        ranked_fleet.rollouts.tick()
+    status = ranked_fleet.deployment(ro)
     assert status["state"] == "completed", status["devices"]
     rows = {d["device_id"]: d for d in status["devices"]}
     assert rows[canary]["state"] == "skipped" and rows[canary]["detail"] == "device removed"
 
 
-def test_canaries_join_wave_0_and_go_back_on_abort(fleet: Fleet) -> None:
-    devices = Devices(fleet)
-    old = fleet.model("digits:1")["artifacts"][0]["sha256"]
+def test_canaries_join_wave_0_and_go_back_on_abort(ranked_fleet: Fleet) -> None:
+    devices = Devices(ranked_fleet)
+    old = ranked_fleet.model("digits:1")["artifacts"][0]["sha256"]
     policy = Policy(waves=parse_waves("1d,100"), candidates=2, canaries=2, device_timeout_s=600)
-    ro = fleet.start_rollout("digits:2", "all", policy)["id"]
-    canaries = [d["device_id"] for d in fleet.deployment(ro)["devices"] if d["state"] == "trialing"]
+    ro = ranked_fleet.start_rollout("digits:2", "all", policy)["id"]
+    canaries = [
+        d["device_id"] for d in ranked_fleet.deployment(ro)["devices"] if d["state"] == "trialing"
+    ]
     assert len(canaries) == 2
-    fleet.rollouts.tick()
+    ranked_fleet.rollouts.tick()
     for _ in range(2):  # each canary measures both candidates
         for d in canaries:
             devices.install(d, 5.0)
-        fleet.rollouts.tick()
-    rows = {d["device_id"]: d for d in fleet.deployment(ro)["devices"]}
+        ranked_fleet.rollouts.tick()
+    rows = {d["device_id"]: d for d in ranked_fleet.deployment(ro)["devices"]}
     assert {rows[d]["wave"] for d in canaries} == {0}, "no canary waits in a later wave"
-    fleet.rollouts.abort(ro)
+    ranked_fleet.rollouts.abort(ro)
     for d in canaries:
         desired = devices.desired()[d]
         assert desired.artifact is not None and desired.artifact.sha256 == old, d
 
 
-def test_transport_failures_of_a_trial_are_retried(fleet: Fleet) -> None:
-    devices = Devices(fleet)
+def test_transport_failures_of_a_trial_are_retried(ranked_fleet: Fleet) -> None:
+    devices = Devices(ranked_fleet)
     policy = Policy(candidates=2, retries=1, device_timeout_s=600)
-    ro = fleet.start_rollout("digits:2", "all", policy)["id"]
-    fleet.rollouts.tick()
+    ro = ranked_fleet.start_rollout("digits:2", "all", policy)["id"]
+    ranked_fleet.rollouts.tick()
     canary, first = next(iter(devices.desired().items()))
     devices.event(canary, "error", ro, first.generation, stage="fetching", message="no chunks")
-    trial = fleet.deployment(ro)["trials"][0]
+    trial = ranked_fleet.deployment(ro)["trials"][0]
     assert trial["state"] == "waiting" and "attempt 1: no chunks" in trial["detail"]
-    fleet.rollouts.tick()
+    ranked_fleet.rollouts.tick()
     again = devices.desired()[canary]
     assert again.generation > first.generation and again.artifact == first.artifact
     devices.event(canary, "error", ro, again.generation, stage="fetching", message="no chunks")
-    assert fleet.deployment(ro)["trials"][0]["state"] == "failed", "retries are used up"
+    assert ranked_fleet.deployment(ro)["trials"][0]["state"] == "failed", "retries are used up"
 
 
-def test_a_version_keeps_its_candidates(fleet: Fleet, tmp_path: Path) -> None:
+def test_a_version_keeps_its_candidates(ranked_fleet: Fleet, tmp_path: Path) -> None:
     other = write_candidates_dir(tmp_path / "other", "rpi4", [("int8", 1), ("fp32", 4)])
     with pytest.raises(FleetError, match="already has different candidates for profile rpi4"):
-        fleet.add_model(other, name="digits", version="2")
+        ranked_fleet.add_model(other, name="digits", version="2")
 
 
-def test_outliers_excuse_neither_memory_nor_a_fleet_wide_breach(fleet: Fleet) -> None:
-    devices = Devices(fleet)
+def test_outliers_excuse_neither_memory_nor_a_fleet_wide_breach(ranked_fleet: Fleet) -> None:
+    devices = Devices(ranked_fleet)
     hot = Environment(governor="performance", temperature_c=85.0)
     cool = Environment(governor="performance")
     policy = Policy(gates=(Gate("peak_rss_mb", 60.0), Gate("p95_ms", 10.0)), device_timeout_s=600,
                     max_failures=Threshold(percent=100))  # fmt: skip
-    ro = fleet.start_rollout("digits:2", "all", policy)["id"]
+    ro = ranked_fleet.start_rollout("digits:2", "all", policy)["id"]
     devices.install("d0", 5.0, rss=50, env=cool)
     devices.install("d1", 5.0, rss=50, env=cool)
     devices.install("d2", 5.0, rss=500, env=hot)  # memory: conditions do not explain it
-    assert {d["device_id"]: d["state"] for d in fleet.deployment(ro)["devices"]}["d2"] == (
+    assert {d["device_id"]: d["state"] for d in ranked_fleet.deployment(ro)["devices"]}["d2"] == (
         "gate_failed"
     )
-    ro2 = fleet.start_rollout("digits:1", "all", policy)["id"]
+    ro2 = ranked_fleet.start_rollout("digits:1", "all", policy)["id"]
     for d in ("d0", "d1", "d2"):  # every device hot and slow: nothing shows it is the device
         devices.install(d, 20.0, env=hot)
-    assert {d["state"] for d in fleet.deployment(ro2)["devices"]} == {"gate_failed"}
+    assert {d["state"] for d in ranked_fleet.deployment(ro2)["devices"]} == {"gate_failed"}

@@ -83,8 +83,8 @@ class CountingConnection:
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Iterator[Database]:
-    """A fresh database file with the registry rows."""
+def sqlite_db(tmp_path: Path) -> Iterator[Database]:
+    """A fresh SQLite file with the registry rows; SQLite only: the tests count its statements."""
     database = open_db(tmp_path / "x.db")
     yield database
     database.close()
@@ -187,9 +187,9 @@ def test_ingest_many_in_any_chunking_equals_ingest_one_by_one(
 
 # ---------------------------------------------------------------------------- examples
 def test_a_drain_with_several_messages_of_one_device_in_one_batch(
-    db: Database,
+    sqlite_db: Database,
 ) -> None:
-    store = TelemetryStore(db)
+    store = TelemetryStore(sqlite_db)
     store.ingest(message("d1", [1, 2, 3]), T0)
     batch = [
         message("d1", [10, 11]),  # live records first: 4..9 missing
@@ -204,7 +204,7 @@ def test_a_drain_with_several_messages_of_one_device_in_one_batch(
     assert result == IngestResult(
         stored=10, duplicates=1, gaps_opened=1, gaps_closed=2, lost=2, recovered=0
     )
-    rows = db.query("SELECT seq FROM telemetry WHERE device_id = 'd1' ORDER BY seq")
+    rows = sqlite_db.query("SELECT seq FROM telemetry WHERE device_id = 'd1' ORDER BY seq")
     assert [r["seq"] for r in rows] == list(range(1, 13))
     assert [(g["seq_first"], g["seq_last"], g["state"]) for g in store.gaps("d1")] == [
         (13, 14, "lost")
@@ -215,10 +215,10 @@ def test_a_drain_with_several_messages_of_one_device_in_one_batch(
     assert (cursor["duplicates"], cursor["lost"]) == (1, 2)
 
 
-def test_statements_per_batch_do_not_grow_with_messages_or_devices(db: Database) -> None:
-    store = TelemetryStore(db)
-    counting = CountingConnection(db.conn)
-    db.conn = counting  # type: ignore[assignment]
+def test_statements_per_batch_do_not_grow_with_messages_or_devices(sqlite_db: Database) -> None:
+    store = TelemetryStore(sqlite_db)
+    counting = CountingConnection(sqlite_db.conn)
+    sqlite_db.conn = counting  # type: ignore[assignment]
     counts = []
     for devices in (5, 500):
         live = [message(f"live{devices}-{i:03d}", [1]) for i in range(devices)]
@@ -238,14 +238,14 @@ def test_statements_per_batch_do_not_grow_with_messages_or_devices(db: Database)
     assert store.summary()["gaps_open"] == 0
 
 
-def test_a_refill_already_stored_is_not_stored_or_counted_again(db: Database) -> None:
-    store = TelemetryStore(db)
+def test_a_refill_already_stored_is_not_stored_or_counted_again(sqlite_db: Database) -> None:
+    store = TelemetryStore(sqlite_db)
     store.ingest_many([message("d1", [1, 5]), message("d2", [1, 5])], T0)
     # An inconsistent database: seq 3 of d1 is stored although its gap says it is missing.
-    row = db.query_one("SELECT * FROM telemetry WHERE device_id = 'd1' AND seq = 5")
+    row = sqlite_db.query_one("SELECT * FROM telemetry WHERE device_id = 'd1' AND seq = 5")
     assert row is not None
     row["seq"] = 3
-    with db.transaction() as tx:
+    with sqlite_db.transaction() as tx:
         tx.execute(
             f"INSERT INTO telemetry ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
             tuple(row.values()),
@@ -259,24 +259,32 @@ def test_a_refill_already_stored_is_not_stored_or_counted_again(db: Database) ->
     assert store.gaps("d1") == [] and store.gaps("d2") != []
 
 
-def test_an_empty_batch_changes_nothing(db: Database) -> None:
-    store = TelemetryStore(db)
+def test_an_empty_batch_changes_nothing(sqlite_db: Database) -> None:
+    store = TelemetryStore(sqlite_db)
     assert store.ingest_many([], T0) == IngestResult(0, 0, 0, 0, 0, 0)
-    assert contents(db) == {table: [] for table in TABLES}
+    assert contents(sqlite_db) == {table: [] for table in TABLES}
 
 
-def test_a_batch_failing_late_in_the_callers_transaction_leaves_no_trace(db: Database) -> None:
-    store = TelemetryStore(db)
-    with db.transaction() as tx:  # the database refuses the cursor of one device
+def test_a_batch_failing_late_in_the_callers_transaction_leaves_no_trace(
+    sqlite_db: Database,
+) -> None:
+    store = TelemetryStore(sqlite_db)
+    with sqlite_db.transaction() as tx:  # the database refuses the cursor of one device
         tx.execute(
             "CREATE TRIGGER refuse BEFORE INSERT ON telemetry_cursor WHEN NEW.device_id = 'd4' "
             "BEGIN SELECT RAISE(ABORT, 'refused'); END"
         )
-    with db.transaction():
+    with sqlite_db.transaction():
         store.ingest_many([message("d1", [1, 2])], T0)
         with pytest.raises(sqlite3.IntegrityError, match="refused"):
             store.ingest_many([message("d2", [1]), message("d1", [3, 6]), message("d4", [1])], T0)
         store.ingest_many([message("d1", [3])], T0)
-    assert [r["device_id"] for r in db.query("SELECT device_id FROM telemetry_cursor")] == ["d1"]
-    assert [r["seq"] for r in db.query("SELECT seq FROM telemetry ORDER BY seq")] == [1, 2, 3]
+    assert [r["device_id"] for r in sqlite_db.query("SELECT device_id FROM telemetry_cursor")] == [
+        "d1"
+    ]
+    assert [r["seq"] for r in sqlite_db.query("SELECT seq FROM telemetry ORDER BY seq")] == [
+        1,
+        2,
+        3,
+    ]
     assert store.gaps() == [] and store.cursor("d1")["highest"] == 3  # type: ignore[index]

@@ -2,22 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
-
 from controller.fleet.telemetry.store import TelemetryStore
 from controller.storage.db import Database
-from controller.storage.open import open_database
 from tests.unit.controller.fleet.telemetry.test_store import message
-
-
-@pytest.fixture
-def db(db_target: str) -> Iterator[Database]:
-    """A fresh database: an SQLite file, then a PostgreSQL schema."""
-    database = open_database(db_target)
-    yield database
-    database.close()
 
 
 def _add(db: Database, device: str, last_seen: float | None) -> None:

@@ -25,20 +25,18 @@ UNKNOWN_SHA = "c" * 64
 
 
 @pytest.fixture
-def fleet(tmp_path: Path) -> Fleet:
+def fleet_of_four(fleet: Fleet) -> Fleet:
     """rpi4: pi-1, pi-2; x86-64-gateway: x-1, x-2; model tiny:1 (fp32) and tiny:2 (int8)."""
-    f = Fleet(tmp_path / "home")
     for device, profile in (
         ("pi-1", "rpi4"),
         ("pi-2", "rpi4"),
         ("x-1", "x86-64-gateway"),
         ("x-2", "x86-64-gateway"),
     ):
-        f.register_device(device, profile)
-    f.add_model(DATA / "tiny_fp32.tflite", name="tiny", version="1")
-    f.add_model(DATA / "tiny_int8.tflite", name="tiny", version="2")
-    yield f  # type: ignore[misc]
-    f.close()
+        fleet.register_device(device, profile)
+    fleet.add_model(DATA / "tiny_fp32.tflite", name="tiny", version="1")
+    fleet.add_model(DATA / "tiny_int8.tflite", name="tiny", version="2")
+    return fleet
 
 
 def shas(fleet: Fleet) -> tuple[str, str]:
@@ -77,29 +75,38 @@ def benchmark(fleet: Fleet, device: str, sha: str, p50: float, p95: float, n: in
 
 
 @pytest.fixture
-def synthetic(fleet: Fleet) -> tuple[str, str]:
+def synthetic(fleet_of_four: Fleet) -> tuple[str, str]:
     """The telemetry and benchmarks the hand-computed numbers below come from."""
-    v1, v2 = shas(fleet)
+    v1, v2 = shas(fleet_of_four)
     # rpi4 × tiny:1 — pi-1 and pi-2, each 8 × 2.5 ms + 2 × 12 ms (mean 4.4 ms).
     lat = [2.5] * 8 + [12.0] * 2
-    ingest(fleet, "pi-1", record(1, T0 + 10, lat, sha=v1, power_w=2.0, interval_s=10, rss_mb=50))
     ingest(
-        fleet,
+        fleet_of_four,
+        "pi-1",
+        record(1, T0 + 10, lat, sha=v1, power_w=2.0, interval_s=10, rss_mb=50),
+    )
+    ingest(
+        fleet_of_four,
         "pi-2",
         record(1, T0 + 10, lat, sha=v1, power_w=3.0, interval_s=30, rss_mb=80, estimated=False),
     )
     # rpi4 × tiny:2 — pi-1, 10 × 1.2 ms.
-    ingest(fleet, "pi-1", record(2, T0 + 20, [1.2] * 10, sha=v2, power_w=1.0, interval_s=10))
+    ingest(
+        fleet_of_four, "pi-1", record(2, T0 + 20, [1.2] * 10, sha=v2, power_w=1.0, interval_s=10)
+    )
     # x86 × tiny:1 — x-1, 4 × 0.4 ms; x86 × tiny:2 — x-1 and x-2, 5 × 0.2 ms each.
-    ingest(fleet, "x-1", record(1, T0 + 10, [0.4] * 4, sha=v1, power_w=None))
-    ingest(fleet, "x-1", record(2, T0 + 20, [0.2] * 5, sha=v2, power_w=None))
-    ingest(fleet, "x-2", record(1, T0 + 20, [0.2] * 5, sha=v2, power_w=None))
+    ingest(fleet_of_four, "x-1", record(1, T0 + 10, [0.4] * 4, sha=v1, power_w=None))
+    ingest(fleet_of_four, "x-1", record(2, T0 + 20, [0.2] * 5, sha=v2, power_w=None))
+    ingest(fleet_of_four, "x-2", record(1, T0 + 20, [0.2] * 5, sha=v2, power_w=None))
     # x-2 also ran a file the registry does not know, and idled with no model.
     ingest(
-        fleet, "x-2", record(2, T0 + 30, [0.3], sha=UNKNOWN_SHA), record(3, T0 + 40, [], sha=None)
+        fleet_of_four,
+        "x-2",
+        record(2, T0 + 30, [0.3], sha=UNKNOWN_SHA),
+        record(3, T0 + 40, [], sha=None),
     )
-    benchmark(fleet, "pi-1", v1, p50=3.0, p95=4.0, n=1)
-    benchmark(fleet, "pi-2", v1, p50=5.0, p95=6.0, n=2)
+    benchmark(fleet_of_four, "pi-1", v1, p50=3.0, p95=4.0, n=1)
+    benchmark(fleet_of_four, "pi-2", v1, p50=5.0, p95=6.0, n=2)
     return v1, v2
 
 
@@ -109,10 +116,10 @@ def by_key(rows: list[dict[str, object]], group: str) -> dict[tuple[object, obje
 
 
 def test_report_by_profile_matches_hand_computed_numbers(
-    fleet: Fleet, synthetic: tuple[str, str]
+    fleet_of_four: Fleet, synthetic: tuple[str, str]
 ) -> None:
     v1, _ = synthetic
-    rows = by_key(report(fleet.db), "profile")
+    rows = by_key(report(fleet_of_four.db), "profile")
     assert set(rows) == {
         ("rpi4", "tiny:1"),
         ("rpi4", "tiny:2"),
@@ -159,31 +166,35 @@ def test_report_by_profile_matches_hand_computed_numbers(
 
 
 def test_report_filters_by_model_device_since_and_profile(
-    fleet: Fleet, synthetic: tuple[str, str]
+    fleet_of_four: Fleet, synthetic: tuple[str, str]
 ) -> None:
-    only_v2 = report(fleet.db, model="tiny:2")
+    only_v2 = report(fleet_of_four.db, model="tiny:2")
     assert {(r["profile"], r["model"]) for r in only_v2} == {
         ("rpi4", "tiny:2"),
         ("x86-64-gateway", "tiny:2"),
     }
-    assert {r["model"] for r in report(fleet.db, model="tiny")} == {"tiny:1", "tiny:2"}
-    assert [r["model"] for r in report(fleet.db, model=UNKNOWN_SHA[:8])] == [UNKNOWN_SHA[:12]]
+    assert {r["model"] for r in report(fleet_of_four.db, model="tiny")} == {"tiny:1", "tiny:2"}
+    assert [r["model"] for r in report(fleet_of_four.db, model=UNKNOWN_SHA[:8])] == [
+        UNKNOWN_SHA[:12]
+    ]
 
-    per_device = by_key(report(fleet.db, by="device", model="tiny:1"), "device")
+    per_device = by_key(report(fleet_of_four.db, by="device", model="tiny:1"), "device")
     assert set(per_device) == {("pi-1", "tiny:1"), ("pi-2", "tiny:1"), ("x-1", "tiny:1")}
     pi2 = per_device[("pi-2", "tiny:1")]
     assert pi2["profile"] == "rpi4" and pi2["mean_power_w"] == pytest.approx(3.0)
     assert (pi2["bench_reports"], pi2["bench_p50_ms"]) == (1, 5.0)  # only its own benchmark
 
-    late = report(fleet.db, since=T0 + 15)  # the seq-1 records at T0 + 10 drop out
+    late = report(fleet_of_four.db, since=T0 + 15)  # the seq-1 records at T0 + 10 drop out
     assert ("rpi4", "tiny:1") not in by_key(late, "profile")
-    assert {r["profile"] for r in report(fleet.db, profile="rpi4")} == {"rpi4"}
+    assert {r["profile"] for r in report(fleet_of_four.db, profile="rpi4")} == {"rpi4"}
 
 
-def test_report_is_unchanged_by_compaction(fleet: Fleet, synthetic: tuple[str, str]) -> None:
-    before = report(fleet.db)
-    assert TelemetryStore(fleet.db).compact(T0 + 30 * 86_400, raw_days=7) == 8
-    after = report(fleet.db)
+def test_report_is_unchanged_by_compaction(
+    fleet_of_four: Fleet, synthetic: tuple[str, str]
+) -> None:
+    before = report(fleet_of_four.db)
+    assert TelemetryStore(fleet_of_four.db).compact(T0 + 30 * 86_400, raw_days=7) == 8
+    after = report(fleet_of_four.db)
     assert len(after) == len(before)
     for a, b in zip(before, after, strict=True):
         for key, value in a.items():
@@ -195,9 +206,9 @@ def test_report_is_unchanged_by_compaction(fleet: Fleet, synthetic: tuple[str, s
 
 # ---------------------------------------------------------------------------- series and plots
 @pytest.fixture
-def rollout_history(fleet: Fleet) -> tuple[str, str]:
+def rollout_history(fleet_of_four: Fleet) -> tuple[str, str]:
     """pi-1 and pi-2 over 40 minutes: tiny:1, then tiny:2 from minute 15, pi-1 back at 30."""
-    v1, v2 = shas(fleet)
+    v1, v2 = shas(fleet_of_four)
     for device, offset in (("pi-1", 0.0), ("pi-2", 0.3)):
         records = []
         for seq in range(1, 241):
@@ -210,29 +221,29 @@ def rollout_history(fleet: Fleet) -> tuple[str, str]:
                 record(seq, T0 + 10 * seq, lat, sha=sha, power_w=2.5 if sha == v1 else 1.5)
             )
         for start in range(0, 240, MAX_TELEMETRY_RECORDS):
-            ingest(fleet, device, *records[start : start + MAX_TELEMETRY_RECORDS])
+            ingest(fleet_of_four, device, *records[start : start + MAX_TELEMETRY_RECORDS])
     return v1, v2
 
 
 def test_series_bin_by_minute_and_mark_model_changes(
-    fleet: Fleet, rollout_history: tuple[str, str]
+    fleet_of_four: Fleet, rollout_history: tuple[str, str]
 ) -> None:
-    points = device_series(fleet.db, "pi-1")
+    points = device_series(fleet_of_four.db, "pi-1")
     assert {p["bin_s"] for p in points} == {60}
     assert sum(p["records"] for p in points) == 240
     assert [label for _, label in model_changes(points)] == ["tiny:1", "tiny:2", "tiny:1"]
-    profile_points = profile_series(fleet.db, "rpi4", bin_s=300)
+    profile_points = profile_series(fleet_of_four.db, "rpi4", bin_s=300)
     assert sum(p["records"] for p in profile_points) == 480
     assert max(p["devices"] for p in profile_points) == 2
     # pi-2 stays on tiny:2 while pi-1 goes back: the profile shows tiny:1 starting again.
-    changes = model_changes(profile_series(fleet.db, "rpi4"))
+    changes = model_changes(profile_series(fleet_of_four.db, "rpi4"))
     assert [(ts - T0, label) for ts, label in changes] == [
         (0.0, "tiny:1"),
         (900.0, "tiny:2"),
         (1800.0, "tiny:1"),
     ]
     assert all(p["p50_ms"] <= p["p95_ms"] for p in profile_points)
-    assert device_series(fleet.db, "pi-1", since=T0 + 2000)[0]["ts"] >= T0 + 1980
+    assert device_series(fleet_of_four.db, "pi-1", since=T0 + 2000)[0]["ts"] >= T0 + 1980
 
 
 def _png_shape(path: Path) -> tuple[int, ...]:
@@ -245,19 +256,19 @@ def _png_shape(path: Path) -> tuple[int, ...]:
 
 
 def test_plots_are_written_and_readable(
-    fleet: Fleet, rollout_history: tuple[str, str], tmp_path: Path
+    fleet_of_four: Fleet, rollout_history: tuple[str, str], tmp_path: Path
 ) -> None:
-    device_png = plot_device(fleet.db, "pi-1", tmp_path / "plots" / "pi-1.png")
-    profile_png = plot_profile(fleet.db, "rpi4", tmp_path / "rpi4.png")
+    device_png = plot_device(fleet_of_four.db, "pi-1", tmp_path / "plots" / "pi-1.png")
+    profile_png = plot_profile(fleet_of_four.db, "rpi4", tmp_path / "rpi4.png")
     for png in (device_png, profile_png):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert png.stat().st_size > 20_000
         assert _png_shape(png)[:2] == (650, 1100)
 
 
-def test_plot_without_telemetry_is_a_clear_error(fleet: Fleet, tmp_path: Path) -> None:
+def test_plot_without_telemetry_is_a_clear_error(fleet_of_four: Fleet, tmp_path: Path) -> None:
     from controller.errors import FleetError
 
     with pytest.raises(FleetError, match="no telemetry to plot for device pi-1"):
-        plot_device(fleet.db, "pi-1", tmp_path / "none.png")
+        plot_device(fleet_of_four.db, "pi-1", tmp_path / "none.png")
     assert not (tmp_path / "none.png").exists()

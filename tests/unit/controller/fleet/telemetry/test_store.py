@@ -23,7 +23,6 @@ from controller.fleet.telemetry.reports import BUCKET_COLUMNS, bucket_index, per
 from controller.fleet.telemetry.store import TelemetryStore
 from controller.storage.db import Database
 from controller.storage.migrations import MIGRATIONS
-from controller.storage.open import open_database
 from controller.storage.sqlite import SqliteDatabase
 
 SHA_A = "a" * 64
@@ -92,14 +91,6 @@ def message(
         records=tuple(record(s) for s in sorted(seqs)),
         unavailable=tuple(SeqRange(a, b) for a, b in unavailable),
     )
-
-
-@pytest.fixture
-def db(db_target: str) -> Database:
-    """A fresh database: an SQLite file, then a PostgreSQL schema (the store runs on both)."""
-    database = open_database(db_target)
-    yield database  # type: ignore[misc]
-    database.close()
 
 
 @pytest.fixture
