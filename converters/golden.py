@@ -20,8 +20,8 @@ from converters.errors import GoldenMismatchError
 from converters.interpreter import HostModel, load_host_model
 
 # The format agent/golden.py reads (converters may not import the agent: a device carries no
-# converters, and the converters stay a pure pipeline); tests/unit/test_golden_v2.py reads what
-# this module writes with the agent's reader.
+# converters, and the converters stay a pure pipeline); tests/unit/agent/test_golden_v2.py reads
+# what this module writes with the agent's reader.
 GOLDEN_FORMAT = 2
 # A handful of golden samples keeps the file small while covering several classes.
 GOLDEN_SAMPLES = 4

@@ -19,7 +19,7 @@ CALIBRATED_RECIPES: frozenset[str] = frozenset({"int8", "int16x8"})
 
 # TF ≥ 2.17 quantizes Dense weights per channel in the dynamic recipe (FULLY_CONNECTED v12, needs
 # runtime 2.17); per-tensor Dense weights give FULLY_CONNECTED v9 (runtime 2.3), which loads and
-# computes correctly on tflite-runtime 2.14 (measured in tests/unit/test_converters_checks.py).
+# computes correctly on tflite-runtime 2.14 (measured in tests/unit/converters/test_checks.py).
 PER_CHANNEL_DENSE_MIN_RUNTIME = "2.17.0"
 
 # TF Lite's docs suggest ~100-500 samples; 200 keeps calibration under a second on the digits

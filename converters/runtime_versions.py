@@ -68,7 +68,7 @@ OP_MIN_RUNTIME: dict[tuple[str, int], str] = {
     # v12 = per-channel dynamic-range (hybrid) weights, emitted by TF 2.21's "dynamic" recipe;
     # TF 2.21 writes min_runtime_version "2.17.0" for a model whose newest op is FC v12, and
     # tflite-runtime 2.14 refuses it ("Didn't find op for builtin opcode 'FULLY_CONNECTED'
-    # version '12'"). Both are checked in tests/unit/test_converters_checks.py.
+    # version '12'"). Both are checked in tests/unit/converters/test_checks.py.
     ("FULLY_CONNECTED", 12): "2.17.0",
     ("HARD_SWISH", 1): "1.15.0",
     ("LEAKY_RELU", 1): "1.13.1",

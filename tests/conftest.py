@@ -1,9 +1,11 @@
-"""Shared pytest fixtures: MQTT brokers, unique topic roots and MQTT probe clients."""
+"""Shared pytest fixtures: MQTT brokers, unique topic roots, MQTT probe clients, the model
+cache and PostgreSQL schemas."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -90,6 +92,18 @@ def mqtt_probe() -> Iterator[MqttProbeFactory]:
     yield connect
     for probe in probes:
         probe.close()
+
+
+# =========================================================================== model cache
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> Path:
+    """The shared test cache (trained model, conversions, built models), reused across runs."""
+    default = Path(tempfile.gettempdir()) / "edgefleet-test-cache"
+    path = Path(os.environ.get("EDGEFLEET_TEST_CACHE") or default)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 # =========================================================================== PostgreSQL

@@ -16,7 +16,7 @@ import pytest
 from agent.protocol import Event, Telemetry
 from controller.fleet.registry import Fleet
 from tests.e2e.browser import chromium, require_chromium
-from tests.unit.test_telemetry_store import record
+from tests.unit.controller.fleet.telemetry.test_store import record
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page

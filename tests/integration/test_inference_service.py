@@ -24,7 +24,7 @@ from agent.client import MAX_PAYLOAD_BYTES, InferenceClient, infer
 from agent.inference_server import InferenceServer
 from agent.runtime import Interpreter, load_interpreter, run_once
 from agent.serving import InferenceError, ServingModel
-from tests.unit.test_agent_serving import CountingObserver, batch_model, run_once_resized
+from tests.unit.agent.test_serving import CountingObserver, batch_model, run_once_resized
 
 pytestmark = pytest.mark.agent
 
@@ -37,15 +37,6 @@ THREADS, REQUESTS = 8, 200  # 8 concurrent clients × 200 requests each over the
 def sha256_of(path: Path) -> str:
     """The file's sha256, as the agent names models."""
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-@pytest.fixture(scope="module")
-def cache_dir() -> Path:
-    """The shared test cache (same place as tests/unit/conftest.py's) for built models."""
-    default = Path(tempfile.gettempdir()) / "edgefleet-test-cache"
-    path = Path(os.environ.get("EDGEFLEET_TEST_CACHE") or default)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 @pytest.fixture
