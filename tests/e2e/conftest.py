@@ -133,8 +133,9 @@ class AgentProcess:
 def start_agent(
     e2e_broker: BrokerHandle, topic_root: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> Iterator[Callable[..., AgentProcess]]:
-    """Factory: start_agent(device_id, env=None, **config) -> a running AgentProcess (stopped at
-    teardown); `env` adds to the process environment.
+    """Factory: start_agent(device_id, env=None, broker=None, **config) -> a running AgentProcess
+    (stopped at teardown); `env` adds to the process environment, `broker` replaces the test
+    broker's URL (a proxy in front of it).
 
     With the `controller` fixture the agents trust its signing key, so every such test runs
     with signatures enforced; tests that run their own controller elsewhere get development
@@ -144,12 +145,17 @@ def start_agent(
     in_use = "controller" in request.fixturenames
     default_keys = _fleet_verify_keys(tmp_path / "controller") if in_use else ()
 
-    def start(device_id: str, env: dict[str, str] | None = None, **overrides: Any) -> AgentProcess:
+    def start(
+        device_id: str,
+        env: dict[str, str] | None = None,
+        broker: str | None = None,
+        **overrides: Any,
+    ) -> AgentProcess:
         overrides.setdefault("trusted_keys", default_keys)
         config = AgentConfig(
             device_id=device_id,
             data_dir=tmp_path / "agents" / device_id,
-            broker=e2e_broker.url,
+            broker=broker or e2e_broker.url,
             topic_root=topic_root,
             **{"profile": "rpi4", "threads": 1, **overrides},
         )

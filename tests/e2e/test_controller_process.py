@@ -20,17 +20,13 @@ from agent.client import InferenceClient, wait_for_service
 from agent.protocol import Command, Topics, dump
 from controller.brokers.base import BrokerHandle, free_port
 from controller.fleet.registry import Fleet
+from tests.e2e.brokers import mosquitto_only  # noqa: F401  (is e2e_broker)
 from tests.e2e.conftest import DATA, AgentProcess, wait_until
 
 pytestmark = [pytest.mark.e2e]
+# e2e_broker is mosquitto only: the restart test needs a persistent session, which amqtt drops.
 
 EDGEFLEET = str(Path(sys.executable).parent / "edgefleet")
-
-
-@pytest.fixture
-def e2e_broker(mosquitto_broker: BrokerHandle) -> BrokerHandle:
-    """mosquitto only: the restart test needs a persistent session, which amqtt drops."""
-    return mosquitto_broker
 
 
 class ControllerProcess:

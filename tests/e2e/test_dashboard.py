@@ -13,17 +13,18 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from agent.client import wait_for_service
-from controller.brokers.base import BrokerHandle
 from controller.fleet.rollout.policy import Gate, Policy, Threshold, parse_waves
 from tests.closed_loop_helpers import MODELS, sha256, write_candidates_dir
+from tests.e2e.brokers import mosquitto_only  # noqa: F401  (is e2e_broker)
 from tests.e2e.browser import chromium, require_chromium
 from tests.e2e.conftest import DATA, AgentProcess, RunningController, wait_until
-from tests.e2e.test_telemetry import Application
+from tests.e2e.telemetry_app import Application
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page
 
 pytestmark = [pytest.mark.e2e]
+# e2e_broker is mosquitto only: the dashboard does not depend on the broker kind.
 
 OLD, NEW = DATA / "tiny_fp32.tflite", DATA / "tiny_int8.tflite"
 AGENTS = ["dash-a", "dash-b", "dash-c"]
@@ -32,12 +33,6 @@ OFFLINE = "dash-off"
 # Playwright waits (ms): the page polls every 2 s, agents update in seconds.
 UI_WAIT_MS = 60_000
 TIMEOUT_S = 90
-
-
-@pytest.fixture
-def e2e_broker(mosquitto_broker: BrokerHandle) -> BrokerHandle:
-    """Mosquitto only: the dashboard does not depend on the broker, one is enough."""
-    return mosquitto_broker
 
 
 @dataclass

@@ -16,7 +16,9 @@ import pytest
 from agent.protocol import Event, Telemetry
 from controller.fleet.registry import Fleet
 from tests.e2e.browser import chromium, require_chromium
-from tests.unit.controller.fleet.telemetry.test_store import record
+from tests.fleet_rows import activate
+from tests.paths import TEST_DATA
+from tests.telemetry_records import record
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page
@@ -43,9 +45,8 @@ def _finished_rollout_with_one_failure(fleet: Fleet) -> str:
     """Roll tiny:1 to 4 devices: 3 activate and benchmark, 1 fails its self-test; completed."""
     pytest.importorskip("fastapi")
     from controller.http.app import RolloutIn
-    from tests.integration.test_http_api import MODEL, activate
 
-    fleet.add_model(MODEL, name="tiny", version="1")
+    fleet.add_model(TEST_DATA / "tiny_int8.tflite", name="tiny", version="1")
     for device in DEVICES:
         fleet.register_device(device, "rpi4")
     policy = RolloutIn(model="tiny:1", waves="100", max_failures="5", retries=0).policy()
@@ -124,9 +125,7 @@ def test_partial_failure_and_generation_times_are_visible(board: Board) -> None:
     page.goto(f"{board.url}/#/devices/p-0")
     # Generations are epoch milliseconds: shown as a UTC time, the raw number as a tooltip.
     desired = page.get_by_test_id("generation-desired")
-    expect(desired).to_have_text(
-        re.compile(r"^20\d\d-\d\d-\d\d \d\d:\d\d:\d\d UTC$")
-    )
+    expect(desired).to_have_text(re.compile(r"^20\d\d-\d\d-\d\d \d\d:\d\d:\d\d UTC$"))
     assert (desired.get_attribute("title") or "").startswith("generation 1")
     assert board.errors == []
 

@@ -35,14 +35,15 @@ from agent.protocol import (
     dump,
     parse,
 )
-from agent.protocol.config import AgentConfig, dump_config
 from controller.brokers.base import BrokerHandle
 from controller.brokers.mosquitto import start_mosquitto
+from tests.e2e.brokers import mosquitto_only  # noqa: F401  (is e2e_broker)
 from tests.e2e.conftest import DATA, AgentProcess, RunningController, wait_until
 from tests.e2e.proxy import TcpProxy
 from tests.mqtt_helpers import MqttProbe, ReceivedMessage
 
 pytestmark = [pytest.mark.e2e, pytest.mark.agent]
+# e2e_broker is mosquitto only: tests kill it by PID and restart it on its port, some persistent.
 
 OLD, NEW = DATA / "tiny_fp32.tflite", DATA / "tiny_int8.tflite"
 NEW_GOLDEN = DATA / "tiny_int8.golden.npz"
@@ -61,50 +62,16 @@ def _sha(path: Path) -> str:
 
 
 @pytest.fixture
-def e2e_broker(
-    request: pytest.FixtureRequest, mosquitto_binary: str, tmp_path: Path
-) -> Iterator[BrokerHandle]:
-    """A mosquitto the test may kill and restart on its port; param = persistence (off)."""
-    handle = start_mosquitto(
-        tmp_path / "broker", binary=mosquitto_binary, persistence=getattr(request, "param", False)
-    )
-    yield handle
-    handle.stop()
+def start_fast_agent(
+    start_agent: Callable[..., AgentProcess],
+) -> Callable[..., AgentProcess]:
+    """conftest's start_agent with a 0.5 s repair interval and no trusted keys (development mode,
+    so a scripted controller's unsigned messages pass) unless a test passes them."""
 
+    def start(device_id: str, **overrides: Any) -> AgentProcess:
+        return start_agent(device_id, **{"repair_interval_s": 0.5, "trusted_keys": (), **overrides})
 
-@pytest.fixture
-def start_agent(
-    e2e_broker: BrokerHandle, topic_root: str, tmp_path: Path
-) -> Iterator[Callable[..., AgentProcess]]:
-    """start_agent(device_id, broker=URL, env={...}, **config): conftest's, plus broker and env."""
-    agents: list[AgentProcess] = []
-
-    def start(
-        device_id: str,
-        *,
-        broker: str | None = None,
-        env: dict[str, str] | None = None,
-        **overrides: Any,
-    ) -> AgentProcess:
-        config = AgentConfig(
-            device_id=device_id,
-            data_dir=tmp_path / "agents" / device_id,
-            broker=broker or e2e_broker.url,
-            topic_root=topic_root,
-            **{"profile": "rpi4", "threads": 1, "repair_interval_s": 0.5, **overrides},
-        )
-        config.data_dir.mkdir(parents=True, exist_ok=True)
-        path = config.data_dir.parent / f"{device_id}.toml"
-        path.write_text(dump_config(config))
-        agent = AgentProcess(config, path, config.data_dir.parent / f"{device_id}.log")
-        agent.env = dict(env or {})
-        agent.start()
-        agents.append(agent)
-        return agent
-
-    yield start
-    for agent in agents:
-        agent.terminate()
+    return start
 
 
 # =========================================================================== controller helpers
@@ -188,10 +155,10 @@ KILL_STATES = ["fetching", "verifying", "staged", "self-testing", "active"]
 
 @pytest.mark.parametrize("state", KILL_STATES)
 def test_sigkill_in_every_update_state_yields_one_result(
-    state: str, controller: RunningController, start_agent: Callable[..., AgentProcess]
+    state: str, controller: RunningController, start_fast_agent: Callable[..., AgentProcess]
 ) -> None:
     """Power loss right after each persisted state: one model serves and one result is sent."""
-    agent = start_agent("dev-kill")
+    agent = start_fast_agent("dev-kill")
     wait_until(lambda: _online(controller, "dev-kill"), 30, "hello")
     assert _deploy(controller, OLD, "dev-kill")["state"] == "succeeded", agent.log()[-3000:]
 
@@ -218,10 +185,10 @@ def test_sigkill_in_every_update_state_yields_one_result(
 
 
 def test_exit_after_active_before_any_report_still_reports_once(
-    controller: RunningController, start_agent: Callable[..., AgentProcess]
+    controller: RunningController, start_fast_agent: Callable[..., AgentProcess]
 ) -> None:
     """os._exit right after `active` hit the disk: the restart sends activation + benchmark."""
-    agent = start_agent("dev-exit", env={FAILPOINT_ENV: "exit-after:active"})
+    agent = start_fast_agent("dev-exit", env={FAILPOINT_ENV: "exit-after:active"})
     wait_until(lambda: _online(controller, "dev-exit"), 30, "hello")
     dep = controller.fleet.deploy(OLD, devices=["dev-exit"])
     assert agent.proc is not None
@@ -238,10 +205,10 @@ def test_exit_after_active_before_any_report_still_reports_once(
 
 
 def test_golden_self_test_commits_good_models_and_refuses_nan_and_foreign_goldens(
-    controller: RunningController, start_agent: Callable[..., AgentProcess]
+    controller: RunningController, start_fast_agent: Callable[..., AgentProcess]
 ) -> None:
     """Golden inputs decide the commit; a refused model never replaces the serving one."""
-    agent = start_agent("dev-gold")
+    agent = start_fast_agent("dev-gold")
     wait_until(lambda: _online(controller, "dev-gold"), 30, "hello")
     good = _deploy(controller, NEW, "dev-gold", golden=NEW_GOLDEN)
     assert good["state"] == "succeeded", agent.log()[-3000:]
@@ -281,7 +248,7 @@ def test_broker_dies_mid_transfer_and_comes_back_on_its_port(
     e2e_broker: BrokerHandle,
     sig: signal.Signals,
     controller: RunningController,
-    start_agent: Callable[..., AgentProcess],
+    start_fast_agent: Callable[..., AgentProcess],
     tmp_path: Path,
 ) -> None:
     """The deployment completes after the broker is killed mid-download and restarted."""
@@ -289,7 +256,7 @@ def test_broker_dies_mid_transfer_and_comes_back_on_its_port(
     proxy = TcpProxy(e2e_broker.port, down_bytes_per_s=256 * 1024).start()
     restarted: BrokerHandle | None = None
     try:
-        agent = start_agent("dev-bk", broker=proxy.url)
+        agent = start_fast_agent("dev-bk", broker=proxy.url)
         wait_until(lambda: _online(controller, "dev-bk"), 30, "hello")
         big = _padded(tmp_path / "big.tflite", OLD, 1 << 20)
         dep = controller.fleet.deploy(big, devices=["dev-bk"])
@@ -301,7 +268,7 @@ def test_broker_dies_mid_transfer_and_comes_back_on_its_port(
         assert _finished(controller, dep["id"]) is None, "the kill landed mid-transfer"
         proxy.down_bytes_per_s = None  # the throttle only had to place the kill mid-transfer
         restarted = start_mosquitto(
-            tmp_path / "broker", port=e2e_broker.port, persistence=_persistence(e2e_broker)
+            e2e_broker.data_dir, port=e2e_broker.port, persistence=_persistence(e2e_broker)
         )
         row = wait_until(lambda: _finished(controller, dep["id"]), 120, "deployment after restart")
         _assert_one_terminal_result(controller, "dev-bk", row, agent.log())
@@ -345,14 +312,14 @@ def test_link_cut_mid_download_resumes_from_the_bitmap(
     seconds: float,
     controller: RunningController,
     e2e_broker: BrokerHandle,
-    start_agent: Callable[..., AgentProcess],
+    start_fast_agent: Callable[..., AgentProcess],
     tmp_path: Path,
 ) -> None:
     """A 30-45 s outage mid-download: the agent keeps its chunks and fetches only the rest."""
     # Throttled until the cut (2 MiB in ~8 s), so the cut surely lands mid-download.
     proxy = TcpProxy(e2e_broker.port, down_bytes_per_s=256 * 1024).start()
     try:
-        agent = start_agent("dev-cut", broker=proxy.url)
+        agent = start_fast_agent("dev-cut", broker=proxy.url)
         wait_until(lambda: _online(controller, "dev-cut"), 30, "hello")
         big = _padded(tmp_path / "big.tflite", OLD, 2 << 20)  # 33 chunks of 64 KiB
         before = controller.service.chunks_published
@@ -388,13 +355,13 @@ def test_link_cut_mid_download_resumes_from_the_bitmap(
 def test_agent_killed_mid_download_resumes_from_its_bitmap(
     controller: RunningController,
     e2e_broker: BrokerHandle,
-    start_agent: Callable[..., AgentProcess],
+    start_fast_agent: Callable[..., AgentProcess],
     tmp_path: Path,
 ) -> None:
     """SIGKILL while chunks stream in: the restarted agent resumes from the bitmap on disk."""
     proxy = TcpProxy(e2e_broker.port).start()
     try:
-        agent = start_agent("dev-rs", broker=proxy.url)
+        agent = start_fast_agent("dev-rs", broker=proxy.url)
         wait_until(lambda: _online(controller, "dev-rs"), 30, "hello")
         big = _padded(tmp_path / "big.tflite", OLD, 2 << 20)
         total = -(-big.stat().st_size // (64 * 1024))
@@ -568,10 +535,13 @@ def _restart(ctl: ScriptedController, agent: AgentProcess) -> None:
 
 
 def _serving_first(
-    ctl: ScriptedController, start_agent: Callable[..., AgentProcess], device_id: str, **cfg: Any
+    ctl: ScriptedController,
+    start_fast_agent: Callable[..., AgentProcess],
+    device_id: str,
+    **cfg: Any,
 ) -> tuple[AgentProcess, Manifest]:
     """An agent serving OLD under generation 1 (the model that must keep serving)."""
-    agent = start_agent(device_id, **cfg)
+    agent = start_fast_agent(device_id, **cfg)
     manifest = ctl.offer(OLD.read_bytes())
     ctl.desire(1, manifest)
     _activated(ctl, 1)
@@ -579,11 +549,12 @@ def _serving_first(
 
 
 def test_corrupt_chunk_is_rejected_fetched_again_and_the_file_verifies(
-    scripted: Callable[[str], ScriptedController], start_agent: Callable[..., AgentProcess]
+    scripted: Callable[[str], ScriptedController],
+    start_fast_agent: Callable[..., AgentProcess],
 ) -> None:
     """A chunk with one flipped byte is refused, asked for alone again, and the file verifies."""
     ctl = scripted("dev-flip")
-    agent = start_agent("dev-flip")
+    agent = start_fast_agent("dev-flip")
     data = OLD.read_bytes()
     manifest = ctl.offer(data, chunk_size=1024)  # 12 chunks
     bad = 5
@@ -608,11 +579,12 @@ def test_corrupt_chunk_is_rejected_fetched_again_and_the_file_verifies(
 
 
 def test_missing_last_chunk_times_out_cleanly_and_old_model_keeps_serving(
-    scripted: Callable[[str], ScriptedController], start_agent: Callable[..., AgentProcess]
+    scripted: Callable[[str], ScriptedController],
+    start_fast_agent: Callable[..., AgentProcess],
 ) -> None:
     """A chunk that never comes: a clean `fetching` failure, then a retry fetches only it."""
     ctl = scripted("dev-last")
-    agent, old = _serving_first(ctl, start_agent, "dev-last", fetch_timeout_s=4.0)
+    agent, old = _serving_first(ctl, start_fast_agent, "dev-last", fetch_timeout_s=4.0)
     new = ctl.offer(NEW.read_bytes(), chunk_size=512)
     last = new.chunk_count - 1
     ctl.tamper = lambda sha, i, n, d: None if (sha, i) == (new.sha256, last) else d
@@ -639,11 +611,12 @@ def test_missing_last_chunk_times_out_cleanly_and_old_model_keeps_serving(
 
 
 def test_latency_budget_from_desired_refuses_the_commit(
-    scripted: Callable[[str], ScriptedController], start_agent: Callable[..., AgentProcess]
+    scripted: Callable[[str], ScriptedController],
+    start_fast_agent: Callable[..., AgentProcess],
 ) -> None:
     """The desired state's (profile's) budget, tighter than the agent's, blocks the commit."""
     ctl = scripted("dev-slow")
-    agent, old = _serving_first(ctl, start_agent, "dev-slow", latency_budget_ms=1000.0)
+    agent, old = _serving_first(ctl, start_fast_agent, "dev-slow", latency_budget_ms=1000.0)
     new = ctl.offer(NEW.read_bytes())
     ctl.desire(2, new, latency_budget_ms=0.0001)  # tighter than the agent's own 1000 ms
     error = ctl.wait_event(kind="error", generation=2)
@@ -655,11 +628,12 @@ def test_latency_budget_from_desired_refuses_the_commit(
 
 
 def test_replayed_reordered_and_duplicated_input_has_one_effect(
-    scripted: Callable[[str], ScriptedController], start_agent: Callable[..., AgentProcess]
+    scripted: Callable[[str], ScriptedController],
+    start_fast_agent: Callable[..., AgentProcess],
 ) -> None:
     """Replays, an older generation and repeated command ids (also across a restart): one effect."""
     ctl = scripted("dev-dup")
-    agent = start_agent("dev-dup")
+    agent = start_fast_agent("dev-dup")
     first = ctl.offer(OLD.read_bytes())
     payload = ctl.desire(5, first)
     _activated(ctl, 5)
@@ -687,11 +661,12 @@ def test_replayed_reordered_and_duplicated_input_has_one_effect(
 
 
 def test_corrupt_state_files_are_quarantined_and_the_agent_keeps_working(
-    scripted: Callable[[str], ScriptedController], start_agent: Callable[..., AgentProcess]
+    scripted: Callable[[str], ScriptedController],
+    start_fast_agent: Callable[..., AgentProcess],
 ) -> None:
     """Torn update.json and pointers.json: quarantined, reported, rebuilt; the device heals."""
     ctl = scripted("dev-rot")
-    agent, _ = _serving_first(ctl, start_agent, "dev-rot")
+    agent, _ = _serving_first(ctl, start_fast_agent, "dev-rot")
     new = ctl.offer(NEW.read_bytes())
     ctl.desire(2, new)
     _activated(ctl, 2)

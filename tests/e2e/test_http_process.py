@@ -19,17 +19,13 @@ import httpx
 
 from controller.brokers.base import BrokerHandle, free_port
 from controller.http.auth import TOKEN_FILE
+from tests.e2e.brokers import mosquitto_only  # noqa: F401  (is e2e_broker)
 from tests.e2e.conftest import AgentProcess, wait_until
 
 pytestmark = [pytest.mark.e2e]
+# e2e_broker is mosquitto only: the HTTP side does not depend on the broker kind.
 
 EDGEFLEET = str(Path(sys.executable).parent / "edgefleet")
-
-
-@pytest.fixture
-def e2e_broker(mosquitto_broker: BrokerHandle) -> BrokerHandle:
-    """mosquitto only: the HTTP side does not depend on the broker kind."""
-    return mosquitto_broker
 
 
 @pytest.fixture

@@ -4,24 +4,18 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from controller.brokers.base import BrokerHandle
 from controller.brokers.mosquitto import start_mosquitto
+from tests.e2e.brokers import mosquitto_only  # noqa: F401  (is e2e_broker)
 from tests.e2e.conftest import DATA, AgentProcess, RunningController, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.agent]
-
-
-@pytest.fixture
-def e2e_broker(mosquitto_binary: str, tmp_path: Path) -> Iterator[BrokerHandle]:
-    """A mosquitto this test may kill and restart on the same port (no persistence)."""
-    handle = start_mosquitto(tmp_path / "broker", binary=mosquitto_binary)
-    yield handle
-    handle.stop()
+# e2e_broker is mosquitto only: the test kills mosquitto by PID and restarts it on its port.
 
 
 def test_agent_and_controller_survive_a_broker_crash(
@@ -46,7 +40,7 @@ def test_agent_and_controller_survive_a_broker_crash(
     assert e2e_broker.pid is not None
     os.kill(e2e_broker.pid, signal.SIGKILL)  # the broker dies; retained state is gone with it
     wait_until(lambda: not e2e_broker.is_running(), 10, "broker gone")
-    restarted = start_mosquitto(tmp_path / "broker", port=e2e_broker.port)
+    restarted = start_mosquitto(e2e_broker.data_dir, port=e2e_broker.port)
     try:
         # The agent reconnects on its own and re-announces itself.
         wait_until(

@@ -22,15 +22,11 @@ from controller.brokers.base import BrokerHandle
 from controller.fleet.registry import Fleet
 from controller.fleet.rollout.policy import Policy, Wave
 from controller.simulate import Simulation
+from tests.e2e.brokers import mosquitto_only  # noqa: F401  (is e2e_broker)
 from tests.e2e.conftest import DATA, AgentProcess, wait_until
 
 pytestmark = [pytest.mark.e2e]
-
-
-@pytest.fixture
-def e2e_broker(mosquitto_broker: BrokerHandle) -> BrokerHandle:
-    """mosquitto only: replicas need shared subscriptions, which amqtt lacks."""
-    return mosquitto_broker
+# e2e_broker is mosquitto only: replicas need shared subscriptions, which amqtt lacks.
 
 
 EDGEFLEET = str(Path(sys.executable).parent / "edgefleet")

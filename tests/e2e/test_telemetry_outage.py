@@ -7,15 +7,16 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from controller.brokers.base import BrokerHandle
 from controller.brokers.mosquitto import start_mosquitto
+from tests.e2e.brokers import mosquitto_only  # noqa: F401  (is e2e_broker)
 from tests.e2e.conftest import AgentProcess, RunningController, wait_until
-from tests.e2e.test_telemetry import (
+from tests.e2e.telemetry_app import (
     INTERVAL_S,
     Application,
     serving_agent,
@@ -24,17 +25,10 @@ from tests.e2e.test_telemetry import (
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.agent]
+# e2e_broker is mosquitto only: the test kills mosquitto by PID and restarts it on its port.
 
 # The issue's outage: a minute without a broker while applications keep calling the model.
 OUTAGE_S = 60.0
-
-
-@pytest.fixture
-def e2e_broker(mosquitto_binary: str, tmp_path: Path) -> Iterator[BrokerHandle]:
-    """A mosquitto this test may kill and restart on the same port (no persistence)."""
-    handle = start_mosquitto(tmp_path / "broker", binary=mosquitto_binary)
-    yield handle
-    handle.stop()
 
 
 @pytest.mark.slow
@@ -61,7 +55,7 @@ def test_a_60_s_broker_outage_loses_no_telemetry(
     before = len(stored_telemetry(controller, "tel-b")[0])
     time.sleep(OUTAGE_S)
     during = app.requests
-    restarted = start_mosquitto(tmp_path / "broker", port=e2e_broker.port)
+    restarted = start_mosquitto(e2e_broker.data_dir, port=e2e_broker.port)
     outage_end = time.time()
     try:
         wait_until(lambda: app.requests > during + 100, 30, "service still answering")

@@ -16,7 +16,7 @@ from controller.brokers.mosquitto import BrokerHandle
 from controller.fleet.registry import Fleet
 from controller.runtime.service import ControllerService
 from controller.simulate import Simulation, parse_fault
-from tests.integration.test_simulate import multi_chunk_model, online, running
+from tests.integration.simulation import multi_chunk_model, online, running
 from tests.mqtt_helpers import MqttProbe
 from tests.polling import wait_until
 

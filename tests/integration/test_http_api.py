@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,54 +12,17 @@ import pytest
 
 pytest.importorskip("fastapi")  # controller-only (not in the slim device env)
 pytest.importorskip("httpx")  # controller-only (not in the slim device env)
-import httpx
 from typer.testing import CliRunner
 
-from agent.protocol import BenchmarkReport, Event, Status
 from controller.cli.main import app as cli_app
 from controller.errors import FleetError
 from controller.fleet.registry import Fleet
 from controller.http.auth import TOKEN_FILE, create_token, ensure_local_token
-from controller.http.server import HttpServer
+from tests.fleet_rows import activate
+from tests.integration.http_api import Api, api_server, bearer  # noqa: F401  (is api)
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 MODEL = DATA / "tiny_int8.tflite"
-
-
-class Api:
-    """A running HttpServer with an admin and a read token, and the fleet home it serves."""
-
-    def __init__(self, home: Path, server: HttpServer, admin: str, read: str) -> None:
-        """Remember the server and its tokens."""
-        self.home, self.server = home, server
-        self.admin = httpx.Client(base_url=server.url, headers=_bearer(admin), timeout=10)
-        self.read = httpx.Client(base_url=server.url, headers=_bearer(read), timeout=10)
-        self.anonymous = httpx.Client(base_url=server.url, timeout=10)
-
-    def close(self) -> None:
-        """Close the clients."""
-        for client in (self.admin, self.read, self.anonymous):
-            client.close()
-
-
-def _bearer(token: str) -> dict[str, str]:
-    """The Authorization header for a token."""
-    return {"Authorization": f"Bearer {token}"}
-
-
-@pytest.fixture
-def api(tmp_path: Path) -> Iterator[Api]:
-    """A server on a free port over a new home, with the `local` admin and a `viewer` token."""
-    home = tmp_path / "home"
-    fleet = Fleet(home)
-    read = create_token(fleet.db, "viewer", "read")
-    fleet.close()
-    admin = ensure_local_token(home)
-    server = HttpServer(home, "127.0.0.1", 0).start()
-    client = Api(home, server, admin, read)
-    yield client
-    client.close()
-    server.stop()
 
 
 def cli(home: Path, *args: str, exit_code: int = 0) -> Any:
@@ -69,32 +30,6 @@ def cli(home: Path, *args: str, exit_code: int = 0) -> Any:
     result = CliRunner().invoke(cli_app, [*args, "--home", str(home), "--json"])
     assert result.exit_code == exit_code, result.output
     return json.loads(result.stdout)
-
-
-def activate(fleet: Fleet, rollout: str, device: str) -> None:
-    """Play the agent: activation, a benchmark and a status for the device's generation."""
-    row = next(d for d in fleet.deployment(rollout)["devices"] if d["device_id"] == device)
-    sha, generation = row["artifact_sha256"], row["generation"]
-    report = BenchmarkReport(
-        model_sha256=sha, runtime="litert", runtime_version="2.3.0", threads=1, runs=50,
-        warmup=5, init_ms=1.0, first_inference_ms=1.0, p50_ms=4.0, p90_ms=4.5, p95_ms=5.0,
-        p99_ms=5.5, mean_ms=4.2, std_ms=0.1, min_ms=3.0, max_ms=6.0, peak_rss_mb=50.0,
-        rss_mb=50.0, power_w=3.0, energy_mj_per_inference=1.0, power_source="estimated:profile",
-        power_estimated=True,
-    )  # fmt: skip
-    for kind, extra in (("update", {"state": "active"}), ("benchmark", {"benchmark": report})):
-        fleet.record_event(
-            Event(
-                device_id=device,
-                event_id=uuid.uuid4().hex,
-                kind=kind,  # type: ignore[arg-type]
-                message=kind,
-                deployment_id=rollout,
-                generation=generation,
-                **extra,
-            )
-        )
-    fleet.record_status(Status(device_id=device, online=True, model_sha256=sha))
 
 
 def test_every_api_route_needs_a_known_token_and_writes_need_admin(api: Api) -> None:
@@ -106,7 +41,7 @@ def test_every_api_route_needs_a_known_token_and_writes_need_admin(api: Api) -> 
     missing = api.anonymous.get("/api/v1/devices")
     assert missing.status_code == 401 and missing.json() == {"detail": "missing bearer token"}
     assert missing.headers["www-authenticate"] == "Bearer"
-    bad = api.anonymous.get("/api/v1/devices", headers=_bearer("not-a-token"))
+    bad = api.anonymous.get("/api/v1/devices", headers=bearer("not-a-token"))
     assert bad.status_code == 401 and bad.json() == {"detail": "unknown token"}
     assert (
         api.anonymous.get("/api/v1/models", headers={"Authorization": "Basic x"}).status_code == 401
@@ -121,7 +56,7 @@ def test_every_api_route_needs_a_known_token_and_writes_need_admin(api: Api) -> 
     CliRunner().invoke(cli_app, ["tokens", "revoke", "viewer", "--home", str(api.home)])
     assert api.read.get("/api/v1/devices").status_code == 401
     made = cli(api.home, "tokens", "create", "ci", "--role", "admin")
-    assert api.anonymous.get("/api/v1/models", headers=_bearer(made["token"])).status_code == 200
+    assert api.anonymous.get("/api/v1/models", headers=bearer(made["token"])).status_code == 200
     listed = cli(api.home, "tokens", "list")
     assert [(t["name"], t["role"]) for t in listed] == [("ci", "admin"), ("local", "admin")]
     assert "token" not in listed[0] and "sha256" not in listed[0]

@@ -11,7 +11,7 @@ pytest.importorskip("httpx")  # controller-only (not in the slim device env)
 
 from controller.fleet.registry import Fleet
 from tests.fleet_rows import insert_devices
-from tests.integration.test_http_api import Api, api  # noqa: F401  (the fixture)
+from tests.integration.http_api import Api, api_server  # noqa: F401  (is api)
 
 
 def _fill(home: Path, count: int) -> list[str]:
@@ -23,7 +23,7 @@ def _fill(home: Path, count: int) -> list[str]:
         fleet.close()
 
 
-def test_paging_returns_pages_by_id_with_the_total(api: Api) -> None:  # noqa: F811
+def test_paging_returns_pages_by_id_with_the_total(api: Api) -> None:
     ids = _fill(api.home, 250)
     first = api.read.get("/api/v1/devices", params={"limit": 100}).json()
     assert first["total"] == 250 and first["limit"] == 100 and first["offset"] == 0
@@ -38,7 +38,7 @@ def test_paging_returns_pages_by_id_with_the_total(api: Api) -> None:  # noqa: F
     assert sum(summary["by_state"].values()) == 250
 
 
-def test_search_and_filters_combine(api: Api) -> None:  # noqa: F811
+def test_search_and_filters_combine(api: Api) -> None:
     _fill(api.home, 300)
     found = api.read.get("/api/v1/devices", params={"q": "SIM-0012"}).json()
     assert [d["id"] for d in found["items"]] == [f"sim-0012{i}" for i in range(10)]
@@ -70,7 +70,7 @@ def test_search_and_filters_combine(api: Api) -> None:  # noqa: F811
     ],
 )
 def test_bad_parameters_are_400_naming_the_parameter(
-    api: Api,  # noqa: F811
+    api: Api,
     params: dict[str, str],
     message: str,
 ) -> None:

@@ -16,7 +16,7 @@ from agent.inference_server import InferenceServer
 from agent.quantization import TensorCodec
 from agent.runtime import load_interpreter
 from agent.serving import InferenceError
-from tests.integration.test_inference_service import FP32, INT8, loaded, sha256_of
+from tests.serving_helpers import FP32, INT8, loaded, sha256_of
 
 pytestmark = pytest.mark.agent
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import os
@@ -24,19 +23,19 @@ from agent.client import MAX_PAYLOAD_BYTES, InferenceClient, infer
 from agent.inference_server import InferenceServer
 from agent.runtime import Interpreter, load_interpreter, run_once
 from agent.serving import InferenceError, ServingModel
-from tests.unit.agent.test_serving import CountingObserver, batch_model, run_once_resized
+from tests.serving_helpers import (
+    FP32,
+    INT8,
+    CountingObserver,
+    batch_model,
+    loaded,
+    run_once_resized,
+    sha256_of,
+)
 
 pytestmark = pytest.mark.agent
 
-DATA = Path(__file__).resolve().parents[1] / "data"
-FP32 = DATA / "tiny_fp32.tflite"
-INT8 = DATA / "tiny_int8.tflite"
 THREADS, REQUESTS = 8, 200  # 8 concurrent clients × 200 requests each over the socket
-
-
-def sha256_of(path: Path) -> str:
-    """The file's sha256, as the agent names models."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture
@@ -45,13 +44,6 @@ def short_dir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="efi-", dir="/tmp"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
-
-
-def loaded(path: Path) -> ServingModel:
-    """A ServingModel serving `path` under its real sha256."""
-    serving = ServingModel()
-    serving.swap(load_interpreter(path, 1), sha256_of(path), 1.0)
-    return serving
 
 
 @pytest.fixture

@@ -48,37 +48,18 @@ from controller.simulate import (
     synth_figures,
     synth_report,
 )
+from tests.integration.simulation import CHUNK, multi_chunk_model, online, running
 from tests.mqtt_helpers import MqttProbe, ReceivedMessage
 from tests.polling import wait_until
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 TINY = DATA / "tiny_int8.tflite"
-CHUNK = 64 * 1024
 T = TypeVar("T")
 
 ProbeFactory = Callable[..., MqttProbe]
 
 
 # =========================================================================== helpers
-
-
-def multi_chunk_model(path: Path, chunks: int, seed: int) -> Path:
-    """Seeded random bytes spanning `chunks` 64 KiB chunks, with the TFLite identifier."""
-    data = bytearray(random.Random(seed).randbytes(chunks * CHUNK - 100))
-    data[4:8] = b"TFL3"
-    path.write_bytes(data)
-    return path
-
-
-@contextmanager
-def running(sim: Simulation, connect_timeout: float = 30.0) -> Iterator[Simulation]:
-    """Start a simulation, wait for every connection, stop it at the end."""
-    sim.start()
-    try:
-        assert sim.wait_connected(connect_timeout), f"only {sim.counters.connected} connected"
-        yield sim
-    finally:
-        sim.stop()
 
 
 @contextmanager
@@ -93,12 +74,6 @@ def controller(broker: BrokerHandle, home: Path, topic_root: str) -> Iterator[Co
         yield service
     finally:
         service.stop()
-
-
-def online(fleet: Fleet, ids: list[str]) -> bool:
-    """Every listed device is registered and online."""
-    rows = {d["id"]: d for d in fleet.devices()}
-    return all(i in rows and rows[i]["online"] for i in ids)
 
 
 def events(probe: MqttProbe, root: str, device: str | None = None) -> list[Event]:

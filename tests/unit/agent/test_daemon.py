@@ -6,150 +6,21 @@ answers `need` with chunks), so the update flow runs for real, child-process sel
 
 from __future__ import annotations
 
-import hashlib
-import json
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
-from paho.mqtt.client import topic_matches_sub
 
 from agent.daemon import Agent, ReportOutcome, derived_event_id
-from agent.protocol import ArtifactRef, Command, Desired, Manifest, Need, Topics, dump, parse
-from agent.protocol.config import AgentConfig
+from agent.protocol import Command
 from agent.store import ModelStore
 from agent.update.record import UpdateStateFile
 from agent.update.restore import MAX_SELFTEST_ATTEMPTS
 from agent.update.table import MAX_STATE_STORES, UpdateEvent
-from tests.paths import TEST_DATA
+from tests.memory_agent import NEW, OLD, MemoryBroker, apply_desired, make_desired
 
 pytestmark = pytest.mark.agent
-
-DATA = TEST_DATA
-OLD, NEW = DATA / "tiny_fp32.tflite", DATA / "tiny_int8.tflite"
-ROOT = "unit/edgefleet/v1"
-
-
-class MemoryBroker:
-    """Just enough of an MQTT broker and a controller for one agent, in memory."""
-
-    def __init__(self) -> None:
-        """No subscriptions, nothing retained, every publish acknowledged."""
-        self.topics = Topics(ROOT)
-        self.retained: dict[str, bytes] = {}
-        self.subscriptions: set[str] = set()
-        self.published: list[tuple[str, bytes]] = []
-        self.blobs: dict[str, tuple[Manifest, bytes]] = {}
-        self.ack = True
-        self.connected = threading.Event()
-        self.connected.set()
-        self.deliver: Callable[[str, bytes], None] = lambda t, p: None
-        self._lock = threading.Lock()
-
-    # --- the MqttSession interface the agent uses
-    def start(self) -> None:
-        """Nothing to connect."""
-
-    def stop(self) -> None:
-        """Nothing to disconnect."""
-
-    def publish(
-        self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1, wait_s: float = 0
-    ) -> bool:
-        """Record (and retain) a publish; answer `need` like the controller does."""
-        with self._lock:
-            self.published.append((topic, payload))
-            if retain:
-                self.retained[topic] = payload
-        if topic.endswith("/need"):
-            sha = topic.split("/")[-2]
-            manifest, data = self.blobs[sha]
-            for i in parse(payload, Need).chunks:
-                start = i * manifest.chunk_size
-                self._send(self.topics.chunk(sha, i), data[start : start + manifest.chunk_size])
-        return self.ack and bool(wait_s)
-
-    def subscribe(self, *topics: str) -> None:
-        """Subscribe; matching retained messages are delivered from another thread."""
-        self.subscriptions.update(topics)
-        retained = [
-            (t, p) for t, p in self.retained.items() if any(topic_matches_sub(f, t) for f in topics)
-        ]
-        for topic, payload in retained:
-            self._send(topic, payload, check=False)
-
-    def unsubscribe(self, *topics: str) -> None:
-        """Drop subscriptions."""
-        self.subscriptions.difference_update(topics)
-
-    # --- test side
-    def _send(self, topic: str, payload: bytes, check: bool = True) -> None:
-        """Deliver to the agent (like paho's network thread) if it is subscribed."""
-        if check and not any(topic_matches_sub(f, topic) for f in self.subscriptions):
-            return
-        threading.Thread(target=self.deliver, args=(topic, payload), daemon=True).start()
-
-    def offer(self, data: bytes, chunk_size: int = 4096) -> Manifest:
-        """Make a blob available: retained manifest, chunks served on need."""
-        chunks = [data[i : i + chunk_size] for i in range(0, len(data), chunk_size)]
-        sha = hashlib.sha256(data).hexdigest()
-        manifest = Manifest(
-            sha256=sha,
-            size=len(data),
-            chunk_size=chunk_size,
-            chunk_sha256=tuple(hashlib.sha256(c).hexdigest() for c in chunks),
-            name="m",
-            version="1",
-            recipe="fp32",
-        )
-        self.blobs[sha] = (manifest, data)
-        self.retained[self.topics.manifest(sha)] = dump(manifest)
-        return manifest
-
-    def events(self, **match: Any) -> list[dict[str, Any]]:
-        """Published events whose fields equal `match`."""
-        found = [json.loads(p) for t, p in self.published if t.endswith("/events")]
-        return [e for e in found if all(e.get(k) == v for k, v in match.items())]
-
-
-def _desired(generation: int, manifest: Manifest, **kw: Any) -> Desired:
-    """A desired state for `manifest` with a quick benchmark."""
-    ref = ArtifactRef(manifest.sha256, manifest.size, manifest.name, manifest.version)
-    return Desired(
-        generation=generation,
-        deployment_id="dep-1",
-        artifact=ref,
-        benchmark_runs=3,
-        benchmark_warmup=1,
-        **kw,
-    )
-
-
-@pytest.fixture
-def make_agent(tmp_path: Path) -> Iterator[Callable[..., tuple[Agent, MemoryBroker]]]:
-    """Factory: a restored Agent over tmp_path (a new one = the same device after a restart)."""
-
-    def make(broker: MemoryBroker | None = None, **overrides: Any) -> tuple[Agent, MemoryBroker]:
-        settings: dict[str, Any] = {"threads": 1, "repair_interval_s": 0.2, **overrides}
-        config = AgentConfig(
-            device_id="dev-u", data_dir=tmp_path / "agent", topic_root=ROOT, **settings
-        )
-        broker = broker or MemoryBroker()
-        agent = Agent(config, session=broker)  # type: ignore[arg-type]
-        broker.deliver = agent.router.on_message
-        agent.restore()
-        return agent, broker
-
-    yield make
-
-
-def _apply(agent: Agent, desired: Desired) -> None:
-    """What the agent's work thread does with a delivered desired state."""
-    agent.inbox.latest_generation = max(agent.inbox.latest_generation, desired.generation)
-    agent.flow.apply(desired)
 
 
 def test_update_sends_deterministic_event_ids_and_one_result(
@@ -157,7 +28,7 @@ def test_update_sends_deterministic_event_ids_and_one_result(
 ) -> None:
     agent, broker = make_agent()
     manifest = broker.offer(OLD.read_bytes(), chunk_size=2048)
-    _apply(agent, _desired(7, manifest))
+    apply_desired(agent, make_desired(7, manifest))
     ids = [e["event_id"] for e in broker.events(generation=7)]
     assert ids == [
         "g7-fetching",
@@ -182,7 +53,7 @@ def test_unacknowledged_result_is_resent_with_the_same_ids_after_a_restart(
     agent, broker = make_agent()
     broker.ack = False  # broker gone before the PUBACK
     manifest = broker.offer(OLD.read_bytes())
-    _apply(agent, _desired(8, manifest))
+    apply_desired(agent, make_desired(8, manifest))
     assert [e["event_id"] for e in broker.events(kind="update", state="active")] == ["g8-active"]
     assert not broker.events(kind="benchmark"), "no benchmark until the activation is acknowledged"
     assert not agent.state.record.reported
@@ -199,12 +70,13 @@ def test_kill_between_active_and_report_then_stale_redelivery_still_reports(
 ) -> None:
     agent, broker = make_agent()
     manifest = broker.offer(OLD.read_bytes())
-    _apply(agent, _desired(9, manifest))
+    apply_desired(agent, make_desired(9, manifest))
     # Rewind the bookkeeping to "active persisted, nothing reported" (a SIGKILL at that point).
     state = UpdateStateFile(tmp_path / "agent" / "update.json")
     state.update(reported=False, benchmarked=False)
     restarted, broker2 = make_agent()
-    _apply(restarted, _desired(9, manifest))  # the retained desired again: stale, ignored
+    # The retained desired again: stale, ignored.
+    apply_desired(restarted, make_desired(9, manifest))
     restarted.reporter.report_outcome()
     assert [e["event_id"] for e in broker2.events()] == ["g9-active", "g9-benchmark"]
     assert not broker2.events(kind="update", state="fetching"), "nothing was downloaded again"
@@ -215,7 +87,7 @@ def test_failure_reports_its_stage_once(
 ) -> None:
     agent, broker = make_agent()
     manifest = broker.offer(OLD.read_bytes())
-    _apply(agent, _desired(3, manifest, latency_budget_ms=0.00001))
+    apply_desired(agent, make_desired(3, manifest, latency_budget_ms=0.00001))
     errors = broker.events(kind="error")
     assert [(e["event_id"], e["stage"]) for e in errors] == [("g3-failed", "self-testing")]
     assert "over budget" in errors[0]["message"]
@@ -281,7 +153,7 @@ def test_a_new_download_removes_partials_of_superseded_artifacts(
     (downloads / f"{stale}.part").write_bytes(b"x" * 10)
     (downloads / f"{stale}.chunks.json").write_text("{}")
     manifest = broker.offer(OLD.read_bytes())
-    _apply(agent, _desired(2, manifest))
+    apply_desired(agent, make_desired(2, manifest))
     assert not list(downloads.iterdir()), "stale partials and the finished one are gone"
 
 
@@ -290,7 +162,7 @@ def test_corrupt_update_json_is_quarantined_reported_and_rebuilt(
 ) -> None:
     agent, broker = make_agent()
     manifest = broker.offer(OLD.read_bytes())
-    _apply(agent, _desired(2, manifest))
+    apply_desired(agent, make_desired(2, manifest))
     path = tmp_path / "agent" / "update.json"
     path.write_text('{"state": 12}')
     restarted, broker2 = make_agent()
@@ -301,7 +173,7 @@ def test_corrupt_update_json_is_quarantined_reported_and_rebuilt(
     error = broker2.events(kind="error")[0]
     assert "update.json" in error["message"] and "$.state: must be one of" in error["message"]
     # The retained desired state is applied again: already served, so activated at once.
-    _apply(restarted, _desired(2, manifest))
+    apply_desired(restarted, make_desired(2, manifest))
     assert [e["event_id"] for e in broker2.events(generation=2)] == ["g2-active", "g2-benchmark"]
 
 
@@ -310,8 +182,8 @@ def test_corrupt_pointers_rebuilt_from_the_recorded_active_model(
 ) -> None:
     agent, broker = make_agent()
     old, new = broker.offer(OLD.read_bytes()), broker.offer(NEW.read_bytes())
-    _apply(agent, _desired(1, old))
-    _apply(agent, _desired(2, new))
+    apply_desired(agent, make_desired(1, old))
+    apply_desired(agent, make_desired(2, new))
     pointers = tmp_path / "agent" / "models" / "pointers.json"
     pointers.write_bytes(b"\x00\xff garbage")
     restarted, broker2 = make_agent()
@@ -325,9 +197,9 @@ def test_committed_model_that_no_longer_loads_is_reported_failed(
 ) -> None:
     agent, broker = make_agent()
     old, new = broker.offer(OLD.read_bytes()), broker.offer(NEW.read_bytes())
-    _apply(agent, _desired(1, old))
+    apply_desired(agent, make_desired(1, old))
     broker.ack = False  # the activation of generation 2 never reaches the controller
-    _apply(agent, _desired(2, new))
+    apply_desired(agent, make_desired(2, new))
     model = tmp_path / "agent" / "models" / f"{new.sha256}.tflite"
     model.write_bytes(model.read_bytes()[:100])  # and then the file rots
     restarted, broker2 = make_agent()
@@ -344,7 +216,7 @@ def test_commands_have_one_effect_across_restarts(
 ) -> None:
     agent, broker = make_agent()
     manifest = broker.offer(OLD.read_bytes())
-    _apply(agent, _desired(1, manifest))
+    apply_desired(agent, make_desired(1, manifest))
     command = Command(command_id="c-1", action="benchmark", runs=2, warmup=0)
     agent.commands.run(command)
     agent.commands.run(command)

@@ -1,7 +1,7 @@
 """On-device fallback: the latency watch, its persistence, the injected slowdown, the daemon flow.
 
-The daemon tests reuse test_daemon's in-memory broker: the update flow, the child-process
-self-test and the real .tflite models run for real; only the network is in memory.
+The daemon tests use the in-memory broker of tests/memory_agent.py: the update flow, the
+child-process self-test and the real .tflite models run for real; only the network is in memory.
 """
 
 from __future__ import annotations
@@ -25,8 +25,7 @@ from agent.serving import ServingModel
 from agent.store import ModelStore
 from agent.update.record import ArmedFallback, UpdateStateFile
 from agent.update.table import UpdateEvent
-from tests.unit.agent import test_daemon
-from tests.unit.agent.test_daemon import NEW, OLD, MemoryBroker, _apply, _desired
+from tests.memory_agent import NEW, OLD, MemoryBroker, apply_desired, make_desired
 
 pytestmark = pytest.mark.agent
 
@@ -258,8 +257,6 @@ def test_injected_latency_slows_only_the_matching_served_model() -> None:
 # ------------------------------------------------------------------------- daemon flow
 
 MakeAgent = Callable[..., tuple[Agent, MemoryBroker]]
-# The daemon tests' factory fixture: a restored Agent on an in-memory broker.
-make_agent = test_daemon.make_agent
 
 
 def _fallback(manifest: Manifest, **kw: Any) -> Fallback:
@@ -271,17 +268,18 @@ def _fallback(manifest: Manifest, **kw: Any) -> Fallback:
 def test_threads_per_artifact_and_reload_without_download(make_agent: MakeAgent) -> None:
     agent, broker = make_agent()
     old = broker.offer(OLD.read_bytes())
-    _apply(agent, _desired(1, old, threads=2))
+    apply_desired(agent, make_desired(1, old, threads=2))
     benchmark = broker.events(event_id="g1-benchmark")[0]["benchmark"]
     assert benchmark["threads"] == 2 and agent.local.threads == 2
     assert agent.state.record.serving_threads == 2
-    _apply(agent, _desired(2, old, threads=1))
+    apply_desired(agent, make_desired(2, old, threads=1))
     assert broker.events(event_id="g2-fetching") == []  # no download, no self-test
     assert broker.events(event_id="g2-active")
     assert broker.events(event_id="g2-benchmark")[0]["benchmark"]["threads"] == 1
-    _apply(agent, _desired(3, old))  # None = the agent's own setting (1): nothing to reload
+    # None = the agent's own setting (1): nothing to reload.
+    apply_desired(agent, make_desired(3, old))
     assert broker.events(event_id="g3-active")[0]["message"].startswith("activated (already")
-    _apply(agent, _desired(4, old, threads=2))
+    apply_desired(agent, make_desired(4, old, threads=2))
     assert broker.events(event_id="g4-benchmark")[0]["benchmark"]["threads"] == 2
     restarted, _ = make_agent(broker)  # configured threads = 1
     assert restarted.local.threads == 2  # serves with the threads it was activated with
@@ -292,8 +290,9 @@ def test_a_reload_with_other_threads_is_self_tested_against_the_budgets(
 ) -> None:
     agent, broker = make_agent()
     old = broker.offer(OLD.read_bytes())
-    _apply(agent, _desired(1, old, threads=1))
-    _apply(agent, _desired(2, old, threads=2, memory_budget_mb=1.0))  # no process fits 1 MB
+    apply_desired(agent, make_desired(1, old, threads=1))
+    # No process fits 1 MB.
+    apply_desired(agent, make_desired(2, old, threads=2, memory_budget_mb=1.0))
     (failed,) = broker.events(event_id="g2-failed")
     assert failed["stage"] == "self-testing", failed  # a verdict, not retried as transport
     assert "self-test with threads 2 failed" in failed["message"]
@@ -303,7 +302,7 @@ def test_a_reload_with_other_threads_is_self_tested_against_the_budgets(
 def test_fallback_is_armed_engaged_once_and_kept_after_restart(make_agent: MakeAgent) -> None:
     agent, broker = make_agent()
     old, new = broker.offer(OLD.read_bytes()), broker.offer(NEW.read_bytes())
-    _apply(agent, _desired(1, old, fallback=_fallback(new, threads=2)))
+    apply_desired(agent, make_desired(1, old, fallback=_fallback(new, threads=2)))
     armed = agent.state.record.fallback
     assert armed is not None and armed.sha256 == new.sha256 and not armed.engaged
     assert agent.serving.sha256 == old.sha256  # self-tested, not served
@@ -344,7 +343,7 @@ def test_fallback_is_armed_engaged_once_and_kept_after_restart(make_agent: MakeA
     assert len(broker.events(kind="fallback")) == 1
 
     # The next desired generation decides: back to the primary, the fallback disarmed.
-    _apply(restarted, _desired(2, old))
+    apply_desired(restarted, make_desired(2, old))
     assert restarted.serving.sha256 == old.sha256
     assert restarted.state.record.fallback is None
 
@@ -352,13 +351,13 @@ def test_fallback_is_armed_engaged_once_and_kept_after_restart(make_agent: MakeA
 def test_restart_re_arms_an_armed_fallback(make_agent: MakeAgent) -> None:
     agent, broker = make_agent()
     old, new = broker.offer(OLD.read_bytes()), broker.offer(NEW.read_bytes())
-    _apply(agent, _desired(1, old, fallback=_fallback(new)))
+    apply_desired(agent, make_desired(1, old, fallback=_fallback(new)))
     restarted, _ = make_agent(broker)
     assert restarted.serving.sha256 == old.sha256
     watch = restarted.local.observer.watch
     assert watch is not None and watch.budget_ms == 10.0 and watch.window_s == 1.0
     # A newer generation without a fallback disarms it and deletes the unused fallback model.
-    _apply(restarted, _desired(2, old))
+    apply_desired(restarted, make_desired(2, old))
     assert restarted.local.observer.watch is None
     assert not restarted.store.has(new.sha256)
 
@@ -377,7 +376,7 @@ def test_fallback_that_cannot_be_fetched_is_reported_and_the_primary_stays(
         version="2",
         recipe="int8",
     )
-    _apply(agent, _desired(1, old, fallback=_fallback(missing)))
+    apply_desired(agent, make_desired(1, old, fallback=_fallback(missing)))
     errors = [e for e in broker.events(kind="error") if "not armed" in e["message"]]
     assert len(errors) == 1 and errors[0]["stage"] is None
     # Not tied to the generation: the controller would read that as a failed update.

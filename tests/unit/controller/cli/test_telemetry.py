@@ -16,7 +16,7 @@ from controller.fleet.registry import Fleet
 from controller.fleet.telemetry.queries import parse_since
 from controller.fleet.telemetry.store import TelemetryStore
 from tests.paths import TEST_DATA
-from tests.unit.controller.fleet.telemetry.test_store import T0, record
+from tests.telemetry_records import T0, record
 
 DATA = TEST_DATA
 runner = CliRunner()

@@ -21,7 +21,7 @@ from agent.protocol import Event, Hello, Need, ProtocolError, Status, Telemetry,
 from controller.fleet.registry import Fleet
 from controller.runtime.service import ControllerService
 from tests.paths import TEST_DATA
-from tests.unit.agent.protocol.test_fuzz_parsers import (
+from tests.protocol_fuzz import (
     FUZZ,
     ROOT,
     TOPIC_LEVELS,

@@ -19,7 +19,7 @@ from controller.fleet.registry import Fleet
 from controller.fleet.telemetry.store import TelemetryStore
 from controller.runtime.prometheus import ControllerMetrics, MetricsServer, serve_metrics
 from controller.storage.db import database_target
-from tests.unit.controller.fleet.telemetry.test_store import T0, record
+from tests.telemetry_records import T0, record
 
 DATA = TEST_DATA
 

@@ -41,8 +41,7 @@ from controller.runtime.service import ControllerService
 from controller.security.identity import FleetSecurity
 from controller.security.revocation import RevokedSet
 from controller.security.signing import FleetSigner, sign_command
-from tests.unit.agent.test_daemon import ROOT, MemoryBroker, _apply, _desired
-from tests.unit.agent.test_daemon import make_agent as make_agent
+from tests.memory_agent import ROOT, MemoryBroker, apply_desired, make_desired
 
 DATA = TEST_DATA
 
@@ -212,14 +211,14 @@ def test_quarantined_update_json_keeps_the_anti_rollback_counter(
 
     def signed(generation: int) -> Desired:
         return signer.sign(
-            _desired(
+            make_desired(
                 generation, manifest, device_id="dev-u", profile="rpi4", expires=time.time() + 600
             )
         )
 
     old, current = signed(3), signed(5)
     agent.router.on_message(broker.topics.desired("dev-u"), dump(current))
-    _apply(agent, current)
+    apply_desired(agent, current)
     assert agent.state.record.applied_generation == 5
     (tmp_path / "agent" / "update.json").write_text("{not json")
     restarted, broker2 = make_agent(trusted_keys=keys, profile="rpi4")

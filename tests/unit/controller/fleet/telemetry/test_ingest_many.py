@@ -19,7 +19,7 @@ from controller.fleet.telemetry import store as telemetry
 from controller.fleet.telemetry.store import IngestResult, TelemetryStore
 from controller.storage.db import Database
 from controller.storage.sqlite import SqliteDatabase
-from tests.unit.controller.fleet.telemetry.test_store import SHA_A, SHA_B, T0, message, record
+from tests.telemetry_records import SHA_A, SHA_B, T0, message, record
 
 DEVICES = ("d0", "d1", "d2", "d3", "d4")
 # Registry rows: two profiles, one device without a profile; d3 and d4 are not registered.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from controller.fleet.telemetry.store import TelemetryStore
 from controller.storage.db import Database
-from tests.unit.controller.fleet.telemetry.test_store import message
+from tests.telemetry_records import message
 
 
 def _add(db: Database, device: str, last_seen: float | None) -> None:

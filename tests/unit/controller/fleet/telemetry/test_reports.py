@@ -18,7 +18,7 @@ from controller.fleet.telemetry.plots import model_changes, plot_device, plot_pr
 from controller.fleet.telemetry.reports import device_series, profile_series, report
 from controller.fleet.telemetry.store import TelemetryStore
 from tests.paths import TEST_DATA
-from tests.unit.controller.fleet.telemetry.test_store import T0, record
+from tests.telemetry_records import T0, record
 
 DATA = TEST_DATA
 UNKNOWN_SHA = "c" * 64
