@@ -5,19 +5,35 @@ line naming the key and what is wrong with it. `one_line` renders the first prob
 house's shape (`'cpu.cores' must be an integer, got 'two'`) and counts the rest. Validators
 raise `rule_error(key, problem)` so rules across keys read the same way.
 
+`read_json_model` reads a JSON file the controller wrote (or a user edited) through its model:
+a bad file is one `FileContentError` line naming the file, the key and the problem.
+
 The agent never imports this (a device runs without pydantic; import-linter forbids it).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails, PydanticCustomError
 
-__all__ = ["RULE", "describe", "dotted", "one_line", "problem", "rule_error"]
+__all__ = [
+    "RULE",
+    "FileContentError",
+    "describe",
+    "dotted",
+    "one_line",
+    "problem",
+    "read_json_model",
+    "rule_error",
+]
+
+M = TypeVar("M", bound=BaseModel)
 
 # The error type of the house's own rules: ctx carries the key (below the error's location)
 # and the problem in words.
@@ -121,6 +137,8 @@ def problem(
     """
     below, template = _template(error)
     key = _join(_join(prefix, dotted(error["loc"], rename)), below)
+    if not error["loc"] and not key:  # the document itself (a JSON array where a table goes)
+        return template.replace("'{key}'", "the top level", 1)
     where, _, inner = key.rpartition("].")
     if items and where:
         return f"{where}]: " + template.replace("{key}", inner, 1)
@@ -144,3 +162,23 @@ def describe(value: Any) -> str:
     """repr() of a value, shortened to keep an error on one readable line."""
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+class FileContentError(ValueError):
+    """A file that is not JSON or not what its model expects; one line naming the file."""
+
+
+def read_json_model(path: Path, model: type[M], *, items: bool = False) -> M:
+    """`path` parsed as JSON and validated by `model`; OSError (a missing file) passes through.
+
+    `items` names an array item first (see `problem`).
+    """
+    text = path.read_text()
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise FileContentError(f"{path}: not valid JSON ({exc})") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise FileContentError(f"{path}: {one_line(exc, items=items)}") from None

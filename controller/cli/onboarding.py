@@ -26,7 +26,11 @@ def record_serving_or_warn(
     except OSError as exc:  # registering devices then needs --broker; the fleet still runs
         typer.echo(f"warning: cannot write {home / 'serving.json'}: {exc}", err=True)
         return
-    serving = read_serving(home)
+    try:
+        serving = read_serving(home)
+    except ValueError as exc:  # written just now, so only a concurrent writer gets here
+        typer.echo(f"warning: {exc}", err=True)
+        return
     if serving is not None:
         typer.echo(
             f"devices connect to {serving.device_broker} (auth {serving.auth}); onboard one "

@@ -156,10 +156,14 @@ def devices_revoke(
     fleet = open_fleet(home)
     try:
         fleet.revoke_device(device_id)
-    except FleetError as exc:
+    except (FleetError, ValueError) as exc:  # ValueError: a bad revoked.json, named
         raise fail(exc) from None
     finally:
         fleet.close()
     typer.echo(f"revoked {device_id} (register it again to bring it back)")
-    for note in revocation_notes(home, device_id):
+    try:
+        notes = revocation_notes(home, device_id)
+    except ValueError as exc:  # a bad serving.json or broker_copies.json, named in one line
+        raise fail(exc) from None
+    for note in notes:
         typer.echo(note)

@@ -13,14 +13,16 @@ import os
 import signal
 import socket
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import psutil
+from pydantic import BaseModel, ConfigDict, Field
 
 from agent.protocol import DEFAULT_ROOT
 from agent.protocol.transport import is_tls_url, parse_mqtt_url
+from firmware_profiles.validation import FileContentError, read_json_model
 
 if TYPE_CHECKING:
     from controller.brokers.base import BrokerHandle
@@ -29,6 +31,7 @@ __all__ = [
     "SERVING_FILE",
     "BundleTarget",
     "Serving",
+    "ServingFileError",
     "device_commands",
     "onboard",
     "read_serving",
@@ -49,19 +52,47 @@ DEVICE_VENV = "/opt/edgefleet-agent"
 PID_START_SLACK_S = 1.0
 
 
-@dataclass(frozen=True)
-class Serving:
-    """How a running (or the last) `edgefleet up` in a data dir is reached by devices."""
+class ServingFileError(ValueError):
+    """HOME/serving.json is not a record `up` wrote; names the file, the key and the problem."""
 
-    pid: int
-    started_at: float
-    device_broker: str
-    auth: str
-    topic_root: str = DEFAULT_ROOT
-    embedded: bool = True
-    cert_broker: str | None = None
-    broker_pid: int | None = None
-    broker_dir: str | None = None
+
+Url = Annotated[str, Field(min_length=1, strict=True)]
+
+
+class Serving(BaseModel):
+    """How a running (or the last) `edgefleet up` in a data dir is reached by devices.
+
+    HOME/serving.json holds one, written by `up` (`write_serving`); unknown keys are refused.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pid: int = Field(ge=1, strict=True, description="Process id of the `edgefleet up` process")
+    started_at: float = Field(
+        ge=0, strict=True, description="When it started (Unix time): tells it from a reused pid"
+    )
+    device_broker: Url = Field(description="The broker URL devices connect to")
+    auth: Literal["none", "password"] = Field(
+        description="How devices authenticate at that broker"
+    )
+    topic_root: str = Field(
+        default=DEFAULT_ROOT, min_length=1, strict=True, description="The fleet's MQTT topic root"
+    )
+    embedded: bool = Field(
+        default=True,
+        strict=True,
+        description="Whether `up` runs the broker itself (else an external one)",
+    )
+    cert_broker: Url | None = Field(
+        default=None,
+        description="The client-certificate (mTLS) listener's URL, if the broker has one",
+    )
+    broker_pid: int | None = Field(
+        default=None, ge=1, strict=True, description="Process id of the embedded mosquitto"
+    )
+    broker_dir: str | None = Field(
+        default=None, min_length=1, strict=True, description="The embedded mosquitto's directory"
+    )
 
     @property
     def running(self) -> bool:
@@ -91,17 +122,22 @@ def write_serving(home: Path, serving: Serving) -> Path:
     from controller.security.identity import write_private
 
     path = home / SERVING_FILE
-    write_private(path, (json.dumps(asdict(serving), indent=2) + "\n").encode())
+    write_private(path, (json.dumps(serving.model_dump(), indent=2) + "\n").encode())
     return path
 
 
 def read_serving(home: Path) -> Serving | None:
-    """The record of the running or last `up` in `home`; None when there is none or it is bad."""
+    """The record of the running or last `up` in `home`; None when there is none.
+
+    A bad record is a ServingFileError naming the file, the key and the problem: silently
+    taking it for "no `up` ran" would give devices `up`'s loopback defaults.
+    """
     try:
-        data = json.loads((home / SERVING_FILE).read_text())
-        return Serving(**data)
-    except (OSError, ValueError, TypeError):
+        return read_json_model(home / SERVING_FILE, Serving)
+    except FileNotFoundError:
         return None
+    except FileContentError as exc:
+        raise ServingFileError(f"{exc}; run `edgefleet up` again to rewrite it") from None
 
 
 def embedded_serving(

@@ -18,6 +18,9 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, RootModel
 
 from agent.protocol import DEFAULT_ROOT
 from controller.brokers.base import BrokerHandle, free_port
@@ -29,12 +32,14 @@ from controller.security.identity import (
     private_dir,
     write_private,
 )
+from firmware_profiles.validation import FileContentError, read_json_model
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "DEVICE_PUBLISHES",
     "DEVICE_SUBSCRIBES",
+    "BrokerCopiesDoc",
     "BrokerFiles",
     "acl_text",
     "refresh_broker_copies",
@@ -59,6 +64,17 @@ TLS_MIN_VERSION = "tlsv1.2"
 WATCH_INTERVAL_S = 0.5
 # Where `broker config --out DIR` outputs are recorded, so register/revoke refresh their copies.
 BROKER_COPIES = "broker_copies.json"
+
+_NonEmpty = Annotated[str, Field(min_length=1, strict=True)]
+
+
+class BrokerCopiesDoc(RootModel[dict[_NonEmpty, _NonEmpty]]):
+    """HOME/security/broker_copies.json: each `broker config --out` directory and its topic root."""
+
+    root: dict[_NonEmpty, _NonEmpty] = Field(
+        description="Output directory (as given to `broker config --out`) -> the topic root its "
+        "ACL was written for; register and revoke rewrite passwd and acl there"
+    )
 
 
 @dataclass(frozen=True)
@@ -332,12 +348,13 @@ def _record_copy(security: FleetSecurity, directory: Path, topic_root: str) -> N
 
 
 def _copies(security: FleetSecurity) -> dict[str, str]:
-    """Recorded output directories -> their topic roots."""
+    """Recorded output directories -> their topic roots; IdentityError names a bad file."""
     try:
-        data = json.loads((security.directory / BROKER_COPIES).read_text())
-    except (FileNotFoundError, ValueError):
+        return dict(read_json_model(security.directory / BROKER_COPIES, BrokerCopiesDoc).root)
+    except FileNotFoundError:
         return {}
-    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+    except FileContentError as exc:
+        raise IdentityError(str(exc)) from None
 
 
 def refresh_broker_copies(security: FleetSecurity) -> list[str]:

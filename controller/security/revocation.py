@@ -5,7 +5,7 @@ everything in the broker's ACL (broker_config.acl_text) and makes the controller
 messages, including a hello that would register it again. Registering the device again
 (`devices register`) is the only way back. This module is the part every layer needs (the
 controller's inbound path runs where `cryptography` may be missing), so it imports nothing
-heavier than json.
+heavier than json and pydantic. The file is a JSON array of device ids (`RevokedDoc`).
 """
 
 from __future__ import annotations
@@ -15,10 +15,16 @@ import os
 import tempfile
 import threading
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, RootModel
+
+from firmware_profiles.validation import FileContentError, read_json_model
 
 __all__ = [
     "REVOKED_FILE",
     "RevocationError",
+    "RevokedDoc",
     "RevokedSet",
     "read_revoked",
     "revoked_path",
@@ -32,6 +38,18 @@ class RevocationError(ValueError):
     """The revoked file is unreadable; names the file and what is wrong."""
 
 
+DeviceId = Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,64}$", strict=True)]
+
+
+class RevokedDoc(RootModel[list[DeviceId]]):
+    """HOME/security/revoked.json: the revoked device ids, a JSON array written sorted."""
+
+    root: list[DeviceId] = Field(
+        description="Ids of revoked devices ([A-Za-z0-9._-]{1,64}); registering one again "
+        "removes it"
+    )
+
+
 def revoked_path(home: Path) -> Path:
     """HOME/security/revoked.json."""
     return home / "security" / REVOKED_FILE
@@ -40,14 +58,11 @@ def revoked_path(home: Path) -> Path:
 def read_revoked(path: Path) -> set[str]:
     """The revoked ids in `path` (empty when the file does not exist)."""
     try:
-        data = json.loads(path.read_text())
+        return set(read_json_model(path, RevokedDoc).root)
     except FileNotFoundError:
         return set()
-    except ValueError as exc:
-        raise RevocationError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(data, list) or not all(isinstance(i, str) for i in data):
-        raise RevocationError(f"{path}: expected a JSON list of device ids")
-    return set(data)
+    except FileContentError as exc:
+        raise RevocationError(str(exc)) from None
 
 
 def write_revoked(path: Path, ids: set[str]) -> None:

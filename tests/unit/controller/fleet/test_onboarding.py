@@ -18,6 +18,7 @@ from controller.fleet.agent_wheel import agent_requirements, build_agent_wheel, 
 from controller.fleet.onboarding import (
     UP_DEFAULT_BROKER,
     Serving,
+    ServingFileError,
     embedded_serving,
     read_serving,
     write_serving,
@@ -196,7 +197,9 @@ def test_serving_record_knows_a_dead_up(tmp_path: Path) -> None:
     write_serving(tmp_path, serving)
     assert read_serving(tmp_path) == serving
     (tmp_path / "serving.json").write_text("{not json")
-    assert read_serving(tmp_path) is None
+    # A bad record is named, not taken for "no `up` ran" (docs/onboarding.md).
+    with pytest.raises(ServingFileError, match=r"serving.json: not valid JSON"):
+        read_serving(tmp_path)
 
 
 def test_reload_never_signals_a_process_that_only_reuses_the_broker_pid(tmp_path: Path) -> None:
