@@ -17,7 +17,7 @@ from controller.cli.listing import (
     showing,
 )
 from controller.cli.render import as_json, ms, num, table
-from controller.cli.rollout_wait import exit_code, outcome_line, wait_for
+from controller.cli.rollout_wait import exit_code, outcome, outcome_line, wait_for
 from controller.errors import FleetError
 from controller.fleet.telemetry.reports import model_label, model_names
 
@@ -156,10 +156,17 @@ def rollout_status(
         typer.echo(
             table(
                 [
-                    (r["id"], r["kind"], r["model"], r["state"], r["wave"], _counts(r["counts"]))
+                    (
+                        r["id"],
+                        r["kind"],
+                        r["model"],
+                        outcome(r)["label"],
+                        r["wave"],
+                        _counts(r["counts"]),
+                    )
                     for r in result
                 ],
-                ["ID", "KIND", "MODEL", "STATE", "WAVE", "DEVICES"],
+                ["ID", "KIND", "MODEL", "OUTCOME", "WAVE", "DEVICES"],
             )
         )
         return
@@ -209,7 +216,8 @@ def _print_rollout(r: dict[str, object], labels: dict[str, str]) -> None:
     """Human view of one rollout."""
     policy = r["policy"]
     assert isinstance(policy, dict)
-    typer.echo(f"{r['id']}  {r['model']}  to {r['target']}  {r['state']}  {r['reason']}")
+    label = outcome(r)["label"]
+    typer.echo(f"{r['id']}  {r['model']}  to {r['target']}  {label}  {r['reason']}".rstrip())
     typer.echo(
         f"policy: waves {', '.join(policy['waves'])}; max failures {policy['max_failures']} "
         f"after {policy['min_executed']}; gates {', '.join(policy['gates']) or 'none'}; "

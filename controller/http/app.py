@@ -33,6 +33,7 @@ from controller.fleet.telemetry.queries import (
     check_telemetry_device,
     device_telemetry,
     fleet_report,
+    fleet_series_query,
     parse_since,
 )
 from controller.http.auth import authenticate
@@ -438,6 +439,34 @@ def _report_routes(api: APIRouter, FleetDep: Any, Admin: list[Any]) -> None:
         """Inference cost per profile (or device) × model beside benchmarks (`report`)."""
         rows = fleet_report(fleet, model=model, by=by, since=parse_since(since), profile=profile)
         return {"rows": rows}
+
+    @api.get("/report/series", responses=_errors(400))
+    def fleet_report_series(
+        fleet: FleetDep,
+        by: Annotated[
+            str, Query(description="one line per profile, model or profile_model")
+        ] = "profile_model",
+        since: Annotated[
+            str | None, Query(description="30m, 1h, 2d; ISO 8601; epoch; (none) = all stored")
+        ] = "24h",
+        profile: Annotated[str | None, Query(description="only devices of this profile")] = None,
+        model: Annotated[str | None, Query(description="NAME, NAME:VERSION or sha prefix")] = None,
+        points: Annotated[str, Query(description="most buckets per series, 10..1000")] = "120",
+    ) -> dict[str, Any]:
+        """Latency p50/p95, power and energy per inference over time, in time buckets.
+
+        `{since, until, bucket_s, by, series: [{key, profile, model, served, points}], omitted}`:
+        the bucket grows with the range so a series has at most `points` buckets, and at most
+        12 series (the most served) are returned, whatever the fleet's size.
+        """
+        return fleet_series_query(
+            fleet,
+            by=by,
+            since=None if since in (None, "", "all") else parse_since(since),
+            profile=profile,
+            model=model,
+            points=query_int("points", points),
+        )
 
 
 def _event_routes(api: APIRouter, fleets: FleetPerThread, stopping: threading.Event) -> None:

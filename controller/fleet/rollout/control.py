@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from controller.fleet.rollout.outcome import rollout_outcome
 from controller.fleet.rollout.policy import Policy, PolicyError
 from controller.fleet.rollout.states import (
     DONE,
@@ -191,6 +192,7 @@ class Control(WaveSteps):
             "updated": row["updated"],
             "policy": policy.describe(),
             "counts": counts,
+            "outcome": rollout_outcome(row["state"], counts),
             "waves": waves,
             "devices": devices,
             "trials": self.selection.trials(rollout_id) if policy.candidates else [],
@@ -213,4 +215,5 @@ class Control(WaveSteps):
                     (r["id"],),
                 )
             }
+            r["outcome"] = rollout_outcome(r["state"], r["counts"])
         return rows

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import time
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from controller.errors import FleetError
 
@@ -98,3 +98,44 @@ def _check_model(fleet: Fleet, model: str) -> None:
     if ":" not in model and re.fullmatch(r"[0-9a-f]{6,64}", model):
         return
     fleet.model(model if ":" in model else name)
+
+
+def fleet_series_query(
+    fleet: Fleet,
+    *,
+    by: str = "profile_model",
+    since: float | None = None,
+    profile: str | None = None,
+    model: str | None = None,
+    points: int | None = None,
+    now: float | None = None,
+) -> dict[str, Any]:
+    """The fleet's series per profile and/or model after checking by, --model and points."""
+    from controller.fleet.telemetry.series import (
+        DEFAULT_POINTS,
+        MAX_POINTS,
+        MIN_POINTS,
+        SERIES_BY,
+        SeriesBy,
+        fleet_series,
+    )
+
+    if by not in SERIES_BY:
+        raise FleetError(f"by must be one of {', '.join(SERIES_BY)}, got {by!r}")
+    points = DEFAULT_POINTS if points is None else points
+    if not MIN_POINTS <= points <= MAX_POINTS:
+        raise FleetError(f"points must be {MIN_POINTS}..{MAX_POINTS}, got {points}")
+    if model is not None:
+        _check_model(fleet, model)
+    until = time.time() if now is None else now
+    if since is not None and since >= until:
+        raise FleetError("since must be in the past")
+    return fleet_series(
+        fleet.db,
+        since=since,
+        until=until,
+        by=cast(SeriesBy, by),  # checked against SERIES_BY above
+        profile=profile,
+        model=model,
+        points=points,
+    )

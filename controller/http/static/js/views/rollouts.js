@@ -38,27 +38,23 @@ function summary(counts) {
     .join(", ");
 }
 
-// Device states of a rollout that mean "did not get the model" (controller/fleet/rollout/states.py
-// FAILED, plus a rollback that itself failed).
-const FAILED_STATES = ["failed", "gate_failed", "rollback_failed"];
-
-/** Devices of a rollout that failed, from its per-state counts. */
-export function failedCount(counts) {
-  return FAILED_STATES.reduce((n, s) => n + Number((counts || {})[s] || 0), 0);
-}
-
-/** The rollout's state as a badge; a finished rollout with failed devices says how many
- * ("completed with 10 failed", amber) instead of a green "completed". */
+/** The rollout's outcome as a badge: the API's `outcome` (controller/fleet/rollout/outcome.py)
+ * decides the text and, for a completed rollout, the colour: "completed with 10 failed" is
+ * amber, "completed: all 4 failed" red, a clean "completed" green. Nothing is derived here. */
 export function outcomeBadge(r, testid) {
-  const failed = failedCount(r.counts);
-  if (failed && r.state === "completed") {
-    return h(
-      "span",
-      { class: "badge state-partial", "data-testid": testid, title: summary(r.counts) },
-      `${r.state} with ${failed} failed`,
-    );
-  }
-  return badge(r.state, testid);
+  const o = r.outcome;
+  if (!o) return badge(r.state, testid);
+  const kind = r.state === "completed" ? o.result : r.state;
+  return h(
+    "span",
+    {
+      class: `badge state-${String(kind).replace(/[^a-z0-9_-]/gi, "_")}`,
+      "data-testid": testid,
+      "data-outcome": o.result,
+      title: `${o.result}: ${o.done} of ${o.devices} done, ${o.updated} updated, ${o.failed} failed, ${o.skipped} skipped; ${summary(r.counts)}`,
+    },
+    o.label,
+  );
 }
 
 /** The list of rollouts, newest first. */
