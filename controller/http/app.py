@@ -10,15 +10,13 @@ id in the path 404, a state change the rollout's state forbids 409, a missing or
 import json
 import math
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, cast
 
-import anyio
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.dependencies.models import Dependant
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
@@ -38,6 +36,7 @@ from controller.fleet.telemetry.queries import (
 )
 from controller.http.auth import authenticate
 from controller.http.dashboard import STATIC_DIR
+from controller.http.events import event_routes
 from controller.http.health import health_report
 from controller.http.params import query_bool, query_int
 from controller.storage.db import database_target
@@ -45,12 +44,6 @@ from controller.storage.db import database_target
 API_PREFIX = "/api/v1"
 # A sanity bound on integer fields of a request (SQLite integers are 64-bit; no fleet needs more).
 MAX_INT = 1_000_000
-# How often the event stream compares the fleet's version (cheap: a few indexed MAX/COUNTs).
-EVENTS_POLL_S = 0.5
-# A stream ends after this long (the client reconnects, and its token is checked again) ...
-EVENTS_MAX_S = 300.0
-# ... and carries a comment line this often when nothing changed (proxies, dead clients).
-EVENTS_PING_S = 15.0
 # Most telemetry records one request returns (the CLI's --limit has no cap; a browser needs one).
 MAX_TELEMETRY_LIMIT = 10_000
 
@@ -172,17 +165,6 @@ class _ThreadFleet:
         return getattr(self._fleets(), name)
 
 
-def fleet_version(fleet: Fleet) -> list[Any]:
-    """What changes when the fleet does: device, rollout and event counters and timestamps."""
-    row = fleet.db.conn.execute(
-        "SELECT (SELECT COUNT(*) FROM devices), (SELECT MAX(last_seen) FROM devices), "
-        "(SELECT SUM(online) FROM devices), (SELECT COUNT(*) FROM deployments), "
-        "(SELECT MAX(updated) FROM deployments), (SELECT MAX(updated) FROM deployment_devices), "
-        "(SELECT MAX(received) FROM events), (SELECT MAX(id) FROM models)"
-    ).fetchone()
-    return list(row)
-
-
 def _found(call: Callable[[], _T]) -> _T:
     """Run a lookup by path id; its FleetError (unknown id) becomes 404."""
     try:
@@ -245,7 +227,7 @@ def create_app(home: Path, db: str | None = None) -> FastAPI:
     _model_routes(api, FleetDep, Admin)
     _rollout_routes(api, FleetDep, Admin)
     _report_routes(api, FleetDep, Admin)
-    _event_routes(api, fleets, stopping)
+    event_routes(api, fleets, stopping, _errors())
 
     app = FastAPI(
         title="edgefleet",
@@ -466,45 +448,4 @@ def _report_routes(api: APIRouter, FleetDep: Any, Admin: list[Any]) -> None:
             profile=profile,
             model=model,
             points=query_int("points", points),
-        )
-
-
-def _event_routes(api: APIRouter, fleets: FleetPerThread, stopping: threading.Event) -> None:
-    """The change stream the dashboard follows."""
-    @api.get(
-        "/events/stream",
-        response_class=StreamingResponse,
-        responses={**_errors(), 200: {"content": {"text/event-stream": {}}}},
-    )
-    async def events_stream(request: Request) -> StreamingResponse:
-        """Server-sent events: `change` whenever devices, rollouts or events change."""
-
-        async def changes() -> Any:
-            """`: connected`, then one `change` event per new fleet version, pings between.
-
-            The stream ends after EVENTS_MAX_S (the client reconnects and its token is checked
-            again) and when the server stops; a ping every EVENTS_PING_S keeps proxies from
-            cutting it and lets a dead client be noticed.
-            """
-            last = await anyio.to_thread.run_sync(lambda: fleet_version(fleets()))
-            yield ": connected\n\n"  # after the first read: any later change is reported
-            opened = pinged = time.monotonic()
-            while not await request.is_disconnected() and not stopping.is_set():
-                await anyio.sleep(EVENTS_POLL_S)
-                now = time.monotonic()
-                if now - opened > EVENTS_MAX_S:
-                    return
-                current = await anyio.to_thread.run_sync(lambda: fleet_version(fleets()))
-                if current != last:
-                    yield f"event: change\ndata: {json.dumps(current)}\n\n"
-                    pinged = now
-                elif now - pinged > EVENTS_PING_S:
-                    yield ": ping\n\n"
-                    pinged = now
-                last = current
-
-        return StreamingResponse(
-            changes(),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )

@@ -193,6 +193,35 @@ def test_dashboard_follows_the_fleet_and_aborts_a_rollout(
     expect(dashboard.testid("update-table")).to_contain_text(dep["id"])
     dashboard.shot("device")
 
+    # -- report page: the fleet charts drawn from the agents' telemetry (GET /report/series)
+    dashboard.testid("nav-report").click()
+    expect(dashboard.testid("page-report")).to_be_visible()
+    line = "rpi4 digits:1"  # one line per profile × model: the three agents on digits:1
+    latency = dashboard.testid("fleet-chart-latency")
+    expect(latency.locator(f'path.line[data-series="{line}"]')).to_have_count(1)
+    expect(latency.locator(f'path.line.dashed[data-series="{line} p95"]')).to_have_count(1)
+    for chart in ("fleet-chart-power", "fleet-chart-energy"):
+        expect(dashboard.testid(chart).locator(f'path.line[data-series="{line}"]')).to_have_count(1)
+
+    def newest_p50_agrees() -> bool:
+        """The chart's text alternative names the newest p50 the API returns (3 digits)."""
+        served = page.evaluate(
+            "async (t) => (await (await fetch('/api/v1/report/series?since=24h', "
+            "{headers: {Authorization: 'Bearer ' + t}})).json())",
+            dashboard.token,
+        )
+        (mine,) = [s for s in served["series"] if s["key"] == line]
+        assert mine["served"] >= 200, mine  # dash-a's answered requests, at least
+        newest = [p["p50_ms"] for p in mine["points"] if p["p50_ms"] is not None][-1]
+        text = latency.locator("svg").get_attribute("aria-label") or ""
+        shown = re.search(rf"{re.escape(line)} ([0-9.e+-]+) ms", text)
+        return shown is not None and float(shown.group(1)) == pytest.approx(newest, rel=0.01)
+
+    # The page re-reads the series every 15 s: it agrees with the API within that.
+    wait_until(newest_p50_agrees, 45, "the latency chart to show the API's newest p50", 1.0)
+    expect(dashboard.testid("report-row-rpi4-digits:1")).to_be_visible()
+    dashboard.shot("report")
+
     # -- a rollout started from the page's form, followed and operated from its page
     fleet.add_model(NEW, name="digits", version="2")
     before = {r["id"] for r in fleet.rollouts.list()}
@@ -329,6 +358,20 @@ def test_model_page_explains_the_selection_as_it_happens(
     expect(winner_row).to_contain_text("Pareto-best on latency")
     assert page.evaluate("window.__sameDocument") == "yes", "the page reloaded"
     dashboard.shot("model-selection")
+
+    # The Pareto chart: one marker per measured candidate, the server's front and winner marked.
+    front = set(decision["explanation"]["front"])
+    pareto = dashboard.testid("pareto-rpi4")
+    expect(pareto.locator("circle.pareto-point")).to_have_count(2)
+    for candidate in decision["explanation"]["candidates"]:
+        point = dashboard.testid(f"pareto-point-rpi4-{candidate['rank']}")
+        expect(point).to_have_attribute("data-front", str(candidate["rank"] in front).lower())
+        expect(point).to_have_attribute("data-verdict", candidate["verdict"])
+        chosen = candidate["rank"] == decision["winner_rank"]
+        expect(point).to_have_attribute("data-chosen", str(chosen).lower())
+    expect(pareto.locator("circle.pareto-point.front")).to_have_count(len(front))
+    expect(dashboard.testid("pareto-chosen-rpi4")).to_have_count(1)
+    expect(pareto).to_contain_text(f"chosen ({winner['label']})")
 
     page.get_by_role("link", name=rid).click()
     expect(dashboard.testid("trials").locator("tbody tr")).to_have_count(2)

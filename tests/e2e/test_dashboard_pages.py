@@ -21,7 +21,7 @@ from tests.paths import TEST_DATA
 from tests.telemetry_records import record
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Page
+    from playwright.sync_api import Page, Route
 
 pytestmark = [pytest.mark.e2e]
 
@@ -121,6 +121,22 @@ def test_partial_failure_and_generation_times_are_visible(board: Board) -> None:
     )
     page.goto(f"{board.url}/#/rollouts/{board.rollout}")
     expect(page.get_by_test_id("rollout-state")).to_have_text("completed with 1 failed")
+    assert page.get_by_test_id("rollout-state").get_attribute("data-outcome") == "partial"
+
+    # The badge is the API's `outcome`, not a count in the page: an answer whose outcome says
+    # otherwise (here rewritten on its way to the browser) is shown as it says.
+    def rewrite(route: Route) -> None:
+        """Answer with the real rollout, its outcome replaced."""
+        answer = route.fetch()
+        body = answer.json()
+        body["outcome"] = {**body["outcome"], "result": "failed", "label": "from the API"}
+        route.fulfill(response=answer, json=body)
+
+    page.route(f"**/api/v1/rollouts/{board.rollout}", rewrite)
+    page.reload()
+    expect(page.get_by_test_id("rollout-state")).to_have_text("from the API")
+    expect(page.get_by_test_id("rollout-state")).to_have_class("badge state-failed")
+    page.unroute(f"**/api/v1/rollouts/{board.rollout}")
 
     page.goto(f"{board.url}/#/devices/p-0")
     # Generations are epoch milliseconds: shown as a UTC time, the raw number as a tooltip.

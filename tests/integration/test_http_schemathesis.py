@@ -92,10 +92,10 @@ def run_schemathesis(server: HttpServer, token: str, mode: str, examples: int) -
 
 @pytest.mark.parametrize("mode", ["positive", "negative"])
 def test_api_conforms_to_its_openapi_document(live: tuple[HttpServer, str], mode: str) -> None:
-    assert run_schemathesis(*live, mode, EXAMPLES) == 14
+    assert run_schemathesis(*live, mode, EXAMPLES) == 15
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["positive", "negative"])
 def test_api_conforms_at_length(live: tuple[HttpServer, str], mode: str) -> None:
-    assert run_schemathesis(*live, mode, SLOW_EXAMPLES) == 14
+    assert run_schemathesis(*live, mode, SLOW_EXAMPLES) == 15

@@ -138,3 +138,9 @@ def test_bad_arguments_are_one_line_errors(fleet: Fleet) -> None:
         fleet_series_query(fleet, model="nope:1")
     with pytest.raises(FleetError, match="since must be in the past"):
         fleet_series_query(fleet, since=UNTIL + 10, now=UNTIL)
+
+
+def test_the_bucket_follows_the_data_in_a_wide_window(fleet: Fleet) -> None:
+    # Thirty minutes of data in a 7-day window: drawn in 5-minute buckets, not in daily ones.
+    got = fleet_series(fleet.db, since=T0 - 7 * 86_400, until=UNTIL, points=10)
+    assert got["bucket_s"] == 300 and got["since"] >= T0 - 300

@@ -83,14 +83,20 @@ def fleet_series(
     """Latency percentiles, power and energy per inference per bucket, one series per group.
 
     Percentiles come from the summed histograms of the bucket (exact merge, as `report`);
-    power is weighted by interval, energy by inferences. `since` None = the oldest stored.
+    power is weighted by interval, energy by inferences. `since` None = the oldest stored. The
+    bucket is chosen for [oldest row in the window, until).
     """
-    if since is None:
-        oldest = db.query_one(
-            "SELECT MIN(m) AS lo FROM (SELECT MIN(ts) AS m FROM telemetry "
-            "UNION ALL SELECT MIN(minute) AS m FROM telemetry_minute) AS o"
-        )
-        since = float(oldest["lo"]) if oldest and oldest["lo"] is not None else until
+    # The range drawn starts at the oldest row in the window: a fleet that reports since ten
+    # minutes gets minute buckets in a 24 h window, not one 15-minute dot.
+    lo = 0.0 if since is None else since
+    oldest = db.query_one(
+        "SELECT MIN(m) AS lo FROM (SELECT MIN(ts) AS m FROM telemetry WHERE ts >= ? AND ts < ? "
+        "UNION ALL SELECT MIN(minute) AS m FROM telemetry_minute WHERE minute + 60 > ? "
+        "AND minute < ?) AS o",
+        (lo, until, lo, until),
+    )
+    first = float(oldest["lo"]) if oldest and oldest["lo"] is not None else until
+    since = max(lo, first)
     bucket = choose_bucket(since, until, points)
     start = math.floor(since / bucket) * bucket  # whole buckets; a multiple of 60 as well
     # ts >= start selects the same raw rows as minute >= start (start is whole minutes) and

@@ -1,14 +1,16 @@
 // Time-series line charts drawn as inline SVG (no chart library, nothing fetched).
 
-import { h, num, when } from "./util.js";
+import { h, sig, when } from "./util.js";
 
 const NS = "http://www.w3.org/2000/svg";
+// Line colours defined in app.css (.series-0 ... .series-7); more series reuse them.
+export const PALETTE = 8;
 const WIDTH = 560;
 const HEIGHT = 180;
 // Room for the y labels on the left and the time labels below.
 const PAD = { left: 52, right: 12, top: 12, bottom: 26 };
 
-function svg(tag, attrs = {}, ...children) {
+export function svg(tag, attrs = {}, ...children) {
   const el = document.createElementNS(NS, tag);
   for (const [key, value] of Object.entries(attrs)) el.setAttribute(key, String(value));
   for (const child of children) {
@@ -19,13 +21,15 @@ function svg(tag, attrs = {}, ...children) {
 }
 
 /**
- * A figure with one SVG line chart: series = [{name, points: [[epochSeconds, value], ...]}].
- * Points with a missing value are skipped; the y axis starts at 0.
+ * A figure with one SVG line chart: series = [{name, points: [[epochSeconds, value], ...]}],
+ * each optionally with `color` (palette index, default its position), `dashed` and
+ * `legend: false`. Points with a missing value are skipped; the y axis starts at 0. With
+ * `gapS`, two points further apart than that are not joined (no line across idle time).
  */
-export function lineChart({ title, unit, series, testid }) {
+export function lineChart({ title, unit, series, testid, gapS = null, note = null }) {
   const clean = series.map((s, i) => ({
     ...s,
-    index: i,
+    index: (s.color ?? i) % PALETTE,
     points: s.points
       .filter(([t, v]) => t && v !== null && v !== undefined && !Number.isNaN(Number(v)))
       .map(([t, v]) => [Number(t), Number(v)])
@@ -36,6 +40,7 @@ export function lineChart({ title, unit, series, testid }) {
   const caption = h("figcaption", {}, `${title} (${unit})`);
   if (!all.length) {
     figure.append(caption, h("p", { class: "muted" }, "no data yet"));
+    if (note) figure.append(note);
     return figure;
   }
   let t0 = Math.min(...all.map((p) => p[0]));
@@ -51,7 +56,7 @@ export function lineChart({ title, unit, series, testid }) {
   const y = (v) => PAD.top + plotH - (v / vmax) * plotH;
   const latest = clean
     .filter((s) => s.points.length)
-    .map((s) => `${s.name} ${num(s.points[s.points.length - 1][1])} ${unit}`)
+    .map((s) => `${s.name} ${sig(s.points[s.points.length - 1][1])} ${unit}`)
     .join(", ");
   const chart = svg(
     "svg",
@@ -67,18 +72,24 @@ export function lineChart({ title, unit, series, testid }) {
     const v = vmax * frac;
     chart.append(
       svg("line", { x1: PAD.left, x2: WIDTH - PAD.right, y1: y(v), y2: y(v), class: "grid" }),
-      svg("text", { x: PAD.left - 6, y: y(v) + 4, "text-anchor": "end", class: "axis" }, num(v)),
+      svg("text", { x: PAD.left - 6, y: y(v) + 4, "text-anchor": "end", class: "axis" }, sig(v)),
     );
   }
+  // Over a day: month-day and minutes; within one: the time of day.
+  const stamp = (t) => (t1 - t0 > 86400 ? when(t).slice(5, 16) : when(t).slice(11));
   chart.append(
-    svg("text", { x: PAD.left, y: HEIGHT - 6, class: "axis" }, when(t0).slice(11)),
+    svg("text", { x: PAD.left, y: HEIGHT - 6, class: "axis" }, stamp(t0)),
     svg("text", { x: WIDTH - PAD.right, y: HEIGHT - 6, "text-anchor": "end", class: "axis" },
-      when(t1).slice(11) + " UTC"),
+      stamp(t1) + " UTC"),
   );
   for (const s of clean) {
     if (!s.points.length) continue;
-    const d = s.points.map(([t, v], i) => `${i ? "L" : "M"}${x(t).toFixed(1)},${y(v).toFixed(1)}`);
-    chart.append(svg("path", { d: d.join(" "), class: `line series-${s.index}` }));
+    const d = s.points.map(([t, v], i) => {
+      const jump = i === 0 || (gapS !== null && t - s.points[i - 1][0] > gapS);
+      return `${jump ? "M" : "L"}${x(t).toFixed(1)},${y(v).toFixed(1)}`;
+    });
+    const cls = `line series-${s.index}${s.dashed ? " dashed" : ""}`;
+    chart.append(svg("path", { d: d.join(" "), class: cls, "data-series": s.name }));
     if (s.points.length === 1) {
       const [t, v] = s.points[0];
       chart.append(svg("circle", { cx: x(t), cy: y(v), r: 3, class: `dot series-${s.index}` }));
@@ -87,8 +98,9 @@ export function lineChart({ title, unit, series, testid }) {
   const legend = h(
     "ul",
     { class: "legend" },
-    clean.map((s) => h("li", { class: `series-${s.index}` }, s.name)),
+    clean.filter((s) => s.legend !== false).map((s) => h("li", { class: `series-${s.index}` }, s.name)),
   );
   figure.append(caption, chart, legend);
+  if (note) figure.append(note);
   return figure;
 }

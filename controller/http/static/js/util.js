@@ -59,6 +59,15 @@ export function num(value, digits = 2) {
   return Number(value).toFixed(digits);
 }
 
+/** A chart value with 3 significant digits (0.00213, 1.27, 412), "-" when missing. */
+export function sig(value) {
+  if (value === null || value === undefined || Number.isNaN(Number(value))) return "-";
+  const n = Number(value);
+  if (n === 0) return "0";
+  if (Math.abs(n) >= 1000) return n.toFixed(0);
+  return String(Number(n.toPrecision(3)));
+}
+
 /** Bytes as B / KiB / MiB. */
 export function bytes(value) {
   if (value === null || value === undefined) return "-";

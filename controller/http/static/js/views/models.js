@@ -136,6 +136,7 @@ export const detailView = {
     const ref = `${model.name}:${model.version}`;
     const candidates = listOf(model.candidates).length ? listOf(model.candidates) : listOf(explain.candidates);
     const decisions = listOf(explain.decisions);
+    const sizes = Object.fromEntries(candidates.map((c) => [c.sha256, c.size ?? c.host?.size_bytes]));
     return h(
       "div",
       { "data-testid": "page-model" },
@@ -157,7 +158,7 @@ export const detailView = {
               badge(explain.rollout.state),
             )
           : h("p", { class: "muted" }, "No rollout has measured candidates of this version yet."),
-        decisions.map(decisionTable),
+        decisions.map((d) => decisionTable(d, sizes)),
         listOf(explain.fell_back).length
           ? table(
               "Devices that fell back",

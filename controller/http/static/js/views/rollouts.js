@@ -2,6 +2,7 @@
 
 import { api, seg } from "../api.js";
 import { modelLabels, modelText } from "../labels.js";
+import { paretoChart } from "../pareto.js";
 import { badge, h, listOf, num, section, short, table, when } from "../util.js";
 
 // Gate metric -> benchmark report field (controller/fleet/rollout/policy.py GATE_METRICS, REGRESSION_METRICS).
@@ -203,8 +204,9 @@ function trials(r) {
   );
 }
 
-/** One decision's candidates with verdicts (shared with the model page). */
-export function decisionTable(decision) {
+/** One decision: its Pareto chart beside the candidates with verdicts (shared with the model
+ * page, which passes `sizes`, sha256 -> artifact bytes, for the markers). */
+export function decisionTable(decision, sizes = {}) {
   const explanation = decision.explanation || {};
   return h(
     "div",
@@ -216,6 +218,7 @@ export function decisionTable(decision) {
       decision.winner_rank ? `rank ${decision.winner_rank} won` : "no winner",
       decision.fallback_rank ? `, rank ${decision.fallback_rank} is the fallback` : "",
     ),
+    paretoChart(decision, sizes),
     table(
       null,
       ["Rank", "Candidate", "Verdict", "p95 ms", "Peak RSS MB", "mJ/inference", "Accuracy drop", "Why"],
@@ -289,7 +292,7 @@ export const detailView = {
       ),
       section("Devices and gates", "rollout-devices-section", devices(r, gates, labels)),
       trials(r),
-      decisions.length ? section("Decisions", "decisions", decisions.map(decisionTable)) : null,
+      decisions.length ? section("Decisions", "decisions", decisions.map((d) => decisionTable(d))) : null,
     );
   },
 };
