@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 
 import firmware_profiles
+from controller.cli.progress import ProgressDisplay
 from controller.cli.quiet import native_stderr_filtered
 from controller.cli.render import as_json, ms, num, table
 
@@ -32,25 +33,40 @@ PRUNE_EPOCHS = 4
 
 
 class _Progress:
-    """Progress lines on stderr: `[ 3/12 rpi4        12.3s] convert int8 …`."""
+    """Progress on stderr: a bar of profiles done (N/12) with elapsed time on a terminal, else
+    one line per step: `[ 3/12 rpi4        12.3s] convert int8 …`."""
 
-    def __init__(self, profiles: list[str]) -> None:
+    def __init__(self, profiles: list[str], display: ProgressDisplay) -> None:
         """Count profiles in the order they were asked for; the clock starts now."""
         self.profiles = profiles
+        self.display = display
         self.start = time.monotonic()
         self.width = max((len(p) for p in profiles), default=0)
+        self.done: set[str] = set()
 
     def __call__(self, event: Any) -> None:
-        """One line per pipeline step with the profile's N/M and the elapsed time."""
+        """One step of the pipeline: the bar moves (or a line with N/M and the elapsed time)."""
         n = self.profiles.index(event.profile) + 1 if event.profile in self.profiles else 0
         total = len(self.profiles)
         recipe = f" {event.recipe}" if event.recipe else ""
         elapsed = time.monotonic() - self.start
-        typer.echo(
+        if event.stage == "done":
+            self.done.add(event.profile)
+        line = (
             f"  [{n:>{len(str(total))}}/{total} {event.profile:{self.width}} {elapsed:6.1f}s] "
-            f"{event.stage:10}{recipe} {event.message}".rstrip(),
-            err=True,
+            f"{event.stage:10}{recipe} {event.message}".rstrip()
         )
+        if self.display.terminal and event.stage in ("done", "warning"):
+            self.display.note(line)  # the outcome of each profile stays in the scrollback
+        self.display.update(
+            "profiles",
+            description=f"{event.profile} {event.stage}{recipe}",
+            completed=len(self.done),
+            total=total,
+            unit="profiles",
+            line=line,
+        )
+        self.display.refresh()  # the next step may hold the GIL for seconds (a conversion)
 
 
 def _fidelity_cell(ev: Any) -> str:
@@ -158,7 +174,8 @@ def optimize(
 
     typer.echo(f"optimizing {model} for {len(profiles)} profile(s)", err=True)
     try:
-        with native_stderr_filtered():
+        # The bar lives inside the capture: it draws on the terminal the capture restores.
+        with native_stderr_filtered(), ProgressDisplay() as display:
             report = run_optimize(
                 model,
                 profiles,
@@ -166,7 +183,7 @@ def optimize(
                 val=val,
                 max_accuracy_drop=max_accuracy_drop,
                 out_dir=out,
-                progress=_Progress([p.id for p in profiles]),
+                progress=_Progress([p.id for p in profiles], display),
                 train=train,
                 prune_sparsity=prune_sparsity,
                 prune_epochs=prune_epochs,

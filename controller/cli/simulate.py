@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from agent.protocol import DEFAULT_ROOT, ProtocolError
+from controller.cli.progress import ProgressDisplay
 from controller.simulate.faults import SimulationError, parse_fault
 from controller.simulate.figures import MIB
 from controller.simulate.loop import MAX_DEVICES, Simulation
@@ -17,8 +18,10 @@ from controller.simulate.speed import SpeedModel
 from controller.simulate.telemetry import DEFAULT_INTERVAL_S
 
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
-# One progress line per this many seconds from the CLI.
+# One progress line per this many seconds from the CLI (into a pipe or a log) ...
 PROGRESS_INTERVAL_S = 5.0
+# ... and a redraw of the bars this often on a terminal.
+BAR_INTERVAL_S = 1.0
 # Seconds to wait for the broker's TCP accept before saying it is unreachable: a loopback or
 # LAN broker answers in milliseconds; 5 s also covers a slow remote one.
 PROBE_TIMEOUT_S = 5.0
@@ -49,6 +52,21 @@ def _progress_line(snap: dict[str, Any]) -> str:
             f"spooled {snap['telemetry_spooled']} dropped {snap['telemetry_dropped']}"
         )
     return line
+
+
+def _show(display: ProgressDisplay, snap: dict[str, Any]) -> None:
+    """Bars of agents connected and devices active on a model, with the updates applied (or,
+    off a terminal, the progress line)."""
+    total = snap["devices"]
+    display.update(
+        "connected", description="agents connected", completed=snap["connected"], total=total,
+        unit="agents", line=_progress_line(snap),
+    )  # fmt: skip
+    failed = f", {snap['failed']} failed" if snap["failed"] else ""
+    display.update(
+        "updated", description=f"devices active ({snap['activated']} updates{failed})",
+        completed=snap["states"].get("active", 0), total=total, unit="devices",
+    )  # fmt: skip
 
 
 def simulate_command(
@@ -116,13 +134,17 @@ def simulate_command(
     _probe_broker(broker, sim.host, sim.port)
     sim.start()
     end = None if duration is None else time.monotonic() + duration
-    next_progress = time.monotonic() + PROGRESS_INTERVAL_S
+    display = ProgressDisplay()
+    # A line every PROGRESS_INTERVAL_S into a log; the bars on a terminal move every second.
+    every = BAR_INTERVAL_S if display.terminal else PROGRESS_INTERVAL_S
+    next_progress = time.monotonic() + every
     try:
-        while end is None or time.monotonic() < end:
-            time.sleep(0.1 if end is None else max(0.0, min(0.1, end - time.monotonic())))
-            if time.monotonic() >= next_progress:
-                next_progress += PROGRESS_INTERVAL_S
-                typer.echo(_progress_line(sim.snapshot()), err=True)
+        with display:
+            while end is None or time.monotonic() < end:
+                time.sleep(0.1 if end is None else max(0.0, min(0.1, end - time.monotonic())))
+                if time.monotonic() >= next_progress:
+                    next_progress += every
+                    _show(display, sim.snapshot())
     except KeyboardInterrupt:
         typer.echo("interrupted; disconnecting", err=True)
     finally:
