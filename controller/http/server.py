@@ -26,6 +26,29 @@ START_TIMEOUT_S = 15.0
 GRACEFUL_STOP_S = 2
 
 
+def listen_tcp(host: str, port: int) -> socket.socket:
+    """A listening TCP socket whose connections send small writes at once (TCP_NODELAY).
+
+    socket.create_server() makes its socket with protocol 0, and asyncio sets TCP_NODELAY only
+    on sockets whose protocol is IPPROTO_TCP: with Nagle on, a response written in two parts
+    (headers, then body) waited for the client's delayed ACK, 40 ms on Linux, on every request
+    of a kept-alive connection (bench/RESULTS.md, "HTTP request latency").
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as create_server does
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # inherited on accept
+        sock.bind((host, port))
+        sock.listen()
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class HttpServer:
     """The API app served by uvicorn from a daemon thread; `start()` returns once it listens."""
 
@@ -57,8 +80,7 @@ class HttpServer:
 
     def start(self) -> HttpServer:
         """Bind (OSError if the address is taken), start serving, wait until it accepts."""
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.create_server((self.host, self.port), family=family, reuse_port=False)
+        sock = listen_tcp(self.host, self.port)
         self._socket = sock
         self.port = sock.getsockname()[1]
         app = self._app = create_app(self.home, self.db)
