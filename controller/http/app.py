@@ -165,6 +165,17 @@ class _ThreadFleet:
         return getattr(self._fleets(), name)
 
 
+def fleet_version(fleet: Fleet) -> list[Any]:
+    """What changes when the fleet does: device, rollout and event counters and timestamps."""
+    row = fleet.db.conn.execute(
+        "SELECT (SELECT COUNT(*) FROM devices), (SELECT MAX(last_seen) FROM devices), "
+        "(SELECT SUM(online) FROM devices), (SELECT COUNT(*) FROM deployments), "
+        "(SELECT MAX(updated) FROM deployments), (SELECT MAX(updated) FROM deployment_devices), "
+        "(SELECT MAX(received) FROM events), (SELECT MAX(id) FROM models)"
+    ).fetchone()
+    return list(row)
+
+
 def _found(call: Callable[[], _T]) -> _T:
     """Run a lookup by path id; its FleetError (unknown id) becomes 404."""
     try:
@@ -227,7 +238,7 @@ def create_app(home: Path, db: str | None = None) -> FastAPI:
     _model_routes(api, FleetDep, Admin)
     _rollout_routes(api, FleetDep, Admin)
     _report_routes(api, FleetDep, Admin)
-    event_routes(api, fleets, stopping, _errors())
+    event_routes(api, fleets, stopping, _errors(), fleet_version)
 
     app = FastAPI(
         title="edgefleet",
@@ -429,7 +440,7 @@ def _report_routes(api: APIRouter, FleetDep: Any, Admin: list[Any]) -> None:
             str, Query(description="one line per profile, model or profile_model")
         ] = "profile_model",
         since: Annotated[
-            str | None, Query(description="30m, 1h, 2d; ISO 8601; epoch; (none) = all stored")
+            str | None, Query(description="30m, 1h, 2d; ISO 8601; epoch; all = everything stored")
         ] = "24h",
         profile: Annotated[str | None, Query(description="only devices of this profile")] = None,
         model: Annotated[str | None, Query(description="NAME, NAME:VERSION or sha prefix")] = None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -23,24 +24,16 @@ EVENTS_MAX_S = 300.0
 EVENTS_PING_S = 15.0
 
 
-def fleet_version(fleet: Fleet) -> list[Any]:
-    """What changes when the fleet does: device, rollout and event counters and timestamps."""
-    row = fleet.db.conn.execute(
-        "SELECT (SELECT COUNT(*) FROM devices), (SELECT MAX(last_seen) FROM devices), "
-        "(SELECT SUM(online) FROM devices), (SELECT COUNT(*) FROM deployments), "
-        "(SELECT MAX(updated) FROM deployments), (SELECT MAX(updated) FROM deployment_devices), "
-        "(SELECT MAX(received) FROM events), (SELECT MAX(id) FROM models)"
-    ).fetchone()
-    return list(row)
-
-
 def event_routes(
     api: APIRouter,
     fleets: FleetPerThread,
     stopping: threading.Event,
     errors: dict[int | str, dict[str, Any]],
+    version: Callable[[Fleet], list[Any]],
 ) -> None:
-    """The change stream the dashboard follows (`errors`: the OpenAPI error responses)."""
+    """The change stream the dashboard follows (`errors`: the OpenAPI error responses;
+    `version`: what changes when the fleet does)."""
+
     @api.get(
         "/events/stream",
         response_class=StreamingResponse,
@@ -56,7 +49,7 @@ def event_routes(
             again) and when the server stops; a ping every EVENTS_PING_S keeps proxies from
             cutting it and lets a dead client be noticed.
             """
-            last = await anyio.to_thread.run_sync(lambda: fleet_version(fleets()))
+            last = await anyio.to_thread.run_sync(lambda: version(fleets()))
             yield ": connected\n\n"  # after the first read: any later change is reported
             opened = pinged = time.monotonic()
             while not await request.is_disconnected() and not stopping.is_set():
@@ -64,7 +57,7 @@ def event_routes(
                 now = time.monotonic()
                 if now - opened > EVENTS_MAX_S:
                     return
-                current = await anyio.to_thread.run_sync(lambda: fleet_version(fleets()))
+                current = await anyio.to_thread.run_sync(lambda: version(fleets()))
                 if current != last:
                     yield f"event: change\ndata: {json.dumps(current)}\n\n"
                     pinged = now
