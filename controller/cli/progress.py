@@ -3,6 +3,7 @@ otherwise, so scripts and CI logs stay line-oriented (docs/cli.md, "Progress and
 
 from __future__ import annotations
 
+import os
 import sys
 from types import TracebackType
 from typing import Any
@@ -23,7 +24,10 @@ REFRESH_PER_S = 4.0
 
 
 def stderr_is_terminal() -> bool:
-    """Whether stderr is an interactive terminal (a bar there; lines into a pipe or file)."""
+    """Whether stderr is an interactive terminal that can redraw a line (a bar there; lines
+    into a pipe, a file, or a `TERM=dumb` terminal such as an editor's shell buffer)."""
+    if os.environ.get("TERM", "") in ("dumb", "unknown"):
+        return False
     try:
         return sys.stderr.isatty()
     except (AttributeError, ValueError):  # replaced or closed stream (tests, daemons)

@@ -147,3 +147,11 @@ def _read(fd: int) -> bytes:
         return os.read(fd, 65536)
     except OSError:  # EIO: no writer left on the pty
         return b""
+
+
+def test_a_dumb_terminal_gets_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    monkeypatch.setenv("TERM", "xterm-256color")
+    assert ProgressDisplay().terminal
+    monkeypatch.setenv("TERM", "dumb")
+    assert not ProgressDisplay().terminal
