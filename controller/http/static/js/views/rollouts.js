@@ -72,7 +72,7 @@ export const listView = {
       h("p", {}, h("a", { href: "#/rollouts/new", "data-testid": "start-rollout" }, "Start a rollout")),
       table(
         null,
-        ["Rollout", "Kind", "Model", "Target", "State", "Wave", "Devices", "Created (UTC)"],
+        ["Rollout", "Kind", "Model", "Target", "Outcome", "Wave", "Devices", "Created (UTC)"],
         rollouts.map((r) => ({
           attrs: { "data-testid": `rollout-row-${r.id}` },
           cells: [
@@ -82,7 +82,7 @@ export const listView = {
             r.target || "-",
             outcomeBadge(r, `rollout-state-${r.id}`),
             r.wave ?? "-",
-            summary(r.counts),
+            r.outcome ? `${r.outcome.done}/${r.outcome.devices} done: ${summary(r.counts)}` : summary(r.counts),
             when(r.created),
           ],
         })),
