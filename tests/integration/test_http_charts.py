@@ -19,7 +19,7 @@ from controller.fleet.rollout.policy import Policy, parse_threshold, parse_waves
 from controller.http.auth import ensure_local_token
 from controller.http.server import HttpServer
 from tests.integration.test_http_api import MODEL, activate
-from tests.unit.test_telemetry_store import record
+from tests.unit.controller.fleet.telemetry.test_store import record
 
 DEVICES = ["h-0", "h-1", "h-2", "h-3"]
 

@@ -15,9 +15,9 @@ from controller.fleet.telemetry import series as series_module
 from controller.fleet.telemetry.queries import fleet_series_query
 from controller.fleet.telemetry.reports import report
 from controller.fleet.telemetry.series import buckets_touched, choose_bucket, fleet_series
-from tests.unit.test_telemetry_store import T0, record
+from tests.paths import TEST_DATA
+from tests.unit.controller.fleet.telemetry.test_store import T0, record
 
-DATA = Path(__file__).resolve().parent.parent / "data"
 DEVICES = {"pi-1": "rpi4", "pi-2": "rpi4", "x-1": "x86-64-gateway"}
 # 30 minutes of records every 10 s per device.
 RECORDS = 180
@@ -25,13 +25,13 @@ UNTIL = T0 + 10.0 * (RECORDS + 1)
 
 
 @pytest.fixture
-def fleet(tmp_path: Path, db_target: str) -> Iterator[Fleet]:
+def fleet(tmp_path: Path, db_target: str) -> Iterator[Fleet]:  # on both backends, unlike conftest's
     """rpi4 pi-1, pi-2 run tiny:1; x-1 runs tiny:2; 30 minutes of telemetry each."""
     f = Fleet(tmp_path / "home", db=db_target)
     for device, profile in DEVICES.items():
         f.register_device(device, profile)
-    f.add_model(DATA / "tiny_fp32.tflite", name="tiny", version="1")
-    f.add_model(DATA / "tiny_int8.tflite", name="tiny", version="2")
+    f.add_model(TEST_DATA / "tiny_fp32.tflite", name="tiny", version="1")
+    f.add_model(TEST_DATA / "tiny_int8.tflite", name="tiny", version="2")
     sha1 = f.model("tiny:1")["artifacts"][0]["sha256"]
     sha2 = f.model("tiny:2")["artifacts"][0]["sha256"]
     for device in DEVICES:

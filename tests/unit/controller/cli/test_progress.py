@@ -23,11 +23,10 @@ from controller.fleet.rollout.states import DeviceState as D
 from controller.fleet.rollout.states import RolloutState as R
 from controller.fleet.rollout.states import move, move_rollout
 from converters.report import ProgressEvent
+from tests.paths import REPO_ROOT, TEST_DATA
 
-DATA = Path(__file__).resolve().parent.parent / "data"
 # The CLI of this checkout (a console script may belong to another checkout's venv).
 CLI = [sys.executable, "-m", "controller.cli.main"]
-ROOT = Path(__file__).resolve().parent.parent.parent
 PROFILES = ["rpi4", "jetson-nano", "x86-64-gateway"]
 STEPS = [
     ProgressEvent("rpi4", "start", None, "int8, fp32"),
@@ -108,7 +107,7 @@ def test_rollout_watch_on_a_real_terminal_draws_a_bar(tmp_path: Path) -> None:
     try:
         for d in ("t-0", "t-1"):
             fleet.register_device(d, "rpi4")
-        fleet.add_model(DATA / "tiny_int8.tflite", name="cnn", version="2", profile="rpi4")
+        fleet.add_model(TEST_DATA / "tiny_int8.tflite", name="cnn", version="2", profile="rpi4")
         policy = Policy(waves=parse_waves("100"), max_failures=parse_threshold("100%"))
         rid = fleet.start_rollout("cnn:2", "all", policy)["id"]
         with fleet.db.transaction() as tx:
@@ -123,7 +122,8 @@ def test_rollout_watch_on_a_real_terminal_draws_a_bar(tmp_path: Path) -> None:
     try:
         done = subprocess.run(
             [*CLI, "rollout", "status", rid, "--watch", "--home", str(home)],
-            stdout=subprocess.PIPE, stderr=follower, env=env, timeout=60, check=False, cwd=ROOT,
+            stdout=subprocess.PIPE, stderr=follower, env=env, timeout=60, check=False,
+            cwd=REPO_ROOT,
         )  # fmt: skip
         os.close(follower)
         follower = -1

@@ -17,11 +17,12 @@ from controller.cli.progress import ProgressDisplay
 from controller.cli.rollout_wait import EXIT_PARTIAL, exit_code, wait_for
 from controller.fleet.registry import Fleet
 from controller.fleet.rollout.outcome import RESULTS, rollout_outcome
+from controller.fleet.rollout.policy import Policy, parse_threshold, parse_waves
 from controller.fleet.rollout.states import DeviceState as D
 from controller.fleet.rollout.states import RolloutState as R
 from controller.fleet.rollout.states import move, move_rollout
+from tests.paths import TEST_DATA
 
-DATA = Path(__file__).resolve().parent.parent / "data"
 runner = CliRunner()
 DEVICES = ["pi-0", "pi-1", "pi-2", "pi-3"]
 
@@ -69,50 +70,45 @@ def test_outcome_counts_say_what_happened_to_every_device() -> None:
 
 
 @pytest.fixture
-def home(tmp_path: Path) -> Path:
+def cnn_fleet(fleet: Fleet) -> Fleet:
     """Four rpi4 devices and cnn:2 registered."""
-    path = tmp_path / "home"
-    fleet = Fleet(path)
     for d in DEVICES:
         fleet.register_device(d, "rpi4")
-    fleet.add_model(DATA / "tiny_int8.tflite", name="cnn", version="2", profile="rpi4")
-    fleet.close()
-    return path
+    fleet.add_model(TEST_DATA / "tiny_int8.tflite", name="cnn", version="2", profile="rpi4")
+    return fleet
 
 
-def _finish(home: Path, failed: set[str]) -> str:
+@pytest.fixture
+def home(cnn_fleet: Fleet, tmp_path: Path) -> Path:
+    """The data dir of `cnn_fleet`, for the CLI."""
+    return tmp_path / "home"
+
+
+def _finish(fleet: Fleet, failed: set[str]) -> str:
     """A one-wave rollout of cnn:2 whose `failed` devices fail; completed. Its id."""
-    fleet = Fleet(home)
-    try:
-        from controller.fleet.rollout.policy import Policy, parse_threshold, parse_waves
-
-        policy = Policy(waves=parse_waves("100"), max_failures=parse_threshold("100%"))
-        rid: str = fleet.start_rollout("cnn:2", "all", policy)["id"]
-        with fleet.db.transaction() as tx:
-            for d in DEVICES:
-                end = D.FAILED if d in failed else D.SUCCEEDED
-                move(tx, (rid, d), end, ts=time.time(), detail="agent error: boom")
-            move_rollout(tx, rid, R.COMPLETED, ts=time.time(), reason="every wave done")
-        return rid
-    finally:
-        fleet.close()
+    policy = Policy(waves=parse_waves("100"), max_failures=parse_threshold("100%"))
+    rid: str = fleet.start_rollout("cnn:2", "all", policy)["id"]
+    with fleet.db.transaction() as tx:
+        for d in DEVICES:
+            end = D.FAILED if d in failed else D.SUCCEEDED
+            move(tx, (rid, d), end, ts=time.time(), detail="agent error: boom")
+        move_rollout(tx, rid, R.COMPLETED, ts=time.time(), reason="every wave done")
+    return rid
 
 
-def test_the_fleet_attaches_the_outcome_to_a_rollout_and_to_the_list(home: Path) -> None:
-    rid = _finish(home, failed={"pi-1"})
-    fleet = Fleet(home)
-    try:
-        shown = fleet.deployment(rid)["outcome"]
-        (listed,) = [r["outcome"] for r in fleet.rollouts.list() if r["id"] == rid]
-    finally:
-        fleet.close()
+def test_the_fleet_attaches_the_outcome_to_a_rollout_and_to_the_list(cnn_fleet: Fleet) -> None:
+    rid = _finish(cnn_fleet, failed={"pi-1"})
+    shown = cnn_fleet.deployment(rid)["outcome"]
+    (listed,) = [r["outcome"] for r in cnn_fleet.rollouts.list() if r["id"] == rid]
     assert shown == listed
     assert shown["result"] == "partial" and shown["failed"] == 1 and shown["updated"] == 3
     assert shown["label"] == "completed with 1 failed"
 
 
-def test_status_shows_the_outcome_and_a_rollout_where_all_failed_exits_3(home: Path) -> None:
-    rid = _finish(home, failed=set(DEVICES))
+def test_status_shows_the_outcome_and_a_rollout_where_all_failed_exits_3(
+    cnn_fleet: Fleet, home: Path
+) -> None:
+    rid = _finish(cnn_fleet, failed=set(DEVICES))
     listed = runner.invoke(app, ["rollout", "status", "--home", str(home)])
     assert listed.exit_code == 0
     assert "OUTCOME" in listed.output and "completed: all 4 failed" in listed.output
