@@ -8,6 +8,7 @@ import pty
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -101,40 +102,34 @@ def test_simulate_prints_its_progress_line_without_a_terminal(
     assert line.startswith("[    3.0s] connected 10/10  activated 9  failed 1")
 
 
-def test_rollout_watch_on_a_real_terminal_draws_a_bar(tmp_path: Path) -> None:
-    home = tmp_path / "home"
-    fleet = Fleet(home)
-    try:
-        for d in ("t-0", "t-1"):
-            fleet.register_device(d, "rpi4")
-        fleet.add_model(TEST_DATA / "tiny_int8.tflite", name="cnn", version="2", profile="rpi4")
-        policy = Policy(waves=parse_waves("100"), max_failures=parse_threshold("100%"))
-        rid = fleet.start_rollout("cnn:2", "all", policy)["id"]
-        with fleet.db.transaction() as tx:
-            move(tx, (rid, "t-0"), D.SUCCEEDED, ts=time.time())
-            move(tx, (rid, "t-1"), D.FAILED, ts=time.time(), detail="boom")
-            move_rollout(tx, rid, R.COMPLETED, ts=time.time(), reason="every wave done")
-    finally:
-        fleet.close()
+def test_rollout_watch_on_a_real_terminal_draws_a_bar(fleet: Fleet, tmp_path: Path) -> None:
+    for d in ("t-0", "t-1"):
+        fleet.register_device(d, "rpi4")
+    fleet.add_model(TEST_DATA / "tiny_int8.tflite", name="cnn", version="2", profile="rpi4")
+    policy = Policy(waves=parse_waves("100"), max_failures=parse_threshold("100%"))
+    rid = fleet.start_rollout("cnn:2", "all", policy)["id"]
+    with fleet.db.transaction() as tx:
+        move(tx, (rid, "t-0"), D.SUCCEEDED, ts=time.time())
+        move(tx, (rid, "t-1"), D.FAILED, ts=time.time(), detail="boom")
+        move_rollout(tx, rid, R.COMPLETED, ts=time.time(), reason="every wave done")
     leader, follower = pty.openpty()  # stderr on a terminal, stdout into a pipe
-    env = {**os.environ, "COLUMNS": "100", "NO_COLOR": "1"}
+    env = {**os.environ, "COLUMNS": "100", "NO_COLOR": "1", "TERM": "xterm"}
     env.pop("EDGEFLEET_DEBUG", None)
+    drawn: list[bytes] = []
+    # Drained while the command runs: a full terminal buffer would block its writes.
+    reader = threading.Thread(target=lambda: drawn.extend(iter(lambda: _read(leader), b"")))
+    reader.start()
     try:
         done = subprocess.run(
-            [*CLI, "rollout", "status", rid, "--watch", "--home", str(home)],
+            [*CLI, "rollout", "status", rid, "--watch", "--home", str(tmp_path / "home")],
             stdout=subprocess.PIPE, stderr=follower, env=env, timeout=60, check=False,
             cwd=REPO_ROOT,
         )  # fmt: skip
-        os.close(follower)
-        follower = -1
-        drawn = b""
-        while chunk := _read(leader):
-            drawn += chunk
     finally:
-        if follower >= 0:
-            os.close(follower)
+        os.close(follower)  # the reader sees EIO once no writer is left
+        reader.join(10)
         os.close(leader)
-    text = drawn.decode("utf-8", "replace")
+    text = b"".join(drawn).decode("utf-8", "replace")
     assert done.returncode == 3, text
     assert f"{rid} completed with 1 failed" in text and "2/2" in text and "devices" in text
     assert "done 2/2" not in text  # the bar, not the plain line
