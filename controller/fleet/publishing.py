@@ -310,8 +310,9 @@ class Publishing(FleetCore):
         self.mark_published_many([(device_id, generation)])
 
     def mark_published_many(self, published: list[tuple[str, int]]) -> None:
-        """mark_published for many devices in one transaction (a wave of 1,000 is one commit)."""
-        ts = now()
+        """mark_published for many devices in one transaction (a wave of 1,000 is one commit);
+        their rollout device timeouts start here (Rollouts.start_deadlines)."""
+        ts = self.rollouts.clock()
         with self.db.transaction() as tx:
             tx.executemany(
                 "UPDATE devices SET published_generation = ? "
@@ -327,6 +328,7 @@ class Publishing(FleetCore):
                 ts=ts,
                 many=True,
             )
+            self.rollouts.start_deadlines(tx, published)
 
     def republish_all(self) -> None:
         """Forget what was published (after a broker reconnect retained state may be gone)."""

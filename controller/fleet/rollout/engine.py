@@ -117,6 +117,50 @@ class Rollouts(DeviceEvents, Control):
                 self._start_wave(tx, rollout_id, 0, policy)
         return rollout_id
 
+    # ------------------------------------------------------------------ publication
+    def start_deadlines(self, tx: Connection, published: list[tuple[str, int]]) -> None:
+        """Start the device timeout of the rows whose desired state (device, generation) just
+        went out: the download pacer grants a device its turn by publishing it, so a device
+        queued behind `--max-fetching` waits for the controller, not against its timeout."""
+        if not published:
+            return
+        ts = self.clock()
+        owner: dict[str, str] = {}
+        ids = [device_id for device_id, _ in published]
+        for i in range(0, len(ids), 500):
+            part = ids[i : i + 500]
+            owner.update(
+                (r[0], r[1])
+                for r in tx.execute(
+                    f"SELECT id, desired_deployment_id FROM devices WHERE id IN "
+                    f"({', '.join('?' * len(part))}) AND desired_deployment_id IS NOT NULL",
+                    tuple(part),
+                ).fetchall()
+            )
+        timeout: dict[str, float] = {}
+        for rid in set(owner.values()):
+            row = tx.execute("SELECT policy FROM deployments WHERE id = ?", (rid,)).fetchone()
+            if row is not None:
+                timeout[rid] = Policy.from_json(json.loads(row[0])).device_timeout_s
+        rows = [
+            (ts + timeout[owner[d]], owner[d], d, generation)
+            for d, generation in published
+            if owner.get(d) in timeout
+        ]
+        if not rows:
+            return
+        # Only the first publication of a generation starts it (a broker reconnect republishes).
+        tx.executemany(
+            "UPDATE deployment_devices SET deadline = ? WHERE deployment_id = ? "
+            "AND device_id = ? AND generation = ? AND deadline IS NULL",
+            rows,
+        )
+        tx.executemany(
+            "UPDATE candidate_trials SET deadline = ? WHERE rollout_id = ? AND device_id = ? "
+            "AND generation = ? AND state = 'running' AND deadline IS NULL",
+            rows,
+        )
+
     # ------------------------------------------------------------------ reconcile
     def tick(self, fence: Callable[[Connection], bool] | None = None) -> list[str]:
         """Advance every running rollout one step; return what happened (for the log).

@@ -161,9 +161,9 @@ class Selection:
         )
         ts = self.rollouts.clock()
         tx.execute(
-            "UPDATE candidate_trials SET state = 'running', generation = ?, deadline = ?, "
+            "UPDATE candidate_trials SET state = 'running', generation = ?, deadline = NULL, "
             "updated = ? WHERE rollout_id = ? AND device_id = ? AND rank = ?",
-            (generation, ts + policy.device_timeout_s, ts, rollout_id, device_id, rank),
+            (generation, ts, rollout_id, device_id, rank),
         )
         tx.execute(
             "UPDATE deployment_devices SET generation = ?, detail = ?, updated = ? "

@@ -135,7 +135,9 @@ class WaveSteps:
             threads=threads if mine else None,
             fallback=json.loads(fallback) if mine and fallback else None,
         )
-        deadline = ts + policy.device_timeout_s
+        # The device timeout starts when this desired state is published (the download pacer
+        # may hold it back behind --max-fetching): Rollouts.start_deadlines, at publication.
+        deadline = None
         if state is None:
             tx.execute(
                 "UPDATE deployment_devices SET generation = ?, deadline = ?, updated = ?, "

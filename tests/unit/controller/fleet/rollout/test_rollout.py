@@ -186,6 +186,11 @@ def policy(**kw: Any) -> Policy:
     return Policy(**{**base, **kw})
 
 
+def publish(fleet: Fleet) -> None:
+    """What the service does each reconcile: publish every pending desired state."""
+    fleet.mark_published_many([(d, dv.generation) for d, dv, _ in fleet.unpublished_desired()])
+
+
 def states(fleet: Fleet, rollout: str) -> dict[str, str]:
     """Device -> state."""
     return {d["device_id"]: d["state"] for d in fleet.deployment(rollout)["devices"]}
@@ -325,6 +330,7 @@ def test_timeouts_retry_then_fail_and_the_device_is_pointed_back(
             max_failures=Threshold(count=5),
         ),
     )["id"]
+    publish(fleet_on_old)  # the timeout runs from here (docs/rollouts.md, "Device timeout")
     clock.advance(0.1)
     fleet_on_old.rollouts.tick()  # timeout -> retrying
     fleet_on_old.rollouts.tick()  # retrying -> pending with a new generation
@@ -333,7 +339,13 @@ def test_timeouts_retry_then_fail_and_the_device_is_pointed_back(
     clock.advance(0.1)
     fleet_on_old.rollouts.tick()
     row = FakeDevices(fleet_on_old).row(ro, "d0")
-    assert row["state"] == "failed" and "timed out after 0.05 s in state pending" in row["detail"]
+    assert row["state"] == "pending", "not published yet: no timeout runs"
+    publish(fleet_on_old)
+    clock.advance(0.1)
+    fleet_on_old.rollouts.tick()
+    row = FakeDevices(fleet_on_old).row(ro, "d0")
+    assert row["state"] == "failed"
+    assert "timed out after 0.05 s in state in_progress" in row["detail"]
     old_sha = fleet_on_old.model("digits:0")["artifacts"][0]["sha256"]
     desired = {d: dv for d, dv, _ in fleet_on_old.unpublished_desired()}
     assert desired["d0"].artifact and desired["d0"].artifact.sha256 == old_sha, (
@@ -454,6 +466,7 @@ def test_abort_of_a_device_without_previous_model_and_an_offline_one(
     assert states(fleet, ro) == {"fresh": "rolling_back", "gone": "rolling_back"}
     desired = {d: dv for d, dv, _ in fleet.unpublished_desired()}
     assert desired["fresh"].artifact is None, "no previous model: the update is called off"
+    publish(fleet)
     # The agent answers an empty desired state from idle; the offline one never answers.
     FakeDevices(fleet).event(ro, "fresh", "update", state="idle", message="already in desired")
     clock.advance(0.1)
