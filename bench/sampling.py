@@ -7,6 +7,7 @@ when the run times out. Sizes are MiB (2**20 bytes) everywhere, labelled as such
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ class Series:
     last_rss_mib: float = 0.0
     cpu_s: float = 0.0
     cpu_first: float | None = None
+    peak_fds: int = 0  # open file descriptors (a broker holds one per connection)
     samples: list[tuple[float, float, float]] = field(default_factory=list)  # (t, rss, cpu)
     gone: bool = False
 
@@ -39,6 +41,7 @@ class Series:
             proc = psutil.Process(self.pid)
             rss = proc.memory_info().rss / MIB
             times = proc.cpu_times()
+            self.peak_fds = max(self.peak_fds, proc.num_fds())
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             self.gone = True
             return
@@ -68,6 +71,7 @@ class Series:
             "peak_rss_mib": round(self.peak_rss_mib, 1),
             "last_rss_mib": round(self.last_rss_mib, 1),
             "cpu_s": round(self.cpu_s, 1),
+            "peak_fds": self.peak_fds,
             "exited": self.gone,
         }
 
@@ -79,8 +83,14 @@ class Sampler:
         """`name=pid` pairs; a None pid (e.g. an in-process broker) is skipped."""
         self.t0 = time.monotonic()
         self.series = {name: Series(name, pid) for name, pid in pids.items() if pid is not None}
+        self.loadavg: list[tuple[float, float]] = []  # (bench time, 1-minute load average)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bench-sampler", daemon=True)
+
+    def watch(self, name: str, pid: int) -> None:
+        """Sample one more process (before start(): the thread reads the series unlocked)."""
+        assert not self._thread.is_alive(), "watch() before start()"
+        self.series[name] = Series(name, pid)
 
     def start(self) -> Sampler:
         """Start sampling (returns self for chaining)."""
@@ -97,12 +107,19 @@ class Sampler:
             t = self.now()
             for series in self.series.values():
                 series.take(t)
+            self.loadavg.append((t, os.getloadavg()[0]))
             self._stop.wait(SAMPLE_INTERVAL_S)
+
+    def load_between(self, t0: float, t1: float) -> tuple[float, float] | None:
+        """(min, max) of the 1-minute load average sampled between two bench times."""
+        inside = [load for t, load in self.loadavg if t0 <= t <= t1]
+        return (round(min(inside), 1), round(max(inside), 1)) if inside else None
 
     def stop(self) -> None:
         """Take a last sample and stop the thread."""
         self._stop.set()
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
         t = self.now()
         for series in self.series.values():
             series.take(t)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import resource
 import shutil
 import subprocess
 import time
@@ -217,6 +218,7 @@ def _spawn_mosquitto(
         except OSError as exc:
             raise BrokerError(f"cannot run {exe}: {exc}") from exc
     handle = BrokerHandle("mosquitto", host, port, proc.pid, data_dir, _process=proc)
+    _raise_fd_limit(proc.pid)
     try:
         # Wait for *our* PID to hold the listener: a plain connect test would also succeed
         # against whoever grabbed the port between the free-port check and mosquitto's bind.
@@ -235,6 +237,17 @@ def _spawn_mosquitto(
         raise BrokerError(f"mosquitto ({exe} -c {conf}) {reason}; last log lines:\n{tail}") from exc
     log.info("mosquitto pid %d listening on %s (data dir %s)", proc.pid, handle.url, data_dir)
     return handle
+
+
+def _raise_fd_limit(pid: int) -> None:
+    """Raise the broker's open-file soft limit to its hard limit: one fd per connection, and a
+    soft limit of 1,024 (a common default) would refuse the 1,021st device. mosquitto does not
+    read the limit at start, so raising it from outside (prlimit) before clients arrive works."""
+    with contextlib.suppress(OSError, ValueError):
+        soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (hard, hard))
+            log.debug("mosquitto pid %d: open files limit %d -> %d", pid, soft, hard)
 
 
 def _wait_listening(proc: subprocess.Popen[bytes], port: int, timeout: float) -> None:

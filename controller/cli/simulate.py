@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
+import threading
 import time
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
 
 from agent.protocol import DEFAULT_ROOT, ProtocolError
+from controller.brokers.base import parse_broker_url
 from controller.cli.progress import ProgressDisplay
 from controller.simulate.faults import SimulationError, parse_fault
 from controller.simulate.figures import MIB
-from controller.simulate.loop import MAX_DEVICES, Simulation
+from controller.simulate.loop import MAX_DEVICES
+from controller.simulate.shard import DEVICES_PER_PROCESS, make_simulation
 from controller.simulate.speed import SpeedModel
 from controller.simulate.telemetry import DEFAULT_INTERVAL_S
 
@@ -46,6 +51,8 @@ def _progress_line(snap: dict[str, Any]) -> str:
         f"received {snap['bytes_received'] / MIB:.1f} MiB  "
         f"rejected chunks {snap['chunks_rejected']}  rss {snap['rss_mb']} MB"
     )
+    if len(snap.get("processes", ())) > 1:
+        line += f"  processes {len(snap['processes'])}"
     if snap["telemetry_records"]:
         line += (
             f"  telemetry sent {snap['telemetry_sent']} resent {snap['telemetry_resent']} "
@@ -67,6 +74,23 @@ def _show(display: ProgressDisplay, snap: dict[str, Any]) -> None:
         "updated", description=f"devices active ({snap['activated']} updates{failed})",
         completed=snap["states"].get("active", 0), total=total, unit="devices",
     )  # fmt: skip
+
+
+def _interrupt_on_sigterm() -> Callable[[], None]:
+    """SIGTERM ends the run like Ctrl-C (agents say goodbye, simulation processes stop, the
+    summary is printed); returns the function that puts the old handler back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, interrupt)
+
+    def restore() -> None:
+        signal.signal(signal.SIGTERM, old)
+
+    return restore
 
 
 def simulate_command(
@@ -109,6 +133,15 @@ def simulate_command(
             help="seconds between telemetry records per device (0 = off)",
         ),
     ] = DEFAULT_INTERVAL_S,
+    processes: Annotated[
+        int | None,
+        typer.Option(
+            "--processes",
+            min=1,
+            help="processes driving the agents, one epoll loop each (default: min(CPUs, "
+            f"devices / {DEVICES_PER_PROCESS} rounded up); 1 = this process)",
+        ),
+    ] = None,
     json_out: Annotated[
         bool, typer.Option("--json", help="print the final snapshot as JSON")
     ] = False,
@@ -117,9 +150,10 @@ def simulate_command(
     try:
         specs = [parse_fault(spec) for spec in fault or []]
         speed_model = SpeedModel.parse(speed or [])
-        sim = Simulation(
+        sim = make_simulation(
             broker,
             devices,
+            processes=processes,
             profiles=profile,
             faults=specs,
             prefix=prefix,
@@ -131,8 +165,20 @@ def simulate_command(
     except (SimulationError, ProtocolError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    _probe_broker(broker, sim.host, sim.port)
-    sim.start()
+    host, port = parse_broker_url(broker)
+    _probe_broker(broker, host, port)
+    restore = _interrupt_on_sigterm()
+    try:
+        sim.start()
+    except SimulationError as exc:  # a simulation process could not start
+        restore()
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:  # while the simulation processes were starting
+        sim.stop()
+        restore()
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(130) from None
     end = None if duration is None else time.monotonic() + duration
     display = ProgressDisplay()
     # A line every PROGRESS_INTERVAL_S into a log; the bars on a terminal move every second.
@@ -150,4 +196,5 @@ def simulate_command(
     finally:
         snap = sim.snapshot()  # before stop(): the counts of the run, not of the goodbye
         sim.stop()
+        restore()
     typer.echo(json.dumps(snap, indent=2) if json_out else _progress_line(snap))

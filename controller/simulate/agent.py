@@ -26,12 +26,7 @@ from agent.protocol import (
 from controller.simulate.download import StoredModel, Update
 from controller.simulate.fallback import FallbackSwitch
 from controller.simulate.faults import Faults
-from controller.simulate.figures import (
-    BENCH_THREADS,
-    derived_event_id,
-    synth_figures,
-    synth_report,
-)
+from controller.simulate.figures import BENCH_THREADS, derived_event_id, synth_figures, synth_report
 from controller.simulate.telemetry import DeviceTelemetry
 
 if TYPE_CHECKING:
@@ -359,6 +354,7 @@ class SimAgent(FallbackSwitch):
         self._make_current(upd.sha, entry, detail)
         self.sim.counters.activated += 1
         self.activations += 1
+        self._took(upd)
         self._activated(desired)
 
     def _make_current(self, sha: str, entry: StoredModel, detail: str) -> None:
@@ -407,6 +403,7 @@ class SimAgent(FallbackSwitch):
         if upd.fallback is not None:
             self._fallback_failed(upd, reason)  # the primary is active: no failed generation
             return
+        self._took(upd)
         self._failed(upd.desired, stage, reason)
 
     def _failed(self, desired: Desired, stage: AgentState, reason: str) -> None:

@@ -385,6 +385,10 @@ class ArtifactFetch:
             upd.assembly = None
         self._release_fetched(upd)
 
+    def _took(self, upd: Update) -> None:
+        """Count the update's time, desired state received -> verdict (its deadline's start)."""
+        self.sim.update_latency.add(time.monotonic() - (upd.deadline - self.sim.fetch_timeout_s))
+
     def _release_fetched(self, upd: Update) -> None:
         """Hand back this update's references to shared assemblies."""
         for assembly in upd.fetched:

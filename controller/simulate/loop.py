@@ -7,6 +7,7 @@ import heapq
 import itertools
 import logging
 import math
+import os
 import platform
 import random
 import select
@@ -44,6 +45,7 @@ from controller.simulate.faults import (
     assign_faults,
 )
 from controller.simulate.figures import MIB
+from controller.simulate.latency import LatencyHistogram
 from controller.simulate.netutil import unread_bytes
 from controller.simulate.plumbing import PahoPlumbing
 from controller.simulate.speed import NO_SPEED, SpeedModel
@@ -102,45 +104,42 @@ class Simulation(PahoPlumbing):
         telemetry_spool_records: int = DEFAULT_SPOOL_RECORDS,
         telemetry_keep_acked: int = DEFAULT_KEEP_ACKED,
         speed: SpeedModel = NO_SPEED,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         """Resolve profiles and faults and build the clients; nothing connects before start().
 
         `telemetry_interval_s` = 0 turns telemetry off; the spool keeps at most
         `telemetry_spool_records` unsent records and `telemetry_keep_acked` acknowledged ones.
         `speed` scales latencies per profile by recipe and threads (controller/simulate/speed.py).
+        `shard` (k, n): this process runs only the devices whose index i has i % n == k, with
+        the ids, profiles and faults they have in the whole fleet of `devices` (shard.py).
         """
-        if not 1 <= devices <= MAX_DEVICES:
-            raise SimulationError(f"devices must be in 1..{MAX_DEVICES}, got {devices}")
-        if not hasattr(select, "epoll"):
-            raise SimulationError("edgefleet simulate needs Linux (select.epoll)")
+        chosen, ids, fault_map = check_parameters(
+            broker_url, devices, profiles, faults, prefix, seed, speed, telemetry_interval_s
+        )
+        if telemetry_spool_records < 1 or telemetry_keep_acked < 0:
+            raise SimulationError(
+                "telemetry spool must hold >= 1 record and keep >= 0 acknowledged ones"
+            )
+        index, shards = shard
+        if not 0 <= index < shards:
+            raise SimulationError(f"shard must be (k, n) with 0 <= k < n, got {shard}")
         self.host, self.port = parse_broker_url(broker_url)
         self.topics = Topics(topic_root)
         self.seed = seed
         self.fetch_timeout_s = fetch_timeout_s
         self.repair_interval_s = repair_interval_s
         self.keepalive_s = keepalive_s
-        speed.check_profiles(firmware_profiles.load_all())
         self.speed = speed
-        if telemetry_interval_s < 0 or not math.isfinite(telemetry_interval_s):
-            raise SimulationError(f"telemetry interval must be >= 0 s, got {telemetry_interval_s}")
-        if telemetry_spool_records < 1 or telemetry_keep_acked < 0:
-            raise SimulationError(
-                "telemetry spool must hold >= 1 record and keep >= 0 acknowledged ones"
-            )
         self.telemetry: FleetTelemetry | None = None
         if telemetry_interval_s > 0:
             self.telemetry = FleetTelemetry(
                 self, telemetry_interval_s, telemetry_spool_records, telemetry_keep_acked
             )
         self.counters = SimCounters()
+        # Desired state received -> verdict, per update (latency.py; merged across shards).
+        self.update_latency = LatencyHistogram()
         self._rss_before = psutil.Process().memory_info().rss
-        chosen = _resolve_profiles(profiles)
-        width = max(4, len(str(devices - 1)))
-        ids = [f"{prefix}-{i:0{width}d}" for i in range(devices)]
-        try:
-            validate_device_id(ids[-1])
-        except ProtocolError as exc:
-            raise SimulationError(f"bad --prefix {prefix!r}: {exc}") from None
         self._facts: dict[str, DeviceFacts] = {}
         self._assemblies: dict[str, Assembly] = {}
         self._manifests: dict[bytes, Manifest] = {}
@@ -156,10 +155,9 @@ class Simulation(PahoPlumbing):
         self._thread: threading.Thread | None = None
         self._started = 0.0
         self._slice = 0  # the keepalive sweep's current slice
-        fault_map = assign_faults(faults, devices, seed)
         self.agents = [
             SimAgent(self, ids[i], chosen[i % len(chosen)], fault_map.get(i, NO_FAULTS))
-            for i in range(devices)
+            for i in range(index, devices, shards)
         ]
         for agent in self.agents:
             agent.rng = self._fault_rng(agent.device_id, agent.faults)
@@ -240,7 +238,13 @@ class Simulation(PahoPlumbing):
             ),
             "rss_mb": round(rss / MIB, 1),
             "rss_per_device_kb": round((rss - self._rss_before) / len(agents) / 1024, 2),
+            "update_latency": self.update_latency.summary(),
         }
+
+    @property
+    def pids(self) -> list[int]:
+        """The processes running the agents: this one."""
+        return [os.getpid()]
 
     # ----------------------------------------------------------------- shared helpers
     @property
@@ -439,6 +443,36 @@ class Simulation(PahoPlumbing):
             if sock is not None:
                 with contextlib.suppress(OSError):
                     sock.close()
+
+
+def check_parameters(
+    broker_url: str,
+    devices: int,
+    profiles: Sequence[str] | None,
+    faults: Sequence[FaultSpec],
+    prefix: str,
+    seed: int,
+    speed: SpeedModel,
+    telemetry_interval_s: float,
+) -> tuple[list[firmware_profiles.Profile], list[str], dict[int, Faults]]:
+    """Check a simulation's parameters (SimulationError naming the bad one); return the
+    profiles to assign round-robin, every device id and the faults by device index."""
+    if not 1 <= devices <= MAX_DEVICES:
+        raise SimulationError(f"devices must be in 1..{MAX_DEVICES}, got {devices}")
+    if not hasattr(select, "epoll"):
+        raise SimulationError("edgefleet simulate needs Linux (select.epoll)")
+    parse_broker_url(broker_url)
+    speed.check_profiles(firmware_profiles.load_all())
+    if telemetry_interval_s < 0 or not math.isfinite(telemetry_interval_s):
+        raise SimulationError(f"telemetry interval must be >= 0 s, got {telemetry_interval_s}")
+    chosen = _resolve_profiles(profiles)
+    width = max(4, len(str(devices - 1)))
+    ids = [f"{prefix}-{i:0{width}d}" for i in range(devices)]
+    try:
+        validate_device_id(ids[-1])
+    except ProtocolError as exc:
+        raise SimulationError(f"bad --prefix {prefix!r}: {exc}") from None
+    return chosen, ids, assign_faults(faults, devices, seed)
 
 
 def _resolve_profiles(ids: Sequence[str] | None) -> list[firmware_profiles.Profile]:

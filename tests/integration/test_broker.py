@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import threading
@@ -278,6 +279,23 @@ def test_mosquitto_stop_kills_the_process(mosquitto_binary: str, tmp_path: Path)
     assert not handle.is_running()
     assert not accepts_connections(handle.host, handle.port)
     handle.stop()
+
+
+def test_mosquitto_gets_the_hard_open_files_limit(mosquitto_binary: str, tmp_path: Path) -> None:
+    """One fd per connection: a broker started under a 1,024 soft limit still gets the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 1024:
+        pytest.skip(f"hard open files limit {hard}: nothing to raise")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+    try:
+        handle = start_mosquitto(tmp_path / "m", binary=mosquitto_binary)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        assert handle.pid is not None
+        assert psutil.Process(handle.pid).rlimit(psutil.RLIMIT_NOFILE) == (hard, hard)
+    finally:
+        handle.stop()
 
 
 def test_mosquitto_stop_escalates_to_sigkill(mosquitto_binary: str, tmp_path: Path) -> None:
