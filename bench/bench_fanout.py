@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agent.protocol import DEFAULT_CHUNK_SIZE, ArtifactRef, Desired, Topics, dump  # noqa: E402
-from bench.sampling import Sampler  # noqa: E402
+from bench.sampling import BrokerSys, Sampler, phase_memory  # noqa: E402
 from controller.brokers.base import BrokerHandle, parse_broker_url  # noqa: E402
 from controller.brokers.mosquitto import start_mosquitto  # noqa: E402
 from controller.fleet.artifacts import build_manifest  # noqa: E402
@@ -342,6 +342,17 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=100)
     parser.add_argument("--size-mib", type=float, default=8.0)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--phases",
+        default="abc",
+        help="which measurements to run each round (a: controller, b: bare, c: agents only); "
+        "the ratios need a and b, a single phase isolates its broker memory",
+    )
+    parser.add_argument(
+        "--broker-config",
+        default="",
+        help="extra mosquitto.conf lines, ';'-separated (e.g. 'max_inflight_messages 4')",
+    )
     parser.add_argument("--serve-controller", nargs=2, metavar=("HOME", "URL"), help=SUPPRESS)
     parser.add_argument("--bare-publish", nargs=3, metavar=("URL", "TOPIC", "FILE"), help=SUPPRESS)
     args = parser.parse_args()
@@ -353,7 +364,9 @@ def main() -> None:
         return
     size = int(args.size_mib * 1024 * 1024)
     work = Path(tempfile.mkdtemp(prefix="bench-fanout-"))
-    broker = start_mosquitto(work / "mosquitto")
+    # $SYS every second: mosquitto's own heap and store figures next to its RSS, per phase.
+    extra = "\n".join(["sys_interval 1", *args.broker_config.split(";")])
+    broker = start_mosquitto(work / "mosquitto", extra_config=extra)
     queued = mosquitto_setting(broker, "max_queued_messages")
     chunk_count = -(-size // DEFAULT_CHUNK_SIZE)
     print(
@@ -366,6 +379,8 @@ def main() -> None:
     fleet = Fleet(home)  # creates the database before the controller process opens it
     controller = helper("--serve-controller", str(home), broker.url)
     sampler = Sampler(broker=broker.pid, controller=controller.pid, bench=os.getpid()).start()
+    broker_sys = BrokerSys(broker.host, broker.port, sampler.now)
+    phases: list[tuple[int, str, float, float]] = []  # (round, phase, t0, t1) on sampler time
     sim = Simulation(broker.url, args.devices, topic_root=TOPIC_ROOT, prefix="bench")
     sim.start()
     direct = Simulation(broker.url, args.devices, topic_root=DIRECT_ROOT, prefix="direct")
@@ -383,12 +398,28 @@ def main() -> None:
         for round_no in range(1, args.rounds + 1):
             artifact = work / f"artifact-{round_no}.tflite"
             make_artifact(artifact, size, seed=round_no)
-            a = controller_fanout(fleet, controller, sim, artifact)
-            b = bare_fanout(broker.url, subs, artifact, size, round_no)
-            settle(lambda: list(subs.received))
-            c = direct_fanout(broker.url, direct, artifact, round_no)
+            nan = float("nan")
+            a: dict[str, float] = {"seconds": nan, "transfer_seconds": nan, "egress_bytes": nan}
+            b = c = nan
+            # Each phase's span is noted: the broker's memory is read per phase.
+            if "a" in args.phases:
+                t0 = sampler.now()
+                a = controller_fanout(fleet, controller, sim, artifact)
+                phases.append((round_no, "a", t0, sampler.now()))
+            if "b" in args.phases:
+                t0 = sampler.now()
+                b = bare_fanout(broker.url, subs, artifact, size, round_no)
+                phases.append((round_no, "b", t0, sampler.now()))
+                settle(lambda: list(subs.received))
+            if "c" in args.phases:
+                t0 = sampler.now()
+                c = direct_fanout(broker.url, direct, artifact, round_no)
+                phases.append((round_no, "c", t0, sampler.now()))
+                settle(lambda: direct.counters.bytes_received)
+            t0 = sampler.now()
+            time.sleep(3.0)  # a $SYS report after the round: what the broker keeps at rest
+            phases.append((round_no, "rest", t0, sampler.now()))
             rows.append({**a, "bare_seconds": b, "direct_seconds": c, "round": round_no})
-            settle(lambda: direct.counters.bytes_received)
         stats = json.loads(send(controller, "stats"))
     finally:
         sim.stop()
@@ -397,6 +428,7 @@ def main() -> None:
         send(controller, "stop")
         controller.wait(30)
         sampler.stop()
+        broker_sys.close()
         fleet.close()
         broker.stop()
         shutil.rmtree(work, ignore_errors=True)  # the artifacts: rounds × size-mib
@@ -432,6 +464,7 @@ def main() -> None:
         f"(c)/(b) {best['direct_seconds'] / best['bare_seconds']:.2f}"
     )
     print(f"controller bytes published / artifact size, median: {egress:.2f}   target ≈ 1")
+    memory = phase_memory(sampler, broker_sys, phases)
     processes = sampler.summary()
     for name, figures in processes.items():
         print(f"{name}: peak RSS {figures['peak_rss_mib']:.1f} MiB, CPU {figures['cpu_s']:.1f} s")
@@ -453,6 +486,10 @@ def main() -> None:
                 "egress_over_size_median": round(egress, 3),
                 "controller": stats,
                 "chunks_rejected": snap["chunks_rejected"],
+                "agents": {
+                    k: snap[k]
+                    for k in ("chunks_received", "chunks_accepted", "repair_rounds", "needs_sent")
+                },
                 # Self-test outcomes after verification: the profiles' latency budgets, which the
                 # controller sends, fail an 8 MiB model on the 50 ms profiles (docs/simulate.md).
                 "activated": snap["activated"],
@@ -460,6 +497,7 @@ def main() -> None:
                 "sim_rss_mib": snap["rss_mb"],
                 "processes": processes,
                 "mosquitto_max_queued_messages": queued,
+                "broker_memory_by_phase": memory,
             }
         )
     )

@@ -13,7 +13,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import paho.mqtt.client as paho
 import psutil
+from paho.mqtt.enums import CallbackAPIVersion
 
 MIB = 2**20
 # Sampling period: fine enough to catch a broker growing by GBs within seconds, coarse enough
@@ -127,3 +129,78 @@ class Sampler:
     def summary(self) -> dict[str, Any]:
         """Figures of every process, by name."""
         return {name: s.summary() for name, s in self.series.items()}
+
+
+class BrokerSys:
+    """mosquitto's own accounting, from its $SYS topics (start it with `sys_interval 1`): heap
+    bytes it allocated (current and maximum) and bytes in its message store, sampled over time.
+
+    Next to the process RSS this tells memory mosquitto holds from memory its allocator kept
+    after freeing it (RSS is a high-water mark; the heap figures are not).
+    """
+
+    TOPICS = ("$SYS/broker/heap/current", "$SYS/broker/heap/maximum",
+              "$SYS/broker/store/messages/bytes", "$SYS/broker/store/messages/count",
+              "$SYS/broker/retained messages/count", "$SYS/broker/bytes/sent")  # fmt: skip
+
+    def __init__(self, host: str, port: int, clock: Any) -> None:
+        """Subscribe on a paho client of its own; `clock()` stamps each value (Sampler.now)."""
+        self.clock = clock
+        self.values: dict[str, list[tuple[float, int]]] = {t: [] for t in self.TOPICS}
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"sys-{os.getpid()}")
+        self.client.on_message = self._message
+        self.client.connect(host, port, keepalive=60)
+        for topic in self.TOPICS:
+            self.client.subscribe(topic, 0)
+        self.client.loop_start()
+
+    def _message(self, _client: Any, _userdata: Any, message: Any) -> None:
+        """Record one value."""
+        try:
+            value = int(message.payload.decode().split()[0])
+        except (ValueError, IndexError):
+            return
+        self.values.setdefault(message.topic, []).append((self.clock(), value))
+
+    def peak_between(self, topic: str, t0: float, t1: float) -> int | None:
+        """Largest value of one topic reported between two bench times (+1 s: the interval)."""
+        inside = [v for t, v in self.values.get(topic, []) if t0 <= t <= t1 + 1.0]
+        return max(inside) if inside else None
+
+    def delta_between(self, topic: str, t0: float, t1: float) -> int | None:
+        """How much a counter topic grew between two bench times (+1 s: the interval)."""
+        inside = [v for t, v in self.values.get(topic, []) if t0 - 1.0 <= t <= t1 + 1.0]
+        return inside[-1] - inside[0] if len(inside) >= 2 else None
+
+    def close(self) -> None:
+        """Disconnect."""
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def phase_memory(
+    sampler: Sampler, broker_sys: BrokerSys, phases: list[tuple[int, str, float, float]]
+) -> list[dict[str, Any]]:
+    """Print and return, per (round, phase, t0, t1), the broker's RSS (at start, peak) and its
+    own heap and message-store peaks from $SYS: what it holds, against what its allocator kept."""
+    series = sampler.series["broker"]
+    print("round phase  broker RSS at start MiB  peak MiB  heap peak MiB  store peak MiB"
+          "  sent MiB")  # fmt: skip
+    out = []
+    for round_no, name, t0, t1 in phases:
+        start = next((rss for t, rss, _ in series.samples if t >= t0), float("nan"))
+        heap = broker_sys.peak_between("$SYS/broker/heap/current", t0, t1)
+        store = broker_sys.peak_between("$SYS/broker/store/messages/bytes", t0, t1)
+        sent = broker_sys.delta_between("$SYS/broker/bytes/sent", t0, t1)
+        row = {
+            "round": round_no, "phase": name, "rss_start_mib": round(start, 1),
+            "rss_peak_mib": round(series.peak_between(t0, t1), 1),
+            "heap_peak_mib": None if heap is None else round(heap / MIB, 1),
+            "store_peak_mib": None if store is None else round(store / MIB, 1),
+            "sent_mib": None if sent is None else round(sent / MIB, 1),
+        }  # fmt: skip
+        out.append(row)
+        print(f"{round_no:5d} {name:>5}  {row['rss_start_mib']:23}  {row['rss_peak_mib']:8}  "
+              f"{row['heap_peak_mib']!s:>13}  {row['store_peak_mib']!s:>14}"
+              f"  {row['sent_mib']!s:>8}")  # fmt: skip
+    return out
