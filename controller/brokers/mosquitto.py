@@ -41,7 +41,10 @@ log = logging.getLogger(__name__)
 # buffer: 64 in flight × 64 KiB chunks is 4 MiB per downloading device, 40 GB at 10,000 (what
 # issue 20 measured growing past 16 GB). So in-flight bytes are capped per client:
 # 256 KiB = 4 chunks keeps a device's link busy (2.5 MB/s at a 100 ms RTT, 40× that on a LAN)
-# and bounds the copies at 256 KiB per downloading device, 256 MiB for 1,000 at once.
+# and was meant to bound the copies at 256 KiB per downloading device. Measured since
+# (bench/RESULTS.md, "Broker memory in the fan-out"): devices that read slower than mosquitto
+# 2.0 writes still cost it ~2 MiB each for an 8 MiB artifact, whatever this value; only an
+# in-flight window of <= 2 messages removed that, and the controller's session needs ~64.
 MAX_INFLIGHT_BYTES = 256 * 1024
 # Small messages (events, telemetry, commands) are limited by count, not bytes: 64 lets the
 # controller's session (which acknowledges after its database commit) keep ~64 messages in

@@ -21,8 +21,9 @@ from agent.protocol import Event
 # chunks still queued for them and duplicate the traffic. Measured on this 2-vCPU machine
 # (shared, load ~10; bench/RESULTS.md): B ≈ 35 MB/s; W = 1,000 gave 2.2 s per chunk, 4.8×
 # duplicate deliveries and a 4.3 GiB broker, W = 200 gave 0.4 s, no repair at all, a 24 MiB
-# broker and the same total time (the window is not what limits it). The broker's chunk copies
-# are bounded at W × MAX_INFLIGHT_BYTES = 50 MiB.
+# broker and the same total time (the window is not what limits it). The broker's transient
+# chunk copies scale with W: ~75 KiB per device for a 1 MiB artifact, ~2 MiB for an 8 MiB one
+# (not bounded by MAX_INFLIGHT_BYTES; bench/RESULTS.md, "Broker memory in the fan-out").
 DEFAULT_MAX_FETCHING = 200
 # Devices started per minute by default: 0 = no rate limit, the window alone paces (AWS IoT
 # Jobs caps at 1,000/min; this controller served 10,000 in a minute on 2 vCPUs, so a default
