@@ -1,4 +1,5 @@
-"""Controller storage: one schema with versioned migrations on SQLite (default) or PostgreSQL."""
+"""Controller storage: one SQLAlchemy Core schema on SQLite (default) or PostgreSQL, migrated
+by Alembic (docs/storage.md)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,14 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
-from controller.storage.migrations import MIGRATIONS
+import sqlalchemy
+from sqlalchemy.engine import CursorResult, Engine
+from sqlalchemy.sql.base import Executable
 
 # How long a connection waits for another one's lock (busy timeout, and opening a new file).
 OPEN_TIMEOUT_S = 30.0
@@ -20,23 +23,26 @@ POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
 class Cursor(Protocol):
-    """What callers use of a DB-API cursor: rows, one row, affected row count."""
+    """What callers use of a result: rows, one row, affected row count."""
 
-    rowcount: int
+    @property
+    def rowcount(self) -> int:
+        """Rows the statement changed."""
 
     def fetchone(self) -> Any:
         """The next row (indexable by position and by column name), or None."""
 
-    def fetchall(self) -> list[Any]:
+    def fetchall(self) -> Sequence[Any]:
         """The remaining rows."""
 
     def __iter__(self) -> Iterator[Any]:
         """Iterate over the remaining rows."""
 
 
-class Connection(Protocol):
-    """The connection surface the controller writes SQL against (SQLite's, which the
-    PostgreSQL backend mirrors): `?` placeholders, rows indexable by name and position."""
+class RawSql(Protocol):
+    """A backend's runner of SQL text in SQLite's words (`?` placeholders), rows indexable by
+    name and position: the surface callers outside storage/ still use until they are ported
+    to storage/queries (docs/storage.md)."""
 
     def execute(self, sql: str, params: Sequence[Any] = (), /) -> Cursor:
         """Run one statement."""
@@ -44,16 +50,70 @@ class Connection(Protocol):
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]], /) -> Cursor:
         """Run one statement for each parameter row."""
 
+    @property
+    def in_transaction(self) -> bool:
+        """Whether a transaction is open on the driver connection."""
+
+
+class Connection:
+    """The statements of one transaction: SQLAlchemy Core statements (storage/queries), and
+    SQL text in SQLite's words for code not ported yet."""
+
+    __slots__ = ("_raw", "sa")
+
+    def __init__(self, sa: sqlalchemy.Connection, raw: RawSql) -> None:
+        """Wrap the SQLAlchemy connection and the backend's raw-SQL runner of one database."""
+        self.sa = sa
+        self._raw = raw
+
+    def execute(self, statement: str | Executable, params: Any = (), /) -> Cursor:
+        """Run one statement: Core (params a mapping, or a list of them for executemany) or
+        SQL text with `?` placeholders (params a sequence)."""
+        if isinstance(statement, str):
+            return self._raw.execute(statement, params)
+        return self.sa.execute(statement, params or None)
+
+    def executemany(self, statement: str | Executable, rows: Iterable[Any], /) -> Cursor:
+        """Run one statement for each parameter row (one round trip where the driver can)."""
+        if isinstance(statement, str):
+            return self._raw.executemany(statement, rows)
+        return self.sa.execute(statement, list(rows))
+
+    @property
+    def in_transaction(self) -> bool:
+        """Whether a transaction is open (BEGIN issued, no COMMIT/ROLLBACK yet)."""
+        return self._raw.in_transaction
+
+    def rows(self, statement: Executable, params: Mapping[str, Any] | None = None) -> list[
+        dict[str, Any]
+    ]:
+        """The rows of a Core query as dicts."""
+        return [dict(r._mapping) for r in self.sa.execute(statement, params)]
+
+    def one(
+        self, statement: Executable, params: Mapping[str, Any] | None = None
+    ) -> dict[str, Any] | None:
+        """The first row of a Core query as a dict, or None."""
+        row = self.sa.execute(statement, params).first()
+        return dict(row._mapping) if row is not None else None
+
+    def scalar(self, statement: Executable, params: Mapping[str, Any] | None = None) -> Any:
+        """The first column of the first row, or None."""
+        return self.sa.execute(statement, params).scalar()
+
 
 class Database:
     """One connection (use one per thread) with migrations applied on open.
 
-    Two backends share this interface and the SQL written against it: SQLite (the embedded
-    default) and PostgreSQL (replicas). SQL uses `?` placeholders and the subset both run:
-    ON CONFLICT upserts, CASE instead of two-argument MAX, no JSON functions (docs/storage.md).
+    Two backends share this interface: SQLite (the embedded default) and PostgreSQL
+    (replicas). SQLAlchemy runs in driver-level autocommit; each backend issues its own
+    BEGIN/SAVEPOINT/COMMIT, because the semantics below (BEGIN IMMEDIATE, an advisory lock
+    in the same transaction, REPEATABLE READ snapshots) are not SQLAlchemy's defaults.
     """
 
     dialect = "sqlite"
+    engine: Engine
+    sa: sqlalchemy.Connection
     conn: Connection
 
     @contextmanager
@@ -73,13 +133,23 @@ class Database:
         raise NotImplementedError
         yield self.conn  # pragma: no cover
 
-    def migrate(self, upto: int | None = None) -> int:
-        """Apply the migrations the database lacks (up to `upto`); return its schema version."""
+    def migration_lock(self) -> AbstractContextManager[Connection]:
+        """The transaction a migration runs in: one process at a time."""
         raise NotImplementedError
 
-    def schema_version(self) -> int:
-        """The number of migrations applied to this database."""
-        raise NotImplementedError
+    def migrate(self) -> str:
+        """Bring the schema to this edgefleet's Alembic head (legacy databases in place);
+        return the revision."""
+        from controller.storage.upgrade import upgrade
+
+        with self.migration_lock() as tx:
+            return upgrade(tx.sa, self.dialect)
+
+    def schema_version(self) -> str | None:
+        """The Alembic revision of the database (None before any)."""
+        from controller.storage.upgrade import current_revision
+
+        return current_revision(self.sa)
 
     def lock_devices(self, device_ids: Iterable[str]) -> None:
         """Hold per-device write locks until the transaction ends (no-op where writers are
@@ -88,7 +158,7 @@ class Database:
     def healthy(self) -> bool:
         """False once the connection is lost for good (the service then stops: a supervisor
         restarts it; messages it did not acknowledge are delivered again)."""
-        return True
+        return not (self.sa.closed or self.sa.invalidated)
 
     def clock(self) -> float:
         """The time every replica agrees on (the database server's; here this host's)."""
@@ -105,32 +175,29 @@ class Database:
         raise NotImplementedError
         yield self.conn  # pragma: no cover
 
-    def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+    def query(self, sql: str | Executable, params: Any = ()) -> list[dict[str, Any]]:
         """Rows as dicts."""
-        return [dict(row) for row in self.conn.execute(sql, params).fetchall()]
+        if isinstance(sql, str):
+            return [dict(row) for row in self.conn.execute(sql, params).fetchall()]
+        return self.conn.rows(sql, params or None)
 
-    def query_one(self, sql: str, params: Sequence[Any] = ()) -> dict[str, Any] | None:
+    def query_one(self, sql: str | Executable, params: Any = ()) -> dict[str, Any] | None:
         """First row as a dict, or None."""
-        row = self.conn.execute(sql, params).fetchone()
-        return dict(row) if row else None
+        if isinstance(sql, str):
+            row = self.conn.execute(sql, params).fetchone()
+            return dict(row) if row else None
+        return self.conn.one(sql, params or None)
 
     def close(self) -> None:
-        """Close the connection."""
-        raise NotImplementedError
+        """Close the connection (and its engine: one connection per Database)."""
+        self.sa.close()
+        self.engine.dispose()
 
 
-def check_schema_version(current: int) -> None:
-    """Refuse a database a newer edgefleet migrated: this one may misread its schema."""
-    if current > len(MIGRATIONS):
-        raise RuntimeError(
-            f"the database schema is version {current}, newer than this edgefleet's "
-            f"({len(MIGRATIONS)}): upgrade edgefleet before running it against this database"
-        )
-
-
-def split_statements(script: str) -> list[str]:
-    """The statements of a migration script (no migration has a `;` inside a literal)."""
-    return [s.strip() for s in script.split(";") if s.strip()]
+def result(cursor: Any) -> CursorResult[Any]:
+    """A Core statement's result, typed (Connection.execute returns Any for both surfaces)."""
+    assert isinstance(cursor, CursorResult)
+    return cursor
 
 
 def database_target(home: Path, db: str | None = None) -> str:

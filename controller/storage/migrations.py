@@ -1,8 +1,13 @@
-"""The schema as ordered migrations; the index + 1 is the schema version."""
+"""The legacy migrations (before Alembic), frozen: the index + 1 is the legacy version.
+
+storage/legacy.py applies them to a database of an older edgefleet before Alembic takes it
+over at the baseline revision; a new schema change is an Alembic revision in
+storage/alembic/versions/, never an entry here (docs/storage.md).
+"""
 
 from __future__ import annotations
 
-# Ordered migrations; the index + 1 is the schema version. Never edit one that has shipped.
+# Ordered migrations; the index + 1 is the legacy version. Frozen: never edit or append.
 MIGRATIONS: tuple[str, ...] = (
     """
     CREATE TABLE devices (

@@ -1,27 +1,50 @@
-"""The SQLite backend: one connection in WAL mode, schema version in PRAGMA user_version."""
-
+"""The SQLite backend: one connection in WAL mode behind a SQLAlchemy engine."""
 
 from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import cast
+from typing import Any
 
-from controller.storage.db import (
-    OPEN_TIMEOUT_S,
-    Connection,
-    Database,
-    check_schema_version,
-    split_statements,
-)
-from controller.storage.migrations import MIGRATIONS
+import sqlalchemy
+from sqlalchemy.pool import NullPool
+
+from controller.storage.db import OPEN_TIMEOUT_S, Connection, Database
+
+
+class SqliteRaw:
+    """SQL text in SQLite's own words on the driver connection, rows as sqlite3.Row (the
+    surface of code not yet ported to storage/queries)."""
+
+    __slots__ = ("_sqlite",)
+
+    def __init__(self, sqlite: sqlite3.Connection) -> None:
+        """Wrap the driver connection under the engine."""
+        self._sqlite = sqlite
+
+    def execute(self, sql: str, params: Sequence[Any] = (), /) -> sqlite3.Cursor:
+        """Run one statement; returns the cursor (rows by name and position)."""
+        cursor = self._sqlite.cursor()
+        cursor.row_factory = sqlite3.Row
+        return cursor.execute(sql, params)
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]], /) -> sqlite3.Cursor:
+        """Run one statement per parameter row."""
+        cursor = self._sqlite.cursor()
+        cursor.row_factory = sqlite3.Row
+        return cursor.executemany(sql, rows)
+
+    @property
+    def in_transaction(self) -> bool:
+        """Whether a transaction is open on the driver connection."""
+        return self._sqlite.in_transaction
 
 
 class SqliteDatabase(Database):
-    """One SQLite connection in WAL mode; schema version in PRAGMA user_version."""
+    """One SQLite connection in WAL mode; schema at the Alembic head."""
 
     dialect = "sqlite"
 
@@ -29,16 +52,23 @@ class SqliteDatabase(Database):
         """Open (creating if needed) the database and bring its schema up to date."""
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        # isolation_level=None: we issue BEGIN/COMMIT ourselves so batches are one transaction.
-        self.sqlite = sqlite3.connect(path, isolation_level=None, timeout=OPEN_TIMEOUT_S)
-        self.sqlite.row_factory = sqlite3.Row
-        # sqlite3.Connection is the surface Connection describes; typeshed's wider parameter
-        # types (mappings, buffers) are what mypy cannot match against the Protocol.
-        self.conn = cast(Connection, self.sqlite)
+
+        def connect() -> sqlite3.Connection:
+            # isolation_level=None: BEGIN/COMMIT are ours, so a batch is one transaction.
+            return sqlite3.connect(path, isolation_level=None, timeout=OPEN_TIMEOUT_S)
+
+        self.engine = sqlalchemy.create_engine(
+            "sqlite://", creator=connect, poolclass=NullPool, isolation_level="AUTOCOMMIT"
+        )
+        self.sa = self.engine.connect()
+        driver = self.sa.connection.driver_connection
+        assert isinstance(driver, sqlite3.Connection)
+        self.sqlite = driver
+        self.conn = Connection(self.sa, SqliteRaw(driver))
         self._wal_mode()
         # NORMAL is durable across application crashes in WAL mode, and much faster than FULL.
-        self.sqlite.execute("PRAGMA synchronous=NORMAL")
-        self.sqlite.execute("PRAGMA foreign_keys=ON")
+        self.sa.exec_driver_sql("PRAGMA synchronous=NORMAL")
+        self.sa.exec_driver_sql("PRAGMA foreign_keys=ON")
         self._savepoints = 0
         self._data_version = -1
         if migrate:
@@ -54,29 +84,16 @@ class SqliteDatabase(Database):
         deadline = time.monotonic() + OPEN_TIMEOUT_S
         while True:
             try:
-                self.sqlite.execute("PRAGMA journal_mode=WAL")
+                self.sa.exec_driver_sql("PRAGMA journal_mode=WAL")
                 return
-            except sqlite3.OperationalError as exc:
+            except sqlalchemy.exc.OperationalError as exc:
                 if "locked" not in str(exc) or time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
 
-    def migrate(self, upto: int | None = None) -> int:
-        """Apply every migration newer than the stored user_version (up to `upto`, for upgrade
-        tests); return the version."""
-        target = len(MIGRATIONS) if upto is None else upto
-        with self.transaction():
-            current = self.sqlite.execute("PRAGMA user_version").fetchone()[0]
-            check_schema_version(current)
-            for version, script in enumerate(MIGRATIONS[current:target], start=current + 1):
-                for statement in split_statements(script):
-                    self.sqlite.execute(statement)
-                self.sqlite.execute(f"PRAGMA user_version={version}")
-        return int(max(current, target))
-
-    def schema_version(self) -> int:
-        """PRAGMA user_version: the number of migrations applied."""
-        return int(self.sqlite.execute("PRAGMA user_version").fetchone()[0])
+    def migration_lock(self) -> Any:
+        """BEGIN IMMEDIATE: one migrating connection at a time."""
+        return self.transaction()
 
     @contextmanager
     def transaction(
@@ -87,25 +104,26 @@ class SqliteDatabase(Database):
         Inside an open transaction it is a SAVEPOINT instead: the service wraps a batch of
         messages in one transaction, and one bad message rolls back only its own changes.
         """
-        if self.sqlite.in_transaction:
+        sqlite = self.sqlite
+        if sqlite.in_transaction:
             self._savepoints += 1
             name = f"sp{self._savepoints}"
-            self.sqlite.execute(f"SAVEPOINT {name}")
+            sqlite.execute(f"SAVEPOINT {name}")
             try:
                 yield self.conn
             except BaseException:
-                self.sqlite.execute(f"ROLLBACK TO {name}")
-                self.sqlite.execute(f"RELEASE {name}")
+                sqlite.execute(f"ROLLBACK TO {name}")
+                sqlite.execute(f"RELEASE {name}")
                 raise
-            self.sqlite.execute(f"RELEASE {name}")
+            sqlite.execute(f"RELEASE {name}")
             return
-        self.sqlite.execute("BEGIN IMMEDIATE")
+        sqlite.execute("BEGIN IMMEDIATE")
         try:
             yield self.conn
         except BaseException:
-            self.sqlite.execute("ROLLBACK")
+            sqlite.execute("ROLLBACK")
             raise
-        self.sqlite.execute("COMMIT")
+        sqlite.execute("COMMIT")
 
     @contextmanager
     def snapshot(self) -> Iterator[Connection]:
@@ -122,7 +140,3 @@ class SqliteDatabase(Database):
         changed = bool(version != self._data_version)
         self._data_version = version
         return changed
-
-    def close(self) -> None:
-        """Close the connection."""
-        self.sqlite.close()

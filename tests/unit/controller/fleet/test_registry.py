@@ -10,8 +10,9 @@ import pytest
 
 from agent.protocol import BenchmarkReport, DeviceFacts, Event, Hello, Status
 from controller.fleet.registry import Fleet, FleetError
-from controller.storage.migrations import MIGRATIONS
+from controller.storage.legacy import HANDED_OVER
 from controller.storage.sqlite import SqliteDatabase
+from controller.storage.upgrade import head
 from tests.paths import TEST_DATA
 
 DATA = TEST_DATA
@@ -21,10 +22,11 @@ FACTS = DeviceFacts("aarch64", "Linux", 4, 3792, "tflite-runtime", "2.14.0", "3.
 def test_database_is_wal_and_migrated(tmp_path: Path) -> None:
     db = SqliteDatabase(tmp_path / "x.db")
     assert db.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert db.conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    assert db.conn.execute("PRAGMA user_version").fetchone()[0] == HANDED_OVER
+    assert db.schema_version() == head()
     db.close()
     again = SqliteDatabase(tmp_path / "x.db")  # re-opening applies nothing twice
-    assert again.migrate() == len(MIGRATIONS)
+    assert again.migrate() == head()
 
 
 def test_register_validates_id_and_profile(fleet: Fleet) -> None:

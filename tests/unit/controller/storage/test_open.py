@@ -5,8 +5,9 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from controller.storage.migrations import MIGRATIONS
+from controller.storage.legacy import HANDED_OVER
 from controller.storage.sqlite import SqliteDatabase
+from controller.storage.upgrade import head
 
 
 def test_threads_opening_a_new_database_at_once_all_succeed(tmp_path: Path) -> None:
@@ -19,7 +20,8 @@ def test_threads_opening_a_new_database_at_once_all_succeed(tmp_path: Path) -> N
             try:
                 db = SqliteDatabase(path)
                 assert db.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-                assert db.conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+                assert db.conn.execute("PRAGMA user_version").fetchone()[0] == HANDED_OVER
+                assert db.schema_version() == head()
                 db.close()
             except Exception as exc:  # collected: a thread's exception would be lost
                 errors.append(repr(exc))

@@ -20,8 +20,10 @@ from agent.protocol import (
 from controller.fleet.telemetry.reports import BUCKET_COLUMNS, bucket_index, percentile_from_buckets
 from controller.fleet.telemetry.store import TelemetryStore
 from controller.storage.db import Database
+from controller.storage.legacy import HANDED_OVER
 from controller.storage.migrations import MIGRATIONS
 from controller.storage.sqlite import SqliteDatabase
+from controller.storage.upgrade import head
 from tests.telemetry_records import SHA_A, SHA_B, T0, message, record, stats
 
 
@@ -400,7 +402,8 @@ def test_migration_4_upgrades_a_version_3_database_in_place(tmp_path: Path) -> N
 
     db = SqliteDatabase(path)
     try:
-        assert db.query_one("PRAGMA user_version") == {"user_version": len(MIGRATIONS)}
+        assert db.query_one("PRAGMA user_version") == {"user_version": HANDED_OVER}
+        assert db.schema_version() == head()
         assert db.query("SELECT id, profile FROM devices") == [{"id": "pi-1", "profile": "rpi4"}]
         assert db.query("SELECT name, version FROM models") == [{"name": "cnn", "version": "1"}]
         tables = {r["name"] for r in db.query("SELECT name FROM sqlite_master WHERE type='table'")}
@@ -414,7 +417,7 @@ def test_migration_4_upgrades_a_version_3_database_in_place(tmp_path: Path) -> N
         assert TelemetryStore(db).ingest(message("pi-1", [1, 2]), T0).stored == 2
     finally:
         db.close()
-    assert SqliteDatabase(path).migrate() == len(MIGRATIONS)  # reopening is a no-op
+    assert SqliteDatabase(path).migrate() == head()  # reopening is a no-op
 
 
 def test_bucket_columns_match_the_protocols_histogram(db: Database) -> None:
