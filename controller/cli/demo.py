@@ -22,6 +22,7 @@ from controller.cli.render import as_json, num, short, table
 from controller.fleet.registry import Fleet
 from controller.fleet.rollout.policy import Gate, Policy, Threshold, parse_waves
 from controller.fleet.rollout.states import ACTIVE, DeviceState
+from controller.storage.queries.telemetry import served_by_device
 
 # Profiles the demo agents declare, in turn: a board, a phone, a gateway, an NPU board.
 DEMO_PROFILES = ("rpi4", "pixel-8", "x86-64-gateway", "imx93", "rpi5", "jetson-orin-nano-cpu")
@@ -252,9 +253,7 @@ def wait_telemetry(fleet: Fleet, served: dict[str, dict[str, Any]], progress: Pr
     while time.monotonic() < deadline:
         counted = {
             r["device_id"]: r["n"]
-            for r in fleet.db.query(
-                "SELECT device_id, SUM(served) AS n FROM telemetry GROUP BY device_id"
-            )
+            for r in served_by_device(fleet.db.conn)
         }
         if all(counted.get(d, 0) >= s["requests"] for d, s in served.items()):
             progress("telemetry of every request stored by the controller")

@@ -40,6 +40,7 @@ from controller.http.events import event_routes
 from controller.http.health import health_report
 from controller.http.params import query_bool, query_int
 from controller.storage.db import database_target
+from controller.storage.queries import metrics as fleet_queries
 
 API_PREFIX = "/api/v1"
 # A sanity bound on integer fields of a request (SQLite integers are 64-bit; no fleet needs more).
@@ -167,13 +168,7 @@ class _ThreadFleet:
 
 def fleet_version(fleet: Fleet) -> list[Any]:
     """What changes when the fleet does: device, rollout and event counters and timestamps."""
-    row = fleet.db.conn.execute(
-        "SELECT (SELECT COUNT(*) FROM devices), (SELECT MAX(last_seen) FROM devices), "
-        "(SELECT SUM(online) FROM devices), (SELECT COUNT(*) FROM deployments), "
-        "(SELECT MAX(updated) FROM deployments), (SELECT MAX(updated) FROM deployment_devices), "
-        "(SELECT MAX(received) FROM events), (SELECT MAX(id) FROM models)"
-    ).fetchone()
-    return list(row)
+    return fleet_queries.fleet_version(fleet.db.conn)
 
 
 def _found(call: Callable[[], _T]) -> _T:

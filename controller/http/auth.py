@@ -13,6 +13,7 @@ from agent.protocol import ProtocolError, validate_name
 from controller.errors import FleetError
 from controller.storage.db import Database, database_target, now
 from controller.storage.open import open_database
+from controller.storage.queries import auth as q
 
 ROLES = ("read", "admin")
 # The admin token `edgefleet up --http` makes for the dashboard and the demo, and its file.
@@ -44,39 +45,34 @@ def create_token(db: Database, name: str, role: str = "read", *, local: bool = F
         raise FleetError(f"--role must be {' or '.join(ROLES)}, got {role!r}")
     token = secrets.token_urlsafe(TOKEN_BYTES)
     with db.transaction() as tx:
-        if tx.execute("SELECT 1 FROM api_tokens WHERE name = ?", (name,)).fetchone():
+        if q.token_exists(tx, name):
             raise FleetError(f"token {name!r} exists (revoke it first: `edgefleet tokens revoke`)")
-        tx.execute(
-            "INSERT INTO api_tokens (name, sha256, role, created) VALUES (?, ?, ?, ?)",
-            (name, token_sha256(token), role, now()),
-        )
+        q.add_token(tx, name, token_sha256(token), role, now())
     return token
 
 
 def list_tokens(db: Database) -> list[dict[str, Any]]:
     """Every token's name, role, creation and last use (never the token or its hash)."""
-    return db.query("SELECT name, role, created, last_used FROM api_tokens ORDER BY name")
+    return q.tokens(db.conn)
 
 
 def revoke_token(db: Database, name: str) -> None:
     """Delete token NAME; requests bearing it get 401 from then on."""
     with db.transaction() as tx:
-        if not tx.execute("DELETE FROM api_tokens WHERE name = ?", (name,)).rowcount:
+        if not q.delete_token(tx, name):
             raise FleetError(f"unknown token {name!r} (see `edgefleet tokens list`)")
 
 
 def authenticate(db: Database, token: str) -> dict[str, Any] | None:
     """The token's row (name, role) or None; looked up by hash, so timing reveals no prefix."""
     digest = token_sha256(token)
-    row = db.query_one(
-        "SELECT name, sha256, role, last_used FROM api_tokens WHERE sha256 = ?", (digest,)
-    )
+    row = q.token_by_hash(db.conn, digest)
     if row is None or not hmac.compare_digest(row["sha256"], digest):
         return None
     ts = now()
     if row["last_used"] is None or ts - row["last_used"] > LAST_USED_RESOLUTION_S:
         with db.transaction() as tx:
-            tx.execute("UPDATE api_tokens SET last_used = ? WHERE name = ?", (ts, row["name"]))
+            q.touch_token(tx, row["name"], ts)
     return {"name": row["name"], "role": row["role"]}
 
 
@@ -91,15 +87,13 @@ def ensure_local_token(home: Path, db_target: str | None = None) -> str:
         except FileNotFoundError:
             token = ""
         if token:
-            row = db.query_one(
-                "SELECT name FROM api_tokens WHERE sha256 = ?", (token_sha256(token),)
-            )
+            row = q.token_by_hash(db.conn, token_sha256(token))
             if row is not None and row["name"] == LOCAL_TOKEN_NAME:
                 os.chmod(path, 0o600)  # the owner only, even if someone widened it
                 return token
         # Only the hash is stored: a lost file cannot be recovered, so the token is replaced.
         with db.transaction() as tx:
-            tx.execute("DELETE FROM api_tokens WHERE name = ?", (LOCAL_TOKEN_NAME,))
+            q.delete_token(tx, LOCAL_TOKEN_NAME)
         token = create_token(db, LOCAL_TOKEN_NAME, "admin", local=True)
     finally:
         db.close()

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from agent.protocol.transport import Ack, MqttSession
 from controller.runtime.lease import DEAD_AFTER_S
 from controller.storage.db import Database
+from controller.storage.queries import leases as q
 
 log = logging.getLogger(__name__)
 
@@ -113,17 +114,10 @@ class Adoption:
 def dead_replicas(db: Database, me: str) -> list[dict[str, str]]:
     """Replicas on shared subscriptions whose heartbeat stopped and whose death nobody adopted."""
     now = db.clock()
-    return db.query(
-        "SELECT name, client_id FROM replicas WHERE shared = 1 AND name != ? AND last_seen < ? "
-        "AND (adopted IS NULL OR adopted < last_seen)",
-        (me, now - DEAD_AFTER_S),
-    )
+    return q.dead_unadopted(db.conn, me, now - DEAD_AFTER_S)
 
 
 def mark_adopted(db: Database, name: str, by: str) -> None:
     """Record that `by` adopted replica `name`'s session for this death."""
     with db.transaction() as tx:
-        tx.execute(
-            "UPDATE replicas SET adopted = ?, adopted_by = ? WHERE name = ?",
-            (db.clock(), by, name),
-        )
+        q.mark_adopted(tx, name, by, db.clock())

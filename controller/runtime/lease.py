@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from controller.storage.db import Connection, Database
+from controller.storage.queries import leases as q
 
 log = logging.getLogger(__name__)
 
@@ -57,30 +58,17 @@ class Lease:
         """Renew the lease if this replica holds it, take it if free or expired; True if held."""
         with self.db.transaction() as tx:
             now = self.db.clock()
-            row = tx.execute(
-                "SELECT holder, epoch, expires FROM leases WHERE name = ?", (self.name,)
-            ).fetchone()
+            row = q.lease(tx, self.name)
             if row is None:
-                tx.execute(
-                    "INSERT INTO leases (name, holder, epoch, acquired, renewed, expires) "
-                    "VALUES (?, ?, 1, ?, ?, ?)",
-                    (self.name, self.holder, now, now, now + self.ttl_s),
-                )
+                q.create_lease(tx, self.name, self.holder, now, now + self.ttl_s)
                 epoch = 1
             elif row[0] == self.holder and row[2] > now and row[1] == self.epoch:
-                tx.execute(
-                    "UPDATE leases SET renewed = ?, expires = ? WHERE name = ?",
-                    (now, now + self.ttl_s, self.name),
-                )
-                epoch = int(row[1])
+                q.renew_lease(tx, self.name, now, now + self.ttl_s)
+                epoch = row[1]
             elif row[2] <= now or row[0] == self.holder:
                 # Expired, or ours from before a restart (same name): a new term either way.
-                epoch = int(row[1]) + 1
-                tx.execute(
-                    "UPDATE leases SET holder = ?, epoch = ?, acquired = ?, renewed = ?, "
-                    "expires = ? WHERE name = ?",
-                    (self.holder, epoch, now, now, now + self.ttl_s, self.name),
-                )
+                epoch = row[1] + 1
+                q.take_lease(tx, self.name, self.holder, epoch, now, now + self.ttl_s)
                 log.info("%s took the %s lease (term %d) from %s", self.holder, self.name,
                          epoch, row[0])  # fmt: skip
             else:
@@ -93,13 +81,11 @@ class Lease:
         still hold the lease, this term, for at least `margin_s` more?"""
         if not self.epoch:
             return False
-        row = tx.execute(
-            "SELECT holder, epoch, expires FROM leases WHERE name = ?", (self.name,)
-        ).fetchone()
+        row = q.lease(tx, self.name)
         return (
             row is not None
             and row[0] == self.holder
-            and int(row[1]) == self.epoch
+            and row[1] == self.epoch
             and row[2] > now + margin_s
         )
 
@@ -108,15 +94,12 @@ class Lease:
         if not self.epoch:
             return
         with self.db.transaction() as tx:
-            tx.execute(
-                "UPDATE leases SET expires = ? WHERE name = ? AND holder = ? AND epoch = ?",
-                (self.db.clock(), self.name, self.holder, self.epoch),
-            )
+            q.expire_lease(tx, self.name, self.holder, self.epoch, self.db.clock())
         self.epoch = 0
 
     def state(self) -> LeaseState | None:
         """The lease row, or None before anyone took it."""
-        row = self.db.query_one("SELECT * FROM leases WHERE name = ?", (self.name,))
+        row = q.lease_row(self.db.conn, self.name)
         if row is None:
             return None
         return LeaseState(
@@ -137,21 +120,17 @@ def heartbeat(
     """Record that replica `name` is alive, whether it leads, its MQTT client and counters."""
     now = db.clock()
     with db.transaction(exclusive=False) as tx:
-        tx.execute(
-            "INSERT INTO replicas (name, host, pid, started, last_seen, leader, stats, "
-            "client_id, shared) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE "
-            "SET host = excluded.host, pid = excluded.pid, started = excluded.started, "
-            "last_seen = excluded.last_seen, leader = excluded.leader, stats = excluded.stats, "
-            "client_id = excluded.client_id, shared = excluded.shared",
-            (name, socket.gethostname(), os.getpid(), started, now, int(leader),
-             json.dumps(stats, sort_keys=True), client_id, int(shared)),
-        )  # fmt: skip
+        q.heartbeat(tx, {
+            "name": name, "host": socket.gethostname(), "pid": os.getpid(), "started": started,
+            "last_seen": now, "leader": int(leader), "stats": json.dumps(stats, sort_keys=True),
+            "client_id": client_id, "shared": int(shared),
+        })  # fmt: skip
 
 
 def replicas(db: Database) -> list[dict[str, Any]]:
     """Every replica that ever ran against this database, newest heartbeat first."""
     now = db.clock()
-    rows = db.query("SELECT * FROM replicas ORDER BY last_seen DESC, name")
+    rows = q.all_replicas(db.conn)
     for r in rows:
         r["stats"] = json.loads(r["stats"])
         r["age_s"] = now - r["last_seen"]
@@ -165,7 +144,7 @@ def running_elsewhere(db: Database, name: str, wait_s: float) -> dict[str, Any] 
     deadline = time.monotonic() + wait_s
     me = (socket.gethostname(), os.getpid())
     while True:
-        row = db.query_one("SELECT host, pid, last_seen FROM replicas WHERE name = ?", (name,))
+        row = q.presence(db.conn, name)
         if row is None or (row["host"], row["pid"]) == me:
             return None
         if db.clock() - row["last_seen"] > DEAD_AFTER_S:

@@ -20,6 +20,7 @@ from controller.fleet.telemetry.reports import BUCKET_COLUMNS, model_label
 from controller.fleet.telemetry.store import IngestResult
 from controller.storage.db import Connection
 from controller.storage.open import open_database
+from controller.storage.queries import metrics as q
 
 # Histogram `le` bounds in seconds (Prometheus base unit), one per LATENCY_BUCKETS_MS bound.
 LATENCY_BUCKETS_S: tuple[str, ...] = tuple(
@@ -27,11 +28,6 @@ LATENCY_BUCKETS_S: tuple[str, ...] = tuple(
 )
 # Label value for devices (or telemetry totals) without a profile.
 NO_PROFILE = "unknown"
-
-
-def _rows(conn: Connection, sql: str) -> list[dict[str, Any]]:
-    """Rows as dicts."""
-    return [dict(row) for row in conn.execute(sql).fetchall()]
 
 
 class FleetCollector(Collector):
@@ -82,11 +78,7 @@ class FleetCollector(Collector):
             "Registered devices by profile, reported update state and MQTT link.",
             labels=["profile", "state", "online"],
         )
-        for row in _rows(
-            conn,
-            "SELECT COALESCE(profile, '') AS profile, state, online, COUNT(*) AS n FROM devices "
-            "GROUP BY COALESCE(profile, ''), state, online ORDER BY 1, 2, 3",
-        ):
+        for row in q.device_counts(conn):
             family.add_metric(
                 [row["profile"] or NO_PROFILE, row["state"], "1" if row["online"] else "0"],
                 row["n"],
@@ -101,11 +93,7 @@ class FleetCollector(Collector):
             "Rollouts (kind=rollout) and plain deployments (kind=deploy) by state.",
             labels=["kind", "state"],
         )
-        for row in _rows(
-            conn,
-            "SELECT kind, state, COUNT(*) AS n FROM deployments GROUP BY kind, state "
-            "ORDER BY kind, state",
-        ):
+        for row in q.rollout_counts(conn):
             family.add_metric([row["kind"], row["state"]], row["n"])
         return family
 
@@ -114,14 +102,10 @@ class FleetCollector(Collector):
         """Served-inference latency histograms per profile × model, from the ingest totals."""
         names = {
             r["sha256"]: f"{r['name']}:{r['version']}"
-            for r in _rows(
-                conn,
-                "SELECT a.sha256, m.name, m.version FROM artifacts a "
-                "JOIN models m ON m.id = a.model_id",
-            )
+            for r in q.artifact_names(conn)
         }
         merged: dict[tuple[str, str], list[float]] = {}
-        for row in _rows(conn, "SELECT * FROM telemetry_latency_totals"):
+        for row in q.latency_totals(conn):
             key = (row["profile"] or NO_PROFILE, model_label(row["model_sha256"], names))
             acc = merged.setdefault(key, [0.0] * (1 + len(BUCKET_COLUMNS)))
             acc[0] += row["latency_sum_ms"]
@@ -145,18 +129,8 @@ class FleetCollector(Collector):
     @staticmethod
     def _telemetry(conn: Connection) -> list[Metric]:
         """Open gaps, missing and lost records, and records devices dropped from their spool."""
-        gaps = _rows(
-            conn,
-            "SELECT "
-            "COALESCE(SUM(CASE WHEN state = 'missing' THEN 1 ELSE 0 END), 0) AS open, "
-            "COALESCE(SUM(CASE WHEN state = 'missing' THEN seq_last - seq_first + 1 ELSE 0 END), "
-            "0) AS missing, "
-            "COALESCE(SUM(CASE WHEN state = 'lost' THEN seq_last - seq_first + 1 ELSE 0 END), "
-            "0) AS lost FROM telemetry_gaps",
-        )[0]
-        dropped = _rows(conn, "SELECT COALESCE(SUM(dropped_total), 0) AS n FROM telemetry_cursor")[
-            0
-        ]
+        gaps = q.gap_totals(conn)
+        dropped = {"n": q.dropped_total(conn)}
         out: list[Metric] = []
         for name, doc, value in (
             ("edgefleet_telemetry_gaps_open", "Missing sequence ranges not yet resent.", "open"),

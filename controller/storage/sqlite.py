@@ -55,7 +55,11 @@ class SqliteDatabase(Database):
 
         def connect() -> sqlite3.Connection:
             # isolation_level=None: BEGIN/COMMIT are ours, so a batch is one transaction.
-            return sqlite3.connect(path, isolation_level=None, timeout=OPEN_TIMEOUT_S)
+            # check_same_thread=False: a Database still belongs to one thread, but one left
+            # unclosed (an HTTP worker's) may be garbage-collected, and closed, in another.
+            return sqlite3.connect(
+                path, isolation_level=None, timeout=OPEN_TIMEOUT_S, check_same_thread=False
+            )
 
         self.engine = sqlalchemy.create_engine(
             "sqlite://", creator=connect, poolclass=NullPool, isolation_level="AUTOCOMMIT"
