@@ -17,7 +17,13 @@ plus the controller's and the broker's CPU seconds per second and peak RSS (benc
 B=1 is what devices send live (one record per interval); larger B is what they send when they
 drain a spool after an outage (up to 150 per message).
 
+With `--against REF` each round also runs git REF's controller (its tree extracted to a
+temporary directory, its own bench file's --serve mode, same broker, same stream, interleaved
+with this tree's), and the ratio this tree ÷ REF of stored records/s and of controller CPU per
+record is printed from the one run.
+
 Run: .venv/bin/python bench/bench_telemetry.py [--messages 20000] [--batches 1,20] [--rounds 2]
+     [--against REF]
 """
 
 from __future__ import annotations
@@ -28,11 +34,13 @@ import os
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
 from argparse import SUPPRESS
 from collections.abc import Callable
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -208,23 +216,42 @@ def serve_controller(home: Path, url: str, root: str, tag: str) -> None:
     service.stop()
 
 
+def tree(ref: str, into: Path) -> Path:
+    """git `ref`'s tree (the code and this bench as they were) extracted into `into`."""
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", ref, "agent", "controller", "firmware_profiles",
+         "bench"],
+        check=True,
+        capture_output=True,
+    ).stdout  # fmt: skip
+    into.mkdir(parents=True)
+    with tarfile.open(fileobj=BytesIO(archive)) as tar:
+        tar.extractall(into, filter="data")
+    return into
+
+
 def controller_round(
-    broker: BrokerHandle, root: str, messages: int, batch: int, tag: str, work: Path
-) -> tuple[float, float, float]:
-    """(a): records/s the ControllerService (own process) stores; returns (rate, controller
-    CPU seconds per second, broker CPU seconds per second)."""
+    broker: BrokerHandle, root: str, messages: int, batch: int, tag: str, work: Path,
+    code: Path = ROOT,
+) -> tuple[float, float, float]:  # fmt: skip
+    """(a): records/s the ControllerService (own process, of the tree at `code`) stores;
+    returns (rate, controller CPU seconds per second, broker CPU seconds per second)."""
     home = work / f"ctl-{tag}"
     proc = subprocess.Popen(
-        [sys.executable, __file__, "--serve", str(home), broker.url, root, tag],
+        [sys.executable, str(code / "bench" / "bench_telemetry.py"), "--serve", str(home),
+         broker.url, root, tag],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
-    )
+        cwd=code,
+        env={**os.environ, "PYTHONPATH": str(code)},
+    )  # fmt: skip
     assert proc.stdout is not None and proc.stdin is not None
     if proc.stdout.readline().strip() != "ready":
         raise SystemExit("controller did not connect")
     time.sleep(0.5)
-    db = SqliteDatabase(home / "edgefleet.db")
+    # Read only: the controller (maybe another tree's) owns the schema.
+    db = SqliteDatabase(home / "edgefleet.db", migrate=False)
     expected = messages * batch
 
     def stored() -> int:
@@ -267,6 +294,7 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=20_000, help="messages per round")
     parser.add_argument("--batches", default="1,20", help="records per message, comma-separated")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--against", help="git ref whose controller runs the same rounds")
     parser.add_argument("--publish", nargs=5, help=SUPPRESS)
     parser.add_argument("--serve", nargs=4, help=SUPPRESS)
     args = parser.parse_args()
@@ -280,6 +308,7 @@ def main() -> None:
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="ef-bench-tel-") as tmp:
         work = Path(tmp)
+        other = tree(args.against, work / "against") if args.against else None
         broker = start_mosquitto(work / "broker")
         try:
             for batch in (int(b) for b in args.batches.split(",")):
@@ -288,6 +317,8 @@ def main() -> None:
                 ctl: list[float] = []
                 cpu: list[float] = []
                 broker_cpu: list[float] = []
+                ref_ctl: list[float] = []
+                ref_cpu: list[float] = []
                 for r in range(args.rounds):
                     tag = f"{batch}-{r}"
                     bare.append(
@@ -299,6 +330,13 @@ def main() -> None:
                     ctl.append(rate)
                     cpu.append(cpu_share)
                     broker_cpu.append(broker_share)
+                    if other is not None:
+                        rate, cpu_share, _ = controller_round(
+                            broker, f"bench/{tag}r/edgefleet/v1", messages, batch, f"{tag}r",
+                            work, other,
+                        )  # fmt: skip
+                        ref_ctl.append(rate)
+                        ref_cpu.append(cpu_share)
                 same_stream = [c / b for c, b in zip(ctl, bare, strict=True)]
                 row = {
                     "records_per_message": batch,
@@ -312,6 +350,19 @@ def main() -> None:
                     "broker_cpu_per_s": statistics.median(broker_cpu),
                     "lost": 0,
                 }
+                if other is not None:
+                    # CPU per record: CPU seconds per second ÷ records per second.
+                    here_us = [c / r * 1e6 for c, r in zip(cpu, ctl, strict=True)]
+                    there_us = [c / r * 1e6 for c, r in zip(ref_cpu, ref_ctl, strict=True)]
+                    row["against"] = {
+                        "ref": args.against,
+                        "controller_records_per_s": statistics.median(ref_ctl),
+                        "controller_cpu_us_per_record": statistics.median(there_us),
+                        "this_cpu_us_per_record": statistics.median(here_us),
+                        "rate_ratio": statistics.median(ctl) / statistics.median(ref_ctl),
+                        "cpu_per_record_ratio": statistics.median(here_us)
+                        / max(statistics.median(there_us), 1e-9),
+                    }
                 results.append(row)
                 print(
                     f"B={batch:>3}  {messages:>6} msgs"
@@ -323,6 +374,17 @@ def main() -> None:
                     f" broker {row['broker_cpu_per_s']:.2f}  lost 0",
                     flush=True,
                 )
+                if other is not None:
+                    a = row["against"]
+                    print(
+                        f"       {args.against}: controller"
+                        f" {a['controller_records_per_s']:>7.0f} rec/s stored;"
+                        f" this tree ÷ {args.against}: rate {a['rate_ratio']:.2f}"
+                        f" (target >= 0.9), CPU per record {a['this_cpu_us_per_record']:.0f}"
+                        f" vs {a['controller_cpu_us_per_record']:.0f} µs"
+                        f" = {a['cpu_per_record_ratio']:.2f}",
+                        flush=True,
+                    )
         finally:
             peak = psutil.Process(broker.pid).memory_info().rss / 2**20 if broker.pid else 0.0
             broker.stop()
