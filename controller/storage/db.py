@@ -14,12 +14,15 @@ from typing import Any, Protocol
 
 import sqlalchemy
 from sqlalchemy.engine import CursorResult, Engine
+from sqlalchemy.exc import IntegrityError as IntegrityError  # re-exported, see below
 from sqlalchemy.sql.base import Executable
 
 # How long a connection waits for another one's lock (busy timeout, and opening a new file).
 OPEN_TIMEOUT_S = 30.0
 # URL schemes that select the PostgreSQL backend (controller/storage/postgres.py).
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+# IntegrityError: what a Core statement raises when the database refuses a row (a constraint, a
+# trigger); the driver's own error is its `.orig`. Statements not yet ported raise the driver's.
 
 
 class Cursor(Protocol):

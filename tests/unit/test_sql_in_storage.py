@@ -37,7 +37,6 @@ NOT_PORTED_YET: dict[str, int] = {
     "controller/fleet/rollout/waves.py": 19,
     "controller/fleet/telemetry/history.py": 11,
     "controller/fleet/telemetry/reports.py": 7,
-    "controller/fleet/telemetry/store.py": 18,
 }
 
 

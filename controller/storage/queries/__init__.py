@@ -7,39 +7,104 @@ outside one) and returns plain values: dicts, tuples, numbers.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+import functools
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
 
 from sqlalchemy import Table
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Dialect
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.elements import ClauseElement
 
 from controller.storage.db import Connection
 
 # Both dialects' INSERT with ON CONFLICT (the same methods, one class per dialect).
 Upsert = sqlite.Insert | postgresql.Insert
+_T = TypeVar("_T")
+# Bound parameters per statement on the batch paths: SQLite's limit before 3.32 (newer allow
+# 32,766), so the cursors of a whole 500-message drain from 500 devices are one statement.
+MAX_SQL_PARAMS = 999
 
 
 def _insert(conn: Connection, table: Table) -> Upsert:
     """The dialect's INSERT, which has on_conflict_do_update/do_nothing."""
-    if conn.sa.dialect.name == "postgresql":
+    return dialect_insert(conn.sa.dialect.name, table)
+
+
+def dialect_insert(dialect: str, table: Table) -> Upsert:
+    """The INSERT of dialect `dialect` ("sqlite" or "postgresql"), with ON CONFLICT."""
+    if dialect == "postgresql":
         return postgresql.insert(table)
     return sqlite.insert(table)
 
 
+def per_dialect(build: Callable[[str], _T]) -> Callable[[Connection], _T]:
+    """A statement built once per dialect (upserts differ in class, not in text), cached."""
+    cached = functools.cache(build)
+
+    def get(conn: Connection) -> _T:
+        return cached(conn.sa.dialect.name)
+
+    return get
+
+
+@functools.cache
+def _positional_dialect(name: str) -> Dialect:
+    """A dialect instance rendering positional placeholders its driver takes as they are."""
+    if name == "postgresql":
+        from sqlalchemy.dialects.postgresql import psycopg
+
+        return psycopg.dialect(paramstyle="format")  # type: ignore[no-untyped-call]
+    return sqlite.pysqlite.dialect(paramstyle="qmark")
+
+
+class Prepared:
+    """A Core statement compiled once per dialect to positional SQL text, run with plain
+    tuples on the hot path (executemany of telemetry rows): no per-row dict, no per-call
+    compile-cache lookup. The parameter order is checked against `order` when compiled."""
+
+    def __init__(self, build: Callable[[str], ClauseElement], order: Sequence[str]) -> None:
+        """`build(dialect)` makes the statement; `order` names its parameters in row order."""
+        self._build = build
+        self.order = tuple(order)
+        self._sql: dict[str, str] = {}
+
+    def sql(self, conn: Connection) -> str:
+        """The statement's text in the connection's dialect."""
+        name = conn.sa.dialect.name
+        text = self._sql.get(name)
+        if text is None:
+            compiled = self._build(name).compile(dialect=_positional_dialect(name))
+            assert isinstance(compiled, SQLCompiler)
+            found = tuple(compiled.positiontup or ())
+            if found != self.order:
+                raise AssertionError(f"parameter order {found} is not {self.order}")
+            text = self._sql[name] = str(compiled)
+        return text
+
+    def executemany(self, conn: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Run the statement once per row (one driver executemany)."""
+        if rows:
+            conn.sa.exec_driver_sql(self.sql(conn), list(rows))
+
+
 def upsert(
-    conn: Connection,
+    conn: Connection | str,
     table: Table,
     key: Sequence[str],
-    update: Iterable[str] | Mapping[str, Any] | None = None,
+    update: Iterable[str] | Callable[[Any], Mapping[str, Any]] | None = None,
 ) -> Upsert:
     """INSERT … ON CONFLICT (key) DO UPDATE SET each `update` column to the inserted value
-    (or, for a mapping, to the given expression); DO NOTHING when `update` is empty. SQLite
-    and PostgreSQL spell it alike, but SQLAlchemy has it per dialect: this picks one."""
-    stmt = _insert(conn, table)
+    (or, given a function of `excluded`, to the expressions it returns); DO NOTHING when
+    `update` is empty. SQLite and PostgreSQL spell it alike, but SQLAlchemy has it per
+    dialect: this picks the connection's (or the one named)."""
+    dialect = conn if isinstance(conn, str) else conn.sa.dialect.name
+    stmt = dialect_insert(dialect, table)
     if not update:
         return stmt.on_conflict_do_nothing(index_elements=list(key))
-    if isinstance(update, Mapping):
-        values = dict(update)
+    if callable(update):
+        values = dict(update(stmt.excluded))
     else:
         values = {name: stmt.excluded[name] for name in update}
     return stmt.on_conflict_do_update(index_elements=list(key), set_=values)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -15,9 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.protocol import SeqRange, Telemetry
-from controller.fleet.telemetry import store as telemetry
 from controller.fleet.telemetry.store import IngestResult, TelemetryStore
-from controller.storage.db import Database
+from controller.storage.db import Database, IntegrityError
+from controller.storage.queries import ingest as ingest_queries
 from controller.storage.sqlite import SqliteDatabase
 from tests.telemetry_records import SHA_A, SHA_B, T0, message, record
 
@@ -173,7 +172,11 @@ def test_ingest_many_in_any_chunking_equals_ingest_one_by_one(
     results_one: list[IngestResult] = []
     results_many: list[IngestResult] = []
     # A few parameters per SELECT: every IN list and OR of ranges is cut into many statements.
-    small = mock.patch.object(telemetry, "MAX_SQL_PARAMS", 3) if small_statements else nullcontext()
+    small = (
+        mock.patch.object(ingest_queries, "MAX_SQL_PARAMS", 3)
+        if small_statements
+        else nullcontext()
+    )
     for i, (chunk, op, wrapped) in enumerate(chunks):
         now = T0 + 100.0 * i
         results_one += [one.ingest(m, now) for m in chunk]
@@ -276,7 +279,7 @@ def test_a_batch_failing_late_in_the_callers_transaction_leaves_no_trace(
         )
     with sqlite_db.transaction():
         store.ingest_many([message("d1", [1, 2])], T0)
-        with pytest.raises(sqlite3.IntegrityError, match="refused"):
+        with pytest.raises(IntegrityError, match="refused"):
             store.ingest_many([message("d2", [1]), message("d1", [3, 6]), message("d4", [1])], T0)
         store.ingest_many([message("d1", [3])], T0)
     assert [r["device_id"] for r in sqlite_db.query("SELECT device_id FROM telemetry_cursor")] == [
