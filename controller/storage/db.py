@@ -53,6 +53,13 @@ class RawSql(Protocol):
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]], /) -> Cursor:
         """Run one statement for each parameter row."""
 
+    def run(self, sql: str, params: Sequence[Any], /) -> Cursor:
+        """Run SQL already in the driver's dialect and paramstyle (compiled from Core by
+        queries.Prepared); rows are plain tuples."""
+
+    def run_many(self, sql: str, rows: Sequence[Sequence[Any]], /) -> None:
+        """`run` once per parameter row, in one driver executemany."""
+
     @property
     def in_transaction(self) -> bool:
         """Whether a transaction is open on the driver connection."""
@@ -62,12 +69,14 @@ class Connection:
     """The statements of one transaction: SQLAlchemy Core statements (storage/queries), and
     SQL text in SQLite's words for code not ported yet."""
 
-    __slots__ = ("_raw", "sa")
+    __slots__ = ("_raw", "driver", "sa")
 
     def __init__(self, sa: sqlalchemy.Connection, raw: RawSql) -> None:
         """Wrap the SQLAlchemy connection and the backend's raw-SQL runner of one database."""
         self.sa = sa
         self._raw = raw
+        # The driver itself, for statements compiled once from Core (queries.Prepared).
+        self.driver = raw
 
     def execute(self, statement: str | Executable, params: Any = (), /) -> Cursor:
         """Run one statement: Core (params a mapping, or a list of them for executemany) or

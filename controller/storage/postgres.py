@@ -162,6 +162,21 @@ class PgRaw:
         cursor.executemany(translate(sql), [tuple(r) for r in rows])
         return cursor
 
+    def run(self, sql: str, params: Sequence[Any], /) -> Any:
+        """Run compiled SQL (%s placeholders); rows are tuples. Errors as SQLAlchemy's, like
+        every Core statement's."""
+        try:
+            return self.pg.execute(sql, params)
+        except psycopg.Error as exc:
+            raise sqlalchemy.exc.DBAPIError.instance(sql, params, exc, psycopg.Error) from exc
+
+    def run_many(self, sql: str, rows: Sequence[Sequence[Any]], /) -> None:
+        """Run compiled SQL once per row (psycopg pipelines them: one round trip)."""
+        try:
+            self.pg.cursor().executemany(sql, rows)
+        except psycopg.Error as exc:
+            raise sqlalchemy.exc.DBAPIError.instance(sql, rows, exc, psycopg.Error) from exc
+
     @property
     def in_transaction(self) -> bool:
         """Whether a transaction is open on the driver connection."""

@@ -15,6 +15,11 @@ from sqlalchemy.pool import NullPool
 from controller.storage.db import OPEN_TIMEOUT_S, Connection, Database
 
 
+def _wrapped(sql: str, params: Any, exc: Exception) -> Exception:
+    """The SQLAlchemy error (IntegrityError, OperationalError, …) wrapping a driver error."""
+    return sqlalchemy.exc.DBAPIError.instance(sql, params, exc, sqlite3.Error)
+
+
 class SqliteRaw:
     """SQL text in SQLite's own words on the driver connection, rows as sqlite3.Row (the
     surface of code not yet ported to storage/queries)."""
@@ -36,6 +41,21 @@ class SqliteRaw:
         cursor = self._sqlite.cursor()
         cursor.row_factory = sqlite3.Row
         return cursor.executemany(sql, rows)
+
+    def run(self, sql: str, params: Sequence[Any], /) -> sqlite3.Cursor:
+        """Run compiled SQL (qmark placeholders); rows are tuples. Errors as SQLAlchemy's,
+        like every Core statement's."""
+        try:
+            return self._sqlite.execute(sql, params)
+        except sqlite3.Error as exc:
+            raise _wrapped(sql, params, exc) from exc
+
+    def run_many(self, sql: str, rows: Sequence[Sequence[Any]], /) -> None:
+        """Run compiled SQL once per row."""
+        try:
+            self._sqlite.executemany(sql, rows)
+        except sqlite3.Error as exc:
+            raise _wrapped(sql, rows, exc) from exc
 
     @property
     def in_transaction(self) -> bool:

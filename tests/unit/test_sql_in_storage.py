@@ -35,8 +35,6 @@ NOT_PORTED_YET: dict[str, int] = {
     "controller/fleet/rollout/selection.py": 28,
     "controller/fleet/rollout/states.py": 5,
     "controller/fleet/rollout/waves.py": 19,
-    "controller/fleet/telemetry/history.py": 11,
-    "controller/fleet/telemetry/reports.py": 7,
 }
 
 

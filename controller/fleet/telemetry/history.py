@@ -7,26 +7,12 @@ import math
 from typing import Any
 
 from controller.fleet.telemetry.reports import (
-    AGG_FIELDS,
     BUCKET_COLUMNS,
-    MAX_FIELDS,
-    MIN_FIELDS,
-    SUM_FIELDS,
-    aggregate_sql,
     percentile_from_buckets,
-    raw_sums_sql,
     summarize,
 )
 from controller.storage.db import Database
-
-
-def max_sql(table: str, column: str, wins: str = ">") -> str:
-    """GREATEST (LEAST with wins="<") in SQL both SQLite and PostgreSQL run, NULL-aware."""
-    return (
-        f"CASE WHEN {table}.{column} IS NULL OR excluded.{column} {wins} {table}.{column} "
-        f"THEN excluded.{column} ELSE {table}.{column} END"
-    )
-
+from controller.storage.queries import telemetry as q
 
 # Raw rows folded into per-minute aggregates per compact() call: compaction measured 15-40 us per
 # row here, so 5,000 rows hold the writer lock 0.1-0.2 s: short enough beside live ingest.
@@ -35,23 +21,6 @@ COMPACT_BATCH_ROWS = 5_000
 
 # Seconds per day, for retention given in days.
 DAY_S = 86_400.0
-
-
-_MINUTE_COLUMNS = ("device_id", "minute", "model_sha256", *AGG_FIELDS)
-
-
-_COMPACT_SQL = (
-    f"INSERT INTO telemetry_minute ({', '.join(_MINUTE_COLUMNS)}) "
-    f"SELECT device_id, minute, model_sha256, {aggregate_sql()} FROM ("
-    + raw_sums_sql("{where}")
-    + ") AS raw GROUP BY device_id, minute, model_sha256 "
-    "ON CONFLICT (device_id, minute, model_sha256) DO UPDATE SET "
-    + ", ".join(
-        [f"{f} = telemetry_minute.{f} + excluded.{f}" for f in SUM_FIELDS]
-        + [f"{f} = {max_sql('telemetry_minute', f)}" for f in MAX_FIELDS]
-        + [f"{f} = {max_sql('telemetry_minute', f, '<')}" for f in MIN_FIELDS]
-    )
-)
 
 
 def _raw_record(row: dict[str, Any]) -> dict[str, Any]:
@@ -97,14 +66,11 @@ class TelemetryHistory:
 
     def gaps(self, device_id: str | None = None) -> list[dict[str, Any]]:
         """Gap rows (missing and lost), for one device or all."""
-        where, params = ("WHERE device_id = ?", (device_id,)) if device_id else ("", ())
-        return self.db.query(
-            f"SELECT * FROM telemetry_gaps {where} ORDER BY device_id, seq_first", params
-        )
+        return q.gaps(self.db.conn, device_id)
 
     def cursor(self, device_id: str) -> dict[str, Any] | None:
         """The device's cursor row (highest, contiguous, counters), or None."""
-        return self.db.query_one("SELECT * FROM telemetry_cursor WHERE device_id = ?", (device_id,))
+        return q.cursor(self.db.conn, device_id)
 
     # ------------------------------------------------------------------ reading
     def records(
@@ -117,32 +83,15 @@ class TelemetryHistory:
         """The newest `limit` rows in [since, until), oldest first, raw and per-minute merged."""
         lo = -math.inf if since is None else since
         hi = math.inf if until is None else until
-        raw = self.db.query(
-            "SELECT * FROM telemetry WHERE device_id = ? AND ts >= ? AND ts < ? "
-            "ORDER BY ts DESC LIMIT ?",
-            (device_id, lo, hi, limit),
-        )
-        minutes = self.db.query(
-            "SELECT * FROM telemetry_minute WHERE device_id = ? AND minute + 60 > ? "
-            "AND minute < ? ORDER BY minute DESC LIMIT ?",
-            (device_id, lo, hi, limit),
-        )
+        raw = q.raw_records(self.db.conn, device_id, lo, hi, limit)
+        minutes = q.minute_records(self.db.conn, device_id, lo, hi, limit)
         rows = [_raw_record(r) for r in raw] + [_minute_record(m) for m in minutes]
         rows.sort(key=lambda r: (r["ts"], r["seq_first"]))
         return rows[-limit:] if limit > 0 else []
 
     def summary(self) -> dict[str, int]:
         """Totals for the service stats: stored, duplicates, lost, open gaps and missing seqs."""
-        totals = self.db.query_one(
-            "SELECT COALESCE(SUM(stored), 0) AS stored, COALESCE(SUM(duplicates), 0) AS "
-            "duplicates, COALESCE(SUM(lost), 0) AS lost, COUNT(*) AS devices "
-            "FROM telemetry_cursor"
-        )
-        gaps = self.db.query_one(
-            "SELECT COUNT(*) AS gaps_open, COALESCE(SUM(seq_last - seq_first + 1), 0) AS missing "
-            "FROM telemetry_gaps WHERE state = 'missing'"
-        )
-        return {k: int(v) for k, v in {**(totals or {}), **(gaps or {})}.items()}
+        return q.summary(self.db.conn)
 
     # ------------------------------------------------------------------ retention
     def compact(
@@ -163,24 +112,11 @@ class TelemetryHistory:
         # (a late spool drain) is neither folded nor deleted, instead of deleted unfolded.
         with self.db.transaction(repeatable=True) as tx:
             if minute_days is not None:
-                tx.execute(
-                    "DELETE FROM telemetry_minute WHERE minute < ?",
-                    (now - minute_days * DAY_S,),
-                )
-            oldest = tx.execute("SELECT MIN(ts) FROM telemetry").fetchone()[0]
+                q.delete_minutes_before(tx, now - minute_days * DAY_S)
+            oldest = q.oldest_raw(tx)
             if oldest is None or oldest >= cutoff:
                 return 0
-            bound = tx.execute(
-                "SELECT ts FROM telemetry WHERE ts < ? ORDER BY ts LIMIT 1 OFFSET ?",
-                (cutoff, max(batch_rows, 1) - 1),
-            ).fetchone()
-            # A range closed on both sides, so the planner takes the ts index (one-sided, it
-            # may scan the whole table in device order for the GROUP BY instead).
-            where, params = (
-                ("ts >= ? AND ts <= ?", (oldest, bound[0]))
-                if bound is not None
-                else ("ts >= ? AND ts < ?", (oldest, cutoff))
-            )
-            tx.execute(_COMPACT_SQL.replace("{where}", where), params)
-            done = tx.execute(f"DELETE FROM telemetry WHERE {where}", params).rowcount
-        return int(done)
+            bound = q.nth_raw_before(tx, cutoff, max(batch_rows, 1) - 1)
+            if bound is not None:
+                return q.fold_into_minutes(tx, oldest, bound, hi_closed=True)
+            return q.fold_into_minutes(tx, oldest, cutoff, hi_closed=False)

@@ -16,6 +16,11 @@ from typing import Any, Literal
 from agent.protocol import BUCKET_COUNT, LATENCY_BUCKETS_MS
 from controller.errors import FleetError
 from controller.storage.db import Database
+from controller.storage.queries import metrics as metric_queries
+from controller.storage.queries import telemetry as q
+
+# The sum form's fields and how they merge are defined with the SQL that folds them.
+from controller.storage.queries.telemetry import MAX_FIELDS, MIN_FIELDS, SUM_FIELDS
 
 GroupBy = Literal["profile", "device"]
 
@@ -32,91 +37,8 @@ NO_PROFILE = "?"
 BUCKET_COLUMNS: tuple[str, ...] = tuple(f"b{i}" for i in range(BUCKET_COUNT))
 
 
-def column_names(spaced: str) -> tuple[str, ...]:
-    """Column names written as one space-separated string."""
-    return tuple(spaced.split())
-
-
-# Columns shared by the raw projection and telemetry_minute ("sum form"), and how two rows of
-# that form merge: sums add, maxima take the larger, first/last take the smaller/larger.
-SUM_FIELDS = (
-    *column_names("records interval_s served latency_sum_ms"),
-    *BUCKET_COLUMNS,
-    *column_names(
-        "invocations throughput_sum rss_sum cpu_sum temperature_sum temperature_n power_sum "
-        "power_interval_s energy_sum energy_served cache_hits errors"
-    ),
-)
-MAX_FIELDS = column_names(
-    "max_ms peak_rss_mb temperature_max power_source power_estimated dropped_total seq_last ts_last"
-)
-MIN_FIELDS = column_names("seq_first ts_first")
-
-# The raw table in sum form: every weighted mean becomes a sum and its weight.
-_RAW_AS_SUMS = {
-    "records": "1",
-    "interval_s": "interval_s",
-    "served": "served",
-    "latency_sum_ms": "served * COALESCE(mean_ms, 0)",
-    **{b: b for b in BUCKET_COLUMNS},
-    "invocations": "invocations",
-    "throughput_sum": "throughput_ips * interval_s",
-    "rss_sum": "rss_mb * interval_s",
-    "cpu_sum": "cpu_percent * interval_s",
-    "temperature_sum": "COALESCE(temperature_c, 0)",
-    "temperature_n": "CASE WHEN temperature_c IS NULL THEN 0 ELSE 1 END",
-    "power_sum": "COALESCE(power_w, 0) * interval_s",
-    "power_interval_s": "CASE WHEN power_w IS NULL THEN 0 ELSE interval_s END",
-    "energy_sum": "COALESCE(energy_mj_per_inference, 0) * served",
-    "energy_served": "CASE WHEN energy_mj_per_inference IS NULL THEN 0 ELSE served END",
-    "cache_hits": "cache_hits",
-    "errors": "errors",
-    "max_ms": "max_ms",
-    "peak_rss_mb": "peak_rss_mb",
-    "temperature_max": "temperature_c",
-    "power_source": "power_source",
-    "power_estimated": "power_estimated",
-    "dropped_total": "dropped_total",
-    "seq_last": "seq",
-    "ts_last": "ts",
-    "seq_first": "seq",
-    "ts_first": "ts",
-}
-AGG_FIELDS: tuple[str, ...] = (*SUM_FIELDS, *MAX_FIELDS, *MIN_FIELDS)
-
-
-def raw_sums_sql(raw_where: str) -> str:
-    """Raw telemetry rows matching `raw_where`, in sum form."""
-    raw_cols = ", ".join(f"{expr} AS {name}" for name, expr in _RAW_AS_SUMS.items())
-    return (
-        f"SELECT device_id, minute, COALESCE(model_sha256, '') AS model_sha256, {raw_cols} "
-        f"FROM telemetry WHERE {raw_where}"
-    )
-
-
-def sums_union_sql(raw_where: str, minute_where: str) -> str:
-    """Raw and per-minute rows in one sum-form row set (device_id, minute, model_sha256, ...).
-
-    `raw_where` filters `telemetry`, `minute_where` filters `telemetry_minute`; both may use `?`
-    placeholders (raw first). Callers GROUP BY on top and merge with SUM/MAX/MIN per field.
-    """
-    minute_cols = ", ".join(_RAW_AS_SUMS)
-    return (
-        f"{raw_sums_sql(raw_where)} UNION ALL SELECT device_id, minute, model_sha256, "
-        f"{minute_cols} FROM telemetry_minute WHERE {minute_where}"
-    )
-
-
-def aggregate_sql(alias_prefix: str = "") -> str:
-    """SELECT-list merging sum-form rows: SUM, MAX or MIN per field (portable SQL)."""
-    parts = [f"SUM({alias_prefix}{f}) AS {f}" for f in SUM_FIELDS]
-    parts += [f"MAX({alias_prefix}{f}) AS {f}" for f in MAX_FIELDS]
-    parts += [f"MIN({alias_prefix}{f}) AS {f}" for f in MIN_FIELDS]
-    return ", ".join(parts)
-
-
 def merge_sums(into: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
-    """Merge one sum-form row into another in Python (the same rules as aggregate_sql)."""
+    """Merge one sum-form row into another in Python (the same rules as the SQL's)."""
     for f in SUM_FIELDS:
         into[f] = (into.get(f) or 0) + (row.get(f) or 0)
     for f in MAX_FIELDS:
@@ -205,9 +127,7 @@ def model_names(db: Database) -> dict[str, str]:
     """Artifact sha256 → `name:version` of the model it was registered as (its first model)."""
     return {
         row["sha256"]: f"{row['name']}:{row['version']}"
-        for row in db.query(
-            "SELECT a.sha256, m.name, m.version FROM artifacts a JOIN models m ON m.id = a.model_id"
-        )
+        for row in metric_queries.artifact_names(db.conn)
     }
 
 
@@ -227,13 +147,6 @@ def _matches(label: str, sha: str, model: str | None) -> bool:
     return label.split(":", 1)[0] == model or (len(model) >= 6 and sha.startswith(model))
 
 
-def _since_where(since: float | None) -> tuple[str, str, tuple[Any, ...]]:
-    """WHERE fragments for raw and minute rows from `since` (a minute row overlapping it counts)."""
-    if since is None:
-        return "1 = 1", "1 = 1", ()
-    return "ts >= ?", "minute + 60 > ?", (since, since)
-
-
 def report(
     db: Database,
     *,
@@ -249,14 +162,8 @@ def report(
     """
     if by not in ("profile", "device"):
         raise FleetError(f"--by must be 'profile' or 'device', got {by!r}")
-    raw_where, minute_where, params = _since_where(since)
-    rows = db.query(
-        f"SELECT device_id, model_sha256, {aggregate_sql()} "
-        f"FROM ({sums_union_sql(raw_where, minute_where)}) AS u "
-        "GROUP BY device_id, model_sha256",
-        params,
-    )
-    profiles = {d["id"]: d["profile"] for d in db.query("SELECT id, profile FROM devices")}
+    rows = q.report_sums(db.conn, since)
+    profiles = q.device_profiles(db.conn)
     names = model_names(db)
     groups: dict[tuple[str, str], dict[str, Any]] = {}
     for raw in rows:
@@ -324,13 +231,7 @@ def _benchmarks(db: Database, shas: set[str]) -> list[dict[str, Any]]:
     """Benchmark rows of these artifacts, each with its decoded report, oldest first."""
     if not shas:
         return []
-    marks = ", ".join("?" * len(shas))
-    rows = db.query(
-        "SELECT device_id, model_sha256, p50_ms, p90_ms, p99_ms, peak_rss_mb, "
-        f"energy_mj_per_inference, report, ts FROM benchmarks WHERE model_sha256 IN ({marks}) "
-        "ORDER BY ts",
-        tuple(sorted(shas)),
-    )
+    rows = q.benchmarks_of(db.conn, shas)
     for r in rows:
         r["report"] = json.loads(r["report"])
     return rows
@@ -364,35 +265,14 @@ def _bench_summary(benches: list[dict[str, Any]]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- series
 def _series(
-    db: Database,
-    device_filter: str,
-    filter_params: tuple[Any, ...],
-    since: float | None,
-    bin_s: int | None,
+    db: Database, devices: q.DeviceFilter, since: float | None, bin_s: int | None
 ) -> list[dict[str, Any]]:
-    """Time-binned points per model for the devices `device_filter` selects, oldest first."""
-    raw_where, minute_where, since_params = _since_where(since)
-    raw_where = f"{raw_where} AND {device_filter}"
-    minute_where = f"{minute_where} AND {device_filter}"
-    params = (
-        *since_params[:1],
-        *filter_params,
-        *since_params[1:],
-        *filter_params,
-    )
-    union = sums_union_sql(raw_where, minute_where)
+    """Time-binned points per model for the devices `devices` selects, oldest first."""
     if bin_s is None:
-        span = db.query_one(
-            f"SELECT MIN(minute) AS lo, MAX(minute) AS hi FROM ({union}) AS u", params
-        )
-        width = (span["hi"] - span["lo"]) if span and span["lo"] is not None else 0
+        lo, hi = q.series_span(db.conn, devices, since)
+        width = (hi - lo) if lo is not None else 0
         bin_s = max(MIN_BIN_S, math.ceil(width / MAX_PLOT_POINTS / MIN_BIN_S) * MIN_BIN_S)
-    rows = db.query(
-        f"SELECT minute - (minute % {int(bin_s)}) AS bin, model_sha256, "
-        f"COUNT(DISTINCT device_id) AS devices, {aggregate_sql()} FROM ({union}) AS u "
-        "GROUP BY bin, model_sha256 ORDER BY bin, model_sha256",
-        params,
-    )
+    rows = q.series(db.conn, devices, since, bin_s)
     names = model_names(db)
     points = []
     for row in rows:
@@ -430,15 +310,13 @@ def device_series(
     db: Database, device_id: str, since: float | None = None, bin_s: int | None = None
 ) -> list[dict[str, Any]]:
     """One device's latency, power and memory per time bin and model (bins ≥ 1 minute)."""
-    return _series(db, "device_id = ?", (device_id,), since, bin_s)
+    return _series(db, q.one_device(device_id), since, bin_s)
 
 
 def profile_series(
     db: Database, profile: str, since: float | None = None, bin_s: int | None = None
 ) -> list[dict[str, Any]]:
     """All devices of a profile merged per time bin and model (histograms summed exactly)."""
-    return _series(
-        db, "device_id IN (SELECT id FROM devices WHERE profile = ?)", (profile,), since, bin_s
-    )
+    return _series(db, q.of_profile(profile), since, bin_s)
 
 

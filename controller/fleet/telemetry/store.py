@@ -17,11 +17,9 @@ from controller.fleet.telemetry.plan import (
     apply_plan,
     plan_message,
 )
-from controller.fleet.telemetry.reports import (
-    column_names,
-)
 from controller.storage.db import Connection, Database
 from controller.storage.queries import ingest as q
+from controller.storage.queries.telemetry import column_names
 
 # Most ranges one resend_telemetry command may carry (agent/protocol/messages.py, Command).
 MAX_RESEND_RANGES = 200

@@ -11,7 +11,7 @@ import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
-from sqlalchemy import Table
+from sqlalchemy import Table, bindparam
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -60,33 +60,82 @@ def _positional_dialect(name: str) -> Dialect:
 
 
 class Prepared:
-    """A Core statement compiled once per dialect to positional SQL text, run with plain
-    tuples on the hot path (executemany of telemetry rows): no per-row dict, no per-call
-    compile-cache lookup. The parameter order is checked against `order` when compiled."""
+    """A Core statement compiled once per dialect to positional SQL text, run on the driver
+    connection with plain tuples (rows come back as tuples).
 
-    def __init__(self, build: Callable[[str], ClauseElement], order: Sequence[str]) -> None:
-        """`build(dialect)` makes the statement; `order` names its parameters in row order."""
+    For the hot path (telemetry ingest: no per-row dict, no compile-cache lookup per call),
+    and for every ON CONFLICT statement: SQLAlchemy 2.0 caches no compiled form of the
+    dialects' INSERT … ON CONFLICT, so it would compile one (milliseconds) per execution.
+    Rows are tuples in the order of `order` (checked at compile time) or mappings by
+    parameter name; literal values bound in the statement keep their value.
+    """
+
+    def __init__(
+        self, build: Callable[[str], ClauseElement], order: Sequence[str] | None = None
+    ) -> None:
+        """`build(dialect)` makes the statement; `order` names a tuple row's parameters."""
         self._build = build
-        self.order = tuple(order)
-        self._sql: dict[str, str] = {}
+        self.order = None if order is None else tuple(order)
+        self._compiled: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {}
+
+    def _get(self, conn: Connection) -> tuple[str, tuple[str, ...], dict[str, Any]]:
+        """(SQL text, parameter names in order, bound literal values) in the dialect."""
+        name = conn.sa.dialect.name
+        found = self._compiled.get(name)
+        if found is None:
+            compiled = self._build(name).compile(dialect=_positional_dialect(name))
+            assert isinstance(compiled, SQLCompiler)
+            names = tuple(compiled.positiontup or ())
+            if self.order is not None and names != self.order:
+                raise AssertionError(f"parameter order {names} is not {self.order}")
+            fixed = {
+                k: b.effective_value for k, b in compiled.binds.items() if b.value is not None
+            }
+            found = self._compiled[name] = (str(compiled), names, fixed)
+        return found
 
     def sql(self, conn: Connection) -> str:
         """The statement's text in the connection's dialect."""
-        name = conn.sa.dialect.name
-        text = self._sql.get(name)
-        if text is None:
-            compiled = self._build(name).compile(dialect=_positional_dialect(name))
-            assert isinstance(compiled, SQLCompiler)
-            found = tuple(compiled.positiontup or ())
-            if found != self.order:
-                raise AssertionError(f"parameter order {found} is not {self.order}")
-            text = self._sql[name] = str(compiled)
-        return text
+        return self._get(conn)[0]
 
-    def executemany(self, conn: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+    def _row(self, names: tuple[str, ...], fixed: dict[str, Any], row: Any) -> tuple[Any, ...]:
+        """One parameter row as the positional tuple the driver takes."""
+        if isinstance(row, tuple):
+            return row
+        return tuple(row[n] if n in row else fixed[n] for n in names)
+
+    def execute(self, conn: Connection, params: Mapping[str, Any] | None = None) -> Any:
+        """Run the statement once; the result (rows as tuples, rowcount)."""
+        sql, names, fixed = self._get(conn)
+        return conn.driver.run(sql, self._row(names, fixed, params or {}))
+
+    def execute_row(self, conn: Connection, row: tuple[Any, ...]) -> Any:
+        """Run the statement once with a positional row (parameters in compiled order)."""
+        return conn.driver.run(self._get(conn)[0], row)
+
+    def executemany(
+        self, conn: Connection, rows: Sequence[tuple[Any, ...] | Mapping[str, Any]]
+    ) -> None:
         """Run the statement once per row (one driver executemany)."""
         if rows:
-            conn.sa.exec_driver_sql(self.sql(conn), list(rows))
+            sql, names, fixed = self._get(conn)
+            conn.driver.run_many(sql, [self._row(names, fixed, r) for r in rows])
+
+
+def prepared_upsert(
+    table: Table,
+    key: Sequence[str],
+    columns: Sequence[str],
+    update: Iterable[str] | Callable[[Any], Mapping[str, Any]] | None = None,
+) -> Prepared:
+    """An upsert (see `upsert`) of `columns`, compiled once per dialect; rows are mappings
+    by column name, or tuples in the order of `columns`."""
+
+    def build(dialect: str) -> ClauseElement:
+        stmt = upsert(dialect, table, key, update)
+        return stmt.values({c: bindparam(c) for c in columns})
+
+    return Prepared(build, columns)
 
 
 def upsert(

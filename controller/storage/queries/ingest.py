@@ -6,6 +6,7 @@ record insert, one row per record, is compiled once per dialect and run with pla
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -23,7 +24,13 @@ from sqlalchemy import (
 )
 
 from controller.storage.db import Connection
-from controller.storage.queries import MAX_SQL_PARAMS, Prepared, dialect_insert, per_dialect, upsert
+from controller.storage.queries import (
+    MAX_SQL_PARAMS,
+    Prepared,
+    dialect_insert,
+    prepared_upsert,
+    upsert,
+)
 from controller.storage.tables import BUCKET_NAMES, devices
 from controller.storage.tables import telemetry as t
 from controller.storage.tables import telemetry_cursor as tc
@@ -57,14 +64,29 @@ def insert_records(conn: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
     _RECORDS.executemany(conn, rows)
 
 
+def _in_list(n: int) -> list[Any]:
+    """n bound parameters k0…k(n-1), for an IN list compiled once per length."""
+    return [bindparam(f"k{i}") for i in range(n)]
+
+
+@functools.lru_cache(maxsize=256)
+def _cursors_of(n: int) -> Prepared:
+    """SELECT device_id, highest of n devices' cursors."""
+    stmt = select(tc.c.device_id, tc.c.highest).where(tc.c.device_id.in_(_in_list(n)))
+    return Prepared(lambda dialect: stmt)
+
+
+def _keys(part: Sequence[Any]) -> tuple[Any, ...]:
+    """An IN list's values as the positional row of _in_list."""
+    return tuple(part)
+
+
 def cursor_highest(conn: Connection, device_ids: Sequence[str]) -> dict[str, int]:
     """The highest seq stored per device, for the devices that have a cursor."""
     out: dict[str, int] = {}
     for i in range(0, len(device_ids), MAX_SQL_PARAMS):
         part = device_ids[i : i + MAX_SQL_PARAMS]
-        rows = conn.sa.execute(
-            select(tc.c.device_id, tc.c.highest).where(tc.c.device_id.in_(part))
-        )
+        rows = _cursors_of(len(part)).execute_row(conn, _keys(part))
         out.update((d, int(h)) for d, h in rows)
     return out
 
@@ -76,18 +98,43 @@ def _any_range(ranges: Iterable[tuple[str, int, int]]) -> list[list[tuple[str, i
     return [terms[i : i + step] for i in range(0, len(terms), step)]
 
 
+def _ranges(n: int) -> list[tuple[Any, Any, Any]]:
+    """n (device, lo, hi) triples of bound parameters, for an OR compiled once per length."""
+    return [(bindparam(f"d{i}"), bindparam(f"lo{i}"), bindparam(f"hi{i}")) for i in range(n)]
+
+
+@functools.lru_cache(maxsize=256)
+def _gaps_in(n: int) -> Prepared:
+    """(device_id, *GAP_COLUMNS) of the gaps overlapping any of n (device, lo, hi)."""
+    columns = [g.c.device_id, *(g.c[c] for c in GAP_COLUMNS)]
+    where = or_(
+        *(and_(g.c.device_id == d, g.c.seq_last >= lo, g.c.seq_first <= hi)
+          for d, lo, hi in _ranges(n))
+    )  # fmt: skip
+    stmt = select(*columns).where(where)
+    return Prepared(lambda dialect: stmt)
+
+
+@functools.lru_cache(maxsize=256)
+def _seqs_in(n: int) -> Prepared:
+    """(device_id, seq) of stored records within any of n (device, lo, hi)."""
+    where = or_(*(and_(t.c.device_id == d, t.c.seq.between(lo, hi)) for d, lo, hi in _ranges(n)))
+    stmt = select(t.c.device_id, t.c.seq).where(where)
+    return Prepared(lambda dialect: stmt)
+
+
+def _flat(part: Sequence[tuple[str, int, int]]) -> tuple[Any, ...]:
+    """(device, lo, hi) triples as the positional row of _ranges."""
+    return tuple(x for triple in part for x in triple)
+
+
 def gaps_overlapping(
     conn: Connection, windows: Iterable[tuple[str, int, int]]
 ) -> list[tuple[Any, ...]]:
     """(device_id, *GAP_COLUMNS) of the gaps overlapping any (device, lo, hi) window."""
-    columns = [g.c.device_id, *(g.c[c] for c in GAP_COLUMNS)]
     rows: list[tuple[Any, ...]] = []
     for part in _any_range(windows):
-        where = or_(
-            *(and_(g.c.device_id == d, g.c.seq_last >= lo, g.c.seq_first <= hi)
-              for d, lo, hi in part)
-        )  # fmt: skip
-        rows += map(tuple, conn.sa.execute(select(*columns).where(where)))
+        rows += map(tuple, _gaps_in(len(part)).execute_row(conn, _flat(part)))
     return rows
 
 
@@ -95,26 +142,31 @@ def stored_seqs(conn: Connection, ranges: Iterable[tuple[str, int, int]]) -> set
     """(device_id, seq) of the stored records within any (device, lo, hi) range."""
     found: set[tuple[str, int]] = set()
     for part in _any_range(ranges):
-        where = or_(*(and_(t.c.device_id == d, t.c.seq.between(lo, hi)) for d, lo, hi in part))
-        found.update((d, int(s)) for d, s in conn.sa.execute(select(t.c.device_id, t.c.seq)
-                                                              .where(where)))  # fmt: skip
+        rows = _seqs_in(len(part)).execute_row(conn, _flat(part))
+        found.update((d, int(s)) for d, s in rows)
     return found
+
+
+_DELETE_GAP = Prepared(
+    lambda dialect: delete(g).where(
+        g.c.device_id == bindparam("d"), g.c.seq_first == bindparam("s")
+    ),
+    ("d", "s"),
+)
+_INSERT_GAP = Prepared(
+    lambda dialect: insert(g).values({c: bindparam(c) for c in ("device_id", *GAP_COLUMNS)}),
+    ("device_id", *GAP_COLUMNS),
+)
 
 
 def delete_gaps(conn: Connection, keys: Sequence[tuple[str, int]]) -> None:
     """Delete the gaps (device_id, seq_first)."""
-    if keys:
-        conn.sa.execute(
-            delete(g).where(g.c.device_id == bindparam("d"), g.c.seq_first == bindparam("s")),
-            [{"d": d, "s": s} for d, s in keys],
-        )
+    _DELETE_GAP.executemany(conn, keys)
 
 
 def insert_gaps(conn: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
     """Insert gaps: tuples of device_id and GAP_COLUMNS."""
-    if rows:
-        names = ("device_id", *GAP_COLUMNS)
-        conn.sa.execute(insert(g), [dict(zip(names, r, strict=True)) for r in rows])
+    _INSERT_GAP.executemany(conn, rows)
 
 
 def _greatest(excluded: Any, column: str) -> ColumnElement[Any]:
@@ -123,7 +175,7 @@ def _greatest(excluded: Any, column: str) -> ColumnElement[Any]:
     return case((or_(old.is_(None), new > old), new), else_=old)
 
 
-_CURSOR = per_dialect(
+_CURSOR = Prepared(
     lambda dialect: upsert(
         dialect,
         tc,
@@ -162,7 +214,14 @@ def upsert_cursors(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
     """Insert or advance device cursors: highest, the batch's stored/duplicates/lost counts
     (added), dropped_total and last_ts (kept at their maximum), updated."""
     if rows:
-        conn.sa.execute(_CURSOR(conn), list(rows))
+        _CURSOR.executemany(conn, rows)
+
+
+@functools.lru_cache(maxsize=256)
+def _profiles_of(n: int) -> Prepared:
+    """SELECT id, profile of n devices."""
+    stmt = select(devices.c.id, devices.c.profile).where(devices.c.id.in_(_in_list(n)))
+    return Prepared(lambda dialect: stmt)
 
 
 def device_profiles(conn: Connection, device_ids: Sequence[str]) -> dict[str, str | None]:
@@ -170,21 +229,16 @@ def device_profiles(conn: Connection, device_ids: Sequence[str]) -> dict[str, st
     out: dict[str, str | None] = {}
     for i in range(0, len(device_ids), MAX_SQL_PARAMS):
         part = device_ids[i : i + MAX_SQL_PARAMS]
-        out.update(
-            conn.sa.execute(select(devices.c.id, devices.c.profile).where(devices.c.id.in_(part)))
-            .tuples()
-            .all()
-        )
+        out.update(tuple(r) for r in _profiles_of(len(part)).execute_row(conn, _keys(part)))
     return out
 
 
-_TOTALS = per_dialect(
-    lambda dialect: upsert(
-        dialect,
-        lt,
-        ["profile", "model_sha256"],
-        lambda ex: {c: lt.c[c] + ex[c] for c in ("served", "latency_sum_ms", *BUCKET_NAMES)},
-    )
+_TOTAL_COLUMNS = ("profile", "model_sha256", "served", "latency_sum_ms", *BUCKET_NAMES)
+_TOTALS = prepared_upsert(
+    lt,
+    ["profile", "model_sha256"],
+    _TOTAL_COLUMNS,
+    lambda ex: {c: lt.c[c] + ex[c] for c in _TOTAL_COLUMNS[2:]},
 )
 
 
@@ -192,9 +246,7 @@ def add_latency_totals(conn: Connection, rows: Sequence[tuple[Any, ...]]) -> Non
     """Add to the profile × model totals: tuples (profile, model_sha256, served,
     latency_sum_ms, *buckets), summed into existing rows. Callers sort them by key, so two
     replicas upserting the same keys never deadlock."""
-    if rows:
-        names = ("profile", "model_sha256", "served", "latency_sum_ms", *BUCKET_NAMES)
-        conn.sa.execute(_TOTALS(conn), [dict(zip(names, r, strict=True)) for r in rows])
+    _TOTALS.executemany(conn, rows)
 
 
 def add_latency_sums(conn: Connection, key: tuple[str, str], sums: Sequence[float]) -> None:
@@ -203,28 +255,39 @@ def add_latency_sums(conn: Connection, key: tuple[str, str], sums: Sequence[floa
     also keeps the chain under SQLite's expression depth limit of 1000)."""
     step = MAX_SQL_PARAMS // 2
     for i in range(0, len(sums), step):
-        total: ColumnElement[Any] = lt.c.latency_sum_ms
-        for s in sums[i : i + step]:
-            total = total + s
-        conn.sa.execute(
-            update(lt)
-            .where(lt.c.profile == key[0], lt.c.model_sha256 == key[1])
-            .values(latency_sum_ms=total)
-        )
+        part = tuple(sums[i : i + step])
+        _add_sums(len(part)).execute(conn, {"p": key[0], "m": key[1]} | {
+            f"s{j}": s for j, s in enumerate(part)
+        })  # fmt: skip
+
+
+@functools.lru_cache(maxsize=64)
+def _add_sums(terms: int) -> Prepared:
+    """UPDATE … SET latency_sum_ms = latency_sum_ms + :s0 + :s1 … of `terms` terms."""
+    total: ColumnElement[Any] = lt.c.latency_sum_ms
+    for j in range(terms):
+        total = total + bindparam(f"s{j}", type_=lt.c.latency_sum_ms.type)
+    stmt = (
+        update(lt)
+        .where(lt.c.profile == bindparam("p"), lt.c.model_sha256 == bindparam("m"))
+        .values(latency_sum_ms=total)
+    )
+    return Prepared(lambda dialect: stmt)
+
+
+_TOUCH = Prepared(
+    lambda dialect: update(devices)
+    .where(
+        devices.c.id == bindparam("d"),
+        or_(devices.c.last_seen.is_(None), devices.c.last_seen < bindparam("seen")),
+    )
+    .values(last_seen=bindparam("seen")),
+)
 
 
 def touch_devices(conn: Connection, device_ids: Sequence[str], seen: float) -> None:
     """last_seen = `seen` for these devices, never moving it backwards."""
-    if device_ids:
-        conn.sa.execute(
-            update(devices)
-            .where(
-                devices.c.id == bindparam("d"),
-                or_(devices.c.last_seen.is_(None), devices.c.last_seen < bindparam("seen")),
-            )
-            .values(last_seen=bindparam("seen")),
-            [{"d": d, "seen": seen} for d in device_ids],
-        )
+    _TOUCH.executemany(conn, [{"d": d, "seen": seen} for d in device_ids])
 
 
 def devices_with_missing_gaps(conn: Connection) -> list[str]:
