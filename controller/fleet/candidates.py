@@ -12,6 +12,7 @@ from agent.protocol import MAX_THREADS
 from controller.errors import FleetError
 from controller.fleet.artifacts import read_converter_manifest, read_json_doc
 from controller.storage.db import to_json
+from controller.storage.queries import candidates as q
 from converters.manifest import CANDIDATES_SCHEMA, CandidatesDoc
 from firmware_profiles.validation import one_line
 
@@ -61,38 +62,21 @@ def register_candidates(fleet: Fleet, directory: Path, *, name: str, version: st
             )
         model_id = fleet.model(f"{name}:{version}")["id"]
         with fleet.db.transaction() as tx:
-            known = tx.execute(
-                "SELECT rank, sha256, recipe, threads, host FROM model_candidates "
-                "WHERE model_id = ? AND profile = ? ORDER BY rank",
-                (model_id, profile),
-            ).fetchall()
-            if known and [tuple(k)[:4] for k in known] != [r[:4] for r in sorted(rows)]:
+            known = q.candidates(tx, model_id, profile)
+            if known and [k[:4] for k in known] != [r[:4] for r in sorted(rows)]:
                 # A selection may be measuring these: a version's candidates never change.
                 raise FleetError(
                     f"{name}:{version} already has different candidates for profile {profile}; "
                     "register the new optimize output under a new version"
                 )
-            tx.execute(
-                "DELETE FROM model_candidates WHERE model_id = ? AND profile = ?",
-                (model_id, profile),
-            )
-            tx.executemany(
-                "INSERT INTO model_candidates (model_id, profile, rank, sha256, recipe, threads, "
-                "host) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(model_id, profile, *row) for row in rows],
-            )
+            q.replace_candidates(tx, model_id, profile, rows)
         count += len(rows)
     return count
 
 
 def model_candidates(fleet: Fleet, model_id: int) -> list[dict[str, Any]]:
     """The stored candidates of a model version, by profile and rank."""
-    rows = fleet.db.query(
-        "SELECT c.profile, c.rank, c.sha256, c.recipe, c.threads, c.host, a.size "
-        "FROM model_candidates c JOIN artifacts a ON a.sha256 = c.sha256 "
-        "WHERE c.model_id = ? ORDER BY c.profile, c.rank",
-        (model_id,),
-    )
+    rows = q.model_candidate_rows(fleet.db.conn, model_id)
     for r in rows:
         r["host"] = json.loads(r["host"] or "{}")
     return rows
@@ -101,12 +85,7 @@ def model_candidates(fleet: Fleet, model_id: int) -> list[dict[str, Any]]:
 def explain(fleet: Fleet, model_ref: str, rollout_id: str | None = None) -> dict[str, Any]:
     """Registered candidates of a model, the newest (or given) selection and its consequences."""
     model = fleet.model(model_ref)
-    rollouts = fleet.db.query(
-        "SELECT id, state, phase, created FROM deployments WHERE model_id = ? "
-        "AND EXISTS (SELECT 1 FROM candidate_trials t WHERE t.rollout_id = deployments.id) "
-        "ORDER BY created DESC",
-        (model["id"],),
-    )
+    rollouts = q.selections(fleet.db.conn, model["id"])
     chosen = None
     if rollout_id is not None:
         chosen = next((r for r in rollouts if r["id"] == rollout_id), None)
@@ -131,14 +110,6 @@ def explain(fleet: Fleet, model_ref: str, rollout_id: str | None = None) -> dict
     selection = fleet.rollouts.selection
     result["decisions"] = selection.decisions(chosen["id"])
     result["trials"] = selection.trials(chosen["id"])
-    result["fell_back"] = fleet.db.query(
-        "SELECT device_id, fell_back AS message FROM deployment_devices "
-        "WHERE deployment_id = ? AND fell_back IS NOT NULL ORDER BY device_id",
-        (chosen["id"],),
-    )
-    result["outliers"] = fleet.db.query(
-        "SELECT device_id, state, outlier AS reason FROM deployment_devices "
-        "WHERE deployment_id = ? AND outlier IS NOT NULL ORDER BY device_id",
-        (chosen["id"],),
-    )
+    result["fell_back"] = q.fell_back(fleet.db.conn, chosen["id"])
+    result["outliers"] = q.outliers(fleet.db.conn, chosen["id"])
     return result

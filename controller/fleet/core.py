@@ -17,6 +17,7 @@ from controller.fleet.rollout.engine import Rollouts
 from controller.fleet.telemetry.store import TelemetryStore
 from controller.storage.db import database_target
 from controller.storage.open import open_database
+from controller.storage.queries import devices as device_queries
 
 if TYPE_CHECKING:
     from controller.fleet.registry import Fleet
@@ -63,15 +64,15 @@ class FleetCore:
 
     def devices(self) -> list[dict[str, Any]]:
         """All devices, ordered by id."""
-        return [_device_row(r) for r in self.db.query("SELECT * FROM devices ORDER BY id")]
+        return [_device_row(r) for r in device_queries.all_devices(self.db.conn)]
 
     def has_device(self, device_id: str) -> bool:
         """True when the device is in the registry."""
-        return self.db.query_one("SELECT 1 FROM devices WHERE id = ?", (device_id,)) is not None
+        return device_queries.exists(self.db.conn, device_id)
 
     def device(self, device_id: str) -> dict[str, Any]:
         """One device, or FleetError naming the id."""
-        row = self.db.query_one("SELECT * FROM devices WHERE id = ?", (device_id,))
+        row = device_queries.device(self.db.conn, device_id)
         if row is None:
             raise FleetError(f"unknown device {device_id!r} (see `edgefleet devices list`)")
         return _device_row(row)

@@ -8,6 +8,7 @@ from typing import Any
 
 from controller.errors import FleetError
 from controller.storage.db import Database
+from controller.storage.queries import devices as q
 
 # Largest page one request returns: a browser table of more rows is unreadable and slow to draw.
 MAX_PAGE = 1000
@@ -38,33 +39,6 @@ class DeviceQuery:
             raise FleetError(f"offset: must be >= 0, got {self.offset}")
 
 
-def _escape_like(text: str) -> str:
-    """`text` as a LIKE literal with `\\` as the escape character (ids may contain `_`)."""
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-
-
-def _where(query: DeviceQuery) -> tuple[str, list[Any]]:
-    """The WHERE clause and its parameters for the query's filters."""
-    clauses: list[str] = []
-    params: list[Any] = []
-    if query.q:
-        clauses.append("LOWER(id) LIKE ? ESCAPE '\\'")
-        params.append(f"%{_escape_like(query.q.lower())}%")
-    if query.profile is not None:
-        if query.profile == "(none)":
-            clauses.append("profile IS NULL")
-        else:
-            clauses.append("profile = ?")
-            params.append(query.profile)
-    if query.state is not None:
-        clauses.append("state = ?")
-        params.append(query.state)
-    if query.online is not None:
-        clauses.append("online = ?")
-        params.append(1 if query.online else 0)
-    return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
-
-
 def search_devices(db: Database, query: DeviceQuery) -> dict[str, Any]:
     """One page of matching devices (ordered by id), how many match, and fleet-wide counts.
 
@@ -72,12 +46,9 @@ def search_devices(db: Database, query: DeviceQuery) -> dict[str, Any]:
     overview's cards stay the fleet's while the table shows a filtered page.
     """
     query.check()
-    where, params = _where(query)
-    total = db.query_one(f"SELECT COUNT(*) AS n FROM devices{where}", tuple(params))
-    rows = db.query(
-        f"SELECT * FROM devices{where} ORDER BY id LIMIT ? OFFSET ?",
-        (*params, query.limit, query.offset),
-    )
+    where = q.search_filter(query.q, query.profile, query.state, query.online)
+    total = q.count(db.conn, where)
+    rows = q.page(db.conn, where, query.limit, query.offset)
     items = []
     for row in rows:
         item = dict(row)
@@ -86,7 +57,7 @@ def search_devices(db: Database, query: DeviceQuery) -> dict[str, Any]:
         items.append(item)
     return {
         "items": items,
-        "total": int(total["n"]) if total else 0,
+        "total": total,
         "limit": query.limit,
         "offset": query.offset,
         "summary": fleet_summary(db),
@@ -98,10 +69,7 @@ def fleet_summary(db: Database) -> dict[str, Any]:
     by_profile: dict[str, dict[str, int]] = {}
     by_state: dict[str, int] = {}
     devices = online = 0
-    for row in db.query(
-        "SELECT profile, state, SUM(online) AS online, COUNT(*) AS n "
-        "FROM devices GROUP BY profile, state"
-    ):
+    for row in q.profile_state_counts(db.conn):
         n, on = int(row["n"]), int(row["online"] or 0)
         profile = row["profile"] or "(none)"
         p = by_profile.setdefault(profile, {"total": 0, "online": 0})

@@ -21,6 +21,7 @@ from controller.fleet.candidates import register_candidates
 from controller.fleet.core import FleetCore
 from controller.fleet.opcheck import refuse_missing_custom_ops
 from controller.storage.db import now, to_json
+from controller.storage.queries import models as q
 
 if TYPE_CHECKING:
     from controller.fleet.registry import Fleet
@@ -120,42 +121,23 @@ class ModelCatalog(FleetCore):
             if self.artifacts.add_file(path) != blob_manifest.sha256:
                 raise FleetError(f"{path}: changed while it was being added; try again")
         with self.db.transaction() as tx:
-            tx.execute(
-                "INSERT INTO models (name, version, source, created) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT(name, version) DO NOTHING",
-                (name, version, str(model_path), now()),
-            )
-            model_id = tx.execute(
-                "SELECT id FROM models WHERE name = ? AND version = ?", (name, version)
-            ).fetchone()[0]
+            model_id = q.add_model(tx, name, version, str(model_path), now())
             for _, blob_manifest, kind in reversed(blobs):  # the golden row first
-                tx.execute(
-                    "INSERT INTO artifacts (sha256, model_id, recipe, profile, size, chunk_size, "
-                    "manifest, created, kind, golden_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT(sha256) DO UPDATE SET manifest = excluded.manifest, "
-                    "golden_sha256 = excluded.golden_sha256 "
-                    "WHERE excluded.golden_sha256 IS NOT NULL",
-                    (
-                        blob_manifest.sha256,
-                        model_id,
-                        blob_manifest.recipe,
-                        profile,
-                        blob_manifest.size,
-                        blob_manifest.chunk_size,
-                        to_json(encode(blob_manifest)),
-                        now(),
-                        kind,
-                        manifest.golden.sha256 if kind == "model" and manifest.golden else None,
-                    ),
-                )
+                q.add_artifact(tx, {
+                    "sha256": blob_manifest.sha256, "model_id": model_id,
+                    "recipe": blob_manifest.recipe, "profile": profile,
+                    "size": blob_manifest.size, "chunk_size": blob_manifest.chunk_size,
+                    "manifest": to_json(encode(blob_manifest)), "created": now(), "kind": kind,
+                    "golden_sha256": manifest.golden.sha256
+                    if kind == "model" and manifest.golden else None,
+                })  # fmt: skip
             # The same file may serve several models (or profiles): the link is its own row,
             # one per model version and profile. A version never changes under a rollout.
             if link:
-                tx.execute(
-                    "INSERT INTO model_artifacts (model_id, sha256, profile, recipe, created) "
-                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                    (model_id, manifest.sha256, profile, recipe, now()),
-                )
+                q.link_artifact(tx, {
+                    "model_id": model_id, "sha256": manifest.sha256, "profile": profile,
+                    "recipe": recipe, "created": now(),
+                })  # fmt: skip
         return manifest
 
     def _check_profile_ops(self, model_path: Path, profile: str, check: bool) -> None:
@@ -167,16 +149,12 @@ class ModelCatalog(FleetCore):
 
     def _check_version_free(self, name: str, version: str, profile: str | None, sha: str) -> None:
         """Refuse a different file for a model version and profile that already has one."""
-        row = self.db.query_one(
-            "SELECT l.sha256 FROM model_artifacts l JOIN models m ON m.id = l.model_id "
-            "WHERE m.name = ? AND m.version = ? AND COALESCE(l.profile, '') = ?",
-            (name, version, profile or ""),
-        )
-        if row and row["sha256"] != sha:
+        linked = q.linked_sha(self.db.conn, name, version, profile)
+        if linked is not None and linked != sha:
             where = f"profile {profile}" if profile else "every profile"
             raise FleetError(
                 f"{name}:{version} already has a different artifact for {where} "
-                f"({row['sha256'][:12]}); register the new file under a new version"
+                f"({linked[:12]}); register the new file under a new version"
             )
 
     def add_model(
@@ -223,41 +201,22 @@ class ModelCatalog(FleetCore):
     def model(self, ref: str) -> dict[str, Any]:
         """A model by `name:version` (or `name` = its newest version) with its artifacts."""
         name, _, version = ref.partition(":")
-        if version:
-            row = self.db.query_one(
-                "SELECT * FROM models WHERE name = ? AND version = ?", (name, version)
-            )
-        else:
-            row = self.db.query_one(
-                "SELECT * FROM models WHERE name = ? ORDER BY created DESC, id DESC LIMIT 1",
-                (name,),
-            )
+        row = q.model(self.db.conn, name, version or None)
         if row is None:
             raise FleetError(f"unknown model {ref!r} (see `edgefleet models list`)")
-        row["artifacts"] = self.db.query(
-            "SELECT a.sha256, l.recipe, l.profile, a.size, a.golden_sha256, l.created "
-            "FROM model_artifacts l JOIN artifacts a ON a.sha256 = l.sha256 "
-            "WHERE l.model_id = ? ORDER BY l.profile, l.created",
-            (row["id"],),
-        )
+        row["artifacts"] = q.model_artifact_rows(self.db.conn, row["id"])
         return row
 
     def models(self) -> list[dict[str, Any]]:
         """Every model version with the profiles it has artifacts for."""
-        rows = self.db.query("SELECT * FROM models ORDER BY name, created")
+        rows = q.all_models(self.db.conn)
         for r in rows:
-            r["profiles"] = [
-                p or "*"
-                for (p,) in self.db.conn.execute(
-                    "SELECT profile FROM model_artifacts WHERE model_id = ? ORDER BY profile",
-                    (r["id"],),
-                )
-            ]
+            r["profiles"] = [p or "*" for p in q.linked_profiles(self.db.conn, r["id"])]
         return rows
 
     def manifest(self, sha256: str) -> Manifest:
         """The stored manifest of an artifact."""
-        row = self.db.query_one("SELECT manifest FROM artifacts WHERE sha256 = ?", (sha256,))
-        if row is None:
+        text = q.manifest_text(self.db.conn, sha256)
+        if text is None:
             raise FleetError(f"unknown artifact {sha256}")
-        return parse(row["manifest"], Manifest)
+        return parse(text, Manifest)

@@ -18,6 +18,7 @@ from controller.fleet.models import ModelCatalog
 from controller.fleet.publishing import Publishing
 from controller.security.revocation import read_revoked, revoked_path, write_revoked
 from controller.storage.db import now
+from controller.storage.queries import devices as device_queries
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +71,7 @@ class Fleet(Publishing, Ingest, ModelCatalog):
             except (IdentityError, ValueError) as exc:
                 raise FleetError(str(exc)) from None
         with self.db.transaction() as tx:
-            tx.execute(
-                "INSERT INTO devices (id, profile, profile_reason, registered_by, registered_at) "
-                "VALUES (?, ?, 'registered by operator', 'cli', ?) "
-                "ON CONFLICT(id) DO UPDATE SET profile=excluded.profile, "
-                "profile_reason=excluded.profile_reason",
-                (device_id, profile, now()),
-            )
+            device_queries.register(tx, device_id, profile, "registered by operator", "cli", now())
         row = self.device(device_id)
         if bundle is not None:
             row["auth"] = auth
@@ -92,7 +87,7 @@ class Fleet(Publishing, Ingest, ModelCatalog):
         self.device(device_id)
         self.revoke_device(device_id)
         with self.db.transaction() as tx:
-            tx.execute("DELETE FROM devices WHERE id = ?", (device_id,))
+            device_queries.remove(tx, device_id)
 
     def revoke_device(self, device_id: str) -> bool:
         """Revoke a device's broker access and refuse its messages (docs/security.md,
@@ -117,20 +112,12 @@ class Fleet(Publishing, Ingest, ModelCatalog):
         """A device with its latest benchmarks and events."""
         detail = self.device(device_id)
         detail["benchmarks"] = self.benchmarks(device_id, limit)
-        detail["events"] = self.db.query(
-            "SELECT kind, deployment_id, generation, state, message, ts FROM events "
-            "WHERE device_id = ? ORDER BY ts DESC LIMIT ?",
-            (device_id, limit),
-        )
+        detail["events"] = device_queries.recent_events(self.db.conn, device_id, limit)
         return detail
 
     def benchmarks(self, device_id: str, limit: int = 20) -> list[dict[str, Any]]:
         """Latest benchmark reports of a device, newest first."""
-        rows = self.db.query(
-            "SELECT report, deployment_id, ts FROM benchmarks WHERE device_id = ? "
-            "ORDER BY ts DESC LIMIT ?",
-            (device_id, limit),
-        )
+        rows = device_queries.recent_benchmarks(self.db.conn, device_id, limit)
         return [
             {**json.loads(r["report"]), "deployment_id": r["deployment_id"], "ts": r["ts"]}
             for r in rows

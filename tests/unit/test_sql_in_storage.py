@@ -21,13 +21,7 @@ SQL = re.compile(
 
 # Not yet ported to controller/storage/queries: file -> statements it may still hold.
 NOT_PORTED_YET: dict[str, int] = {
-    "controller/fleet/candidates.py": 7,
-    "controller/fleet/core.py": 3,
-    "controller/fleet/device_search.py": 3,
-    "controller/fleet/ingest.py": 9,
-    "controller/fleet/models.py": 11,
     "controller/fleet/publishing.py": 13,
-    "controller/fleet/registry.py": 4,
     "controller/fleet/rollout/control.py": 10,
     "controller/fleet/rollout/engine.py": 8,
     "controller/fleet/rollout/events.py": 6,
