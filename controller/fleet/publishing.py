@@ -23,10 +23,11 @@ from controller.fleet.core import FleetCore
 from controller.fleet.opcheck import refuse_missing_custom_ops
 from controller.fleet.rollout.engine import deploy_policy
 from controller.fleet.rollout.policy import Policy
-from controller.fleet.rollout.states import DeviceState, move_all, sql_in
+from controller.fleet.rollout.states import DeviceState, move_all
 from controller.security.signing import DESIRED_VALIDITY_S, FleetSigner
 from controller.security.signing import sign_command as sign_for_device
 from controller.storage.db import now
+from controller.storage.queries import publishing as q
 
 log = logging.getLogger(__name__)
 
@@ -178,19 +179,7 @@ class Publishing(FleetCore):
         With `limit`, at most that many, in device-id order (the service's download pacing
         publishes a window's worth at a time and need not sign 10,000 desired states a tick).
         """
-        sql = (
-            "SELECT d.id, d.profile, d.desired_generation, d.desired_deployment_id, a.manifest, "
-            "g.manifest AS golden, p.policy, d.desired_threads, d.desired_fallback FROM devices d "
-            "LEFT JOIN artifacts a ON a.sha256 = d.desired_sha256 "
-            "LEFT JOIN artifacts g ON g.sha256 = a.golden_sha256 "
-            "LEFT JOIN deployments p ON p.id = d.desired_deployment_id "
-            "WHERE d.desired_generation > d.published_generation"
-        )
-        rows = (
-            self.db.query(sql + " ORDER BY d.id LIMIT ?", (limit,))
-            if limit is not None
-            else self.db.query(sql)
-        )
+        rows = q.unpublished_desired(self.db.conn, limit)
         out: list[tuple[str, Desired, list[Manifest]]] = []
         if not rows:
             return out
@@ -239,11 +228,7 @@ class Publishing(FleetCore):
         self, spec: dict[str, Any], signer: FleetSigner | None, parsed: dict[str, Manifest]
     ) -> tuple[Fallback, list[Manifest]]:
         """The Fallback of a desired state and the (signed) manifests its artifact needs."""
-        row = self.db.query_one(
-            "SELECT a.manifest, g.manifest AS golden FROM artifacts a "
-            "LEFT JOIN artifacts g ON g.sha256 = a.golden_sha256 WHERE a.sha256 = ?",
-            (spec["sha256"],),
-        )
+        row = q.artifact_manifests(self.db.conn, spec["sha256"])
         if row is None:
             raise FleetError(f"fallback artifact {spec['sha256']} is not stored")
         manifests = [
@@ -265,43 +250,21 @@ class Publishing(FleetCore):
     def set_chunks_retained(self, sha256: str, retained: bool) -> None:
         """Record whether the broker holds this artifact's chunks as retained messages."""
         with self.db.transaction() as tx:
-            tx.execute(
-                "UPDATE artifacts SET chunks_retained = ? WHERE sha256 = ?",
-                (int(retained), sha256),
-            )
+            q.set_chunks_retained(tx, sha256, retained)
 
     def chunks_retained(self) -> set[str]:
         """Artifacts whose chunks the broker holds retained."""
-        return {
-            r["sha256"]
-            for r in self.db.query("SELECT sha256 FROM artifacts WHERE chunks_retained = 1")
-        }
+        return q.chunks_retained(self.db.conn)
 
     def artifacts_in_use(self) -> set[str]:
         """Artifacts (and their golden blobs) that a device may still need to download."""
-        rows = self.db.query(
-            "SELECT DISTINCT a.sha256, a.golden_sha256 FROM deployment_devices dd "
-            "JOIN artifacts a ON a.sha256 = dd.artifact_sha256 "
-            f"WHERE dd.state IN {sql_in(_NEEDS_ARTIFACT)} "
-            "UNION SELECT DISTINCT a.sha256, a.golden_sha256 FROM devices d "
-            "JOIN artifacts a ON a.sha256 = d.desired_sha256 "
-            "WHERE d.desired_generation > d.reported_generation"
-        )
+        rows = q.artifacts_in_use(self.db.conn, [s.value for s in _NEEDS_ARTIFACT])
         used = {sha for r in rows for sha in (r["sha256"], r["golden_sha256"]) if sha}
         # An armed fallback may be fetched late (after the primary's activation). Its JSON is
         # read here, not with json_extract/->>, which differ between SQLite and PostgreSQL.
-        fallbacks = {
-            json.loads(r["desired_fallback"]).get("sha256")
-            for r in self.db.query(
-                "SELECT DISTINCT desired_fallback FROM devices WHERE desired_fallback IS NOT NULL"
-            )
-        }
+        fallbacks = {json.loads(f).get("sha256") for f in q.desired_fallbacks(self.db.conn)}
         if fallbacks := {sha for sha in fallbacks if sha}:
-            marks = ", ".join("?" * len(fallbacks))
-            for r in self.db.query(
-                f"SELECT sha256, golden_sha256 FROM artifacts WHERE sha256 IN ({marks})",
-                tuple(fallbacks),
-            ):
+            for r in q.artifact_goldens(self.db.conn, sorted(fallbacks)):
                 used |= {sha for sha in (r["sha256"], r["golden_sha256"]) if sha}
         return used
 
@@ -314,11 +277,7 @@ class Publishing(FleetCore):
         their rollout device timeouts start here (Rollouts.start_deadlines)."""
         ts = self.rollouts.clock()
         with self.db.transaction() as tx:
-            tx.executemany(
-                "UPDATE devices SET published_generation = ? "
-                "WHERE id = ? AND published_generation < ?",
-                [(generation, device_id, generation) for device_id, generation in published],
-            )
+            q.mark_published(tx, published)
             move_all(
                 tx,
                 DeviceState.IN_PROGRESS,
@@ -333,7 +292,7 @@ class Publishing(FleetCore):
     def republish_all(self) -> None:
         """Forget what was published (after a broker reconnect retained state may be gone)."""
         with self.db.transaction() as tx:
-            tx.execute("UPDATE devices SET published_generation = 0")
+            q.forget_published(tx)
 
     # ------------------------------------------------------------------ commands
     def send_command(self, device_id: str, action: str, *, runs: int = 50, warmup: int = 5) -> str:
@@ -346,23 +305,21 @@ class Publishing(FleetCore):
             warmup=warmup,
         )
         with self.db.transaction() as tx:
-            tx.execute(
-                "INSERT INTO commands (id, device_id, action, runs, warmup, created) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (command.command_id, device_id, action, runs, warmup, now()),
-            )
+            q.add_command(tx, {"id": command.command_id, "device_id": device_id,
+                               "action": action, "runs": runs, "warmup": warmup,
+                               "created": now()})  # fmt: skip
         return command.command_id
 
     def command(self, command_id: str) -> dict[str, Any]:
         """One command with its state."""
-        row = self.db.query_one("SELECT * FROM commands WHERE id = ?", (command_id,))
+        row = q.command(self.db.conn, command_id)
         if row is None:
             raise FleetError(f"unknown command {command_id!r}")
         return row
 
     def unpublished_commands(self) -> list[tuple[str, Command]]:
         """Commands not yet handed to the broker, oldest first, signed for their device."""
-        rows = self.db.query("SELECT * FROM commands WHERE published IS NULL ORDER BY created")
+        rows = q.unpublished_commands(self.db.conn)
         signer = _fleet_signer(self.home) if rows else None
         return [
             (
@@ -385,4 +342,4 @@ class Publishing(FleetCore):
     def mark_command_published(self, command_id: str) -> None:
         """Record that a command was published."""
         with self.db.transaction() as tx:
-            tx.execute("UPDATE commands SET published = ? WHERE id = ?", (now(), command_id))
+            q.mark_command_published(tx, command_id, now())

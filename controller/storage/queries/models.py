@@ -90,6 +90,7 @@ def model_artifact_rows(conn: Connection, model_id: int) -> list[dict[str, Any]]
     return dicts(
         conn,
         select(a.sha256, link.recipe, link.profile, a.size, a.golden_sha256, link.created)
+        .select_from(model_artifacts)
         .join(artifacts, a.sha256 == link.sha256)
         .where(link.model_id == model_id)
         .order_by(link.profile, link.created),
