@@ -8,7 +8,9 @@ import ast
 import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent.parent
+from tests.paths import REPO_ROOT
+
+ROOT = REPO_ROOT
 CONTROLLER = ROOT / "controller"
 
 # A statement's shape, not a keyword: "SELECT … FROM", "INSERT INTO", "UPDATE t SET",
