@@ -28,6 +28,7 @@ from controller.security.signing import DESIRED_VALIDITY_S, FleetSigner
 from controller.security.signing import sign_command as sign_for_device
 from controller.storage.db import now
 from controller.storage.queries import publishing as q
+from controller.storage.queries import rollout_states as scopes
 
 log = logging.getLogger(__name__)
 
@@ -282,10 +283,8 @@ class Publishing(FleetCore):
                 tx,
                 DeviceState.IN_PROGRESS,
                 (DeviceState.PENDING,),
-                "device_id = ? AND generation = ?",
-                published,
+                scopes.device_generations(published),
                 ts=ts,
-                many=True,
             )
             self.rollouts.start_deadlines(tx, published)
 

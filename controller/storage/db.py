@@ -57,8 +57,8 @@ class RawSql(Protocol):
         """Run SQL already in the driver's dialect and paramstyle (compiled from Core by
         queries.Prepared); rows are plain tuples."""
 
-    def run_many(self, sql: str, rows: Sequence[Sequence[Any]], /) -> None:
-        """`run` once per parameter row, in one driver executemany."""
+    def run_many(self, sql: str, rows: Sequence[Sequence[Any]], /) -> int:
+        """`run` once per parameter row, in one driver executemany; the rows changed."""
 
     @property
     def in_transaction(self) -> bool:

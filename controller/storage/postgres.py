@@ -170,10 +170,13 @@ class PgRaw:
         except psycopg.Error as exc:
             raise sqlalchemy.exc.DBAPIError.instance(sql, params, exc, psycopg.Error) from exc
 
-    def run_many(self, sql: str, rows: Sequence[Sequence[Any]], /) -> None:
-        """Run compiled SQL once per row (psycopg pipelines them: one round trip)."""
+    def run_many(self, sql: str, rows: Sequence[Sequence[Any]], /) -> int:
+        """Run compiled SQL once per row (psycopg pipelines them: one round trip); the rows
+        changed in all."""
         try:
-            self.pg.cursor().executemany(sql, rows)
+            cursor = self.pg.cursor()
+            cursor.executemany(sql, rows)
+            return cursor.rowcount
         except psycopg.Error as exc:
             raise sqlalchemy.exc.DBAPIError.instance(sql, rows, exc, psycopg.Error) from exc
 

@@ -50,10 +50,10 @@ class SqliteRaw:
         except sqlite3.Error as exc:
             raise _wrapped(sql, params, exc) from exc
 
-    def run_many(self, sql: str, rows: Sequence[Sequence[Any]], /) -> None:
-        """Run compiled SQL once per row."""
+    def run_many(self, sql: str, rows: Sequence[Sequence[Any]], /) -> int:
+        """Run compiled SQL once per row; the rows changed in all."""
         try:
-            self._sqlite.executemany(sql, rows)
+            return self._sqlite.executemany(sql, rows).rowcount
         except sqlite3.Error as exc:
             raise _wrapped(sql, rows, exc) from exc
 

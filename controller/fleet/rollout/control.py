@@ -23,6 +23,7 @@ from controller.fleet.rollout.states import (
 )
 from controller.fleet.rollout.waves import WaveSteps
 from controller.storage.db import Connection
+from controller.storage.queries import rollout_states as scopes
 
 D, R = DeviceState, RolloutState
 
@@ -95,9 +96,7 @@ class Control(WaveSteps):
             tx,
             D.CANCELLED,
             (D.WAITING, D.BASELINING),
-            "deployment_id = ? AND device_id NOT IN (SELECT device_id FROM candidate_trials "
-            "WHERE rollout_id = ? AND state != 'waiting')",
-            (rollout_id, rollout_id),
+            scopes.untried_in(rollout_id),
             ts=ts,
             detail=reason,
         )

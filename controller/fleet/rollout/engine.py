@@ -31,9 +31,10 @@ from controller.fleet.rollout.states import (
     RolloutState,
     move_all,
     move_rollout,
-    sql_in,
 )
 from controller.storage.db import Connection, now, to_json
+from controller.storage.queries import rollout_states as scopes
+from controller.storage.queries import rollouts as rq
 
 if TYPE_CHECKING:
     from controller.fleet.registry import Fleet
@@ -78,41 +79,30 @@ class Rollouts(DeviceEvents, Control):
         bounds = list(itertools.accumulate((w.size(len(order)) for w in policy.waves), max))
         ts = self.clock()
         with self.db.transaction() as tx:
-            tx.execute(
-                "INSERT INTO deployments (id, model_id, target, created, kind, policy, state, "
-                f"wave, updated) VALUES (?, ?, ?, ?, ?, ?, '{R.RUNNING}', 0, ?)",
-                (rollout_id, model_id, target, ts, kind, to_json(policy.to_json()), ts),
-            )
+            rq.create_rollout(tx, {
+                "id": rollout_id, "model_id": model_id, "target": target, "created": ts,
+                "kind": kind, "policy": to_json(policy.to_json()), "state": R.RUNNING.value,
+                "wave": 0, "updated": ts,
+            })  # fmt: skip
             for position, (device_id, sha, reason) in enumerate(order):
                 # The newest rollout owns the device: an older one must not start it later.
                 move_all(
                     tx,
                     D.SUPERSEDED,
                     (D.WAITING, D.BASELINING, D.RETRYING),
-                    "device_id = ?",
-                    (device_id,),
+                    scopes.of_device(device_id),
                     ts=ts,
                     detail=f"taken by {rollout_id}",
                 )
                 wave = next(i for i, b in enumerate(bounds) if position < b)
-                tx.execute(
-                    "INSERT INTO deployment_devices (deployment_id, device_id, artifact_sha256, "
-                    "generation, state, detail, updated, position, wave) "
-                    "VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?)",
-                    (
-                        rollout_id,
-                        device_id,
-                        sha,
-                        (D.WAITING if sha else D.SKIPPED).value,
-                        reason,
-                        ts,
-                        position,
-                        wave,
-                    ),
-                )
+                rq.add_device(tx, {
+                    "deployment_id": rollout_id, "device_id": device_id, "artifact_sha256": sha,
+                    "state": (D.WAITING if sha else D.SKIPPED).value, "detail": reason,
+                    "updated": ts, "position": position, "wave": wave,
+                })  # fmt: skip
             if policy.candidates and self.selection.plan(tx, rollout_id, model_id, policy):
                 # Candidates are measured on canaries first; wave 0 starts once all are decided.
-                tx.execute("UPDATE deployments SET phase = 'selecting' WHERE id = ?", (rollout_id,))
+                rq.set_phase(tx, rollout_id, "selecting")
             else:
                 self._start_wave(tx, rollout_id, 0, policy)
         return rollout_id
@@ -169,7 +159,7 @@ class Rollouts(DeviceEvents, Control):
         once it says False, this replica stops driving before changing anything.
         """
         notes: list[str] = []
-        for row in self.db.query(f"SELECT * FROM deployments WHERE state IN {sql_in(ACTIVE)}"):
+        for row in rq.rollouts_in(self.db.conn, [s.value for s in ACTIVE]):
             try:
                 with self.db.transaction() as tx:
                     if fence is not None and not fence(tx):
@@ -186,8 +176,7 @@ class Rollouts(DeviceEvents, Control):
                 tx,
                 D.ROLLBACK_FAILED,
                 (D.ROLLING_BACK,),
-                "deadline < ?",
-                (ts,),
+                scopes.deadline_before(ts),
                 ts=ts,
                 detail="rollback timed out (device offline?)",
             )
@@ -199,7 +188,7 @@ class Rollouts(DeviceEvents, Control):
         """Baselines, retries, timeouts, the failure threshold and wave advance of one rollout."""
         rid = rollout["id"]
         # Re-read inside the transaction: a CLI pause/abort may have landed since the query.
-        current = tx.execute("SELECT state, wave FROM deployments WHERE id = ?", (rid,)).fetchone()
+        current = rq.state_and_wave(tx, rid)
         if current is None or current[0] not in ACTIVE:
             return []
         running = current[0] == R.RUNNING
@@ -211,13 +200,13 @@ class Rollouts(DeviceEvents, Control):
             return [*notes, f"{rid}: aborted: {abort.why}"]
         if not running:
             return notes
-        phase = tx.execute("SELECT phase FROM deployments WHERE id = ?", (rid,)).fetchone()[0]
+        phase = rq.phase(tx, rid)
         if phase == "selecting":
             complete, selected = self.selection.tick(tx, rid, policy)
             notes += selected
             if not complete:
                 return notes
-            tx.execute("UPDATE deployments SET phase = 'waves' WHERE id = ?", (rid,))
+            rq.set_phase(tx, rid, "waves")
             self._start_wave(tx, rid, 0, policy)
             notes.append(f"{rid}: candidates selected; wave 0 started")
         return notes + self._advance(tx, rid, int(current[1]), policy)
@@ -240,17 +229,7 @@ class Rollouts(DeviceEvents, Control):
 
 def _counts(tx: Connection, rollout_id: str, up_to_wave: int | None = None) -> dict[str, int]:
     """Devices per state in one rollout (or in its waves up to `up_to_wave`)."""
-    params: tuple[str | int, ...] = (rollout_id,)
-    sql = ""
-    if up_to_wave is not None:
-        sql, params = " AND wave <= ?", (rollout_id, up_to_wave)
-    return dict(
-        tx.execute(
-            f"SELECT state, COUNT(*) FROM deployment_devices WHERE deployment_id = ?{sql} "
-            "GROUP BY state",
-            params,
-        ).fetchall()
-    )
+    return rq.counts(tx, rollout_id, up_to_wave)
 
 
 def _summary(counts: dict[str, int]) -> str:

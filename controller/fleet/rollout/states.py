@@ -10,12 +10,13 @@ enum values (plain strings), unchanged from before the tables existed.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 from enum import Enum
 from typing import Any
 
 from controller.errors import FleetError
 from controller.storage.db import Connection
+from controller.storage.queries import rollout_states as q
+from controller.storage.queries.rollout_states import Scope
 
 
 class DeviceState(str, Enum):
@@ -164,25 +165,10 @@ class IllegalTransition(FleetError):
 
 @functools.cache
 def sql_in(states: tuple[Enum, ...] | frozenset[Enum]) -> str:
-    """`('a', 'b')` for a SQL `IN`: literal, so a partial index on the states still applies.
-
-    Only enum values (fixed identifiers, no quotes) are inlined, never caller input. Cached:
-    the engine builds the same few lists on every state change.
-    """
-    # A tuple keeps its order (to match an index's text); a set is sorted for a stable text.
+    """`('a', 'b')` for a SQL `IN` in code not yet ported to storage/queries (selection.py):
+    literal, so a partial index on the states still applies. Only enum values are inlined."""
     ordered = states if isinstance(states, tuple) else sorted(states, key=lambda s: s.value)
     return "(" + ", ".join(f"'{s.value}'" for s in ordered) + ")"
-
-
-@functools.cache
-def sql_any(states: tuple[Enum, ...] | frozenset[Enum]) -> str:
-    """`(state = 'a' OR state = 'b')`: the guard of a state change.
-
-    SQLite evaluates a literal `IN` list on an unindexed column through a temporary table built
-    on every execution; plain comparisons cost a fraction of that on the engine's hot path.
-    """
-    ordered = states if isinstance(states, tuple) else sorted(states, key=lambda s: s.value)
-    return "(" + " OR ".join(f"state = '{s.value}'" for s in ordered) + ")"
 
 
 def check(frm: DeviceState | str, to: DeviceState | str) -> None:
@@ -207,36 +193,12 @@ _SOURCES: dict[DeviceState, frozenset[DeviceState]] = {
 }
 
 
-def _assignments(columns: dict[str, Any]) -> tuple[str, list[Any]]:
-    """`, a = ?, b = ?` and its values, for the extra columns a state change writes."""
-    return "".join(f", {c} = ?" for c in columns), list(columns.values())
-
-
 @functools.cache
-def _move_sql(to: DeviceState, columns: tuple[str, ...]) -> str:
-    """The guarded UPDATE of one row to `to` (built once per target and column set)."""
-    extra = "".join(f", {c} = ?" for c in columns)
-    return (
-        f"UPDATE deployment_devices SET state = ?, updated = ?{extra} "
-        f"WHERE deployment_id = ? AND device_id = ? AND {sql_any(sources(to))}"
-    )
-
-
-@functools.cache
-def _move_all_sql(
-    to: DeviceState, frm: tuple[DeviceState, ...] | frozenset[DeviceState], where: str, detail: bool
-) -> str:
-    """The UPDATE of every `frm` row matching `where` to `to`, once its edges are checked.
-
-    Cached: the tables never change at run time, so an edge checked once stays legal.
-    """
+def _check_all(to: DeviceState, frm: tuple[DeviceState, ...] | frozenset[DeviceState]) -> None:
+    """Every `frm → to` edge is a row of TRANSITIONS (cached: the tables never change at run
+    time, so an edge checked once stays legal)."""
     for f in frm:
         check(f, to)
-    sets = ", detail = ?" if detail else ""
-    return (
-        f"UPDATE deployment_devices SET state = ?, updated = ?{sets} "
-        f"WHERE {sql_any(frm)} AND ({where})"
-    )
 
 
 def move(
@@ -255,58 +217,42 @@ def move(
     """
     if detail is not None:
         columns = {"detail": detail[:2000], **columns}
-    changed = tx.execute(
-        _move_sql(to, tuple(columns)), (to.value, ts, *columns.values(), *key)
-    ).rowcount
-    if changed:
+    sources_of = tuple(sorted(s.value for s in sources(to)))
+    if q.move_device(tx, key, to.value, sources_of, ts, columns):
         return
-    row = tx.execute(
-        "SELECT state FROM deployment_devices WHERE deployment_id = ? AND device_id = ?", key
-    ).fetchone()
-    if row is None:
+    state = q.device_state(tx, key)
+    if state is None:
         raise IllegalTransition(f"no device {key[1]!r} in rollout {key[0]!r} to move to {to}")
-    check(row[0], to)  # raises: the UPDATE only skips illegal edges
-    raise IllegalTransition(f"device {key[1]!r} in rollout {key[0]!r}: {row[0]} → {to} lost")
+    check(state, to)  # raises: the UPDATE only skips illegal edges
+    raise IllegalTransition(f"device {key[1]!r} in rollout {key[0]!r}: {state} → {to} lost")
 
 
 def move_all(
     tx: Connection,
     to: DeviceState,
     frm: tuple[DeviceState, ...] | frozenset[DeviceState],
-    where: str,
-    params: Sequence[Any] | list[Sequence[Any]],
+    scope: Scope,
     *,
     ts: float,
     detail: str | None = None,
-    many: bool = False,
 ) -> int:
-    """Move every row in one of the `frm` states that matches `where` to `to`; return how many.
-
-    Every `frm → to` edge is checked before the statement runs. With `many`, `params` is a
-    list of parameter rows (executemany: one statement, many rows).
-    """
-    sql = _move_all_sql(to, frm, where, detail is not None)
-    head: list[Any] = [to.value, ts] + ([detail[:2000]] if detail is not None else [])
-    if many:
-        rows = [(*head, *p) for p in params]
-        return tx.executemany(sql, rows).rowcount if rows else 0
-    return tx.execute(sql, (*head, *params)).rowcount
+    """Move every row of `scope` (storage.queries.rollout_states: of_device, …) in one of the
+    `frm` states to `to`; return how many. Every `frm → to` edge is checked first."""
+    _check_all(to, frm)
+    ordered = frm if isinstance(frm, tuple) else tuple(sorted(frm, key=lambda s: s.value))
+    states = tuple(s.value for s in ordered)
+    return q.move_devices(tx, to.value, states, scope, ts, detail[:2000] if detail else detail)
 
 
 def move_rollout(
     tx: Connection, rollout_id: str, to: RolloutState, *, ts: float, **columns: Any
 ) -> None:
     """Move a rollout to `to` (with extra columns such as `reason`) if its table allows it."""
-    allowed = frozenset(f for f, t in ROLLOUT_EDGES if t is to)
-    extra, values = _assignments(columns)
-    changed = tx.execute(
-        f"UPDATE deployments SET state = ?, updated = ?{extra} WHERE id = ? AND {sql_any(allowed)}",
-        (to.value, ts, *values, rollout_id),
-    ).rowcount
-    if changed:
+    allowed = tuple(f.value for f, t in ROLLOUT_EDGES if t is to)
+    if q.move_rollout(tx, rollout_id, to.value, allowed, ts, columns):
         return
-    row = tx.execute("SELECT state FROM deployments WHERE id = ?", (rollout_id,)).fetchone()
-    if row is None:
+    state = q.rollout_state(tx, rollout_id)
+    if state is None:
         raise IllegalTransition(f"no rollout {rollout_id!r} to move to {to}")
-    check_rollout(row[0], to)
-    raise IllegalTransition(f"rollout {rollout_id!r}: {row[0]} → {to} lost")
+    check_rollout(state, to)
+    raise IllegalTransition(f"rollout {rollout_id!r}: {state} → {to} lost")

@@ -20,6 +20,7 @@ from controller.fleet.rollout.states import (
     move_all,
 )
 from controller.storage.db import Connection, Database, to_json
+from controller.storage.queries import rollout_states as scopes
 
 if TYPE_CHECKING:
     from controller.fleet.registry import Fleet
@@ -175,8 +176,7 @@ class WaveSteps:
             tx,
             D.SUPERSEDED,
             TAKEABLE,
-            "device_id = ? AND deployment_id != ?",
-            (device_id, rollout_id),
+            scopes.of_device_elsewhere(device_id, rollout_id),
             ts=ts,
         )
         return generation

@@ -113,6 +113,11 @@ class Prepared:
         """Run the statement once with a positional row (parameters in compiled order)."""
         return conn.driver.run(self._get(conn)[0], row)
 
+    def executemany_count(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> int:
+        """executemany, returning the rows changed in all."""
+        sql, names, fixed = self._get(conn)
+        return conn.driver.run_many(sql, [self._row(names, fixed, r) for r in rows])
+
     def executemany(
         self, conn: Connection, rows: Sequence[tuple[Any, ...] | Mapping[str, Any]]
     ) -> None:

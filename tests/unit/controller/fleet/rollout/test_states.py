@@ -43,6 +43,7 @@ from controller.fleet.rollout.states import (
     move_all,
     move_rollout,
 )
+from controller.storage.queries import rollout_states as scopes
 from tests.paths import REPO_ROOT, TEST_DATA
 
 D, R = DeviceState, RolloutState
@@ -155,7 +156,7 @@ def test_every_legal_edge_is_taken_by_move_and_move_all(rollout: tuple[Fleet, st
         one, many = _row(fleet, rid, frm), _row(fleet, rid, frm)
         with fleet.db.transaction() as tx:
             move(tx, (rid, one), to, ts=5.0, detail=f"{frm}->{to}", attempts=2)
-            n = move_all(tx, to, (frm,), "deployment_id = ? AND device_id = ?", (rid, many), ts=6.0)
+            n = move_all(tx, to, (frm,), scopes.one_row(rid, many), ts=6.0)
         assert n == 1
         assert _state(fleet, rid, one) == (to, f"{frm}->{to}", 5.0)
         assert _state(fleet, rid, many)[::2] == (to, 6.0)
@@ -175,7 +176,7 @@ def test_illegal_edges_raise_and_change_nothing(rollout: tuple[Fleet, str]) -> N
         ):
             move(tx, (rid, device), to, ts=9.0, detail="nope")
         with pytest.raises(IllegalTransition, match=f"{frm} → {to}"), fleet.db.transaction() as tx:
-            move_all(tx, to, (frm,), "device_id = ?", (device,), ts=9.0)
+            move_all(tx, to, (frm,), scopes.of_device(device), ts=9.0)
         assert _state(fleet, rid, device) == (frm, "", 0.0)
     with pytest.raises(IllegalTransition, match="no device 'ghost'"), fleet.db.transaction() as tx:
         move(tx, (rid, "ghost"), D.PENDING, ts=1.0)
