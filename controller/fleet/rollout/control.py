@@ -24,6 +24,7 @@ from controller.fleet.rollout.states import (
 from controller.fleet.rollout.waves import WaveSteps
 from controller.storage.db import Connection
 from controller.storage.queries import rollout_states as scopes
+from controller.storage.queries import rollouts as rq
 
 D, R = DeviceState, RolloutState
 
@@ -66,8 +67,7 @@ class Control(WaveSteps):
     def _end(self, row: dict[str, Any], state: RolloutState, reason: str) -> dict[str, Any]:
         """Operator's abort or rollback of the rollout in `row`, in one transaction."""
         with self.db.transaction() as tx:
-            current = tx.execute("SELECT state FROM deployments WHERE id = ?", (row["id"],))
-            if current.fetchone()[0] != row["state"]:
+            if rq.state(tx, row["id"]) != row["state"]:
                 raise PolicyError(f"rollout {row['id']} changed state meanwhile; try again")
             self._stop(tx, row["id"], state, reason, Policy.from_json(json.loads(row["policy"])))
         return self.status(row["id"])
@@ -84,14 +84,7 @@ class Control(WaveSteps):
         ts = self.clock()
         move_rollout(tx, rollout_id, state, ts=ts, reason=reason)
         # A canary ran candidates: whatever its state, it goes back to what it ran before.
-        trialed = {
-            d: started
-            for d, started in tx.execute(
-                "SELECT device_id, MAX(CASE WHEN state != 'waiting' THEN 1 ELSE 0 END) "
-                "FROM candidate_trials WHERE rollout_id = ? GROUP BY device_id",
-                (rollout_id,),
-            )
-        }
+        trialed = rq.trial_started(tx, rollout_id)
         move_all(
             tx,
             D.CANCELLED,
@@ -101,19 +94,13 @@ class Control(WaveSteps):
             detail=reason,
         )
         self.selection.cancel(tx, rollout_id, reason)
-        rows = tx.execute(
-            "SELECT device_id, previous_sha256, state FROM deployment_devices "
-            f"WHERE deployment_id = ? AND state IN ({','.join('?' * len(ENDING))})",
-            (rollout_id, *(s.value for s in ENDING)),
-        ).fetchall()
+        rows = rq.devices_in(tx, rollout_id, [s.value for s in ENDING])
         for device_id, previous, was in rows:
             key = (rollout_id, device_id)
             if was in (D.TRIALING, D.WAITING) and not trialed.get(device_id):
                 move(tx, key, D.CANCELLED, ts=ts, detail=reason)
                 continue
-            owner = tx.execute(
-                "SELECT desired_deployment_id FROM devices WHERE id = ?", (device_id,)
-            ).fetchone()
+            owner = rq.desired_owner(tx, device_id)
             if owner is None or owner[0] != rollout_id:
                 # A newer deployment took the device since: rolling back would undo that one.
                 move(tx, key, D.SUPERSEDED, ts=ts, detail="taken by a newer one")
@@ -128,9 +115,7 @@ class Control(WaveSteps):
         self._get(rollout_id)
         with self.db.transaction() as tx:
             # Checked and written in one transaction: the service may end the rollout meanwhile.
-            current = tx.execute(
-                "SELECT state FROM deployments WHERE id = ?", (rollout_id,)
-            ).fetchone()[0]
+            current = rq.state(tx, rollout_id)
             if current not in allowed:
                 raise PolicyError(f"rollout {rollout_id} is {current}, not {' or '.join(allowed)}")
             move_rollout(tx, rollout_id, state, ts=self.clock())
@@ -139,7 +124,7 @@ class Control(WaveSteps):
     # ------------------------------------------------------------------ reading
     def _get(self, rollout_id: str) -> dict[str, Any]:
         """The deployments row, or PolicyError naming the id."""
-        row = self.db.query_one("SELECT * FROM deployments WHERE id = ?", (rollout_id,))
+        row = rq.rollout(self.db.conn, rollout_id)
         if row is None:
             raise PolicyError(
                 f"unknown deployment or rollout {rollout_id!r} (see `edgefleet rollout status`)"
@@ -150,13 +135,7 @@ class Control(WaveSteps):
         """A rollout with its policy, counts per state, per-wave progress and devices."""
         row = self._get(rollout_id)
         policy = Policy.from_json(json.loads(row["policy"]))
-        devices = self.db.query(
-            "SELECT device_id, wave, artifact_sha256, previous_sha256, generation, state, "
-            "attempts, stage, detail, result, updated, threads, outlier, fell_back "
-            "FROM deployment_devices "
-            "WHERE deployment_id = ? ORDER BY position",
-            (rollout_id,),
-        )
+        devices = rq.device_rows(self.db.conn, rollout_id)
         for d in devices:
             d["result"] = json.loads(d["result"]) if d["result"] else None
         counts: dict[str, int] = {}
@@ -175,9 +154,7 @@ class Control(WaveSteps):
                     "failed": sum(d["state"] in FAILED for d in members),
                 }
             )
-        model = self.db.query_one(
-            "SELECT name, version FROM models WHERE id = ?", (row["model_id"],)
-        )
+        model = rq.model_name(self.db.conn, row["model_id"])
         return {
             "id": row["id"],
             "kind": row["kind"],
@@ -200,19 +177,8 @@ class Control(WaveSteps):
 
     def list(self) -> list[dict[str, Any]]:
         """Every rollout and deployment, newest first, with counts per device state."""
-        rows = self.db.query(
-            "SELECT d.id, d.kind, d.state, d.wave, d.target, d.created, d.reason, "
-            "m.name || ':' || m.version AS model FROM deployments d "
-            "JOIN models m ON m.id = d.model_id ORDER BY d.created DESC"
-        )
+        rows = rq.all_rollouts(self.db.conn)
         for r in rows:
-            r["counts"] = {
-                s: n
-                for s, n in self.db.conn.execute(
-                    "SELECT state, COUNT(*) FROM deployment_devices WHERE deployment_id = ? "
-                    "GROUP BY state",
-                    (r["id"],),
-                )
-            }
+            r["counts"] = rq.counts(self.db.conn, r["id"])
             r["outcome"] = rollout_outcome(r["state"], r["counts"])
         return rows

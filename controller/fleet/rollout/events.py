@@ -16,6 +16,7 @@ from controller.fleet.rollout.policy import RETRIABLE_STAGES, Policy
 from controller.fleet.rollout.states import UPDATING, DeviceState, move
 from controller.fleet.rollout.waves import WaveSteps
 from controller.storage.db import Connection, to_json
+from controller.storage.queries import rollouts as rq
 
 D = DeviceState
 
@@ -27,12 +28,7 @@ class DeviceEvents(WaveSteps):
         """Apply a device event to its rollout row (same transaction as storing the event)."""
         if not event.deployment_id or event.generation is None:
             return
-        row = tx.execute(
-            "SELECT dd.state, dd.attempts, dd.baseline, dd.previous_sha256, d.policy "
-            "FROM deployment_devices dd JOIN deployments d ON d.id = dd.deployment_id "
-            "WHERE dd.deployment_id = ? AND dd.device_id = ? AND dd.generation = ?",
-            (event.deployment_id, event.device_id, event.generation),
-        ).fetchone()
+        row = rq.device_for_event(tx, event.deployment_id, event.device_id, event.generation)
         if row is None:
             return  # an old generation (retried since) or an unknown deployment
         state, attempts, baseline, previous, policy_json = row
@@ -44,11 +40,7 @@ class DeviceEvents(WaveSteps):
             self.selection.on_event(tx, event, report, policy)
             return
         if event.kind == "fallback":
-            tx.execute(
-                "UPDATE deployment_devices SET fell_back = ?, updated = ? "
-                "WHERE deployment_id = ? AND device_id = ?",
-                (event.message[:2000], ts, *key),
-            )
+            rq.set_device_columns(tx, key, fell_back=event.message[:2000], updated=ts)
             return
         if state == D.ROLLING_BACK:
             # `idle`: a device with no previous model was told to stop (desired artifact None).
@@ -79,10 +71,7 @@ class DeviceEvents(WaveSteps):
         """An update error: retried (transport, retries left), or failed for good."""
         ts = self.clock()
         stage = event.stage
-        tx.execute(
-            "UPDATE deployment_devices SET stage = ? WHERE deployment_id = ? AND device_id = ?",
-            (stage, *key),
-        )
+        rq.set_device_columns(tx, key, stage=stage)
         if (stage in RETRIABLE_STAGES or stage is None) and attempts < policy.retries:
             move(tx, key, D.RETRYING, ts=ts, detail=f"attempt {attempts + 1}: {event.message}")
         elif stage == "active":
@@ -109,18 +98,11 @@ class DeviceEvents(WaveSteps):
         ts = self.clock()
         verdict = judge(policy.gates, report, base)
         violations = verdict.violations
-        tx.execute(
-            "UPDATE deployment_devices SET result = ? WHERE deployment_id = ? AND device_id = ?",
-            (to_json(report), *key),
-        )
+        rq.set_device_columns(tx, key, result=to_json(report))
         outlier = self._outlier(tx, key, policy, report, base) if violations else None
         if outlier is not None and outlier.explained:
             # The device's conditions explain the breach: not the model's regression.
-            tx.execute(
-                "UPDATE deployment_devices SET outlier = ? "
-                "WHERE deployment_id = ? AND device_id = ?",
-                (outlier.reason, *key),
-            )
+            rq.set_device_columns(tx, key, outlier=outlier.reason)
             why = f"{'; '.join(violations)}; {outlier.label()}: kept, not a model failure"
             move(tx, key, D.OUTLIER, ts=ts, detail=why)
         elif violations:
@@ -148,14 +130,7 @@ class DeviceEvents(WaveSteps):
             return None
         peers = [
             (json.loads(result), json.loads(base) if base else None)
-            for result, base in tx.execute(
-                "SELECT dd.result, dd.baseline FROM deployment_devices dd "
-                "JOIN devices dv ON dv.id = dd.device_id WHERE dd.deployment_id = ? "
-                "AND dd.device_id != ? AND dd.result IS NOT NULL AND dd.artifact_sha256 = "
-                "(SELECT artifact_sha256 FROM deployment_devices WHERE deployment_id = ? AND "
-                "device_id = ?) AND dv.profile = (SELECT profile FROM devices WHERE id = ?)",
-                (*key, *key, key[1]),
-            )
+            for result, base in rq.peer_results(tx, key)
         ]
         within = sum(not broken(tuple(gates), r, b) for r, b in peers)
         if len(peers) < 2 or within * 2 <= len(peers):

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from controller.storage.queries import rollouts as rq
+
 # At or above this SoC temperature boards throttle (Raspberry Pi firmware: 80 °C soft limit;
 # Jetson and phone SoCs start near there too).
 HOT_C = 80.0
@@ -134,13 +136,7 @@ def fleet_outliers(db: Any, profile: str | None = None) -> list[dict[str, Any]]:
     `db` is the controller's Database. Peers are the other devices of the same profile on the
     same model, each with its newest benchmark of it.
     """
-    rows = db.query(
-        "SELECT d.id AS device_id, d.profile, d.model_sha256, b.report FROM devices d "
-        "JOIN benchmarks b ON b.id = (SELECT b2.id FROM benchmarks b2 WHERE b2.device_id = d.id "
-        "AND b2.model_sha256 = d.model_sha256 ORDER BY b2.ts DESC, b2.id DESC LIMIT 1) "
-        "WHERE d.model_sha256 IS NOT NULL AND (CAST(? AS TEXT) IS NULL OR d.profile = ?)",
-        (profile, profile),
-    )
+    rows = rq.latest_benchmarks(db.conn, profile)
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in rows:
         r["report"] = json.loads(r["report"])

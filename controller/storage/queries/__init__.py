@@ -77,6 +77,7 @@ class Prepared:
         self._build = build
         self.order = None if order is None else tuple(order)
         self._compiled: dict[str, tuple[str, tuple[str, ...], dict[str, Any]]] = {}
+        self._expanded: dict[tuple[str, int], str] = {}
 
     def _get(self, conn: Connection) -> tuple[str, tuple[str, ...], dict[str, Any]]:
         """(SQL text, parameter names in order, bound literal values) in the dialect."""
@@ -113,6 +114,21 @@ class Prepared:
         """Run the statement once with a positional row (parameters in compiled order)."""
         return conn.driver.run(self._get(conn)[0], row)
 
+    def execute_in(self, conn: Connection, values: Sequence[Any]) -> Any:
+        """Run a statement whose only parameter is an expanding IN list (`bindparam(name,
+        expanding=True)`) with `values`: the list's placeholders are written per length, the
+        statement is compiled once."""
+        sql, names, _ = self._get(conn)
+        key = (conn.sa.dialect.name, len(values))
+        text = self._expanded.get(key)
+        if text is None:
+            marker = "%s" if conn.sa.dialect.name == "postgresql" else "?"
+            (name,) = names
+            text = sql.replace(f"__[POSTCOMPILE_{name}]", ", ".join([marker] * len(values)))
+            if len(self._expanded) < 4096:
+                self._expanded[key] = text
+        return conn.driver.run(text, tuple(values))
+
     def executemany_count(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> int:
         """executemany, returning the rows changed in all."""
         sql, names, fixed = self._get(conn)
@@ -121,9 +137,14 @@ class Prepared:
     def executemany(
         self, conn: Connection, rows: Sequence[tuple[Any, ...] | Mapping[str, Any]]
     ) -> None:
-        """Run the statement once per row (one driver executemany)."""
-        if rows:
-            sql, names, fixed = self._get(conn)
+        """Run the statement once per row (one driver executemany); rows all tuples in
+        compiled order, or all mappings."""
+        if not rows:
+            return
+        sql, names, fixed = self._get(conn)
+        if isinstance(rows[0], tuple):  # positional already (the hot path): as they are
+            conn.driver.run_many(sql, rows)  # type: ignore[arg-type]
+        else:
             conn.driver.run_many(sql, [self._row(names, fixed, r) for r in rows])
 
 

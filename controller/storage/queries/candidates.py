@@ -52,6 +52,7 @@ def model_candidate_rows(conn: Connection, model_id: int) -> list[dict[str, Any]
     return dicts(
         conn,
         select(c.profile, c.rank, c.sha256, c.recipe, c.threads, c.host, a.size)
+        .select_from(model_candidates)
         .join(artifacts, a.sha256 == c.sha256)
         .where(c.model_id == model_id)
         .order_by(c.profile, c.rank),

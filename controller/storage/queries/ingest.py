@@ -64,37 +64,41 @@ def insert_records(conn: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
     _RECORDS.executemany(conn, rows)
 
 
-def _in_list(n: int) -> list[Any]:
-    """n bound parameters k0…k(n-1), for an IN list compiled once per length."""
-    return [bindparam(f"k{i}") for i in range(n)]
+_CURSORS_OF = Prepared(
+    lambda dialect: select(tc.c.device_id, tc.c.highest).where(
+        tc.c.device_id.in_(bindparam("keys", expanding=True))
+    )
+)
 
 
-@functools.lru_cache(maxsize=256)
-def _cursors_of(n: int) -> Prepared:
-    """SELECT device_id, highest of n devices' cursors."""
-    stmt = select(tc.c.device_id, tc.c.highest).where(tc.c.device_id.in_(_in_list(n)))
-    return Prepared(lambda dialect: stmt)
+def _floor2(n: int) -> int:
+    """The largest power of two <= n (at least 1): a part that, padded, stays within n."""
+    return 1 << max(n.bit_length() - 1, 0)
 
 
-def _keys(part: Sequence[Any]) -> tuple[Any, ...]:
-    """An IN list's values as the positional row of _in_list."""
-    return tuple(part)
+def _width(n: int) -> int:
+    """The statement width for n values: the next power of two, so a batch of any size uses
+    one of ~10 compiled statements (each width is compiled once; repeats change nothing in an
+    IN list or an OR)."""
+    return 1 << max(n - 1, 0).bit_length()
 
 
 def cursor_highest(conn: Connection, device_ids: Sequence[str]) -> dict[str, int]:
     """The highest seq stored per device, for the devices that have a cursor."""
     out: dict[str, int] = {}
-    for i in range(0, len(device_ids), MAX_SQL_PARAMS):
-        part = device_ids[i : i + MAX_SQL_PARAMS]
-        rows = _cursors_of(len(part)).execute_row(conn, _keys(part))
+    step = _floor2(MAX_SQL_PARAMS)
+    for i in range(0, len(device_ids), step):
+        part = device_ids[i : i + step]
+        rows = _CURSORS_OF.execute_in(conn, part)
         out.update((d, int(h)) for d, h in rows)
     return out
 
 
 def _any_range(ranges: Iterable[tuple[str, int, int]]) -> list[list[tuple[str, int, int]]]:
-    """`ranges` deduplicated, in parts of MAX_SQL_PARAMS parameters (three a range)."""
+    """`ranges` deduplicated, in parts of at most MAX_SQL_PARAMS parameters (three a range,
+    padded to a power of two)."""
     terms = list(dict.fromkeys(ranges))
-    step = MAX_SQL_PARAMS // 3
+    step = _floor2(MAX_SQL_PARAMS // 3)
     return [terms[i : i + step] for i in range(0, len(terms), step)]
 
 
@@ -124,8 +128,10 @@ def _seqs_in(n: int) -> Prepared:
 
 
 def _flat(part: Sequence[tuple[str, int, int]]) -> tuple[Any, ...]:
-    """(device, lo, hi) triples as the positional row of _ranges."""
-    return tuple(x for triple in part for x in triple)
+    """(device, lo, hi) triples padded to their width (repeating the last) as the positional
+    row of _ranges."""
+    padded = [*part, *[part[-1]] * (_width(len(part)) - len(part))]
+    return tuple(x for triple in padded for x in triple)
 
 
 def gaps_overlapping(
@@ -134,7 +140,7 @@ def gaps_overlapping(
     """(device_id, *GAP_COLUMNS) of the gaps overlapping any (device, lo, hi) window."""
     rows: list[tuple[Any, ...]] = []
     for part in _any_range(windows):
-        rows += map(tuple, _gaps_in(len(part)).execute_row(conn, _flat(part)))
+        rows += map(tuple, _gaps_in(_width(len(part))).execute_row(conn, _flat(part)))
     return rows
 
 
@@ -142,7 +148,7 @@ def stored_seqs(conn: Connection, ranges: Iterable[tuple[str, int, int]]) -> set
     """(device_id, seq) of the stored records within any (device, lo, hi) range."""
     found: set[tuple[str, int]] = set()
     for part in _any_range(ranges):
-        rows = _seqs_in(len(part)).execute_row(conn, _flat(part))
+        rows = _seqs_in(_width(len(part))).execute_row(conn, _flat(part))
         found.update((d, int(s)) for d, s in rows)
     return found
 
@@ -217,19 +223,20 @@ def upsert_cursors(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
         _CURSOR.executemany(conn, rows)
 
 
-@functools.lru_cache(maxsize=256)
-def _profiles_of(n: int) -> Prepared:
-    """SELECT id, profile of n devices."""
-    stmt = select(devices.c.id, devices.c.profile).where(devices.c.id.in_(_in_list(n)))
-    return Prepared(lambda dialect: stmt)
+_PROFILES_OF = Prepared(
+    lambda dialect: select(devices.c.id, devices.c.profile).where(
+        devices.c.id.in_(bindparam("keys", expanding=True))
+    )
+)
 
 
 def device_profiles(conn: Connection, device_ids: Sequence[str]) -> dict[str, str | None]:
     """The profile of each registered device among `device_ids`."""
     out: dict[str, str | None] = {}
-    for i in range(0, len(device_ids), MAX_SQL_PARAMS):
-        part = device_ids[i : i + MAX_SQL_PARAMS]
-        out.update(tuple(r) for r in _profiles_of(len(part)).execute_row(conn, _keys(part)))
+    step = _floor2(MAX_SQL_PARAMS)
+    for i in range(0, len(device_ids), step):
+        part = device_ids[i : i + step]
+        out.update(tuple(r) for r in _PROFILES_OF.execute_in(conn, part))
     return out
 
 
@@ -250,29 +257,17 @@ def add_latency_totals(conn: Connection, rows: Sequence[tuple[Any, ...]]) -> Non
 
 
 def add_latency_sums(conn: Connection, key: tuple[str, str], sums: Sequence[float]) -> None:
-    """latency_sum_ms + s1 + s2 + …, added in this order, so the float total rounds as if
-    each were added by a statement of its own (MAX_SQL_PARAMS // 2 terms a statement, which
-    also keeps the chain under SQLite's expression depth limit of 1000)."""
-    step = MAX_SQL_PARAMS // 2
-    for i in range(0, len(sums), step):
-        part = tuple(sums[i : i + step])
-        _add_sums(len(part)).execute(conn, {"p": key[0], "m": key[1]} | {
-            f"s{j}": s for j, s in enumerate(part)
-        })  # fmt: skip
+    """latency_sum_ms + s1, then + s2, …: one UPDATE per term in one executemany, in this
+    order, so the float total rounds exactly as message-by-message ingest would."""
+    _ADD_SUM.executemany(conn, [(s, key[0], key[1]) for s in sums])
 
 
-@functools.lru_cache(maxsize=64)
-def _add_sums(terms: int) -> Prepared:
-    """UPDATE … SET latency_sum_ms = latency_sum_ms + :s0 + :s1 … of `terms` terms."""
-    total: ColumnElement[Any] = lt.c.latency_sum_ms
-    for j in range(terms):
-        total = total + bindparam(f"s{j}", type_=lt.c.latency_sum_ms.type)
-    stmt = (
-        update(lt)
-        .where(lt.c.profile == bindparam("p"), lt.c.model_sha256 == bindparam("m"))
-        .values(latency_sum_ms=total)
-    )
-    return Prepared(lambda dialect: stmt)
+_ADD_SUM = Prepared(
+    lambda dialect: update(lt)
+    .where(lt.c.profile == bindparam("p"), lt.c.model_sha256 == bindparam("m"))
+    .values(latency_sum_ms=lt.c.latency_sum_ms + bindparam("s", type_=lt.c.latency_sum_ms.type)),
+    ("s", "p", "m"),
+)
 
 
 _TOUCH = Prepared(

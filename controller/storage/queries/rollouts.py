@@ -6,12 +6,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import bindparam, case, func, insert, literal_column, select, update
 
 from controller.storage.db import Connection
-from controller.storage.queries import Prepared, dicts
+from controller.storage.queries import Prepared, dicts, first
 from controller.storage.queries.rollout_states import state_literal
-from controller.storage.tables import deployment_devices, deployments
+from controller.storage.tables import (
+    benchmarks,
+    candidate_trials,
+    deployment_devices,
+    deployments,
+    devices,
+    models,
+)
 
 dd, dp = deployment_devices.c, deployments.c
 
@@ -70,3 +77,145 @@ def counts(conn: Connection, rollout_id: str, up_to_wave: int | None = None) -> 
     return {str(s): int(n) for s, n in conn.sa.execute(query.group_by(dd.state))}
 
 
+
+
+def device_for_event(
+    conn: Connection, rollout_id: str, device_id: str, generation: int
+) -> tuple[str, int, str | None, str | None, str] | None:
+    """(state, attempts, baseline, previous_sha256, rollout policy) of a device's row in a
+    rollout at `generation`, or None (an old generation, or an unknown rollout)."""
+    row = conn.sa.execute(
+        select(dd.state, dd.attempts, dd.baseline, dd.previous_sha256, dp.policy)
+        .join(deployments, dp.id == dd.deployment_id)
+        .where(dd.deployment_id == rollout_id, dd.device_id == device_id,
+               dd.generation == generation)
+    ).first()  # fmt: skip
+    return None if row is None else (row[0], int(row[1]), row[2], row[3], row[4])
+
+
+def set_device_columns(conn: Connection, key: tuple[str, str], **columns: Any) -> None:
+    """Set columns of row (rollout id, device id): result, stage, outlier, fell_back, …"""
+    conn.sa.execute(
+        update(deployment_devices)
+        .where(dd.deployment_id == key[0], dd.device_id == key[1])
+        .values(**columns)
+    )
+
+
+def peer_results(conn: Connection, key: tuple[str, str]) -> list[tuple[str, str | None]]:
+    """(result, baseline) JSON of the other devices of a rollout that reported a result for
+    the same artifact and have the same profile as device key[1]."""
+    mine = deployment_devices.alias("mine")
+    me = devices.alias("me")
+    same_artifact = (
+        select(mine.c.artifact_sha256)
+        .where(mine.c.deployment_id == key[0], mine.c.device_id == key[1])
+        .scalar_subquery()
+    )
+    same_profile = select(me.c.profile).where(me.c.id == key[1]).scalar_subquery()
+    rows = conn.sa.execute(
+        select(dd.result, dd.baseline)
+        .join(devices, devices.c.id == dd.device_id)
+        .where(
+            dd.deployment_id == key[0],
+            dd.device_id != key[1],
+            dd.result.is_not(None),
+            dd.artifact_sha256 == same_artifact,
+            devices.c.profile == same_profile,
+        )
+    )
+    return [(str(r), b) for r, b in rows]
+
+
+def rollout(conn: Connection, rollout_id: str) -> dict[str, Any] | None:
+    """A rollout's row, or None."""
+    return first(conn, select(deployments).where(dp.id == rollout_id))
+
+
+def state(conn: Connection, rollout_id: str) -> str | None:
+    """A rollout's state, or None."""
+    found = conn.sa.execute(select(dp.state).where(dp.id == rollout_id)).scalar()
+    return None if found is None else str(found)
+
+
+def trial_started(conn: Connection, rollout_id: str) -> dict[str, bool]:
+    """Per device with candidate trials in a rollout: whether any of them left 'waiting'."""
+    t = candidate_trials.c
+    started = func.max(case((t.state != literal_column("'waiting'"), 1), else_=0))
+    rows = conn.sa.execute(
+        select(t.device_id, started).where(t.rollout_id == rollout_id).group_by(t.device_id)
+    )
+    return {str(d): bool(s) for d, s in rows}
+
+
+def devices_in(
+    conn: Connection, rollout_id: str, states: Sequence[str]
+) -> list[tuple[str, str | None, str]]:
+    """(device_id, previous_sha256, state) of a rollout's rows in one of `states`."""
+    rows = conn.sa.execute(
+        select(dd.device_id, dd.previous_sha256, dd.state).where(
+            dd.deployment_id == rollout_id, dd.state.in_(list(states))
+        )
+    )
+    return [(str(d), p, str(s)) for d, p, s in rows]
+
+
+def desired_owner(conn: Connection, device_id: str) -> tuple[str | None] | None:
+    """(desired_deployment_id,) of a device, or None when it is not registered."""
+    row = conn.sa.execute(
+        select(devices.c.desired_deployment_id).where(devices.c.id == device_id)
+    ).first()
+    return None if row is None else (row[0],)
+
+
+def device_rows(conn: Connection, rollout_id: str) -> list[dict[str, Any]]:
+    """A rollout's device rows for its status, by position."""
+    return dicts(
+        conn,
+        select(dd.device_id, dd.wave, dd.artifact_sha256, dd.previous_sha256, dd.generation,
+               dd.state, dd.attempts, dd.stage, dd.detail, dd.result, dd.updated, dd.threads,
+               dd.outlier, dd.fell_back)
+        .where(dd.deployment_id == rollout_id)
+        .order_by(dd.position),
+    )  # fmt: skip
+
+
+def model_name(conn: Connection, model_id: int) -> dict[str, Any] | None:
+    """name, version of a model, or None."""
+    return first(conn, select(models.c.name, models.c.version).where(models.c.id == model_id))
+
+
+def all_rollouts(conn: Connection) -> list[dict[str, Any]]:
+    """id, kind, state, wave, target, created, reason, model (name:version) of every rollout
+    and deployment, newest first."""
+    m = models.c
+    return dicts(
+        conn,
+        select(dp.id, dp.kind, dp.state, dp.wave, dp.target, dp.created, dp.reason,
+               (m.name + literal_column("':'") + m.version).label("model"))
+        .join(models, m.id == dp.model_id)
+        .order_by(dp.created.desc()),
+    )  # fmt: skip
+
+
+def latest_benchmarks(conn: Connection, profile: str | None) -> list[dict[str, Any]]:
+    """device_id, profile, model_sha256, report (JSON) of each device's newest benchmark of
+    the model it runs (of one profile, or all)."""
+    d, b = devices.c, benchmarks.alias("b2")
+    newest = (
+        select(b.c.id)
+        .where(b.c.device_id == d.id, b.c.model_sha256 == d.model_sha256)
+        .order_by(b.c.ts.desc(), b.c.id.desc())
+        .limit(1)
+        .correlate(devices)
+        .scalar_subquery()
+    )
+    query = (
+        select(d.id.label("device_id"), d.profile, d.model_sha256, benchmarks.c.report)
+        .select_from(devices)
+        .join(benchmarks, benchmarks.c.id == newest)
+        .where(d.model_sha256.is_not(None))
+    )
+    if profile is not None:
+        query = query.where(d.profile == profile)
+    return dicts(conn, query)

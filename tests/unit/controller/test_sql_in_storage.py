@@ -23,9 +23,6 @@ SQL = re.compile(
 
 # Not yet ported to controller/storage/queries: file -> statements it may still hold.
 NOT_PORTED_YET: dict[str, int] = {
-    "controller/fleet/rollout/control.py": 10,
-    "controller/fleet/rollout/events.py": 6,
-    "controller/fleet/rollout/outliers.py": 1,
     "controller/fleet/rollout/selection.py": 28,
     "controller/fleet/rollout/waves.py": 19,
 }
