@@ -10,6 +10,7 @@ import typer
 
 import firmware_profiles
 from controller.cli.common import HomeOption, JsonOption, fail, open_fleet
+from controller.cli.db import db_app
 from controller.cli.explain import devices_outliers, models_explain
 from controller.cli.listing import (
     LimitOption,
@@ -106,6 +107,7 @@ app.add_typer(rollout_app, name="rollout")
 app.add_typer(broker_app, name="broker")
 app.add_typer(keys_app, name="keys")
 app.add_typer(tokens_app, name="tokens")
+app.add_typer(db_app, name="db")
 app.command()(optimize)
 app.command("telemetry")(telemetry)
 app.command("report")(report)

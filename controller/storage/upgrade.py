@@ -130,3 +130,15 @@ def _sqlite_quirk(op: tuple[Any, ...]) -> bool:
     if kind == "modify_nullable":
         return is_pk and op[5] is True and op[6] is False
     return is_pk and isinstance(op[6], sqlalchemy.Identity)
+
+
+def describe(conn: sqlalchemy.Connection) -> dict[str, Any]:
+    """What `edgefleet db current` prints: the revision, this edgefleet's head, whether it is
+    current, and the legacy stamp."""
+    revision = current_revision(conn)
+    return {
+        "revision": revision,
+        "head": head(),
+        "current": revision == head(),
+        "legacy_version": legacy.version(conn),
+    }
