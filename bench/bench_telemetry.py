@@ -19,8 +19,8 @@ drain a spool after an outage (up to 150 per message).
 
 With `--against REF` each round also runs git REF's controller (its tree extracted to a
 temporary directory, its own bench file's --serve mode, same broker, same stream, interleaved
-with this tree's), and the ratio this tree ÷ REF of stored records/s and of controller CPU per
-record is printed from the one run.
+with this tree's, the two taking turns going first), and the ratio this tree ÷ REF of stored
+records/s and of controller CPU per record is printed from the one run.
 
 Run: .venv/bin/python bench/bench_telemetry.py [--messages 20000] [--batches 1,20] [--rounds 2]
      [--against REF]
@@ -324,19 +324,22 @@ def main() -> None:
                     bare.append(
                         bare_round(broker, f"bench/{tag}/edgefleet/v1", messages, batch, tag)
                     )
-                    rate, cpu_share, broker_share = controller_round(
-                        broker, f"bench/{tag}c/edgefleet/v1", messages, batch, tag, work
-                    )
-                    ctl.append(rate)
-                    cpu.append(cpu_share)
-                    broker_cpu.append(broker_share)
-                    if other is not None:
-                        rate, cpu_share, _ = controller_round(
-                            broker, f"bench/{tag}r/edgefleet/v1", messages, batch, f"{tag}r",
-                            work, other,
-                        )  # fmt: skip
-                        ref_ctl.append(rate)
-                        ref_cpu.append(cpu_share)
+                    # With --against, the two trees take turns going first (no order bias).
+                    for which in ("this", "ref") if r % 2 == 0 else ("ref", "this"):
+                        if which == "this":
+                            rate, cpu_share, broker_share = controller_round(
+                                broker, f"bench/{tag}c/edgefleet/v1", messages, batch, tag, work
+                            )
+                            ctl.append(rate)
+                            cpu.append(cpu_share)
+                            broker_cpu.append(broker_share)
+                        elif other is not None:
+                            rate, cpu_share, _ = controller_round(
+                                broker, f"bench/{tag}r/edgefleet/v1", messages, batch,
+                                f"{tag}r", work, other,
+                            )  # fmt: skip
+                            ref_ctl.append(rate)
+                            ref_cpu.append(cpu_share)
                 same_stream = [c / b for c, b in zip(ctl, bare, strict=True)]
                 row = {
                     "records_per_message": batch,
