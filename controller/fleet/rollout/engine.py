@@ -115,23 +115,12 @@ class Rollouts(DeviceEvents, Control):
         if not published:
             return
         ts = self.clock()
-        owner: dict[str, str] = {}
-        ids = [device_id for device_id, _ in published]
-        for i in range(0, len(ids), 500):
-            part = ids[i : i + 500]
-            owner.update(
-                (r[0], r[1])
-                for r in tx.execute(
-                    f"SELECT id, desired_deployment_id FROM devices WHERE id IN "
-                    f"({', '.join('?' * len(part))}) AND desired_deployment_id IS NOT NULL",
-                    tuple(part),
-                ).fetchall()
-            )
+        owner = rq.desired_owners(tx, [device_id for device_id, _ in published])
         timeout: dict[str, float] = {}
         for rid in set(owner.values()):
-            row = tx.execute("SELECT policy FROM deployments WHERE id = ?", (rid,)).fetchone()
-            if row is not None:
-                timeout[rid] = Policy.from_json(json.loads(row[0])).device_timeout_s
+            policy = rq.policy_text(tx, rid)
+            if policy is not None:
+                timeout[rid] = Policy.from_json(json.loads(policy)).device_timeout_s
         rows = [
             (ts + timeout[owner[d]], owner[d], d, generation)
             for d, generation in published
@@ -140,16 +129,7 @@ class Rollouts(DeviceEvents, Control):
         if not rows:
             return
         # Only the first publication of a generation starts it (a broker reconnect republishes).
-        tx.executemany(
-            "UPDATE deployment_devices SET deadline = ? WHERE deployment_id = ? "
-            "AND device_id = ? AND generation = ? AND deadline IS NULL",
-            rows,
-        )
-        tx.executemany(
-            "UPDATE candidate_trials SET deadline = ? WHERE rollout_id = ? AND device_id = ? "
-            "AND generation = ? AND state = 'running' AND deadline IS NULL",
-            rows,
-        )
+        rq.start_deadlines(tx, rows)
 
     # ------------------------------------------------------------------ reconcile
     def tick(self, fence: Callable[[Connection], bool] | None = None) -> list[str]:

@@ -12,14 +12,13 @@ from typing import Any, Literal
 
 from controller.fleet.telemetry.reports import (
     NO_PROFILE,
-    aggregate_sql,
     merge_sums,
     model_label,
     model_names,
     summarize,
-    sums_union_sql,
 )
 from controller.storage.db import Database
+from controller.storage.queries import telemetry as q
 
 SeriesBy = Literal["profile", "model", "profile_model"]
 SERIES_BY: tuple[str, ...] = ("profile", "model", "profile_model")
@@ -89,26 +88,14 @@ def fleet_series(
     # The range drawn starts at the oldest row in the window: a fleet that reports since ten
     # minutes gets minute buckets in a 24 h window, not one 15-minute dot.
     lo = 0.0 if since is None else since
-    oldest = db.query_one(
-        "SELECT MIN(m) AS lo FROM (SELECT MIN(ts) AS m FROM telemetry WHERE ts >= ? AND ts < ? "
-        "UNION ALL SELECT MIN(minute) AS m FROM telemetry_minute WHERE minute + 60 > ? "
-        "AND minute < ?) AS o",
-        (lo, until, lo, until),
-    )
-    first = float(oldest["lo"]) if oldest and oldest["lo"] is not None else until
+    oldest = q.oldest_between(db.conn, lo, until)
+    first = oldest if oldest is not None else until
     since = max(lo, first)
     bucket = choose_bucket(since, until, points)
     start = math.floor(since / bucket) * bucket  # whole buckets; a multiple of 60 as well
     # ts >= start selects the same raw rows as minute >= start (start is whole minutes) and
     # uses the ts index; per-minute rows are selected by their minute.
-    union = sums_union_sql("ts >= ? AND ts < ?", "minute >= ? AND minute < ?")
-    rows = db.query(
-        f"SELECT u.minute - (u.minute % {int(bucket)}) AS bucket, d.profile AS device_profile, "
-        f"u.model_sha256 AS sha, COUNT(DISTINCT u.device_id) AS devices, {aggregate_sql('u.')} "
-        f"FROM ({union}) AS u LEFT JOIN devices d ON d.id = u.device_id "
-        "GROUP BY 1, 2, 3 ORDER BY 1",
-        (start, until, start, until),
-    )
+    rows = q.fleet_buckets(db.conn, start, until, bucket)
     names = model_names(db)
     groups: dict[tuple[str, str], dict[float, dict[str, Any]]] = {}
     for row in rows:

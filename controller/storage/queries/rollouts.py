@@ -219,3 +219,50 @@ def latest_benchmarks(conn: Connection, profile: str | None) -> list[dict[str, A
     if profile is not None:
         query = query.where(d.profile == profile)
     return dicts(conn, query)
+
+
+def desired_owners(conn: Connection, device_ids: Sequence[str]) -> dict[str, str]:
+    """The rollout (desired_deployment_id) each of these devices is pointed at, if any."""
+    d = devices.c
+    out: dict[str, str] = {}
+    for i in range(0, len(device_ids), 500):
+        part = list(device_ids[i : i + 500])
+        rows = conn.sa.execute(
+            select(d.id, d.desired_deployment_id).where(
+                d.id.in_(part), d.desired_deployment_id.is_not(None)
+            )
+        )
+        out.update((str(a), str(b)) for a, b in rows)
+    return out
+
+
+def policy_text(conn: Connection, rollout_id: str) -> str | None:
+    """A rollout's policy (JSON text), or None."""
+    found = conn.sa.execute(select(dp.policy).where(dp.id == rollout_id)).scalar()
+    return None if found is None else str(found)
+
+
+_START_DEADLINE = Prepared(
+    lambda dialect: update(deployment_devices)
+    .where(dd.deployment_id == bindparam("rollout_id"), dd.device_id == bindparam("device_id"),
+           dd.generation == bindparam("generation"), dd.deadline.is_(None))
+    .values(deadline=bindparam("deadline")),
+)  # fmt: skip
+_START_TRIAL_DEADLINE = Prepared(
+    lambda dialect: update(candidate_trials)
+    .where(candidate_trials.c.rollout_id == bindparam("rollout_id"),
+           candidate_trials.c.device_id == bindparam("device_id"),
+           candidate_trials.c.generation == bindparam("generation"),
+           candidate_trials.c.state == literal_column("'running'"),
+           candidate_trials.c.deadline.is_(None))
+    .values(deadline=bindparam("deadline")),
+)  # fmt: skip
+
+
+def start_deadlines(conn: Connection, rows: Sequence[tuple[float, str, str, int]]) -> None:
+    """Set the deadline of rollout rows and running candidate trials (deadline, rollout id,
+    device id, generation) that have none yet: only the first publication starts it."""
+    params = [{"deadline": t, "rollout_id": r, "device_id": d, "generation": g}
+              for t, r, d, g in rows]  # fmt: skip
+    _START_DEADLINE.executemany(conn, params)
+    _START_TRIAL_DEADLINE.executemany(conn, params)

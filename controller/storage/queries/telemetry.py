@@ -316,3 +316,36 @@ def fold_into_minutes(conn: Connection, lo: float, hi: float, hi_closed: bool) -
         _FOLD(conn).from_select(["device_id", "minute", "model_sha256", *AGG_FIELDS], folded)
     )
     return int(conn.sa.execute(delete(telemetry).where(*where)).rowcount)
+
+
+# ---------------------------------------------------------------------------- fleet series
+def oldest_between(conn: Connection, lo: float, hi: float) -> float | None:
+    """The oldest raw ts or per-minute row overlapping [lo, hi), or None."""
+    t = telemetry.c
+    raw = select(func.min(t.ts).label("m")).where(t.ts >= lo, t.ts < hi)
+    minutes = select(func.min(tm.c.minute).label("m")).where(tm.c.minute + 60 > lo,
+                                                            tm.c.minute < hi)  # fmt: skip
+    both = union_all(raw, minutes).subquery("o")
+    found = conn.sa.execute(select(func.min(both.c.m))).scalar()
+    return None if found is None else float(found)
+
+
+def fleet_buckets(conn: Connection, start: float, until: float, width: int) -> list[dict[str, Any]]:
+    """Sum-form totals per time bucket of `width` s × device profile × model from `start`:
+    bucket, device_profile, sha, devices, and the sum-form fields, by bucket."""
+    u = sums_union(
+        [telemetry.c.ts >= start, telemetry.c.ts < until],
+        [tm.c.minute >= start, tm.c.minute < until],
+    )
+    w: ColumnElement[Any] = literal_column(str(int(width)))
+    bucket = (u.c.minute - (u.c.minute % w)).label("bucket")
+    profile = devices.c.profile.label("device_profile")
+    sha = u.c.model_sha256.label("sha")
+    return dicts(
+        conn,
+        select(bucket, profile, sha, func.count(u.c.device_id.distinct()).label("devices"),
+               *aggregate(u.c))
+        .select_from(u.outerjoin(devices, devices.c.id == u.c.device_id))
+        .group_by(bucket, profile, sha)
+        .order_by(bucket),
+    )  # fmt: skip
