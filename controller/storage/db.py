@@ -155,7 +155,7 @@ class Database:
         from controller.storage.upgrade import upgrade
 
         with self.migration_lock() as tx:
-            return upgrade(tx.sa, self.dialect)
+            return upgrade(tx.sa)
 
     def schema_version(self) -> str | None:
         """The Alembic revision of the database (None before any)."""

@@ -5,6 +5,7 @@ migrations and stamped (docs/storage.md)."""
 from __future__ import annotations
 
 import functools
+import logging
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,11 @@ from alembic.util import CommandError
 
 from controller.storage import legacy
 from controller.storage.tables import metadata
+
+log = logging.getLogger(__name__)
+# Alembic logs two INFO lines ("Context impl …", "Will assume …") each time a connection's
+# revision is read, which every open does; only what it applies is worth a line (below).
+logging.getLogger("alembic.runtime.migration").setLevel(logging.WARNING)
 
 SCRIPTS = Path(__file__).resolve().parent / "alembic"
 # The revision that equals the last legacy version's schema.
@@ -65,7 +71,7 @@ def _refuse_unknown(revision: str) -> None:
         )
 
 
-def upgrade(conn: sqlalchemy.Connection, dialect: str) -> str:
+def upgrade(conn: sqlalchemy.Connection) -> str:
     """Bring the database to the head revision inside the caller's transaction; return it."""
     revision = current_revision(conn)
     if revision == head():
@@ -79,11 +85,16 @@ def upgrade(conn: sqlalchemy.Connection, dialect: str) -> str:
                 "edgefleet before running it against this database"
             )
         if stamped > 0:  # an older edgefleet's database: legacy steps, then the baseline
+            log.info("bringing a legacy database (version %d) to the Alembic baseline", stamped)
             legacy.apply(conn)
             legacy.stamp(conn, legacy.HANDED_OVER)
             command.stamp(config(conn), BASELINE)
+            revision = BASELINE
+            if revision == head():
+                return revision
     else:
         _refuse_unknown(revision)
+    log.info("upgrading the database schema from %s to revision %s", revision or "new", head())
     command.upgrade(config(conn), "head")
     return head()
 
