@@ -1,12 +1,14 @@
 """State and MQTT wiring of the controller service, shared by its inbound, publisher, leader."""
 
-
 from __future__ import annotations
 
+import cProfile
 import logging
+import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,7 +16,7 @@ from agent.protocol import (
     DEFAULT_ROOT,
     Topics,
 )
-from agent.protocol.transport import Ack, MqttSession
+from agent.protocol.transport import MqttSession
 from controller.fleet.registry import Fleet
 from controller.runtime.adopt import Acknowledge, Adoption
 from controller.runtime.lease import Lease
@@ -33,6 +35,23 @@ if TYPE_CHECKING:
     from controller.runtime.prometheus import ControllerMetrics
 
 log = logging.getLogger(__name__)
+
+
+def profiled(run: Callable[[], None], suffix: str) -> None:
+    """Run `run`, under cProfile when EDGEFLEET_PROFILE names an output file (written there
+    plus `suffix` when it returns): bench/bench_rollout.py --profile, where each of the
+    controller's threads spends its time."""
+    out = os.environ.get("EDGEFLEET_PROFILE")
+    if not out:
+        run()
+        return
+    profile = cProfile.Profile()
+    profile.enable()
+    try:
+        run()
+    finally:
+        profile.disable()
+        profile.dump_stats(out + suffix)
 
 
 class ServiceCore:
@@ -77,6 +96,11 @@ class ServiceCore:
         self._lease: Lease | None = None
         self.topics = Topics(topic_root)
         self._inbox: queue.Queue[tuple[str, bytes, Acknowledge | None]] = queue.Queue()
+        # Telemetry goes to its own thread (controller/runtime/telemetry_ingest.py).
+        self._telemetry_inbox: queue.Queue[tuple[str, bytes, Acknowledge | None]] = queue.Queue()
+        self._telemetry_thread: threading.Thread | None = None
+        # Median seconds between a device closing a record and its storage, last batch.
+        self.telemetry_lag_s = 0.0
         self._stop = threading.Event()
         self._reconnected = threading.Event()
         self._connected_at = 0.0
@@ -134,33 +158,63 @@ class ServiceCore:
             clean_session=False,
             max_inflight=CONTROLLER_INFLIGHT,
         )
+        # Telemetry's own persistent session, so its backlog never queues events behind it;
+        # not over TLS, where the broker may make the username the client id (a takeover).
+        self.telemetry_session: MqttSession | None = None
+        if not broker_url.lower().startswith(("mqtts://", "ssl://")):
+            self.telemetry_session = MqttSession(
+                broker_url,
+                f"{client_id}-telemetry",
+                on_acked_message=self._on_message,
+                on_connect=self._on_telemetry_connect,
+                username=username,
+                password=password,
+                clean_session=False,
+                max_inflight=CONTROLLER_INFLIGHT,
+            )
 
     def _on_connect(self) -> None:
         """Subscribe to every device's inbound channels and artifact repair requests."""
         # Status is retained and idempotent: every replica takes every status (shared, a live
         # change would reach one replica; MQTT 5 gives shared subscriptions no retained ones).
         self.session.subscribe(*self._device_filters(), self.topics.all_devices("status"))
+        if self.telemetry_session is not None:
+            # A persistent session keeps its subscriptions: one from before telemetry had its
+            # own session would still deliver telemetry here.
+            self.session.unsubscribe(*self._telemetry_filters())
         self._connected_at = time.monotonic()
         self._keys_published = None  # retained state may be gone: publish the keys again
         self._reconnected.set()
         self.ready.set()
 
     def _device_filters(self) -> tuple[str, ...]:
-        """What devices send the controller; for replicas, shared: each message to one."""
+        """What devices send the controller's main session; for replicas, shared: each message
+        to one. Telemetry only when it has no session of its own."""
         t = self.topics
-        filters = (
-            t.all_devices("hello"),
-            t.all_devices("events"),
-            t.all_devices("telemetry"),
-            t.all_needs(),
-        )
+        filters: tuple[str, ...] = (t.all_devices("hello"), t.all_devices("events"), t.all_needs())
+        if self.telemetry_session is None:
+            filters += (t.all_devices("telemetry"),)
+        return self._shared(filters)
+
+    def _telemetry_filters(self) -> tuple[str, ...]:
+        """What the telemetry session subscribes to (shared for replicas)."""
+        return self._shared((self.topics.all_devices("telemetry"),))
+
+    def _shared(self, filters: tuple[str, ...]) -> tuple[str, ...]:
+        """The filters as shared subscriptions when this is a replica, else as they are."""
         if self.replica is None:
             return filters
         return tuple(f"$share/{SHARE_GROUP}/{f}" for f in filters)
 
-    def _on_message(self, topic: str, payload: bytes, ack: Ack | None = None) -> None:
-        """Hand a message to the service thread (paho's thread must not touch the database)."""
-        self._inbox.put((topic, payload, ack))
+    def _on_message(self, topic: str, payload: bytes, ack: Acknowledge | None = None) -> None:
+        """Hand a message to the service thread, telemetry to the telemetry thread (paho's
+        thread must not touch the database)."""
+        inbox = self._telemetry_inbox if topic.endswith("/telemetry") else self._inbox
+        inbox.put((topic, payload, ack))
+
+    def _on_telemetry_connect(self) -> None:
+        """Subscribe the telemetry session (defined by TelemetryIngest)."""
+        raise NotImplementedError
 
     def counters(self) -> dict[str, int]:
         """This replica's service counters (heartbeat, stats line, benchmarks)."""

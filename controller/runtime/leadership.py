@@ -1,6 +1,5 @@
 """Replica leadership: the leader lease, heartbeats, adopting a dead replica's session."""
 
-
 from __future__ import annotations
 
 import logging
@@ -101,21 +100,27 @@ class Leadership(ServiceCore):
         if not leader or self.replica is None:
             return
         for row in dead_replicas(db, self.name):
-            adoption = Adoption(
-                self.broker_url,
-                row["name"],
-                row["client_id"],
-                # Its plain status subscription too: else the broker queues every status for
-                # the dead session, and a replica coming back would replay stale ones.
-                (*self._device_filters(), self.topics.all_devices("status")),
-                self._on_message_adopted,
-                username=self._credentials[0],
-                password=self._credentials[1],
-            )
+            # Its plain status subscription too: else the broker queues every status for the
+            # dead session, and a replica coming back would replay stale ones.
+            sessions = [
+                (row["client_id"], (*self._device_filters(), self.topics.all_devices("status")))
+            ]
+            if self.telemetry_session is not None:  # and its telemetry session's backlog
+                sessions.append((f"{row['client_id']}-telemetry", self._telemetry_filters()))
             mark_adopted(db, row["name"], self.name)
-            adoption.start()
-            self._adoptions.append(adoption)
-            log.warning("replica %s stopped beating: adopting its MQTT session", row["name"])
+            for client_id, filters in sessions:
+                adoption = Adoption(
+                    self.broker_url,
+                    row["name"],
+                    client_id,
+                    filters,
+                    self._on_message_adopted,
+                    username=self._credentials[0],
+                    password=self._credentials[1],
+                )
+                adoption.start()
+                self._adoptions.append(adoption)
+            log.warning("replica %s stopped beating: adopting its MQTT sessions", row["name"])
 
     def _still_leading(self, fleet: Fleet) -> bool:
         """Right before leader-only work: the lease is ours, this term, for at least half its
@@ -135,4 +140,4 @@ class Leadership(ServiceCore):
     def _on_message_adopted(self, topic: str, payload: bytes, ack: Acknowledge | None) -> None:
         """A message a dead replica held: processed here like our own."""
         self.adopted_messages += 1
-        self._inbox.put((topic, payload, ack))
+        self._on_message(topic, payload, ack)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from controller.fleet.registry import Fleet
 from controller.runtime.adopt import Acknowledge
+from controller.runtime.core import profiled
 from controller.runtime.inbound import Inbound
 from controller.runtime.leadership import Leadership
 from controller.runtime.publisher import Publisher
@@ -51,11 +52,11 @@ class _Timers:
 class ControllerService(Publisher, Inbound, Leadership):
     """Runs in its own thread: one MQTT session, one database connection, one reconcile loop."""
 
-
     def start(self) -> None:
         """Connect and start the service thread."""
         self._thread = threading.Thread(target=self._run, name="edgefleet-controller", daemon=True)
         self._thread.start()
+        self._start_telemetry()
         self.session.start()
 
     @property
@@ -88,10 +89,14 @@ class ControllerService(Publisher, Inbound, Leadership):
         self._stop.set()
         if self._thread:
             self._thread.join(timeout=10)
+        self._stop_telemetry()
         self.session.stop()
 
-
     def _run(self) -> None:
+        """The service loop (profiled under EDGEFLEET_PROFILE, see `profiled`)."""
+        profiled(self._loop, "")
+
+    def _loop(self) -> None:
         """Service loop: drain the inbox in batches, reconcile, publish requested chunks."""
         fleet = Fleet(self.home)
         fleet.rollouts.driver = self.name
@@ -208,7 +213,7 @@ class ControllerService(Publisher, Inbound, Leadership):
         log.info(
             "stats: %d chunk bytes published (%d chunks), %d need messages, %d repairs coalesced, "
             "%d fetching, %d peak fetching, %d telemetry records stored (%d duplicates), "
-            "%d resend requests, %d rejected messages, %d errors",
+            "%d resend requests, %d rejected messages, %d errors, telemetry lag %.1f s",
             self.bytes_published,
             self.chunks_published,
             self.needs_received,
@@ -220,6 +225,5 @@ class ControllerService(Publisher, Inbound, Leadership):
             self.resend_requests,
             self.rejected,
             self.errors,
+            self.telemetry_lag_s,
         )
-
-

@@ -18,6 +18,10 @@ REPUBLISHED_MEMORY = 10_000
 PACING_SLACK = 64
 # Most messages handled per database transaction: batching keeps SQLite fast under fan-in.
 MAX_BATCH = 500
+# Most telemetry messages per transaction of the telemetry thread. A backlog beyond the
+# broker's in-flight window (64 per session) stays queued at the broker, so a batch rarely
+# holds more than that; the bound matters for adopted sessions and the TLS fallback.
+MAX_TELEMETRY_BATCH = 1000
 # Ask an unknown device to announce itself at most this often.
 ANNOUNCE_RETRY_S = 10.0
 # QoS1 publishes in flight: high enough to stream a wave of chunks without stalling on PUBACKs.
@@ -30,6 +34,9 @@ RETAINED_SWEEP_S = 30.0
 # Telemetry gaps are asked for again only once they are this old: after an outage a device's
 # drain interleaves with its live records, so a young gap usually fills by itself.
 RESEND_GRACE_S = 30.0
+# The telemetry ingest's own lag (pipeline_lag_s) is added to RESEND_GRACE_S, so a gap that is
+# only our backlog is not asked for; capped, so devices with skewed clocks still get resends.
+RESEND_LAG_CAP_S = 600.0
 # An unanswered resend request is repeated after this long (10 times, then the gap is lost).
 RESEND_RETRY_S = 60.0
 # How often the gap table is checked for resend requests (cheap: one indexed query).
