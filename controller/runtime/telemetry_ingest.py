@@ -1,8 +1,8 @@
 """Telemetry on its own MQTT session, thread and database connection (docs/telemetry.md).
 
-The controller acknowledges a message only after committing it, so the broker keeps at most
-its in-flight window (64) per session outstanding and queues the rest in that session, in
-order. With one session, a telemetry backlog (10,000 devices send ~1,000 messages/s) queued
+The controller acknowledges a message only after committing it, and the broker delivers one
+session's messages in order: what the controller has not taken yet queues in that session.
+With one session, a telemetry backlog (10,000 devices send ~1,000 messages/s) queued
 every event, status and hello behind it: rollout events waited minutes during a storm
 (bench/RESULTS.md, "Telemetry and events during the storm"). Telemetry therefore arrives on a
 second persistent session, `<client id>-telemetry`, whose backlog queues apart, and is stored
