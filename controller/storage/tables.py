@@ -313,6 +313,34 @@ telemetry_minute = Table(
     Index("telemetry_minute_minute", "minute"),
 )  # fmt: skip
 
+# Fleet rollup (alembic revision 0002): telemetry_minute's sum form per minute x profile (as
+# registered at ingest, '' for none) x model, without the device; `devices` counts the distinct
+# devices with a record in that minute. Series and the fleet report read it (docs/telemetry.md).
+telemetry_fleet_minute = Table(
+    "telemetry_fleet_minute", metadata,
+    req("minute", Big),
+    req("profile", Text),
+    col("model_sha256", Text, "''"),
+    col("devices", Big, "0"),
+    *(c._copy() for c in telemetry_minute.columns
+      if c.name not in ("device_id", "minute", "model_sha256")),
+    PrimaryKeyConstraint("minute", "profile", "model_sha256"),
+)  # fmt: skip
+
+# Per device x model: the first and last record's ts, profile at the last ingest and largest
+# power source (revision 0002), for the fleet report's device counts without reading records.
+telemetry_device_models = Table(
+    "telemetry_device_models", metadata,
+    req("device_id", Text),
+    req("model_sha256", Text),
+    req("profile", Text),
+    req("ts_first", Double),
+    req("ts_last", Double),
+    col("power_source", Text, "''"),
+    PrimaryKeyConstraint("device_id", "model_sha256"),
+    Index("telemetry_device_models_last", "ts_last"),
+)  # fmt: skip
+
 telemetry_cursor = Table(
     "telemetry_cursor", metadata,
     Column("device_id", Text, primary_key=True),

@@ -12,6 +12,7 @@ from controller.fleet.telemetry.reports import (
     summarize,
 )
 from controller.storage.db import Database
+from controller.storage.queries import fleet as fleet_queries
 from controller.storage.queries import telemetry as q
 
 # Raw rows folded into per-minute aggregates per compact() call: compaction measured 15-40 us per
@@ -113,6 +114,7 @@ class TelemetryHistory:
         with self.db.transaction(repeatable=True) as tx:
             if minute_days is not None:
                 q.delete_minutes_before(tx, now - minute_days * DAY_S)
+                fleet_queries.delete_fleet_before(tx, now - minute_days * DAY_S)
             oldest = q.oldest_raw(tx)
             if oldest is None or oldest >= cutoff:
                 return 0

@@ -10,12 +10,13 @@ import bisect
 import json
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from agent.protocol import BUCKET_COUNT, LATENCY_BUCKETS_MS
 from controller.errors import FleetError
 from controller.storage.db import Database
+from controller.storage.queries import fleet as fleet_queries
 from controller.storage.queries import metrics as metric_queries
 from controller.storage.queries import telemetry as q
 
@@ -154,34 +155,49 @@ def report(
     by: GroupBy = "profile",
     since: float | None = None,
     profile: str | None = None,
+    source: Literal["rollup", "records"] = "rollup",
 ) -> list[dict[str, Any]]:
     """Per profile (or device) × model version: fleet numbers beside on-device benchmarks.
+
+    Per profile, the numbers come from the fleet rollup (cost independent of the fleet's size);
+    per device, or with `source="records"` (the reference), from every stored record.
 
     Latency percentiles come from the summed histograms (see percentile_from_buckets); means
     are weighted: latency and energy by inferences, RSS and power by interval length.
     """
     if by not in ("profile", "device"):
         raise FleetError(f"--by must be 'profile' or 'device', got {by!r}")
-    rows = q.report_sums(db.conn, since)
     profiles = q.device_profiles(db.conn)
     names = model_names(db)
     groups: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def group_of(device_profile: str, name: str, sha: str) -> dict[str, Any] | None:
+        """The group a row of this profile and model adds to, None when filtered out."""
+        if profile is not None and device_profile != profile:
+            return None
+        label = model_label(sha, names)
+        if not _matches(label, sha, model):
+            return None
+        group = groups.setdefault(
+            (name, label), {"sums": {}, "devices": set(), "shas": set(), "sources": set()}
+        )
+        if sha:
+            group["shas"].add(sha)
+        return group
+
+    if by == "profile" and source == "rollup":
+        _fleet_groups(db, since, profiles, group_of)
+        rows: list[dict[str, Any]] = []
+    else:
+        rows = q.report_sums(db.conn, since)
     for raw in rows:
         device, sha = raw["device_id"], raw["model_sha256"]
         device_profile = profiles.get(device) or NO_PROFILE
-        if profile is not None and device_profile != profile:
+        group = group_of(device_profile, device_profile if by == "profile" else device, sha)
+        if group is None:
             continue
-        label = model_label(sha, names)
-        if not _matches(label, sha, model):
-            continue
-        key = (device_profile if by == "profile" else device, label)
-        group = groups.setdefault(
-            key, {"sums": {}, "devices": set(), "shas": set(), "sources": set()}
-        )
         merge_sums(group["sums"], raw)
         group["devices"].add(device)
-        if sha:
-            group["shas"].add(sha)
         if raw["power_source"]:
             group["sources"].add(raw["power_source"])
     benches = _benchmarks(db, {sha for g in groups.values() for sha in g["shas"]})
@@ -225,6 +241,37 @@ def report(
             row["profile"] = profiles.get(name) or NO_PROFILE
         out.append(row)
     return out
+
+
+def _fleet_groups(
+    db: Database,
+    since: float | None,
+    profiles: dict[str, str | None],
+    group_of: Callable[[str, str, str], dict[str, Any] | None],
+) -> None:
+    """Fill the per-profile groups from the fleet rollup: whole minutes from
+    telemetry_fleet_minute, the part of a minute before `since` cuts it from the stored rows,
+    devices and power sources from telemetry_device_models. Reads O(minutes × series) and
+    O(devices) rows, never every record; the same numbers as reading the records."""
+    whole = None if since is None else math.ceil(since / 60) * 60
+    for row in fleet_queries.fleet_sums(db.conn, whole):
+        name = row["profile"] or NO_PROFILE
+        group = group_of(name, name, row["model_sha256"])
+        if group is not None:
+            merge_sums(group["sums"], row)
+    if since is not None and whole is not None and whole > since:
+        for row in q.report_sums(db.conn, since, until=whole):
+            name = profiles.get(row["device_id"]) or NO_PROFILE
+            group = group_of(name, name, row["model_sha256"])
+            if group is not None:
+                merge_sums(group["sums"], row)
+    for pair in fleet_queries.fleet_devices(db.conn, since):
+        name = pair["profile"] or NO_PROFILE
+        group = group_of(name, name, pair["model_sha256"])
+        if group is not None:
+            group["devices"].add(pair["device_id"])
+            if pair["power_source"]:
+                group["sources"].add(pair["power_source"])
 
 
 def _benchmarks(db: Database, shas: set[str]) -> list[dict[str, Any]]:

@@ -3,6 +3,9 @@
 The bucket width is chosen from the range so that a series has at most `points` buckets, and
 at most MAX_SERIES series are returned (the most served first): the answer's size depends on
 the range asked for, never on the number of devices (docs/http-api.md, "Fleet series").
+It reads the fleet rollup (telemetry_fleet_minute): O(minutes × series) rows, whatever the
+fleet's size; `source="records"` reads every stored record instead, the reference the rollup
+is tested and benchmarked against (docs/telemetry.md, "Fleet rollup").
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ from controller.fleet.telemetry.reports import (
     summarize,
 )
 from controller.storage.db import Database
+from controller.storage.queries import fleet as fleet_queries
 from controller.storage.queries import telemetry as q
 
 SeriesBy = Literal["profile", "model", "profile_model"]
+SeriesSource = Literal["rollup", "records"]
 SERIES_BY: tuple[str, ...] = ("profile", "model", "profile_model")
 
 # Bucket widths in seconds, each a whole number of minutes (per-minute aggregates are the
@@ -78,29 +83,37 @@ def fleet_series(
     profile: str | None = None,
     model: str | None = None,
     points: int = DEFAULT_POINTS,
+    source: SeriesSource = "rollup",
 ) -> dict[str, Any]:
     """Latency percentiles, power and energy per inference per bucket, one series per group.
 
     Percentiles come from the summed histograms of the bucket (exact merge, as `report`);
     power is weighted by interval, energy by inferences. `since` None = the oldest stored. The
-    bucket is chosen for [oldest row in the window, until).
+    bucket is chosen for [oldest row in the window, until). A point's `devices` is, from the
+    rollup, the most devices reporting in one minute of the bucket (from the records: the
+    devices reporting in the bucket; the same at one-minute buckets).
     """
     # The range drawn starts at the oldest row in the window: a fleet that reports since ten
-    # minutes gets minute buckets in a 24 h window, not one 15-minute dot.
+    # minutes gets minute buckets in a 24 h window, not one 15-minute dot. The rollup knows
+    # the minute, the records the second: the same bucket and start (both floor to a bucket,
+    # a whole number of minutes).
     lo = 0.0 if since is None else since
-    oldest = q.oldest_between(db.conn, lo, until)
-    first = oldest if oldest is not None else until
-    since = max(lo, first)
+    if source == "rollup":
+        oldest = fleet_queries.fleet_span(db.conn, lo, until)
+    else:
+        oldest = q.fleet_oldest(db.conn, lo, until)
+    since = max(lo, until if oldest is None else oldest)
     bucket = choose_bucket(since, until, points)
     start = math.floor(since / bucket) * bucket  # whole buckets; a multiple of 60 as well
-    # ts >= start selects the same raw rows as minute >= start (start is whole minutes) and
-    # uses the ts index; per-minute rows are selected by their minute.
-    rows = q.fleet_buckets(db.conn, start, until, bucket)
+    if source == "rollup":
+        rows = fleet_queries.fleet_series(db.conn, start, until, bucket)
+    else:
+        rows = q.fleet_series_from_records(db.conn, start, until, bucket)
     names = model_names(db)
     groups: dict[tuple[str, str], dict[float, dict[str, Any]]] = {}
     for row in rows:
-        row_profile = row["device_profile"] or NO_PROFILE
-        sha = row["sha"] or ""
+        row_profile = row["profile"] or NO_PROFILE
+        sha = row["model_sha256"] or ""
         label = model_label(sha, names)
         if (profile is not None and row_profile != profile) or not _matches(label, sha, model):
             continue

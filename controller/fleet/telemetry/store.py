@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.protocol import BUCKET_COUNT, SeqRange, Telemetry, TelemetryRecord
+from controller.fleet.telemetry import rollup
 from controller.fleet.telemetry.history import TelemetryHistory
 from controller.fleet.telemetry.plan import (
     Applied,
@@ -95,6 +96,10 @@ class TelemetryStore(TelemetryHistory):
             states = self._read_states(tx, plans)
             applied = [apply_plan(states[p.message.device_id], p, received) for p in plans]
             self._drop_stored_refills(tx, applied)
+            with_new = list(dict.fromkeys(a.message.device_id for a in applied if a.new))
+            profiles = q.device_profiles(tx, with_new) if with_new else {}
+            # Before the insert: the rollup counts a device in a minute it has no row in yet.
+            rollup.add_batch(tx, [(a.message.device_id, a.new) for a in applied], profiles)
             rows: list[tuple[Any, ...]] = []
             for a in applied:
                 device, records, new = a.message.device_id, a.message.records, a.new
@@ -116,7 +121,7 @@ class TelemetryStore(TelemetryHistory):
                  "last_ts": s.last_ts, "updated": received}
                 for d, s in states.items()
             ])  # fmt: skip
-            self._add_latency_totals(tx, applied)
+            self._add_latency_totals(tx, applied, profiles)
             # Any message is a sign of life: one statement per batch, never moving backwards.
             q.touch_devices(tx, sorted(states), received)
         opened = closed = lost = recovered = 0
@@ -183,16 +188,14 @@ class TelemetryStore(TelemetryHistory):
         q.insert_gaps(tx, added)
 
     @staticmethod
-    def _add_latency_totals(tx: Connection, applied: list[Applied]) -> None:
+    def _add_latency_totals(
+        tx: Connection, applied: list[Applied], profiles: dict[str, str | None]
+    ) -> None:
         """Add the new records' latencies to the profile x model totals, exactly as message by
         message: one upsert per key (the batch's counts, the first message's latency sum), then
         one UPDATE per key adding the other messages' sums in order, `+ ? + ?`, so the float
         total rounds as it would have (summed in Python first, it could differ in the last bit).
         """
-        devices = list(dict.fromkeys(a.message.device_id for a in applied if a.new))
-        if not devices:
-            return
-        profiles = q.device_profiles(tx, devices)
         # Per profile x model: served counts, bucket counts, each message's latency sum.
         keys: dict[tuple[str, str], tuple[list[int], list[tuple[int, ...]], list[float]]] = {}
         for a in applied:

@@ -142,9 +142,15 @@ def _since(since: float | None, devs: DeviceFilter | None) -> tuple[list[Any], l
     return raw, minute
 
 
-def report_sums(conn: Connection, since: float | None) -> list[dict[str, Any]]:
-    """Sum-form totals per device × model (model '' for none) from `since`."""
-    u = sums_union(*_since(since, None))
+def report_sums(
+    conn: Connection, since: float | None, until: float | None = None
+) -> list[dict[str, Any]]:
+    """Sum-form totals per device × model (model '' for none) from `since` (to `until`)."""
+    raw, minute = _since(since, None)
+    if until is not None:
+        raw.append(telemetry.c.ts < until)
+        minute.append(tm.c.minute < until)
+    u = sums_union(raw, minute)
     return dicts(
         conn,
         select(u.c.device_id, u.c.model_sha256, *aggregate(u.c)).group_by(
@@ -319,33 +325,36 @@ def fold_into_minutes(conn: Connection, lo: float, hi: float, hi_closed: bool) -
 
 
 # ---------------------------------------------------------------------------- fleet series
-def oldest_between(conn: Connection, lo: float, hi: float) -> float | None:
-    """The oldest raw ts or per-minute row overlapping [lo, hi), or None."""
-    t = telemetry.c
-    raw = select(func.min(t.ts).label("m")).where(t.ts >= lo, t.ts < hi)
+def fleet_oldest(conn: Connection, lo: float, until: float) -> float | None:
+    """The oldest raw ts or per-minute row overlapping [lo, until), or None: the series'
+    range from the records (the reference the rollup is checked against)."""
+    raw = select(func.min(telemetry.c.ts).label("m")).where(
+        telemetry.c.ts >= lo, telemetry.c.ts < until
+    )
     minutes = select(func.min(tm.c.minute).label("m")).where(tm.c.minute + 60 > lo,
-                                                            tm.c.minute < hi)  # fmt: skip
-    both = union_all(raw, minutes).subquery("o")
-    found = conn.sa.execute(select(func.min(both.c.m))).scalar()
+                                                             tm.c.minute < until)  # fmt: skip
+    u = union_all(raw, minutes).subquery("o")
+    found = conn.sa.execute(select(func.min(u.c.m))).scalar()
     return None if found is None else float(found)
 
 
-def fleet_buckets(conn: Connection, start: float, until: float, width: int) -> list[dict[str, Any]]:
-    """Sum-form totals per time bucket of `width` s × device profile × model from `start`:
-    bucket, device_profile, sha, devices, and the sum-form fields, by bucket."""
+def fleet_series_from_records(
+    conn: Connection, start: float, until: float, bucket: int
+) -> list[dict[str, Any]]:
+    """Sum-form totals per bucket × registered profile × model from every stored record in
+    [start, until), with distinct devices: O(records), the reference for the rollup."""
     u = sums_union(
         [telemetry.c.ts >= start, telemetry.c.ts < until],
         [tm.c.minute >= start, tm.c.minute < until],
     )
-    w: ColumnElement[Any] = literal_column(str(int(width)))
-    bucket = (u.c.minute - (u.c.minute % w)).label("bucket")
-    profile = devices.c.profile.label("device_profile")
-    sha = u.c.model_sha256.label("sha")
+    width: ColumnElement[Any] = literal_column(str(int(bucket)))
+    bucket_ = (u.c.minute - (u.c.minute % width)).label("bucket")
+    profile = func.coalesce(devices.c.profile, literal_column("''")).label("profile")
     return dicts(
         conn,
-        select(bucket, profile, sha, func.count(u.c.device_id.distinct()).label("devices"),
-               *aggregate(u.c))
+        select(bucket_, profile, u.c.model_sha256,
+               func.count(u.c.device_id.distinct()).label("devices"), *aggregate(u.c))
         .select_from(u.outerjoin(devices, devices.c.id == u.c.device_id))
-        .group_by(bucket, profile, sha)
-        .order_by(bucket),
+        .group_by(bucket_, profile, u.c.model_sha256)
+        .order_by(bucket_),
     )  # fmt: skip

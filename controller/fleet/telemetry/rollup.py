@@ -1,0 +1,110 @@
+"""The fleet rollup's rows for a batch of new records: the sum form per minute × profile ×
+model, and first/last seen per device × model (docs/telemetry.md, "Fleet rollup").
+
+Ingest writes them in the records' transaction, so the rollup always equals what the records
+say; the fleet report and series then read minutes × series rows instead of every record.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from agent.protocol import BUCKET_COUNT, TelemetryRecord
+from controller.storage.db import Connection
+from controller.storage.queries import fleet as q
+from controller.storage.queries.telemetry import AGG_FIELDS, MAX_FIELDS, MIN_FIELDS, SUM_FIELDS
+
+_N_SUM, _N_MAX = len(SUM_FIELDS), len(MAX_FIELDS)
+_N_MIN = len(MIN_FIELDS)
+_NO_BUCKETS = (0,) * BUCKET_COUNT
+# Where each kind of field sits in a sum-form tuple (AGG_FIELDS order).
+_MAX_AT = range(_N_SUM, _N_SUM + _N_MAX)
+_MIN_AT = range(_N_SUM + _N_MAX, _N_SUM + _N_MAX + _N_MIN)
+assert (*SUM_FIELDS, *MAX_FIELDS, *MIN_FIELDS) == AGG_FIELDS
+assert SUM_FIELDS[4 + BUCKET_COUNT :] == (
+    "invocations", "throughput_sum", "rss_sum", "cpu_sum", "temperature_sum", "temperature_n",
+    "power_sum", "power_interval_s", "energy_sum", "energy_served", "cache_hits", "errors",
+)  # fmt: skip
+assert MAX_FIELDS + MIN_FIELDS == (
+    "max_ms", "peak_rss_mb", "temperature_max", "power_source", "power_estimated",
+    "dropped_total", "seq_last", "ts_last", "seq_first", "ts_first",
+)  # fmt: skip
+
+
+def record_sums(r: TelemetryRecord) -> list[Any]:
+    """One record in sum form, AGG_FIELDS order: what raw_sums() computes in SQL."""
+    s = r.served
+    served = s.count if s else 0
+    mean = (s.mean_ms if s else None) or 0.0
+    interval = r.interval_s
+    temp, power, energy = r.temperature_c, r.power_w, r.energy_mj_per_inference
+    return [
+        1, interval, served, served * mean, *(s.buckets if s else _NO_BUCKETS),
+        r.invocations, r.throughput_ips * interval, r.rss_mb * interval,
+        r.cpu_percent * interval, temp or 0.0, 0 if temp is None else 1,
+        (power or 0.0) * interval, 0.0 if power is None else interval,
+        (energy or 0.0) * served, 0 if energy is None else served, r.cache_hits, r.errors,
+        s.max_ms if s else None, r.peak_rss_mb, temp, r.power_source,
+        1 if r.power_estimated else 0, r.dropped_total, r.seq, r.ts, r.seq, r.ts,
+    ]  # fmt: skip
+
+
+def _merge(into: list[Any], row: list[Any]) -> None:
+    """Merge sum-form `row` into `into` in place: sums add, maxima and minima (NULL-aware)."""
+    for i in range(_N_SUM):
+        into[i] += row[i]
+    for i in _MAX_AT:
+        if into[i] is None or (row[i] is not None and row[i] > into[i]):
+            into[i] = row[i]
+    for i in _MIN_AT:
+        if into[i] is None or (row[i] is not None and row[i] < into[i]):
+            into[i] = row[i]
+
+
+def add_batch(
+    tx: Connection,
+    new: Sequence[tuple[str, Sequence[TelemetryRecord]]],
+    profiles: dict[str, str | None],
+) -> None:
+    """Add the batch's new records (device, records; before they are inserted) to the rollup.
+
+    A device counts in a minute × model the first time a record of it arrives for it: the
+    minutes the batch touches are looked up among the stored rows (raw and compacted) first.
+    """
+    ranges: dict[str, tuple[int, int]] = {}
+    for device, records in new:
+        for r in records:
+            m = int(r.ts // 60) * 60
+            lo, hi = ranges.get(device, (m, m))
+            ranges[device] = (min(lo, m), max(hi, m))
+    if not ranges:
+        return
+    seen = q.present_minutes(tx, [(d, lo, hi) for d, (lo, hi) in sorted(ranges.items())])
+    minutes: dict[tuple[int, str, str], list[Any]] = {}
+    counts: dict[tuple[int, str, str], int] = {}
+    pairs: dict[tuple[str, str], list[Any]] = {}
+    for device, records in new:
+        profile = profiles.get(device) or ""
+        for r in records:
+            minute, model = int(r.ts // 60) * 60, r.model_sha256 or ""
+            sums = record_sums(r)
+            key = (minute, profile, model)
+            first = (device, minute, model) not in seen
+            seen.add((device, minute, model))
+            into = minutes.get(key)
+            if into is None:
+                minutes[key] = sums
+                counts[key] = int(first)
+            else:
+                _merge(into, sums)
+                counts[key] += int(first)
+            pair = pairs.get((device, model))
+            if pair is None:
+                pairs[(device, model)] = [profile, r.ts, r.ts, r.power_source]
+            else:
+                pair[1], pair[2] = min(pair[1], r.ts), max(pair[2], r.ts)
+                pair[3] = max(pair[3], r.power_source)
+    # In key order: replicas upserting the same keys take row locks in one order.
+    q.add_fleet_minutes(tx, [(*k, counts[k], *v) for k, v in sorted(minutes.items())])
+    q.add_device_models(tx, [(*k, *v) for k, v in sorted(pairs.items())])

@@ -1,0 +1,229 @@
+"""The fleet rollup (telemetry_fleet_minute, telemetry_device_models): written at ingest,
+backfilled by alembic revision 0002, read by the fleet report and series (docs/telemetry.md).
+
+Reads cost O(minutes × profiles × models) and O(devices × models), never O(records).
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import sqlalchemy
+from sqlalchemy import (
+    ColumnElement,
+    and_,
+    bindparam,
+    case,
+    delete,
+    func,
+    literal_column,
+    or_,
+    select,
+)
+
+from controller.storage.db import Connection
+from controller.storage.queries import Prepared, dialect_insert, prepared_upsert
+from controller.storage.queries.telemetry import (
+    AGG_FIELDS,
+    MAX_FIELDS,
+    MIN_FIELDS,
+    SUM_FIELDS,
+    aggregate,
+    raw_sums,
+)
+from controller.storage.tables import devices
+from controller.storage.tables import telemetry as t
+from controller.storage.tables import telemetry_device_models as dm
+from controller.storage.tables import telemetry_fleet_minute as fm
+from controller.storage.tables import telemetry_minute as tm
+
+FLEET_KEY = ("minute", "profile", "model_sha256")
+# A rollup row's columns, in the order of the tuples add_fleet_minutes takes; the statement
+# takes them in the table's order.
+FLEET_COLUMNS: tuple[str, ...] = (*FLEET_KEY, "devices", *AGG_FIELDS)
+_TABLE_ORDER = operator.itemgetter(*(FLEET_COLUMNS.index(c.name) for c in fm.columns))
+DEVICE_MODEL_KEY = ("device_id", "model_sha256")
+DEVICE_MODEL_COLUMNS = (*DEVICE_MODEL_KEY, "profile", "ts_first", "ts_last", "power_source")
+# Device-minute ranges per presence statement (three parameters each, padded to a power of 2).
+_PRESENCE_STEP = 256
+
+
+def _pick(table: Any, excluded: Any, column: str, wins: str) -> Any:
+    """The stored or the inserted value, whichever wins (NULL-aware): '>' larger, '<' smaller."""
+    old, new = table.c[column], excluded[column]
+    better = new > old if wins == ">" else new < old
+    return case((or_(old.is_(None), better), new), else_=old)
+
+
+_ADD = prepared_upsert(
+    fm,
+    FLEET_KEY,
+    [c.name for c in fm.columns],
+    lambda ex: {
+        "devices": fm.c.devices + ex.devices,
+        **{f: fm.c[f] + ex[f] for f in SUM_FIELDS},
+        **{f: _pick(fm, ex, f, ">") for f in MAX_FIELDS},
+        **{f: _pick(fm, ex, f, "<") for f in MIN_FIELDS},
+    },
+)
+
+
+def add_fleet_minutes(conn: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+    """Merge rows (FLEET_COLUMNS order) into the rollup. Callers sort them by key, so two
+    replicas upserting the same keys take their row locks in one order and never deadlock."""
+    _ADD.executemany(conn, [_TABLE_ORDER(r) for r in rows])
+
+
+_SEEN = prepared_upsert(
+    dm,
+    DEVICE_MODEL_KEY,
+    DEVICE_MODEL_COLUMNS,
+    lambda ex: {
+        "profile": ex.profile,
+        "ts_first": _pick(dm, ex, "ts_first", "<"),
+        "ts_last": _pick(dm, ex, "ts_last", ">"),
+        "power_source": _pick(dm, ex, "power_source", ">"),
+    },
+)
+
+
+def add_device_models(conn: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+    """Widen each (device, model)'s [ts_first, ts_last] and keep its largest power source
+    (DEVICE_MODEL_COLUMNS order, sorted by key like add_fleet_minutes)."""
+    _SEEN.executemany(conn, rows)
+
+
+@functools.lru_cache(maxsize=32)
+def _present_in(n: int) -> Prepared:
+    """(device_id, minute, model) stored in raw or per-minute rows, for n (device, lo, hi)
+    minute ranges; raw rows are selected by ts so the (device_id, ts) index serves."""
+    ranges: list[tuple[Any, Any, Any]] = [
+        (bindparam(f"d{i}"), bindparam(f"lo{i}"), bindparam(f"hi{i}")) for i in range(n)
+    ]
+    raw = select(t.c.device_id, t.c.minute, func.coalesce(t.c.model_sha256, "")).where(
+        or_(*(and_(t.c.device_id == d, t.c.ts >= lo, t.c.ts < hi + 60) for d, lo, hi in ranges))
+    )
+    minutes = select(tm.c.device_id, tm.c.minute, tm.c.model_sha256).where(
+        or_(*(and_(tm.c.device_id == d, tm.c.minute.between(lo, hi)) for d, lo, hi in ranges))
+    )
+    stmt = raw.union(minutes)
+    return Prepared(lambda dialect: stmt)
+
+
+def present_minutes(
+    conn: Connection, ranges: Iterable[tuple[str, int, int]]
+) -> set[tuple[str, int, str]]:
+    """(device_id, minute, model_sha256 or '') already stored (raw or compacted) within the
+    (device, first minute, last minute) ranges: whether a device already counts in a minute."""
+    terms = list(ranges)
+    found: set[tuple[str, int, str]] = set()
+    for i in range(0, len(terms), _PRESENCE_STEP):
+        part = terms[i : i + _PRESENCE_STEP]
+        width = 1 << max(len(part) - 1, 0).bit_length()
+        padded = [*part, *[part[-1]] * (width - len(part))]
+        params = {f"{n}{j}": v for j, triple in enumerate(padded)
+                  for n, v in zip(("d", "lo", "hi"), triple, strict=True)}  # fmt: skip
+        rows = _present_in(width).execute(conn, params)
+        found.update((d, int(m), s) for d, m, s in rows)
+    return found
+
+
+# ---------------------------------------------------------------------------- reads
+def fleet_sums(
+    conn: Connection, since: float | None, until: float | None = None
+) -> list[dict[str, Any]]:
+    """Sum-form totals per profile ('' for none) × model ('' for none), minutes overlapping
+    [since, until) (the old report's rule: a per-minute row overlapping `since` counts)."""
+    where = _window(since, until)
+    return _dicts(
+        conn,
+        select(fm.c.profile, fm.c.model_sha256, *aggregate(fm.c))
+        .where(*where)
+        .group_by(fm.c.profile, fm.c.model_sha256),
+    )
+
+
+def _window(since: float | None, until: float | None) -> list[ColumnElement[bool]]:
+    """WHERE terms for rollup minutes from `since` (overlapping) to `until` (exclusive)."""
+    where: list[ColumnElement[bool]] = []
+    if since is not None:
+        where.append(fm.c.minute + 60 > since)
+    if until is not None:
+        where.append(fm.c.minute < until)
+    return where
+
+
+def fleet_devices(conn: Connection, since: float | None) -> list[dict[str, Any]]:
+    """profile, model_sha256, device_id, power_source of each (device, model) pair with a
+    record from `since` (by its newest record's ts): O(devices × models) rows."""
+    d = dm.c
+    where = [] if since is None else [d.ts_last >= since]
+    return _dicts(
+        conn,
+        select(d.profile, d.model_sha256, d.device_id, d.power_source).where(*where),
+    )
+
+
+def fleet_span(conn: Connection, since: float, until: float) -> float | None:
+    """The first rollup minute overlapping [since, until), or None."""
+    found = conn.sa.execute(select(func.min(fm.c.minute)).where(*_window(since, until))).scalar()
+    return None if found is None else float(found)
+
+
+def fleet_series(conn: Connection, start: float, until: float, bucket: int) -> list[dict[str, Any]]:
+    """Sum-form totals per bucket × profile × model from minute `start` to `until`, with
+    `devices` the most devices reporting in one minute of the bucket, oldest first."""
+    width: ColumnElement[Any] = literal_column(str(int(bucket)))
+    bucket_ = (fm.c.minute - (fm.c.minute % width)).label("bucket")
+    return _dicts(
+        conn,
+        select(bucket_, fm.c.profile, fm.c.model_sha256,
+               func.max(fm.c.devices).label("devices"), *aggregate(fm.c))
+        .where(fm.c.minute >= start, fm.c.minute < until)
+        .group_by(bucket_, fm.c.profile, fm.c.model_sha256)
+        .order_by(bucket_),
+    )  # fmt: skip
+
+
+def _dicts(conn: Connection, stmt: Any) -> list[dict[str, Any]]:
+    """Rows of a query as dicts."""
+    return [dict(r._mapping) for r in conn.sa.execute(stmt)]
+
+
+# ---------------------------------------------------------------------------- retention
+def delete_fleet_before(conn: Connection, minute: float) -> None:
+    """Drop rollup minutes older than `minute`, and the (device, model) pairs last seen then."""
+    conn.sa.execute(delete(fm).where(fm.c.minute < minute))
+    conn.sa.execute(delete(dm).where(dm.c.ts_last < minute))
+
+
+# ---------------------------------------------------------------------------- backfill
+def backfill(conn: sqlalchemy.Connection) -> None:
+    """Fill both rollup tables from the stored raw and per-minute rows (revision 0002), with
+    each device's profile as registered now."""
+    raw = raw_sums([]).subquery("raw")
+    keys = (raw.c.device_id, raw.c.minute, raw.c.model_sha256)
+    raw_minutes = select(*keys, *aggregate(raw.c)).group_by(*keys)
+    minute_rows = select(tm.c.device_id, tm.c.minute, tm.c.model_sha256,
+                         *(tm.c[f] for f in AGG_FIELDS))  # fmt: skip
+    u = raw_minutes.union_all(minute_rows).subquery("u")
+    profile = func.coalesce(devices.c.profile, "").label("profile")
+    joined = u.outerjoin(devices, devices.c.id == u.c.device_id)
+    per_minute = (
+        select(u.c.minute, profile, u.c.model_sha256,
+               func.count(u.c.device_id.distinct()).label("devices"), *aggregate(u.c))
+        .select_from(joined)
+        .group_by(u.c.minute, profile, u.c.model_sha256)
+    )  # fmt: skip
+    dialect = conn.dialect.name
+    conn.execute(dialect_insert(dialect, fm).from_select(list(FLEET_COLUMNS), per_minute))
+    pairs = (
+        select(u.c.device_id, u.c.model_sha256, profile,
+               func.min(u.c.ts_first), func.max(u.c.ts_last), func.max(u.c.power_source))
+        .select_from(joined)
+        .group_by(u.c.device_id, u.c.model_sha256, profile)
+    )  # fmt: skip
+    conn.execute(dialect_insert(dialect, dm).from_select(list(DEVICE_MODEL_COLUMNS), pairs))
