@@ -1,23 +1,27 @@
-"""Fleet series (GET /report/series) against the report over the same rows, at two fleet sizes
-in one run: the answer's size stays bounded, the query's time grows with the rows it reads.
+"""Fleet series (GET /report/series) and the per-profile report, each read from the fleet
+rollup and from every stored record (the path before the rollup), on the same database in one
+run, at several fleet sizes: the rollup's time should not grow with the number of devices.
 
-    .venv/bin/python -m bench.bench_series [--devices 100,1000] [--minutes 60] [--repeats 5]
+    .venv/bin/python -m bench.bench_series [--devices 100,1000,10000] [--minutes 60] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import sqlalchemy
+
 from agent.protocol import MAX_TELEMETRY_RECORDS, Telemetry
 from controller.fleet.registry import Fleet
 from controller.fleet.telemetry.reports import report
 from controller.fleet.telemetry.series import fleet_series
+from controller.storage.tables import telemetry_fleet_minute
 from tests.paths import TEST_DATA
 from tests.unit.controller.fleet.telemetry.test_store import record
 
@@ -64,32 +68,46 @@ def timed(call: Callable[[], object], repeats: int) -> float:
 
 
 def main() -> None:
-    """Build each size, time series and report over the window, print a table."""
+    """Build each size, time series and report from both sources, print a table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", default="100,1000", help="fleet sizes, comma-separated")
     parser.add_argument("--minutes", type=int, default=60, help="telemetry per device")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    print(f"{'devices':>8} {'rows':>9} {'series s':>9} {'report s':>9} {'series/report':>14} "
-          f"{'answer bytes':>13} {'points':>7}")  # fmt: skip
+    print(f"{'devices':>8} {'rows':>9} {'rollup rows':>11} {'series old s':>12} "
+          f"{'series new s':>12} {'old/new':>8} {'report old s':>12} {'report new s':>12} "
+          f"{'old/new':>8} {'points':>7}")  # fmt: skip
     for devices in (int(n) for n in args.devices.split(",")):
         measure(devices, args.minutes, args.repeats)
 
 
 def measure(devices: int, minutes: int, repeats: int) -> None:
-    """One fleet size: build it, time series and report over a 24 h window, print a row."""
+    """One fleet size: build it, time both sources over a 24 h window, check they agree."""
     fleet, now, rows = build(devices, minutes)
     try:
         since = now - 86_400
-        answer = fleet_series(fleet.db, since=since, until=now)
-        series_s = timed(lambda: fleet_series(fleet.db, since=since, until=now), repeats)
-        report_s = timed(lambda: report(fleet.db, since=since), repeats)
-        points = sum(len(s["points"]) for s in answer["series"])
-        size = len(json.dumps(answer))
-        print(f"{devices:>8} {rows:>9} {series_s:>9.3f} {report_s:>9.3f} "
-              f"{series_s / report_s:>14.2f} {size:>13} {points:>7}")  # fmt: skip
+        # The rollup counts whole minutes (until's too): compared at a whole minute.
+        whole = math.ceil(now / 60) * 60
+        new = fleet_series(fleet.db, since=since, until=whole)
+        old = fleet_series(fleet.db, since=since, until=whole, source="records")
+        # Same buckets and served counts (tests/unit/.../test_fleet_rollup.py checks all).
+        assert [(s["key"], [(p["ts"], p["served"]) for p in s["points"]]) for s in new["series"]] \
+            == [(s["key"], [(p["ts"], p["served"]) for p in s["points"]]) for s in old["series"]]
+        rollup_rows = fleet.db.conn.sa.execute(
+            sqlalchemy.select(sqlalchemy.func.count()).select_from(telemetry_fleet_minute)
+        ).scalar()
+        s_old = timed(lambda: fleet_series(fleet.db, since=since, until=now, source="records"),
+                      repeats)  # fmt: skip
+        s_new = timed(lambda: fleet_series(fleet.db, since=since, until=now), repeats)
+        r_old = timed(lambda: report(fleet.db, since=since, source="records"), repeats)
+        r_new = timed(lambda: report(fleet.db, since=since), repeats)
+        points = sum(len(s["points"]) for s in new["series"])
+        print(f"{devices:>8} {rows:>9} {rollup_rows:>11} {s_old:>12.4f} {s_new:>12.4f} "
+              f"{s_old / s_new:>8.1f} {r_old:>12.4f} {r_new:>12.4f} {r_old / r_new:>8.1f} "
+              f"{points:>7}", flush=True)  # fmt: skip
     finally:
         fleet.close()
+
 
 if __name__ == "__main__":
     main()

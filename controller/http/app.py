@@ -33,6 +33,7 @@ from controller.fleet.telemetry.queries import (
     fleet_report,
     fleet_series_query,
     parse_since,
+    parse_window,
 )
 from controller.http.auth import authenticate
 from controller.http.dashboard import STATIC_DIR
@@ -425,7 +426,8 @@ def _report_routes(api: APIRouter, FleetDep: Any, Admin: list[Any]) -> None:
         since: Annotated[str | None, Query(description="30m, 1h, 2d; ISO 8601; epoch")] = None,
     ) -> dict[str, Any]:
         """Inference cost per profile (or device) × model beside benchmarks (`report`)."""
-        rows = fleet_report(fleet, model=model, by=by, since=parse_since(since), profile=profile)
+        # A duration starts at a whole minute: the report then reads only the fleet rollup.
+        rows = fleet_report(fleet, model=model, by=by, since=parse_window(since), profile=profile)
         return {"rows": rows}
 
     @api.get("/report/series", responses=_errors(400))

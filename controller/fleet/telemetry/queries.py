@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from datetime import UTC, datetime
@@ -39,6 +40,15 @@ def parse_since(value: str | None, now: float | None = None) -> float | None:
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
     return parsed.timestamp()
+
+
+def parse_window(value: str | None, now: float | None = None) -> float | None:
+    """parse_since, except that a duration (`1h`) starts at a whole minute: the fleet
+    rollup's grain, so a dashboard's report reads no raw records (docs/telemetry.md)."""
+    since = parse_since(value, now)
+    if since is not None and value is not None and _RELATIVE.match(value.strip()):
+        return math.floor(since / 60) * 60
+    return since
 
 
 def check_telemetry_device(fleet: Fleet, device_id: str) -> None:

@@ -159,8 +159,9 @@ def report(
 ) -> list[dict[str, Any]]:
     """Per profile (or device) × model version: fleet numbers beside on-device benchmarks.
 
-    Per profile, the numbers come from the fleet rollup (cost independent of the fleet's size);
-    per device, or with `source="records"` (the reference), from every stored record.
+    Per profile, the numbers come from the fleet rollup (cost independent of the fleet's size
+    when `since` is a whole minute); per device, or with `source="records"` (the reference),
+    from every stored record.
 
     Latency percentiles come from the summed histograms (see percentile_from_buckets); means
     are weighted: latency and energy by inferences, RSS and power by interval length.
@@ -250,9 +251,9 @@ def _fleet_groups(
     group_of: Callable[[str, str, str], dict[str, Any] | None],
 ) -> None:
     """Fill the per-profile groups from the fleet rollup: whole minutes from
-    telemetry_fleet_minute, the part of a minute before `since` cuts it from the stored rows,
-    devices and power sources from telemetry_device_models. Reads O(minutes × series) and
-    O(devices) rows, never every record; the same numbers as reading the records."""
+    telemetry_fleet_minute, the part of a minute before `since` cuts it from the stored records,
+    devices and power sources from telemetry_device_models. O(minutes × series) and O(devices)
+    rows, plus the records of at most one minute (none when `since` is a whole minute)."""
     whole = None if since is None else math.ceil(since / 60) * 60
     for row in fleet_queries.fleet_sums(db.conn, whole):
         name = row["profile"] or NO_PROFILE

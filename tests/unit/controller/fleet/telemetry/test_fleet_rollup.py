@@ -15,6 +15,7 @@ import sqlalchemy
 
 from agent.protocol import MAX_TELEMETRY_RECORDS, Telemetry, TelemetryRecord
 from controller.fleet.registry import Fleet
+from controller.fleet.telemetry.queries import parse_window
 from controller.fleet.telemetry.reports import report
 from controller.fleet.telemetry.series import fleet_series
 from controller.fleet.telemetry.store import TelemetryStore
@@ -109,7 +110,7 @@ def check_series(fleet: Fleet, *, minute_devices: bool = True) -> None:
 
 def check_report(fleet: Fleet) -> None:
     """The per-profile report from the rollup equals it computed from every record."""
-    for since in (None, T0 + 600, T0 + 615.5):
+    for since in (None, T0 + 600, T0 + 615.5):  # T0 is a whole minute
         for kw in ({}, {"model": "tiny:1"}, {"profile": "rpi4"}):
             new = report(fleet.db, since=since, **kw)
             old = report(fleet.db, since=since, source="records", **kw)
@@ -149,3 +150,10 @@ def test_the_backfill_builds_what_ingest_built(generated: Fleet) -> None:
         again = rows(t)
         assert_same(built[t.name], again, t.name)
     assert len(built["telemetry_fleet_minute"]) > MINUTES * len(PROFILES)
+
+
+def test_a_dashboard_window_starts_at_a_whole_minute() -> None:
+    assert parse_window("1h", now=T0 + 30.5) == T0 - 3600
+    assert parse_window("1h", now=T0) == T0 - 3600
+    assert parse_window(str(T0 + 30.5), now=T0 + 99) == T0 + 30.5  # absolute: as given
+    assert parse_window(None) is None
