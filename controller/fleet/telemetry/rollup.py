@@ -50,16 +50,22 @@ def record_sums(r: TelemetryRecord) -> list[Any]:
     ]  # fmt: skip
 
 
-def _merge(into: list[Any], row: list[Any]) -> None:
-    """Merge sum-form `row` into `into` in place: sums add, maxima and minima (NULL-aware)."""
-    for i in range(_N_SUM):
-        into[i] += row[i]
-    for i in _MAX_AT:
-        if into[i] is None or (row[i] is not None and row[i] > into[i]):
-            into[i] = row[i]
-    for i in _MIN_AT:
-        if into[i] is None or (row[i] is not None and row[i] < into[i]):
-            into[i] = row[i]
+def _fold(rows: list[list[Any]]) -> list[Any]:
+    """Merge sum-form rows column by column: sums add, maxima and minima skip NULLs."""
+    if len(rows) == 1:
+        return rows[0]
+    columns = list(zip(*rows, strict=True))
+    out: list[Any] = [sum(c) for c in columns[:_N_SUM]]
+    for c in columns[_N_SUM : _N_SUM + _N_MAX]:
+        present = [v for v in c if v is not None]
+        out.append(max(present) if present else None)
+    out += [min(c) for c in columns[_N_SUM + _N_MAX :]]  # seq and ts: never NULL
+    return out
+
+
+def _minute(ts: float) -> int:
+    """The whole minute a ts falls in (as the telemetry table's `minute` column)."""
+    return int(ts // 60) * 60
 
 
 def add_batch(
@@ -69,35 +75,46 @@ def add_batch(
 ) -> None:
     """Add the batch's new records (device, records; before they are inserted) to the rollup.
 
-    A device counts in a minute × model the first time a record of it arrives for it: the
-    minutes the batch touches are looked up among the stored rows (raw and compacted) first.
+    A device counts in a minute × model the first time a record of it arrives for it. The
+    stored first and last record per device × model decide that for records outside or at the
+    ends of that span (live records: always); only a record between them (a resend) is looked
+    up among the stored rows.
     """
-    ranges: dict[str, tuple[int, int]] = {}
+    devices = [d for d, records in new if records]
+    if not devices:
+        return
+    spans = q.device_model_spans(tx, list(dict.fromkeys(devices)))
+    unsure: dict[str, tuple[int, int]] = {}
     for device, records in new:
         for r in records:
-            m = int(r.ts // 60) * 60
-            lo, hi = ranges.get(device, (m, m))
-            ranges[device] = (min(lo, m), max(hi, m))
-    if not ranges:
-        return
-    seen = q.present_minutes(tx, [(d, lo, hi) for d, (lo, hi) in sorted(ranges.items())])
-    minutes: dict[tuple[int, str, str], list[Any]] = {}
+            span = spans.get((device, r.model_sha256 or ""))
+            if span is not None and span[0] < (m := _minute(r.ts)) < span[1]:
+                lo, hi = unsure.get(device, (m, m))
+                unsure[device] = (min(lo, m), max(hi, m))
+    stored = q.present_minutes(tx, sorted((d, lo, hi) for d, (lo, hi) in unsure.items()))
+    seen: set[tuple[str, int, str]] = set()
+    minutes: dict[tuple[int, str, str], list[list[Any]]] = {}
     counts: dict[tuple[int, str, str], int] = {}
     pairs: dict[tuple[str, str], list[Any]] = {}
     for device, records in new:
         profile = profiles.get(device) or ""
         for r in records:
-            minute, model = int(r.ts // 60) * 60, r.model_sha256 or ""
-            sums = record_sums(r)
+            minute, model = _minute(r.ts), r.model_sha256 or ""
             key = (minute, profile, model)
-            first = (device, minute, model) not in seen
-            seen.add((device, minute, model))
-            into = minutes.get(key)
-            if into is None:
-                minutes[key] = sums
+            mark = (device, minute, model)
+            span = spans.get((device, model))
+            first = mark not in seen and (
+                span is None
+                or not span[0] <= minute <= span[1]
+                or (minute not in span and mark not in stored)
+            )
+            seen.add(mark)
+            rows = minutes.get(key)
+            if rows is None:
+                minutes[key] = [record_sums(r)]
                 counts[key] = int(first)
             else:
-                _merge(into, sums)
+                rows.append(record_sums(r))
                 counts[key] += int(first)
             pair = pairs.get((device, model))
             if pair is None:
@@ -106,5 +123,5 @@ def add_batch(
                 pair[1], pair[2] = min(pair[1], r.ts), max(pair[2], r.ts)
                 pair[3] = max(pair[3], r.power_source)
     # In key order: replicas upserting the same keys take row locks in one order.
-    q.add_fleet_minutes(tx, [(*k, counts[k], *v) for k, v in sorted(minutes.items())])
+    q.add_fleet_minutes(tx, [(*k, counts[k], *_fold(rows)) for k, rows in sorted(minutes.items())])
     q.add_device_models(tx, [(*k, *v) for k, v in sorted(pairs.items())])

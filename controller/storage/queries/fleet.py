@@ -96,6 +96,24 @@ def add_device_models(conn: Connection, rows: Sequence[tuple[Any, ...]]) -> None
     _SEEN.executemany(conn, rows)
 
 
+_SPANS_OF = Prepared(
+    lambda dialect: select(dm.c.device_id, dm.c.model_sha256, dm.c.ts_first, dm.c.ts_last).where(
+        dm.c.device_id.in_(bindparam("ids", expanding=True))
+    )
+)
+
+
+def device_model_spans(
+    conn: Connection, device_ids: Sequence[str]
+) -> dict[tuple[str, str], tuple[int, int]]:
+    """(device, model) → the whole minutes of its first and last stored record."""
+    out: dict[tuple[str, str], tuple[int, int]] = {}
+    for i in range(0, len(device_ids), 512):
+        for d, m, first, last in _SPANS_OF.execute_in(conn, device_ids[i : i + 512]):
+            out[(d, m)] = (int(first // 60) * 60, int(last // 60) * 60)
+    return out
+
+
 @functools.lru_cache(maxsize=32)
 def _present_in(n: int) -> Prepared:
     """(device_id, minute, model) stored in raw or per-minute rows, for n (device, lo, hi)
@@ -120,6 +138,8 @@ def present_minutes(
     (device, first minute, last minute) ranges: whether a device already counts in a minute."""
     terms = list(ranges)
     found: set[tuple[str, int, str]] = set()
+    if not terms:
+        return found
     for i in range(0, len(terms), _PRESENCE_STEP):
         part = terms[i : i + _PRESENCE_STEP]
         width = 1 << max(len(part) - 1, 0).bit_length()
