@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy
+from alembic import command
 
 from agent.protocol import MAX_TELEMETRY_RECORDS, Telemetry, TelemetryRecord
 from controller.fleet.registry import Fleet
@@ -19,7 +20,7 @@ from controller.fleet.telemetry.queries import parse_window
 from controller.fleet.telemetry.reports import report
 from controller.fleet.telemetry.series import fleet_series
 from controller.fleet.telemetry.store import TelemetryStore
-from controller.storage.queries import fleet as fleet_queries
+from controller.storage import upgrade
 from controller.storage.tables import telemetry_device_models, telemetry_fleet_minute
 from tests.paths import TEST_DATA
 from tests.unit.controller.fleet.telemetry.test_store import T0, record
@@ -135,17 +136,17 @@ def test_they_stay_equal_after_compaction(generated: Fleet) -> None:
     check_series(generated)
 
 
-def test_the_backfill_builds_what_ingest_built(generated: Fleet) -> None:
+def test_revision_0002_on_a_stored_fleet_builds_what_ingest_built(generated: Fleet) -> None:
     def rows(table: sqlalchemy.Table) -> list[dict[str, Any]]:
         """Every row, in key order."""
         query = sqlalchemy.select(table).order_by(*table.primary_key.columns)
         return [dict(r._mapping) for r in generated.db.conn.sa.execute(query)]
 
     built = {t.name: rows(t) for t in (telemetry_fleet_minute, telemetry_device_models)}
-    with generated.db.transaction() as tx:
-        tx.sa.execute(sqlalchemy.delete(telemetry_fleet_minute))
-        tx.sa.execute(sqlalchemy.delete(telemetry_device_models))
-        fleet_queries.backfill(tx.sa)
+    with generated.db.transaction() as tx:  # as an upgrade from before the rollup would
+        command.downgrade(upgrade.config(tx.sa), "0001")
+        assert "telemetry_fleet_minute" not in sqlalchemy.inspect(tx.sa).get_table_names()
+        command.upgrade(upgrade.config(tx.sa), "head")
     for t in (telemetry_fleet_minute, telemetry_device_models):
         again = rows(t)
         assert_same(built[t.name], again, t.name)
