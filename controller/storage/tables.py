@@ -327,18 +327,18 @@ telemetry_fleet_minute = Table(
     PrimaryKeyConstraint("minute", "profile", "model_sha256"),
 )  # fmt: skip
 
-# Per device x model: the first and last record's ts, profile at the last ingest and largest
-# power source (revision 0002), for the fleet report's device counts without reading records.
+# Per device x model: the minutes of its first and last record, profile at the last ingest and
+# largest power source (revision 0002): the fleet report's device counts without the records.
 telemetry_device_models = Table(
     "telemetry_device_models", metadata,
     req("device_id", Text),
     req("model_sha256", Text),
     req("profile", Text),
-    req("ts_first", Double),
-    req("ts_last", Double),
+    req("minute_first", Big),
+    req("minute_last", Big),
     col("power_source", Text, "''"),
     PrimaryKeyConstraint("device_id", "model_sha256"),
-    Index("telemetry_device_models_last", "ts_last"),
+    Index("telemetry_device_models_last", "minute_last"),
 )  # fmt: skip
 
 telemetry_cursor = Table(

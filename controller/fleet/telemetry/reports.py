@@ -266,7 +266,10 @@ def _fleet_groups(
             group = group_of(name, name, row["model_sha256"])
             if group is not None:
                 merge_sums(group["sums"], row)
-    for pair in fleet_queries.fleet_devices(db.conn, since):
+                group["devices"].add(row["device_id"])
+                if row["power_source"]:
+                    group["sources"].add(row["power_source"])
+    for pair in fleet_queries.fleet_devices(db.conn, whole):
         name = pair["profile"] or NO_PROFILE
         group = group_of(name, name, pair["model_sha256"])
         if group is not None:

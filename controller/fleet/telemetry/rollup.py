@@ -76,9 +76,10 @@ def add_batch(
     """Add the batch's new records (device, records; before they are inserted) to the rollup.
 
     A device counts in a minute × model the first time a record of it arrives for it. The
-    stored first and last record per device × model decide that for records outside or at the
-    ends of that span (live records: always); only a record between them (a resend) is looked
-    up among the stored rows.
+    stored first and last minute per device × model decide that for records outside that span
+    or in its end minutes (every live record); only a record strictly inside it (a resend) is
+    looked up among the stored rows. A device × model row is written only when it changes (a
+    new minute, profile or power source): about once a minute per device, not per record.
     """
     devices = [d for d, records in new if records]
     if not devices:
@@ -88,26 +89,28 @@ def add_batch(
     for device, records in new:
         for r in records:
             span = spans.get((device, r.model_sha256 or ""))
-            if span is not None and span[0] < (m := _minute(r.ts)) < span[1]:
+            if span is not None and span[1] < (m := _minute(r.ts)) < span[2]:
                 lo, hi = unsure.get(device, (m, m))
                 unsure[device] = (min(lo, m), max(hi, m))
     stored = q.present_minutes(tx, sorted((d, lo, hi) for d, (lo, hi) in unsure.items()))
     seen: set[tuple[str, int, str]] = set()
     minutes: dict[tuple[int, str, str], list[list[Any]]] = {}
     counts: dict[tuple[int, str, str], int] = {}
-    pairs: dict[tuple[str, str], list[Any]] = {}
+    pairs: dict[tuple[str, str], tuple[str, int, int, str]] = {}
     for device, records in new:
         profile = profiles.get(device) or ""
         for r in records:
             minute, model = _minute(r.ts), r.model_sha256 or ""
             key = (minute, profile, model)
             mark = (device, minute, model)
-            span = spans.get((device, model))
+            # Stored before the batch (what `stored` was looked up for); earlier in it: `seen`.
+            before = spans.get((device, model))
             first = mark not in seen and (
-                span is None
-                or not span[0] <= minute <= span[1]
-                or (minute not in span and mark not in stored)
+                before is None
+                or not before[1] <= minute <= before[2]
+                or (minute != before[1] and minute != before[2] and mark not in stored)
             )
+            span = pairs.get((device, model)) or before
             seen.add(mark)
             rows = minutes.get(key)
             if rows is None:
@@ -116,12 +119,18 @@ def add_batch(
             else:
                 rows.append(record_sums(r))
                 counts[key] += int(first)
-            pair = pairs.get((device, model))
-            if pair is None:
-                pairs[(device, model)] = [profile, r.ts, r.ts, r.power_source]
-            else:
-                pair[1], pair[2] = min(pair[1], r.ts), max(pair[2], r.ts)
-                pair[3] = max(pair[3], r.power_source)
+            if span is None:
+                pairs[(device, model)] = (profile, minute, minute, r.power_source)
+            elif (
+                minute < span[1] or minute > span[2] or profile != span[0]
+                or r.power_source > span[3]
+            ):  # fmt: skip
+                pairs[(device, model)] = (
+                    profile, min(span[1], minute), max(span[2], minute),
+                    max(span[3], r.power_source),
+                )  # fmt: skip
     # In key order: replicas upserting the same keys take row locks in one order.
-    q.add_fleet_minutes(tx, [(*k, counts[k], *_fold(rows)) for k, rows in sorted(minutes.items())])
+    q.add_fleet_minutes(
+        tx, [(*k, counts[k], *_fold(rows)) for k, rows in sorted(minutes.items())]
+    )
     q.add_device_models(tx, [(*k, *v) for k, v in sorted(pairs.items())])

@@ -46,7 +46,7 @@ FLEET_KEY = ("minute", "profile", "model_sha256")
 FLEET_COLUMNS: tuple[str, ...] = (*FLEET_KEY, "devices", *AGG_FIELDS)
 _TABLE_ORDER = operator.itemgetter(*(FLEET_COLUMNS.index(c.name) for c in fm.columns))
 DEVICE_MODEL_KEY = ("device_id", "model_sha256")
-DEVICE_MODEL_COLUMNS = (*DEVICE_MODEL_KEY, "profile", "ts_first", "ts_last", "power_source")
+DEVICE_MODEL_COLUMNS = (*DEVICE_MODEL_KEY, "profile", "minute_first", "minute_last", "power_source")
 # Device-minute ranges per presence statement (three parameters each, padded to a power of 2).
 _PRESENCE_STEP = 256
 
@@ -83,34 +83,37 @@ _SEEN = prepared_upsert(
     DEVICE_MODEL_COLUMNS,
     lambda ex: {
         "profile": ex.profile,
-        "ts_first": _pick(dm, ex, "ts_first", "<"),
-        "ts_last": _pick(dm, ex, "ts_last", ">"),
+        "minute_first": _pick(dm, ex, "minute_first", "<"),
+        "minute_last": _pick(dm, ex, "minute_last", ">"),
         "power_source": _pick(dm, ex, "power_source", ">"),
     },
 )
 
 
 def add_device_models(conn: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
-    """Widen each (device, model)'s [ts_first, ts_last] and keep its largest power source
-    (DEVICE_MODEL_COLUMNS order, sorted by key like add_fleet_minutes)."""
+    """Widen each (device, model)'s [minute_first, minute_last], set its profile and keep its
+    largest power source (DEVICE_MODEL_COLUMNS order, sorted by key like add_fleet_minutes)."""
     _SEEN.executemany(conn, rows)
 
 
 _SPANS_OF = Prepared(
-    lambda dialect: select(dm.c.device_id, dm.c.model_sha256, dm.c.ts_first, dm.c.ts_last).where(
-        dm.c.device_id.in_(bindparam("ids", expanding=True))
-    )
-)
+    lambda dialect: select(
+        dm.c.device_id, dm.c.model_sha256, dm.c.profile, dm.c.minute_first, dm.c.minute_last,
+        dm.c.power_source,
+    ).where(dm.c.device_id.in_(bindparam("ids", expanding=True)))
+)  # fmt: skip
 
 
 def device_model_spans(
     conn: Connection, device_ids: Sequence[str]
-) -> dict[tuple[str, str], tuple[int, int]]:
-    """(device, model) → the whole minutes of its first and last stored record."""
-    out: dict[tuple[str, str], tuple[int, int]] = {}
+) -> dict[tuple[str, str], tuple[str, int, int, str]]:
+    """(device, model) → (profile, first minute, last minute, largest power source) stored."""
+    out: dict[tuple[str, str], tuple[str, int, int, str]] = {}
     for i in range(0, len(device_ids), 512):
-        for d, m, first, last in _SPANS_OF.execute_in(conn, device_ids[i : i + 512]):
-            out[(d, m)] = (int(first // 60) * 60, int(last // 60) * 60)
+        for d, m, profile, first, last, source in _SPANS_OF.execute_in(
+            conn, device_ids[i : i + 512]
+        ):
+            out[(d, m)] = (profile, int(first), int(last), source)
     return out
 
 
@@ -176,11 +179,11 @@ def _window(since: float | None, until: float | None) -> list[ColumnElement[bool
     return where
 
 
-def fleet_devices(conn: Connection, since: float | None) -> list[dict[str, Any]]:
+def fleet_devices(conn: Connection, minute: float | None) -> list[dict[str, Any]]:
     """profile, model_sha256, device_id, power_source of each (device, model) pair with a
-    record from `since` (by its newest record's ts): O(devices × models) rows."""
+    record in `minute` or later: O(devices × models) rows."""
     d = dm.c
-    where = [] if since is None else [d.ts_last >= since]
+    where = [] if minute is None else [d.minute_last >= minute]
     return _dicts(
         conn,
         select(d.profile, d.model_sha256, d.device_id, d.power_source).where(*where),
@@ -217,7 +220,7 @@ def _dicts(conn: Connection, stmt: Any) -> list[dict[str, Any]]:
 def delete_fleet_before(conn: Connection, minute: float) -> None:
     """Drop rollup minutes older than `minute`, and the (device, model) pairs last seen then."""
     conn.sa.execute(delete(fm).where(fm.c.minute < minute))
-    conn.sa.execute(delete(dm).where(dm.c.ts_last < minute))
+    conn.sa.execute(delete(dm).where(dm.c.minute_last < minute))
 
 
 # ---------------------------------------------------------------------------- backfill
@@ -242,7 +245,7 @@ def backfill(conn: sqlalchemy.Connection) -> None:
     conn.execute(dialect_insert(dialect, fm).from_select(list(FLEET_COLUMNS), per_minute))
     pairs = (
         select(u.c.device_id, u.c.model_sha256, profile,
-               func.min(u.c.ts_first), func.max(u.c.ts_last), func.max(u.c.power_source))
+               func.min(u.c.minute), func.max(u.c.minute), func.max(u.c.power_source))
         .select_from(joined)
         .group_by(u.c.device_id, u.c.model_sha256, profile)
     )  # fmt: skip

@@ -1,5 +1,5 @@
 """Fleet rollup: telemetry_fleet_minute (sum form per minute × profile × model) and
-telemetry_device_models (first/last record per device × model), backfilled from the stored
+telemetry_device_models (first/last minute per device × model), backfilled from the stored
 raw and per-minute rows (docs/telemetry.md, "Fleet rollup").
 
 The columns are written out here, frozen: tables.py may move on, this revision must not.
@@ -65,12 +65,12 @@ def upgrade() -> None:
         sa.Column("device_id", sa.TEXT(), nullable=False),
         sa.Column("model_sha256", sa.TEXT(), nullable=False),
         sa.Column("profile", sa.TEXT(), nullable=False),
-        sa.Column("ts_first", _REAL, nullable=False),
-        sa.Column("ts_last", _REAL, nullable=False),
+        sa.Column("minute_first", sa.BIGINT(), nullable=False),
+        sa.Column("minute_last", sa.BIGINT(), nullable=False),
         sa.Column("power_source", sa.TEXT(), nullable=False, server_default=sa.text("''")),
         sa.PrimaryKeyConstraint("device_id", "model_sha256"),
     )
-    op.create_index("telemetry_device_models_last", "telemetry_device_models", ["ts_last"])
+    op.create_index("telemetry_device_models_last", "telemetry_device_models", ["minute_last"])
     fleet.backfill(op.get_bind())
 
 
