@@ -21,6 +21,7 @@ from controller.fleet.rollout.states import (
 )
 from controller.storage.db import Connection, Database, to_json
 from controller.storage.queries import rollout_states as scopes
+from controller.storage.queries import waves as wq
 
 if TYPE_CHECKING:
     from controller.fleet.registry import Fleet
@@ -49,36 +50,17 @@ class WaveSteps:
     def _start_wave(self, tx: Connection, rollout_id: str, wave: int, policy: Policy) -> None:
         """Give every waiting device of `wave` its desired state (or ask for a baseline first)."""
         ts = self.clock()
-        tx.execute(
-            "UPDATE deployments SET wave = ?, updated = ? WHERE id = ?", (wave, ts, rollout_id)
-        )
         # Once per wave: a second start (two drivers at once) fails on the primary key and
         # rolls its whole transaction back.
-        devices = tx.execute(
-            "SELECT COUNT(*) FROM deployment_devices WHERE deployment_id = ? AND wave = ?",
-            (rollout_id, wave),
-        ).fetchone()[0]
-        tx.execute(
-            "INSERT INTO rollout_waves (rollout_id, wave, started, driver, devices) "
-            "VALUES (?, ?, ?, ?, ?)",
-            (rollout_id, wave, ts, self.driver, devices),
-        )
+        wq.start_wave(tx, rollout_id, wave, ts, self.driver)
         # A canary ran candidates since the rollout started: what it ran before is its previous.
-        rows = tx.execute(
-            "SELECT dd.device_id, dd.artifact_sha256, CASE WHEN EXISTS (SELECT 1 FROM "
-            "candidate_trials t WHERE t.rollout_id = dd.deployment_id AND t.device_id = "
-            "dd.device_id) THEN dd.previous_sha256 ELSE d.model_sha256 END, EXISTS (SELECT 1 "
-            "FROM candidate_trials t WHERE t.rollout_id = dd.deployment_id AND t.device_id = "
-            "dd.device_id) FROM deployment_devices dd LEFT JOIN devices d ON d.id = dd.device_id "
-            f"WHERE dd.deployment_id = ? AND dd.wave = ? AND dd.state = '{D.WAITING}'",
-            (rollout_id, wave),
-        ).fetchall()
-        for device_id, sha, current, canary in rows:
+        for device_id, sha, current, canary in wq.waiting_in_wave(tx, rollout_id, wave, D.WAITING):
             baseline = latest_benchmark(tx, device_id, current) if current else None
-            tx.execute(
-                "UPDATE deployment_devices SET previous_sha256 = ?, baseline = ? "
-                "WHERE deployment_id = ? AND device_id = ?",
-                (current, to_json(baseline) if baseline else None, rollout_id, device_id),
+            wq.set_device(
+                tx,
+                (rollout_id, device_id),
+                previous_sha256=current,
+                baseline=to_json(baseline) if baseline else None,
             )
             # A canary serves a candidate now: a benchmark command would not measure `current`.
             ask = policy.needs_baseline and current and baseline is None and current != sha
@@ -91,11 +73,7 @@ class WaveSteps:
         """Queue a benchmark of the device's current model, the baseline for regression gates."""
         command_id = f"cmd-{uuid.uuid4().hex[:12]}"
         ts = self.clock()
-        tx.execute(
-            "INSERT INTO commands (id, device_id, action, runs, warmup, created) "
-            "VALUES (?, ?, 'benchmark', 50, 5, ?)",
-            (command_id, device_id, ts),
-        )
+        wq.add_command(tx, command_id, device_id, "benchmark", runs=50, warmup=5, created=ts)
         move(
             tx,
             (rollout_id, device_id),
@@ -122,11 +100,7 @@ class WaveSteps:
         anything else (a previous model on rollback, None) without them.
         """
         ts = self.clock()
-        artifact, threads, fallback = tx.execute(
-            "SELECT artifact_sha256, threads, fallback FROM deployment_devices "
-            "WHERE deployment_id = ? AND device_id = ?",
-            (rollout_id, device_id),
-        ).fetchone()
+        artifact, threads, fallback = wq.row_options(tx, (rollout_id, device_id))
         mine = sha is not None and sha == artifact
         generation = self.point_device(
             tx,
@@ -140,10 +114,13 @@ class WaveSteps:
         # may hold it back behind --max-fetching): Rollouts.start_deadlines, at publication.
         deadline = None
         if state is None:
-            tx.execute(
-                "UPDATE deployment_devices SET generation = ?, deadline = ?, updated = ?, "
-                "detail = ? WHERE deployment_id = ? AND device_id = ?",
-                (generation, deadline, ts, detail, rollout_id, device_id),
+            wq.set_device(
+                tx,
+                (rollout_id, device_id),
+                generation=generation,
+                deadline=deadline,
+                updated=ts,
+                detail=detail,
             )
         else:
             move(
@@ -191,13 +168,8 @@ class WaveSteps:
         removed: bool = False,
     ) -> None:
         """Leave a device out (no candidate won for its profile); a canary goes back first."""
-        row = tx.execute(
-            "SELECT dd.state, dd.previous_sha256, d.policy FROM deployment_devices dd "
-            "JOIN deployments d ON d.id = dd.deployment_id "
-            "WHERE dd.deployment_id = ? AND dd.device_id = ?",
-            (rollout_id, device_id),
-        ).fetchone()
         key = (rollout_id, device_id)
+        row = wq.skip_info(tx, key)
         if row[0] == D.TRIALING and not removed:
             policy = Policy.from_json(json.loads(row[2]))
             move(tx, key, D.ROLLING_BACK, ts=self.clock(), detail=why)
@@ -221,25 +193,18 @@ class WaveSteps:
         from the state the row had before they moved it).
         """
         rollout_id, device_id = key
-        known = (
-            previous
-            and tx.execute("SELECT 1 FROM artifacts WHERE sha256 = ?", (previous,)).fetchone()
-        )
+        known = previous and wq.artifact_known(tx, previous)
         if previous and not known and not committed:
             # Not switched yet: cancel the update; the device keeps serving what it has.
             self._assign(tx, rollout_id, device_id, None, policy, None, "update cancelled")
             return
         if previous and not known:
             # The controller never had that file: the agent still has it as `previous`.
-            tx.execute(
-                "INSERT INTO commands (id, device_id, action, runs, warmup, created) "
-                "VALUES (?, ?, 'rollback', 1, 0, ?)",
-                (f"cmd-{uuid.uuid4().hex[:12]}", device_id, self.clock()),
-            )
+            command_id = f"cmd-{uuid.uuid4().hex[:12]}"
+            wq.add_command(tx, command_id, device_id, "rollback", runs=1, warmup=0,
+                           created=self.clock())  # fmt: skip
             return
-        detail = tx.execute(
-            "SELECT detail FROM deployment_devices WHERE deployment_id = ? AND device_id = ?", key
-        ).fetchone()[0]
+        detail = wq.detail(tx, key)
         if not previous:
             detail = f"{detail}; no previous model to return to".lstrip("; ")
         self._assign(tx, rollout_id, device_id, previous, policy, None, detail)
@@ -248,34 +213,17 @@ class WaveSteps:
         """One tick of each device row: baselines in, retries out, timeouts judged."""
         ts = self.clock()
         notes: list[str] = []
-        rows = tx.execute(
-            "SELECT device_id, artifact_sha256, state, attempts, deadline, previous_sha256 "
-            "FROM deployment_devices WHERE deployment_id = ?",
-            (rid,),
-        ).fetchall()
-        for device_id, sha, state, attempts, deadline, previous in rows:
+        for device_id, sha, state, attempts, deadline, previous in wq.rows_to_drive(tx, rid):
             key = (rid, device_id)
             if state == D.BASELINING and running:
                 baseline = latest_benchmark(tx, device_id, previous, since=ts - BASELINE_WAIT_S)
                 if baseline is not None or (deadline and ts > deadline):
                     detail = "" if baseline else "no baseline measured in time"
-                    tx.execute(
-                        "UPDATE deployment_devices SET baseline = ? "
-                        "WHERE deployment_id = ? AND device_id = ?",
-                        (to_json(baseline) if baseline else None, *key),
-                    )
+                    wq.set_device(tx, key, baseline=to_json(baseline) if baseline else None)
                     self._assign(tx, rid, device_id, sha, policy, D.PENDING, detail)
             elif state == D.RETRYING and running:
-                tx.execute(
-                    "UPDATE deployment_devices SET attempts = attempts + 1 "
-                    "WHERE deployment_id = ? AND device_id = ?",
-                    key,
-                )
-                prior = tx.execute(
-                    "SELECT detail FROM deployment_devices WHERE deployment_id = ? "
-                    "AND device_id = ?",
-                    key,
-                ).fetchone()[0]
+                wq.add_attempt(tx, key)
+                prior = wq.detail(tx, key)
                 self._assign(tx, rid, device_id, sha, policy, D.PENDING, prior)
                 notes.append(f"{rid}: retry {attempts + 1} of {device_id}")
             elif state in UPDATING and deadline and ts > deadline:
@@ -305,24 +253,12 @@ def set_desired(
     """Write a device's desired state (with runtime options) under a newer generation."""
     # Monotonic even when the device row was recreated or the database is new: the agent
     # ignores generations <= the last one it applied, so never go back.
-    previous = tx.execute(
-        "SELECT CASE WHEN desired_generation > reported_generation THEN desired_generation "
-        "ELSE reported_generation END FROM devices WHERE id = ?",
-        (device_id,),
-    ).fetchone()
-    generation = max((previous[0] if previous else 0) + 1, int(ts * 1000))
-    tx.execute(
-        "UPDATE devices SET desired_generation = ?, desired_sha256 = ?, "
-        "desired_deployment_id = ?, desired_threads = ?, desired_fallback = ? WHERE id = ?",
-        (
-            generation,
-            sha,
-            deployment_id,
-            threads,
-            to_json(fallback) if fallback else None,
-            device_id,
-        ),
-    )
+    previous = wq.last_generation(tx, device_id)
+    generation = max((previous or 0) + 1, int(ts * 1000))
+    wq.set_desired(
+        tx, device_id, generation, sha, deployment_id, threads,
+        to_json(fallback) if fallback else None,
+    )  # fmt: skip
     return generation
 
 
@@ -333,11 +269,5 @@ def latest_benchmark(
     if not sha:
         return None
     # `since` is compared with the controller's receive time, not the device's clock.
-    row = tx.execute(
-        "SELECT b.report FROM benchmarks b JOIN events e "
-        "ON e.device_id = b.device_id AND e.event_id = b.event_id "
-        "WHERE b.device_id = ? AND b.model_sha256 = ? AND e.received >= ? "
-        "ORDER BY e.received DESC LIMIT 1",
-        (device_id, sha, since),
-    ).fetchone()
-    return json.loads(row[0]) if row else None
+    report = wq.latest_benchmark(tx, device_id, sha, since)
+    return json.loads(report) if report else None
