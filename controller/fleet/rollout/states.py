@@ -164,13 +164,6 @@ class IllegalTransition(FleetError):
 
 
 @functools.cache
-def sql_in(states: tuple[Enum, ...] | frozenset[Enum]) -> str:
-    """`('a', 'b')` for a SQL `IN` in code not yet ported to storage/queries (selection.py):
-    literal, so a partial index on the states still applies. Only enum values are inlined."""
-    ordered = states if isinstance(states, tuple) else sorted(states, key=lambda s: s.value)
-    return "(" + ", ".join(f"'{s.value}'" for s in ordered) + ")"
-
-
 def check(frm: DeviceState | str, to: DeviceState | str) -> None:
     """Raise IllegalTransition unless `frm → to` is a row of TRANSITIONS."""
     if (frm, to) not in EDGES:  # str values compare and hash like their members

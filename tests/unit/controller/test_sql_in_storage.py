@@ -1,6 +1,6 @@
 """SQL lives in controller/storage/ only: no string literal elsewhere in controller/ reads like
-a SQL statement (docs/storage.md). Files still waiting for their port are listed, with how many
-statements they hold; the list only ever shrinks."""
+a SQL statement (docs/storage.md). The last files waiting for their port (the rollout's wave
+steps and candidate selection) are ported, so there is no list of exceptions any more."""
 
 from __future__ import annotations
 
@@ -20,11 +20,6 @@ SQL = re.compile(
     r"^\s*(SELECT\b[\s\S]*\bFROM\b|INSERT\s+(OR\s+\w+\s+)?INTO\s|UPDATE\s+\w+\s+SET\s"
     r"|DELETE\s+FROM\s|WITH\s[\s\S]*\bSELECT\b)"
 )
-
-# Not yet ported to controller/storage/queries: file -> statements it may still hold.
-NOT_PORTED_YET: dict[str, int] = {
-}
-
 
 def _literal_text(node: ast.AST) -> str | None:
     """The text of a string literal, or the constant parts of an f-string."""
@@ -60,19 +55,11 @@ def test_no_sql_outside_storage() -> None:
         lines = sql_literals(path)
         if lines:
             found[rel] = lines
-    offenders = [
-        f"{rel}:{line}"
-        for rel, lines in found.items()
-        if len(lines) > NOT_PORTED_YET.get(rel, 0)
-        for line in lines
-    ]
+    offenders = [f"{rel}:{line}" for rel, lines in found.items() for line in lines]
     assert offenders == [], (
         "SQL outside controller/storage/ (write it as a query in controller/storage/queries/): "
         + ", ".join(offenders)
     )
-    # A file ported since: take it off the list, so the SQL cannot come back.
-    stale = {rel: n for rel, n in NOT_PORTED_YET.items() if len(found.get(rel, [])) < n}
-    assert stale == {}, f"ported (lower or drop their NOT_PORTED_YET entries): {stale}"
 
 
 def test_the_scan_sees_sql_and_not_prose(tmp_path: Path) -> None:
