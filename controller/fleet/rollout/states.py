@@ -194,6 +194,13 @@ def _check_all(to: DeviceState, frm: tuple[DeviceState, ...] | frozenset[DeviceS
         check(f, to)
 
 
+@functools.cache
+def _source_values(to: DeviceState) -> tuple[str, ...]:
+    """The legal source states of `to`, sorted (one statement per target; cached like
+    `_check_all`: every event moves a row)."""
+    return tuple(sorted(s.value for s in sources(to)))
+
+
 def move(
     tx: Connection,
     key: tuple[str, str],
@@ -210,8 +217,7 @@ def move(
     """
     if detail is not None:
         columns = {"detail": detail[:2000], **columns}
-    sources_of = tuple(sorted(s.value for s in sources(to)))
-    if q.move_device(tx, key, to.value, sources_of, ts, columns):
+    if q.move_device(tx, key, to.value, _source_values(to), ts, columns):
         return
     state = q.device_state(tx, key)
     if state is None:

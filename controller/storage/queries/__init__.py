@@ -193,8 +193,10 @@ def insert_ignore(conn: Connection, table: Table) -> Upsert:
 def dicts(conn: Connection, stmt: Any, params: Mapping[str, Any] | None = None) -> list[
     dict[str, Any]
 ]:
-    """Rows of a query as dicts."""
-    return [dict(r._mapping) for r in conn.sa.execute(stmt, params)]
+    """Rows of a query as dicts (keys zipped onto the plain rows: no `Row._mapping` each)."""
+    result = conn.sa.execute(stmt, params)
+    keys = list(result.keys())
+    return [dict(zip(keys, r, strict=True)) for r in result.tuples()]
 
 
 def first(

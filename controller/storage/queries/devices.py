@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import ColumnElement, delete, func, select, update
+from sqlalchemy import ColumnElement, bindparam, delete, func, select, update
 
 from controller.storage.db import Connection
-from controller.storage.queries import dicts, first, prepared_upsert
+from controller.storage.queries import Prepared, dicts, first, prepared_upsert
 from controller.storage.tables import benchmarks, devices, events
 
 d = devices.c
@@ -111,8 +111,6 @@ def profile_state_counts(conn: Connection) -> list[dict[str, Any]]:
     )  # fmt: skip
 
 
-
-
 _HELLO_COLUMNS = ("id", "profile", "profile_reason", "declared_profile", "facts",
                   "agent_version", "runtime", "runtime_version", "online", "registered_by",
                   "registered_at", "last_seen")  # fmt: skip
@@ -146,6 +144,13 @@ def set_status(conn: Connection, device_id: str, row: dict[str, Any]) -> None:
     conn.sa.execute(update(devices).where(d.id == device_id).values(online=1, **row))
 
 
+_TOUCH = Prepared(
+    lambda dialect: update(devices).where(d.id == bindparam("device_id"))
+    .values(last_seen=bindparam("seen")),
+    ("seen", "device_id"),
+)  # fmt: skip
+
+
 def touch(conn: Connection, device_id: str, seen: float) -> None:
-    """last_seen = `seen`."""
-    conn.sa.execute(update(devices).where(d.id == device_id).values(last_seen=seen))
+    """last_seen = `seen` (every event: compiled once)."""
+    _TOUCH.execute_row(conn, (seen, device_id))

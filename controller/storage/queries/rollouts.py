@@ -3,6 +3,7 @@ outliers.py)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -77,6 +78,13 @@ def counts(conn: Connection, rollout_id: str, up_to_wave: int | None = None) -> 
     return {str(s): int(n) for s, n in conn.sa.execute(query.group_by(dd.state))}
 
 
+_DEVICE_FOR_EVENT = Prepared(
+    lambda dialect: select(dd.state, dd.attempts, dd.baseline, dd.previous_sha256, dp.policy)
+    .join(deployments, dp.id == dd.deployment_id)
+    .where(dd.deployment_id == bindparam("rollout_id"), dd.device_id == bindparam("device_id"),
+           dd.generation == bindparam("generation")),
+    ("rollout_id", "device_id", "generation"),
+)  # fmt: skip
 
 
 def device_for_event(
@@ -84,22 +92,30 @@ def device_for_event(
 ) -> tuple[str, int, str | None, str | None, str] | None:
     """(state, attempts, baseline, previous_sha256, rollout policy) of a device's row in a
     rollout at `generation`, or None (an old generation, or an unknown rollout)."""
-    row = conn.sa.execute(
-        select(dd.state, dd.attempts, dd.baseline, dd.previous_sha256, dp.policy)
-        .join(deployments, dp.id == dd.deployment_id)
-        .where(dd.deployment_id == rollout_id, dd.device_id == device_id,
-               dd.generation == generation)
-    ).first()  # fmt: skip
+    row = _DEVICE_FOR_EVENT.execute_row(conn, (rollout_id, device_id, generation)).fetchone()
     return None if row is None else (row[0], int(row[1]), row[2], row[3], row[4])
+
+
+@functools.lru_cache(maxsize=64)
+def _set_columns(columns: tuple[str, ...]) -> Prepared:
+    """UPDATE of `columns` of one row (rollout, device), compiled once per column set (the
+    event path runs one per event)."""
+    stmt = (
+        update(deployment_devices)
+        .where(dd.deployment_id == bindparam("rollout_id"), dd.device_id == bindparam("device_id"))
+        .values({c: bindparam(f"v_{c}") for c in columns})
+    )
+    return Prepared(lambda dialect: stmt)
 
 
 def set_device_columns(conn: Connection, key: tuple[str, str], **columns: Any) -> None:
     """Set columns of row (rollout id, device id): result, stage, outlier, fell_back, …"""
-    conn.sa.execute(
-        update(deployment_devices)
-        .where(dd.deployment_id == key[0], dd.device_id == key[1])
-        .values(**columns)
-    )
+    unknown = [c for c in columns if c not in dd]
+    if unknown:
+        raise ValueError(f"not a column of deployment_devices: {', '.join(unknown)}")
+    params = {"rollout_id": key[0], "device_id": key[1]}
+    params |= {f"v_{c}": v for c, v in columns.items()}
+    _set_columns(tuple(columns)).execute(conn, params)
 
 
 def peer_results(conn: Connection, key: tuple[str, str]) -> list[tuple[str, str | None]]:
