@@ -50,7 +50,7 @@ def served(tmp_path: Path) -> Iterator[tuple[httpx.Client, str]]:
         now = time.time()
         fleet.telemetry.ingest_many(
             [
-                Telemetry(d, tuple(record(s, ts=now - 600 + 10 * s, sha=sha) for s in range(1, 60)))
+                Telemetry(d, tuple(record(s, ts=now - 610 + 10 * s, sha=sha) for s in range(1, 60)))
                 for d in DEVICES[:3]
             ],
             now,
@@ -101,7 +101,8 @@ def test_series_per_profile_and_model_in_bounded_buckets(served: tuple[httpx.Cli
     assert all(p["p95_ms"] >= p["p50_ms"] > 0 and p["power_w"] > 0 for p in line["points"])
     assert max(p["devices"] for p in line["points"]) == 3
     week = client.get("/report/series", params={"since": "7d", "points": "10"}).json()
-    # The range drawn starts at the oldest row of the window: 10 minutes of data in 2 min buckets.
+    # The range drawn starts at the oldest row of the window (600 s before the data was stored,
+    # so it touches 11 minute buckets whatever the clock reads): 2 min buckets.
     assert week["bucket_s"] == 120 and 5 <= len(week["series"][0]["points"]) <= 10
     per_model = client.get("/report/series", params={"by": "model", "since": "all"}).json()
     assert [s["key"] for s in per_model["series"]] == ["tiny:1"]
