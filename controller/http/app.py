@@ -270,6 +270,18 @@ def create_app(home: Path, db: str | None = None) -> FastAPI:
         return FileResponse(STATIC_DIR / "api-docs.html", media_type="text/html")
 
     @app.middleware("http")
+    async def refuse_nul_in_query(request: Request, call_next: Any) -> Response:
+        """A NUL in a query parameter is a 400 naming it: PostgreSQL text cannot hold one, and
+        no name, version, profile or search term of ours contains one."""
+        if request.url.path.startswith(API_PREFIX):
+            for name, value in request.query_params.multi_items():
+                if "\x00" in value or "\x00" in name:
+                    detail = f"query parameter {name!r}: contains a NUL character"
+                    return SafeJSONResponse({"detail": detail}, status_code=400)
+        response: Response = await call_next(request)
+        return response
+
+    @app.middleware("http")
     async def security_headers(request: Request, call_next: Any) -> Response:
         """No framing of the dashboard (clickjacking) and no content-type sniffing."""
         response: Response = await call_next(request)

@@ -125,3 +125,14 @@ def test_series_refuses_bad_parameters_with_400(
     client, _ = served
     answer = client.get("/report/series", params=params)
     assert answer.status_code == 400 and detail in answer.json()["detail"]
+
+
+@pytest.mark.parametrize("path", ["/report", "/report/series", "/devices"])
+def test_a_nul_in_a_query_parameter_is_a_400_naming_it(
+    served: tuple[httpx.Client, str], path: str
+) -> None:
+    client, _ = served
+    got = client.get(path, params={"model": "tiny\x00:1"})
+    assert got.status_code == 400
+    assert got.json() == {"detail": "query parameter 'model': contains a NUL character"}
+    assert got.headers["X-Content-Type-Options"] == "nosniff"
