@@ -3,7 +3,6 @@ slot), not from its assignment: devices queued behind the fetch window must not 
 
 from __future__ import annotations
 
-import time
 import uuid
 from typing import Any
 
@@ -13,26 +12,12 @@ from agent.protocol import BenchmarkReport, Event, Status
 from controller.fleet.registry import Fleet
 from controller.fleet.rollout.policy import Policy, Threshold, parse_waves
 from controller.runtime.pacing import FetchPacer
+from tests.fake_clock import FakeClock
 from tests.paths import TEST_DATA
 
 OLD, NEW = TEST_DATA / "tiny_fp32.tflite", TEST_DATA / "tiny_int8.tflite"
 TIMEOUT_S = 60.0
 
-
-class FakeClock:
-    """The rollout engine's time: starts now and moves only when the test says so."""
-
-    def __init__(self) -> None:
-        """Start at the real time (receive times of events stay comparable)."""
-        self.t = time.time()
-
-    def __call__(self) -> float:
-        """The current fake time."""
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        """Let `seconds` pass."""
-        self.t += seconds
 
 
 class Controller:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from controller.fleet.rollout.policy import (
     parse_threshold,
     parse_waves,
 )
+from tests.fake_clock import FakeClock
 from tests.paths import TEST_DATA
 
 DATA = TEST_DATA
@@ -138,21 +138,6 @@ def bench(sha: str, p95: float, rss: float = 50.0) -> BenchmarkReport:
         energy_mj_per_inference=1.0, power_source="estimated:profile", power_estimated=True,
     )  # fmt: skip
 
-
-class FakeClock:
-    """The rollout engine's time: starts at the real time and moves only when a test says so."""
-
-    def __init__(self) -> None:
-        """Start now (benchmarks' receive times stay comparable)."""
-        self.t = time.time()
-
-    def __call__(self) -> float:
-        """The current fake time."""
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        """Let `seconds` pass (instead of sleeping them)."""
-        self.t += seconds
 
 
 @pytest.fixture
