@@ -262,9 +262,11 @@ def test_a_second_live_replica_with_the_same_name_is_refused(
         beats = open_database(db_target, migrate=False)  # SQLite: one thread per connection
         try:
             while not stop.is_set():
-                heartbeat(beats, "r1", started=0.0, leader=False, stats={}, client_id="c",
-                          shared=True)  # fmt: skip
+                # One transaction: the heartbeat writes this process's host and pid, and a
+                # reader between two commits saw itself, not "another process" (flaky).
                 with beats.transaction() as tx:
+                    heartbeat(beats, "r1", started=0.0, leader=False, stats={}, client_id="c",
+                              shared=True)  # fmt: skip
                     tx.execute("UPDATE replicas SET host = 'cam-host', pid = 4242")
                 stop.wait(0.3)
         finally:
