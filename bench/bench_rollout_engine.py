@@ -5,7 +5,11 @@ benchmark), desired states are marked published as the service does, and `tick()
 waves. With `--against REF` the same workload also runs on git REF's tree (extracted to a
 temporary directory, own process), and the ratio of the two is printed from this one run.
 
+`idle tick` is one reconcile while no device row can change (published, deadlines ahead, no
+event yet), in ms per tick: it should not grow with the number of such rows.
+
 Run: .venv/bin/python bench/bench_rollout_engine.py [--devices 1000] [--against 0ba1f62]
+     [--max-idle-ratio 0.5]
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ OLD_MODEL = ROOT / "tests" / "data" / "tiny_fp32.tflite"
 # Default repetitions per tree; the best is reported (on a shared machine the minimum is the
 # cost, the rest is other load).
 REPEATS = 3
+# Ticks per round while no device row can change (published, deadlines ahead, no events yet):
+# what the service's reconcile loop pays every 50 ms between device events.
+IDLE_TICKS = 5
 
 
 def workload(devices: int) -> dict[str, float]:
@@ -40,7 +47,8 @@ def workload(devices: int) -> dict[str, float]:
     except ImportError:  # before the layered layout
         from controller.policy import Gate, Policy, Threshold, parse_waves  # type: ignore
 
-    spent = {"create": 0.0, "publish": 0.0, "events": 0.0, "tick": 0.0}
+    spent = {"create": 0.0, "publish": 0.0, "events": 0.0, "tick": 0.0, "idle": 0.0,
+             "status": 0.0}  # fmt: skip
     with tempfile.TemporaryDirectory() as home:
         fleet = Fleet(Path(home))
         fleet.add_model(OLD_MODEL, name="m", version="0")
@@ -63,6 +71,10 @@ def workload(devices: int) -> dict[str, float]:
             fleet.mark_published_many([(d, dv.generation) for d, dv, _ in desired])
             spent["publish"] += time.perf_counter() - t
             t = time.perf_counter()
+            for _ in range(IDLE_TICKS):
+                assert fleet.rollouts.tick() == [], "an idle tick changed something"
+            spent["idle"] += time.perf_counter() - t
+            t = time.perf_counter()
             for device, dv, _ in desired:
                 sha = dv.artifact.sha256 if dv.artifact else ""
                 for kind, extra in (
@@ -75,6 +87,14 @@ def workload(devices: int) -> dict[str, float]:
                               **extra)  # type: ignore[arg-type]
                     )  # fmt: skip
             spent["events"] += time.perf_counter() - t
+            # The retained status an agent publishes after its update (the service applies
+            # every one); outside `total`, which stays comparable with the figures before it.
+            t = time.perf_counter()
+            for device, dv, _ in desired:
+                sha = dv.artifact.sha256 if dv.artifact else ""
+                fleet.record_status(Status(device_id=device, online=True, model_sha256=sha,
+                                           generation=dv.generation))  # fmt: skip
+            spent["status"] += time.perf_counter() - t
             t = time.perf_counter()
             fleet.rollouts.tick()
             spent["tick"] += time.perf_counter() - t
@@ -82,7 +102,11 @@ def workload(devices: int) -> dict[str, float]:
         assert status["state"] == "completed", status["state"]
         assert status["counts"] == {"succeeded": devices}, status["counts"]
         fleet.close()
+    # Reported per tick (ms), outside the total: the cost of one reconcile with nothing to drive.
+    idle, status = spent.pop("idle"), spent.pop("status")
     spent["total"] = sum(spent.values())
+    spent["status"] = status
+    spent["idle tick"] = idle * 1000 / (3 * IDLE_TICKS)
     return spent
 
 
@@ -132,6 +156,11 @@ def main() -> None:
     parser.add_argument("--against", help="git ref to compare with (same workload, same run)")
     parser.add_argument("--repeats", type=int, default=REPEATS, help="runs per tree (best kept)")
     parser.add_argument("--json", action="store_true", help="one run of this tree, as JSON")
+    parser.add_argument(
+        "--max-idle-ratio",
+        type=float,
+        help="exit 1 if this tree's idle tick costs more than this times REF's (needs --against)",
+    )
     args = parser.parse_args()
     if args.json:
         print(json.dumps(workload(args.devices)))
@@ -151,10 +180,15 @@ def main() -> None:
     head = f"{'phase':<10}{'this tree':>12}"
     print(head + (f"{args.against:>14}{'ratio':>8}" if there else ""))
     for phase, seconds in here.items():
-        line = f"{phase:<10}{seconds:>11.2f}s"
+        unit = "ms" if phase == "idle tick" else "s"  # per tick; the others are phase totals
+        line = f"{phase:<10}{seconds:>10.2f}{unit:<2}"
         if there:
-            line += f"{there[phase]:>13.2f}s{seconds / there[phase]:>8.2f}"
+            line += f"{there[phase]:>12.2f}{unit:<2}{seconds / there[phase]:>7.2f}"
         print(line)
+    if there and args.max_idle_ratio is not None:
+        ratio = here["idle tick"] / there["idle tick"]
+        if ratio > args.max_idle_ratio:
+            sys.exit(f"idle tick {ratio:.2f}x {args.against}'s, above --max-idle-ratio")
 
 
 if __name__ == "__main__":

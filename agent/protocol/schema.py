@@ -287,21 +287,43 @@ def decode_dataclass(value: Any, cls: type[T], path: str = "$") -> T:
         raise ProtocolError(f"{path}: {exc}") from exc
 
 
+# Per dataclass: (field name, omitted while at this default?, the default) for encode().
+_ENCODE_PLAN: dict[type, tuple[tuple[str, bool, Any], ...]] = {}
+# Values encode() returns as they are, by exact type (a str Enum takes the general path).
+_PLAIN: frozenset[type] = frozenset({str, int, float, bool, type(None)})
+
+
+def _encode_plan(cls: type) -> tuple[tuple[str, bool, Any], ...]:
+    """The fields encode() writes of dataclass `cls` (read once per class)."""
+    plan = _ENCODE_PLAN.get(cls)
+    if plan is None:
+        plan = tuple(
+            (f.name, bool(f.metadata.get(OMIT_DEFAULT)), f.default)
+            for f in dataclasses.fields(cls)
+        )
+        _ENCODE_PLAN[cls] = plan
+    return plan
+
+
 def encode(value: Any) -> Any:
     """Turn dataclasses, tuples and dicts into plain JSON-ready values.
 
     Enums of the protocol are `str` subclasses (AgentState): json writes them as their value,
-    so no per-value Enum check costs the telemetry hot path anything.
+    so no per-value Enum check costs the telemetry hot path anything. Each dataclass's fields
+    are looked up once per class: signing a desired state encodes it twice.
     """
+    cls = type(value)
+    if cls in _PLAIN:
+        return value
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         out = {}
-        for f in dataclasses.fields(value):
-            item = getattr(value, f.name)
+        for name, omit, default in _encode_plan(cls):
+            item = getattr(value, name)
             # Fields added to a message later are left out while they hold their default, so an
             # agent released before them still parses (and verifies the signature of) it.
-            if f.metadata.get(OMIT_DEFAULT) and item == f.default:
+            if omit and item == default:
                 continue
-            out[f.name] = encode(item)
+            out[name] = encode(item)
         return out
     if isinstance(value, (list, tuple)):
         return [encode(v) for v in value]

@@ -174,6 +174,13 @@ deployment_devices = Table(
     col("fell_back", Text),
     PrimaryKeyConstraint("deployment_id", "device_id"),
     Index("deployment_devices_device", "device_id", "generation"),
+    # Revision 0003. The rollout tick reads only a rollout's rows that can change (by state,
+    # and by deadline for those being updated) and counts its rows per state and wave from
+    # this index alone; the sweep of timed-out rollbacks reads only rows rolling back.
+    Index("deployment_devices_state", "deployment_id", "state", "deadline", "wave"),
+    Index("deployment_devices_rolling_back", "deadline",
+          sqlite_where=text("state = 'rolling_back'"),
+          postgresql_where=text("state = 'rolling_back'")),
 )  # fmt: skip
 
 benchmarks = Table(

@@ -174,14 +174,17 @@ class Rollouts(DeviceEvents, Control):
         running = current[0] == R.RUNNING
         policy = Policy.from_json(json.loads(rollout["policy"]))
         notes = self._drive_devices(tx, rid, policy, running)
-        abort = should_abort(Counts(_counts(tx, rid)), policy)
+        wave = int(current[1])
+        # One read for both: the abort check counts the whole rollout, the advance its waves
+        # so far; nothing changes the rows between the two unless candidates are selected.
+        every, so_far = rq.counts_up_to(tx, rid, wave)
+        abort = should_abort(Counts(every), policy)
         if abort.met:
             self._stop(tx, rid, R.ABORTED, abort.why, policy)
             return [*notes, f"{rid}: aborted: {abort.why}"]
         if not running:
             return notes
-        phase = rq.phase(tx, rid)
-        if phase == "selecting":
+        if rq.phase(tx, rid) == "selecting":
             complete, selected = self.selection.tick(tx, rid, policy)
             notes += selected
             if not complete:
@@ -189,14 +192,23 @@ class Rollouts(DeviceEvents, Control):
             rq.set_phase(tx, rid, "waves")
             self._start_wave(tx, rid, 0, policy)
             notes.append(f"{rid}: candidates selected; wave 0 started")
-        return notes + self._advance(tx, rid, int(current[1]), policy)
+            # The selection and wave 0 moved rows since the counts were read: read again.
+            return notes + self._advance(tx, rid, wave, policy, None)
+        return notes + self._advance(tx, rid, wave, policy, so_far)
 
-    def _advance(self, tx: Connection, rid: str, wave: int, policy: Policy) -> list[str]:
-        """Start the next wave(s) while the waves so far are done; complete after the last."""
+    def _advance(
+        self, tx: Connection, rid: str, wave: int, policy: Policy, counts: dict[str, int] | None
+    ) -> list[str]:
+        """Start the next wave(s) while the waves so far are done; complete after the last.
+
+        `counts`: the rows per state of waves up to `wave`, if read since the last change."""
         notes: list[str] = []
         while True:  # several waves may be done at once (empty, skipped or superseded ones)
-            if not may_advance(Counts(_counts(tx, rid, up_to_wave=wave)), policy):
+            if counts is None:
+                counts = _counts(tx, rid, up_to_wave=wave)
+            if not may_advance(Counts(counts), policy):
                 return notes
+            counts = None  # starting a wave moves its rows
             if wave + 1 >= len(policy.waves):
                 break
             wave += 1

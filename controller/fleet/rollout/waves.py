@@ -37,6 +37,8 @@ TAKEABLE: frozenset[DeviceState] = frozenset(
      D.ROLLING_BACK}
 )  # fmt: skip
 
+_UPDATING_VALUES = tuple(s.value for s in UPDATING)
+
 
 class WaveSteps:
     """Per-device steps of a rollout, and the state every part of the engine shares."""
@@ -213,7 +215,12 @@ class WaveSteps:
         """One tick of each device row: baselines in, retries out, timeouts judged."""
         ts = self.clock()
         notes: list[str] = []
-        for device_id, sha, state, attempts, deadline, previous in wq.rows_to_drive(tx, rid):
+        # Only rows that may change now: baselines and retries (while running), and updates
+        # whose deadline passed. Rows of the fleet waiting, updating in time or done are not
+        # read, so a tick costs what its changing rows cost, not the rollout's size.
+        waiting = (D.BASELINING.value, D.RETRYING.value) if running else ()
+        rows = wq.rows_to_drive(tx, rid, waiting, _UPDATING_VALUES, ts)
+        for device_id, sha, state, attempts, deadline, previous in rows:
             key = (rid, device_id)
             if state == D.BASELINING and running:
                 baseline = latest_benchmark(tx, device_id, previous, since=ts - BASELINE_WAIT_S)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from sqlalchemy import ColumnElement, bindparam, delete, func, select, update
@@ -139,9 +140,25 @@ def set_offline(conn: Connection, device_id: str) -> None:
     conn.sa.execute(update(devices).where(d.id == device_id).values(online=0))
 
 
+@functools.lru_cache(maxsize=16)
+def _set_status(columns: tuple[str, ...]) -> Prepared:
+    """UPDATE of a device to online with `columns`, compiled once per column set."""
+    unknown = [c for c in columns if c not in d]
+    if unknown:
+        raise ValueError(f"not a column of devices: {', '.join(unknown)}")
+    values: dict[str, Any] = {"online": bindparam("online")}
+    values |= {c: bindparam(f"v_{c}") for c in columns}
+    stmt = update(devices).where(d.id == bindparam("device_id")).values(values)
+    return Prepared(lambda dialect: stmt)
+
+
 def set_status(conn: Connection, device_id: str, row: dict[str, Any]) -> None:
-    """Online, with what its retained status says (state, detail, model, generation, seen)."""
-    conn.sa.execute(update(devices).where(d.id == device_id).values(online=1, **row))
+    """Online, with what its retained status says (state, detail, model, generation, seen).
+
+    Every status of every device lands here (at 1,000 devices in a rollout, a quarter of the
+    service loop's CPU went to building this UPDATE afresh per call): compiled once."""
+    params = {"device_id": device_id, "online": 1} | {f"v_{c}": v for c, v in row.items()}
+    _set_status(tuple(row)).execute(conn, params)
 
 
 _TOUCH = Prepared(

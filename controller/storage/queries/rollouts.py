@@ -78,6 +78,31 @@ def counts(conn: Connection, rollout_id: str, up_to_wave: int | None = None) -> 
     return {str(s): int(n) for s, n in conn.sa.execute(query.group_by(dd.state))}
 
 
+_COUNTS_UP_TO = Prepared(
+    lambda dialect: select(
+        dd.state, func.count(), func.sum(case((dd.wave <= bindparam("wave"), literal_column("1")),
+                                      else_=literal_column("0")))
+    )
+    .where(dd.deployment_id == bindparam("rollout_id"))
+    .group_by(dd.state),
+    ("wave", "rollout_id"),
+)
+
+
+def counts_up_to(
+    conn: Connection, rollout_id: str, wave: int
+) -> tuple[dict[str, int], dict[str, int]]:
+    """(devices per state in a rollout, devices per state in its waves up to `wave`) in one
+    read: what `counts` returns for both, from index deployment_devices_state alone."""
+    every: dict[str, int] = {}
+    so_far: dict[str, int] = {}
+    for state, n, upto in _COUNTS_UP_TO.execute_row(conn, (wave, rollout_id)).fetchall():
+        every[str(state)] = int(n)
+        if upto:  # as `counts(up_to_wave=…)`: a state with no row in those waves is absent
+            so_far[str(state)] = int(upto)
+    return every, so_far
+
+
 _DEVICE_FOR_EVENT = Prepared(
     lambda dialect: select(dd.state, dd.attempts, dd.baseline, dd.previous_sha256, dp.policy)
     .join(deployments, dp.id == dd.deployment_id)
