@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -13,6 +14,25 @@ import sqlalchemy
 from sqlalchemy.pool import NullPool
 
 from controller.storage.db import OPEN_TIMEOUT_S, Connection, Database
+
+
+# One writer lock per database file in this process (keyed by its resolved path): threads of
+# one controller (service loop, telemetry thread) hand SQLite's write lock to each other at
+# once, instead of through SQLite's busy handler, which sleeps up to 100 ms between retries
+# and so woke the waiter late (bench/RESULTS.md: the telemetry thread spent 81 s and the service
+# loop 97 s waiting for each other). Other processes still wait through busy_timeout.
+_WRITER_LOCKS: dict[str, threading.Lock] = {}
+_WRITER_LOCKS_GUARD = threading.Lock()
+
+
+def writer_lock(path: Path) -> threading.Lock:
+    """The process-wide lock taken around every write transaction on the file at `path`."""
+    key = str(path.resolve())
+    with _WRITER_LOCKS_GUARD:
+        lock = _WRITER_LOCKS.get(key)
+        if lock is None:
+            lock = _WRITER_LOCKS[key] = threading.Lock()
+        return lock
 
 
 def _wrapped(sql: str, params: Any, exc: Exception) -> Exception:
@@ -72,6 +92,7 @@ class SqliteDatabase(Database):
         """Open (creating if needed) the database and bring its schema up to date."""
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self._writer = writer_lock(path)
 
         def connect() -> sqlite3.Connection:
             # isolation_level=None: BEGIN/COMMIT are ours, so a batch is one transaction.
@@ -123,10 +144,12 @@ class SqliteDatabase(Database):
     def transaction(
         self, *, exclusive: bool = True, repeatable: bool = False
     ) -> Iterator[Connection]:
-        """BEGIN IMMEDIATE … COMMIT, rolled back on error (IMMEDIATE avoids upgrade deadlocks).
+        """BEGIN IMMEDIATE … COMMIT, rolled back on error (IMMEDIATE avoids upgrade deadlocks),
+        under the process-wide writer lock of the file (writer_lock).
 
         Inside an open transaction it is a SAVEPOINT instead: the service wraps a batch of
-        messages in one transaction, and one bad message rolls back only its own changes.
+        messages in one transaction, and one bad message rolls back only its own changes (the
+        outer transaction already holds the lock).
         """
         sqlite = self.sqlite
         if sqlite.in_transaction:
@@ -141,13 +164,21 @@ class SqliteDatabase(Database):
                 raise
             sqlite.execute(f"RELEASE {name}")
             return
-        sqlite.execute("BEGIN IMMEDIATE")
+        # Waited for as long as SQLite's busy timeout would have, and failing as it would: a
+        # thread that opened a second connection while its first holds the lock gets the old
+        # "database is locked" after OPEN_TIMEOUT_S rather than hanging forever.
+        if not self._writer.acquire(timeout=OPEN_TIMEOUT_S):
+            raise sqlite3.OperationalError("database is locked")
         try:
-            yield self.conn
-        except BaseException:
-            sqlite.execute("ROLLBACK")
-            raise
-        sqlite.execute("COMMIT")
+            sqlite.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.conn
+            except BaseException:
+                sqlite.execute("ROLLBACK")
+                raise
+            sqlite.execute("COMMIT")
+        finally:
+            self._writer.release()
 
     @contextmanager
     def snapshot(self) -> Iterator[Connection]:
