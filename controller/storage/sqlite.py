@@ -15,7 +15,6 @@ from sqlalchemy.pool import NullPool
 
 from controller.storage.db import OPEN_TIMEOUT_S, Connection, Database
 
-
 # One writer lock per database file in this process (keyed by its resolved path): threads of
 # one controller (service loop, telemetry thread) hand SQLite's write lock to each other at
 # once, instead of through SQLite's busy handler, which sleeps up to 100 ms between retries

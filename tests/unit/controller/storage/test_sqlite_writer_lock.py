@@ -38,7 +38,7 @@ def test_a_second_thread_waits_for_the_writer_lock_not_for_sqlite(tmp_path: Path
                 order.append("second writes")
                 tx.execute("CREATE TABLE IF NOT EXISTS t (v INTEGER)")
                 tx.execute("INSERT INTO t VALUES (2)")
-        except BaseException as exc:  # noqa: BLE001 - reported to the test thread below
+        except BaseException as exc:  # reported to the test thread below
             errors.append(exc)
 
     try:
@@ -77,7 +77,7 @@ def test_an_exception_inside_the_transaction_releases_the_writer_lock(tmp_path: 
         try:
             with second.transaction() as tx:
                 tx.execute("CREATE TABLE t (v INTEGER)")
-        except BaseException as exc:  # noqa: BLE001 - reported to the test thread below
+        except BaseException as exc:  # reported to the test thread below
             errors.append(exc)
 
     try:
@@ -133,10 +133,12 @@ def test_a_thread_blocked_by_its_own_other_connection_fails_as_sqlite_did(
     # The wait SQLite's busy timeout would have allowed, shortened for the test.
     monkeypatch.setattr(sqlite_backend, "OPEN_TIMEOUT_S", 0.05)
     try:
-        with first.transaction():
-            with pytest.raises(sqlite3.OperationalError, match="database is locked"):
-                with second.transaction():
-                    pass
+        with (
+            first.transaction(),
+            pytest.raises(sqlite3.OperationalError, match="database is locked"),
+            second.transaction(),
+        ):
+            pass
         with second.transaction() as tx:  # released: the next writer gets it
             tx.execute("CREATE TABLE t (v INTEGER)")
     finally:
