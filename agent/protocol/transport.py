@@ -6,10 +6,12 @@ of the agent and the controller alike (docs/architecture.md).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -81,6 +83,8 @@ class _Client(paho.Client):
     """
 
     last_error: BaseException | None = None
+    # Clients whose network thread this thread owes one wake-up (inside acks_batched()).
+    _owed = threading.local()
     # Whether the attempt in progress is the first one of connect_async(): paho then waits
     # twice before the next (once in its first-connection loop, once in its main loop).
     first_attempt = False
@@ -98,6 +102,44 @@ class _Client(paho.Client):
             self.last_error = exc
             self.first_attempt = first  # the double wait follows only a failed socket
             raise
+
+    # paho wakes its network thread for every packet queued from another thread (one byte on a
+    # socketpair per PUBACK: a syscall, and a loop turn of the network thread). Inside
+    # acks_batched() the queueing thread sees no socketpair, and wakes the loop once at the end.
+    @property
+    def _sockpairW(self) -> socket.socket | None:
+        """paho's wake-up socket, or None while this thread batches acknowledgements."""
+        owed = getattr(_Client._owed, "clients", None)
+        if owed is not None:
+            owed.add(self)
+            return None
+        real: socket.socket | None = self.__dict__.get("_real_sockpair_w")
+        return real
+
+    @_sockpairW.setter
+    def _sockpairW(self, value: socket.socket | None) -> None:
+        self.__dict__["_real_sockpair_w"] = value
+
+    def wake(self) -> None:
+        """Wake the network thread (as paho does after queueing a packet)."""
+        real = self.__dict__.get("_real_sockpair_w")
+        if real is not None:
+            with contextlib.suppress(OSError):  # full (already woken) or closed
+                real.send(b"0")
+
+
+@contextlib.contextmanager
+def acks_batched() -> Iterator[None]:
+    """Acknowledgements sent inside wake each session's network thread once, at the end,
+    instead of once per message."""
+    owed: set[_Client] = set()
+    _Client._owed.clients = owed
+    try:
+        yield
+    finally:
+        _Client._owed.clients = None
+        for client in owed:
+            client.wake()
 
 
 def next_backoff_s(client: paho.Client) -> float:
