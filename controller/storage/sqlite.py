@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,22 +16,65 @@ from sqlalchemy.pool import NullPool
 
 from controller.storage.db import OPEN_TIMEOUT_S, Connection, Database
 
+
+class FifoLock:
+    """A lock handed to its waiters in the order they asked (threading.Lock is not: a thread
+    that releases and asks again at once usually wins over one already waiting, so the service
+    loop waited behind several back-to-back telemetry transactions; bench_writer_lock.py)."""
+
+    def __init__(self) -> None:
+        """Free, nobody waiting."""
+        self._guard = threading.Lock()
+        self._waiters: deque[threading.Lock] = deque()
+        self._held = False
+
+    def acquire(self, timeout: float = -1) -> bool:
+        """Take the lock, after those already waiting; False after `timeout` seconds."""
+        with self._guard:
+            if not self._held:
+                self._held = True
+                return True
+            turn = threading.Lock()
+            turn.acquire()
+            self._waiters.append(turn)
+        if turn.acquire(timeout=timeout):
+            return True  # handed over by release()
+        with self._guard:
+            try:
+                self._waiters.remove(turn)
+            except ValueError:
+                return True  # handed over just as the wait timed out: ours now
+            return False
+
+    def release(self) -> None:
+        """Hand the lock to the longest waiter, or free it."""
+        with self._guard:
+            if self._waiters:
+                self._waiters.popleft().release()  # stays held: now the waiter's
+            else:
+                self._held = False
+
+    def locked(self) -> bool:
+        """Whether some thread holds it."""
+        return self._held
+
+
 # One writer lock per database file in this process (keyed by its resolved path): threads of
 # one controller (service loop, telemetry thread) hand SQLite's write lock to each other at
 # once, instead of through SQLite's busy handler, which sleeps up to 100 ms between retries
 # and so woke the waiter late (bench/RESULTS.md: the telemetry thread spent 81 s and the service
 # loop 97 s waiting for each other). Other processes still wait through busy_timeout.
-_WRITER_LOCKS: dict[str, threading.Lock] = {}
+_WRITER_LOCKS: dict[str, FifoLock] = {}
 _WRITER_LOCKS_GUARD = threading.Lock()
 
 
-def writer_lock(path: Path) -> threading.Lock:
+def writer_lock(path: Path) -> FifoLock:
     """The process-wide lock taken around every write transaction on the file at `path`."""
     key = str(path.resolve())
     with _WRITER_LOCKS_GUARD:
         lock = _WRITER_LOCKS.get(key)
         if lock is None:
-            lock = _WRITER_LOCKS[key] = threading.Lock()
+            lock = _WRITER_LOCKS[key] = FifoLock()
         return lock
 
 

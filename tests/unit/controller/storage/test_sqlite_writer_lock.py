@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from controller.storage import sqlite as sqlite_backend
-from controller.storage.sqlite import SqliteDatabase, writer_lock
+from controller.storage.sqlite import FifoLock, SqliteDatabase, writer_lock
+from tests.polling import wait_until
 
 JOIN_S = 30.0
 
@@ -144,3 +145,42 @@ def test_a_thread_blocked_by_its_own_other_connection_fails_as_sqlite_did(
     finally:
         first.close()
         second.close()
+
+
+def test_the_writer_lock_goes_to_its_waiters_in_order() -> None:
+    """A thread that releases and asks again at once queues behind those already waiting (a
+    threading.Lock usually let it win: the service loop waited behind back-to-back telemetry
+    transactions)."""
+    lock = FifoLock()
+    assert lock.acquire()
+    order: list[str] = []
+
+    def take(name: str) -> None:
+        assert lock.acquire(timeout=JOIN_S)
+        order.append(name)
+        lock.release()
+
+    threads = []
+    for waiting, name in enumerate(("B", "C"), start=1):
+        thread = threading.Thread(target=take, args=(name,))
+        thread.start()
+        threads.append(thread)
+        wait_until(lambda n=waiting: len(lock._waiters) == n, JOIN_S, f"{name} waiting")
+    lock.release()
+    assert lock.acquire(timeout=JOIN_S)  # asks again at once: after B and C
+    order.append("A")
+    lock.release()
+    for thread in threads:
+        thread.join(JOIN_S)
+    assert order == ["B", "C", "A"]
+    assert not lock.locked()
+
+
+def test_a_writer_lock_wait_that_times_out_leaves_the_queue() -> None:
+    lock = FifoLock()
+    assert lock.acquire()
+    assert not lock.acquire(timeout=0.01)
+    assert len(lock._waiters) == 0
+    lock.release()
+    assert not lock.locked()
+    assert lock.acquire(timeout=0)
