@@ -15,7 +15,11 @@ It prints one ratio and checks zero loss (every record stored exactly once):
     20× inflated: it could only fail below 2.5 % stored.)
 plus the controller's and the broker's CPU seconds per second and peak RSS (bench/sampling.py).
 B=1 is what devices send live (one record per interval); larger B is what they send when they
-drain a spool after an outage (up to 150 per message).
+drain a spool after an outage (up to 150 per message). By default the publishers send as fast
+as they can (a backlog: the controller's batches are full); `--rate N` paces them to N
+messages/s in all, the shape of a fleet reporting steadily (issue 20: 10,000 devices every
+10 s = 1,000 messages/s), where the controller keeps up and its batches are small. The bare
+subscriber always gets the unpaced stream (the ceiling).
 
 With `--against REF` each round also runs git REF's controller (its tree extracted to a
 temporary directory, its own bench file's --serve mode, same broker, same stream, interleaved
@@ -107,8 +111,11 @@ def make_record(seq: int) -> TelemetryRecord:
     )
 
 
-def publish_main(url: str, root: str, prefix: str, messages: int, batch: int) -> None:
-    """Child process: PUBLISHERS devices send `messages` telemetry messages in all, then exit."""
+def publish_main(
+    url: str, root: str, prefix: str, messages: int, batch: int, rate: float = 0.0
+) -> None:
+    """Child process: PUBLISHERS devices send `messages` telemetry messages in all, then exit;
+    `rate` > 0: at that many messages/s in all (a fleet reporting steadily), else at once."""
     host, port = parse_broker_url(url)
     topics = Topics(root)
     per_device = messages // PUBLISHERS
@@ -133,7 +140,11 @@ def publish_main(url: str, root: str, prefix: str, messages: int, batch: int) ->
 
     def send(i: int) -> None:
         topic = topics.telemetry(f"{prefix}-{i:03d}")
-        infos = [clients[i].publish(topic, p, qos=1) for p in payloads[i]]
+        infos = []
+        for k, p in enumerate(payloads[i]):
+            infos.append(clients[i].publish(topic, p, qos=1))
+            if rate > 0:  # device i's k-th message is due at (k * PUBLISHERS + i) / rate
+                time.sleep(max(0.0, started + (k * PUBLISHERS + i + 1) / rate - time.monotonic()))
         for info in infos:
             info.wait_for_publish(120)
 
@@ -152,9 +163,14 @@ def publish_main(url: str, root: str, prefix: str, messages: int, batch: int) ->
 class Publisher:
     """The publisher child process, started ready and released with go()."""
 
-    def __init__(self, url: str, root: str, prefix: str, messages: int, batch: int) -> None:
+    def __init__(
+        self, url: str, root: str, prefix: str, messages: int, batch: int, rate: float = 0.0
+    ) -> None:
         """Start the child and wait until its clients are connected."""
-        args = [sys.executable, __file__, "--publish", url, root, prefix, str(messages), str(batch)]
+        args = [
+            sys.executable, __file__, "--publish", url, root, prefix, str(messages), str(batch),
+            str(rate),
+        ]  # fmt: skip
         self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None and self.proc.stdin is not None
         line = self.proc.stdout.readline().strip()
@@ -232,7 +248,7 @@ def tree(ref: str, into: Path) -> Path:
 
 def controller_round(
     broker: BrokerHandle, root: str, messages: int, batch: int, tag: str, work: Path,
-    code: Path = ROOT,
+    code: Path = ROOT, rate: float = 0.0,
 ) -> tuple[float, float, float]:  # fmt: skip
     """(a): records/s the ControllerService (own process, of the tree at `code`) stores;
     returns (rate, controller CPU seconds per second, broker CPU seconds per second)."""
@@ -257,7 +273,7 @@ def controller_round(
     def stored() -> int:
         return int(db.conn.execute("SELECT COUNT(*) FROM telemetry").fetchone()[0])
 
-    publisher = Publisher(broker.url, root, f"c{tag}", messages, batch)
+    publisher = Publisher(broker.url, root, f"c{tag}", messages, batch, rate)
     sampler = Sampler(controller=proc.pid, broker=broker.pid).start()
     publisher.go()
     first = wait_for(lambda: stored() > 0, 120, "first stored record")
@@ -295,15 +311,21 @@ def main() -> None:
     parser.add_argument("--batches", default="1,20", help="records per message, comma-separated")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--against", help="git ref whose controller runs the same rounds")
-    parser.add_argument("--publish", nargs=5, help=SUPPRESS)
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="messages/s the publishers send in all (default 0: as fast as they can, a backlog)",
+    )
+    parser.add_argument("--publish", nargs=6, help=SUPPRESS)
     parser.add_argument("--serve", nargs=4, help=SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         serve_controller(Path(args.serve[0]), args.serve[1], args.serve[2], args.serve[3])
         return
     if args.publish:
-        url, root, prefix, messages, batch = args.publish
-        publish_main(url, root, prefix, int(messages), int(batch))
+        url, root, prefix, messages, batch, rate = args.publish
+        publish_main(url, root, prefix, int(messages), int(batch), float(rate))
         return
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="ef-bench-tel-") as tmp:
@@ -328,15 +350,16 @@ def main() -> None:
                     for which in ("this", "ref") if r % 2 == 0 else ("ref", "this"):
                         if which == "this":
                             rate, cpu_share, broker_share = controller_round(
-                                broker, f"bench/{tag}c/edgefleet/v1", messages, batch, tag, work
-                            )
+                                broker, f"bench/{tag}c/edgefleet/v1", messages, batch, tag, work,
+                                rate=args.rate,
+                            )  # fmt: skip
                             ctl.append(rate)
                             cpu.append(cpu_share)
                             broker_cpu.append(broker_share)
                         elif other is not None:
                             rate, cpu_share, _ = controller_round(
                                 broker, f"bench/{tag}r/edgefleet/v1", messages, batch,
-                                f"{tag}r", work, other,
+                                f"{tag}r", work, other, rate=args.rate,
                             )  # fmt: skip
                             ref_ctl.append(rate)
                             ref_cpu.append(cpu_share)

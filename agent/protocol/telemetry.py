@@ -36,17 +36,29 @@ class LatencyStats:
 
     def __post_init__(self) -> None:
         """Counts agree with the bucket layout; times are non-negative and ordered."""
+        # One combined test on the hot path (every record carries one); the messages, built
+        # only on failure, name the first field that is wrong, in the order checked below.
+        buckets = self.buckets
+        if (
+            self.count >= 0
+            and len(buckets) == BUCKET_COUNT
+            and min(buckets) >= 0
+            and sum(buckets) == self.count
+            and 0 <= self.p50_ms <= self.p90_ms <= self.p99_ms <= self.max_ms
+            and self.mean_ms >= 0
+        ):
+            return
         _check(self.count >= 0, "$.count", f"must be >= 0, got {self.count}")
         _check(
-            len(self.buckets) == BUCKET_COUNT,
+            len(buckets) == BUCKET_COUNT,
             "$.buckets",
-            f"{len(self.buckets)} counts for {BUCKET_COUNT} buckets",
+            f"{len(buckets)} counts for {BUCKET_COUNT} buckets",
         )
-        _check(min(self.buckets) >= 0, "$.buckets", "counts must be >= 0")
+        _check(min(buckets) >= 0, "$.buckets", "counts must be >= 0")
         _check(
-            sum(self.buckets) == self.count,
+            sum(buckets) == self.count,
             "$.buckets",
-            f"counts add up to {sum(self.buckets)}, not count={self.count}",
+            f"counts add up to {sum(buckets)}, not count={self.count}",
         )
         for name in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "max_ms"):
             value = getattr(self, name)
@@ -126,7 +138,8 @@ class TelemetryRecord:
 
     def __post_init__(self) -> None:
         """Validate the sequence number, digest and counters."""
-        _check(self.seq >= 1, "$.seq", f"must be >= 1, got {self.seq}")
+        if self.seq < 1:
+            raise ProtocolError(f"$.seq: must be >= 1, got {self.seq}")
         if self.model_sha256 is not None:
             validate_sha256(self.model_sha256)
         try:
@@ -150,7 +163,8 @@ class TelemetryRecord:
                 _check(value >= 0, f"$.{name}", f"must be >= 0, got {value}")
         for name in ("power_w", "energy_mj_per_inference"):
             value = getattr(self, name)
-            _check(value is None or value >= 0, f"$.{name}", f"must be >= 0, got {value}")
+            if value is not None and value < 0:
+                raise ProtocolError(f"$.{name}: must be >= 0, got {value}")
 
 
 @dataclass(frozen=True)
@@ -169,27 +183,24 @@ class Telemetry:
 
     def __post_init__(self) -> None:
         """Bounded, non-empty, strictly increasing."""
-        _check(self.v == SCHEMA_VERSION, "$.v", f"unsupported schema version {self.v}")
+        # Messages are formatted only on failure: this runs for every telemetry message.
+        if self.v != SCHEMA_VERSION:
+            raise ProtocolError(f"$.v: unsupported schema version {self.v}")
         validate_device_id(self.device_id)
-        _check(
-            bool(self.records or self.unavailable), "$", "carries neither records nor unavailable"
-        )
-        _check(
-            len(self.records) <= MAX_TELEMETRY_RECORDS,
-            "$.records",
-            f"{len(self.records)} records exceed the {MAX_TELEMETRY_RECORDS}-record cap",
-        )
+        records = self.records
+        _check(bool(records or self.unavailable), "$", "carries neither records nor unavailable")
+        if len(records) > MAX_TELEMETRY_RECORDS:
+            raise ProtocolError(
+                f"$.records: {len(records)} records exceed the {MAX_TELEMETRY_RECORDS}-record cap"
+            )
         _check(
             len(self.unavailable) <= MAX_TELEMETRY_RECORDS,
             "$.unavailable",
             f"more than {MAX_TELEMETRY_RECORDS} ranges",
         )
-        for i in range(1, len(self.records)):
-            _check(
-                self.records[i].seq > self.records[i - 1].seq,
-                f"$.records[{i}].seq",
-                "sequence numbers must increase",
-            )
+        for i in range(1, len(records)):
+            if records[i].seq <= records[i - 1].seq:
+                raise ProtocolError(f"$.records[{i}].seq: sequence numbers must increase")
 
 
 # Overflow policies of the device spool (agent/spool.py): which record goes when it is full.

@@ -6,10 +6,12 @@ of the agent and the controller alike (docs/architecture.md).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -81,6 +83,8 @@ class _Client(paho.Client):
     """
 
     last_error: BaseException | None = None
+    # Clients whose network thread this thread owes one wake-up (inside acks_batched()).
+    _owed = threading.local()
     # Whether the attempt in progress is the first one of connect_async(): paho then waits
     # twice before the next (once in its first-connection loop, once in its main loop).
     first_attempt = False
@@ -98,6 +102,44 @@ class _Client(paho.Client):
             self.last_error = exc
             self.first_attempt = first  # the double wait follows only a failed socket
             raise
+
+    # paho wakes its network thread for every packet queued from another thread (one byte on a
+    # socketpair per PUBACK: a syscall, and a loop turn of the network thread). Inside
+    # acks_batched() the queueing thread sees no socketpair, and wakes the loop once at the end.
+    @property
+    def _sockpairW(self) -> socket.socket | None:
+        """paho's wake-up socket, or None while this thread batches acknowledgements."""
+        owed = getattr(_Client._owed, "clients", None)
+        if owed is not None:
+            owed.add(self)
+            return None
+        real: socket.socket | None = self.__dict__.get("_real_sockpair_w")
+        return real
+
+    @_sockpairW.setter
+    def _sockpairW(self, value: socket.socket | None) -> None:
+        self.__dict__["_real_sockpair_w"] = value
+
+    def wake(self) -> None:
+        """Wake the network thread (as paho does after queueing a packet)."""
+        real = self.__dict__.get("_real_sockpair_w")
+        if real is not None:
+            with contextlib.suppress(OSError):  # full (already woken) or closed
+                real.send(b"0")
+
+
+@contextlib.contextmanager
+def acks_batched() -> Iterator[None]:
+    """Acknowledgements sent inside wake each session's network thread once, at the end,
+    instead of once per message."""
+    owed: set[_Client] = set()
+    _Client._owed.clients = owed
+    try:
+        yield
+    finally:
+        _Client._owed.clients = None
+        for client in owed:
+            client.wake()
 
 
 def next_backoff_s(client: paho.Client) -> float:
@@ -136,10 +178,15 @@ class Ack:
         self._qos = qos
 
     def __call__(self) -> None:
-        """Acknowledge (once; later calls and stale connections are no-ops)."""
+        """Acknowledge (once; later calls and stale connections are no-ops). Frees the
+        message's place among the session's unacknowledged ones, whatever its connection."""
         session, self._session = self._session, None  # type: ignore[assignment]
-        if session is not None and self._qos > 0 and session.connection == self._connection:
+        if session is None:
+            return
+        if self._qos > 0 and session.connection == self._connection:
             session.client.ack(self._mid, self._qos)
+        if session.unacked is not None:
+            session.unacked.release()
 
 
 AckedMessageHandler = Callable[[str, bytes, Ack], None]
@@ -165,11 +212,18 @@ class MqttSession:
         cert_file: str | None = None,
         key_file: str | None = None,
         reconnect: bool = True,
+        max_unacked: int = 0,
     ) -> None:
         """Configure the client; nothing connects until start(). mqtts:// URLs use TLS.
 
         `reconnect=False`: one connection only; `closed` is set when it ends (the owner then
         calls stop()), e.g. to adopt another client's session until that client returns.
+
+        `max_unacked` (with on_acked_message; 0 = no bound): at most this many messages handed
+        to the owner and not yet acknowledged; the network thread stops reading until one is.
+        Brokers are meant to bound this themselves (mosquitto's max_inflight_messages), but
+        mosquitto before 2.0.13 sends up to that many more on every acknowledgement, so a
+        backlog moved into the subscriber's memory (docs/telemetry.md, "Inbox bound").
         """
         self.host, self.port = parse_mqtt_url(url)
         self.tls = is_tls_url(url)
@@ -187,6 +241,14 @@ class MqttSession:
         self._on_message_cb = on_message
         self._on_acked_cb = on_acked_message
         self._on_connect_cb = on_connect
+        # Places for unacknowledged messages: taken by the network thread, freed by Ack.
+        self.unacked: threading.Semaphore | None = None
+        if max_unacked > 0:
+            if on_acked_message is None:
+                raise ValueError("max_unacked needs on_acked_message")
+            self.unacked = threading.BoundedSemaphore(max_unacked)
+        # Times the network thread waited for a free place (the bound at work; tests).
+        self.unacked_waits = 0
         # Consecutive failed attempts since the last successful CONNACK (for the log).
         self.failures = 0
         self.client = _Client(
@@ -322,10 +384,32 @@ class MqttSession:
         """Hand the message to the owner; a handler bug must not kill the network thread."""
         try:
             if self._on_acked_cb is not None:
+                if self.unacked is not None and not self._take_place():
+                    return  # stopping: unacknowledged, so the broker delivers it again
                 ack = Ack(self, self.connection, message.mid, message.qos)
-                self._on_acked_cb(message.topic, bytes(message.payload), ack)
+                try:
+                    self._on_acked_cb(message.topic, bytes(message.payload), ack)
+                except Exception:
+                    if self.unacked is not None:
+                        self.unacked.release()  # never handed over: nobody will call ack
+                    raise
             else:
                 assert self._on_message_cb is not None
                 self._on_message_cb(message.topic, bytes(message.payload))
         except Exception:
             log.exception("handler failed for %s", message.topic)
+
+    def _take_place(self) -> bool:
+        """Wait for a free place among the unacknowledged messages; False once stopping.
+
+        While the network thread waits it reads nothing, so the broker keeps the backlog (TCP
+        flow control, then its own per-session queue); the wait lasts one ingest batch.
+        """
+        assert self.unacked is not None
+        if self.unacked.acquire(blocking=False):
+            return True
+        self.unacked_waits += 1
+        while not self._stopping:
+            if self.unacked.acquire(timeout=0.1):
+                return True
+        return False

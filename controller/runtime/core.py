@@ -27,6 +27,7 @@ from controller.runtime.tuning import (
     RESEND_RETRY_S,
     RETAINED_SWEEP_S,
     SHARE_GROUP,
+    TELEMETRY_MAX_UNACKED,
     TELEMETRY_RAW_DAYS,
 )
 from controller.security.revocation import RevokedSet
@@ -171,6 +172,9 @@ class ServiceCore:
                 password=password,
                 clean_session=False,
                 max_inflight=CONTROLLER_INFLIGHT,
+                # Its network thread only receives (the session publishes nothing), so pausing
+                # it under a backlog delays no publish of the controller's.
+                max_unacked=TELEMETRY_MAX_UNACKED,
             )
 
     def _on_connect(self) -> None:

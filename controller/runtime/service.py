@@ -9,6 +9,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from agent.protocol.transport import acks_batched
 from controller.fleet.registry import Fleet
 from controller.runtime.adopt import Acknowledge
 from controller.runtime.core import profiled
@@ -147,9 +148,10 @@ class ControllerService(Publisher, Inbound, Leadership):
                 f"lost the database connection; {len(batch)} message(s) left "
                 "unacknowledged for redelivery"
             )
-        for _, _, ack in batch:  # processed, or refused as malformed: acknowledge
-            if ack is not None:
-                ack()
+        with acks_batched():  # one wake-up of paho's network thread per batch
+            for _, _, ack in batch:  # processed, or refused as malformed: acknowledge
+                if ack is not None:
+                    ack()
 
     def _republish_after_reconnect(self, fleet: Fleet) -> bool:
         """After a (re)connect the leader marks everything unpublished; True when it did."""

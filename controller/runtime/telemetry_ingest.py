@@ -20,13 +20,15 @@ import logging
 import queue
 import statistics
 import threading
+import time
 from collections import defaultdict
+from collections.abc import Callable
 
 from agent.protocol import Telemetry
 from controller.fleet.registry import Fleet
 from controller.runtime.adopt import Acknowledge
 from controller.runtime.core import ServiceCore, profiled
-from controller.runtime.tuning import MAX_TELEMETRY_BATCH, RESEND_LAG_CAP_S
+from controller.runtime.tuning import MAX_TELEMETRY_BATCH, RESEND_LAG_CAP_S, TELEMETRY_LINGER_S
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +79,7 @@ class TelemetryIngest(ServiceCore):
         empty: dict[str, set[int]] = defaultdict(set)
         try:
             while not self._stop.is_set():
-                batch = drain(self._telemetry_inbox, 0.05, MAX_TELEMETRY_BATCH)
+                batch = drain(self._telemetry_inbox, 0.05, MAX_TELEMETRY_BATCH, TELEMETRY_LINGER_S)
                 if batch:
                     self._ingest_acked(fleet, batch, empty, {})
         except Exception:
@@ -109,12 +111,21 @@ class TelemetryIngest(ServiceCore):
         raise NotImplementedError
 
 
-def drain(inbox: queue.Queue[Inboxed], timeout: float, limit: int) -> list[Inboxed]:
-    """Up to `limit` queued messages, waiting at most `timeout` for the first."""
+def drain(
+    inbox: queue.Queue[Inboxed],
+    timeout: float,
+    limit: int,
+    linger: float = 0.0,
+    sleep: Callable[[float], None] = time.sleep,
+) -> list[Inboxed]:
+    """Up to `limit` queued messages, waiting at most `timeout` for the first; with `linger`,
+    then that long for more unless `limit` are already queued (one transaction for many)."""
     try:
         batch = [inbox.get(timeout=timeout)]
     except queue.Empty:
         return []
+    if linger > 0 and inbox.qsize() < limit - 1:
+        sleep(linger)
     while len(batch) < limit:
         try:
             batch.append(inbox.get_nowait())

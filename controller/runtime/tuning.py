@@ -22,6 +22,17 @@ MAX_BATCH = 500
 # ~960 a batch at 10,000 devices on a starved CPU) larger batches cost fewer commits and cursor
 # reads per record; the bound keeps one transaction's write lock short for the service loop.
 MAX_TELEMETRY_BATCH = 1000
+# After the first message of a telemetry batch, the ingest thread waits this long for more: a
+# transaction costs ~170 µs of CPU whatever its size (BEGIN/COMMIT, cursor reads, rollups), and
+# at 1,000 one-record messages/s without the wait most batches held one message, which doubled
+# the CPU per record (bench/RESULTS.md, "Telemetry ingest"). 20 ms is nothing beside a 10 s
+# reporting interval; a backlog (a full batch queued) does not wait.
+TELEMETRY_LINGER_S = 0.02
+# Most telemetry messages the controller holds unacknowledged (received, not yet committed):
+# two batches, so the next one arrives while one is stored; the rest of a backlog stays in the
+# broker. Without it mosquitto < 2.0.13 pushed whole backlogs into the controller's memory
+# (docs/telemetry.md, "Inbox bound").
+TELEMETRY_MAX_UNACKED = 2 * MAX_TELEMETRY_BATCH
 # Ask an unknown device to announce itself at most this often.
 ANNOUNCE_RETRY_S = 10.0
 # QoS1 publishes in flight: high enough to stream a wave of chunks without stalling on PUBACKs.

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,6 +15,67 @@ import sqlalchemy
 from sqlalchemy.pool import NullPool
 
 from controller.storage.db import OPEN_TIMEOUT_S, Connection, Database
+
+
+class FifoLock:
+    """A lock handed to its waiters in the order they asked (threading.Lock is not: a thread
+    that releases and asks again at once usually wins over one already waiting, so the service
+    loop waited behind several back-to-back telemetry transactions; bench_writer_lock.py)."""
+
+    def __init__(self) -> None:
+        """Free, nobody waiting."""
+        self._guard = threading.Lock()
+        self._waiters: deque[threading.Lock] = deque()
+        self._held = False
+
+    def acquire(self, timeout: float = -1) -> bool:
+        """Take the lock, after those already waiting; False after `timeout` seconds."""
+        with self._guard:
+            if not self._held:
+                self._held = True
+                return True
+            turn = threading.Lock()
+            turn.acquire()
+            self._waiters.append(turn)
+        if turn.acquire(timeout=timeout):
+            return True  # handed over by release()
+        with self._guard:
+            try:
+                self._waiters.remove(turn)
+            except ValueError:
+                return True  # handed over just as the wait timed out: ours now
+            return False
+
+    def release(self) -> None:
+        """Hand the lock to the longest waiter, or free it."""
+        with self._guard:
+            if self._waiters:
+                self._waiters.popleft().release()  # stays held: now the waiter's
+            else:
+                self._held = False
+
+    def locked(self) -> bool:
+        """Whether some thread holds it."""
+        return self._held
+
+
+# One writer lock per database file in this process (keyed by its resolved path): threads of
+# one controller (service loop, telemetry thread) hand SQLite's write lock to each other at
+# once, instead of through SQLite's busy handler, which sleeps up to 100 ms between retries
+# and so woke the waiter late (bench/RESULTS.md: the telemetry thread spent 81 s and the service
+# loop 97 s waiting for each other). Other processes still wait through busy_timeout.
+_WRITER_LOCKS: dict[str, FifoLock] = {}
+_WRITER_LOCKS_GUARD = threading.Lock()
+
+
+def writer_lock(path: Path) -> FifoLock:
+    """The process-wide lock taken around every write transaction on the file at `path`."""
+    key = str(path.resolve())
+    with _WRITER_LOCKS_GUARD:
+        lock = _WRITER_LOCKS.get(key)
+        if lock is None:
+            lock = _WRITER_LOCKS[key] = FifoLock()
+        return lock
 
 
 def _wrapped(sql: str, params: Any, exc: Exception) -> Exception:
@@ -72,6 +135,7 @@ class SqliteDatabase(Database):
         """Open (creating if needed) the database and bring its schema up to date."""
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self._writer = writer_lock(path)
 
         def connect() -> sqlite3.Connection:
             # isolation_level=None: BEGIN/COMMIT are ours, so a batch is one transaction.
@@ -123,10 +187,12 @@ class SqliteDatabase(Database):
     def transaction(
         self, *, exclusive: bool = True, repeatable: bool = False
     ) -> Iterator[Connection]:
-        """BEGIN IMMEDIATE … COMMIT, rolled back on error (IMMEDIATE avoids upgrade deadlocks).
+        """BEGIN IMMEDIATE … COMMIT, rolled back on error (IMMEDIATE avoids upgrade deadlocks),
+        under the process-wide writer lock of the file (writer_lock).
 
         Inside an open transaction it is a SAVEPOINT instead: the service wraps a batch of
-        messages in one transaction, and one bad message rolls back only its own changes.
+        messages in one transaction, and one bad message rolls back only its own changes (the
+        outer transaction already holds the lock).
         """
         sqlite = self.sqlite
         if sqlite.in_transaction:
@@ -141,13 +207,21 @@ class SqliteDatabase(Database):
                 raise
             sqlite.execute(f"RELEASE {name}")
             return
-        sqlite.execute("BEGIN IMMEDIATE")
+        # Waited for as long as SQLite's busy timeout would have, and failing as it would: a
+        # thread that opened a second connection while its first holds the lock gets the old
+        # "database is locked" after OPEN_TIMEOUT_S rather than hanging forever.
+        if not self._writer.acquire(timeout=OPEN_TIMEOUT_S):
+            raise sqlite3.OperationalError("database is locked")
         try:
-            yield self.conn
-        except BaseException:
-            sqlite.execute("ROLLBACK")
-            raise
-        sqlite.execute("COMMIT")
+            sqlite.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.conn
+            except BaseException:
+                sqlite.execute("ROLLBACK")
+                raise
+            sqlite.execute("COMMIT")
+        finally:
+            self._writer.release()
 
     @contextmanager
     def snapshot(self) -> Iterator[Connection]:
