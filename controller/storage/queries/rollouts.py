@@ -226,6 +226,15 @@ def model_name(conn: Connection, model_id: int) -> dict[str, Any] | None:
     return first(conn, select(models.c.name, models.c.version).where(models.c.id == model_id))
 
 
+def counts_of_all(conn: Connection) -> dict[str, dict[str, int]]:
+    """Devices per state of every rollout, in one GROUP BY (the list view read one per rollout)."""
+    out: dict[str, dict[str, int]] = {}
+    query = select(dd.deployment_id, dd.state, func.count()).group_by(dd.deployment_id, dd.state)
+    for rollout_id, state, n in conn.sa.execute(query):
+        out.setdefault(str(rollout_id), {})[str(state)] = int(n)
+    return out
+
+
 def all_rollouts(conn: Connection) -> list[dict[str, Any]]:
     """id, kind, state, wave, target, created, reason, model (name:version) of every rollout
     and deployment, newest first."""

@@ -161,3 +161,26 @@ def test_wait_prints_plain_lines_without_a_terminal(capsys: pytest.CaptureFixtur
         "ro-1 running  wave 1/1  done 3/5",
         "ro-1 completed  wave 1/1  done 5/5",
     ]
+
+
+def test_the_list_reads_every_rollouts_counts_in_one_statement(cnn_fleet: Fleet) -> None:
+    """Counts per rollout equal the per-rollout query's, and the statements run do not grow
+    with the number of rollouts (the list view ran one COUNT per rollout)."""
+    from sqlalchemy import event
+
+    ids = [_finish(cnn_fleet, failed=set(DEVICES[:n])) for n in range(3)]
+    statements: list[str] = []
+
+    def count(*args: object) -> None:
+        statements.append(str(args[2]))
+
+    engine = cnn_fleet.db.engine
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        listed = {r["id"]: r for r in cnn_fleet.rollouts.list()}
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    for rid in ids:
+        assert listed[rid]["counts"] == cnn_fleet.deployment(rid)["counts"]
+    assert [listed[rid]["counts"].get("failed", 0) for rid in ids] == [0, 1, 2]
+    assert len(statements) == 2, statements
