@@ -21,6 +21,7 @@ from controller.fleet.rollout.states import (
     move_all,
     move_rollout,
 )
+from controller.fleet.rollout.trial_states import TrialState
 from controller.fleet.rollout.waves import WaveSteps
 from controller.storage.db import Connection
 from controller.storage.queries import rollout_states as scopes
@@ -84,12 +85,12 @@ class Control(WaveSteps):
         ts = self.clock()
         move_rollout(tx, rollout_id, state, ts=ts, reason=reason)
         # A canary ran candidates: whatever its state, it goes back to what it ran before.
-        trialed = rq.trial_started(tx, rollout_id)
+        trialed = rq.trial_started(tx, rollout_id, TrialState.WAITING.value)
         move_all(
             tx,
             D.CANCELLED,
             (D.WAITING, D.BASELINING),
-            scopes.untried_in(rollout_id),
+            scopes.untried_in(rollout_id, TrialState.WAITING.value),
             ts=ts,
             detail=reason,
         )

@@ -14,6 +14,14 @@ from agent.protocol import Event
 from controller.fleet.rollout.decide import Candidate, Trial, decide
 from controller.fleet.rollout.policy import RETRIABLE_STAGES, Policy
 from controller.fleet.rollout.states import DeviceState, move
+from controller.fleet.rollout.trial_states import (
+    BUSY,
+    DONE,
+    TrialState,
+    cancel_trials,
+    move_trial,
+    values,
+)
 from controller.storage.db import Connection, to_json
 from controller.storage.queries import selection as sq
 from controller.storage.queries import waves as wq
@@ -21,10 +29,7 @@ from controller.storage.queries import waves as wq
 if TYPE_CHECKING:
     from controller.fleet.rollout.engine import Rollouts
 
-D = DeviceState
-
-# Trial states that end a trial.
-TRIAL_DONE = frozenset({"measured", "failed", "cancelled"})
+D, T = DeviceState, TrialState
 
 
 class Selection:
@@ -81,19 +86,19 @@ class Selection:
         # A canary taken by a newer rollout, removed, or ended otherwise leaves the selection:
         # its open trials end here, so this rollout never points the device again.
         why = "the canary left the selection (taken by a newer rollout or removed)"
-        gone = sq.cancel_gone(tx, rollout_id, D.TRIALING, why, ts)
+        gone = cancel_trials(tx, rollout_id, why, ts, gone_from=D.TRIALING.value)
         if gone:
             notes.append(f"{rollout_id}: {gone} trial(s) cancelled: canary gone")
-        for device_id, rank, state in sq.expired(tx, rollout_id, ts):
+        for device_id, rank, state in sq.expired(tx, rollout_id, values(BUSY), ts):
             why = f"timed out after {policy.device_timeout_s:g} s in state {state}"
             self._fail_trial(tx, rollout_id, device_id, rank, why, policy, retriable=True)
             notes.append(f"{rollout_id}: trial #{rank} on {device_id} timed out")
-        busy = sq.busy_devices(tx, rollout_id)
-        for device_id, rank in sq.next_waiting(tx, rollout_id):
+        busy = sq.busy_devices(tx, rollout_id, values(BUSY))
+        for device_id, rank in sq.next_waiting(tx, rollout_id, T.WAITING.value):
             if device_id not in busy:
                 self._start_trial(tx, rollout_id, device_id, rank, policy)
                 notes.append(f"{rollout_id}: trial #{rank} on {device_id}")
-        open_profiles = sq.profiles(tx, rollout_id, not_in=sorted(TRIAL_DONE))
+        open_profiles = sq.profiles(tx, rollout_id, not_in=values(DONE))
         decided = sq.decided_profiles(tx, rollout_id)
         profiles = sq.profiles(tx, rollout_id)
         for profile in sorted(profiles - open_profiles - decided):
@@ -110,7 +115,7 @@ class Selection:
             tx, rollout_id, device_id, found["sha256"], threads=found["threads"], fallback=None
         )
         ts = self.rollouts.clock()
-        sq.set_trial(tx, key, state="running", generation=generation, deadline=None, updated=ts)
+        move_trial(tx, key, T.RUNNING, ts=ts, generation=generation, deadline=None)
         wq.set_device(
             tx,
             (rollout_id, device_id),
@@ -125,18 +130,18 @@ class Selection:
         rollout_id: str,
         device_id: str,
         rank: int,
-        state: str,
+        state: TrialState,
         detail: str,
         result: dict[str, Any] | None = None,
     ) -> None:
         """Record a trial's end."""
-        sq.set_trial(
+        move_trial(
             tx,
             (rollout_id, device_id, rank),
-            state=state,
+            state,
+            ts=self.rollouts.clock(),
             detail=detail[:2000],
             result=to_json(result) if result is not None else None,
-            updated=self.rollouts.clock(),
         )
 
     def _fail_trial(
@@ -150,14 +155,15 @@ class Selection:
         *,
         retriable: bool,
     ) -> None:
-        """End a trial as failed, or queue it again (new generation) while retries are left."""
+        """End a trial as failed, or queue the same trial again (back to waiting, one attempt
+        more; it starts under a new generation) while retries are left."""
         key = (rollout_id, device_id, rank)
         attempts = int(sq.trial(tx, key)["attempts"])
         if retriable and attempts < policy.retries:
             detail = f"attempt {attempts + 1}: {why}"[:2000]
-            sq.retry_trial(tx, key, detail, self.rollouts.clock())
+            move_trial(tx, key, T.WAITING, ts=self.rollouts.clock(), retry=True, detail=detail)
         else:
-            self._end_trial(tx, rollout_id, device_id, rank, "failed", why)
+            self._end_trial(tx, rollout_id, device_id, rank, T.FAILED, why)
 
     def on_event(
         self, tx: Connection, event: Event, report: dict[str, Any] | None, policy: Policy
@@ -166,26 +172,23 @@ class Selection:
         row = sq.trial_of_generation(
             tx, event.deployment_id or "", event.device_id, event.generation
         )
-        if row is None or row[1] in TRIAL_DONE:
+        if row is None or row[1] in DONE:
             return
         rank = row[0]
         key = (event.deployment_id or "", event.device_id, rank)
         if event.kind == "update" and event.state == "active":
-            sq.set_trial(
-                tx, key, state="activated", detail=event.message[:2000],
-                updated=self.rollouts.clock(),
-            )  # fmt: skip
+            move_trial(tx, key, T.ACTIVATED, ts=self.rollouts.clock(), detail=event.message[:2000])
         elif event.kind == "error":
             stage = f" (stage {event.stage})" if event.stage else ""
             # Transport failures are retried like in the waves; a self-test verdict is final.
             retriable = event.stage in RETRIABLE_STAGES or event.stage is None
             self._fail_trial(tx, *key, f"{event.message}{stage}", policy, retriable=retriable)
         elif event.kind == "benchmark" and report is not None:
-            self._end_trial(tx, *key, "measured", "benchmarked", report)
+            self._end_trial(tx, *key, T.MEASURED, "benchmarked", report)
 
     def cancel(self, tx: Connection, rollout_id: str, reason: str) -> None:
         """End every trial not yet finished (the rollout was aborted or rolled back)."""
-        sq.cancel_open(tx, rollout_id, reason[:2000], self.rollouts.clock())
+        cancel_trials(tx, rollout_id, reason[:2000], self.rollouts.clock())
 
     # ------------------------------------------------------------------ deciding
     def candidates(self, tx: Connection, rollout_id: str, profile: str) -> list[Candidate]:

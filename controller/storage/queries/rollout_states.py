@@ -52,7 +52,7 @@ _SCOPES: dict[str, Callable[[], ColumnElement[bool]]] = {
     & dd.device_id.not_in(
         select(candidate_trials.c.device_id).where(
             candidate_trials.c.rollout_id == bindparam("rollout_id"),
-            candidate_trials.c.state != literal_column("'waiting'"),
+            candidate_trials.c.state != bindparam("trial_waiting"),
         )
     ),
 }
@@ -92,9 +92,10 @@ def device_generations(pairs: Sequence[tuple[str, int]]) -> Scope:
     return Scope("device_generation", [{"device_id": d, "generation": g} for d, g in pairs])
 
 
-def untried_in(rollout_id: str) -> Scope:
-    """A rollout's rows whose device never started a candidate trial."""
-    return Scope("untried", {"rollout_id": rollout_id})
+def untried_in(rollout_id: str, trial_waiting: str) -> Scope:
+    """A rollout's rows whose device never started a candidate trial (every trial of it still
+    in trial state `trial_waiting`)."""
+    return Scope("untried", {"rollout_id": rollout_id, "trial_waiting": trial_waiting})
 
 
 @functools.lru_cache(maxsize=512)

@@ -179,10 +179,11 @@ def state(conn: Connection, rollout_id: str) -> str | None:
     return None if found is None else str(found)
 
 
-def trial_started(conn: Connection, rollout_id: str) -> dict[str, bool]:
-    """Per device with candidate trials in a rollout: whether any of them left 'waiting'."""
+def trial_started(conn: Connection, rollout_id: str, waiting: str) -> dict[str, bool]:
+    """Per device with candidate trials in a rollout: whether any of them left trial state
+    `waiting`."""
     t = candidate_trials.c
-    started = func.max(case((t.state != literal_column("'waiting'"), 1), else_=0))
+    started = func.max(case((t.state != state_literal(waiting), 1), else_=0))
     rows = conn.sa.execute(
         select(t.device_id, started).where(t.rollout_id == rollout_id).group_by(t.device_id)
     )

@@ -1,9 +1,10 @@
 """Candidate trials on canaries and the decisions per profile (controller/fleet/rollout/
-selection.py). Trial states are fixed identifiers, inlined as literals."""
+selection.py). Trial states come from the caller (fleet/rollout/trial_states.py keeps the
+table) as fixed identifiers, inlined as literals."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import and_, exists, func, insert, select, update
@@ -21,10 +22,6 @@ from controller.storage.tables import (
 )
 
 t, dd, dv = candidate_trials.c, deployment_devices.c, devices.c
-# Trial states of a trial not yet ended.
-OPEN = ("waiting", "running", "activated")
-# Trial states of a trial on its canary now.
-BUSY = ("running", "activated")
 
 Trial = tuple[str, str, int]  # (rollout id, device id, rank)
 
@@ -73,9 +70,17 @@ def add_trials(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
         conn.sa.execute(insert(candidate_trials), list(rows))
 
 
-def cancel_gone(conn: Connection, rollout_id: str, trialing: str, why: str, ts: float) -> int:
-    """Cancel the open trials whose canary is removed or no longer in state `trialing` in
-    this rollout; how many."""
+def cancel_gone(
+    conn: Connection,
+    rollout_id: str,
+    trialing: str,
+    open_states: Sequence[str],
+    cancelled: str,
+    why: str,
+    ts: float,
+) -> int:
+    """Move the trials in `open_states` whose canary is removed or no longer in device state
+    `trialing` in this rollout to `cancelled`; how many."""
     mine = select(dd.device_id).where(
         dd.deployment_id == rollout_id, dd.state == state_literal(trialing)
     )
@@ -83,37 +88,39 @@ def cancel_gone(conn: Connection, rollout_id: str, trialing: str, why: str, ts: 
         update(candidate_trials)
         .where(
             t.rollout_id == rollout_id,
-            any_state(t.state, OPEN),
+            any_state(t.state, open_states),
             (t.device_id.not_in(select(dv.id)) | t.device_id.not_in(mine)).self_group(),
         )
-        .values(state=state_literal("cancelled"), detail=why, updated=ts)
+        .values(state=state_literal(cancelled), detail=why, updated=ts)
     )
     return int(conn.sa.execute(stmt).rowcount)
 
 
-def expired(conn: Connection, rollout_id: str, ts: float) -> list[tuple[str, int, str]]:
-    """(device_id, rank, state) of a rollout's busy trials whose deadline passed by `ts`."""
+def expired(
+    conn: Connection, rollout_id: str, busy: Sequence[str], ts: float
+) -> list[tuple[str, int, str]]:
+    """(device_id, rank, state) of a rollout's trials in `busy` whose deadline passed by `ts`."""
     rows = conn.sa.execute(
         select(t.device_id, t.rank, t.state).where(
-            t.rollout_id == rollout_id, any_state(t.state, BUSY), t.deadline < ts
+            t.rollout_id == rollout_id, any_state(t.state, busy), t.deadline < ts
         )
     )
     return [(str(d), int(r), str(s)) for d, r, s in rows]
 
 
-def busy_devices(conn: Connection, rollout_id: str) -> set[str]:
-    """Canaries of a rollout with a trial running or activated."""
+def busy_devices(conn: Connection, rollout_id: str, busy: Sequence[str]) -> set[str]:
+    """Canaries of a rollout with a trial in one of the states `busy`."""
     rows = conn.sa.execute(
-        select(t.device_id).distinct().where(t.rollout_id == rollout_id, any_state(t.state, BUSY))
+        select(t.device_id).distinct().where(t.rollout_id == rollout_id, any_state(t.state, busy))
     )
     return {str(d) for (d,) in rows}
 
 
-def next_waiting(conn: Connection, rollout_id: str) -> list[tuple[str, int]]:
-    """(device_id, lowest rank) of each canary's waiting trials."""
+def next_waiting(conn: Connection, rollout_id: str, waiting: str) -> list[tuple[str, int]]:
+    """(device_id, lowest rank) of each canary's trials in state `waiting`."""
     rows = conn.sa.execute(
         select(t.device_id, func.min(t.rank))
-        .where(t.rollout_id == rollout_id, t.state == state_literal("waiting"))
+        .where(t.rollout_id == rollout_id, t.state == state_literal(waiting))
         .group_by(t.device_id)
     )
     return [(str(d), int(r)) for d, r in rows]
@@ -140,21 +147,36 @@ def trial(conn: Connection, key: Trial) -> dict[str, Any]:
     return dict(row._mapping)
 
 
+def trial_state(conn: Connection, key: Trial) -> str | None:
+    """One trial's state, or None (no such trial)."""
+    found = conn.sa.execute(select(t.state).where(_trial(key))).scalar()
+    return None if found is None else str(found)
+
+
 def set_trial(conn: Connection, key: Trial, **columns: Any) -> None:
-    """Set columns of one trial (state given as a trial state name)."""
+    """Set columns of one trial other than its state (states change through `move_trial`)."""
     if "state" in columns:
-        columns["state"] = state_literal(columns["state"])
+        raise ValueError("a trial's state changes through move_trial")
     conn.sa.execute(update(candidate_trials).where(_trial(key)).values(**columns))
 
 
-def retry_trial(conn: Connection, key: Trial, detail: str, ts: float) -> None:
-    """Queue a trial again ('waiting'), one attempt more."""
-    conn.sa.execute(
-        update(candidate_trials)
-        .where(_trial(key))
-        .values(state=state_literal("waiting"), attempts=t.attempts + 1, detail=detail,
-                updated=ts)
-    )  # fmt: skip
+def move_trial(
+    conn: Connection,
+    key: Trial,
+    to: str,
+    sources: Sequence[str],
+    ts: float,
+    columns: Mapping[str, Any],
+    *,
+    retry: bool = False,
+) -> bool:
+    """Move one trial to state `to` if it is in one of `sources`, with extra columns; `retry`
+    counts one attempt more. Whether it moved."""
+    values: dict[str, Any] = {**columns, "state": state_literal(to), "updated": ts}
+    if retry:
+        values["attempts"] = t.attempts + 1
+    stmt = update(candidate_trials).where(_trial(key), any_state(t.state, sources)).values(**values)
+    return int(conn.sa.execute(stmt).rowcount) == 1
 
 
 def trial_of_generation(
@@ -171,13 +193,21 @@ def trial_of_generation(
     return None if row is None else (int(row[0]), str(row[1]))
 
 
-def cancel_open(conn: Connection, rollout_id: str, reason: str, ts: float) -> None:
-    """Cancel every trial of a rollout not yet ended."""
-    conn.sa.execute(
+def cancel_open(
+    conn: Connection,
+    rollout_id: str,
+    open_states: Sequence[str],
+    cancelled: str,
+    reason: str,
+    ts: float,
+) -> int:
+    """Move every trial of a rollout in `open_states` to `cancelled`; how many."""
+    stmt = (
         update(candidate_trials)
-        .where(t.rollout_id == rollout_id, any_state(t.state, OPEN))
-        .values(state=state_literal("cancelled"), detail=reason, updated=ts)
+        .where(t.rollout_id == rollout_id, any_state(t.state, open_states))
+        .values(state=state_literal(cancelled), detail=reason, updated=ts)
     )
+    return int(conn.sa.execute(stmt).rowcount)
 
 
 def trialed_candidates(
