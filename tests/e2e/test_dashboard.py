@@ -211,14 +211,17 @@ def test_dashboard_follows_the_fleet_and_aborts_a_rollout(
             dashboard.token,
         )
         (mine,) = [s for s in served["series"] if s["key"] == line]
-        assert mine["served"] >= 200, mine  # dash-a's answered requests, at least
+        if mine["served"] < 200:  # dash-a's answered requests, at least: the agent's
+            return False  # last records may still be on their way (closed every interval)
         newest = [p["p50_ms"] for p in mine["points"] if p["p50_ms"] is not None][-1]
         text = latency.locator("svg").get_attribute("aria-label") or ""
         shown = re.search(rf"{re.escape(line)} ([0-9.e+-]+) ms", text)
         return shown is not None and float(shown.group(1)) == pytest.approx(newest, rel=0.01)
 
     # The page re-reads the series every 15 s: it agrees with the API within that.
-    wait_until(newest_p50_agrees, 45, "the latency chart to show the API's newest p50", 1.0)
+    wait_until(
+        newest_p50_agrees, 45, "every request in the series, the chart showing its newest p50", 1.0
+    )
     expect(dashboard.testid("report-row-rpi4-digits:1")).to_be_visible()
     dashboard.shot("report")
 
