@@ -167,6 +167,11 @@ class Database:
         """Hold per-device write locks until the transaction ends (no-op where writers are
         serialized anyway, as in SQLite)."""
 
+    def lock_fleet_hours(self, *, shared: bool) -> None:
+        """Hold the fleet rollup's fold lock until the transaction ends: shared while ingest
+        writes minutes, exclusive while hours are folded (no-op where writers are serialized
+        anyway, as in SQLite)."""
+
     def healthy(self) -> bool:
         """False once the connection is lost for good (the service then stops: a supervisor
         restarts it; messages it did not acknowledge are delivered again)."""

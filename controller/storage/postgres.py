@@ -28,6 +28,7 @@ from controller.storage.db import OPEN_TIMEOUT_S, Connection, Database, redact_u
 # two schemas of one database never block each other.
 _MIGRATE_LOCK = "migrate"
 _EXCLUSIVE_LOCK = "exclusive"
+_FOLD_LOCK = "fleet-hours"
 
 
 class Row(Sequence[Any]):
@@ -301,6 +302,12 @@ class PostgresDatabase(Database):
         row = self.pg.execute("SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8").fetchone()
         assert row is not None  # SELECT without FROM always returns one row
         return float(row[0])
+
+    def lock_fleet_hours(self, *, shared: bool) -> None:
+        """The fold lock: ingest batches share it, the hour fold takes it alone, so the fold
+        never misses minutes a batch that read the old fold mark is still writing."""
+        call = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
+        self.pg.execute(f"SELECT {call}(hashtext(%s))", (self._lock_key(_FOLD_LOCK),))
 
     def lock_devices(self, device_ids: Iterable[str]) -> None:
         """Per-device advisory locks, taken in hash order so two batches never deadlock."""

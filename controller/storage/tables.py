@@ -334,6 +334,18 @@ telemetry_fleet_minute = Table(
     PrimaryKeyConstraint("minute", "profile", "model_sha256"),
 )  # fmt: skip
 
+# Hours of the fleet rollup (alembic revision 0004): telemetry_fleet_minute folded per hour
+# (`devices` the most of one minute) for whole hours below the fold mark, max(hour) + 1 h: long
+# series read hours, and minutes only at the edges (docs/telemetry.md, "Hourly level").
+telemetry_fleet_hour = Table(
+    "telemetry_fleet_hour", metadata,
+    req("hour", Big),
+    req("profile", Text),
+    col("model_sha256", Text, "''"),
+    *(c._copy() for c in telemetry_fleet_minute.columns if not c.primary_key),
+    PrimaryKeyConstraint("hour", "profile", "model_sha256"),
+)  # fmt: skip
+
 # Per device x model: the minutes of its first and last record, profile at the last ingest and
 # largest power source (revision 0002): the fleet report's device counts without the records.
 telemetry_device_models = Table(

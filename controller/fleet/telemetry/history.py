@@ -22,6 +22,9 @@ COMPACT_BATCH_ROWS = 5_000
 
 # Seconds per day, for retention given in days.
 DAY_S = 86_400.0
+# Hours are folded once they ended this long ago: records of the hour just ended (a batch
+# held a few seconds) still go to minutes only, not through the late path.
+FOLD_DELAY_S = 600.0
 
 
 def _raw_record(row: dict[str, Any]) -> dict[str, Any]:
@@ -95,6 +98,24 @@ class TelemetryHistory:
         return q.summary(self.db.conn)
 
     # ------------------------------------------------------------------ retention
+    def fold_fleet_hours(self, now: float, minute_days: float | None = None) -> None:
+        """Prune minutes older than minute_days (per device and fleet rollup), then fold the
+        rollup's whole hours ended FOLD_DELAY_S before `now` into telemetry_fleet_hour.
+
+        READ COMMITTED under the fold lock alone: it waits for the ingest batches that read the
+        old fold mark, then its statements see their minutes (docs/telemetry.md)."""
+        hi = int((now - FOLD_DELAY_S) // fleet_queries.HOUR_S) * fleet_queries.HOUR_S
+        if minute_days is None and (fleet_queries.fold_mark(self.db.conn) or -1) >= hi:
+            return  # folded already: no lock (compaction runs every minute), ingest goes on
+        with self.db.transaction() as tx:
+            self.db.lock_fleet_hours(shared=False)
+            if minute_days is not None:
+                q.delete_minutes_before(tx, now - minute_days * DAY_S)
+                fleet_queries.delete_fleet_before(tx, now - minute_days * DAY_S)
+            lo = fleet_queries.fold_mark(tx)
+            if lo is None or lo < hi:
+                fleet_queries.fold_hours(tx.sa, lo, hi)
+
     def compact(
         self,
         now: float,
@@ -109,12 +130,10 @@ class TelemetryHistory:
         until it returns 0). With minute_days, minute rows older than that are deleted too.
         """
         cutoff = now - raw_days * DAY_S
+        self.fold_fleet_hours(now, minute_days)
         # One snapshot for the fold and the delete: a row another replica commits between them
         # (a late spool drain) is neither folded nor deleted, instead of deleted unfolded.
         with self.db.transaction(repeatable=True) as tx:
-            if minute_days is not None:
-                q.delete_minutes_before(tx, now - minute_days * DAY_S)
-                fleet_queries.delete_fleet_before(tx, now - minute_days * DAY_S)
             oldest = q.oldest_raw(tx)
             if oldest is None or oldest >= cutoff:
                 return 0

@@ -130,7 +130,25 @@ def add_batch(
                     max(span[3], r.power_source),
                 )  # fmt: skip
     # In key order: replicas upserting the same keys take row locks in one order.
-    q.add_fleet_minutes(
-        tx, [(*k, counts[k], *_fold(rows)) for k, rows in sorted(minutes.items())]
-    )
+    merged = [(*k, counts[k], *_fold(rows)) for k, rows in sorted(minutes.items())]
+    q.add_fleet_minutes(tx, merged)
     q.add_device_models(tx, [(*k, *v) for k, v in sorted(pairs.items())])
+    _add_late_hours(tx, merged)
+
+
+def _add_late_hours(tx: Connection, merged: list[tuple[Any, ...]]) -> None:
+    """Add the batch's minutes below the fold mark (late: resends, a spool drained after an
+    outage) to their folded hours, with `devices` the most of one minute as stored now (the
+    minute rows are this batch's, locked until commit). Callers hold the fold lock shared."""
+    mark = q.fold_mark(tx)
+    late = [row for row in merged if mark is not None and row[0] < mark]
+    if not late:
+        return
+    stored = q.minute_devices(tx, sorted({row[0] for row in late}))
+    hours: dict[tuple[int, str, str], list[list[Any]]] = {}
+    most: dict[tuple[int, str, str], int] = {}
+    for minute, profile, model, _count, *sums in late:
+        key = (minute - minute % q.HOUR_S, profile, model)
+        hours.setdefault(key, []).append(sums)
+        most[key] = max(most.get(key, 0), stored[(minute, profile, model)])
+    q.add_fleet_hours(tx, [(*k, most[k], *_fold(rows)) for k, rows in sorted(hours.items())])

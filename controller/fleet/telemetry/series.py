@@ -3,9 +3,10 @@
 The bucket width is chosen from the range so that a series has at most `points` buckets, and
 at most MAX_SERIES series are returned (the most served first): the answer's size depends on
 the range asked for, never on the number of devices (docs/http-api.md, "Fleet series").
-It reads the fleet rollup (telemetry_fleet_minute): O(minutes × series) rows, whatever the
-fleet's size; `source="records"` reads every stored record instead, the reference the rollup
-is tested and benchmarked against (docs/telemetry.md, "Fleet rollup").
+It reads the fleet rollup: O(hours × series) rows for buckets of whole hours (folded hours and
+the minutes at the edges), O(minutes × series) for finer ones, whatever the fleet's size;
+`source="minutes"` reads rollup minutes only, `source="records"` every stored record: the
+references the rollup is tested and benchmarked against (docs/telemetry.md, "Fleet rollup").
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from controller.storage.queries import fleet as fleet_queries
 from controller.storage.queries import telemetry as q
 
 SeriesBy = Literal["profile", "model", "profile_model"]
-SeriesSource = Literal["rollup", "records"]
+SeriesSource = Literal["rollup", "minutes", "records"]
 SERIES_BY: tuple[str, ...] = ("profile", "model", "profile_model")
 
 # Bucket widths in seconds, each a whole number of minutes (per-minute aggregates are the
@@ -98,15 +99,15 @@ def fleet_series(
     # the minute, the records the second: the same bucket and start (both floor to a bucket,
     # a whole number of minutes).
     lo = 0.0 if since is None else since
-    if source == "rollup":
+    if source != "records":
         oldest = fleet_queries.fleet_span(db.conn, lo, until)
     else:
         oldest = q.fleet_oldest(db.conn, lo, until)
     since = max(lo, until if oldest is None else oldest)
     bucket = choose_bucket(since, until, points)
     start = math.floor(since / bucket) * bucket  # whole buckets; a multiple of 60 as well
-    if source == "rollup":
-        rows = fleet_queries.fleet_series(db.conn, start, until, bucket)
+    if source != "records":
+        rows = fleet_queries.fleet_series(db.conn, start, until, bucket, hours=source == "rollup")
     else:
         rows = q.fleet_series_from_records(db.conn, start, until, bucket)
     names = model_names(db)

@@ -93,6 +93,7 @@ class TelemetryStore(TelemetryHistory):
         # (cursor and gaps are per device; totals are atomic upserts taken in key order).
         with self.db.transaction(exclusive=False) as tx:
             self.db.lock_devices(p.message.device_id for p in plans)
+            self.db.lock_fleet_hours(shared=True)  # the fold waits for the batch's minutes
             states = self._read_states(tx, plans)
             applied = [apply_plan(states[p.message.device_id], p, received) for p in plans]
             self._drop_stored_refills(tx, applied)

@@ -1,7 +1,9 @@
 """The fleet rollup (telemetry_fleet_minute, telemetry_device_models): written at ingest,
-backfilled by alembic revision 0002, read by the fleet report and series (docs/telemetry.md).
+backfilled by alembic revision 0002, read by the fleet report and series (docs/telemetry.md);
+its hours (telemetry_fleet_hour, revision 0004) are folded from whole minutes.
 
-Reads cost O(minutes × profiles × models) and O(devices × models), never O(records).
+Reads cost O(minutes × profiles × models) and O(devices × models), never O(records); a long
+series O(hours × profiles × models) plus the minutes at its edges.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from controller.storage.queries.telemetry import (
 from controller.storage.tables import devices
 from controller.storage.tables import telemetry as t
 from controller.storage.tables import telemetry_device_models as dm
+from controller.storage.tables import telemetry_fleet_hour as fh
 from controller.storage.tables import telemetry_fleet_minute as fm
 from controller.storage.tables import telemetry_minute as tm
 
@@ -45,6 +48,10 @@ FLEET_KEY = ("minute", "profile", "model_sha256")
 # takes them in the table's order.
 FLEET_COLUMNS: tuple[str, ...] = (*FLEET_KEY, "devices", *AGG_FIELDS)
 _TABLE_ORDER = operator.itemgetter(*(FLEET_COLUMNS.index(c.name) for c in fm.columns))
+HOUR_S = 3600
+# An hour row's columns: the minute's, `hour` for `minute` (the same order in both tables).
+HOUR_COLUMNS: tuple[str, ...] = ("hour", *FLEET_COLUMNS[1:])
+assert [c.name for c in fh.columns] == ["hour", *[c.name for c in fm.columns][1:]]
 DEVICE_MODEL_KEY = ("device_id", "model_sha256")
 DEVICE_MODEL_COLUMNS = (*DEVICE_MODEL_KEY, "profile", "minute_first", "minute_last", "power_source")
 # Device-minute ranges per presence statement (three parameters each, padded to a power of 2).
@@ -75,6 +82,65 @@ def add_fleet_minutes(conn: Connection, rows: Sequence[tuple[Any, ...]]) -> None
     """Merge rows (FLEET_COLUMNS order) into the rollup. Callers sort them by key, so two
     replicas upserting the same keys take their row locks in one order and never deadlock."""
     _ADD.executemany(conn, [_TABLE_ORDER(r) for r in rows])
+
+
+_ADD_HOUR = prepared_upsert(
+    fh,
+    ("hour", "profile", "model_sha256"),
+    [c.name for c in fh.columns],
+    lambda ex: {
+        "devices": _pick(fh, ex, "devices", ">"),
+        **{f: fh.c[f] + ex[f] for f in SUM_FIELDS},
+        **{f: _pick(fh, ex, f, ">") for f in MAX_FIELDS},
+        **{f: _pick(fh, ex, f, "<") for f in MIN_FIELDS},
+    },
+)
+
+
+def add_fleet_hours(conn: Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+    """Merge late minutes into folded hours (HOUR_COLUMNS order, sorted by key): sums add,
+    `devices` is the larger (callers pass the most devices of the minutes as stored now)."""
+    _ADD_HOUR.executemany(conn, [_TABLE_ORDER(r) for r in rows])
+
+
+_DEVICES_OF = Prepared(
+    lambda dialect: select(fm.c.minute, fm.c.profile, fm.c.model_sha256, fm.c.devices).where(
+        fm.c.minute.in_(bindparam("ids", expanding=True))
+    )
+)
+
+
+def minute_devices(conn: Connection, minutes: Sequence[int]) -> dict[tuple[int, str, str], int]:
+    """(minute, profile, model) → devices stored, for the given minutes (late ones: few)."""
+    out: dict[tuple[int, str, str], int] = {}
+    for i in range(0, len(minutes), 512):
+        for m, p, s, n in _DEVICES_OF.execute_in(conn, minutes[i : i + 512]):
+            out[(int(m), p, s)] = int(n)
+    return out
+
+
+# Read by every ingest batch: compiled once, straight to the driver.
+_MARK = Prepared(lambda dialect: select(func.max(fh.c.hour)))
+
+
+def fold_mark(conn: Connection) -> int | None:
+    """The first minute not folded into hours (max(hour) + 1 h), None before any fold."""
+    found = _MARK.execute(conn).fetchone()[0]
+    return None if found is None else int(found) + HOUR_S
+
+
+def fold_hours(conn: sqlalchemy.Connection, lo: int | None, hi: int) -> None:
+    """Insert the hours of rollup minutes in [lo, hi) (whole hours without hour rows yet):
+    sums added, `devices` the most of one minute, so hours bucket as their minutes do."""
+    hour = (fm.c.minute - fm.c.minute % literal_column(str(HOUR_S))).label("hour")
+    where = [fm.c.minute < hi] if lo is None else [fm.c.minute >= lo, fm.c.minute < hi]
+    per_hour = (
+        select(hour, fm.c.profile, fm.c.model_sha256,
+               func.max(fm.c.devices).label("devices"), *aggregate(fm.c))
+        .where(*where)
+        .group_by(hour, fm.c.profile, fm.c.model_sha256)
+    )  # fmt: skip
+    conn.execute(dialect_insert(conn.dialect.name, fh).from_select(list(HOUR_COLUMNS), per_hour))
 
 
 _SEEN = prepared_upsert(
@@ -196,17 +262,36 @@ def fleet_span(conn: Connection, since: float, until: float) -> float | None:
     return None if found is None else float(found)
 
 
-def fleet_series(conn: Connection, start: float, until: float, bucket: int) -> list[dict[str, Any]]:
+def fleet_series(
+    conn: Connection, start: float, until: float, bucket: int, *, hours: bool = True
+) -> list[dict[str, Any]]:
     """Sum-form totals per bucket × profile × model from minute `start` to `until`, with
-    `devices` the most devices reporting in one minute of the bucket, oldest first."""
+    `devices` the most devices reporting in one minute of the bucket, oldest first. Buckets of
+    whole hours read the folded hours below the fold mark, minutes for the rest (hours=False:
+    minutes only, the reference)."""
+    edge = start
+    parts: list[Any] = []
+    if hours and bucket % HOUR_S == 0:
+        mark = fold_mark(conn)
+        edge = max(start, min(mark or start, until - until % HOUR_S))
+        if edge > start:  # start is a whole bucket, so a whole hour
+            parts.append(
+                select(fh.c.hour.label("at"), *(fh.c[c] for c in HOUR_COLUMNS[1:]))
+                .where(fh.c.hour >= start, fh.c.hour < edge)
+            )  # fmt: skip
+    parts.append(
+        select(fm.c.minute.label("at"), *(fm.c[c] for c in FLEET_COLUMNS[1:]))
+        .where(fm.c.minute >= edge, fm.c.minute < until)
+    )  # fmt: skip
+    rows = parts[0] if len(parts) == 1 else parts[0].union_all(parts[1])
+    u = rows.subquery("u")
     width: ColumnElement[Any] = literal_column(str(int(bucket)))
-    bucket_ = (fm.c.minute - (fm.c.minute % width)).label("bucket")
+    bucket_ = (u.c.at - (u.c.at % width)).label("bucket")
     return _dicts(
         conn,
-        select(bucket_, fm.c.profile, fm.c.model_sha256,
-               func.max(fm.c.devices).label("devices"), *aggregate(fm.c))
-        .where(fm.c.minute >= start, fm.c.minute < until)
-        .group_by(bucket_, fm.c.profile, fm.c.model_sha256)
+        select(bucket_, u.c.profile, u.c.model_sha256,
+               func.max(u.c.devices).label("devices"), *aggregate(u.c))
+        .group_by(bucket_, u.c.profile, u.c.model_sha256)
         .order_by(bucket_),
     )  # fmt: skip
 
@@ -218,9 +303,17 @@ def _dicts(conn: Connection, stmt: Any) -> list[dict[str, Any]]:
 
 # ---------------------------------------------------------------------------- retention
 def delete_fleet_before(conn: Connection, minute: float) -> None:
-    """Drop rollup minutes older than `minute`, and the (device, model) pairs last seen then."""
+    """Drop rollup minutes older than `minute`, and the (device, model) pairs last seen then;
+    hours before it, and the hour it cuts is folded again from the minutes left (callers hold
+    the fold lock alone)."""
+    mark = fold_mark(conn)
     conn.sa.execute(delete(fm).where(fm.c.minute < minute))
     conn.sa.execute(delete(dm).where(dm.c.minute_last < minute))
+    cut = -int(-minute // 60) * 60  # the first minute kept (rows are whole minutes)
+    hour = cut - cut % HOUR_S
+    conn.sa.execute(delete(fh).where(fh.c.hour < hour + (HOUR_S if cut > hour else 0)))
+    if cut > hour and mark is not None and hour + HOUR_S <= mark:
+        fold_hours(conn.sa, cut, hour + HOUR_S)
 
 
 # ---------------------------------------------------------------------------- backfill
