@@ -24,6 +24,9 @@ from controller.http.auth import ensure_local_token
 from controller.http.server import HttpServer
 
 DATA = Path(__file__).resolve().parent.parent / "data"
+# What uvicorn (h11) answers, as 400 text/plain, to a request that is not valid HTTP/1.1 (a
+# negative case sent `Content-Length:` with no value): the server's refusal, outside the API.
+NOT_HTTP = b"Invalid HTTP request received."
 # Examples per operation: ~14 operations in well under 60 s on two cores.
 EXAMPLES = 8
 # The heavier run (`-m slow`) explores much further.
@@ -84,7 +87,10 @@ def run_schemathesis(server: HttpServer, token: str, mode: str, examples: int) -
         )
         def call(case: schemathesis.Case) -> None:
             """One generated request; schemathesis's default checks judge the response."""
-            case.call_and_validate()
+            response = case.call()
+            if response.status_code == 400 and response.content == NOT_HTTP:
+                return  # uvicorn refused it before the API saw it (docs/http-api.md)
+            case.validate_response(response)
 
         call()
     return len(operations)
