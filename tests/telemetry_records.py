@@ -4,10 +4,15 @@ metrics and dashboard tests."""
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
+from typing import Any
+
+import pytest
 
 from agent.protocol import BUCKET_COUNT, LatencyStats, SeqRange, Telemetry, TelemetryRecord
 from controller.fleet.telemetry.reports import bucket_index
+from controller.fleet.telemetry.store import IngestResult, TelemetryStore
 
 SHA_A = "a" * 64
 SHA_B = "b" * 64
@@ -75,3 +80,18 @@ def message(
         records=tuple(record(s) for s in sorted(seqs)),
         unavailable=tuple(SeqRange(a, b) for a, b in unavailable),
     )
+
+
+def hold_telemetry_ingest(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Make every telemetry batch wait (up to 30 s) until the returned gate is set, so a test
+    can build a backlog behind a stuck ingest and then let it through."""
+    gate = threading.Event()
+    original = TelemetryStore.ingest_many
+
+    def held(self: TelemetryStore, messages: Sequence[Telemetry], received: float) -> Any:
+        gate.wait(30)
+        result: IngestResult = original(self, messages, received)
+        return result
+
+    monkeypatch.setattr(TelemetryStore, "ingest_many", held)
+    return gate

@@ -1,6 +1,6 @@
 """The controller's telemetry inbox is bounded: what it has not acknowledged stays in the broker.
 
-mosquitto before 2.0.13 (Debian and Ubuntu ship 2.0.11) sends a manual-ack subscriber up to
+mosquitto before 2.0.13 (Debian 12 ships 2.0.11) sends a manual-ack subscriber up to
 max_inflight_messages more messages on every PUBACK, so a backlog moved into the subscriber's
 memory (docs/telemetry.md, "Inbox bound"); MqttSession(max_unacked=N) stops reading at N.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +18,11 @@ import pytest
 from agent.protocol import Telemetry, Topics, dump
 from agent.protocol.transport import Ack, MqttSession
 from controller.brokers.base import BrokerHandle
-from controller.fleet.telemetry.store import IngestResult, TelemetryStore
 from controller.runtime import core
 from controller.runtime.service import ControllerService
 from tests.mqtt_helpers import MqttProbe
 from tests.polling import wait_until
-from tests.telemetry_records import record
+from tests.telemetry_records import hold_telemetry_ingest, record
 
 ROOT = "test/edgefleet/v1"
 PUBLISHERS = 5
@@ -107,15 +105,7 @@ def test_a_held_back_telemetry_backlog_is_stored_exactly_once_through_the_bound(
     """Ingest stuck (a gate) under a backlog: the telemetry session stops at its bound, then
     everything is stored once when ingest resumes (nothing lost to the pause)."""
     monkeypatch.setattr(core, "TELEMETRY_MAX_UNACKED", BOUND)
-    gate = threading.Event()
-    original = TelemetryStore.ingest_many
-
-    def held(self: TelemetryStore, messages: Sequence[Telemetry], received: float) -> Any:
-        gate.wait(30)
-        result: IngestResult = original(self, messages, received)
-        return result
-
-    monkeypatch.setattr(TelemetryStore, "ingest_many", held)
+    gate = hold_telemetry_ingest(monkeypatch)
     home = tmp_path / "home"
     service = ControllerService(home, mosquitto_broker.url, topic_root=ROOT, client_id="ctl-ib")
     topics = Topics(ROOT)

@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from agent.protocol import Event, Telemetry, Topics, dump
 from controller.brokers.base import BrokerHandle
 from controller.fleet.registry import Fleet
-from controller.fleet.telemetry.store import IngestResult, TelemetryStore
 from controller.runtime.service import ControllerService
 from tests.mqtt_helpers import MqttProbe
 from tests.polling import wait_until
-from tests.telemetry_records import record
+from tests.telemetry_records import hold_telemetry_ingest, record
 
 ROOT = "test/edgefleet/v1"
 
@@ -33,15 +29,7 @@ def test_events_are_stored_while_telemetry_ingest_is_held_back(
     """A telemetry backlog (here: ingest held on a gate) must not hold events back: with one
     session and one loop the event below waited until every telemetry batch before it was
     stored (the rollout storm of issue 20)."""
-    gate = threading.Event()
-    original = TelemetryStore.ingest_many
-
-    def held(self: TelemetryStore, messages: Sequence[Telemetry], received: float) -> Any:
-        gate.wait(30)
-        result: IngestResult = original(self, messages, received)
-        return result
-
-    monkeypatch.setattr(TelemetryStore, "ingest_many", held)
+    gate = hold_telemetry_ingest(monkeypatch)
     home = tmp_path / "home"
     service = ControllerService(home, mosquitto_broker.url, topic_root=ROOT, client_id="ctl-ts")
     topics = Topics(ROOT)
