@@ -57,6 +57,12 @@ def fetched(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     return calls
 
 
+# One wave, a 60 s device timeout, one retry; failures never abort (all 8 may time out).
+POLICY = Policy(
+    waves=parse_waves("100"), max_failures=Threshold(count=8), device_timeout_s=TIMEOUT_S, retries=1
+)
+
+
 def _rows(fleet: Fleet, rollout: str) -> dict[str, dict[str, Any]]:
     """Device -> its row in the rollout."""
     return {d["device_id"]: d for d in fleet.deployment(rollout)["devices"]}
@@ -73,13 +79,7 @@ def test_a_tick_fetches_only_rows_past_their_deadline_then_the_retries(
     eight_on_old: Fleet, clock: FakeClock, fetched: list[list[str]]
 ) -> None:
     fleet = eight_on_old
-    policy = Policy(
-        waves=parse_waves("100"),
-        max_failures=Threshold(count=8),
-        device_timeout_s=TIMEOUT_S,
-        retries=1,
-    )
-    ro = fleet.start_rollout("m:1", "all", policy)["id"]
+    ro = fleet.start_rollout("m:1", "all", POLICY)["id"]
     _publish(fleet, DEVICES[:2])
     clock.advance(30)
     _publish(fleet, DEVICES[2:])
@@ -120,13 +120,7 @@ def test_a_paused_rollout_judges_deadlines_but_fetches_no_retry(
     eight_on_old: Fleet, clock: FakeClock, fetched: list[list[str]]
 ) -> None:
     fleet = eight_on_old
-    policy = Policy(
-        waves=parse_waves("100"),
-        max_failures=Threshold(count=8),
-        device_timeout_s=TIMEOUT_S,
-        retries=1,
-    )
-    ro = fleet.start_rollout("m:1", "all", policy)["id"]
+    ro = fleet.start_rollout("m:1", "all", POLICY)["id"]
     _publish(fleet, DEVICES[:3])
     clock.advance(30)
     _publish(fleet, DEVICES[3:])
