@@ -10,8 +10,9 @@ enum values (plain strings), unchanged from before the tables existed.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from enum import Enum
-from typing import Any
+from typing import Any, NoReturn
 
 from controller.errors import FleetError
 from controller.storage.db import Connection
@@ -176,6 +177,18 @@ def check_rollout(frm: RolloutState | str, to: RolloutState | str) -> None:
         raise IllegalTransition(f"illegal rollout transition {frm} → {to}")
 
 
+def refused(
+    what: str, state: str | None, to: str, check_edge: Callable[[str, str], None]
+) -> NoReturn:
+    """Explain a guarded UPDATE that changed no row of `what` (a device row, a rollout, a
+    trial): it does not exist, or `state → to` is not an edge (check_edge raises); always
+    raises."""
+    if state is None:
+        raise IllegalTransition(f"no {what} to move to {to}")
+    check_edge(state, to)  # raises: the UPDATE only skips illegal edges
+    raise IllegalTransition(f"{what}: {state} → {to} lost")
+
+
 def sources(to: DeviceState) -> frozenset[DeviceState]:
     """Every state with an edge into `to`."""
     return _SOURCES[to]
@@ -219,11 +232,7 @@ def move(
         columns = {"detail": detail[:2000], **columns}
     if q.move_device(tx, key, to.value, _source_values(to), ts, columns):
         return
-    state = q.device_state(tx, key)
-    if state is None:
-        raise IllegalTransition(f"no device {key[1]!r} in rollout {key[0]!r} to move to {to}")
-    check(state, to)  # raises: the UPDATE only skips illegal edges
-    raise IllegalTransition(f"device {key[1]!r} in rollout {key[0]!r}: {state} → {to} lost")
+    refused(f"device {key[1]!r} in rollout {key[0]!r}", q.device_state(tx, key), to, check)
 
 
 def move_all(
@@ -250,8 +259,4 @@ def move_rollout(
     allowed = tuple(f.value for f, t in ROLLOUT_EDGES if t is to)
     if q.move_rollout(tx, rollout_id, to.value, allowed, ts, columns):
         return
-    state = q.rollout_state(tx, rollout_id)
-    if state is None:
-        raise IllegalTransition(f"no rollout {rollout_id!r} to move to {to}")
-    check_rollout(state, to)
-    raise IllegalTransition(f"rollout {rollout_id!r}: {state} → {to} lost")
+    refused(f"rollout {rollout_id!r}", q.rollout_state(tx, rollout_id), to, check_rollout)

@@ -15,7 +15,7 @@ import functools
 from enum import StrEnum
 from typing import Any
 
-from controller.fleet.rollout.states import IllegalTransition
+from controller.fleet.rollout.states import IllegalTransition, refused
 from controller.storage.db import Connection
 from controller.storage.queries import selection as sq
 from controller.storage.queries.selection import Trial
@@ -105,11 +105,7 @@ def move_trial(
         raise IllegalTransition(f"a retry queues the trial again (waiting), not {to}")
     if sq.move_trial(tx, key, to.value, _source_values(to), ts, columns, retry=retry):
         return
-    state = sq.trial_state(tx, key)
-    if state is None:
-        raise IllegalTransition(f"no candidate trial {key!r} to move to {to}")
-    check_trial(state, to)  # raises: the UPDATE only skips illegal edges
-    raise IllegalTransition(f"candidate trial {key!r}: {state} → {to} lost")
+    refused(f"candidate trial {key!r}", sq.trial_state(tx, key), to, check_trial)
 
 
 def cancel_trials(
